@@ -1,0 +1,73 @@
+"""Error types shared by every layer, each carrying the process exit code the CLI maps it to.
+
+Exit codes (documented in README.md and ``dsconvert --help``):
+
+====  =====================================================
+0     success
+1     internal error (a bug: please report it)
+2     usage error (bad flag value, conflicting options)
+3     bad input or unsupported checkpoint
+4     validation failed (metrics outside thresholds)
+====  =====================================================
+
+Library code raises these; only :mod:`dsconvert.cli` turns them into messages and exit codes.
+No layer calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_VALIDATION = 4
+
+
+class DsconvertError(Exception):
+    """Base class. ``hint`` is a one-line remedy printed under the message."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form used by ``--json`` error reports."""
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "hint": self.hint,
+            "exit_code": self.exit_code,
+        }
+
+
+class UsageError(DsconvertError):
+    """A request that cannot be satisfied as asked (bad flag value, conflicting options). Exit 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class BadInputError(DsconvertError):
+    """The checkpoint on disk is malformed or inconsistent. Exit 3."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class UnsupportedError(BadInputError):
+    """The checkpoint is well-formed but of a kind dsconvert refuses to guess about. Exit 3."""
+
+
+class ShapeError(UsageError):
+    """A requested quantization does not fit a tensor's shape (e.g. group size not dividing K). Exit 2."""
+
+
+class OutputExistsError(UsageError):
+    """The output path exists and is not a resumable dsconvert output. Exit 2."""
+
+
+class ValidationFailed(DsconvertError):
+    """Validation ran and the metrics are outside their thresholds. Exit 4."""
+
+    exit_code = EXIT_VALIDATION
