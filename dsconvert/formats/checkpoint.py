@@ -1,0 +1,296 @@
+"""A sharded Hugging Face checkpoint as dsconvert reads it: config, index, every shard header, FP8 pairs.
+
+``scan`` reads headers only (no tensor data), so it takes seconds even on the 163-shard, 688 GB FP8 release.
+It collects every problem instead of stopping at the first, so ``inspect`` can list them all; ``open_checkpoint``
+raises on the fatal ones. Partners (``<name>_scale_inv``) are resolved through the index, never assumed to share
+a shard (../shared/reference/deepseek-checkpoint.md section 1, known-failures.md item 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInputError, UnsupportedError
+from .hf_config import FP8Scheme, family, fp8_scheme, load_config
+from .safetensors_io import SafetensorsHeader, TensorEntry, read_header, read_tensor
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a checkpoint. ``fatal`` problems stop conversion with exit code 3."""
+
+    kind: str
+    message: str
+    file: str | None = None
+    tensor: str | None = None
+    hint: str | None = None
+    fatal: bool = True
+    unsupported: bool = False
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class Checkpoint:
+    """Headers-level view of a checkpoint directory.
+
+    Attributes:
+        root: the directory (symlinked HF-cache snapshots allowed).
+        config: parsed config.json.
+        fp8: DeepSeek's FP8 block scheme, or None for unquantized checkpoints.
+        shards: shard file names relative to ``root`` in index order (sorted).
+        headers: shard name -> parsed header.
+        tensors: tensor name -> (shard name, entry).
+        index_metadata: the source index's ``metadata`` (may hold ``total_size``).
+        problems: everything found wrong (fatal or not).
+    """
+
+    root: Path
+    config: dict
+    fp8: FP8Scheme | None
+    shards: list[str]
+    headers: dict[str, SafetensorsHeader]
+    tensors: dict[str, tuple[str, TensorEntry]]
+    index_metadata: dict = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    # -- partners -----------------------------------------------------------------------------------------
+    def is_fp8_weight(self, name: str) -> bool:
+        return self.tensors[name][1].dtype == "F8_E4M3"
+
+    def scale_of(self, name: str) -> str:
+        """Name of the ``weight_scale_inv`` partner of FP8 tensor ``name``."""
+        return name + SCALE_SUFFIX
+
+    def is_scale(self, name: str) -> bool:
+        return name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in self.tensors
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.tensors[name][1]
+
+    def path_of(self, name: str) -> Path:
+        return self.root / self.tensors[name][0]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read tensor ``name`` (optionally rows ``[r0, r1)``) from its shard, as stored (dtype unchanged)."""
+        shard, ent = self.tensors[name]
+        with open(self.root / shard, "rb") as f:
+            return read_tensor(f, ent, rows)
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+    def is_mtp(self, name: str) -> bool:
+        """True for tensors of the multi-token-prediction block(s): layers >= ``num_hidden_layers``."""
+        m = _LAYER_RE.match(name)
+        return bool(m) and int(m.group(1)) >= self.num_hidden_layers
+
+    def fatal_problems(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+
+def _safe_relative(name: str) -> bool:
+    """True when an index entry names a file inside the checkpoint directory (lexically; symlinks allowed)."""
+    if not name or os.path.isabs(name) or "\\" in name:
+        return False
+    norm = os.path.normpath(name)
+    return not (norm == ".." or norm.startswith("../") or norm.startswith("/"))
+
+
+def scan(root: str | os.PathLike) -> Checkpoint:
+    """Read config, index and every shard header of ``root`` and cross-check them. Reads no tensor data.
+
+    Raises:
+        BadInputError: only when nothing can be read at all (no directory, no config.json). Everything else is
+            collected in ``Checkpoint.problems``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise BadInputError(f"{root}: not a directory", hint="SRC must be a checkpoint directory")
+    config = load_config(root)
+    problems: list[Problem] = []
+    try:
+        family(config)
+    except UnsupportedError as e:
+        problems.append(Problem("model_type", e.message, "config.json", hint=e.hint, unsupported=True))
+    fp8 = None
+    try:
+        fp8 = fp8_scheme(config)
+    except UnsupportedError as e:
+        problems.append(Problem("quantization_config", e.message, "config.json", hint=e.hint, unsupported=True))
+
+    index_path = root / INDEX_NAME
+    weight_map: dict[str, str] | None = None
+    index_metadata: dict = {}
+    if index_path.is_file():
+        try:
+            idx = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map = idx["weight_map"]
+            index_metadata = idx.get("metadata") or {}
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BadInputError(f"{index_path}: unreadable index ({e})", hint="re-download the index file") from e
+        shard_names = sorted(set(weight_map.values()))
+    elif (root / SINGLE_NAME).is_file():
+        shard_names = [SINGLE_NAME]
+    else:
+        found = sorted(p.name for p in root.glob("*.safetensors"))
+        raise BadInputError(f"{root}: no {INDEX_NAME} and no {SINGLE_NAME}"
+                            + (f" (found {len(found)} other .safetensors files)" if found else ""),
+                            hint="SRC must be a Hugging Face safetensors checkpoint directory")
+
+    headers: dict[str, SafetensorsHeader] = {}
+    ok_shards = []
+    for s in shard_names:
+        if not _safe_relative(s):
+            problems.append(Problem("index_path", f"index names a file outside the checkpoint: {s!r}", INDEX_NAME,
+                                    hint="the index is corrupt or malicious; re-download it"))
+            continue
+        p = root / s
+        if not p.is_file():
+            problems.append(Problem("missing_shard", f"index names shard {s!r}, which does not exist", s,
+                                    hint="the download is incomplete; fetch the missing shard"))
+            continue
+        try:
+            headers[s] = read_header(p)
+            ok_shards.append(s)
+        except BadInputError as e:
+            problems.append(Problem("bad_shard", e.message, s, hint=e.hint,
+                                    unsupported=isinstance(e, UnsupportedError)))
+
+    tensors: dict[str, tuple[str, TensorEntry]] = {}
+    for s in ok_shards:
+        for name, ent in headers[s].tensors.items():
+            if name in tensors:
+                problems.append(Problem("duplicate", f"tensor {name!r} appears in {tensors[name][0]} and {s}", s,
+                                        name, hint="a checkpoint must hold each tensor once; re-download"))
+                continue
+            tensors[name] = (s, ent)
+    if weight_map is not None:
+        for name, s in weight_map.items():
+            if s in headers and name not in headers[s].tensors:
+                problems.append(Problem("index_mismatch", f"index maps {name!r} to {s}, which does not hold it", s,
+                                        name, hint="the index and the shards disagree; re-download them"))
+        for name, (s, _) in tensors.items():
+            if weight_map.get(name) != s:
+                problems.append(Problem("index_mismatch", f"shard {s} holds {name!r} but the index "
+                                        + (f"maps it to {weight_map[name]}" if name in weight_map else "omits it"),
+                                        s, name, hint="the index and the shards disagree; re-download them"))
+
+    ck = Checkpoint(root, config, fp8, shard_names, headers, tensors, index_metadata, problems)
+    _check_pairs(ck)
+    ts = index_metadata.get("total_size")
+    if isinstance(ts, int) and not any(p.kind in ("missing_shard", "bad_shard") for p in problems):
+        actual = sum(e.nbytes for _, e in tensors.values())
+        if ts != actual:
+            problems.append(Problem("total_size", f"index metadata.total_size is {ts} but the tensors hold {actual} "
+                                    "bytes", INDEX_NAME, fatal=False))
+    return ck
+
+
+def _check_pairs(ck: Checkpoint) -> None:
+    """Shape-level FP8 checks: every F8_E4M3 weight has an F32 2-D scale of the ceil-div grid; no orphans."""
+    from ..quant.fp8_block import scale_grid  # pure shape helper
+
+    block = ck.fp8.block if ck.fp8 else (128, 128)
+    for name, (s, ent) in ck.tensors.items():
+        if ent.dtype in ("F8_E5M2", "F8_E8M0"):
+            ck.problems.append(Problem("fp8_format", f"tensor {name!r} is {ent.dtype}; only DeepSeek's F8_E4M3 "
+                                       "weights with F32 block scales are supported", s, name, unsupported=True,
+                                       hint="this FP8 variant is refused rather than mis-converted"))
+        elif name.endswith(".scale") and ent.dtype in ("U8", "F8_E8M0"):
+            ck.problems.append(Problem("fp8_format", f"tensor {name!r} looks like an E8M0 block scale "
+                                       "(DeepSeek-V4-style layout)", s, name, unsupported=True,
+                                       hint="V4/FP4 layouts are not supported"))
+        elif ent.dtype == "F8_E4M3":
+            if ck.fp8 is None:
+                ck.problems.append(Problem("fp8_undeclared", f"tensor {name!r} is F8_E4M3 but config.json declares "
+                                           "no FP8 quantization_config", s, name,
+                                           hint="restore the release's config.json"))
+                continue
+            sname = name + SCALE_SUFFIX
+            if len(ent.shape) != 2:
+                ck.problems.append(Problem("fp8_shape", f"FP8 tensor {name!r} has shape {list(ent.shape)}; block "
+                                           "dequantization needs 2-D weights", s, name, unsupported=True))
+                continue
+            if sname not in ck.tensors:
+                ck.problems.append(Problem("missing_scale", f"FP8 tensor {name!r} has no {sname.rsplit('.', 1)[-1]}"
+                                           " partner anywhere in the checkpoint", s, name,
+                                           hint="the checkpoint is incomplete; re-download the shard holding "
+                                                "the scale (dsconvert never writes FP8 bytes through unscaled)"))
+                continue
+            ss, sent = ck.tensors[sname]
+            grid = scale_grid(ent.shape, block)
+            if sent.dtype != "F32":
+                ck.problems.append(Problem("scale_dtype", f"scale {sname!r} is {sent.dtype}, expected F32", ss,
+                                           sname, unsupported=True,
+                                           hint="E8M0/U8 scale layouts are refused rather than guessed"))
+            elif tuple(sent.shape) != grid:
+                ck.problems.append(Problem("scale_grid", f"scale {sname!r} has shape {list(sent.shape)} but weight "
+                                           f"{list(ent.shape)} with block {list(block)} needs {list(grid)}", ss,
+                                           sname, hint="the scale does not belong to this weight; re-download"))
+    for name, (s, ent) in ck.tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            w = name[: -len(SCALE_SUFFIX)]
+            if w not in ck.tensors:
+                ck.problems.append(Problem("orphan_scale", f"scale {name!r} has no weight {w!r}", s, name,
+                                           hint="the checkpoint is incomplete; re-download"))
+            elif ck.tensors[w][1].dtype != "F8_E4M3":
+                ck.problems.append(Problem("orphan_scale", f"scale {name!r} belongs to {w!r}, which is "
+                                           f"{ck.tensors[w][1].dtype}, not F8_E4M3", s, name))
+
+
+def check_scale_values(ck: Checkpoint, names: list[str] | None = None) -> list[Problem]:
+    """Read every ``weight_scale_inv`` (small: ~160 MB for full V3) and flag NaN, Inf or non-positive values."""
+    probs = []
+    by_shard: dict[str, list[str]] = {}
+    for n in names if names is not None else [n for n in ck.tensors if n.endswith(SCALE_SUFFIX)]:
+        by_shard.setdefault(ck.tensors[n][0], []).append(n)
+    for s, ns in by_shard.items():
+        with open(ck.root / s, "rb") as f:
+            for n in ns:
+                ent = ck.tensors[n][1]
+                if ent.dtype != "F32":
+                    continue
+                t = read_tensor(f, ent)
+                bad = ~torch.isfinite(t) | (t <= 0)
+                if bool(bad.any()):
+                    i = int(bad.reshape(-1).nonzero()[0])
+                    v = float(t.reshape(-1)[i])
+                    probs.append(Problem("scale_value", f"scale {n!r} holds {int(bad.sum())} non-finite or "
+                                         f"non-positive values (first at flat index {i}: {v})", s, n,
+                                         hint="the scale is corrupt; re-download this shard"))
+    return probs
+
+
+def open_checkpoint(root: str | os.PathLike, *, check_values: bool = True) -> Checkpoint:
+    """``scan`` plus scale-value checks; raise on any fatal problem.
+
+    Raises:
+        UnsupportedError / BadInputError: the first fatal problem's message, plus a count of the others.
+    """
+    ck = scan(root)
+    if check_values and not ck.fatal_problems():
+        ck.problems.extend(check_scale_values(ck))
+    fatal = ck.fatal_problems()
+    if fatal:
+        p = fatal[0]
+        more = f" (and {len(fatal) - 1} more problems; run `dsconvert inspect` to list them)" if len(fatal) > 1 else ""
+        where = f"{ck.root / p.file}: " if p.file and not p.message.startswith(str(ck.root)) else ""
+        cls = UnsupportedError if p.unsupported else BadInputError
+        raise cls(where + p.message + more, hint=p.hint)
+    return ck
