@@ -249,7 +249,7 @@ class ShardWriter:
     Usage::
 
         w = ShardWriter(final_path, planned, {"format": "pt"})
-        for t in w.order:            # tensors must be fed in this (save_file) order
+        for t in w.order:            # tensors must be fed in this order (save_file's unless keep_order)
             w.write(t.name, chunk)   # any number of chunks per tensor, bytes in row-major order
         w.commit()                   # checks every byte arrived; fsync; rename; returns (size, sha256)
 
@@ -260,12 +260,13 @@ class ShardWriter:
     final_path: Path
     planned: list[PlannedTensor]
     metadata: dict[str, str] | None = None
+    keep_order: bool = False  # True: lay tensors out as planned (e.g. a module's tensors adjacent)
     order: list[PlannedTensor] = field(init=False)
 
     def __post_init__(self):
         self.final_path = Path(self.final_path)
         self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
-        self.order = layout_order(self.planned)
+        self.order = list(self.planned) if self.keep_order else layout_order(self.planned)
         names = [t.name for t in self.order]
         if len(set(names)) != len(names):
             raise RuntimeError(f"duplicate tensor names planned for {self.final_path.name}")

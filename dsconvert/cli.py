@@ -1,0 +1,262 @@
+"""dsconvert command line (Typer, public API only). Parsing, output modes and exit codes; no tensor math.
+
+Exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input / unsupported checkpoint, 4 validation failed.
+``--json`` prints exactly one JSON document on stdout (the report, or ``{"error": ...}``); progress and
+messages go to stderr. Tracebacks appear only with ``-v`` or ``DSCONVERT_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import EXIT_INTERNAL, DsconvertError
+
+app = typer.Typer(
+    name="dsconvert",
+    help="Convert DeepSeek-V3/R1 checkpoints: FP8 -> BF16, INT8/INT4, GGUF; inspect and validate them.\n\n"
+         "Exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input or unsupported checkpoint, 4 validation failed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+# Reusable option spellings (one place for names and help texts).
+SrcArg = Annotated[Path, typer.Argument(help="checkpoint directory (HF layout; HF-cache snapshot paths work)",
+                                        show_default=False)]
+OutOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="output directory")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print only the final JSON report on stdout")]
+DryOpt = Annotated[bool, typer.Option("--dry-run", help="print the plan (sizes, memory) and write nothing")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="no progress display")]
+VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="tracebacks on errors")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace the model files of an existing output")]
+NoResumeOpt = Annotated[bool, typer.Option("--no-resume", help="start over even if a matching partial output exists")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="output shards written concurrently")]
+MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse plans above this peak RAM (e.g. 8G, 6GiB)")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
+
+
+def _emit_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human: Callable[[dict], None] | None = None,
+         report_path: Path | None = None) -> None:
+    """Run a command body with the central error handler; print the report in the chosen mode."""
+    debug = verbose or os.environ.get("DSCONVERT_DEBUG") == "1"
+    try:
+        rep = fn()
+    except DsconvertError as e:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/bold red] {e.message}", markup=True, highlight=False)
+        if e.hint:
+            err.print(f"[bold]hint:[/bold] {e.hint}", markup=True, highlight=False)
+        if json_out:
+            _emit_json(e.to_dict())
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted; rerun the same command to resume")
+        raise typer.Exit(130)
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the last line of defence: a bug, exit 1
+        if debug:
+            traceback.print_exc()
+        err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}", markup=True, highlight=False)
+        err.print("rerun with -v (or DSCONVERT_DEBUG=1) for a traceback, and please report it")
+        if json_out:
+            _emit_json({"error": "InternalError", "message": f"{type(e).__name__}: {e}", "exit_code": EXIT_INTERNAL})
+        raise typer.Exit(EXIT_INTERNAL)
+    if rep is None:
+        return
+    if report_path is not None:
+        report_path.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    if json_out:
+        _emit_json(rep)
+    elif human is not None:
+        human(rep)
+    code = rep.get("_exit_code") if isinstance(rep, dict) else None
+    if code:
+        raise typer.Exit(code)
+
+
+def _size(text: str | None) -> int | None:
+    from .units import parse_size
+
+    return None if text is None else parse_size(text)
+
+
+def _progress_enabled(quiet: bool) -> bool | None:
+    return False if quiet else None  # None: on when stderr is a terminal
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out.print(f"dsconvert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Entry point options."""
+
+
+FP8_EXAMPLES = """
+Examples:
+  dsconvert fp8-to-bf16 DeepSeek-R1 -o DeepSeek-R1-BF16
+  dsconvert fp8-to-bf16 DeepSeek-R1 -o out --mtp drop --max-shard-size 5G --json
+  dsconvert fp8-to-bf16 DeepSeek-R1 --dry-run
+"""
+
+
+@app.command("fp8-to-bf16", help="Dequantize DeepSeek's block-FP8 release to a complete BF16 HF checkpoint.\n"
+                                  + FP8_EXAMPLES)
+def fp8_to_bf16_cmd(
+    src: SrcArg,
+    output: OutOpt = None,
+    mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16 | f16 | f32 for dequantized weights")] = "bf16",
+    max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size",
+                                                          help="e.g. 5G; default keeps the source's shards")] = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = 1,
+    max_memory: MaxMemOpt = None,
+    validate: Annotated[bool, typer.Option("--validate", help="when done, validate logits against SRC")] = False,
+    dry_run: DryOpt = False,
+    overwrite: OverwriteOpt = False,
+    no_resume: NoResumeOpt = False,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert import fp8_to_bf16 as f2b
+
+    def body():
+        opts = f2b.Options(mtp=mtp, dtype=f2b.normalize_dtype(dtype), max_shard_size=_size(max_shard_size),
+                           device=device, workers=workers, max_memory=_size(max_memory))
+        if not dry_run and output is None:
+            from .errors import UsageError
+            raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT (or --dry-run)")
+        rep = f2b.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
+                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+        if validate and not dry_run:
+            rep["validation"] = _validate_after(output, src, quiet)
+            if not rep["validation"].get("passed", False):
+                rep["_exit_code"] = 4
+        return rep
+
+    def human(rep):
+        p = rep["plan"]
+        if rep["dry_run"]:
+            out.print(f"plan for {rep['source']['path']} ({rep['source']['family']}):")
+            out.print(f"  tensors: {p['tensors']}")
+            out.print(f"  output shards: {len(p['output_shards'])}, reads {p['bytes_read']['gb']:.3f} GB, "
+                      f"writes {p['bytes_written']['gb']:.3f} GB ({p['bytes_written']['gib']:.3f} GiB)")
+            out.print(f"  peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB; "
+                      f"~{p['time_estimate_s_at_0_5_gb_s']} s at 0.5 GB/s")
+            if p["dropped"]:
+                out.print(f"  dropped: {len(p['dropped'])} tensors ({p['dropped'][0]['reason']})")
+            out.print("  (dry run: nothing written)")
+            return
+        o = rep["output"]
+        state = "already complete" if rep["already_complete"] else (
+            f"resumed: {rep['shards_reused']} shards reused, {rep['shards_written']} written" if rep["resumed"]
+            else f"{rep['shards_written']} shards written")
+        out.print(f"wrote {o['path']}: {o['tensors']} tensors, {o['total_size'] / 1e9:.3f} GB; {state}; "
+                  f"{rep['seconds']:.1f} s; peak RSS {rep['peak_rss']['gib']:.2f} GiB")
+        if p["dropped"]:
+            out.print(f"dropped {len(p['dropped'])} tensors: {p['dropped'][0]['reason']}")
+        if "validation" in rep:
+            _print_validation(rep["validation"])
+
+    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+
+
+def _validate_after(candidate: Path, reference: Path, quiet: bool) -> dict:
+    from .convert import validate as val
+
+    return val.run_validate(candidate, reference, val.ValidateOptions(), progress=_progress_enabled(quiet))
+
+
+def _print_validation(rep: dict) -> None:
+    m = rep
+    verdict = "[green]PASSED[/green]" if m.get("passed") else "[red]FAILED[/red]"
+    out.print(f"validate: {verdict}  Mean KLD {m['mean_kld']:.3g}  Maximum KLD {m['max_kld']:.3g}  "
+              f"99.9% KLD {m['p999_kld']:.3g}  Same top p {100 * m['same_top_p']:.2f}%  RMS Δp "
+              f"{100 * m['rms_dp']:.3f}%  PPL {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g}")
+
+
+@app.command("inspect", help="Show what a checkpoint holds and what converting it writes, from headers only.")
+def inspect_cmd(src: SrcArg, json_out: JsonOpt = False, verbose: VerboseOpt = False) -> None:
+    from .convert.inspect import human_lines, inspect_checkpoint
+
+    def human(rep):
+        for line in human_lines(rep):
+            out.print(line, markup=True, highlight=False)
+
+    def body():
+        rep = inspect_checkpoint(src)
+        if not rep["ok"]:
+            rep["_exit_code"] = 3
+        return rep
+
+    _run(body, json_out=json_out, verbose=verbose, human=human)
+
+
+@app.command("env", help="Versions, CPU features (AMX), CUDA, free memory and disk.")
+def env_cmd(json_out: JsonOpt = False) -> None:
+    from .convert.envinfo import env_report
+
+    def human(rep):
+        for k, v in rep.items():
+            out.print(f"{k:22s} {v}")
+
+    _run(env_report, json_out=json_out, verbose=False, human=human)
+
+
+@app.command("make-fixture", hidden=True,
+             help="Write a synthetic checkpoint in DeepSeek's exact release layout (tiny | bench | bench4x).")
+def make_fixture_cmd(
+    output: Annotated[Path, typer.Argument(help="directory to create")],
+    preset: Annotated[str, typer.Option("--preset")] = "tiny",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    from .testing.fixtures import PRESETS, build_checkpoint
+
+    def body():
+        if preset not in PRESETS:
+            from .errors import UsageError
+            raise UsageError(f"unknown preset {preset!r}", hint="tiny, bench or bench4x")
+        if output.exists() and any(output.iterdir()):
+            from .errors import OutputExistsError
+            raise OutputExistsError(f"{output} exists and is not empty")
+        build_checkpoint(output, preset, seed=seed)
+        err.print(f"wrote {preset} fixture to {output}")
+        return None
+
+    _run(body, json_out=False, verbose=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

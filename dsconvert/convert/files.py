@@ -1,0 +1,45 @@
+"""The non-tensor files of a checkpoint: which to carry over, and copying them without executing anything.
+
+Every file of SRC except the shards, the index and ``config.json`` (rewritten by each command) is copied:
+tokenizer, generation config, remote-code ``.py`` files, README, LICENSE, chat templates, figures/.
+Dot-files and dsconvert's own ``manifest.json``/``report.json`` are skipped. Files are copied as bytes; nothing
+is imported or executed (known-failures.md items 6-8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from .manifest import MANIFEST_NAME
+
+REPORT_NAME = "report.json"
+_SKIP = {"config.json", "model.safetensors.index.json", MANIFEST_NAME, REPORT_NAME}
+
+
+def extra_files(src: Path) -> list[str]:
+    """Relative paths (POSIX) of the files to carry over from ``src``, sorted."""
+    out = []
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        name = rel.as_posix()
+        if name in _SKIP or p.suffix == ".safetensors" or name.endswith(".safetensors.tmp"):
+            continue
+        out.append(name)
+    return out
+
+
+def copy_files(src: Path, out: Path, names: list[str]) -> list[dict]:
+    """Copy ``names`` from ``src`` to ``out`` (temp name + rename each); returns ``[{name, bytes, sha256}]``."""
+    rows = []
+    for name in names:
+        s, d = src / name, out / name
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = d.with_name(d.name + ".tmp")
+        shutil.copyfile(s, tmp)  # follows symlinks (HF cache snapshots)
+        tmp.replace(d)
+        rows.append({"name": name, "bytes": d.stat().st_size, "sha256": hashlib.sha256(d.read_bytes()).hexdigest()})
+    return rows

@@ -1,0 +1,305 @@
+"""``dsconvert fp8-to-bf16``: DeepSeek's block-FP8 release -> a complete BF16 Hugging Face directory.
+
+Plan (shapes only) -> pre-flight (every header, partner, grid and scale value) -> stream (one chunk of rows at
+a time, read + dequant overlapped with write + hash) -> index, config, copied files -> manifest complete.
+
+Output rules (../shared/reference/deepseek-checkpoint.md section 6):
+* each FP8 weight -> BF16 of the same name and shape, byte-identical to ``weight_dequant`` + bf16 cast;
+* every other tensor copied bit-identical in its own dtype (the F32 router bias stays F32);
+* no ``*_scale_inv`` in the shards or the index; index ``metadata.total_size`` = sum of tensor bytes;
+* shard headers carry ``{"format": "pt"}``; ``config.json`` without ``quantization_config``, ``torch_dtype``
+  bfloat16; every other file of SRC copied, never executed;
+* the MTP block (layers >= num_hidden_layers) kept by default; ``mtp="drop"`` removes it and sets
+  ``num_nextn_predict_layers`` to 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInputError, UsageError
+from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from ..formats.hf_config import dump_config, unquantized_config, version_label
+from ..formats.safetensors_io import dtype_size, read_tensor
+from ..quant.fp8_block import dequant_fp8_block
+from ..report import base_report, peak_rss_bytes
+from ..units import bytes_fields
+from .files import REPORT_NAME, copy_files, extra_files
+from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
+from .pipeline import OutShard, OutTensor, copy_chunks, write_shards
+from .progress import ByteProgress
+
+COMMAND = "fp8-to-bf16"
+OUT_DTYPES = {"bf16": ("BF16", torch.bfloat16, "bfloat16"), "f16": ("F16", torch.float16, "float16"),
+              "f32": ("F32", torch.float32, "float32")}
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "f16", "fp16": "f16", "float32": "f32", "fp32": "f32"}
+BASE_RSS = 600 * 2**20  # interpreter + torch, measured ~0.5 GiB here
+
+
+@dataclass
+class Options:
+    """Options that change the output bytes (fingerprinted) and those that do not."""
+
+    mtp: str = "keep"  # keep | drop
+    dtype: str = "bf16"  # bf16 | f16 | f32
+    max_shard_size: int | None = None  # bytes; None keeps the source's shard boundaries
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = 1
+    chunk_bytes: int = 32 * 2**20  # output bytes per chunk
+    max_memory: int | None = None
+
+    def fingerprinted(self) -> dict:
+        return {"mtp": self.mtp, "dtype": self.dtype, "max_shard_size": self.max_shard_size}
+
+
+def normalize_dtype(name: str) -> str:
+    key = DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in OUT_DTYPES:
+        raise UsageError(f"unknown --dtype {name!r}", hint="use bf16, f16 or f32")
+    return key
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Raises UsageError for CUDA without a device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available", hint="use --device cpu or auto")
+    if d.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: only cpu and cuda are supported")
+    return d
+
+
+@dataclass
+class Plan:
+    """Everything the run will do, from shapes only."""
+
+    shards: list[OutShard]
+    dropped: list[dict]
+    files: list[str]
+    config: dict
+    bytes_read: int
+    bytes_written: int
+    peak_memory: int
+    counts: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "output_shards": [{"name": s.name, "tensors": len(s.tensors), **bytes_fields(s.nbytes)} for s in self.shards],
+            "tensors": self.counts,
+            "dropped": self.dropped,
+            "files_copied": self.files,
+            "bytes_read": bytes_fields(self.bytes_read),
+            "bytes_written": bytes_fields(self.bytes_written),
+            "peak_memory_estimate": bytes_fields(self.peak_memory),
+            "disk_needed": bytes_fields(self.bytes_written),
+            "time_estimate_s_at_0_5_gb_s": estimate_seconds(self.bytes_read + self.bytes_written),
+        }
+
+
+def _dequant_producer(ck: Checkpoint, name: str, out_dtype: torch.dtype, device: torch.device, chunk_bytes: int):
+    ent = ck.entry(name)
+    m, n = ent.shape
+    bm, bn = ck.fp8.block
+    scale_name = ck.scale_of(name)
+    out_esz = torch.empty((), dtype=out_dtype).element_size()
+    rows = max(bm, (chunk_bytes // max(1, n * out_esz)) // bm * bm)  # whole block-rows per chunk
+
+    def produce():
+        scale = ck.read(scale_name)
+        with open(ck.path_of(name), "rb") as f:
+            for r0 in range(0, m, rows):
+                r1 = min(m, r0 + rows)
+                w = read_tensor(f, ent, (r0, r1))
+                s = scale[r0 // bm: -(-r1 // bm)]
+                if device.type != "cpu":
+                    w, s = w.to(device, non_blocking=True), s.to(device)
+                y = dequant_fp8_block(w, s, (bm, bn), out_dtype)
+                yield y.cpu() if device.type != "cpu" else y
+
+    return produce
+
+
+def _copy_producer(ck: Checkpoint, name: str, chunk_bytes: int):
+    ent = ck.entry(name)
+    path = ck.path_of(name)
+    return lambda: copy_chunks(path, ent.begin, ent.nbytes, chunk_bytes)
+
+
+def _source_order(ck: Checkpoint) -> list[str]:
+    """Tensor names in on-disk order: shard by shard, by offset within each shard."""
+    names = []
+    for s in ck.shards:
+        if s in ck.headers:
+            names += [e.name for e in sorted(ck.headers[s].tensors.values(), key=lambda e: e.begin)]
+    return names
+
+
+def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None) -> Plan:
+    """Plan the conversion of ``ck`` from headers only.
+
+    Raises:
+        BadInputError: SRC holds no FP8 weights (nothing to dequantize).
+        UsageError: bad option values.
+    """
+    if opts.mtp not in ("keep", "drop"):
+        raise UsageError(f"--mtp {opts.mtp!r}", hint="use keep or drop")
+    st_dtype, torch_dtype, cfg_dtype = OUT_DTYPES[normalize_dtype(opts.dtype)]
+    device = device or torch.device("cpu")
+    if ck.fp8 is None or not any(e.dtype == "F8_E4M3" for _, e in ck.tensors.values()):
+        raise BadInputError(f"{ck.root}: not an FP8 checkpoint (no quantization_config.quant_method fp8 or no "
+                            "F8_E4M3 tensors)", hint="fp8-to-bf16 reads DeepSeek's FP8 release; this one is already "
+                                                     "unquantized")
+    dropped, outs = [], []
+    bytes_read = 0
+    counts = {"dequantized": 0, "copied": 0, "dropped": 0, "scales_consumed": 0}
+    for name in _source_order(ck):
+        ent = ck.entry(name)
+        if ck.is_scale(name):
+            counts["scales_consumed"] += 1
+            continue
+        if opts.mtp == "drop" and ck.is_mtp(name):
+            dropped.append({"name": name, "reason": "--mtp drop: multi-token-prediction layer", "bytes": ent.nbytes})
+            counts["dropped"] += 1
+            continue
+        if ent.dtype == "F8_E4M3":
+            sent = ck.entry(ck.scale_of(name))
+            t = OutTensor(name, st_dtype, ent.shape, _dequant_producer(ck, name, torch_dtype, device, opts.chunk_bytes),
+                          "dequant", [name, ck.scale_of(name)], ent.nbytes + sent.nbytes)
+            counts["dequantized"] += 1
+        else:
+            t = OutTensor(name, ent.dtype, ent.shape, _copy_producer(ck, name, opts.chunk_bytes), "copy", [name],
+                          ent.nbytes)
+            counts["copied"] += 1
+        bytes_read += t.source_bytes
+        outs.append((ck.tensors[name][0], t))
+
+    shards: list[OutShard] = []
+    if opts.max_shard_size is None:
+        by_src: dict[str, list[OutTensor]] = {}
+        for src_shard, t in outs:
+            by_src.setdefault(src_shard, []).append(t)
+        shards = [OutShard(Path(s).name, ts) for s, ts in by_src.items() if ts]
+    else:
+        groups: list[list[OutTensor]] = [[]]
+        size = 0
+        for _, t in outs:
+            if groups[-1] and size + t.nbytes > opts.max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        n = len(groups)
+        shards = [OutShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups) if g]
+
+    cfg = unquantized_config(ck.config, cfg_dtype)
+    if opts.mtp == "drop":
+        cfg["num_nextn_predict_layers"] = 0
+    files = extra_files(ck.root)
+    written = sum(s.nbytes for s in shards)
+    # Per worker: queue_depth + 2 output chunks, plus the kernel's fp32 temporaries (2x the output chunk in fp32).
+    out_esz = dtype_size(st_dtype)
+    per_worker = (2 + 2) * opts.chunk_bytes + 2 * opts.chunk_bytes * 4 // out_esz
+    peak = BASE_RSS + max(1, opts.workers) * per_worker
+    return Plan(shards, dropped, files, cfg, bytes_read, written, peak, counts)
+
+
+def _index(shards: list[OutShard]) -> dict:
+    wm = {t.name: s.name for s in shards for t in s.tensors}
+    return {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": dict(sorted(wm.items()))}
+
+
+def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, overwrite: bool = False,
+        resume: bool = True, progress: bool | None = None) -> dict:
+    """Convert ``src`` into ``out``; return the JSON report (also written to ``out/report.json``).
+
+    Raises:
+        BadInputError / UnsupportedError (exit 3): anything wrong with SRC, found before writing.
+        UsageError / OutputExistsError (exit 2): bad options, or an ``out`` that cannot be used.
+    """
+    t0 = time.perf_counter()
+    src = Path(src)
+    if out is not None:
+        check_paths(src, Path(out))
+    device = resolve_device(opts.device)
+    ck = open_checkpoint(src, check_values=not dry_run)
+    plan = make_plan(ck, opts, device)
+    report = base_report(COMMAND)
+    report.update({
+        "source": {"path": str(src), "family": version_label(ck.config), "shards": len(ck.shards),
+                   "tensors": len(ck.tensors), **bytes_fields(sum(e.nbytes for _, e in ck.tensors.values())),
+                   "fp8_block": list(ck.fp8.block), "scale_fmt": ck.fp8.scale_fmt},
+        "options": {**asdict(opts), "device": str(device)},
+        "dry_run": dry_run,
+        "plan": plan.summary(),
+        "warnings": [p.to_dict() for p in ck.problems if not p.fatal],
+    })
+    if opts.max_memory is not None and plan.peak_memory > opts.max_memory:
+        raise UsageError(f"planned peak memory {plan.peak_memory / 2**30:.2f} GiB exceeds --max-memory "
+                         f"{opts.max_memory / 2**30:.2f} GiB", hint="lower --workers or --chunk-size")
+    if dry_run:
+        report["output"] = {"path": str(out) if out else None}
+        return report
+    if out is None:
+        raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT")
+    out = Path(out)
+    fp = fingerprint({"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]),
+                      "options": opts.fingerprinted(), "command": COMMAND})
+    decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
+                              owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME,
+                                              *plan.files))
+    _check_disk(out, plan, decision.done)
+    todo_bytes = sum(s.nbytes for s in plan.shards if s.name not in decision.done)
+    written_now: list[str] = []
+    if not decision.already_complete:
+        with ByteProgress(todo_bytes, COMMAND, enabled=progress) as bar:
+            written_now = write_shards(out, plan.shards, decision.manifest, bar, workers=opts.workers)
+        write_atomic(out / INDEX_NAME, (json.dumps(_index(plan.shards), indent=2) + "\n").encode())
+        write_atomic(out / "config.json", dump_config(plan.config))
+        copied = copy_files(src, out, plan.files)
+    else:
+        copied = [{"name": n} for n in plan.files]
+    seconds = time.perf_counter() - t0
+    per_tensor = [{"name": t.name, "action": t.action, "dtype_out": t.dtype,
+                   "dtype_in": ck.entry(t.name).dtype, "bytes_in": t.source_bytes, "bytes_out": t.nbytes,
+                   "shard": s.name} for s in plan.shards for t in s.tensors]
+    report.update({
+        "output": {"path": str(out), "shards": len(plan.shards), "tensors": sum(len(s.tensors) for s in plan.shards),
+                   "total_size": plan.bytes_written, "files_copied": copied},
+        "resumed": decision.resumed,
+        "already_complete": decision.already_complete,
+        "shards_written": len(written_now),
+        "shards_reused": len(plan.shards) - len(written_now),
+        "seconds": round(seconds, 3),
+        "gb_per_s_written": round(sum(s.nbytes for s in plan.shards if s.name in written_now) / 1e9 / seconds, 4)
+        if seconds > 0 else None,
+        "peak_rss": bytes_fields(peak_rss_bytes()),
+    })
+    full = dict(report, tensors=per_tensor)
+    write_atomic(out / REPORT_NAME, (json.dumps(full, indent=2) + "\n").encode())
+    decision.manifest.complete = True
+    decision.manifest.save(out)
+    report["report_path"] = str(out / REPORT_NAME)
+    return report
+
+
+def _check_disk(out: Path, plan: Plan, done: set[str]) -> None:
+    import shutil
+
+    need = sum(s.nbytes for s in plan.shards if s.name not in done)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise BadInputError(f"{out}: needs {need / 1e9:.2f} GB of free disk, {free / 1e9:.2f} GB available",
+                            hint="free space or choose another -o")
+
+
+def estimate_seconds(nbytes: int, gbps: float = 0.5) -> float:
+    """A conservative time estimate at ``gbps`` GB/s of output."""
+    return math.ceil(nbytes / (gbps * 1e9))

@@ -1,0 +1,165 @@
+"""The resume manifest (``OUT/manifest.json``) and the rules for reusing an existing output directory.
+
+A manifest holds the fingerprint (sha256 of the source index and config plus the options that change the
+bytes), the tool version, and the size + sha256 of every finished output file. Finished files were written
+under a temporary name, fsynced and renamed, so a file listed here is complete; a resume re-hashes it before
+trusting it. Source of the convention: ../shared/reference/cli-conventions.md ("Resume"), GPTQModel PR #3057.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..errors import OutputExistsError, UsageError
+from ..formats.safetensors_io import sha256_file
+
+MANIFEST_NAME = "manifest.json"
+
+
+def fingerprint(parts: dict) -> str:
+    """sha256 of a canonical JSON dump of ``parts`` (source hashes and byte-changing options)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def source_fingerprint_parts(src: Path, files: list[str]) -> dict:
+    """sha256 of each named small source file (index, config) that exists; shard headers are covered by the index."""
+    out = {}
+    for name in files:
+        p = src / name
+        if p.is_file():
+            out[name] = sha256_file(p)
+    return out
+
+
+@dataclass
+class Manifest:
+    """State of one output directory."""
+
+    command: str
+    fingerprint: str
+    options: dict
+    files: dict[str, dict] = field(default_factory=dict)  # name -> {"size": int, "sha256": str}
+    complete: bool = False
+    version: str = __version__
+
+    def to_json(self) -> str:
+        return json.dumps({"tool": "dsconvert", "version": self.version, "command": self.command,
+                           "fingerprint": self.fingerprint, "options": self.options, "complete": self.complete,
+                           "files": self.files}, indent=2, sort_keys=False) + "\n"
+
+    def save(self, out_dir: Path) -> None:
+        """Atomically replace ``out_dir/manifest.json``."""
+        write_atomic(out_dir / MANIFEST_NAME, self.to_json().encode())
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "Manifest | None":
+        p = out_dir / MANIFEST_NAME
+        if not p.is_file():
+            return None
+        try:
+            d = json.loads(p.read_text())
+            if d.get("tool") != "dsconvert":
+                return None
+            return cls(d["command"], d["fingerprint"], d.get("options", {}), d.get("files", {}),
+                       bool(d.get("complete")), d.get("version", "?"))
+        except (ValueError, KeyError, TypeError, OSError):
+            return None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``path.tmp`` + fsync + rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _is_within(a: Path, b: Path) -> bool:
+    try:
+        a.relative_to(b)
+        return True
+    except ValueError:
+        return False
+
+
+def check_paths(src: Path, out: Path) -> None:
+    """Refuse an output that is, or is inside, or contains the source (a source is never touched).
+
+    Raises:
+        UsageError (exit 2).
+    """
+    rs, ro = src.resolve(), out.resolve()
+    if rs == ro or _is_within(ro, rs) or _is_within(rs, ro):
+        raise UsageError(f"output {out} overlaps the source {src}", hint="choose an output outside SRC")
+
+
+@dataclass
+class ResumeDecision:
+    manifest: Manifest
+    done: set[str]  # output files verified complete and reusable
+    resumed: bool
+    already_complete: bool
+
+
+def prepare_output(out: Path, command: str, fp: str, options: dict, *, overwrite: bool, resume: bool,
+                   owned_patterns: tuple[str, ...], verify: bool = True) -> ResumeDecision:
+    """Decide how to use ``out``: fresh, resume (matching manifest), already complete, or refuse.
+
+    ``owned_patterns`` are the globs of files this command writes; with ``overwrite`` (or ``resume=False`` on
+    a matching manifest) only those, the manifest and leftover ``*.tmp`` files are removed — never anything else.
+
+    Raises:
+        OutputExistsError: ``out`` holds files but no dsconvert manifest, or a manifest for a different source
+            or options, and ``overwrite`` is not set.
+    """
+    if out.exists() and not out.is_dir():
+        if not overwrite:
+            raise OutputExistsError(f"output {out} exists and is not a directory", hint="pass --overwrite or another -o")
+        out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    man = Manifest.load(out)
+    entries = [p for p in out.iterdir()]
+    if man is None and entries and not overwrite:
+        raise OutputExistsError(f"output directory {out} is not empty and holds no dsconvert manifest",
+                                hint="choose an empty or new -o, or pass --overwrite to replace its model files")
+    if man is not None and (man.fingerprint != fp or man.command != command) and not overwrite:
+        what = "another command" if man.command != command else "a different source or different options"
+        raise OutputExistsError(f"output directory {out} holds a {man.command} output made from {what}",
+                                hint="pass --overwrite to start over there, or choose another -o")
+    if man is not None and man.fingerprint == fp and man.command == command and not overwrite and resume:
+        if man.complete and _verify_all(out, man, verify):
+            return ResumeDecision(man, set(man.files), True, True)
+        done = {n for n, meta in man.files.items() if _verify(out / n, meta, verify)}
+        for n in set(man.files) - done:
+            del man.files[n]
+        man.complete = False
+        _remove(out, ("*.tmp",))
+        return ResumeDecision(man, done, True, False)
+    _remove(out, owned_patterns + ("*.tmp", MANIFEST_NAME))
+    man = Manifest(command, fp, options)
+    man.save(out)
+    return ResumeDecision(man, set(), False, False)
+
+
+def _verify(path: Path, meta: dict, full: bool) -> bool:
+    if not path.is_file() or path.stat().st_size != meta.get("size"):
+        return False
+    return not full or sha256_file(path) == meta.get("sha256")
+
+
+def _verify_all(out: Path, man: Manifest, full: bool) -> bool:
+    return all(_verify(out / n, m, full) for n, m in man.files.items())
+
+
+def _remove(out: Path, patterns: tuple[str, ...]) -> None:
+    for pat in patterns:
+        for p in out.glob(pat):
+            if p.is_file() or p.is_symlink():
+                p.unlink()

@@ -1,0 +1,165 @@
+"""The streaming executor every safetensors-writing command shares.
+
+A command plans output shards as lists of :class:`OutTensor` (name, dtype, shape and a ``produce`` callable
+that yields the tensor's bytes in row-major chunks). :func:`write_shards` then, per output shard:
+
+1. opens a :class:`~dsconvert.formats.safetensors_io.ShardWriter` on ``<shard>.tmp`` (header from the plan);
+2. runs the producers in a background thread (read + compute) feeding a bounded queue, while the calling
+   thread writes and hashes (so I/O and compute overlap, and at most ``queue_depth`` chunks are in flight);
+3. fsyncs, renames, and records size + sha256 in the manifest (atomically) before starting the next.
+
+Peak memory is therefore ``workers * (queue_depth + 2)`` chunks plus the producers' temporaries, independent
+of shard and model size. Any exception aborts the shard (its ``.tmp`` is deleted) and propagates.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from ..formats.safetensors_io import PlannedTensor, ShardWriter, layout_order, read_range
+from .manifest import Manifest
+from .progress import ByteProgress
+
+Chunk = torch.Tensor | bytes | memoryview
+
+
+@dataclass
+class OutTensor:
+    """One output tensor: what it is and how to produce its bytes."""
+
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    produce: Callable[[], Iterator[Chunk]] | None
+    action: str  # "dequant", "copy", "quantize", ...
+    sources: list[str] = field(default_factory=list)
+    source_bytes: int = 0
+
+    @property
+    def planned(self) -> PlannedTensor:
+        return PlannedTensor(self.name, self.dtype, self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.planned.nbytes
+
+
+@dataclass
+class OutShard:
+    name: str
+    tensors: list[OutTensor]
+    keep_order: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def ordered(self) -> list[OutTensor]:
+        if self.keep_order:
+            return list(self.tensors)
+        by_name = {t.name: t for t in self.tensors}
+        return [by_name[p.name] for p in layout_order([t.planned for t in self.tensors])]
+
+
+def copy_chunks(path: Path, begin: int, nbytes: int, chunk_bytes: int) -> Iterator[torch.Tensor]:
+    """Yield the raw bytes ``[begin, begin + nbytes)`` of ``path`` in pieces of at most ``chunk_bytes``."""
+    with open(path, "rb") as f:
+        off = 0
+        while off < nbytes:
+            n = min(chunk_bytes, nbytes - off)
+            yield read_range(f, begin + off, n)
+            off += n
+
+
+_END = object()
+
+
+def _write_one(out_dir: Path, shard: OutShard, metadata: dict[str, str], progress: ByteProgress,
+               queue_depth: int, cancel: threading.Event) -> tuple[int, str]:
+    writer = ShardWriter(out_dir / shard.name, [t.planned for t in shard.ordered()], metadata, keep_order=True)
+    q: queue.Queue = queue.Queue(maxsize=queue_depth)
+    errors: list[BaseException] = []
+
+    def produce():
+        try:
+            for t in shard.ordered():
+                if t.produce is None or cancel.is_set():
+                    continue
+                for chunk in t.produce():
+                    if cancel.is_set():
+                        return
+                    q.put((t.name, chunk))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the writing thread
+            errors.append(e)
+        finally:
+            q.put(_END)
+
+    th = threading.Thread(target=produce, name=f"produce-{shard.name}", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                break
+            name, chunk = item
+            writer.write(name, chunk)
+            progress.advance(chunk.numel() * chunk.element_size() if isinstance(chunk, torch.Tensor) else len(chunk))
+        th.join()
+        if errors:
+            raise errors[0]
+        return writer.commit()
+    except BaseException:
+        cancel.set()
+        while th.is_alive():  # drain so the producer can finish
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        writer.abort()
+        raise
+
+
+def write_shards(out_dir: Path, shards: list[OutShard], manifest: Manifest, progress: ByteProgress, *,
+                 metadata: dict[str, str] | None = None, workers: int = 1, queue_depth: int = 2) -> list[str]:
+    """Write every shard not yet in ``manifest.files``; return the names written now.
+
+    Each finished shard is recorded in the manifest (saved atomically) before the call returns, so a crash at
+    any point loses at most the shards in flight.
+    """
+    metadata = metadata if metadata is not None else {"format": "pt"}
+    todo = [s for s in shards if s.name not in manifest.files]
+    lock = threading.Lock()
+    cancel = threading.Event()
+    written: list[str] = []
+
+    def run(shard: OutShard) -> None:
+        progress.describe(shard.name)
+        size, digest = _write_one(out_dir, shard, metadata, progress, queue_depth, cancel)
+        with lock:
+            manifest.files[shard.name] = {"size": size, "sha256": digest}
+            manifest.save(out_dir)
+            written.append(shard.name)
+
+    if workers <= 1:
+        for s in todo:
+            run(s)
+        return written
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futs = [pool.submit(run, s) for s in todo]
+        done, _ = wait(futs, return_when=FIRST_EXCEPTION)
+        for f in futs:
+            if f.done() and f.exception() is not None:
+                cancel.set()
+                for g in futs:
+                    g.cancel()
+                raise f.exception()
+        for f in futs:
+            f.result()
+    return written
