@@ -248,7 +248,10 @@ def _slow_route(cfg: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | Non
         chosen = sorted(allowed, key=lambda e: -c[e])[: cfg.num_experts_per_tok]
         w = [s[e] for e in chosen]
         if cfg.model_type == "deepseek_v2":
-            w = [v / (sum(w) + 1e-20) for v in w] if cfg.norm_topk_prob and len(w) > 1 else [v * cfg.routed_scaling_factor for v in w]
+            if cfg.norm_topk_prob and len(w) > 1:
+                w = [v / (sum(w) + 1e-20) for v in w]
+            else:
+                w = [v * cfg.routed_scaling_factor for v in w]
         else:
             if cfg.norm_topk_prob:
                 w = [v / (sum(w) + 1e-20) for v in w]
@@ -308,8 +311,6 @@ def test_only_routed_experts_with_tokens_are_fetched(v3):
     h = m.embed(ids[:3])
     for i in range(cfg.num_hidden_layers):
         before = len(counting.gets)
-        # compute the routing this layer will use, from its actual input
-        h_in = h
         h = m.layer_forward(i, h, hidden_pos)
         got = counting.gets[before:]
         assert all(n.startswith(f"model.layers.{i}.") for n in got), got
@@ -320,7 +321,6 @@ def test_only_routed_experts_with_tokens_are_fetched(v3):
             seen_layers.append(i)
         else:
             assert not experts
-        del h_in
     assert seen_layers == [1, 2]
     assert not any("layers.3." in n for n in counting.gets)
 
@@ -447,3 +447,18 @@ def _v2_dict():
     kw.pop("attn_implementation")
     kw["model_type"] = "deepseek_v2"
     return kw
+
+
+def test_head_chunking_and_tied_embeddings(v3, monkeypatch):
+    import dsconvert.model.forward as fwd
+
+    _, src, ids, *_ = v3
+    m = ReferenceModel(src)
+    h = torch.randn(T_SEQ, 64, generator=torch.Generator().manual_seed(9))
+    full = m.head(h)
+    monkeypatch.setattr(fwd, "HEAD_CHUNK_ROWS", 7)  # 100 rows -> 15 chunks, last one short
+    torch.testing.assert_close(m.head(h), full, rtol=1e-6, atol=1e-6)
+    tensors = {n: src.get(n) for n in src.names() if n != "lm_head.weight"}
+    tensors["model.embed_tokens.weight"] = src.get("lm_head.weight")
+    tied = ReferenceModel(DictWeightSource(dict(src.config, tie_word_embeddings=True), tensors))
+    torch.testing.assert_close(tied.head(h), full, rtol=1e-6, atol=1e-6)

@@ -1,14 +1,16 @@
 """A pure-torch, layer-streamed DeepSeek V2/V3 forward pass: the reference for ``validate``.
 
 Memory bound. :class:`ReferenceModel` holds no weights between calls. While decoder layer ``i``
-runs it holds that layer's dense tensors (attention, norms, router, shared experts or dense MLP),
-plus **one** routed expert at a time (only experts that receive at least one token are fetched),
-plus activations: ``(T, hidden)`` residual and normalised copies, ``(H, T, T)`` float32 attention
-scores, ``(H, T, qk_head_dim)`` queries/keys, ``(T, E)`` router logits. ``embed`` and ``head``
-additionally hold the ``(vocab, hidden)`` embedding / ``lm_head`` while they run, and ``head``
-returns ``(T, vocab)`` float32 logits. For V3 at T = 512 that is about 1.1 GiB of dense layer
-weights in float32 (attention 187M + shared expert 44M params, or the 396M-param dense MLP in
-layers 0-2) + 176 MiB per expert + 3.7 GiB for the ``lm_head`` in float32.
+runs it holds that layer's dense tensors (attention, norms, router, shared experts or dense MLP)
+cast to the compute dtype, plus **one** routed expert at a time (only experts that receive at least
+one token are fetched at all), plus activations: the ``(T, hidden)`` residual and normalised copies,
+``(H, T, T)`` float32 attention scores, ``(H, T, qk_head_dim)`` queries/keys, ``(T, E)`` router
+logits. ``embed`` holds the ``(vocab, hidden)`` embedding as the source returns it; ``head`` holds
+``lm_head`` as returned and casts it in chunks of ``HEAD_CHUNK_ROWS`` rows, returning ``(T, vocab)``
+float32 logits. V3 in float32: about 0.9 GiB of dense weights in an MoE layer (attention 187M +
+shared expert 44M + router 1.8M params), 2.2 GiB in dense layers 0-2 (+ the 396M-param MLP),
+168 MiB per routed expert, 1.73 GiB for the BF16 ``lm_head`` (+ 0.44 GiB per fp32 chunk); at
+T = 512 the attention scores take 128 MiB per copy.
 
 Choices (deepseek-checkpoint.md §10): YaRN always on when ``rope_scaling.type == "yarn"``; the
 router bias whenever the checkpoint has one; ``-inf`` group masking; a float32 router; all-position
@@ -33,6 +35,9 @@ from dsconvert.model.source import WeightSource
 
 ProgressFn = Callable[[int, int], None]
 
+#: ``lm_head`` rows cast to the compute dtype at a time (16384 x 7168 float32 = 448 MiB for V3).
+HEAD_CHUNK_ROWS = 16384
+
 
 class ForwardOutput(NamedTuple):
     """``logits``: ``(T, vocab)`` float32. ``hidden_states``: None, or one ``(T, hidden)`` float32
@@ -54,8 +59,9 @@ class _Cast:
         t = self._cache.get(name)
         if t is None:
             t = self._source.get(name)
-            # The router bias stays float32 (it is F32 on disk and only used for selection).
-            if not name.endswith("e_score_correction_bias"):
+            # The router (weight and bias) keeps the source precision: it runs in float32, as in
+            # transformers (``_keep_in_fp32_modules_strict``).
+            if not name.endswith((".mlp.gate.weight", "e_score_correction_bias")):
                 t = t.to(self._dtype)
             self._cache[name] = t
         return t
@@ -143,10 +149,16 @@ class ReferenceModel:
         """Final RMSNorm then ``lm_head`` (``embed_tokens`` if tied): ``(T, hidden)`` -> ``(T, vocab)`` float32."""
         get = _Cast(self.source, self.dtype)
         x = rms_norm(hidden.to(self.dtype), get("model.norm.weight"), self.cfg.rms_norm_eps)
-        name = "model.embed_tokens" if self.cfg.tie_word_embeddings and not self.source.has("lm_head.weight") else "lm_head"
+        tied = self.cfg.tie_word_embeddings and not self.source.has("lm_head.weight")
+        name = "model.embed_tokens" if tied else "lm_head"
         if on_linear is not None:
             on_linear(name, x)
-        return F.linear(x, get(name + ".weight")).to(torch.float32)
+        w = self.source.get(name + ".weight")  # (vocab, hidden), source dtype
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)  # (T, vocab)
+        for r0 in range(0, w.shape[0], HEAD_CHUNK_ROWS):
+            wc = w[r0 : r0 + HEAD_CHUNK_ROWS].to(self.dtype)  # (rows, hidden)
+            out[:, r0 : r0 + wc.shape[0]] = F.linear(x, wc).to(torch.float32)
+        return out
 
     # -- whole model ----------------------------------------------------------------------------
 

@@ -62,7 +62,9 @@ def compare_logits(ref_logits: torch.Tensor, cand_logits: torch.Tensor, token_id
         ValueError: shape mismatch, ``T < 2``, or a token id outside ``0..V-1``.
     """
     if ref_logits.shape != cand_logits.shape or ref_logits.dim() != 2:
-        raise ValueError(f"logit shapes differ or are not (T, V): {tuple(ref_logits.shape)} vs {tuple(cand_logits.shape)}")
+        raise ValueError(
+            f"logit shapes differ or are not (T, V): {tuple(ref_logits.shape)} vs {tuple(cand_logits.shape)}"
+        )
     T, V = ref_logits.shape
     token_ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
     if token_ids.numel() != T:
@@ -86,13 +88,15 @@ def compare_logits(ref_logits: torch.Tensor, cand_logits: torch.Tensor, token_id
 
     mean_nll_ref = float(nll_ref.mean())
     mean_nll_cand = float(nll_cand.mean())
+    with np.errstate(invalid="ignore"):  # NaN logits give NaN metrics; nonfinite_summary says why
+        p999, p99, med = (float(np.percentile(kld, 99.9)), float(np.percentile(kld, 99.0)), float(np.median(kld)))
     return {
         "n_positions": int(T - 1),
         "mean_kld": float(np.mean(kld)),
         "max_kld": float(np.max(kld)),
-        "p999_kld": float(np.percentile(kld, 99.9)),
-        "p99_kld": float(np.percentile(kld, 99.0)),
-        "median_kld": float(np.median(kld)),
+        "p999_kld": p999,
+        "p99_kld": p99,
+        "median_kld": med,
         "same_top_p": float(same_top.mean()),
         "rms_dp": float(torch.sqrt((dp * dp).mean())),
         "mean_dp": float(dp.mean()),
@@ -129,5 +133,6 @@ def layer_errors(ref_hidden: list[torch.Tensor], cand_hidden: list[torch.Tensor]
         diff = float(torch.linalg.vector_norm(a64 - b64))
         ref = float(torch.linalg.vector_norm(a64))
         rel = diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
-        out.append({"layer": i, "rel_error": rel, "max_abs_error": float((a64 - b64).abs().max()) if a.numel() else 0.0})
+        max_abs = float((a64 - b64).abs().max()) if a.numel() else 0.0
+        out.append({"layer": i, "rel_error": rel, "max_abs_error": max_abs})
     return out

@@ -65,7 +65,9 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     return yarn_get_mscale(rs.factor)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, attention_factor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and ``sin`` of ``positions[:, None] * inv_freq``, times ``attention_factor``.
 
     Returns:
