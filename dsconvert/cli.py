@@ -219,6 +219,75 @@ def inspect_cmd(src: SrcArg, json_out: JsonOpt = False, verbose: VerboseOpt = Fa
     _run(body, json_out=json_out, verbose=verbose, human=human)
 
 
+def _ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise typer.BadParameter("--token-ids takes comma-separated integers, e.g. 1,2,3") from None
+
+
+@app.command("logits", help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
+def logits_cmd(
+    src: SrcArg,
+    token_ids: Annotated[Optional[str], typer.Option("--token-ids", help="comma-separated ids, e.g. 0,5,6")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="text, tokenized with SRC's tokenizer.json")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="where to write the .npy")] = None,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert.validate import run_logits
+
+    def human(rep):
+        out.print(f"logits {rep['shape']} ({rep['dtype']}) -> {rep['output'] or '(not saved; use -o)'}; "
+                  f"top-1 ids {rep['top1'][:16]}")
+
+    _run(lambda: run_logits(src, _ids(token_ids), text, dtype, output), json_out=json_out, verbose=verbose,
+         human=human)
+
+
+@app.command("validate", help="Compare a converted checkpoint's logits with its source through the reference "
+                              "forward pass (Mean KLD, top-1 agreement, PPL, per-layer error). Exit 4 if outside "
+                              "the thresholds.")
+def validate_cmd(
+    candidate: Annotated[Path, typer.Argument(help="converted checkpoint directory", show_default=False)],
+    reference: Annotated[Path, typer.Option("--reference", help="source checkpoint directory")],
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="text file (default: bundled text)")] = None,
+    token_ids: Annotated[Optional[str], typer.Option("--token-ids", help="comma-separated ids")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="tokens per sequence")] = 128,
+    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="sequences")] = 2,
+    max_kld: Annotated[float, typer.Option("--max-kld", help="fail above this Mean KLD")] = 0.01,
+    min_top1: Annotated[float, typer.Option("--min-top1", help="fail below this Same top p (0..1)")] = 0.97,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert.validate import ValidateOptions, run_validate
+
+    def body():
+        opts = ValidateOptions(token_ids=_ids(token_ids), prompts=prompts, seq_len=seq_len, num_samples=num_samples,
+                               max_kld=max_kld, min_top1=min_top1, dtype=dtype)
+        rep = run_validate(candidate, reference, opts, progress=_progress_enabled(quiet))
+        if not rep["passed"]:
+            rep["_exit_code"] = 4
+        return rep
+
+    def human(rep):
+        _print_validation(rep)
+        worst = max(rep["layers"], key=lambda r: r["rel_error"]) if rep["layers"] else None
+        if worst:
+            out.print(f"  per-layer relative error: max {worst['rel_error']:.3g} at layer {worst['layer']}; "
+                      f"largest jump at layer {rep['largest_error_jump_layer']}")
+        if rep.get("advice"):
+            out.print(f"  advice: {rep['advice']}")
+
+    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+
+
 @app.command("env", help="Versions, CPU features (AMX), CUDA, free memory and disk.")
 def env_cmd(json_out: JsonOpt = False) -> None:
     from .convert.envinfo import env_report

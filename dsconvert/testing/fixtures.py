@@ -235,8 +235,10 @@ def _init(name: str, shape: tuple[int, ...], kind: str, spec: FixtureSpec, gen: 
         return 0.1 * torch.randn(shape, generator=gen) + 1e-3 * torch.rand(shape, generator=gen)
     if kind == "router":
         return torch.randn(shape, generator=gen) * (3.0 / math.sqrt(shape[1]))
-    if kind in ("embed", "head"):
+    if kind == "embed":
         return torch.randn(shape, generator=gen) * 0.5
+    if kind == "head":  # logits of unit scale: a perplexity near the vocabulary size, not a degenerate one
+        return torch.randn(shape, generator=gen) * (2.0 / math.sqrt(shape[1]))
     fan_in = shape[-1]
     return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
 

@@ -1,0 +1,243 @@
+"""``dsconvert logits`` and ``dsconvert validate``: run the reference forward on checkpoints and compare them.
+
+Both models run layer-major over all sequences (every sequence through layer ``i`` before layer ``i+1`` is
+read), so each checkpoint is read once whatever the number of prompts, and only one decoder layer's weights
+(plus the experts its tokens reach) are resident. Metrics use llama-perplexity's names
+(``Mean KLD``, ``Maximum KLD``, ``99.9% KLD``, ``Same top p``, ``RMS Δp``, PPL); see
+:mod:`dsconvert.model.metrics`.
+
+Default thresholds: ``max_kld`` 0.01 (Mean KLD) and ``min_top1`` 0.97 (Same top p) — the values
+../shared/reference/cli-conventions.md uses for a near-lossless conversion; a BF16 conversion of an FP8
+release gives 0 and 1 exactly. INT4 candidates usually need looser, explicit thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BadInputError, UsageError
+from ..model import ReferenceModel
+from ..model.metrics import compare_logits, layer_errors
+from ..report import base_report, peak_rss_bytes
+from .progress import ByteProgress
+from .weights import CheckpointWeightSource
+
+BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "validation.txt"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass
+class ValidateOptions:
+    token_ids: list[int] | None = None
+    prompts: Path | None = None  # text file; default: the bundled validation text
+    seq_len: int = 128  # tokens per sequence cut from the text
+    num_samples: int = 2  # sequences
+    max_kld: float = 0.01
+    min_top1: float = 0.97
+    dtype: str = "float32"
+
+
+class LayerCachedSource:
+    """Wraps a weight source: keeps every tensor of the layer in use, drops them when another layer is asked for.
+
+    Lets several sequences run through one layer while its weights are read once."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.config = inner.config
+        self._layer: int | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def has(self, name: str) -> bool:
+        return self.inner.has(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        m = _LAYER.match(name)
+        layer = int(m.group(1)) if m else -1
+        if layer != self._layer:
+            self._cache.clear()
+            self._layer = layer
+        t = self._cache.get(name)
+        if t is None:
+            t = self._cache[name] = self.inner.get(name)
+        return t
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16}
+    if name not in table:
+        raise UsageError(f"--dtype {name!r}", hint="use float32 or bfloat16")
+    return table[name]
+
+
+def tokenize(model_dir: Path, text: str) -> list[int]:
+    """Token ids of ``text`` with ``model_dir/tokenizer.json`` (the ``tokenizers`` library, never remote code).
+    A BOS token is prepended when ``tokenizer_config.json`` says ``add_bos_token``.
+
+    Raises:
+        BadInputError: no tokenizer.json in ``model_dir``.
+    """
+    from tokenizers import Tokenizer
+
+    tj = model_dir / "tokenizer.json"
+    if not tj.is_file():
+        raise BadInputError(f"{model_dir}: no tokenizer.json to tokenize text", hint="pass --token-ids instead")
+    tok = Tokenizer.from_file(str(tj))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    tc = model_dir / "tokenizer_config.json"
+    if tc.is_file():
+        cfg = json.loads(tc.read_text(encoding="utf-8"))
+        if cfg.get("add_bos_token"):
+            bos = cfg.get("bos_token")
+            bos = bos.get("content") if isinstance(bos, dict) else bos
+            bid = tok.token_to_id(bos) if bos else None
+            if bid is not None:
+                ids = [bid] + ids
+    return ids
+
+
+def sequences(model_dir: Path, opts: ValidateOptions, vocab_size: int) -> list[list[int]]:
+    """The token sequences to evaluate: ``--token-ids`` as one sequence, else text cut into
+    ``num_samples`` pieces of ``seq_len`` tokens.
+
+    Raises:
+        UsageError: ids outside the vocabulary or fewer than 2 tokens.
+    """
+    if opts.token_ids:
+        seqs = [list(opts.token_ids)]
+    else:
+        path = opts.prompts or BUNDLED_TEXT
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--prompts {path}: {e.strerror}") from e
+        ids = tokenize(model_dir, text)
+        seqs = [ids[i: i + opts.seq_len] for i in range(0, len(ids), opts.seq_len)][: opts.num_samples]
+        seqs = [s for s in seqs if len(s) >= 2]
+    if not seqs or any(len(s) < 2 for s in seqs):
+        raise UsageError("need at least 2 tokens to score", hint="pass more --token-ids or a longer --prompts file")
+    bad = [t for s in seqs for t in s if not 0 <= t < vocab_size]
+    if bad:
+        raise UsageError(f"token id {bad[0]} is outside the vocabulary 0..{vocab_size - 1}")
+    return seqs
+
+
+def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hidden: bool,
+                 progress: ByteProgress | None = None, label: str = "") -> tuple[list[torch.Tensor], list[list]]:
+    """Layer-major forward of several sequences: returns (logits per sequence, hidden states per layer per seq)."""
+    model = ReferenceModel(LayerCachedSource(source), dtype=dtype)
+    n = model.cfg.num_hidden_layers
+    ids = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    pos = [torch.arange(len(s)) for s in seqs]
+    with torch.no_grad():
+        hs = [model.embed(i) for i in ids]
+        hidden: list[list[torch.Tensor]] = []
+        for layer in range(n):
+            if progress is not None:
+                progress.describe(f"{label} layer ({layer + 1}/{n})")
+            hs = [model.layer_forward(layer, h, p) for h, p in zip(hs, pos)]
+            if return_hidden:
+                hidden.append([h.float().clone() for h in hs])
+            if progress is not None:
+                progress.advance(1)
+        logits = [model.head(h) for h in hs]
+    return logits, hidden
+
+
+def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: str, out: Path | None) -> dict:
+    """``dsconvert logits``: float32 ``[tokens, vocab]`` logits of the reference forward, saved as .npy."""
+    t0 = time.perf_counter()
+    source = CheckpointWeightSource(src)
+    if (token_ids is None) == (text is None):
+        raise UsageError("give exactly one of --token-ids and --text")
+    ids = token_ids if token_ids is not None else tokenize(Path(src), text)
+    vocab = int(source.config["vocab_size"])
+    if not ids or any(not 0 <= t < vocab for t in ids):
+        raise UsageError(f"token ids must be non-empty and inside 0..{vocab - 1}")
+    logits, _ = forward_many(source, [ids], _dtype(dtype), return_hidden=False)
+    arr = logits[0].float().numpy()
+    rep = base_report("logits")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "wb") as f:
+            np.save(f, arr)
+    rep.update({"source": str(src), "tokens": len(ids), "token_ids": ids, "shape": list(arr.shape),
+                "dtype": dtype, "output": str(out) if out else None,
+                "top1": arr.argmax(-1).tolist(), "seconds": round(time.perf_counter() - t0, 3)})
+    return rep
+
+
+def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, progress: bool | None = None) -> dict:
+    """Compare ``candidate`` against ``reference`` through the reference forward; returns the report with
+    ``passed`` set. The caller maps ``passed == False`` to exit code 4.
+
+    Raises:
+        BadInputError: either checkpoint is unreadable, or they disagree on vocabulary / layer count.
+    """
+    t0 = time.perf_counter()
+    dtype = _dtype(opts.dtype)
+    ref_src = CheckpointWeightSource(reference)
+    cand_src = CheckpointWeightSource(candidate)
+    rc, cc = ref_src.config, cand_src.config
+    for key in ("vocab_size", "num_hidden_layers", "hidden_size"):
+        if rc.get(key) != cc.get(key):
+            raise BadInputError(f"{candidate}: config {key} {cc.get(key)} differs from the reference's {rc.get(key)}",
+                                hint="validate a conversion against its own source")
+    seqs = sequences(Path(reference), opts, int(rc["vocab_size"]))
+    n_layers = int(rc["num_hidden_layers"])
+    with ByteProgress(2 * n_layers, "validate", enabled=progress, unit="layers") as bar:
+        ref_logits, ref_hidden = forward_many(ref_src, seqs, dtype, return_hidden=True, progress=bar,
+                                              label="reference")
+        cand_logits, cand_hidden = forward_many(cand_src, seqs, dtype, return_hidden=True, progress=bar,
+                                                label="candidate")
+    metrics = _pool(ref_logits, cand_logits, seqs)
+    layers = []
+    for i in range(n_layers):
+        errs = layer_errors([torch.cat(ref_hidden[i])], [torch.cat(cand_hidden[i])])[0]
+        errs["layer"] = i
+        layers.append(errs)
+    jumps = [layers[0]["rel_error"]] + [layers[i]["rel_error"] - layers[i - 1]["rel_error"] for i in range(1, n_layers)]
+    first_div = int(np.argmax(jumps)) if layers and max(jumps) > 0 else None
+    nonfinite = not (metrics["cand_nonfinite"]["ok"] and metrics["ref_nonfinite"]["ok"])
+    passed = (not nonfinite and metrics["mean_kld"] <= opts.max_kld and metrics["same_top_p"] >= opts.min_top1)
+    rep = base_report("validate")
+    rep.update({
+        "candidate": str(candidate), "reference": str(reference),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "sequences": len(seqs), "tokens": sum(len(s) for s in seqs),
+        **{k: metrics[k] for k in ("mean_kld", "max_kld", "p999_kld", "p99_kld", "median_kld", "same_top_p",
+                                   "rms_dp", "ppl_reference", "ppl_candidate", "ln_ppl_ratio", "n_positions")},
+        "nonfinite": {"reference": metrics["ref_nonfinite"], "candidate": metrics["cand_nonfinite"]},
+        "layers": layers,
+        "largest_error_jump_layer": first_div,
+        "thresholds": {"max_kld": opts.max_kld, "min_top1": opts.min_top1},
+        "passed": passed,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss": peak_rss_bytes(),
+    })
+    if nonfinite:
+        rep["advice"] = ("non-finite logits: if the candidate was computed in float16, overflow is likely; "
+                         "use bfloat16 activations")
+    return rep
+
+
+def _pool(ref_logits, cand_logits, seqs) -> dict:
+    """Metrics over all scored positions of all sequences (KLD percentiles need the raw per-position values)."""
+    if len(seqs) == 1:
+        return compare_logits(ref_logits[0], cand_logits[0], torch.tensor(seqs[0]))
+    lp_r = torch.cat([r[:-1].double().log_softmax(-1) for r in ref_logits])
+    lp_c = torch.cat([c[:-1].double().log_softmax(-1) for c in cand_logits])
+    nxt = torch.cat([torch.tensor(s[1:]) for s in seqs])[:, None]
+    # Rebuild the pooled tensors as one pseudo-sequence: compare_logits scores rows 0..N-2 against ids[1:],
+    # so append a dummy last row and shift the ids by one.
+    ids = torch.cat([torch.zeros(1, dtype=torch.long), nxt[:, 0]])
+    pad = torch.zeros(1, lp_r.shape[1], dtype=lp_r.dtype)
+    return compare_logits(torch.cat([lp_r, pad]), torch.cat([lp_c, pad]), ids)
