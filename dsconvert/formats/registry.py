@@ -3,7 +3,8 @@
 Same rules as the scheme registry (:mod:`dsconvert.quant.registry`): normalised names, duplicates
 raise, unknown names raise a ``KeyError`` listing every name and alias.
 
-Importing :mod:`dsconvert.formats` registers the built-in integer formats.
+The built-in integer formats register themselves on first use of :func:`get_format`,
+:func:`registered_formats` or :func:`detect_format` (deferred import, no cycle).
 """
 
 from __future__ import annotations

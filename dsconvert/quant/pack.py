@@ -78,14 +78,14 @@ def pack_int32_lsb(values: torch.Tensor, bits: int, order: Sequence[int] | None 
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole int32 words (need a multiple of {per})")
     if order is not None and sorted(order) != list(range(per)):
         raise ValueError(f"order {list(order)} is not a permutation of range({per})")
-    v = values.to(torch.int64)
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= (1 << bits)):
         raise ValueError(f"values outside [0, {1 << bits}) cannot be packed into {bits} bits")
-    v = v.reshape(*values.shape[:-1], n // per, per)  # (..., words, per)
-    if order is not None:
-        v = v[..., list(order)]
-    shifts = torch.arange(per, device=v.device, dtype=torch.int64) * bits
-    word = (v << shifts).sum(dim=-1)  # (..., words), in [0, 2^32)
+    v = values.reshape(*values.shape[:-1], n // per, per)  # (..., words, per)
+    cols = list(order) if order is not None else list(range(per))
+    # One slot at a time keeps the int64 working set at one word tensor (values may be 1 GB+).
+    word = torch.zeros(v.shape[:-1], dtype=torch.int64, device=v.device)  # (..., words), in [0, 2^32)
+    for slot, col in enumerate(cols):
+        word |= v[..., col].to(torch.int64) << (slot * bits)
     word = torch.where(word >= (1 << 31), word - (1 << 32), word)
     return word.to(torch.int32)
 
@@ -96,14 +96,11 @@ def unpack_int32_lsb(packed: torch.Tensor, bits: int, order: Sequence[int] | Non
     if packed.dtype != torch.int32:
         raise ValueError(f"packed words must be int32, got {packed.dtype}")
     w = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, device=w.device, dtype=torch.int64) * bits
-    slots = (w[..., None] >> shifts) & ((1 << bits) - 1)  # (..., words, per): slot i
-    if order is not None:
-        inv = [0] * per
-        for slot, col in enumerate(order):
-            inv[col] = slot
-        slots = slots[..., inv]  # column c comes from slot inv[c]
-    return slots.reshape(*packed.shape[:-1], packed.shape[-1] * per).to(torch.int32)
+    cols = list(order) if order is not None else list(range(per))
+    out = torch.empty((*packed.shape, per), dtype=torch.int32, device=packed.device)  # (..., words, per)
+    for slot, col in enumerate(cols):  # slot i of a word holds column cols[i]
+        out[..., col] = ((w >> (slot * bits)) & ((1 << bits) - 1)).to(torch.int32)
+    return out.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
 def _pad_last(v: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -126,7 +123,7 @@ def pack_int32_rows_lsb(values: torch.Tensor, bits: int, packed_dim: int = 1) ->
     """
     if values.dim() != 2 or packed_dim not in (0, 1):
         raise ValueError(f"expected 2-D values and packed_dim 0 or 1, got {tuple(values.shape)}, {packed_dim}")
-    u = values.to(torch.int64) + (1 << (bits - 1))
+    u = values.to(torch.int16) + (1 << (bits - 1))  # int8 + offset fits int16
     if packed_dim == 0:
         u = u.t()  # (C, R): pack along the original dim 0
     out = pack_int32_lsb(_pad_last(u, _per_word(bits)), bits)

@@ -31,6 +31,9 @@ computed in float32, whatever the input dtype.
 
 Deviations from the reference libraries (all harmless, all documented):
 
+* AutoGPTQ's symmetric ``find_params`` sets ``xmin = -xmax`` only when ``xmin < 0``, so an
+  all-non-negative group gets ``scale = xmax / 15`` and clips above ``7 * scale``; here every
+  symmetric group uses ``absmax / 7.5`` (the same whenever the group has a negative value).
 * AutoAWQ does not extend min/max to include 0; the two agree on every group holding values of
   both signs (every real weight group). With the extension, all-positive groups are not clipped.
 * compressed-tensors/llm-compressor compute ``w / scale`` in the weight dtype (bf16) and the zero
@@ -254,9 +257,9 @@ def round_to_grid(
     The building block for GPTQ's column loop and AWQ's search. Returns float32 integer values.
     """
     qmin, qmax = qrange(bits, signed)
-    y = torch.round(x.to(torch.float32) / scale)
+    y = torch.round_(x.to(torch.float32) / scale)
     if zero is not None:
-        y = y + zero.to(torch.float32)
+        y += zero.to(torch.float32)
     return y.clamp_(qmin, qmax)
 
 
