@@ -1,0 +1,194 @@
+"""compressed-tensors ``pack-quantized`` (weight-only INT4/INT8, as llm-compressor writes it).
+
+Per module, N = out_features, K = in_features, g = group size (K for per-channel), b = bits:
+
+=====================  =======  ==========================  =========================================
+tensor                 dtype    shape                       content
+=====================  =======  ==========================  =========================================
+``weight_packed``      int32    [N, ceil(K*b/32)]           signed q + 2^(b-1), LSB first along K
+``weight_scale``       bf16     [N, K/g]                    multiplier (model dtype)
+``weight_shape``       int64    [2]                         (N, K)
+``weight_zero_point``  int32    [ceil(N*b/32), K/g]         asymmetric only; signed zp packed along dim 0
+=====================  =======  ==========================  =========================================
+
+Dequant: ``w = (q - zp) * scale`` computed in the scale dtype.
+Sources: compressed-tensors 0.20.1 ``compressors/pack_quantized/{base,helpers}.py``,
+``quantization/quant_config.py``, ``compressors/model_compressors/model_compressor.py::update_config``.
+The layout and the config dict are verified against the installed library in tests/test_int_formats.py
+(its ``PackedQuantizationCompressor.decompress`` reads our tensors bit-exactly).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from dsconvert.errors import UnsupportedError
+from dsconvert.formats.int_format import IntFormat, TensorPlan, _require, by_suffix, join_name
+from dsconvert.formats.registry import register_format
+from dsconvert.quant.pack import pack_int32_rows_lsb, unpack_int32_rows_lsb
+from dsconvert.quant.rtn import COMPRESSED_TENSORS, QTensor, QuantSpec, dequantize
+
+__all__ = ["CompressedTensorsFormat", "CT_LAYOUT_VERSION"]
+
+#: compressed-tensors release whose on-disk layout and config this module reproduces (written as
+#: ``quantization_config.version``, as ``ModelCompressor.update_config`` writes its own version).
+CT_LAYOUT_VERSION = "0.20.1"
+
+_WEIGHT = ("weight_packed", "weight_scale", "weight_shape")
+_ZP = "weight_zero_point"
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@register_format("compressed-tensors", aliases=["ct", "pack-quantized", "llm-compressor"])
+class CompressedTensorsFormat(IntFormat):
+    """``pack-quantized`` writer/reader.
+
+    Args:
+        scale_dtype: ``weight_scale`` dtype = the model dtype (bf16 for DeepSeek-V3; fp16 allowed).
+    """
+
+    def __init__(self, scale_dtype: torch.dtype = torch.bfloat16):
+        if scale_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"compressed-tensors scale dtype must be bfloat16 or float16, got {scale_dtype}")
+        self.scale_dtype = scale_dtype
+        self.convention = COMPRESSED_TENSORS.with_scale_dtype(scale_dtype)
+
+    def supports(self, spec: QuantSpec) -> bool:
+        return True  # any QuantSpec (int4/int8, sym/asym, group/channel)
+
+    def tensor_names(self, prefix: str, spec: QuantSpec | None = None) -> list[str]:
+        suffixes = list(_WEIGHT)
+        if spec is None or not spec.symmetric:
+            suffixes.append(_ZP)
+        return [join_name(prefix, s) for s in suffixes]
+
+    def plan(self, prefix: str, shape: tuple[int, int], spec: QuantSpec) -> list[TensorPlan]:
+        n, k = self._check_2d(shape, prefix)
+        groups = spec.num_groups(k, prefix or None)
+        out = [
+            TensorPlan(join_name(prefix, "weight_packed"), torch.int32, (n, _ceil_div(k * spec.bits, 32))),
+            TensorPlan(join_name(prefix, "weight_scale"), self.scale_dtype, (n, groups)),
+            TensorPlan(join_name(prefix, "weight_shape"), torch.int64, (2,)),
+        ]
+        if not spec.symmetric:
+            out.append(TensorPlan(join_name(prefix, _ZP), torch.int32, (_ceil_div(n * spec.bits, 32), groups)))
+        return out
+
+    def encode_qtensor(self, prefix: str, qt: QTensor) -> dict[str, torch.Tensor]:
+        if qt.convention.scale_dtype != self.scale_dtype:
+            raise ValueError(f"QTensor scales are {qt.convention.scale_dtype}, this writer stores {self.scale_dtype}")
+        qt = qt.to_convention(self.convention)
+        n, k = qt.shape
+        b = qt.spec.bits
+        out = {
+            join_name(prefix, "weight_packed"): pack_int32_rows_lsb(qt.q, b, packed_dim=1),
+            join_name(prefix, "weight_scale"): qt.scale.to(self.scale_dtype).contiguous(),
+            join_name(prefix, "weight_shape"): torch.tensor([n, k], dtype=torch.int64, device=qt.q.device),
+        }
+        if not qt.spec.symmetric:
+            out[join_name(prefix, _ZP)] = pack_int32_rows_lsb(qt.zero, b, packed_dim=0)
+        return out
+
+    def to_qtensor(self, tensors: Mapping[str, torch.Tensor], spec_or_config: QuantSpec | dict) -> QTensor:
+        """Unpack one module's tensors into a signed :class:`QTensor` (scale dtype as stored)."""
+        spec = self._spec(spec_or_config)
+        t = by_suffix(tensors)
+        _require(t, list(_WEIGHT) + ([] if spec.symmetric else [_ZP]), "compressed-tensors")
+        n, k = (int(v) for v in t["weight_shape"].tolist())
+        scale = t["weight_scale"]
+        groups = spec.num_groups(k)
+        if tuple(scale.shape) != (n, groups):
+            raise UnsupportedError(f"weight_scale shape {tuple(scale.shape)} does not match weight_shape "
+                                   f"{(n, k)} with group size {spec.group_size} (expected {(n, groups)})")
+        q = unpack_int32_rows_lsb(t["weight_packed"], spec.bits, k, packed_dim=1)
+        zero = None
+        if not spec.symmetric:
+            zero = unpack_int32_rows_lsb(t[_ZP], spec.bits, n, packed_dim=0)
+        conv = COMPRESSED_TENSORS.with_scale_dtype(scale.dtype)
+        return QTensor(q=q, scale=scale.to(torch.float32), zero=zero, spec=spec, convention=conv)
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], spec_or_config: QuantSpec | dict) -> torch.Tensor:
+        qt = self.to_qtensor(tensors, spec_or_config)
+        return dequantize(qt, out_dtype=qt.convention.scale_dtype).to(torch.float32)
+
+    # --- metadata ---------------------------------------------------------------------------
+    @staticmethod
+    def weights_args(spec: QuantSpec) -> dict:
+        """The ``weights`` QuantizationArgs dict as compressed-tensors 0.20.1 serialises it.
+
+        Unset optional fields (``actorder``, ``block_structure``, ``scale_dtype``, ``observer``,
+        ``zp_dtype``, ``observer_kwargs``) are omitted by the library's serializer, so they are here.
+        """
+        return {
+            "dynamic": False,
+            "group_size": None if spec.per_channel else spec.group_size,
+            "num_bits": spec.bits,
+            "strategy": "channel" if spec.per_channel else "group",
+            "symmetric": spec.symmetric,
+            "type": "int",
+        }
+
+    def quantization_config(self, spec: QuantSpec, ignore: Iterable[str] = ()) -> dict:
+        """``quantization_config`` exactly as llm-compressor + compressed-tensors 0.20.1 write it.
+
+        ``ignore`` entries are exact module names or ``re:`` regexes, written as given (sorted order
+        is the caller's choice). Keys and nesting match ``ModelCompressor.update_config``.
+        """
+        return {
+            "config_groups": {
+                "group_0": {
+                    "format": "pack-quantized",
+                    "input_activations": None,
+                    "output_activations": None,
+                    "targets": ["Linear"],
+                    "weights": self.weights_args(spec),
+                }
+            },
+            "format": "pack-quantized",
+            "global_compression_ratio": None,
+            "ignore": list(ignore),
+            "kv_cache_scheme": None,
+            "moe_sparsity_config": None,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": CT_LAYOUT_VERSION,
+        }
+
+    @classmethod
+    def detect(cls, quantization_config: dict) -> bool:
+        qc = quantization_config or {}
+        if qc.get("quant_method") != "compressed-tensors":
+            return False
+        groups = qc.get("config_groups") or {}
+        fmts = {(g or {}).get("format") or qc.get("format") for g in groups.values()} or {qc.get("format")}
+        return fmts == {"pack-quantized"}
+
+    def spec_from_config(self, quantization_config: dict) -> QuantSpec:
+        qc = quantization_config
+        if not self.detect(qc):
+            raise UnsupportedError("quantization_config is not compressed-tensors pack-quantized")
+        groups = qc.get("config_groups") or {}
+        specs = set()
+        for name, g in groups.items():
+            w = (g or {}).get("weights") or {}
+            if w.get("type", "int") != "int" or g.get("input_activations") is not None:
+                raise UnsupportedError(f"config group {name!r} is not weight-only integer quantization")
+            strategy = w.get("strategy") or ("channel" if w.get("group_size") in (None, -1) else "group")
+            if strategy not in ("group", "channel"):
+                raise UnsupportedError(f"config group {name!r}: strategy {strategy!r} is not supported "
+                                       "(expected group or channel)")
+            if w.get("actorder") == "group":
+                raise UnsupportedError(f"config group {name!r}: actorder 'group' (weight_g_idx) is not supported")
+            gs = -1 if strategy == "channel" else int(w["group_size"])
+            specs.add(QuantSpec(bits=int(w["num_bits"]), group_size=gs, symmetric=bool(w.get("symmetric", True))))
+        if len(specs) != 1:
+            raise UnsupportedError(f"expected one weight scheme in config_groups, found {len(specs)}",
+                                   hint="pass the per-module QuantSpec to decode() instead of the config")
+        return specs.pop()

@@ -1,0 +1,99 @@
+"""A small name -> object registry with aliases, shared by schemes and formats (style.md section 2).
+
+Names are normalised before lookup: case, ``_``, ``-`` and spaces are ignored, so
+``pack_quantized``, ``Pack-Quantized`` and ``packquantized`` are the same key. Registering a name or
+alias twice raises; an unknown name raises a ``KeyError`` listing every name and alias.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Generic, Iterable, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["Registry", "normalize_name"]
+
+
+def normalize_name(name: str) -> str:
+    """``"W4A16_ASYM"`` / ``"w4a16-asym"`` / ``"w4a16 asym"`` -> ``"w4a16asym"``."""
+    return re.sub(r"[\s_\-]+", "", name).lower()
+
+
+class Registry(Generic[T]):
+    """Maps canonical names and aliases to registered objects (classes, usually).
+
+    Args:
+        kind: what is registered, for messages (``"scheme"``, ``"format"``).
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}  # canonical name -> object, in registration order
+        self._aliases: dict[str, list[str]] = {}  # canonical name -> aliases as written
+        self._keys: dict[str, str] = {}  # normalised name or alias -> canonical name
+
+    def register(self, name: str, aliases: Iterable[str] = ()) -> Callable[[T], T]:
+        """Decorator: ``@registry.register("W4A16", aliases=["int4"])``.
+
+        Raises:
+            ValueError: the name or an alias (normalised) is already taken, or is empty.
+        """
+        aliases = list(aliases)
+
+        def deco(obj: T) -> T:
+            keys = [normalize_name(n) for n in [name, *aliases]]
+            for raw, key in zip([name, *aliases], keys):
+                if not key:
+                    raise ValueError(f"empty {self.kind} name {raw!r}")
+                if key in self._keys:
+                    raise ValueError(f"{self.kind} name {raw!r} is already registered "
+                                     f"(by {self._keys[key]!r})")
+            if len(set(keys)) != len(keys):
+                raise ValueError(f"{self.kind} {name!r}: aliases {aliases} repeat a name after normalisation")
+            self._items[name] = obj
+            self._aliases[name] = aliases
+            for key in keys:
+                self._keys[key] = name
+            return obj
+
+        return deco
+
+    def canonical(self, name: str) -> str:
+        """The canonical name for ``name`` or any alias of it.
+
+        Raises:
+            KeyError: unknown name; the message lists every name and alias.
+        """
+        key = normalize_name(name)
+        if key not in self._keys:
+            raise KeyError(f"unknown {self.kind} {name!r}; choose one of: {self.describe()}")
+        return self._keys[key]
+
+    def get(self, name: str) -> T:
+        """The object registered under ``name`` or an alias. Raises KeyError like :meth:`canonical`."""
+        return self._items[self.canonical(name)]
+
+    def names(self) -> list[str]:
+        """Canonical names, in registration order (CLI choices, ``--help``)."""
+        return list(self._items)
+
+    def aliases(self, name: str) -> list[str]:
+        return list(self._aliases[self.canonical(name)])
+
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._items.items())
+
+    def describe(self) -> str:
+        """``"W4A16 (aliases: int4), W8A16"`` - every name with its aliases."""
+        parts = []
+        for n in self._items:
+            al = self._aliases[n]
+            parts.append(f"{n} (aliases: {', '.join(al)})" if al else n)
+        return ", ".join(parts)
+
+    def __contains__(self, name: str) -> bool:
+        return normalize_name(name) in self._keys
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,362 @@
+"""Group-wise round-to-nearest (RTN) integer quantization: ``q = clamp(round(w / s) + z, qmin, qmax)``.
+
+Weights are ``[N, K]`` (N = out_features, K = in_features). A group is ``group_size`` consecutive
+input channels of one output row, so ``scale`` and ``zero`` are ``[N, K // g]`` (``group_size = -1``
+means one group spanning K, i.e. per-channel: ``[N, 1]``).
+
+The maths is shared by every on-disk family; a :class:`Convention` only fixes what differs:
+
+===================  ======  ===========  ==============================================================
+convention           q       scale dtype  zero point
+===================  ======  ===========  ==============================================================
+compressed-tensors   signed  bfloat16     none if symmetric; signed, same range as q, if asymmetric
+autoawq              uint    float16      unsigned in [0, 2^b - 1]; (max - min) floored at 1e-5 first
+gptq                 uint    float16      unsigned; symmetric groups get the constant 2^(b-1)
+===================  ======  ===========  ==============================================================
+
+Scale rules (Sources: compressed-tensors ``quantization/utils/helpers.py::calculate_qparams``,
+AutoGPTQ ``quantization/quantizer.py::Quantizer.find_params``, AutoAWQ
+``quantize/quantizer.py::pseudo_quantize_tensor``):
+
+* symmetric: ``scale = absmax / ((2^b - 1) / 2)`` (absmax / 7.5 for int4, / 127.5 for int8);
+  ``q_signed in [-2^(b-1), 2^(b-1) - 1]``; the unsigned families store ``q_signed + 2^(b-1)`` with
+  ``zero = 2^(b-1)`` (AutoGPTQ's ``zero = (maxq + 1) / 2``).
+* asymmetric: min/max are first extended to include 0, ``scale = (max - min) / (2^b - 1)``,
+  ``zero_u = clamp(round(-min / scale), 0, 2^b - 1)``; compressed-tensors stores
+  ``zero_u - 2^(b-1)`` (its ``bit_min - min / scale``).
+
+**Scales are rounded to their storage dtype before q is computed**, so that ``(q - z) * scale``
+with the scale read back from disk equals :func:`dequantize` here bit for bit. Everything else is
+computed in float32, whatever the input dtype.
+
+Deviations from the reference libraries (all harmless, all documented):
+
+* AutoGPTQ's symmetric ``find_params`` sets ``xmin = -xmax`` only when ``xmin < 0``, so an
+  all-non-negative group gets ``scale = xmax / 15`` and clips above ``7 * scale``; here every
+  symmetric group uses ``absmax / 7.5`` (the same whenever the group has a negative value).
+* AutoAWQ does not extend min/max to include 0; the two agree on every group holding values of
+  both signs (every real weight group). With the extension, all-positive groups are not clipped.
+* compressed-tensors/llm-compressor compute ``w / scale`` in the weight dtype (bf16) and the zero
+  point from the unrounded scale; here both use float32 and the rounded scale. The written tensors
+  are self-consistent and the library's own decompressor reproduces :func:`dequantize` exactly.
+* A zero scale (all-zero group, or an underflow in the storage dtype) is replaced by the storage
+  dtype's ``eps`` as compressed-tensors does; the group then quantizes to its zero point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from dsconvert.errors import BadInputError, ShapeError, UsageError
+
+__all__ = [
+    "QuantSpec",
+    "Convention",
+    "COMPRESSED_TENSORS",
+    "AUTOAWQ",
+    "GPTQ",
+    "QTensor",
+    "qrange",
+    "compute_qparams",
+    "round_to_grid",
+    "quantize",
+    "quantize_with_params",
+    "dequantize",
+]
+
+SUPPORTED_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize to: ``bits`` (4 or 8), ``group_size`` (> 0, or -1 = per-channel), ``symmetric``.
+
+    Raises:
+        UsageError: bits not in (4, 8) or group_size neither -1 nor positive.
+    """
+
+    bits: int
+    group_size: int = 128
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise UsageError(f"unsupported bit width {self.bits}", hint="use 4 or 8 bits")
+        if not (self.group_size == -1 or self.group_size > 0):
+            raise UsageError(f"invalid group size {self.group_size}",
+                             hint="use a positive group size, or -1 for per-channel")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size == -1
+
+    def effective_group_size(self, k: int, name: str | None = None) -> int:
+        """Group length along K: ``group_size``, or K for per-channel.
+
+        Raises:
+            ShapeError: ``group_size`` does not divide ``k``.
+        """
+        if self.group_size == -1:
+            return k
+        if k % self.group_size:
+            what = f"tensor {name!r}" if name else "tensor"
+            smaller = [g for g in (256, 128, 64, 32, 16) if g < self.group_size and k % g == 0]
+            fix = f"use --group-size {smaller[0]}" if smaller else "use per-channel (--group-size -1)"
+            raise ShapeError(
+                f"group size {self.group_size} does not divide in_features K={k} of {what} "
+                f"(K % {self.group_size} = {k % self.group_size})",
+                hint=f"{fix}, or --ignore this layer to keep it unquantized",
+            )
+        return self.group_size
+
+    def num_groups(self, k: int, name: str | None = None) -> int:
+        """``K // g`` (1 for per-channel). Raises ShapeError like :meth:`effective_group_size`."""
+        return k // self.effective_group_size(k, name)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How one on-disk family stores q, zero and scale (see the module table).
+
+    Attributes:
+        name: ``"compressed-tensors"``, ``"autoawq"`` or ``"gptq"``.
+        signed: q (and zero) stored signed, centred on 0; else unsigned in ``[0, 2^b - 1]``.
+        scale_dtype: storage dtype the scale is rounded to (RNE) before q is computed.
+        range_floor: floor on ``max - min`` of an asymmetric group before dividing (AutoAWQ 1e-5).
+    """
+
+    name: str
+    signed: bool
+    scale_dtype: torch.dtype
+    range_floor: float = 0.0
+
+    def with_scale_dtype(self, dtype: torch.dtype) -> "Convention":
+        """Same convention with another scale storage dtype (e.g. compressed-tensors for an fp16 model)."""
+        return dataclasses.replace(self, scale_dtype=dtype)
+
+
+COMPRESSED_TENSORS = Convention("compressed-tensors", signed=True, scale_dtype=torch.bfloat16)
+AUTOAWQ = Convention("autoawq", signed=False, scale_dtype=torch.float16, range_floor=1e-5)
+GPTQ = Convention("gptq", signed=False, scale_dtype=torch.float16)
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """``(qmin, qmax)``: ``(-2^(b-1), 2^(b-1) - 1)`` signed, ``(0, 2^b - 1)`` unsigned."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _q_dtype(bits: int, signed: bool) -> torch.dtype:
+    return torch.int8 if signed else torch.uint8
+
+
+@dataclass
+class QTensor:
+    """A quantized ``[N, K]`` weight.
+
+    Attributes:
+        q: ``[N, K]`` int8 (signed convention) or uint8 (unsigned convention).
+        scale: ``[N, K // g]`` float32 whose values are exactly representable in
+            ``convention.scale_dtype``.
+        zero: ``[N, K // g]`` same dtype as ``q``, or None (symmetric signed convention: zero = 0).
+        spec: the :class:`QuantSpec`.
+        convention: the :class:`Convention` q/zero/scale follow.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: QuantSpec
+    convention: Convention
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @property
+    def group_size(self) -> int:
+        """Effective group length along K (K for per-channel)."""
+        return self.q.shape[1] // self.scale.shape[1]
+
+    def to_convention(self, convention: Convention) -> "QTensor":
+        """Re-express q/zero in another convention's signedness (values unchanged; the scale dtype must agree).
+
+        Raises:
+            ValueError: the scale dtypes differ (a re-rounded scale would change q).
+        """
+        if convention.scale_dtype != self.convention.scale_dtype:
+            raise ValueError(f"cannot move a {self.convention.scale_dtype} scale to {convention.scale_dtype} "
+                             "without requantizing")
+        if convention.signed == self.convention.signed:
+            return dataclasses.replace(self, convention=convention)
+        off = 1 << (self.spec.bits - 1)
+        if convention.signed:  # unsigned -> signed
+            q = (self.q.to(torch.int16) - off).to(torch.int8)
+            zero = None if self.spec.symmetric else (self.zero.to(torch.int16) - off).to(torch.int8)
+        else:  # signed -> unsigned
+            q = (self.q.to(torch.int16) + off).to(torch.uint8)
+            zero = (torch.full_like(self.scale, off, dtype=torch.uint8) if self.zero is None
+                    else (self.zero.to(torch.int16) + off).to(torch.uint8))
+        return QTensor(q, self.scale, zero, self.spec, convention)
+
+
+def _round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round a float32 scale to ``dtype`` (RNE), replace zeros by ``eps(dtype)``, return float32 again."""
+    s = scale.to(dtype)
+    s = torch.where(s == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype, device=s.device), s)
+    if not torch.isfinite(s).all():
+        raise BadInputError(
+            f"a quantization scale overflows {dtype} (largest group range {float(scale.max()):.4g})",
+            hint="the weight holds huge or non-finite values; check the source tensor, or use a "
+                 "bfloat16-scale format (compressed-tensors)",
+        )
+    return s.to(torch.float32)
+
+
+def compute_qparams(
+    w_groups: torch.Tensor, spec: QuantSpec, convention: Convention = COMPRESSED_TENSORS
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scale and zero point per group (rules in the module docstring).
+
+    Args:
+        w_groups: ``[..., g]`` float; the last dim is one group (e.g. ``[N, K // g, g]``).
+        spec: bits / symmetric (``group_size`` is not used: the grouping is already done).
+        convention: storage convention (signedness, scale dtype, AWQ range floor).
+
+    Returns:
+        ``(scale, zero)``: ``scale`` ``[...]`` float32, already rounded to ``convention.scale_dtype``;
+        ``zero`` ``[...]`` int8/uint8 in the convention's q dtype, or None for symmetric signed.
+    """
+    x = w_groups.to(torch.float32)
+    bits = spec.bits
+    levels = (1 << bits) - 1
+    off = 1 << (bits - 1)
+    qdt = _q_dtype(bits, convention.signed)
+    if spec.symmetric:
+        scale = _round_scale(x.abs().amax(dim=-1) / (levels / 2), convention.scale_dtype)
+        zero = None if convention.signed else torch.full_like(scale, off, dtype=qdt)
+        return scale, zero
+    lo = x.amin(dim=-1).clamp(max=0.0)
+    hi = x.amax(dim=-1).clamp(min=0.0)
+    rng = hi - lo
+    if convention.range_floor:
+        rng = rng.clamp(min=convention.range_floor)
+    scale = _round_scale(rng / levels, convention.scale_dtype)
+    zero_u = torch.round(-lo / scale).clamp(0, levels)
+    zero = (zero_u - off if convention.signed else zero_u).to(qdt)
+    return scale, zero
+
+
+def round_to_grid(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, signed: bool
+) -> torch.Tensor:
+    """Elementwise ``clamp(round(x / scale) + zero, qmin, qmax)`` in float32 (broadcasting; RNE round).
+
+    The building block for GPTQ's column loop and AWQ's search. Returns float32 integer values.
+    """
+    qmin, qmax = qrange(bits, signed)
+    y = torch.round_(x.to(torch.float32) / scale)
+    if zero is not None:
+        y += zero.to(torch.float32)
+    return y.clamp_(qmin, qmax)
+
+
+def _check_2d(w: torch.Tensor) -> tuple[int, int]:
+    if w.dim() != 2:
+        raise ShapeError(f"integer quantization needs a 2-D [out_features, in_features] weight, "
+                         f"got shape {tuple(w.shape)}")
+    return w.shape[0], w.shape[1]
+
+
+def quantize(
+    w: torch.Tensor, spec: QuantSpec, convention: Convention = COMPRESSED_TENSORS, *, name: str | None = None
+) -> QTensor:
+    """RTN-quantize ``w`` ``[N, K]`` (any float dtype) group-wise with min-max scales.
+
+    Args:
+        w: ``[N, K]`` weight.
+        spec: bits, group size (-1 = per-channel), symmetric.
+        convention: storage convention; fixes signedness and the scale dtype (rounded first).
+        name: tensor name for error messages.
+
+    Returns:
+        :class:`QTensor` with q ``[N, K]``, scale/zero ``[N, K // g]``.
+
+    Raises:
+        ShapeError: ``w`` not 2-D, or ``group_size`` does not divide K.
+        BadInputError: ``w`` holds NaN/inf, or a scale overflows the storage dtype.
+    """
+    n, k = _check_2d(w)
+    g = spec.effective_group_size(k, name)
+    wf = w.to(torch.float32)
+    if not torch.isfinite(wf).all():
+        raise BadInputError(f"tensor {name or ''} holds NaN or inf values".replace("  ", " "),
+                            hint="check the source checkpoint; dsconvert will not quantize non-finite weights")
+    scale, zero = compute_qparams(wf.view(n, k // g, g), spec, convention)  # (N, K/g, g) -> (N, K/g)
+    return quantize_with_params(wf, scale, zero, spec, convention, name=name)
+
+
+def quantize_with_params(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    spec: QuantSpec,
+    convention: Convention = COMPRESSED_TENSORS,
+    *,
+    name: str | None = None,
+) -> QTensor:
+    """Quantize ``w`` ``[N, K]`` with a given ``scale`` (and ``zero``) ``[N, K // g]``.
+
+    ``scale`` is rounded to ``convention.scale_dtype`` here too (a no-op for scales from
+    :func:`compute_qparams`), so the stored scale is the one q was computed with.
+
+    Raises:
+        ShapeError: shapes disagree, or ``group_size`` does not divide K.
+        ValueError: ``zero`` is missing for an unsigned or asymmetric convention.
+    """
+    n, k = _check_2d(w)
+    g = spec.effective_group_size(k, name)
+    if tuple(scale.shape) != (n, k // g):
+        raise ShapeError(f"scale shape {tuple(scale.shape)} does not match weight {n}x{k} with group {g} "
+                         f"(expected {(n, k // g)})")
+    need_zero = not (convention.signed and spec.symmetric)
+    if need_zero and zero is None:
+        raise ValueError(f"{convention.name} {'symmetric' if spec.symmetric else 'asymmetric'} "
+                         "quantization needs a zero point")
+    if zero is not None and tuple(zero.shape) != (n, k // g):
+        raise ShapeError(f"zero shape {tuple(zero.shape)} does not match scale shape {(n, k // g)}")
+    if convention.signed and spec.symmetric:
+        zero = None
+    s = _round_scale(scale.to(torch.float32), convention.scale_dtype)
+    qdt = _q_dtype(spec.bits, convention.signed)
+    z = None if zero is None else zero.to(qdt)
+    q = round_to_grid(
+        w.to(torch.float32).view(n, k // g, g),  # (N, K/g, g)
+        s[..., None],
+        None if z is None else z[..., None],
+        spec.bits,
+        convention.signed,
+    ).view(n, k).to(qdt)
+    return QTensor(q=q, scale=s, zero=z, spec=spec, convention=convention)
+
+
+def dequantize(qt: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``w[i, j] = (q[i, j] - zero[i, j // g]) * scale[i, j // g]``, computed exactly in float32.
+
+    The product of a <= 9-bit integer and a bf16/fp16 scale is exact in float32, so the float32
+    result is the exact inverse. ``out_dtype=qt.convention.scale_dtype`` gives what a loader computing
+    in the scale dtype gets (one RNE rounding of that exact value), e.g. compressed-tensors'
+    ``dequantize`` or vLLM's fp16/bf16 kernels.
+
+    Returns:
+        ``[N, K]`` tensor of ``out_dtype``.
+    """
+    n, k = qt.q.shape
+    gcount = qt.scale.shape[1]
+    g = k // gcount
+    x = qt.q.to(torch.float32).view(n, gcount, g)  # (N, K/g, g)
+    if qt.zero is not None:
+        x = x - qt.zero.to(torch.float32)[..., None]
+    return (x * qt.scale.to(torch.float32)[..., None]).view(n, k).to(out_dtype)
