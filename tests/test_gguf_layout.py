@@ -1,0 +1,382 @@
+"""deepseek2 GGUF format layer: names, plan, kv_b split, metadata, vocab, type plan.
+
+The llama.cpp checks (``@pytest.mark.llamacpp``) load the tiny file with llama-cpp-python's real
+loader and compare our type plan with ``llama_model_quantize``; they skip without llama_cpp.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from dsconvert.errors import BadInputError, ShapeError, UnsupportedError
+from dsconvert.formats import gguf_deepseek2 as g2
+from dsconvert.formats.gguf_types import (
+    choose_type,
+    file_type_id,
+    parse_tensor_type_override,
+    plan_types,
+    use_more_bits,
+)
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+
+N_LAYER = 8  # 8 layers: use_more_bits(i, 8) is true for 0, 3, 6, 7
+
+
+def tiny_cfg(**kw) -> dict:
+    cfg = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "hidden_size": 256,
+        "num_hidden_layers": N_LAYER,
+        "num_nextn_predict_layers": 1,
+        "first_k_dense_replace": 1,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 96,
+        "kv_lora_rank": 64,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "vocab_size": 320,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": {
+            "type": "yarn", "factor": 40.0, "original_max_position_embeddings": 128,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+        },
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+def hf_layout(cfg: dict, *, mtp: bool = True, dtype: str = "BF16") -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF names -> (shape, dtype) of a DeepSeek-V3-shaped checkpoint (+ one MTP layer)."""
+    H, V = cfg["hidden_size"], cfg["vocab_size"]
+    nh, nope, rope, v = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    ql, kl = cfg["q_lora_rank"], cfg["kv_lora_rank"]
+    E, mi, ff = cfg["n_routed_experts"], cfg["moe_intermediate_size"], cfg["intermediate_size"]
+    sh = cfg["n_shared_experts"] * mi
+    t: dict[str, tuple[tuple[int, ...], str]] = {
+        "model.embed_tokens.weight": ((V, H), dtype),
+        "model.norm.weight": ((H,), dtype),
+        "lm_head.weight": ((V, H), dtype),
+    }
+    n = cfg["num_hidden_layers"] + (1 if mtp else 0)
+    for b in range(n):
+        p = f"model.layers.{b}."
+        t[p + "input_layernorm.weight"] = ((H,), dtype)
+        if ql is None:
+            t[p + "self_attn.q_proj.weight"] = ((nh * (nope + rope), H), dtype)
+        else:
+            t[p + "self_attn.q_a_proj.weight"] = ((ql, H), dtype)
+            t[p + "self_attn.q_a_layernorm.weight"] = ((ql,), dtype)
+            t[p + "self_attn.q_b_proj.weight"] = ((nh * (nope + rope), ql), dtype)
+        t[p + "self_attn.kv_a_proj_with_mqa.weight"] = ((kl + rope, H), dtype)
+        t[p + "self_attn.kv_a_layernorm.weight"] = ((kl,), dtype)
+        t[p + "self_attn.kv_b_proj.weight"] = ((nh * (nope + v), kl), dtype)
+        t[p + "self_attn.o_proj.weight"] = ((H, nh * v), dtype)
+        t[p + "post_attention_layernorm.weight"] = ((H,), dtype)
+        if b < cfg["first_k_dense_replace"]:
+            t[p + "mlp.gate_proj.weight"] = ((ff, H), dtype)
+            t[p + "mlp.up_proj.weight"] = ((ff, H), dtype)
+            t[p + "mlp.down_proj.weight"] = ((H, ff), dtype)
+        else:
+            t[p + "mlp.gate.weight"] = ((E, H), dtype)
+            if cfg.get("scoring_func") == "sigmoid":
+                t[p + "mlp.gate.e_score_correction_bias"] = ((E,), "F32")
+            for e in range(E):
+                t[p + f"mlp.experts.{e}.gate_proj.weight"] = ((mi, H), dtype)
+                t[p + f"mlp.experts.{e}.up_proj.weight"] = ((mi, H), dtype)
+                t[p + f"mlp.experts.{e}.down_proj.weight"] = ((H, mi), dtype)
+            t[p + "mlp.shared_experts.gate_proj.weight"] = ((sh, H), dtype)
+            t[p + "mlp.shared_experts.up_proj.weight"] = ((sh, H), dtype)
+            t[p + "mlp.shared_experts.down_proj.weight"] = ((H, sh), dtype)
+        if b >= cfg["num_hidden_layers"]:  # MTP extras
+            t[p + "enorm.weight"] = ((H,), dtype)
+            t[p + "hnorm.weight"] = ((H,), dtype)
+            t[p + "eh_proj.weight"] = ((H, 2 * H), dtype)
+            t[p + "shared_head.norm.weight"] = ((H,), dtype)
+            t[p + "shared_head.head.weight"] = ((V, H), dtype)
+            t[p + "embed_tokens.weight"] = ((V, H), dtype)
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# names
+# --------------------------------------------------------------------------------------------
+
+
+def test_names_reference_table():
+    cfg = tiny_cfg()
+    expect = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+        "model.layers.3.input_layernorm.weight": "blk.3.attn_norm.weight",
+        "model.layers.3.self_attn.q_a_proj.weight": "blk.3.attn_q_a.weight",
+        "model.layers.3.self_attn.q_a_layernorm.weight": "blk.3.attn_q_a_norm.weight",
+        "model.layers.3.self_attn.q_b_proj.weight": "blk.3.attn_q_b.weight",
+        "model.layers.3.self_attn.q_proj.weight": "blk.3.attn_q.weight",
+        "model.layers.3.self_attn.kv_a_proj_with_mqa.weight": "blk.3.attn_kv_a_mqa.weight",
+        "model.layers.3.self_attn.kv_a_layernorm.weight": "blk.3.attn_kv_a_norm.weight",
+        "model.layers.3.self_attn.kv_b_proj.weight": "blk.3.attn_kv_b.weight",
+        "model.layers.3.self_attn.o_proj.weight": "blk.3.attn_output.weight",
+        "model.layers.3.post_attention_layernorm.weight": "blk.3.ffn_norm.weight",
+        "model.layers.0.mlp.gate_proj.weight": "blk.0.ffn_gate.weight",
+        "model.layers.0.mlp.up_proj.weight": "blk.0.ffn_up.weight",
+        "model.layers.0.mlp.down_proj.weight": "blk.0.ffn_down.weight",
+        "model.layers.3.mlp.gate.weight": "blk.3.ffn_gate_inp.weight",
+        "model.layers.3.mlp.gate.e_score_correction_bias": "blk.3.exp_probs_b.bias",
+        "model.layers.3.mlp.experts.2.gate_proj.weight": "blk.3.ffn_gate_exps.weight",
+        "model.layers.3.mlp.experts.2.up_proj.weight": "blk.3.ffn_up_exps.weight",
+        "model.layers.3.mlp.experts.2.down_proj.weight": "blk.3.ffn_down_exps.weight",
+        "model.layers.3.mlp.shared_experts.gate_proj.weight": "blk.3.ffn_gate_shexp.weight",
+        "model.layers.3.mlp.shared_experts.up_proj.weight": "blk.3.ffn_up_shexp.weight",
+        "model.layers.3.mlp.shared_experts.down_proj.weight": "blk.3.ffn_down_shexp.weight",
+    }
+    for hf, gg in expect.items():
+        assert g2.gguf_name(hf, cfg) == gg, hf
+    assert g2.gguf_outputs("model.layers.3.self_attn.kv_b_proj.weight", cfg) == (
+        "blk.3.attn_k_b.weight", "blk.3.attn_v_b.weight")
+
+
+def test_names_drop_and_errors():
+    cfg = tiny_cfg()
+    mtp = f"model.layers.{N_LAYER}.eh_proj.weight"
+    assert g2.gguf_name(mtp, cfg) is None
+    assert "MTP" in g2.drop_reason(mtp, cfg)
+    assert g2.gguf_name(f"model.layers.{N_LAYER}.self_attn.q_a_proj.weight", cfg) is None
+    assert g2.gguf_name("lm_head.weight", tiny_cfg(tie_word_embeddings=True)) is None
+    for bad in ("model.layers.0.mlp.down_proj.weight_scale_inv",
+                f"model.layers.{N_LAYER}.mlp.down_proj.weight_scale_inv",  # even inside MTP
+                "model.layers.0.self_attn.weird.weight", "model.foo", "model.layers.0.mlp.experts.x.up_proj.weight"):
+        with pytest.raises(UnsupportedError, match="Can not map tensor"):
+            g2.gguf_name(bad, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------
+
+
+def test_plan_shapes_and_kinds():
+    cfg = tiny_cfg()
+    plan = g2.plan_tensors(hf_layout(cfg), cfg)
+    by = plan.by_name()
+    H, V, nh, kl, nope, v, ql, E, mi = 256, 320, 4, 64, 32, 32, 96, 4, 256
+    # every name known to llama.cpp's deepseek2 tensor list, ggml shapes as in the reference table
+    assert by["token_embd.weight"].ne == (H, V)
+    assert by["output.weight"].ne == (H, V)
+    assert by["output_norm.weight"].force_f32
+    assert by["blk.1.attn_q_a.weight"].ne == (H, ql)
+    assert by["blk.1.attn_q_b.weight"].ne == (ql, nh * (nope + 16))
+    assert by["blk.1.attn_kv_a_mqa.weight"].ne == (H, kl + 16)
+    k_b, v_b = by["blk.1.attn_k_b.weight"], by["blk.1.attn_v_b.weight"]
+    assert k_b.ne == (nope, kl, nh) and k_b.kind == "kv_b_k"
+    assert v_b.ne == (kl, v, nh) and v_b.kind == "kv_b_v"
+    assert k_b.sources == v_b.sources == ("model.layers.1.self_attn.kv_b_proj.weight",)
+    assert by["blk.1.attn_output.weight"].ne == (nh * v, H)
+    ge = by["blk.1.ffn_gate_exps.weight"]
+    assert ge.ne == (H, mi, E) and ge.kind == "stack_experts"
+    assert ge.sources == tuple(f"model.layers.1.mlp.experts.{e}.gate_proj.weight" for e in range(E))
+    assert by["blk.1.ffn_down_exps.weight"].ne == (mi, H, E)
+    assert by["blk.1.ffn_gate_inp.weight"].ne == (H, E) and by["blk.1.ffn_gate_inp.weight"].force_f32
+    assert by["blk.1.exp_probs_b.bias"].ne == (E,) and by["blk.1.exp_probs_b.bias"].force_f32
+    assert by["blk.0.ffn_down.weight"].ne == (512, H)
+    assert not any(p.force_f32 for p in plan if p.name.endswith(("_exps.weight", "attn_k_b.weight", "output.weight")))
+    # forced F32 set = norms, ffn_gate_inp, exp_probs_b, nothing else
+    forced = {p.name.split(".", 2)[-1] if p.bid is not None else p.name for p in plan if p.force_f32}
+    assert forced == {"attn_norm.weight", "attn_q_a_norm.weight", "attn_kv_a_norm.weight", "ffn_norm.weight",
+                      "ffn_gate_inp.weight", "exp_probs_b.bias", "output_norm.weight"}
+    # no kv_b, no MTP layer in the output; counts: 3 global + per layer
+    assert not any("attn_kv_b" in p.name or p.name.startswith(f"blk.{N_LAYER}.") for p in plan)
+    n_dense = 1
+    per_dense, per_moe = 10 + 3, 10 + 2 + 3 + 3
+    assert len(plan) == 3 + n_dense * per_dense + (N_LAYER - n_dense) * per_moe
+    # file order: token_embd, blk.0 .. blk.7, output_norm, output
+    assert plan[0].name == "token_embd.weight" and [p.name for p in plan[-2:]] == ["output_norm.weight", "output.weight"]
+    bids = [p.bid for p in plan if p.bid is not None]
+    assert bids == sorted(bids)
+    # every plan name is one of gguf-py's deepseek2 tensors (TENSOR_NAMES templates)
+    known = {gguf.TENSOR_NAMES[t].format(bid=b) for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.DEEPSEEK2]
+             for b in range(N_LAYER)}
+    assert all(p.name.rsplit(".", 1)[0] in known for p in plan)
+    # dropped: every MTP tensor, with bytes
+    layout = hf_layout(cfg)
+    mtp = [n for n in layout if n.startswith(f"model.layers.{N_LAYER}.")]
+    assert sorted(d.hf_name for d in plan.dropped) == sorted(mtp)
+    assert plan.dropped_nbytes == sum(math.prod(layout[n][0]) * (4 if layout[n][1] == "F32" else 2) for n in mtp)
+    assert all("MTP" in d.reason for d in plan.dropped)
+
+
+def test_plan_v2_lite_q_proj_and_no_bias():
+    cfg = tiny_cfg(q_lora_rank=None, scoring_func="softmax", model_type="deepseek_v2",
+                   architectures=["DeepseekV2ForCausalLM"])
+    plan = g2.plan_tensors(hf_layout(cfg, mtp=False), cfg).by_name()
+    assert plan["blk.1.attn_q.weight"].ne == (256, 4 * 48)
+    assert "blk.1.attn_q_a.weight" not in plan and "blk.1.exp_probs_b.bias" not in plan
+
+
+def test_plan_missing_expert_and_scale_inv():
+    cfg = tiny_cfg()
+    layout = hf_layout(cfg)
+    del layout["model.layers.2.mlp.experts.1.up_proj.weight"]
+    del layout["model.layers.2.mlp.experts.3.up_proj.weight"]
+    with pytest.raises(BadInputError, match=r"Unprocessed experts: layer 2 .*up_proj.*missing expert ids 1, 3"):
+        g2.plan_tensors(layout, cfg)
+    layout = hf_layout(cfg)
+    layout["model.layers.2.mlp.experts.4.up_proj.weight"] = ((256, 256), "BF16")
+    with pytest.raises(BadInputError, match="Unprocessed experts"):
+        g2.plan_tensors(layout, cfg)
+    layout = hf_layout(cfg)
+    layout["model.layers.0.self_attn.q_a_proj.weight_scale_inv"] = ((1, 2), "F32")
+    with pytest.raises(UnsupportedError, match="Can not map tensor"):
+        g2.plan_tensors(layout, cfg)
+    layout = hf_layout(cfg)
+    layout["model.layers.0.self_attn.kv_b_proj.weight"] = ((4 * 60, 64), "BF16")
+    with pytest.raises(ShapeError):
+        g2.plan_tensors(layout, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# kv_b transforms
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_split_fuse_kv_b_bit_exact(dtype):
+    n_head, nope, v, kv_lora = 4, 32, 24, 64
+    g = torch.Generator().manual_seed(0)
+    kv_b = torch.randn(n_head * (nope + v), kv_lora, generator=g).to(dtype)
+    k_b, v_b = g2.split_kv_b(kv_b, n_head, nope, v)
+    assert k_b.shape == (n_head, kv_lora, nope) and v_b.shape == (n_head, v, kv_lora)
+    # llama.cpp's definition, written out: view (h, nope+v, kv), split at nope, transpose k_b
+    ref = kv_b.view(torch.uint8 if dtype == torch.float8_e4m3fn else dtype).view(n_head, nope + v, kv_lora)
+    assert torch.equal(k_b.view(ref.dtype), ref[:, :nope, :].transpose(1, 2))
+    assert torch.equal(v_b.view(ref.dtype), ref[:, nope:, :])
+    head1_row5 = kv_b.view(ref.dtype)[1 * (nope + v) + 5]  # row nope-index 5 of head 1
+    assert torch.equal(k_b.view(ref.dtype)[1, :, 5], head1_row5)
+    fused = g2.fuse_kv_b(k_b, v_b)
+    assert fused.dtype == dtype and torch.equal(fused.view(torch.uint8), kv_b.view(torch.uint8))
+    with pytest.raises(ShapeError):
+        g2.split_kv_b(kv_b, n_head + 1, nope, v)
+
+
+# --------------------------------------------------------------------------------------------
+# metadata
+# --------------------------------------------------------------------------------------------
+
+
+def _fields(path) -> dict:
+    r = gguf.GGUFReader(path)
+    return {k: (f.contents(), f.types) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_metadata_read_back(tmp_path):
+    cfg = tiny_cfg()
+    path = tmp_path / "meta.gguf"
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    g2.write_metadata(w, cfg, file_type_id("BF16"), {"general.name": "tiny-v3"})
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.close()
+    f = _fields(path)
+    vt = gguf.GGUFValueType
+    expect = {
+        "general.architecture": ("deepseek2", vt.STRING),
+        "general.name": ("tiny-v3", vt.STRING),
+        "general.file_type": (32, vt.UINT32),
+        "general.quantization_version": (2, vt.UINT32),
+        "deepseek2.block_count": (N_LAYER, vt.UINT32),
+        "deepseek2.context_length": (4096, vt.UINT32),
+        "deepseek2.embedding_length": (256, vt.UINT32),
+        "deepseek2.feed_forward_length": (512, vt.UINT32),
+        "deepseek2.attention.head_count": (4, vt.UINT32),
+        "deepseek2.attention.head_count_kv": (1, vt.UINT32),
+        "deepseek2.attention.key_length": (64 + 16, vt.UINT32),
+        "deepseek2.attention.value_length": (64, vt.UINT32),
+        "deepseek2.attention.key_length_mla": (32 + 16, vt.UINT32),
+        "deepseek2.attention.value_length_mla": (32, vt.UINT32),
+        "deepseek2.attention.q_lora_rank": (96, vt.UINT32),
+        "deepseek2.attention.kv_lora_rank": (64, vt.UINT32),
+        "deepseek2.rope.dimension_count": (16, vt.UINT32),
+        "deepseek2.rope.scaling.type": ("yarn", vt.STRING),
+        "deepseek2.rope.scaling.original_context_length": (128, vt.UINT32),
+        "deepseek2.leading_dense_block_count": (1, vt.UINT32),
+        "deepseek2.vocab_size": (320, vt.UINT32),
+        "deepseek2.expert_count": (4, vt.UINT32),
+        "deepseek2.expert_used_count": (2, vt.UINT32),
+        "deepseek2.expert_shared_count": (1, vt.UINT32),
+        "deepseek2.expert_feed_forward_length": (256, vt.UINT32),
+        "deepseek2.expert_group_count": (2, vt.UINT32),
+        "deepseek2.expert_group_used_count": (1, vt.UINT32),
+        "deepseek2.expert_gating_func": (2, vt.UINT32),
+        "deepseek2.expert_weights_norm": (True, vt.BOOL),
+    }
+    for k, (val, typ) in expect.items():
+        assert k in f, k
+        assert f[k][0] == val and f[k][1] == [typ], (k, f[k])
+    floats = {
+        "deepseek2.attention.layer_norm_rms_epsilon": 1e-6,
+        "deepseek2.rope.freq_base": 10000.0,
+        "deepseek2.rope.scaling.factor": 40.0,
+        "deepseek2.rope.scaling.yarn_beta_fast": 32.0,
+        "deepseek2.rope.scaling.yarn_beta_slow": 1.0,
+        "deepseek2.rope.scaling.yarn_log_multiplier": 0.1,
+        "deepseek2.expert_weights_scale": 2.5,
+    }
+    for k, val in floats.items():
+        assert f[k][1] == [vt.FLOAT32], k
+        assert f[k][0] == pytest.approx(val, rel=1e-6), k
+    assert not any("nextn" in k for k in f)
+    # metadata_dict says exactly what was written
+    md = g2.metadata_dict(cfg, 32, {"general.name": "tiny-v3"})
+    assert set(md) == set(f)
+    for k, val in md.items():
+        assert f[k][0] == pytest.approx(val, rel=1e-6) if isinstance(val, float) else f[k][0] == val, k
+
+
+def test_metadata_variants():
+    md = g2.metadata_dict(tiny_cfg(scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=None,
+                                   rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                                 "mscale_all_dim": 0.707}), 0)
+    assert md["deepseek2.expert_gating_func"] == 1
+    assert "deepseek2.expert_weights_norm" not in md and "deepseek2.expert_weights_scale" not in md
+    assert md["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.0707)
+    md = g2.metadata_dict(tiny_cfg(q_lora_rank=None, rope_scaling=None), 0)
+    assert "deepseek2.attention.q_lora_rank" not in md and "deepseek2.rope.scaling.type" not in md
+    # transformers-5 style rope_parameters
+    md = g2.metadata_dict(tiny_cfg(rope_scaling=None, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 5e4,
+        "mscale_all_dim": 1.0}), 0)
+    assert md["deepseek2.rope.scaling.factor"] == 4.0 and md["deepseek2.rope.freq_base"] == 5e4
+    with pytest.raises(UnsupportedError):
+        g2.metadata_dict(tiny_cfg(model_type="deepseek_v32"), 0)
+    with pytest.raises(UnsupportedError):
+        g2.metadata_dict(tiny_cfg(scoring_func="tanh"), 0)
+    w = gguf.GGUFWriter(None, "llama")
+    with pytest.raises(UnsupportedError):
+        g2.write_metadata(w, tiny_cfg(), 0)
