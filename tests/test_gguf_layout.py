@@ -380,3 +380,89 @@ def test_metadata_variants():
     w = gguf.GGUFWriter(None, "llama")
     with pytest.raises(UnsupportedError):
         g2.write_metadata(w, tiny_cfg(), 0)
+
+
+# --------------------------------------------------------------------------------------------
+# vocab
+# --------------------------------------------------------------------------------------------
+
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+                 "{% else %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{% endif %}{% endfor %}")
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "DeepSeek-V3 uses multi-head latent attention and 256 routed experts.",
+    "Hello world! 12345 67890, numbers and words; llama.cpp loads deepseek2 files.",
+    "我想在apple工作 ----- ====== !!!!! ?????",
+]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    """A tiny byte-level BPE tokenizer.json (ids 0/1 = BOS/EOS) + tokenizer_config.json + config.json."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d = tmp_path_factory.mktemp("tok")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[BOS, EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TEXT * 4, trainer)
+    # non-special added tokens: one that looks special (-> CONTROL), one that doesn't (-> USER_DEFINED)
+    tok.add_tokens([AddedToken("<｜User｜>", special=False, normalized=False),
+                    AddedToken("<｜Assistant｜>", special=False, normalized=False),
+                    AddedToken("<think>", special=False, normalized=False)])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False,
+        "bos_token": {"content": BOS, "__type": "AddedToken"}, "eos_token": EOS, "pad_token": PAD,
+        "chat_template": CHAT_TEMPLATE, "tokenizer_class": "LlamaTokenizerFast",
+    }))
+    (d / "config.json").write_text(json.dumps(tiny_cfg()))
+    return d
+
+
+def test_vocab_read_back(tok_dir, tmp_path):
+    from tokenizers import Tokenizer
+
+    cfg = tiny_cfg()
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    n_real = tok.get_vocab_size(with_added_tokens=True)
+    assert n_real < cfg["vocab_size"]
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    v = g2.write_vocab(w, tok_dir / "tokenizer.json", cfg)  # a tokenizer.json path works too
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.close()
+    r = gguf.GGUFReader(path)
+    f = {k: r.fields[k].contents() for k in r.fields if k.startswith("tokenizer.")}
+    assert f["tokenizer.ggml.model"] == "gpt2"
+    assert f["tokenizer.ggml.pre"] == "deepseek-v3"
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == cfg["vocab_size"]
+    vocab = tok.get_vocab(with_added_tokens=True)
+    for t, i in vocab.items():
+        assert tokens[i] == t
+    assert tokens[n_real:] == [f"[PAD{i}]" for i in range(n_real, cfg["vocab_size"])]
+    assert types[n_real:] == [5] * (cfg["vocab_size"] - n_real)
+    assert types[:3] == [3, 3, 3]  # BOS, EOS, PAD: special added tokens -> CONTROL
+    assert types[vocab["<｜User｜>"]] == 3  # not flagged special but looks special -> CONTROL
+    assert types[vocab["<think>"]] == 4  # USER_DEFINED
+    assert set(types[3:n_real - 3]) == {1}
+    merges = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [" ".join(m) if isinstance(m, list) else m for m in merges]
+    assert f["tokenizer.ggml.bos_token_id"] == 0
+    assert f["tokenizer.ggml.eos_token_id"] == 1
+    assert f["tokenizer.ggml.padding_token_id"] == 2
+    assert f["tokenizer.ggml.add_bos_token"] is True and f["tokenizer.ggml.add_eos_token"] is False
+    assert f["tokenizer.chat_template"] == CHAT_TEMPLATE
+    assert v.summary()["token_types"] == {"CONTROL": 5, "USER_DEFINED": 1, "NORMAL": n_real - 6,
+                                          "UNUSED": cfg["vocab_size"] - n_real}
+
+
+def test_vocab_errors(tok_dir, tmp_path):
+    with pytest.raises(BadInputError, match=">= config vocab_size"):
+        g2.read_vocab(tok_dir, tiny_cfg(vocab_size=100))
+    with pytest.raises(BadInputError, match="no tokenizer.json"):
+        g2.read_vocab(tmp_path, tiny_cfg())
+    assert g2.read_vocab(tok_dir, tiny_cfg(), pre="deepseek-llm").pre == "deepseek-llm"
