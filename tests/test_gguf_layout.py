@@ -466,3 +466,73 @@ def test_vocab_errors(tok_dir, tmp_path):
     with pytest.raises(BadInputError, match="no tokenizer.json"):
         g2.read_vocab(tmp_path, tiny_cfg())
     assert g2.read_vocab(tok_dir, tiny_cfg(), pre="deepseek-llm").pre == "deepseek-llm"
+
+
+# --------------------------------------------------------------------------------------------
+# a full tiny F32 GGUF, checked by llama.cpp itself
+# --------------------------------------------------------------------------------------------
+
+
+def _llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python (the GGUF oracle) is not installed")
+
+
+def random_checkpoint(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (shape, _) in hf_layout(cfg).items():
+        if name.endswith(("norm.weight", "layernorm.weight")):
+            out[name] = torch.ones(shape)
+        elif name.endswith("e_score_correction_bias"):
+            out[name] = torch.linspace(0.5, 1.0, shape[0])  # positive, decisive routing
+        else:
+            out[name] = torch.randn(shape, generator=g) * 0.02
+    return out
+
+
+def write_tiny_gguf(path: Path, cfg: dict, tok_dir: Path) -> g2.GGUFPlan:
+    weights = random_checkpoint(cfg)
+    plan = g2.plan_tensors({n: (tuple(t.shape), "F32") for n, t in weights.items()}, cfg)
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    g2.write_metadata(w, cfg, file_type_id("F32"), {"general.name": "dsconvert tiny V3"})
+    g2.write_vocab(w, tok_dir, cfg)
+    for p in plan:
+        t = g2.build_tensor(p, [weights[s] for s in p.sources], cfg)
+        w.add_tensor(p.name, t.to(torch.float32).numpy())
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return plan
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tok_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    plan = write_tiny_gguf(path, tiny_cfg(), tok_dir)
+    return path, plan
+
+
+def test_tiny_gguf_read_back(tiny_gguf):
+    path, plan = tiny_gguf
+    r = gguf.GGUFReader(path)
+    got = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type) for t in r.tensors}
+    assert set(got) == {p.name for p in plan}
+    for p in plan:
+        assert got[p.name] == (p.ne, gguf.GGMLQuantizationType.F32), p.name
+
+
+@pytest.mark.llamacpp
+def test_tiny_gguf_loads_in_llama_cpp(tiny_gguf):
+    llama_cpp = _llama_cpp()
+    path, _ = tiny_gguf
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False)
+    try:
+        assert llm.n_vocab() == tiny_cfg()["vocab_size"]
+        ids = llm.tokenize(b"The quick brown fox", add_bos=True, special=False)
+        assert ids[0] == 0  # add_bos_token honoured, BOS id 0
+        assert llm.detokenize(ids[1:]) == b"The quick brown fox"
+        llm.reset()
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids)])
+        assert logits.shape == (len(ids), tiny_cfg()["vocab_size"]) and np.isfinite(logits).all()
+        assert llm.metadata["deepseek2.attention.key_length_mla"] == "48"
+    finally:
+        llm.close()
