@@ -673,3 +673,50 @@ def test_type_plan_options_match_llama_quantize(tiny_gguf, tmp_path):
     got = _quantize(llama_cpp, src, tmp_path / "pure.gguf", "Q4_K_M", pure=True)
     assert plan_types(plan, "Q4_K_M", cfg, pure=True) == got
     assert got["output.weight"] == "Q4_K" and got["blk.3.ffn_down_exps.weight"] == "Q4_K"
+
+
+def v2_lite_cfg() -> dict:
+    """V2-Lite-shaped: plain q_proj (attn_q), softmax routing, no exp_probs_b, 8 experts (llama.cpp's
+    8-expert quant rules). 27 layers: llama.cpp only accepts a missing q_lora_rank for n_layer 27."""
+    return tiny_cfg(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], num_hidden_layers=27,
+                    moe_intermediate_size=32,
+                    q_lora_rank=None, n_routed_experts=8, scoring_func="softmax", topk_method="greedy",
+                    n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+                    num_nextn_predict_layers=0,
+                    rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 128,
+                                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707})
+
+
+@pytest.fixture(scope="module")
+def tiny_v2_gguf(tok_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-v2-f32.gguf"
+    plan = write_tiny_gguf(path, v2_lite_cfg(), tok_dir)
+    return path, plan
+
+
+@pytest.mark.llamacpp
+def test_tiny_v2_lite_gguf_loads_in_llama_cpp(tiny_v2_gguf):
+    llama_cpp = _llama_cpp()
+    path, plan = tiny_v2_gguf
+    assert "blk.0.attn_q.weight" in plan.by_name()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True, verbose=False)
+    try:
+        assert llm.metadata["tokenizer.ggml.pre"] == "deepseek-llm"
+        ids = llm.tokenize(b"Hello world", add_bos=True, special=False)
+        llm.eval(ids)
+        assert np.isfinite(np.array(llm.scores[: len(ids)])).all()
+    finally:
+        llm.close()
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q3_K_M", "Q5_K_M"])
+def test_type_plan_8_experts_matches_llama_quantize(tiny_v2_gguf, tmp_path, ftype):
+    llama_cpp = _llama_cpp()
+    src, plan = tiny_v2_gguf
+    got = _quantize(llama_cpp, src, tmp_path / f"{ftype}.gguf", ftype)
+    ours = plan_types(plan, ftype, v2_lite_cfg())
+    diff = {n: (ours[n], got[n]) for n in got if ours[n] != got[n]}
+    assert not diff, f"{ftype}: (ours, llama.cpp) differ for {len(diff)} tensors: {diff}"
+    if ftype == "Q4_K_M":  # 8-expert rule: attn_output Q5_K, then ne0=128 -> Q5_1
+        assert got["blk.3.attn_output.weight"] == "Q5_1" and got["blk.3.attn_q.weight"] == "Q4_K"

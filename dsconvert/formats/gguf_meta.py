@@ -20,6 +20,7 @@ Source: llama.cpp ``conversion/base.py::TextModel.set_gguf_parameters`` and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -39,6 +40,8 @@ class MetaItem:
     value: Any  # the value as read back (enum values unwrapped)
     arg: Any  # what the setter takes (e.g. an enum member)
 
+
+log = logging.getLogger(__name__)
 
 _GATING = {"softmax": ExpertGatingFuncType.SOFTMAX, "sigmoid": ExpertGatingFuncType.SIGMOID}
 
@@ -143,6 +146,11 @@ def metadata_items(cfg: Mapping[str, Any], file_type: int, extra: Mapping[str, A
     add("add_vocab_size", _k(L.VOCAB_SIZE), int(_req(cfg, "vocab_size")))
     if cfg.get("q_lora_rank") is not None:
         add("add_q_lora_rank", _k(A.Q_LORA_RANK), int(cfg["q_lora_rank"]))
+    elif int(cfg["num_hidden_layers"]) not in (26, 27):
+        # llama.cpp infers "V2-Lite" (attn_q instead of q_a/q_b) from block_count alone; any other
+        # layer count requires attention.q_lora_rank (checked with llama-cpp-python 0.3.36).
+        log.warning("q_lora_rank is null but num_hidden_layers=%s: llama.cpp only loads deepseek2 "
+                    "without q_lora_rank when block_count is 27 (V2-Lite)", cfg["num_hidden_layers"])
     add("add_kv_lora_rank", _k(A.KV_LORA_RANK), kv_lora)
     add("add_key_length", _k(A.KEY_LENGTH), kv_lora + rope_dim)
     add("add_value_length", _k(A.VALUE_LENGTH), kv_lora)
