@@ -720,3 +720,15 @@ def test_type_plan_8_experts_matches_llama_quantize(tiny_v2_gguf, tmp_path, ftyp
     assert not diff, f"{ftype}: (ours, llama.cpp) differ for {len(diff)} tensors: {diff}"
     if ftype == "Q4_K_M":  # 8-expert rule: attn_output Q5_K, then ne0=128 -> Q5_1
         assert got["blk.3.attn_output.weight"] == "Q5_1" and got["blk.3.attn_q.weight"] == "Q4_K"
+
+
+def test_plan_nbytes_v3_q8_0():
+    """Planned Q8_0 size of full V3 (no MTP) ~ 713 GB (reference §6: 664.29 GiB)."""
+    cfg = tiny_cfg(num_hidden_layers=61, first_k_dense_replace=3, hidden_size=7168, vocab_size=129280,
+                   n_routed_experts=256, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                   qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, intermediate_size=18432,
+                   moe_intermediate_size=2048)
+    plan = g2.plan_tensors(hf_layout(cfg, mtp=True), cfg)
+    gib = plan.nbytes(plan_types(plan, "Q8_0", cfg)) / 2**30
+    assert 663.5 < gib < 664.5, gib
+    assert plan.n_elements == pytest.approx(671.0e9, rel=0.01)

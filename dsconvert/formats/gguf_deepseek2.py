@@ -29,12 +29,12 @@ from dsconvert.formats.gguf_names import (  # noqa: F401  (re-export)
     ARCH_NAME,
     EXPERT_TENSORS,
     KV_B_OUTPUTS,
-    LAYER_TENSORS,
     T,
     drop_reason,
     expert_of,
     gguf_name,
     gguf_outputs,
+    hf_tensor_kind,
     is_forced_f32,
     layer_of,
     tensor_name,
@@ -46,6 +46,18 @@ from dsconvert.formats.gguf_types import (  # noqa: F401  (re-export)
     tensor_nbytes,
 )
 from dsconvert.formats.gguf_vocab import read_vocab, write_vocab  # noqa: F401  (re-export)
+
+__all__ = [
+    # names (gguf_names)
+    "ARCH_NAME", "gguf_name", "gguf_outputs", "drop_reason", "hf_tensor_kind", "is_forced_f32", "tensor_name",
+    "layer_of", "expert_of",
+    # plan + transforms (this module)
+    "GGUFTensorPlan", "GGUFPlan", "DroppedTensor", "plan_tensors", "split_kv_b", "fuse_kv_b", "stack_experts",
+    "build_tensor",
+    # metadata (gguf_meta), vocab (gguf_vocab), types (gguf_types)
+    "write_metadata", "metadata_dict", "write_vocab", "read_vocab",
+    "choose_type", "plan_types", "file_type_id", "tensor_nbytes",
+]
 
 PlanKind = Literal["copy", "stack_experts", "kv_b_k", "kv_b_v"]
 
@@ -141,6 +153,11 @@ class GGUFPlan:
     def n_elements(self) -> int:
         return sum(t.n_elements for t in self.tensors)
 
+    def nbytes(self, types: Mapping[str, str]) -> int:
+        """Tensor-data bytes of the file when tensor ``name`` is stored as ``types[name]``
+        (e.g. from :func:`plan_types`); excludes header/KV and alignment padding."""
+        return sum(tensor_nbytes(t.shape, types[t.name]) for t in self.tensors)
+
 
 def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
     try:
@@ -206,7 +223,7 @@ def plan_tensors(hf_tensors: Mapping[str, tuple[tuple[int, ...], str]], cfg: Map
             experts.setdefault((bid, proj), {})[eid] = hf_name
             continue
         names = gguf_outputs(hf_name, cfg)  # raises "Can not map tensor"
-        t, bid = _tensor_kind(hf_name)
+        t, bid, _ = hf_tensor_kind(hf_name)
         if t is T.ATTN_KV_B:
             n_head, nope, v, kv_lora = _mla_dims(cfg)
             if shape != (n_head * (nope + v), kv_lora):
@@ -254,14 +271,6 @@ def plan_tensors(hf_tensors: Mapping[str, tuple[tuple[int, ...], str]], cfg: Map
 
     tensors = sorted(outputs.values(), key=lambda p: order_key[p.name])
     return GGUFPlan(tensors=tensors, dropped=dropped)
-
-
-def _tensor_kind(hf_name: str):
-    """(MODEL_TENSOR, bid) of a kept, non-expert HF tensor."""
-    from dsconvert.formats.gguf_names import _lookup
-
-    t, bid, _ = _lookup(hf_name)
-    return t, bid
 
 
 def _ranges(ids: list[int]) -> str:

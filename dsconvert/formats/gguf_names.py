@@ -145,8 +145,12 @@ def drop_reason(hf_name: str, cfg: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _lookup(hf_name: str) -> tuple[MODEL_TENSOR, int | None, str]:
-    """(MODEL_TENSOR, bid, suffix) for a kept HF tensor; raises for unknown names."""
+def hf_tensor_kind(hf_name: str) -> tuple[MODEL_TENSOR, int | None, str]:
+    """(MODEL_TENSOR, bid, suffix) of a kept HF tensor (experts: the stacked tensor).
+
+    Raises:
+        UnsupportedError: ``Can not map tensor`` for unknown names.
+    """
     if hf_name in GLOBAL_TENSORS:
         t, suffix = GLOBAL_TENSORS[hf_name]
         return t, None, suffix
@@ -178,7 +182,7 @@ def gguf_name(hf_name: str, cfg: Mapping[str, Any]) -> str | None:
     """
     if drop_reason(hf_name, cfg) is not None:
         return None
-    t, bid, suffix = _lookup(hf_name)
+    t, bid, suffix = hf_tensor_kind(hf_name)
     return tensor_name(t, bid, suffix)
 
 
@@ -189,7 +193,7 @@ def gguf_outputs(hf_name: str, cfg: Mapping[str, Any]) -> tuple[str, ...]:
     """
     if drop_reason(hf_name, cfg) is not None:
         return ()
-    t, bid, suffix = _lookup(hf_name)
+    t, bid, suffix = hf_tensor_kind(hf_name)
     if t is T.ATTN_KV_B:
         return tuple(tensor_name(o, bid, suffix) for o in KV_B_OUTPUTS)
     return (tensor_name(t, bid, suffix),)
