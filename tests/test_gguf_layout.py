@@ -732,3 +732,14 @@ def test_plan_nbytes_v3_q8_0():
     gib = plan.nbytes(plan_types(plan, "Q8_0", cfg)) / 2**30
     assert 663.5 < gib < 664.5, gib
     assert plan.n_elements == pytest.approx(671.0e9, rel=0.01)
+
+
+def test_vocab_never_imports_transformers(tok_dir):
+    """known-failures #22: the vocab path must not go through transformers/AutoTokenizer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from dsconvert.formats.gguf_vocab import read_vocab; "
+            f"read_vocab({str(tok_dir)!r}, json.load(open({str(tok_dir / 'config.json')!r}))); "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
