@@ -26,13 +26,12 @@ import torch
 from ..errors import BadInputError, UsageError
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.hf_config import dump_config, unquantized_config, version_label
-from ..formats.safetensors_io import dtype_size, read_tensor
-from ..quant.fp8_block import dequant_fp8_block
+from ..formats.safetensors_io import dtype_size
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
-from .pipeline import OutShard, OutTensor, copy_chunks, write_shards
+from .pipeline import OutShard, OutTensor, copy_producer, dequant_producer, source_order, write_shards
 from .progress import ByteProgress
 
 COMMAND = "fp8-to-bf16"
@@ -104,44 +103,6 @@ class Plan:
         }
 
 
-def _dequant_producer(ck: Checkpoint, name: str, out_dtype: torch.dtype, device: torch.device, chunk_bytes: int):
-    ent = ck.entry(name)
-    m, n = ent.shape
-    bm, bn = ck.fp8.block
-    scale_name = ck.scale_of(name)
-    out_esz = torch.empty((), dtype=out_dtype).element_size()
-    rows = max(bm, (chunk_bytes // max(1, n * out_esz)) // bm * bm)  # whole block-rows per chunk
-
-    def produce():
-        scale = ck.read(scale_name)
-        with open(ck.path_of(name), "rb") as f:
-            for r0 in range(0, m, rows):
-                r1 = min(m, r0 + rows)
-                w = read_tensor(f, ent, (r0, r1))
-                s = scale[r0 // bm: -(-r1 // bm)]
-                if device.type != "cpu":
-                    w, s = w.to(device, non_blocking=True), s.to(device)
-                y = dequant_fp8_block(w, s, (bm, bn), out_dtype)
-                yield y.cpu() if device.type != "cpu" else y
-
-    return produce
-
-
-def _copy_producer(ck: Checkpoint, name: str, chunk_bytes: int):
-    ent = ck.entry(name)
-    path = ck.path_of(name)
-    return lambda: copy_chunks(path, ent.begin, ent.nbytes, chunk_bytes)
-
-
-def _source_order(ck: Checkpoint) -> list[str]:
-    """Tensor names in on-disk order: shard by shard, by offset within each shard."""
-    names = []
-    for s in ck.shards:
-        if s in ck.headers:
-            names += [e.name for e in sorted(ck.headers[s].tensors.values(), key=lambda e: e.begin)]
-    return names
-
-
 def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None) -> Plan:
     """Plan the conversion of ``ck`` from headers only.
 
@@ -160,7 +121,7 @@ def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None)
     dropped, outs = [], []
     bytes_read = 0
     counts = {"dequantized": 0, "copied": 0, "dropped": 0, "scales_consumed": 0}
-    for name in _source_order(ck):
+    for name in source_order(ck):
         ent = ck.entry(name)
         if ck.is_scale(name):
             counts["scales_consumed"] += 1
@@ -171,11 +132,11 @@ def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None)
             continue
         if ent.dtype == "F8_E4M3":
             sent = ck.entry(ck.scale_of(name))
-            t = OutTensor(name, st_dtype, ent.shape, _dequant_producer(ck, name, torch_dtype, device, opts.chunk_bytes),
+            t = OutTensor(name, st_dtype, ent.shape, dequant_producer(ck, name, torch_dtype, device, opts.chunk_bytes),
                           "dequant", [name, ck.scale_of(name)], ent.nbytes + sent.nbytes)
             counts["dequantized"] += 1
         else:
-            t = OutTensor(name, ent.dtype, ent.shape, _copy_producer(ck, name, opts.chunk_bytes), "copy", [name],
+            t = OutTensor(name, ent.dtype, ent.shape, copy_producer(ck, name, opts.chunk_bytes), "copy", [name],
                           ent.nbytes)
             counts["copied"] += 1
         bytes_read += t.source_bytes

@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..formats.safetensors_io import PlannedTensor, ShardWriter, layout_order, read_range
+from ..formats.safetensors_io import PlannedTensor, ShardWriter, layout_order, read_range, read_tensor
+from ..quant.fp8_block import dequant_fp8_block
 from .manifest import Manifest
 from .progress import ByteProgress
 
@@ -76,6 +77,47 @@ def copy_chunks(path: Path, begin: int, nbytes: int, chunk_bytes: int) -> Iterat
             n = min(chunk_bytes, nbytes - off)
             yield read_range(f, begin + off, n)
             off += n
+
+
+def copy_producer(ck, name: str, chunk_bytes: int) -> Callable[[], Iterator[torch.Tensor]]:
+    """Producer of tensor ``name``'s stored bytes, unchanged."""
+    ent = ck.entry(name)
+    path = ck.path_of(name)
+    return lambda: copy_chunks(path, ent.begin, ent.nbytes, chunk_bytes)
+
+
+def dequant_producer(ck, name: str, out_dtype: torch.dtype, device: torch.device, chunk_bytes: int):
+    """Producer of FP8 tensor ``name`` dequantized to ``out_dtype`` (the exact fp8-to-bf16 rule), in chunks of
+    whole 128-row blocks holding about ``chunk_bytes`` of output. The scale is looked up through the index."""
+    ent = ck.entry(name)
+    m, n = ent.shape
+    bm, bn = ck.fp8.block
+    scale_name = ck.scale_of(name)
+    out_esz = torch.empty((), dtype=out_dtype).element_size()
+    rows = max(bm, (chunk_bytes // max(1, n * out_esz)) // bm * bm)  # whole block-rows per chunk
+
+    def produce():
+        scale = ck.read(scale_name)
+        with open(ck.path_of(name), "rb") as f:
+            for r0 in range(0, m, rows):
+                r1 = min(m, r0 + rows)
+                w = read_tensor(f, ent, (r0, r1))
+                s = scale[r0 // bm: -(-r1 // bm)]
+                if device.type != "cpu":
+                    w, s = w.to(device, non_blocking=True), s.to(device)
+                y = dequant_fp8_block(w, s, (bm, bn), out_dtype)
+                yield y.cpu() if device.type != "cpu" else y
+
+    return produce
+
+
+def source_order(ck) -> list[str]:
+    """Tensor names in on-disk order: shard by shard, by offset within each shard."""
+    names = []
+    for s in ck.shards:
+        if s in ck.headers:
+            names += [e.name for e in sorted(ck.headers[s].tensors.values(), key=lambda e: e.begin)]
+    return names
 
 
 _END = object()
