@@ -3,6 +3,7 @@
 Every helper mirrors one C idiom of llama.cpp's ``ggml/src/ggml-quants.c`` so that the torch code
 produces the same float32 values, operation by operation:
 
+* :func:`div` -- C's ``/`` on float32, never rewritten as a multiplication by a reciprocal.
 * :func:`seqsum` -- a C ``for`` loop accumulator (``s += a[i]``), summed strictly in index order.
   ``torch.sum`` uses vectorised / cascade orders that change the last bit, so it is not used for
   any sum that feeds a decision.
@@ -27,6 +28,20 @@ GROUP_MAX_EPS = 1e-15  # ggml-quants.c GROUP_MAX_EPS (1e-15f)
 def f32(v: float) -> float:
     """Round a Python float to the nearest float32 (what a C ``float`` literal/constant holds)."""
     return float(np.float32(v))
+
+
+def div(a, b) -> torch.Tensor:
+    """IEEE float32 ``a / b`` (C's ``/``), with either side a Python number.
+
+    torch turns ``number / tensor`` into ``tensor.reciprocal() * number`` and, on CUDA,
+    ``tensor / number`` into ``tensor * (1/number)``; both can change the last bit. Here numbers
+    become full tensors on the other operand's device, so the division is a true division.
+    """
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a, dtype=torch.float32)
+    elif not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b, dtype=torch.float32)
+    return torch.div(a, b)
 
 
 def seqsum(t: torch.Tensor) -> torch.Tensor:

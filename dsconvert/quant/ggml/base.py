@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ._ops import seqsum
+from ._ops import div, seqsum
 
 #: Default bound on the float32 input processed at once by :meth:`GGMLType.quantize` (64 MiB).
 MAX_CHUNK_BYTES = 64 << 20
@@ -142,7 +142,7 @@ class GGMLType:
                 if cls.needs_row_sigma2:
                     # float sum_x2 = 0; for (j < n_per_row) sum_x2 += x[j]*x[j]; sigma2 = sum_x2/n_per_row
                     xt = xc.t().contiguous()
-                    sig = (seqsum(xt * xt) / n).repeat_interleave(nb)
+                    sig = div(seqsum(xt * xt), n).repeat_interleave(nb)
             out[r0:r0 + nr] = cls.quantize_blocks(xc.reshape(nr * nb, cls.block_size).contiguous(), qw, sig) \
                 .view(nr, rb)
         return out.view(*lead, rb)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ._ops import bits_to_bytes, bytes_fp16, bytes_to_bits, first_absmax, fp16_bytes, pack_nibbles, roundf
+from ._ops import bits_to_bytes, bytes_fp16, bytes_to_bits, div, first_absmax, fp16_bytes, pack_nibbles, roundf
 from .base import GGMLType
 
 
 def _inv(d: torch.Tensor) -> torch.Tensor:
     """``d ? 1.0f/d : 0.0f``."""
-    return torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return torch.where(d != 0, div(1, d), torch.zeros_like(d))
 
 
 def _qh_bytes(q: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ class Q8_0(GGMLType, qtype=T.Q8_0):
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         amax = blocks.abs().amax(1)
-        d = amax / 127
+        d = div(amax, 127)
         q = roundf(blocks * _inv(d)[:, None])
         return torch.cat([fp16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
 
@@ -61,7 +61,7 @@ class Q4_0(GGMLType, qtype=T.Q4_0):
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         mx, _ = first_absmax(blocks.t())
-        d = mx / -8
+        d = div(mx, -8)
         q = torch.trunc(blocks * _inv(d)[:, None] + 8.5).clamp(max=15)
         return torch.cat([fp16_bytes(d), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
@@ -79,7 +79,7 @@ class Q4_1(GGMLType, qtype=T.Q4_1):
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         mn = blocks.amin(1)
         mx = blocks.amax(1)
-        d = (mx - mn) / 15
+        d = div(mx - mn, 15)
         q = torch.trunc((blocks - mn[:, None]) * _inv(d)[:, None] + 0.5).clamp(max=15)
         return torch.cat([fp16_bytes(d), fp16_bytes(mn), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
@@ -97,7 +97,7 @@ class Q5_0(GGMLType, qtype=T.Q5_0):
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         mx, _ = first_absmax(blocks.t())
-        d = mx / -16
+        d = div(mx, -16)
         q = torch.trunc(blocks * _inv(d)[:, None] + 16.5).clamp(max=31)
         return torch.cat([fp16_bytes(d), _qh_bytes(q), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
@@ -116,7 +116,7 @@ class Q5_1(GGMLType, qtype=T.Q5_1):
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         mn = blocks.amin(1)
         mx = blocks.amax(1)
-        d = (mx - mn) / 31
+        d = div(mx - mn, 31)
         q = torch.trunc((blocks - mn[:, None]) * _inv(d)[:, None] + 0.5)
         return torch.cat([fp16_bytes(d), fp16_bytes(mn), _qh_bytes(q), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
 
