@@ -44,11 +44,11 @@ def div(a, b) -> torch.Tensor:
     return torch.div(a, b)
 
 
-def seqsum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` (``(n, M)``) over dim 0 strictly in index order: ``((t0 + t1) + t2) + ...``."""
-    s = t[0].clone()
-    for i in range(1, t.shape[0]):
-        s.add_(t[i])
+def seqsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Sum ``t`` over ``dim`` strictly in index order: ``((t0 + t1) + t2) + ...``."""
+    s = t.select(dim, 0).clone()
+    for i in range(1, t.shape[dim]):
+        s.add_(t.select(dim, i))
     return s
 
 
@@ -82,11 +82,17 @@ def bytes_fp16(b: torch.Tensor) -> torch.Tensor:
 def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Over dim 0 of ``(n, M)``: (signed value with the largest ``|x|``, that ``|x|``).
 
-    Mirrors ``if (ax > amax) { amax = ax; max = x[i]; }`` starting from 0: the first index wins ties.
+    Mirrors ``float amax = 0, max = 0; if (ax > amax) { amax = ax; max = x[i]; }``: the first index
+    wins ties (a loop over the n rows; torch's argmax over a strided dim is much slower).
     """
     ax = x.abs()
-    idx = ax.argmax(0, keepdim=True)
-    return x.gather(0, idx)[0], ax.gather(0, idx)[0]
+    amax = torch.zeros_like(x[0])
+    mx = torch.zeros_like(x[0])
+    for i in range(x.shape[0]):
+        upd = ax[i] > amax
+        amax = torch.where(upd, ax[i], amax)
+        mx = torch.where(upd, x[i], mx)
+    return mx, amax
 
 
 def pack_nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

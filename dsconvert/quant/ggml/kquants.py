@@ -67,8 +67,11 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     steps use the updated ``min`` both in ``iscale*(x - min)`` and in ``(max - min)``; the search is
     therefore sequential over its ``nstep + 1`` steps (vectorised over the columns).
     """
-    def err(d: torch.Tensor) -> torch.Tensor:
-        return seqsum(w * (d.abs() if use_mad else d * d))
+    n, M = x.shape
+
+    def err_(d: torch.Tensor) -> torch.Tensor:  # sum of w*|d| or w*d*d; consumes d
+        (d.abs_() if use_mad else d.mul_(d)).mul_(w)
+        return seqsum(d)
 
     mn = x.amin(0)
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
@@ -76,33 +79,45 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     flat = mx == mn
     sum_w = seqsum(w)
     sum_x = seqsum(w * x)
+    # Preallocated work buffers: fresh (n, M) allocations per step cost more than the arithmetic.
+    la = torch.empty_like(x)
+    dbuf = torch.empty_like(x)
+    buf = torch.empty((3, n, M), dtype=x.dtype, device=x.device)
+
+    def levels(iscale, mn_used):  # nearest_int(iscale*(x[i] - min)) clamped to [0, nmax], into la
+        return torch.sub(x, mn_used, out=la).mul_(iscale).round_().clamp_(0, nmax)
+
     iscale = div(nmax, mx - mn)
     scale = div(1, iscale)
-    L = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
-    best = err(scale * L + mn - x)
+    levels(iscale, mn)
+    best = err_(torch.mul(la, scale, out=dbuf).add_(mn).sub_(x))
+    # L is not copied at every improvement: the (iscale, min) that produced the best levels are
+    # kept and the levels recomputed once at the end (same float ops, same result).
+    best_iscale, best_mn_used = iscale, mn
     for step in range(nstep + 1):
         num = _c(_c(_c(rmin) + _c(_c(rdelta) * step)) + nmax)
         iscale = div(num, mx - mn)
-        la = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
-        wl = w * la
-        sum_l = seqsum(wl)
-        sum_l2 = seqsum(wl * la)
-        sum_xl = seqsum(wl * x)
+        levels(iscale, mn)
+        torch.mul(w, la, out=buf[0])          # w*l
+        torch.mul(buf[0], la, out=buf[1])     # w*l*l
+        torch.mul(buf[0], x, out=buf[2])      # w*l*x
+        sum_l, sum_l2, sum_xl = seqsum(buf, 1)
         D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        this_scale = div(sum_w * sum_xl - sum_x * sum_l, D)
+        this_min = div(sum_l2 * sum_x - sum_l * sum_xl, D)
         pos = this_min > 0
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(pos, div(sum_xl, sum_l2), this_scale)
-        cur = err(this_scale * la + this_min - x)
+        cur = err_(torch.mul(la, this_scale, out=dbuf).add_(this_min).sub_(x))
         upd = (D > 0) & (cur < best) & ~flat
-        L = torch.where(upd, la, L)
+        best_iscale = torch.where(upd, iscale, best_iscale)
+        best_mn_used = torch.where(upd, mn, best_mn_used)
         best = torch.where(upd, cur, best)
         scale = torch.where(upd, this_scale, scale)
         mn = torch.where(upd, this_min, mn)
-    zero = torch.zeros_like(scale)
+    L = levels(best_iscale, best_mn_used)
     L = torch.where(flat, torch.zeros_like(L), L)
-    scale = torch.where(flat, zero, scale)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
     return scale, -mn, L
 
 
@@ -111,28 +126,36 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.T
 
     ``w`` is ``x*x`` (``qw == NULL``) or the importance weights. Returns ``(scale (M,), L (n, M))``
     with ``L`` in ``[0, 2*nmax - 1]`` (``l + nmax``); all-zero columns (``amax < 1e-15``) give 0, 0.
-    The 18 trial scales ``-(nmax + 0.1*is)/max`` are tried in C order and kept on
-    ``sumlx^2 > best*suml2``.
+    The 18 trial scales ``-(nmax + 0.1*is)/max`` are tried in C order; a trial is kept when
+    ``sumlx^2 > best*suml2``, and the levels of the kept trial are recomputed once at the end.
     """
+    n, M = x.shape
     mx, amax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
+    wx = w * x
+    lbuf = torch.empty_like(x)
+    buf = torch.empty((2, n, M), dtype=x.dtype, device=x.device)
 
-    def fit(iscale):
-        l = nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
-        return l, seqsum(w * x * l), seqsum(w * l * l)
+    def fit(num):
+        iscale = div(num, mx)
+        torch.mul(x, iscale, out=lbuf).round_().clamp_(-nmax, nmax - 1)  # nearest_int(iscale*x[i])
+        torch.mul(wx, lbuf, out=buf[0])                                   # w*x[i]*l
+        torch.mul(w, lbuf, out=buf[1]).mul_(lbuf)                         # w*l*l
+        sumlx, suml2 = seqsum(buf, 1)
+        return iscale, sumlx, suml2
 
-    l, sumlx, suml2 = fit(div(-nmax, mx))
-    L = l + nmax
+    best_iscale, sumlx, suml2 = fit(-nmax)
     scale = torch.where(suml2 != 0, div(sumlx, suml2), torch.zeros_like(sumlx))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        l, sumlx, suml2 = fit(div(-_c(nmax + _c(_c(0.1) * step)), mx))
-        upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(upd, l + nmax, L)
-        scale = torch.where(upd, div(sumlx, suml2), scale)
-        best = torch.where(upd, scale * sumlx, best)
+        iscale, slx, sl2 = fit(-_c(nmax + _c(_c(0.1) * step)))
+        upd = (sl2 > 0) & (slx * slx > best * sl2)
+        best_iscale = torch.where(upd, iscale, best_iscale)
+        scale = torch.where(upd, div(slx, sl2), scale)
+        best = torch.where(upd, scale * slx, best)
+    L = torch.mul(x, best_iscale, out=lbuf).round_().clamp_(-nmax, nmax - 1).add_(nmax)
     L = torch.where(zero, torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     return scale, L
@@ -275,6 +298,8 @@ class Q2_K(_KQuant, qtype=T.Q2_K):
 
 class Q3_K(_KQuant, qtype=T.Q3_K):
     """``quantize_row_q3_K_ref``: 16 sub-blocks of 16, 3-bit quants (2 low bits + hmask), 6-bit signed scales."""
+
+    chunk_elems = 1 << 20  # the fit is a long loop of small (M,) ops: larger chunks amortise dispatch
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
