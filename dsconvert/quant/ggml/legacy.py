@@ -24,6 +24,22 @@ def _inv(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, div(1, d), torch.zeros_like(d))
 
 
+def _c_minmax(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``min``/``max`` of each block as C's ``if (v < min) min = v;`` loops find them.
+
+    The values equal ``amin``/``amax``; only the sign of a zero can differ: C keeps the first zero
+    it meets (``-0.0 < 0.0`` is false), torch may return either.
+    """
+    mn = blocks.amin(1)
+    mx = blocks.amax(1)
+    is0 = blocks == 0
+    if bool(is0.any()):
+        first0 = blocks.gather(1, is0.to(torch.uint8).argmax(1, keepdim=True))[:, 0]
+        mn = torch.where(mn == 0, first0, mn)
+        mx = torch.where(mx == 0, first0, mx)
+    return mn, mx
+
+
 def _qh_bytes(q: torch.Tensor) -> torch.Tensor:
     """5-bit quants ``(nb, 32)`` -> qh (``(nb, 4)`` uint8, bit j = bit 4 of q[j], little-endian u32)."""
     return bits_to_bytes((q.to(torch.uint8) >> 4) & 1)
@@ -77,8 +93,7 @@ class Q4_1(GGMLType, qtype=T.Q4_1):
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
-        mn = blocks.amin(1)
-        mx = blocks.amax(1)
+        mn, mx = _c_minmax(blocks)
         d = div(mx - mn, 15)
         q = torch.trunc((blocks - mn[:, None]) * _inv(d)[:, None] + 0.5).clamp(max=15)
         return torch.cat([fp16_bytes(d), fp16_bytes(mn), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
@@ -114,8 +129,7 @@ class Q5_1(GGMLType, qtype=T.Q5_1):
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
-        mn = blocks.amin(1)
-        mx = blocks.amax(1)
+        mn, mx = _c_minmax(blocks)
         d = div(mx - mn, 31)
         q = torch.trunc((blocks - mn[:, None]) * _inv(d)[:, None] + 0.5)
         return torch.cat([fp16_bytes(d), fp16_bytes(mn), _qh_bytes(q), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
