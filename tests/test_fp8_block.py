@@ -187,3 +187,12 @@ def test_cuda_matches_cpu(out_dtype):
     s = torch.tensor([[2e36, 1e-40], [0.0, 2.0]])
     assert_same_bytes(dequant_fp8_block(w.cuda(), s.cuda(), out_dtype=out_dtype),
                       dequant_fp8_block_reference(w, s, out_dtype=out_dtype))
+
+
+@pytest.mark.parametrize("nan_byte", [0x7F, 0xFF])
+def test_lone_nan_sign(nan_byte):
+    w = torch.full((40, 50), 0x3C, dtype=torch.uint8)  # no NaN anywhere else in the chunk
+    w[17, 23] = nan_byte
+    got = dequant_fp8_block(w, torch.tensor([[0.5]]))
+    assert torch.isnan(got).nonzero().tolist() == [[17, 23]]
+    assert_same_bytes(got, dequant_fp8_block_reference(w, torch.tensor([[0.5]])))

@@ -24,8 +24,8 @@ CPU path decodes the bytes with vectorised integer ops instead, in row chunks th
 4. fp32 -> ``out_dtype`` with torch's vectorised RNE cast, straight into ``out``.
 
 NaN bytes (0x7F/0xFF) would decode to +-1.875 in step 1, so each chunk is checked with two byte
-``max`` reductions (int8 max == 127 or uint8 max == 255) and, only if present, patched to NaN before
-the multiply. NaN *payload* bits are whatever torch's cast emits (0xFFFF from the vectorised cast,
+``max`` reductions (int8 max == 127 or uint8 max == 255) and, only if present, three more int16 ops
+turn exactly those halves into half NaNs before the multiply. NaN *payload* bits are whatever torch's cast emits (0xFFFF from the vectorised cast,
 0x7FC0 from the scalar one, 0x7FFF on CUDA): outputs are NaN exactly where the input is NaN, but
 NaN bit patterns are not part of the byte-exact contract (real checkpoints contain no NaNs).
 
@@ -141,6 +141,7 @@ def _dequant_cpu_half(weight: torch.Tensor, s_shifted: torch.Tensor, block: tupl
     xbuf = torch.empty((rows, n), dtype=torch.int16)
     direct = out.dtype == torch.float32  # multiply in place in the output, no final cast
     fbuf = None if direct else torch.empty((rows, n), dtype=torch.float32)
+    tbuf = None  # NaN-fix scratch, only allocated when a chunk holds a NaN byte
     for r0 in range(0, m, rows):
         r1 = min(r0 + rows, m)
         src = w8[r0:r1]
@@ -149,9 +150,16 @@ def _dequant_cpu_half(weight: torch.Tensor, s_shifted: torch.Tensor, block: tupl
         x.copy_(src)  # sign-extend
         x <<= 7
         x &= _HALF_MASK
-        f.copy_(x.view(torch.float16))  # = v * 2**-8, exact, never denormal in fp32
         if src.max().item() == 127 or src.view(torch.uint8).max().item() == 255:  # NaN byte 0x7F / 0xFF
-            f.masked_fill_((src.view(torch.uint8) & 0x7F) == 0x7F, float("nan"))
+            # NaN decoded to 0x3F80 / 0xBF80 (+-1.875); adding bit 14 exactly there turns them into half
+            # NaNs 0x7F80 / 0xFF80. Every other value has x + 0x80 <= 0x3F80 (or its negative twin).
+            if tbuf is None:
+                tbuf = torch.empty_like(xbuf)
+            t = tbuf[: r1 - r0]
+            torch.add(x, 0x80, out=t)
+            t &= 0x4000
+            x += t
+        f.copy_(x.view(torch.float16))  # = v * 2**-8, exact, never denormal in fp32
         a = r0
         while a < r1:  # a chunk may straddle row blocks: one multiply per row-block segment
             bi = a // bm
