@@ -1,0 +1,49 @@
+"""Slow, obvious oracles for tests. Deliberately independent of the package's fast paths."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def fp8_e4m3fn_table() -> torch.Tensor:
+    """float32 value of each of the 256 float8_e4m3fn bytes, decoded from the bit layout by formula.
+
+    1 sign, 4 exponent (bias 7), 3 mantissa bits; exponent 0 is subnormal; 0x7F/0xFF are NaN (no inf).
+    """
+    vals = []
+    for b in range(256):
+        sign = -1.0 if b & 0x80 else 1.0
+        e, mant = (b >> 3) & 0xF, b & 0x7
+        if e == 0xF and mant == 0x7:
+            vals.append(math.nan)
+        elif e == 0:
+            vals.append(sign * math.ldexp(mant, -9))  # (m/8) * 2**(1-7)
+        else:
+            vals.append(sign * math.ldexp(8 + mant, e - 10))  # (1 + m/8) * 2**(e-7)
+    return torch.tensor(vals, dtype=torch.float32)
+
+
+def dequant_fp8_block_reference(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """One (bm, bn) block at a time: table-decode to fp32, multiply by the block's fp32 scalar, cast once."""
+    w = weight.cpu()
+    if w.dtype != torch.uint8:
+        w = w.view(torch.uint8)
+    m, n = w.shape
+    bm, bn = block
+    table = fp8_e4m3fn_table()
+    s = scale_inv.cpu().to(torch.float32)
+    assert tuple(s.shape) == (-(-m // bm), -(-n // bn))
+    out = torch.empty((m, n), dtype=out_dtype)
+    for i in range(0, m, bm):
+        for j in range(0, n, bn):
+            vals = table[w[i : i + bm, j : j + bn].long()]  # fp32
+            prod = vals * s[i // bm, j // bn]  # fp32 tensor * 0-dim fp32 tensor: one fp32 multiply
+            out[i : i + bm, j : j + bn] = prod.to(out_dtype)
+    return out
