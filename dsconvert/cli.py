@@ -188,6 +188,86 @@ def fp8_to_bf16_cmd(
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 
 
+QUANTIZE_EXAMPLES = """
+Examples:
+  dsconvert quantize DeepSeek-R1 -o R1-W4A16 --scheme W4A16 --group-size 128
+  dsconvert quantize DeepSeek-R1 -o R1-AWQ --awq --format awq
+  dsconvert quantize DeepSeek-R1 -o R1-GPTQ --gptq --format gptq --ignore 're:.*kv_b_proj$'
+  dsconvert quantize DeepSeek-R1 --scheme W8A16 --group-size -1 --dry-run
+"""
+
+
+@app.command("quantize", help="INT8/INT4 weights in compressed-tensors, AutoAWQ GEMM or GPTQ layout, straight "
+                              "from the FP8 release or a BF16 checkpoint.\n" + QUANTIZE_EXAMPLES)
+def quantize_cmd(
+    src: SrcArg,
+    output: OutOpt = None,
+    scheme: Annotated[str, typer.Option("--scheme", help="W4A16 | W4A16_ASYM | W8A16")] = "W4A16",
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="32 | 64 | 128 | -1 (per channel)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="compressed-tensors | awq | gptq (on-disk layout)")] = "compressed-tensors",
+    checkpoint_format: Annotated[Optional[str], typer.Option("--checkpoint-format",
+                                                             help="gptq only: gptq (v1) | gptq_v2")] = None,
+    method: Annotated[str, typer.Option("--method", help="rtn | awq | gptq")] = "rtn",
+    awq: Annotated[bool, typer.Option("--awq", help="shorthand for --method awq")] = False,
+    gptq: Annotated[bool, typer.Option("--gptq", help="shorthand for --method gptq")] = False,
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="keep a module unquantized: exact name "
+                                                        "or re:REGEX (repeatable)")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")] = False,
+    mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")] = "5G",
+    calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="awq/gptq: text file or token ids "
+                                                      "(default: bundled text)")] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="awq/gptq: calibration sequences")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="awq/gptq: tokens per sequence")] = 128,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = 1,
+    max_memory: MaxMemOpt = None,
+    dry_run: DryOpt = False,
+    overwrite: OverwriteOpt = False,
+    no_resume: NoResumeOpt = False,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert import quantize as qz
+    from .errors import UsageError
+
+    def body():
+        chosen = [m for m, on in (("awq", awq), ("gptq", gptq)) if on]
+        if len(chosen) > 1 or (chosen and method != "rtn"):
+            raise UsageError("give one of --awq, --gptq, --method", hint="they name the same choice")
+        if not dry_run and output is None:
+            raise UsageError("missing -o/--output", hint="dsconvert quantize SRC -o OUT (or --dry-run)")
+        opts = qz.Options(scheme=scheme, group_size=group_size, format=fmt, checkpoint_format=checkpoint_format,
+                          method=chosen[0] if chosen else method, ignore=list(ignore or []), strict=strict, mtp=mtp,
+                          max_shard_size=_size(max_shard_size), device=device, workers=workers,
+                          max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
+                          seq_len=seq_len)
+        return qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
+                      progress=_progress_enabled(quiet))
+
+    def human(rep):
+        p = rep["plan"]
+        sch = rep["scheme"]
+        head = (f"{rep['options']['method'].upper()} {sch['name']} (g{sch['group_size']}) -> {rep['format']}: "
+                f"{p['quantized_modules']} modules quantized, {p['kept_tensors']} tensors kept; "
+                f"{p['bytes_written']['gb']:.3f} GB ({p['bytes_written']['gib']:.3f} GiB), "
+                f"{p['bits_per_weight_quantized']} bpw quantized, {p['bits_per_weight_overall']} bpw overall")
+        if rep["dry_run"]:
+            out.print("plan: " + head + f"; peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB (dry run: nothing written)")
+        else:
+            e = rep.get("quantization_error") or {}
+            out.print(f"wrote {rep['output']['path']}: " + head + f"; {rep['seconds']:.1f} s")
+            if e:
+                out.print(f"  relative RMS weight error: mean {e['mean']:.4f}, max {e['max']:.4f} "
+                          f"({e['worst'][0]['module']})")
+        for w in rep.get("warnings", []):
+            err.print(f"warning: {w}")
+
+    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+
+
 def _validate_after(candidate: Path, reference: Path, quiet: bool) -> dict:
     from .convert import validate as val
 

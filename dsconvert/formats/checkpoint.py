@@ -18,6 +18,7 @@ import torch
 
 from ..errors import BadInputError, UnsupportedError
 from .hf_config import FP8Scheme, family, fp8_scheme, load_config
+from .registry import detect_format
 from .safetensors_io import SafetensorsHeader, TensorEntry, read_header, read_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -127,10 +128,14 @@ def scan(root: str | os.PathLike) -> Checkpoint:
     except UnsupportedError as e:
         problems.append(Problem("model_type", e.message, "config.json", hint=e.hint, unsupported=True))
     fp8 = None
-    try:
-        fp8 = fp8_scheme(config)
-    except UnsupportedError as e:
-        problems.append(Problem("quantization_config", e.message, "config.json", hint=e.hint, unsupported=True))
+    qc = config.get("quantization_config") or {}
+    if qc and qc.get("quant_method") != "fp8" and detect_format(qc) is not None:
+        pass  # an INT checkpoint written by `dsconvert quantize` (or a peer tool in the same layout)
+    else:
+        try:
+            fp8 = fp8_scheme(config)
+        except UnsupportedError as e:
+            problems.append(Problem("quantization_config", e.message, "config.json", hint=e.hint, unsupported=True))
 
     index_path = root / INDEX_NAME
     weight_map: dict[str, str] | None = None

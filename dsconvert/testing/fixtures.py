@@ -41,7 +41,7 @@ class FixtureSpec:
     """Shape of a synthetic DeepSeek-V3 checkpoint. Defaults give the 'tiny' preset (a few MB)."""
 
     hidden_size: int = 320  # 2.5 blocks of 128: partial blocks along N for every hidden->x linear
-    intermediate_size: int = 300  # dense MLP: [300, 320] and [320, 300], partial on both axes
+    intermediate_size: int = 320  # dense MLP: [320, 320], partial blocks on both axes; divisible by 32 and 64
     moe_intermediate_size: int = 64
     num_hidden_layers: int = 3
     first_k_dense_replace: int = 1
@@ -234,13 +234,18 @@ def _init(name: str, shape: tuple[int, ...], kind: str, spec: FixtureSpec, gen: 
     if kind == "bias":
         return 0.1 * torch.randn(shape, generator=gen) + 1e-3 * torch.rand(shape, generator=gen)
     if kind == "router":
-        return torch.randn(shape, generator=gen) * (3.0 / math.sqrt(shape[1]))
+        return torch.randn(shape, generator=gen) * (2.0 / math.sqrt(shape[1]))  # decisive routing
     if kind == "embed":
         return torch.randn(shape, generator=gen) * 0.5
     if kind == "head":  # logits of unit scale: a perplexity near the vocabulary size, not a degenerate one
         return torch.randn(shape, generator=gen) * (2.0 / math.sqrt(shape[1]))
     fan_in = shape[-1]
-    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+    w = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        # residual-branch outputs scaled down (GPT-2 style): each layer adds a small update to the residual stream,
+        # as in trained LLMs, so a small weight error stays small instead of compounding chaotically
+        w *= 0.25
+    return w
 
 
 def _seed(seed: int, name: str) -> int:
