@@ -282,15 +282,32 @@ def _print_validation(rep: dict) -> None:
               f"{100 * m['rms_dp']:.3f}%  PPL {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g}")
 
 
-@app.command("inspect", help="Show what a checkpoint holds and what converting it writes, from headers only.")
-def inspect_cmd(src: SrcArg, json_out: JsonOpt = False, verbose: VerboseOpt = False) -> None:
-    from .convert.inspect import human_lines, inspect_checkpoint
+@app.command("inspect", help="Show what a checkpoint holds and what converting it writes, from headers only. "
+                             "--list-schemes / --list-formats / --list-types print what the writers support.")
+def inspect_cmd(
+    src: Annotated[Optional[Path], typer.Argument(help="checkpoint directory", show_default=False)] = None,
+    list_schemes: Annotated[bool, typer.Option("--list-schemes", help="quantize schemes")] = False,
+    list_formats: Annotated[bool, typer.Option("--list-formats", help="quantize on-disk formats")] = False,
+    list_types: Annotated[bool, typer.Option("--list-types", help="GGUF tensor types")] = False,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert.inspect import human_lines, inspect_checkpoint, registries
 
     def human(rep):
+        if "registries" in rep:
+            for k, v in rep["registries"].items():
+                out.print(f"{k}: {', '.join(v)}")
+            return
         for line in human_lines(rep):
             out.print(line, markup=True, highlight=False)
 
     def body():
+        if list_schemes or list_formats or list_types:
+            return {"registries": registries(list_schemes, list_formats, list_types)}
+        if src is None:
+            from .errors import UsageError
+            raise UsageError("missing SRC", hint="dsconvert inspect SRC, or one of --list-schemes/--list-formats/--list-types")
         rep = inspect_checkpoint(src)
         if not rep["ok"]:
             rep["_exit_code"] = 3

@@ -227,6 +227,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         copied = copy_files(src, out, plan.files)
     else:
         copied = [{"name": n} for n in plan.files]
+    report["self_check"] = verify_output(out, plan)
     seconds = time.perf_counter() - t0
     per_tensor = [{"name": t.name, "action": t.action, "dtype_out": t.dtype,
                    "dtype_in": ck.entry(t.name).dtype, "bytes_in": t.source_bytes, "bytes_out": t.nbytes,
@@ -249,6 +250,35 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     decision.manifest.save(out)
     report["report_path"] = str(out / REPORT_NAME)
     return report
+
+
+def verify_output(out: Path, plan: Plan) -> dict:
+    """Re-read what was written (headers, index, config) and check it is a complete, loadable BF16 directory:
+    every planned tensor present once with its dtype and shape, no scale and no FP8 tensor left, config with
+    ``model_type`` and ``architectures`` and without ``quantization_config``.
+
+    Raises:
+        RuntimeError: the output does not match the plan (a dsconvert bug; exit 1).
+    """
+    from ..formats.checkpoint import scan
+
+    ck = scan(out)
+    fatal = ck.fatal_problems()
+    expected = {t.name: (t.dtype, tuple(t.shape)) for s in plan.shards for t in s.tensors}
+    got = {n: (e.dtype, tuple(e.shape)) for n, (_, e) in ck.tensors.items()}
+    problems = [p.message for p in fatal]
+    if got != expected:
+        missing = sorted(set(expected) - set(got))[:3]
+        extra = sorted(set(got) - set(expected))[:3]
+        problems.append(f"tensors differ from the plan (missing {missing}, unexpected {extra})")
+    if any(n.endswith("_scale_inv") or d == "F8_E4M3" for n, (d, _) in got.items()):
+        problems.append("FP8 tensors or scales left in the output")
+    cfg = ck.config
+    if "quantization_config" in cfg or not cfg.get("model_type") or not cfg.get("architectures"):
+        problems.append("config.json must have model_type and architectures and no quantization_config")
+    if problems:
+        raise RuntimeError(f"{out}: output self-check failed: " + "; ".join(problems))
+    return {"ok": True, "tensors": len(got), "shards": len(ck.shards)}
 
 
 def _check_disk(out: Path, plan: Plan, done: set[str]) -> None:

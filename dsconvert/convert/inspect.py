@@ -107,3 +107,18 @@ def human_lines(rep: dict) -> list[str]:
         lines.append("  [green]no problems found[/green]")
     return lines
 
+
+
+def registries(schemes: bool, formats: bool, types: bool) -> dict:
+    """Names (with aliases) the writers accept: quantize schemes and formats, GGUF types."""
+    out = {}
+    if schemes:
+        from ..quant.schemes import registered_schemes
+        out["schemes"] = registered_schemes()
+    if formats:
+        from ..formats.registry import registered_formats
+        out["formats"] = registered_formats()
+    if types:
+        from ..quant.ggml_quants import registered_types
+        out["gguf_types"] = registered_types()
+    return out
