@@ -16,6 +16,7 @@ from .manifest import MANIFEST_NAME
 
 REPORT_NAME = "report.json"
 _SKIP = {"config.json", "model.safetensors.index.json", MANIFEST_NAME, REPORT_NAME}
+_SKIP_SUFFIXES = (".safetensors", ".safetensors.tmp")
 
 
 def extra_files(src: Path) -> list[str]:
@@ -26,7 +27,7 @@ def extra_files(src: Path) -> list[str]:
         if any(part.startswith(".") for part in rel.parts) or not p.is_file():
             continue
         name = rel.as_posix()
-        if name in _SKIP or p.suffix == ".safetensors" or name.endswith(".safetensors.tmp"):
+        if name in _SKIP or name.endswith(_SKIP_SUFFIXES):
             continue
         out.append(name)
     return out

@@ -14,7 +14,6 @@ to ``--max-shard-size``), so calibrated methods can write layer ``i`` as soon as
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,9 +148,25 @@ class _ModuleCache:
         return self.current[1].tensors[tensor_name]
 
 
+def _with_override(name: str, producer, replaced: Callable[[str], torch.Tensor | None], st_dtype: str):
+    """Producer that writes ``replaced(name)`` (cast to the planned dtype) when calibration changed the tensor."""
+    from ..formats.safetensors_io import DTYPES
+
+    def produce():
+        r = replaced(name)
+        if r is None:
+            yield from producer()
+        else:
+            yield r.to(DTYPES[st_dtype][0]).contiguous()
+
+    return produce
+
+
 def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[str], ModuleResult] | None,
-              device: torch.device) -> tuple[Plan, _ModuleCache]:
-    """Plan from headers only; ``compute(module) -> ModuleResult`` produces a quantized module's tensors.
+              device: torch.device, replaced: Callable[[str], torch.Tensor | None] | None = None
+              ) -> tuple[Plan, _ModuleCache]:
+    """Plan from headers only; ``compute(module) -> ModuleResult`` produces a quantized module's tensors;
+    ``replaced(name)`` (calibrated methods) returns a float tensor to write instead of a kept source tensor.
 
     Raises:
         ShapeError / UsageError: a group size that does not divide K, a spec the format cannot hold, a mixed
@@ -204,6 +219,8 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
             outs = [OutTensor(name, ent.dtype, ent.shape, copy_producer(ck, name, opts.chunk_bytes), "copy", [name],
                               src_bytes)]
             kept.append(name)
+        if replaced is not None and s is None:
+            outs[0].produce = _with_override(name, outs[0].produce, replaced, outs[0].dtype)
         groups.setdefault(_layer_key(name), []).extend(outs)
     check_fused_groups(decisions)
     unmatched = policy.unmatched()
@@ -327,7 +344,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         from .calibrated import calibrated_compute
 
         compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
-    plan, cache = make_plan(ck, opts, fmt, compute, device)
+    plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None)
     report = base_report(COMMAND)
     report.update({
         "source": {"path": str(src), "family": version_label(ck.config), "format": "fp8-block" if ck.fp8 else "float",
@@ -353,8 +370,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
                       "options": opts.fingerprinted(), "command": COMMAND})
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files))
+    from .calibrated import STATE_NAME
     if engine is not None:
-        engine.skip_done(decision.done, plan.shards)
+        engine.resume(out, decision.done, plan.shards)
     written_now: list[str] = []
     if not decision.already_complete:
         todo = sum(s.nbytes for s in plan.shards if s.name not in decision.done)
@@ -380,8 +398,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     write_atomic(out / REPORT_NAME, (json.dumps(full, indent=2, default=str) + "\n").encode())
     decision.manifest.complete = True
     decision.manifest.save(out)
+    (out / STATE_NAME).unlink(missing_ok=True)  # calibration resume state is only needed until completion
     report["report_path"] = str(out / REPORT_NAME)
     return report
 
-
-_ = math

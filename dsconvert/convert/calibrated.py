@@ -1,0 +1,190 @@
+"""``quantize --awq`` / ``--gptq``: drive the layer-streamed :class:`~dsconvert.convert.calibrate.CalibrationEngine`
+from the quantize pipeline's producers.
+
+The pipeline writes layer-aligned shards in layer order; the first request for any tensor of decoder layer
+``L`` (a quantized module, or a float tensor AWQ folding replaced: norm weights, router columns) runs the engine
+through layer ``L`` and keeps that layer's results until the next layer is asked for, so one layer's results
+are resident at a time. Tensors of the MTP block (layers >= num_hidden_layers, not part of the forward) are
+quantized with RTN, and the report says so.
+
+Resume: after each layer the residual stream of the calibration sequences is saved with safetensors in
+``OUT/calibration-state.safetensors`` (hidden states, no pickle); a resumed run whose finished shards cover
+layers ``0..L`` restores it and continues at ``L + 1`` instead of recalibrating from layer 0.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import UsageError
+from ..formats.checkpoint import Checkpoint
+from ..formats.int_format import IntFormat
+from ..quant.rtn import QTensor, QuantSpec, quantize
+from .validate import BUNDLED_TEXT, tokenize
+from .weights import CheckpointWeightSource
+
+STATE_NAME = "calibration-state.safetensors"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def calibration_ids(ck: Checkpoint, calib_data: str | None, num_samples: int, seq_len: int) -> list[list[int]]:
+    """Calibration sequences: ``num_samples`` windows of ``seq_len`` tokens from a text file (tokenized with the
+    checkpoint's tokenizer.json), a JSON list of id lists (``.json``), or the bundled text by default.
+
+    Raises:
+        UsageError: unreadable file, or no complete sequence of at least 2 tokens.
+    """
+    path = Path(calib_data) if calib_data else BUNDLED_TEXT
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"--calib-data {path}: {e.strerror}") from e
+    if path.suffix == ".json":
+        try:
+            seqs = [[int(t) for t in s] for s in json.loads(raw)]
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--calib-data {path}: expected a JSON list of token-id lists ({e})") from e
+        seqs = seqs[:num_samples]
+    else:
+        ids = tokenize(ck.root, raw)
+        # the text is repeated if it is shorter than num_samples * seq_len (the bundled text is ~800 tokens)
+        need = num_samples * seq_len
+        if ids and len(ids) < need:
+            ids = (ids * (need // len(ids) + 1))[:need]
+        seqs = [ids[i: i + seq_len] for i in range(0, len(ids), seq_len)][:num_samples]
+    seqs = [s for s in seqs if len(s) >= 2]
+    if not seqs:
+        raise UsageError(f"--calib-data {path}: no calibration sequence of at least 2 tokens")
+    return seqs
+
+
+class CalibratedRun:
+    """Adapter between the pipeline (asks by tensor name, in file order) and the engine (layer by layer)."""
+
+    def __init__(self, ck: Checkpoint, fmt: IntFormat, spec: QuantSpec, opts, device: torch.device):
+        from .calibrate import CalibrationEngine
+        from .policy import LayerPolicy
+
+        self.ck = ck
+        self.fmt = fmt
+        self.spec = spec
+        self.method = opts.method
+        self.device = device
+        policy = LayerPolicy(spec, list(opts.ignore))
+        self.ids = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len)
+        self.engine = CalibrationEngine(CheckpointWeightSource(ck.root, check_values=False),
+                                        lambda mod, shape: policy(mod + ".weight", shape), opts.method,
+                                        fmt.convention, self.ids, device=device)
+        self.n_layers = self.engine.num_layers
+        self.layer: int | None = None
+        self.result = None
+        self.layer_stats: list[dict] = []
+        self.mtp_rtn: list[str] = []
+        self.out_dir: Path | None = None
+
+    # -- pipeline hooks -----------------------------------------------------------------------------------
+    def compute(self, module: str):
+        from .quantize import ModuleResult, _read_float, _rel_error
+
+        lay = layer_of(module + ".weight")
+        if lay is None or lay >= self.n_layers:  # MTP block: not part of the forward, RTN
+            w = _read_float(self.ck, module + ".weight").to(self.device)
+            qt = quantize(w, self.spec, self.fmt.convention, name=module)
+            self.mtp_rtn.append(module)
+            return ModuleResult({k: v.cpu() for k, v in self.fmt.encode_qtensor(module, qt).items()},
+                                _rel_error(w, qt))
+        res = self._ensure(lay)
+        qt: QTensor = res.quantized[module]
+        w = _read_float(self.ck, module + ".weight")
+        return ModuleResult(self.fmt.encode_qtensor(module, qt), _rel_error(w, qt))
+
+    def replaced(self, name: str) -> torch.Tensor | None:
+        lay = layer_of(name)
+        if lay is None or lay >= self.n_layers:
+            return None
+        return self._ensure(lay).replaced.get(name)
+
+    # -- engine driving -------------------------------------------------------------------------------
+    def _ensure(self, lay: int):
+        if self.layer == lay:
+            return self.result
+        if lay < self.engine.next_layer:
+            raise RuntimeError(f"calibration of layer {lay} requested after layer {self.engine.next_layer - 1}")
+        while self.engine.next_layer <= lay:
+            self.result = self.engine.run_layer(self.engine.next_layer)
+            self.layer = self.result.layer
+            self.layer_stats.append(self.result.stats)
+            self._save_state()
+        return self.result
+
+    def _save_state(self) -> None:
+        if self.out_dir is None:
+            return
+        tensors = {f"hidden.{i}": h.float().contiguous() for i, h in enumerate(self.engine.hidden_states)}
+        tmp = self.out_dir / (STATE_NAME + ".tmp")
+        save_file(tensors, str(tmp), metadata={"next_layer": str(self.engine.next_layer),
+                                               "sequences": str(len(tensors))})
+        tmp.replace(self.out_dir / STATE_NAME)
+
+    def resume(self, out_dir: Path, done: set[str], shards) -> None:
+        """Skip recalibrating the layers whose shards are all finished, when a saved state covers them."""
+        self.out_dir = out_dir
+        last_done = -1
+        for s in shards:
+            layers = {layer_of(t.name) for t in s.tensors} - {None}
+            if s.name not in done:
+                break
+            if layers:
+                last_done = max(last_done, max(layers))
+        last_done = min(last_done, self.n_layers - 1)
+        state = out_dir / STATE_NAME
+        if last_done < 0 or not state.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(state), "pt") as f:
+            next_layer = int(f.metadata().get("next_layer", "-1"))
+        if next_layer < last_done + 1:
+            return
+        # the state may be ahead of the finished shards; rerun from the state only when it matches exactly
+        if next_layer != last_done + 1:
+            return
+        hs = load_file(str(state))
+        hidden = [hs[f"hidden.{i}"] for i in range(len(hs))]
+        if len(hidden) != len(self.engine.hidden_states):
+            return
+        self.engine._hidden = [h.to(self.engine.hidden_states[0].dtype) for h in hidden]
+        self.engine.next_layer = next_layer
+        self.resumed_at = next_layer
+
+    def report(self) -> dict:
+        experts_rtn = sum(1 for st in self.layer_stats for e in (st.get("experts") or {}).values()
+                          if e.get("policy") == "rtn")
+        return {
+            "method": self.method,
+            "sequences": len(self.ids),
+            "tokens": sum(len(s) for s in self.ids),
+            "layers_calibrated": len(self.layer_stats),
+            "resumed_at_layer": getattr(self, "resumed_at", None),
+            "mtp_modules_rtn": len(self.mtp_rtn),
+            "experts_rtn_fallback": experts_rtn,
+            "layers": self.layer_stats,
+        }
+
+
+def calibrated_compute(ck: Checkpoint, fmt: IntFormat, spec: QuantSpec, opts, device: torch.device
+                       ) -> tuple[Callable, CalibratedRun]:
+    run = CalibratedRun(ck, fmt, spec, opts, device)
+    return run.compute, run
+
