@@ -204,7 +204,7 @@ def read_tensor(f, entry: TensorEntry, rows: tuple[int, int] | None = None) -> t
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 @dataclass
