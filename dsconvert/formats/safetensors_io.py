@@ -162,8 +162,9 @@ def read_header(path: str | os.PathLike, *, check_size: bool = True) -> Safetens
                                 hint="the header is corrupt; re-download this shard")
         pos = e
     if check_size and data_start + pos > size:
-        raise BadInputError(f"{path}: truncated: header promises {data_start + pos} bytes, file has {size}",
-                            hint="the download was cut short; re-download this shard")
+        cut = next(name for b, e, name in spans if data_start + e > size)
+        raise BadInputError(f"{path}: truncated: header promises {data_start + pos} bytes, file has {size}; tensor "
+                            f"{cut!r} is cut off", hint="the download was cut short; re-download this shard")
     return SafetensorsHeader(path, meta, tensors, data_start, size)
 
 
