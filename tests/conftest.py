@@ -105,13 +105,36 @@ def read_tensors(d: Path) -> dict[str, tuple[str, tuple, bytes, str]]:
 def tiny_src(tmp_path_factory) -> Path:
     from dsconvert.testing.fixtures import build_checkpoint
 
-    return build_checkpoint(tmp_path_factory.mktemp("tiny") / "src", "tiny")
+    src = build_checkpoint(tmp_path_factory.mktemp("tiny") / "src", "tiny")
+    guard_source(src)
+    return src
+
+
+_GUARDED_SOURCES: list[tuple[Path, dict[str, str]]] = []
+
+
+def guard_source(src: Path) -> dict[str, str]:
+    """Hash ``src`` now; the session guard checks at the end that it is unchanged."""
+    h = tree_hashes(src)
+    _GUARDED_SOURCES.append((src, h))
+    return h
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_guard(tmp_path_factory):
+    """After every test: no source tree changed, and no remote-code file was ever executed anywhere (the fixture's
+    ``modeling_deepseek.py``/``configuration_deepseek.py`` write ``EXECUTED_<name>`` next to themselves if run)."""
+    yield
+    executed = sorted(str(p) for p in tmp_path_factory.getbasetemp().rglob(MARKER_GLOB))
+    assert not executed, f"remote code was executed: {executed}"
+    for src, before in _GUARDED_SOURCES:
+        assert tree_hashes(src) == before, f"source {src} was modified"
 
 
 @pytest.fixture(scope="session")
 def tiny_src_hash(tiny_src) -> dict[str, str]:
     """The whole SRC tree hashed before any command ran on it (checked again at the end of the session)."""
-    return tree_hashes(tiny_src)
+    return next(h for p, h in _GUARDED_SOURCES if p == tiny_src)
 
 
 @pytest.fixture(scope="session")
