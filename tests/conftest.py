@@ -151,3 +151,28 @@ def tiny_copy(tiny_src, tmp_path) -> Path:
     dst = tmp_path / "src"
     shutil.copytree(tiny_src, dst)
     return dst
+
+
+def run_many(jobs: dict[str, tuple], parallel: int = 4, timeout: float = 300) -> dict[str, CliResult]:
+    """Run independent CLI invocations concurrently (at most ``parallel`` at a time); key -> result."""
+    import time
+
+    pending = list(jobs.items())
+    running: dict[str, tuple[subprocess.Popen, tuple, float]] = {}
+    results: dict[str, CliResult] = {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            key, args = pending.pop(0)
+            running[key] = (popen_cli(*args), tuple(map(str, args)), time.monotonic())
+        for key, (p, args, t0) in list(running.items()):
+            try:
+                so, se = p.communicate(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() - t0 > timeout:
+                    p.kill()
+                    so, se = p.communicate()
+                else:
+                    continue
+            results[key] = CliResult(p.returncode, so, se, args)
+            del running[key]
+    return results
