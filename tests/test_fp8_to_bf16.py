@@ -363,6 +363,12 @@ def test_mtp_drop(tiny_src, tiny_out, tmp_path):
     names = {d["name"] for d in dropped}
     assert {n for n in src_mtp if not n.endswith(SCALE)} <= names <= src_mtp
     assert all(d.get("reason") for d in dropped)
+    # every input tensor is accounted for: written (with the scales it consumed) or dropped with a reason
+    per_tensor = json.loads((out / "report.json").read_text())["tensors"]
+    accounted = {t["name"] for t in per_tensor} | {t["name"] + SCALE for t in per_tensor if t["action"] == "dequant"}
+    accounted |= names
+    assert accounted == set(read_index(tiny_src)["weight_map"]), \
+        sorted(set(read_index(tiny_src)["weight_map"]) - accounted)[:5]
     # everything else is exactly what the default conversion writes
     kept = read_tensors(tiny_out[0])
     assert {n: v[:3] for n, v in got.items()} == {n: v[:3] for n, v in kept.items() if not n.startswith(prefix)}
