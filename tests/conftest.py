@@ -138,10 +138,17 @@ def tiny_src_hash(tiny_src) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_out(tiny_src, tiny_src_hash, tmp_path_factory) -> tuple[Path, dict]:
+def tiny_run(tiny_src, tiny_src_hash, tmp_path_factory) -> tuple[Path, CliResult]:
+    """The default conversion of the tiny fixture, with ``--json``: (OUT, the CLI result)."""
     out = tmp_path_factory.mktemp("tiny_out") / "out"
     r = run_cli("fp8-to-bf16", tiny_src, "-o", out, "--json")
     assert r.rc == 0, str(r)
+    return out, r
+
+
+@pytest.fixture(scope="session")
+def tiny_out(tiny_run) -> tuple[Path, dict]:
+    out, r = tiny_run
     return out, r.json()
 
 
