@@ -119,7 +119,8 @@ def test_errors_in_json_mode_are_json_on_stdout(tiny_copy, tmp_path):
 # --- inspect ---------------------------------------------------------------------------------------------------
 
 def test_inspect_tiny(tiny_src, tiny_out):
-    r = run_cli("inspect", tiny_src, "--json")
+    res = run_many({"json": ("inspect", tiny_src, "--json"), "human": ("inspect", tiny_src)})
+    r = res["json"]
     assert r.rc == 0, str(r)
     rep = only_json(r.stdout)
     src_t = read_tensors(tiny_src)
@@ -148,7 +149,7 @@ def test_inspect_tiny(tiny_src, tiny_out):
     assert plan["output_tensors"] == len(out_t)
     assert rep["ok"] is True and rep["problems"] == []
 
-    r = run_cli("inspect", tiny_src)  # the human rendering
+    r = res["human"]  # the human rendering
     assert r.rc == 0 and f"{len(src_t):,}" in r.stdout and "no problems found" in r.stdout, str(r)
 
 
