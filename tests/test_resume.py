@@ -41,7 +41,7 @@ def resume_src(tmp_path_factory):
     from dsconvert.testing.fixtures import build_checkpoint
 
     src = build_checkpoint(tmp_path_factory.mktemp("resume") / "src", "tiny", num_shards=6, num_hidden_layers=6,
-                           n_routed_experts=16, hidden_size=640, moe_intermediate_size=256, vocab_size=1024)
+                           n_routed_experts=16, hidden_size=512, moe_intermediate_size=192, vocab_size=1024)
     guard_source(src)
     return src
 
