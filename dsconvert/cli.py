@@ -117,6 +117,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version_c
 
 
 FP8_EXAMPLES = """
+\b
 Examples:
   dsconvert fp8-to-bf16 DeepSeek-R1 -o DeepSeek-R1-BF16
   dsconvert fp8-to-bf16 DeepSeek-R1 -o out --mtp drop --max-shard-size 5G --json

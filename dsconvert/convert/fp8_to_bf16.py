@@ -123,12 +123,12 @@ def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None)
     counts = {"dequantized": 0, "copied": 0, "dropped": 0, "scales_consumed": 0}
     for name in source_order(ck):
         ent = ck.entry(name)
-        if ck.is_scale(name):
-            counts["scales_consumed"] += 1
-            continue
-        if opts.mtp == "drop" and ck.is_mtp(name):
+        if opts.mtp == "drop" and ck.is_mtp(name):  # scales included: every input tensor is accounted for
             dropped.append({"name": name, "reason": "--mtp drop: multi-token-prediction layer", "bytes": ent.nbytes})
             counts["dropped"] += 1
+            continue
+        if ck.is_scale(name):
+            counts["scales_consumed"] += 1
             continue
         if ent.dtype == "F8_E4M3":
             sent = ck.entry(ck.scale_of(name))

@@ -167,7 +167,10 @@ def scan(root: str | os.PathLike) -> Checkpoint:
             continue
         p = root / s
         if not p.is_file():
-            problems.append(Problem("missing_shard", f"index names shard {s!r}, which does not exist", s,
+            held = sorted(n for n, v in (weight_map or {}).items() if v == s)
+            what = f" for {len(held)} tensors, e.g. {held[0]!r}," if held else ""
+            problems.append(Problem("missing_shard", f"index names shard {s!r}{what} which does not exist", s,
+                                    held[0] if held else None,
                                     hint="the download is incomplete; fetch the missing shard"))
             continue
         try:

@@ -162,8 +162,9 @@ def read_header(path: str | os.PathLike, *, check_size: bool = True) -> Safetens
                                 hint="the header is corrupt; re-download this shard")
         pos = e
     if check_size and data_start + pos > size:
-        raise BadInputError(f"{path}: truncated: header promises {data_start + pos} bytes, file has {size}",
-                            hint="the download was cut short; re-download this shard")
+        cut = next(name for b, e, name in spans if data_start + e > size)
+        raise BadInputError(f"{path}: truncated: header promises {data_start + pos} bytes, file has {size}; tensor "
+                            f"{cut!r} is cut off", hint="the download was cut short; re-download this shard")
     return SafetensorsHeader(path, meta, tensors, data_start, size)
 
 
@@ -204,7 +205,7 @@ def read_tensor(f, entry: TensorEntry, rows: tuple[int, int] | None = None) -> t
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 @dataclass
