@@ -183,3 +183,90 @@ def test_gptq_damping_retry_and_bad_input():
     assert torch.isfinite(dequantize(qt)).all()
     with pytest.raises(BadInputError):
         gptq_quantize(w, torch.full((32, 32), float("nan")), W4G32, GPTQ)
+
+
+# ---------------------------------------------------------------------------------------------
+# AWQ
+# ---------------------------------------------------------------------------------------------
+from dsconvert.quant.awq import (  # noqa: E402
+    apply_clip,
+    awq_search_clip,
+    awq_search_scale,
+    fold_linear_rows,
+    fold_norm,
+    pseudo_quantize,
+    scale_columns,
+)
+
+
+def _outlier_inputs(n: int, k: int, seed: int) -> torch.Tensor:
+    """Gaussian activations with a few channels 30x larger (fixed channels, as LLM outliers are)."""
+    x = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    x[:, [5, 77, 130, 200]] *= 30.0
+    return x
+
+
+@pytest.mark.parametrize("conv,sym", [(COMPRESSED_TENSORS, True), (AUTOAWQ, False)])
+def test_awq_scale_search_beats_rtn_on_outlier_channels(conv, sym):
+    spec = QuantSpec(4, 32, sym)
+    g = torch.Generator().manual_seed(21)
+    w1 = torch.randn(64, 256, generator=g) / 16
+    w2 = torch.randn(32, 256, generator=g) / 16
+    x_cal, x_eval = _outlier_inputs(512, 256, 22), _outlier_inputs(512, 256, 23)
+
+    def fwd(ws):
+        return torch.cat([x_cal @ w.T for w in ws], dim=1)
+
+    s, ratio, errors = awq_search_scale(x_cal, [w1, w2], fwd, spec, conv)
+    assert s.shape == (256,) and torch.isfinite(s).all() and (s > 0).all()
+    assert len(errors) == 20 and 0 < ratio < 1 and min(errors) == errors[round(ratio * 20)]
+    for w in (w1, w2):
+        awq = pseudo_quantize(scale_columns(w, s), spec, conv)  # stored weight: Q(W s)
+        out_awq = (x_eval / s) @ awq.T  # the folded previous op feeds x / s
+        out_rtn = x_eval @ pseudo_quantize(w, spec, conv).T
+        ref = x_eval @ w.T
+        e_awq, e_rtn = float((out_awq - ref).pow(2).mean()), float((out_rtn - ref).pow(2).mean())
+        assert e_awq < 0.7 * e_rtn, (e_awq, e_rtn)
+
+
+def test_awq_folds_leave_float_output_unchanged():
+    from dsconvert.model.layers import rms_norm
+
+    g = torch.Generator().manual_seed(31)
+    h = torch.randn(40, 256, generator=g)
+    norm_w = 1 + 0.1 * torch.randn(256, generator=g)
+    gate, up = torch.randn(96, 256, generator=g) / 16, torch.randn(96, 256, generator=g) / 16
+    down = torch.randn(256, 96, generator=g) / 10
+    s = torch.rand(256, generator=g) * 4 + 0.1
+    s2 = torch.rand(96, generator=g) * 4 + 0.1
+
+    def mlp(nw, gw, uw, dw):
+        x = rms_norm(h, nw, 1e-6)
+        return (torch.nn.functional.silu(x @ gw.T) * (x @ uw.T)) @ dw.T
+
+    ref = mlp(norm_w, gate, up, down)
+    # norm / s with gate, up columns * s; then up rows / s2 with down columns * s2
+    folded = mlp(fold_norm(norm_w, s), scale_columns(gate, s), fold_linear_rows(scale_columns(up, s), s2),
+                 scale_columns(down, s2))
+    torch.testing.assert_close(folded, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_tokens", [0, 1, 3, 700, 1500])
+def test_awq_clip_search_any_token_count(n_tokens):
+    spec = QuantSpec(4, 32, True)
+    g = torch.Generator().manual_seed(41)
+    w = torch.randn(70, 128, generator=g) / 11  # 70 rows: not a multiple of AutoAWQ's 64/256 batches
+    w[3, 17] = 2.0  # one large weight that clipping should trim
+    x = torch.randn(n_tokens, 128, generator=g)
+    mv = awq_search_clip(w, x, spec, COMPRESSED_TENSORS)
+    assert mv.shape == (70, 4, 1) and torch.isfinite(mv).all()
+    absmax = w.abs().reshape(70, 4, 32).amax(-1, keepdim=True)
+    assert (mv <= absmax + 1e-7).all() and (mv >= 0.5 * absmax - 1e-7).all()
+    wc = apply_clip(w, mv)
+    assert wc.shape == w.shape and (wc.abs().reshape(70, 4, 32) <= mv + 1e-7).all()
+    if n_tokens == 0:
+        assert torch.equal(wc, w)
+    if n_tokens >= 700:  # on its own calibration tokens clipping never hurts, and helps here
+        e_clip = float((x @ pseudo_quantize(wc, spec, COMPRESSED_TENSORS).T - x @ w.T).pow(2).mean())
+        e_rtn = float((x @ pseudo_quantize(w, spec, COMPRESSED_TENSORS).T - x @ w.T).pow(2).mean())
+        assert e_clip < e_rtn
