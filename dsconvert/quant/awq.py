@@ -12,8 +12,9 @@ Pure tensor code (no file I/O, no module names); runs on the inputs' device in f
 
 Pseudo-quantization uses :func:`dsconvert.quant.rtn.quantize` / :func:`~dsconvert.quant.rtn.dequantize`
 with the target convention (scales rounded to the storage dtype), so the search optimises the weights
-that are actually written. Deviation from AutoAWQ: its clip search batches output channels by 256 or 64
-and asserts one divides N; here any N works (batches of ``OC_BATCH`` plus a remainder).
+that are actually written. Deviations from AutoAWQ: its clip search batches output channels by 256 or 64
+and asserts one divides N; here any N works (batches of ``OC_BATCH`` plus a remainder), and the group
+partial outputs are batched matmuls rather than broadcast products (same numbers up to summation order).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ __all__ = [
     "scale_columns",
 ]
 
-#: Output channels per batch in the clip search (AutoAWQ uses 256 or 64).
-OC_BATCH = 64
+#: Output channels per batch in the clip search (AutoAWQ uses 256 or 64). The working set is
+#: ``(K/g) x n_tok x OC_BATCH`` float32 (about 115 MB for K = 7168, g = 128, 1023 tokens).
+OC_BATCH = 512
 
 
 def pseudo_quantize(w: torch.Tensor, spec: QuantSpec, convention: Convention) -> torch.Tensor:
@@ -153,30 +155,32 @@ def awq_search_clip(
     if x.dim() != 2 or x.shape[1] != k:
         raise ShapeError(f"clip search input {tuple(x.shape)} does not match weight {n_out}x{k}")
     step = max(1, x.shape[0] // n_sample_token)
-    xs = x[::step].to(torch.float32).reshape(1, -1, k // g, g)  # (1, n_tok, K/g, g)
-    wg_all = w.to(torch.float32).reshape(n_out, 1, k // g, g)  # (N, 1, K/g, g)
-    if xs.shape[1] == 0:
-        return wg_all.abs().amax(dim=-1).reshape(n_out, k // g, 1)
+    groups = k // g
+    xs = x[::step].to(device=w.device, dtype=torch.float32)  # (n_tok, K)
+    wg_all = w.to(torch.float32).reshape(n_out, groups, g)  # (N, K/g, g)
+    if xs.shape[0] == 0:
+        return wg_all.abs().amax(dim=-1, keepdim=True)
+    xg = xs.reshape(-1, groups, g).permute(1, 0, 2)  # (K/g, n_tok, g)
     out = []
-    levels_signed = convention.signed
     for b0 in range(0, n_out, OC_BATCH):
-        wg = wg_all[b0:b0 + OC_BATCH]  # (B, 1, K/g, g)
-        org_max = wg.abs().amax(dim=-1, keepdim=True)  # (B, 1, K/g, 1)
+        wg = wg_all[b0:b0 + OC_BATCH]  # (B, K/g, g)
+        org_max = wg.abs().amax(dim=-1, keepdim=True)  # (B, K/g, 1)
         best_max = org_max.clone()
         min_err = torch.full_like(org_max, float("inf"))
-        org_out = (xs * wg).sum(dim=-1)  # (B, n_tok, K/g)
+        org_out = torch.bmm(xg, wg.permute(1, 2, 0))  # (K/g, n_tok, B): per-group partial outputs
         for i_s in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i_s / n_grid)
-            cur = torch.maximum(torch.minimum(wg, max_val), -max_val)  # (B, 1, K/g, g)
-            scale, zero = compute_qparams(cur, spec, convention)  # (B, 1, K/g)
+            cur = torch.maximum(torch.minimum(wg, max_val), -max_val)  # (B, K/g, g)
+            scale, zero = compute_qparams(cur, spec, convention)  # (B, K/g) each
             z = None if zero is None else zero[..., None].to(torch.float32)
-            q = round_to_grid(cur, scale[..., None], z, spec.bits, levels_signed)
+            q = round_to_grid(cur, scale[..., None], z, spec.bits, convention.signed)
             deq = (q - z) * scale[..., None] if z is not None else q * scale[..., None]
-            err = ((xs * deq).sum(dim=-1) - org_out).pow(2).mean(dim=1).view(min_err.shape)  # (B, 1, K/g, 1)
+            cur_out = torch.bmm(xg, deq.permute(1, 2, 0))  # (K/g, n_tok, B)
+            err = (cur_out - org_out).pow_(2).mean(dim=1).t()[..., None]  # (B, K/g, 1)
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best_max = torch.where(better, max_val, best_max)
-        out.append(best_max.squeeze(1))  # (B, K/g, 1)
+        out.append(best_max)
     return torch.cat(out, dim=0)
 
 
