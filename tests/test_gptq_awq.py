@@ -450,7 +450,7 @@ def test_experts_without_tokens(tmp_path_factory, method, expert_policy):
     from dsconvert.testing.fixtures import build_checkpoint
 
     d = build_checkpoint(tmp_path_factory.mktemp("route0") / "ck", "tiny", num_hidden_layers=2, n_routed_experts=16,
-                         num_experts_per_tok=1, n_group=1, topk_group=1)
+                         num_experts_per_tok=1, n_group=1, topk_group=1, tokenizer=False, extra_files=False)
     inner = CheckpointWeightSource(d)
     bias = torch.zeros(16)
     bias[0] = 100.0
@@ -488,7 +488,8 @@ def test_rss_flat_across_layers(tmp_path_factory):
     from dsconvert.testing.fixtures import build_checkpoint
 
     d = build_checkpoint(tmp_path_factory.mktemp("rss") / "ck", "tiny", num_hidden_layers=8, hidden_size=512,
-                         moe_intermediate_size=256, n_routed_experts=8, vocab_size=512)
+                         moe_intermediate_size=256, n_routed_experts=8, vocab_size=512, tokenizer=False,
+                         extra_files=False)
     src = CheckpointWeightSource(d)
     calib = [list(range(3, 131)), list(range(200, 328))]
     eng = CalibrationEngine(src, engine_policy, "awq", AUTOAWQ, calib, n_grid=4)
