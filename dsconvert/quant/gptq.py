@@ -1,0 +1,245 @@
+"""GPTQ: quantize ``W`` column by column, pushing each column's rounding error onto the columns not yet
+quantized through the inverse Hessian of the layer's inputs, so ``||X Wᵀ - X Ŵᵀ||`` stays small.
+
+Source: Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (arXiv 2210.17323), Algorithm 1; AutoGPTQ ``auto_gptq/quantization/gptq.py``
+(``GPTQ.add_batch``, ``GPTQ.fasterquant``); ../shared/reference/int-formats.md §6.
+
+Pure tensor code (no file I/O); runs wherever its inputs live (CPU or CUDA), in float32.
+
+Notation: ``W`` is ``(N, K)`` (N = out_features, K = in_features), ``H`` is ``(K, K)``, ``g`` the group
+length along K.
+
+Deviations from AutoGPTQ ``fasterquant`` (each keeps the result exactly representable as a
+:class:`~dsconvert.quant.rtn.QTensor`):
+
+* Group parameters are computed at each group start from the **fully error-updated** weights of the
+  group (AutoGPTQ reads the outer ``W``, which misses the updates of earlier columns of the same
+  128-column block when ``g < 128``). This makes the lazy-batched result equal to the plain
+  column-by-column algorithm.
+* ``act_order`` needs ``static_groups`` (llm-compressor's ``actorder="static"``): group parameters are
+  fixed from the weights before any update, so the groups stay contiguous in the original column order
+  and no ``g_idx`` is needed. Dynamic act-order groups (AutoGPTQ ``desc_act`` without static groups) would
+  need a ``g_idx``, which QTensor does not carry.
+* An all-zero Hessian (a linear that saw no calibration tokens) does not zero the weight (AutoGPTQ does,
+  known-failures.md item 29): there is no information to act on, so the result is plain RTN.
+* Scale rounding to the storage dtype and the zero-point rules are :mod:`dsconvert.quant.rtn`'s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsconvert.errors import BadInputError, ShapeError, UsageError
+from dsconvert.quant.rtn import Convention, QTensor, QuantSpec, compute_qparams, quantize, round_to_grid
+
+__all__ = ["HessianAccumulator", "gptq_quantize", "output_error"]
+
+#: Damping retries: λ is multiplied by 10 after each failed Cholesky (GPTQModel auto-increments damp).
+MAX_DAMP_RETRIES = 6
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n Σ_t x_t x_tᵀ`` over calibration tokens, ``(K, K)`` float32 (AutoGPTQ ``add_batch``).
+
+    Args:
+        k: in_features.
+        device: where ``H`` lives (default: the device of the first batch, CPU before).
+
+    Attributes:
+        H: ``(K, K)`` float32.
+        n: tokens seen so far.
+    """
+
+    def __init__(self, k: int, device: torch.device | str | None = None):
+        self.k = k
+        self.n = 0
+        self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add ``x`` ``(n, K)`` (any float dtype): ``H ← H·n_old/n_new + (2/n_new)·xᵀx`` in float32.
+
+        Raises:
+            ShapeError: ``x`` is not ``(n, K)``.
+        """
+        if x.dim() != 2 or x.shape[1] != self.k:
+            raise ShapeError(f"Hessian input must be (n_tokens, {self.k}), got {tuple(x.shape)}")
+        t = x.shape[0]
+        if t == 0:
+            return
+        xf = x.to(device=self.H.device, dtype=torch.float32)
+        self.H.mul_(self.n / (self.n + t))
+        self.n += t
+        xf = xf * (2.0 / self.n) ** 0.5
+        self.H.addmm_(xf.t(), xf)  # (K, n) @ (n, K)
+
+
+def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp·mean(diag H)``, λ ×10 on each failure.
+
+    Returns:
+        ``(Hinv (K, K) upper-triangular float32, damp actually used)``.
+
+    Raises:
+        BadInputError: still not positive definite after ``MAX_DAMP_RETRIES`` retries (e.g. NaN inputs).
+    """
+    k = H.shape[0]
+    mean_diag = float(torch.diagonal(H).mean())
+    idx = torch.arange(k, device=H.device)
+    d = damp
+    for _ in range(MAX_DAMP_RETRIES + 1):
+        Hd = H.clone()
+        Hd[idx, idx] += d * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hi = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hi, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U, d
+        d *= 10.0
+    raise BadInputError(
+        f"GPTQ: Hessian ({k}x{k}) is not positive definite even with damp {d / 10:g}",
+        hint="the calibration activations hold NaN/inf, or use a larger --damp",
+    )
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    convention: Convention,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    name: str | None = None,
+) -> QTensor:
+    """GPTQ-quantize ``w`` ``(N, K)`` given the input Hessian ``H`` ``(K, K)`` (AutoGPTQ ``fasterquant``).
+
+    Steps: dead channels (``H_ii = 0``) get ``H_ii = 1`` and ``W[:, i] = 0``; ``H += λI`` with
+    ``λ = damp·mean(diag H)`` (×10 and retry if Cholesky fails); ``Hinv`` = upper Cholesky of ``H⁻¹``;
+    columns processed in blocks of ``block_size`` with lazy updates: column ``i`` is rounded with
+    :func:`~dsconvert.quant.rtn.round_to_grid` using the group's params (from
+    :func:`~dsconvert.quant.rtn.compute_qparams` on the error-updated weights at the group start),
+    ``err = (w_i - ŵ_i) / Hinv_ii`` is pushed onto the rest of the block, and the block's errors onto the
+    later columns with one matmul.
+
+    Args:
+        w: ``(N, K)`` float weight (any float dtype; computed in float32 on its device).
+        H: ``(K, K)`` Hessian (e.g. :class:`HessianAccumulator` ``.H``); not modified.
+        spec: bits / group size (-1 = per-channel) / symmetric.
+        convention: storage convention (signedness, scale dtype).
+        damp: relative dampening (AutoGPTQ ``damp_percent``).
+        block_size: lazy-batch width (128 in AutoGPTQ; any value gives the same result up to rounding).
+        act_order: process columns by decreasing ``diag(H)``; requires ``static_groups``.
+        static_groups: group params fixed from the (dead-zeroed) weights before any update.
+        name: tensor name for error messages.
+
+    Returns:
+        :class:`QTensor` whose :func:`~dsconvert.quant.rtn.dequantize` equals the GPTQ-quantized weights.
+
+    Raises:
+        ShapeError: shapes disagree or the group size does not divide K.
+        UsageError: ``act_order`` without ``static_groups`` on a grouped spec.
+        BadInputError: non-finite weights or Hessian.
+    """
+    if w.dim() != 2:
+        raise ShapeError(f"GPTQ needs a 2-D (out, in) weight, got {tuple(w.shape)}")
+    n, k = w.shape
+    if tuple(H.shape) != (k, k):
+        raise ShapeError(f"Hessian shape {tuple(H.shape)} does not match weight {n}x{k} (expected ({k}, {k}))")
+    g = spec.effective_group_size(k, name)
+    if act_order and not static_groups and g != k:
+        raise UsageError("GPTQ act_order with dynamic groups needs a g_idx, which dsconvert does not write",
+                         hint="pass static_groups=True (llm-compressor actorder 'static')")
+    W = w.to(torch.float32).clone()
+    if not torch.isfinite(W).all():
+        raise BadInputError(f"GPTQ: weight {name or ''} holds NaN or inf".replace("  ", " "))
+    H = H.to(device=W.device, dtype=torch.float32).clone()
+    if not torch.isfinite(H).all():
+        raise BadInputError(f"GPTQ: Hessian of {name or 'a linear'} holds NaN or inf",
+                            hint="the calibration activations overflowed; calibrate in float32")
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    if bool(dead.all()):  # no calibration data at all: nothing to compensate with
+        return quantize(W, spec, convention, name=name)
+    idx = torch.arange(k, device=W.device)
+    H[idx[dead], idx[dead]] = 1.0
+    W[:, dead] = 0.0
+
+    groups = k // g
+    levels_dtype = torch.int8 if convention.signed else torch.uint8
+    scale = torch.empty(n, groups, dtype=torch.float32, device=W.device)
+    zero = None if (convention.signed and spec.symmetric) else torch.empty(n, groups, dtype=levels_dtype,
+                                                                          device=W.device)
+    if static_groups or g == k:
+        s0, z0 = compute_qparams(W.view(n, groups, g), spec, convention)  # (N, K/g) each
+        scale.copy_(s0)
+        if zero is not None:
+            zero.copy_(z0)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    Hinv, _ = _inverse_cholesky_upper(H, damp)
+    del H
+
+    qint = torch.zeros_like(W)  # integer levels, (N, K) in processing order
+    dynamic = not (static_groups or g == k)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()  # (N, B)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            orig = int(perm[col]) if perm is not None else col
+            gi = orig // g
+            if dynamic and col % g == 0:
+                # The group's weights with every earlier column's error applied: inside this block from W1,
+                # beyond it from W minus this block's pending errors.
+                end = col + g
+                cur = W1[:, i:min(end, i2) - i1]
+                if end > i2:
+                    beyond = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:end]  # (N, end - i2)
+                    cur = torch.cat([cur, beyond], dim=1)
+                sg, zg = compute_qparams(cur[:, None, :], spec, convention)  # (N, 1) each
+                scale[:, gi] = sg[:, 0]
+                if zero is not None:
+                    zero[:, gi] = zg[:, 0]
+            s = scale[:, gi]
+            z = None if zero is None else zero[:, gi].to(torch.float32)
+            wcol = W1[:, i]
+            q = round_to_grid(wcol, s, z, spec.bits, convention.signed)  # (N,)
+            deq = (q - z) * s if z is not None else q * s
+            qint[:, col] = q
+            err = (wcol - deq) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # (N, 1) x (1, B - i)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # (N, B) @ (B, K - i2)
+
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        qint = qint[:, invperm]
+    return QTensor(q=qint.to(levels_dtype), scale=scale, zero=zero, spec=spec, convention=convention)
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative output error ``tr(D H Dᵀ) / tr(W H Wᵀ)`` with ``D = W - Ŵ``: the mean squared error of
+    ``X Ŵᵀ`` against ``X Wᵀ`` over the tokens ``H`` was accumulated from, relative to the output's
+    mean square (0 when ``W H Wᵀ`` has zero trace and ``D`` does too).
+
+    Args:
+        w, w_hat: ``(N, K)``; H: ``(K, K)``.
+    """
+    H = H.to(torch.float64)
+    W = w.to(device=H.device, dtype=torch.float64)
+    D = W - w_hat.to(device=H.device, dtype=torch.float64)
+    num = float(((D @ H) * D).sum())
+    den = float(((W @ H) * W).sum())
+    if den <= 0:
+        return 0.0 if num <= 0 else float("inf")
+    return num / den
