@@ -1,0 +1,120 @@
+"""Bit-exact float32 building blocks shared by the GGML block quantizers.
+
+Every helper mirrors one C idiom of llama.cpp's ``ggml/src/ggml-quants.c`` so that the torch code
+produces the same float32 values, operation by operation:
+
+* :func:`div` -- C's ``/`` on float32, never rewritten as a multiplication by a reciprocal.
+* :func:`seqsum` -- a C ``for`` loop accumulator (``s += a[i]``), summed strictly in index order.
+  ``torch.sum`` uses vectorised / cascade orders that change the last bit, so it is not used for
+  any sum that feeds a decision.
+* :func:`nearest_int` -- ``nearest_int()`` (the ``fval + 12582912.f`` trick): round half to even
+  for ``|x| < 2**22``, which is what ``torch.round`` does.
+* :func:`roundf` -- C ``roundf`` (half away from zero), used by ``quantize_row_q8_0_ref``.
+* :func:`fp16_round` -- ``GGML_FP32_TO_FP16`` then ``GGML_FP16_TO_FP32``: round to nearest even.
+
+Tensors are laid out "element-major": a sub-block of ``n`` values is a column of an ``(n, M)``
+tensor, so a loop over the ``n`` elements works on contiguous ``(M,)`` rows, vectorised over all
+``M`` sub-blocks at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+GROUP_MAX_EPS = 1e-15  # ggml-quants.c GROUP_MAX_EPS (1e-15f)
+
+
+def f32(v: float) -> float:
+    """Round a Python float to the nearest float32 (what a C ``float`` literal/constant holds)."""
+    return float(np.float32(v))
+
+
+def div(a, b) -> torch.Tensor:
+    """IEEE float32 ``a / b`` (C's ``/``), with either side a Python number.
+
+    torch turns ``number / tensor`` into ``tensor.reciprocal() * number`` and, on CUDA,
+    ``tensor / number`` into ``tensor * (1/number)``; both can change the last bit. Here numbers
+    become full tensors on the other operand's device, so the division is a true division.
+    """
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a, dtype=torch.float32)
+    elif not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b, dtype=torch.float32)
+    return torch.div(a, b)
+
+
+def seqsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Sum ``t`` over ``dim`` strictly in index order: ``((t0 + t1) + t2) + ...``."""
+    s = t.select(dim, 0).clone()
+    for i in range(1, t.shape[dim]):
+        s.add_(t.select(dim, i))
+    return s
+
+
+def nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml ``nearest_int``: round half to even, result kept as float32 integers."""
+    return torch.round(v)
+
+
+def roundf(v: torch.Tensor) -> torch.Tensor:
+    """C ``roundf``: round half away from zero (float32 in, float32 integers out)."""
+    t = torch.trunc(v)
+    frac = v - t  # exact for |v| < 2**23
+    return t + torch.where(frac.abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
+
+
+def fp16_round(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> fp16 (RNE, like ``GGML_FP32_TO_FP16``) -> float32."""
+    return v.to(torch.float16).to(torch.float32)
+
+
+def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """``(M,)`` float32 -> ``(M, 2)`` uint8, little-endian fp16 (RNE)."""
+    return v.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2)
+
+
+def bytes_fp16(b: torch.Tensor) -> torch.Tensor:
+    """``(M, 2)`` uint8 -> ``(M,)`` float32 via fp16 (``GGML_FP16_TO_FP32``)."""
+    return b.contiguous().view(torch.float16).view(-1).to(torch.float32)
+
+
+def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over dim 0 of ``(n, M)``: (signed value with the largest ``|x|``, that ``|x|``).
+
+    Mirrors ``float amax = 0, max = 0; if (ax > amax) { amax = ax; max = x[i]; }``: the first index
+    wins ties (a loop over the n rows; torch's argmax over a strided dim is much slower).
+    """
+    ax = x.abs()
+    amax = torch.zeros_like(x[0])
+    mx = torch.zeros_like(x[0])
+    for i in range(x.shape[0]):
+        upd = ax[i] > amax
+        amax = torch.where(upd, ax[i], amax)
+        mx = torch.where(upd, x[i], mx)
+    return mx, amax
+
+
+def pack_nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``lo | hi << 4`` as uint8 (inputs: small non-negative integer tensors of any dtype)."""
+    return (lo.to(torch.uint8) & 0x0F) | ((hi.to(torch.uint8) & 0x0F) << 4)
+
+
+def bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """``(..., 8*k)`` 0/1 tensor -> ``(..., k)`` uint8, bit ``i`` of the stream at bit ``i % 8`` of byte ``i // 8``."""
+    b = bits.to(torch.uint8).reshape(*bits.shape[:-1], -1, 8)
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return _or_reduce(b << shifts)
+
+
+def _or_reduce(b: torch.Tensor) -> torch.Tensor:
+    out = b[..., 0].clone()
+    for i in range(1, b.shape[-1]):
+        out |= b[..., i]
+    return out
+
+
+def bytes_to_bits(by: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Inverse of :func:`bits_to_bytes`: ``(..., k)`` uint8 -> ``(..., nbits)`` uint8 of 0/1."""
+    shifts = torch.arange(8, device=by.device, dtype=torch.uint8)
+    return ((by[..., None] >> shifts) & 1).reshape(*by.shape[:-1], -1)[..., :nbits]
