@@ -251,7 +251,7 @@ def test_mtp_dropped_and_reported(tiny, tiny_gguf_bf16):
     assert res.exit_code == 0 and f"dropped {len(mtp)} tensors" in res.text and "MTP" in res.text
 
 
-def test_gguf_source_refuses_kv_b_bit_exact_and_validate(tiny, tiny_gguf_bf16):
+def test_gguf_source_fuses_kv_b_bit_exact_and_validate(tiny, tiny_gguf_bf16):
     """kv_b re-fused from attn_k_b/attn_v_b bit-exactly; experts un-stacked; validate on the .gguf gives 0 KLD."""
     path, _ = tiny_gguf_bf16
     ref = CheckpointWeightSource(tiny)
