@@ -386,6 +386,90 @@ def validate_cmd(
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 
 
+GGUF_EXAMPLES = """
+Examples:
+  dsconvert gguf DeepSeek-R1 -o DeepSeek-R1-Q4_K_M.gguf --type Q4_K_M
+  dsconvert gguf DeepSeek-R1 -o R1-BF16.gguf --type BF16 --split-max-size 50G
+  dsconvert gguf DeepSeek-R1 -o R1.gguf --type Q4_K_M --tensor-type attn_k_b=Q8_0 --output-tensor-type Q8_0
+  dsconvert gguf DeepSeek-R1 --type Q8_0 --dry-run
+"""
+
+
+@app.command("gguf", help="Write a llama.cpp deepseek2 GGUF (mainline MLA layout, llama.cpp >= PR #12801) from "
+                          "DeepSeek's FP8 release or a BF16 checkpoint. The MTP layer is dropped and reported.\n"
+                          + GGUF_EXAMPLES)
+def gguf_cmd(
+    src: SrcArg,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="the .gguf file to write")] = None,
+    type_: Annotated[str, typer.Option("--type", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K "
+                                                      "Q5_K Q6_K or a mix Q3_K_M Q4_K_M Q5_K_M (llama-quantize "
+                                                      "rules; Q4_K = Q4_K_M --pure)")] = "BF16",
+    tensor_type: Annotated[Optional[list[str]], typer.Option(
+        "--tensor-type", help="PATTERN=TYPE (regex on GGUF names, first match wins; repeatable)")] = None,
+    output_tensor_type: Annotated[Optional[str], typer.Option("--output-tensor-type",
+                                                              help="type of output.weight")] = None,
+    token_embedding_type: Annotated[Optional[str], typer.Option("--token-embedding-type",
+                                                                help="type of token_embd.weight")] = None,
+    pure: Annotated[bool, typer.Option("--pure", help="no mix rules: every quantizable tensor gets the default "
+                                                      "type (shape fallbacks still apply)")] = False,
+    imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="llama.cpp importance matrix "
+                                                                      "(imatrix.gguf or legacy .dat)")] = None,
+    split_max_size: Annotated[Optional[str], typer.Option(
+        "--split-max-size", help="split into files of at most this much tensor data (e.g. 50G = 50e9 bytes)")] = None,
+    split_max_tensors: Annotated[Optional[int], typer.Option("--split-max-tensors", min=1,
+                                                             help="at most this many tensors per file")] = None,
+    device: DeviceOpt = "auto",
+    max_memory: MaxMemOpt = None,
+    dry_run: DryOpt = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing output files")] = False,
+    no_resume: NoResumeOpt = False,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert import gguf_export as ge
+
+    def body():
+        opts = ge.GGUFOptions(type=type_, tensor_types=list(tensor_type or []), output_tensor_type=output_tensor_type,
+                              token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
+                              split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
+                              device=device, max_memory=_size(max_memory))
+        return ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
+                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+
+    def human(rep):
+        p = rep["plan"]
+        d = p["dropped"]
+        if rep["dry_run"]:
+            out.print(f"plan for {rep['source']['path']} ({rep['source']['family']}, {rep['source']['format']}) -> "
+                      f"{p['architecture']} GGUF, {p['type']}, layout {p['layout']}:")
+            out.print(f"  {p['tensors']} tensors, {p['elements'] / 1e9:.3f} G elements, "
+                      f"{p['total_size']['gb']:.3f} GB ({p['total_size']['gib']:.3f} GiB), {p['bpw']} bpw")
+            for t, v in p["types"].items():
+                out.print(f"  {t:6s} {v['tensors']:5d} tensors {v['bytes'] / 1e9:10.3f} GB")
+            for f in p["files"]:
+                out.print(f"  file {f['name']}: {f['tensors']} tensors, {f['gb']:.3f} GB")
+            out.print(f"  peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB")
+        else:
+            o = rep["output"]
+            state = "already complete" if rep["already_complete"] else (
+                f"resumed: {rep['files_reused']} files reused, {rep['files_written']} written" if rep["resumed"]
+                else f"{rep['files_written']} files written")
+            out.print(f"wrote {o['path']} ({p['type']}): {o['tensors']} tensors, {o['gb']:.3f} GB, {p['bpw']} bpw, "
+                      f"{len(o['files'])} file(s); {state}; {rep['seconds']:.1f} s; "
+                      f"peak RSS {rep['peak_rss']['gib']:.2f} GiB")
+            out.print(f"  types: " + ", ".join(f"{t} x{v['tensors']}" for t, v in p["types"].items()))
+            out.print(f"  layout: {p['layout']}")
+        if d["tensors"]:
+            out.print(f"  dropped {d['tensors']} tensors ({d['gb']:.3f} GB incl. {d['scales']} FP8 scales): "
+                      + "; ".join(r["reason"] for r in d["reasons"]))
+        if rep["dry_run"]:
+            out.print("  (dry run: nothing written)")
+
+    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+
+
 @app.command("env", help="Versions, CPU features (AMX), CUDA, free memory and disk.")
 def env_cmd(json_out: JsonOpt = False) -> None:
     from .convert.envinfo import env_report

@@ -54,11 +54,19 @@ class Manifest:
 
     def save(self, out_dir: Path) -> None:
         """Atomically replace ``out_dir/manifest.json``."""
-        write_atomic(out_dir / MANIFEST_NAME, self.to_json().encode())
+        self.save_file(out_dir / MANIFEST_NAME)
+
+    def save_file(self, path: Path) -> None:
+        """Atomically replace the manifest file ``path`` (single-file outputs keep it next to the file)."""
+        write_atomic(path, self.to_json().encode())
 
     @classmethod
     def load(cls, out_dir: Path) -> "Manifest | None":
-        p = out_dir / MANIFEST_NAME
+        return cls.load_file(out_dir / MANIFEST_NAME)
+
+    @classmethod
+    def load_file(cls, p: Path) -> "Manifest | None":
+        """The dsconvert manifest stored at ``p``, or None if absent or not ours."""
         if not p.is_file():
             return None
         try:

@@ -130,6 +130,15 @@ def sequences(model_dir: Path, opts: ValidateOptions, vocab_size: int) -> list[l
     return seqs
 
 
+def weight_source(path: Path):
+    """The weight source for a candidate: a ``.gguf`` file (or split set) or a checkpoint directory."""
+    if str(path).endswith(".gguf"):
+        from .gguf_source import GGUFWeightSource
+
+        return GGUFWeightSource(path)
+    return CheckpointWeightSource(path)
+
+
 def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hidden: bool,
                  progress: ByteProgress | None = None, label: str = "") -> tuple[list[torch.Tensor], list[list]]:
     """Layer-major forward of several sequences: returns (logits per sequence, hidden states per layer per seq)."""
@@ -185,7 +194,7 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
     t0 = time.perf_counter()
     dtype = _dtype(opts.dtype)
     ref_src = CheckpointWeightSource(reference)
-    cand_src = CheckpointWeightSource(candidate)
+    cand_src = weight_source(candidate)
     rc, cc = ref_src.config, cand_src.config
     for key in ("vocab_size", "num_hidden_layers", "hidden_size"):
         if rc.get(key) != cc.get(key):

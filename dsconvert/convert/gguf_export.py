@@ -1,0 +1,745 @@
+"""``dsconvert gguf``: a DeepSeek-V3/R1 checkpoint (FP8 release or BF16) -> llama.cpp ``deepseek2`` GGUF.
+
+Plan (headers only: GGUF tensor plan, per-tensor ggml type, bytes, splits, header bytes) -> pre-flight ->
+stream one output tensor at a time, one row chunk at a time -> ``*.tmp`` + fsync + rename per file.
+
+Numerics (reference ``shared/reference/gguf-deepseek2.md`` §4, known-failures 16/17):
+
+* an FP8 weight is dequantized exactly as ``fp8-to-bf16`` does it (``bf16_rne(fp32(w) * scale)``, the same
+  producer); BF16 sources are read as stored;
+* BF16 output writes those bf16 bytes unchanged; F32/F16/quantized outputs go bf16 -> float32 (exact) ->
+  the type's quantizer (:mod:`dsconvert.quant.ggml`, byte-compatible with ``ggml-quants.c``), which is what
+  llama.cpp's converter does from a BF16 checkpoint. An FP8 source and its BF16 conversion therefore give
+  byte-identical GGUFs;
+* norms, 1-D tensors, ``ffn_gate_inp`` and ``exp_probs_b.bias`` are F32 whatever the type.
+
+File layout: gguf-py's ``GGUFWriter`` serializes the header, KV pairs and tensor infos of each file (with
+llama.cpp's split keys ``split.no``/``split.count``/``split.tensors.count`` when split); the data section is
+written here, tensor by tensor in row chunks, each tensor padded to ``general.alignment`` (32), exactly as
+``GGUFWriter.write_tensor_data`` lays it out. Peak memory is one row chunk plus the quantizer's temporaries
+(and one ``kv_b_proj``), never one whole stacked expert tensor and never the model.
+
+Splits (``--split-max-size``, decimal units) follow ``GGUFWriter``'s rule (a new file when the next tensor
+would push the current one's tensor bytes over the limit) and llama.cpp's names ``STEM-00001-of-0000N.gguf``.
+Finished files are recorded (size + sha256) in ``FILE.dsconvert-manifest.json``, so an interrupted run
+resumes with the files it has not finished; a manifest for another source or other options is refused.
+
+The MTP block (layers >= ``num_hidden_layers``) is dropped, as llama.cpp's converter does, and reported.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+import torch
+from gguf.gguf_writer import WriterState
+
+from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageError
+from ..formats import gguf_deepseek2 as g2
+from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from ..formats.gguf_types import FTYPE_NAMES, normalize_ftype, parse_tensor_type_override
+from ..formats.hf_config import version_label
+from ..formats.safetensors_io import read_tensor, sha256_file
+from ..quant import ggml
+from ..report import base_report, peak_rss_bytes
+from ..units import bytes_fields
+from .fp8_to_bf16 import _dequant_producer, resolve_device
+from .manifest import Manifest, check_paths, fingerprint, source_fingerprint_parts, write_atomic
+from .progress import ByteProgress
+
+log = logging.getLogger(__name__)
+
+COMMAND = "gguf"
+LAYOUT = "mainline MLA (attn_k_b/attn_v_b), llama.cpp >= PR #12801"
+MANIFEST_SUFFIX = ".dsconvert-manifest.json"
+REPORT_SUFFIX = ".dsconvert-report.json"
+SPLIT_NAME = "{stem}-{i:05d}-of-{n:05d}.gguf"  # gguf-py SHARD_NAME_FORMAT / llama_split_path
+BASE_RSS = 600 * 2**20  # interpreter + torch
+
+#: ``--type`` values that name one ggml type rather than a llama-quantize mix: the mix with the same default
+#: type under ``--pure`` (every quantizable tensor gets that type, shape fallbacks still apply).
+PURE_TYPES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+#: The ``--type`` values offered (all others from gguf_types.FTYPE_NAMES work if our quantizers cover them).
+TYPE_CHOICES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                "Q6_K", "Q3_K_M", "Q4_K_M", "Q5_K_M")
+
+
+@dataclass
+class GGUFOptions:
+    """Options of one export; :meth:`fingerprinted` lists those that change the output bytes."""
+
+    type: str = "BF16"
+    tensor_types: list[str] = field(default_factory=list)  # "PATTERN=TYPE", first match wins
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    pure: bool = False
+    imatrix: Path | None = None
+    split_max_size: int | None = None  # bytes of tensor data per file (decimal units on the CLI)
+    split_max_tensors: int | None = None
+    device: str = "auto"
+    chunk_bytes: int = 32 * 2**20  # float32 input bytes quantized at once
+    max_memory: int | None = None
+
+    def fingerprinted(self) -> dict:
+        return {"type": self.type, "tensor_types": list(self.tensor_types),
+                "output_tensor_type": self.output_tensor_type, "token_embedding_type": self.token_embedding_type,
+                "pure": self.pure, "imatrix": sha256_file(self.imatrix) if self.imatrix else None,
+                "split_max_size": self.split_max_size, "split_max_tensors": self.split_max_tensors}
+
+
+def resolve_type(name: str) -> tuple[str, bool]:
+    """``--type`` -> (llama-quantize ftype name, forced pure). ``Q4_K`` is ``Q4_K_M --pure``, ...
+
+    Raises:
+        UsageError: unknown name (lists the choices).
+    """
+    key = name.strip().upper().replace("-", "_")
+    if key in PURE_TYPES:
+        return PURE_TYPES[key], True
+    try:
+        return normalize_ftype(key), False
+    except UsageError:
+        raise UsageError(f"unknown --type {name!r}", hint="choose one of " + ", ".join(TYPE_CHOICES)) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OutFile:
+    """One output file: its tensors (file order), the serialized header (magic .. tensor infos)."""
+
+    path: Path
+    tensors: list[g2.GGUFTensorPlan]
+    header: bytes
+    tensor_bytes: int  # unpadded
+    size: int  # exact file size, padding included
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass
+class ExportPlan:
+    """Everything the export does, computed from headers, config and tokenizer only."""
+
+    ck: Checkpoint
+    ftype: str
+    pure: bool
+    gguf_plan: g2.GGUFPlan
+    types: dict[str, str]  # gguf name -> ggml type
+    nbytes: dict[str, int]  # gguf name -> tensor bytes
+    files: list[OutFile]
+    vocab: dict
+    imatrix: dict
+    peak_memory: int
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(self.nbytes.values())
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def type_summary(self) -> dict:
+        out: dict[str, dict] = {}
+        for t in self.gguf_plan:
+            d = out.setdefault(self.types[t.name], {"tensors": 0, "elements": 0, "bytes": 0})
+            d["tensors"] += 1
+            d["elements"] += t.n_elements
+            d["bytes"] += self.nbytes[t.name]
+        return dict(sorted(out.items()))
+
+    def dropped_summary(self) -> dict:
+        """MTP & co.: tensor count, bytes (their FP8 scales included) and the reasons, known-failures 18."""
+        rows = []
+        for d in self.gguf_plan.dropped:
+            scale = self.ck.scale_of(d.hf_name)
+            sbytes = self.ck.entry(scale).nbytes if scale in self.ck.tensors else 0
+            rows.append({"name": d.hf_name, "shape": list(d.shape), "dtype": d.dtype, "bytes": d.nbytes + sbytes,
+                         "scale_inv": scale if sbytes else None, "reason": d.reason})
+        reasons = Counter(r["reason"] for r in rows)
+        return {"tensors": len(rows), "scales": sum(1 for r in rows if r["scale_inv"]),
+                **bytes_fields(sum(r["bytes"] for r in rows)),
+                "reasons": [{"reason": k, "tensors": v} for k, v in reasons.items()], "list": rows}
+
+    def summary(self) -> dict:
+        n_el = self.gguf_plan.n_elements
+        return {
+            "layout": LAYOUT,
+            "architecture": g2.ARCH_NAME,
+            "type": self.ftype + (" (pure)" if self.pure else ""),
+            "file_type": g2.file_type_id(self.ftype),
+            "tensors": len(self.gguf_plan),
+            "elements": n_el,
+            "types": self.type_summary(),
+            "tensor_bytes": bytes_fields(self.tensor_bytes),
+            "total_size": bytes_fields(self.total_size),
+            "bpw": round(8 * self.tensor_bytes / n_el, 4) if n_el else None,
+            "files": [{"name": f.name, "tensors": len(f.tensors), "header_bytes": len(f.header),
+                       **bytes_fields(f.size)} for f in self.files],
+            "dropped": self.dropped_summary(),
+            "vocab": self.vocab,
+            "imatrix": self.imatrix,
+            "peak_memory_estimate": bytes_fields(self.peak_memory),
+            "disk_needed": bytes_fields(self.total_size),
+        }
+
+
+def _pad(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def _source_format(ck: Checkpoint) -> str:
+    return "FP8" if ck.fp8 is not None and any(e.dtype == "F8_E4M3" for _, e in ck.tensors.values()) else "BF16"
+
+
+def _hf_tensors(ck: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` of the dequantized view (``*_scale_inv`` consumed by their weights)."""
+    return {n: (tuple(e.shape), e.dtype) for n, (_, e) in ck.tensors.items() if not ck.is_scale(n)}
+
+
+def check_supported(cfg: dict) -> None:
+    """Refuse configs the deepseek2 layout cannot express (V3.2's indexer needs llama.cpp's deepseek32).
+
+    Raises:
+        UnsupportedError: ``model_type`` deepseek_v32.
+    """
+    if cfg.get("model_type") == "deepseek_v32":
+        raise UnsupportedError("DeepSeek-V3.2 (model_type deepseek_v32) is not supported by `dsconvert gguf`: its "
+                               "lightning indexer has no deepseek2 tensors",
+                               hint="V3.2 needs llama.cpp's deepseek32 architecture, which dsconvert does not "
+                                    "write yet")
+
+
+def _split(tensors: list[g2.GGUFTensorPlan], nbytes: dict[str, int], max_size: int | None,
+           max_tensors: int | None) -> list[list[g2.GGUFTensorPlan]]:
+    """GGUFWriter.add_tensor_info's rule: a new file when the current one is non-empty and adding the next
+    tensor would exceed ``max_tensors`` tensors or ``max_size`` tensor bytes (unpadded)."""
+    groups: list[list[g2.GGUFTensorPlan]] = [[]]
+    size = 0
+    for t in tensors:
+        cur = groups[-1]
+        if cur and ((max_tensors and len(cur) >= max_tensors) or (max_size and size + nbytes[t.name] > max_size)):
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += nbytes[t.name]
+    return groups
+
+
+def file_names(output: Path, n: int) -> list[Path]:
+    """``[FILE]`` or llama.cpp's split names ``STEM-00001-of-0000N.gguf`` next to FILE."""
+    if n == 1:
+        return [output]
+    return [output.with_name(SPLIT_NAME.format(stem=output.stem, i=i + 1, n=n)) for i in range(n)]
+
+
+def _serialize_header(w: gguf.GGUFWriter) -> bytes:
+    """Header + KV + tensor infos exactly as ``GGUFWriter`` writes them, into memory.
+
+    Uses the writer's own state machine (gguf 0.19.0): ``open_output_file`` accepts an already-open
+    ``fout`` in state EMPTY.
+    """
+    buf = io.BytesIO()
+    w.fout = [buf]
+    w.state = WriterState.EMPTY
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.fout = None
+    return buf.getvalue()
+
+
+def _writer_for(i: int, n: int, files: list[list[g2.GGUFTensorPlan]], types: dict[str, str],
+                nbytes: dict[str, int], meta_fn) -> gguf.GGUFWriter:
+    """A GGUFWriter holding file ``i``'s KV pairs and tensor infos (split keys as gguf-py's
+    ``add_shard_kv_data``: the model KV only in the first file)."""
+    w = gguf.GGUFWriter(None, g2.ARCH_NAME)
+    if i == 0:
+        meta_fn(w)
+    else:
+        w.kv_data[0].clear()  # gguf-py writes only the split keys into later files
+    if n > 1:
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, i)
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, n)
+        w.add_int32(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, sum(len(f) for f in files))
+    for t in files[i]:
+        qt = gguf.GGMLQuantizationType[types[t.name]]
+        # byte shape: numpy shape with ne0 replaced by its row bytes (GGUFWriter converts it back)
+        byte_shape = (*t.shape[:-1], nbytes[t.name] // max(1, math.prod(t.shape[:-1])))
+        w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes[t.name], raw_dtype=qt)
+    return w
+
+
+def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportPlan:
+    """Plan the export of ``ck`` from headers, config and tokenizer only (no tensor data read).
+
+    Raises:
+        UnsupportedError (exit 3): deepseek_v32, an unmappable tensor, no tokenizer.json.
+        BadInputError (exit 3): incomplete experts, bad imatrix file.
+        UsageError (exit 2): unknown types, types dsconvert cannot quantize, ``--imatrix`` with types whose
+            quantizers do not use it.
+    """
+    cfg = ck.config
+    check_supported(cfg)
+    ftype, forced_pure = resolve_type(opts.type)
+    pure = opts.pure or forced_pure
+    overrides = [parse_tensor_type_override(s) for s in opts.tensor_types]
+    plan = g2.plan_tensors(_hf_tensors(ck), cfg)
+    types = g2.plan_types(plan, ftype, cfg, overrides=overrides, output_type=opts.output_tensor_type,
+                          embd_type=opts.token_embedding_type, pure=pure, fallback_f16=True)
+    have = set(ggml.registered_types())
+    missing = sorted({t for t in types.values() if t not in have})
+    if missing:
+        who = sorted(n for n, t in types.items() if t in missing)
+        raise UsageError(f"dsconvert has no quantizer for {', '.join(missing)} (needed by {len(who)} tensors, "
+                         f"e.g. {who[0]})",
+                         hint="supported types: " + ", ".join(sorted(have)) + "; quantize a BF16 GGUF with "
+                              "llama-quantize for IQ types")
+    nbytes = {t.name: g2.tensor_nbytes(t.shape, types[t.name]) for t in plan}
+    imatrix = _imatrix_plan(opts.imatrix, plan, types)
+
+    if not (ck.root / "tokenizer.json").is_file():
+        raise BadInputError(f"{ck.root}: no tokenizer.json; a deepseek2 GGUF needs the tokenizer to load",
+                            hint="copy the release's tokenizer.json and tokenizer_config.json into SRC")
+    vocab_holder: dict = {}
+
+    def meta(w: gguf.GGUFWriter) -> None:
+        g2.write_metadata(w, cfg, g2.file_type_id(ftype))
+        vocab_holder["v"] = g2.write_vocab(w, ck.root, cfg)
+
+    groups = _split(plan.tensors, nbytes, opts.split_max_size, opts.split_max_tensors)
+    paths = file_names(output or Path("model.gguf"), len(groups))
+    files = []
+    for i, g in enumerate(groups):
+        w = _writer_for(i, len(groups), groups, types, nbytes, meta)
+        header = _serialize_header(w)
+        align = w.data_alignment
+        size = _pad(len(header), align) + sum(_pad(nbytes[t.name], align) for t in g)
+        files.append(OutFile(paths[i], g, header, sum(nbytes[t.name] for t in g), size))
+
+    # Peak: the largest kv_b_proj (read whole for the split) or one row chunk, in bf16 + f32 + quantizer
+    # temporaries (~8x the f32 chunk for the K-quant search), plus the serialized header of file 1.
+    kv_b = max((t.src_nbytes * 2 for t in plan if t.kind.startswith("kv_b")), default=0)
+    work = max(kv_b, opts.chunk_bytes // 2) * (1 + 2 + 8 * 2)
+    peak = BASE_RSS + work + max(len(f.header) for f in files)
+    return ExportPlan(ck, ftype, pure, plan, types, nbytes, files, vocab_holder["v"].summary(), imatrix, peak)
+
+
+# --------------------------------------------------------------------------------------------------
+# imatrix
+# --------------------------------------------------------------------------------------------------
+
+
+def _imatrix_plan(path: Path | None, plan: g2.GGUFPlan, types: dict[str, str]) -> dict:
+    """Check ``--imatrix`` against what our quantizers can use.
+
+    llama.cpp ignores importance weights for F32/F16/BF16/Q8_0 (accepted and ignored here too). For every
+    other planned type the quantizer must implement them; until it does, the flag is refused rather than
+    silently ignored.
+
+    Raises:
+        UsageError: a planned type's quantizer has no imatrix support.
+        BadInputError: the file cannot be read as an imatrix, or lacks entries for tensors that would use it.
+    """
+    if path is None:
+        return {"used": False}
+    entries = load_imatrix(path)
+    users = {t: ggml.get_type(t) for t in set(types.values())}
+    need = sorted(t for t, c in users.items() if not c.ignores_imatrix)
+    unsupported = [t for t in need if not users[t].supports_imatrix]
+    if unsupported:
+        raise UsageError(f"--imatrix: dsconvert's {', '.join(unsupported)} quantizers do not implement importance "
+                         "weights yet, so the imatrix would be ignored",
+                         hint="drop --imatrix (plain llama.cpp reference quantization), or write a BF16/F32 GGUF "
+                              "and run llama-quantize --imatrix on it")
+    users_t = [t.name for t in plan if types[t.name] in need]
+    missing = [n for n in users_t if n not in entries]
+    if missing:
+        raise BadInputError(f"--imatrix {path}: no entries for {len(missing)} tensors that need them: "
+                            + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""),
+                            hint="an imatrix computed on a kv_b-layout file lacks attn_k_b/attn_v_b "
+                                 "(known-failures 26); recompute it on a current-layout GGUF")
+    return {"used": bool(need), "path": str(path), "entries": len(entries),
+            "ignored_by_types": sorted(t for t, c in users.items() if c.ignores_imatrix)}
+
+
+def load_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """Read llama.cpp's importance matrix: ``imatrix.gguf`` or the legacy ``.dat`` format.
+
+    Returns ``{tensor name: float32 [n_mat, n_per_row]}`` of mean squared activations, as llama-quantize's
+    ``load_imatrix`` computes them (GGUF: ``in_sum2 / counts``, 1 where a matrix got no input; legacy:
+    ``values / ncall``).
+
+    Raises:
+        BadInputError: unreadable, truncated or inconsistent file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise BadInputError(f"--imatrix {path}: {e.strerror}") from e
+    try:
+        if magic == b"GGUF":
+            return _imatrix_gguf(path)
+        return _imatrix_legacy(path)
+    except BadInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad input file
+        raise BadInputError(f"--imatrix {path}: not a llama.cpp imatrix ({type(e).__name__}: {e})",
+                            hint="pass the imatrix.gguf (or legacy .dat) written by llama-imatrix") from e
+
+
+def _imatrix_gguf(path: Path) -> dict[str, np.ndarray]:
+    r = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in r.tensors}
+    out = {}
+    for name, t in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[: -len(".in_sum2")]
+        c = tensors.get(base + ".counts")
+        if c is None:
+            raise BadInputError(f"--imatrix {path}: {name} has no matching {base}.counts")
+        sums = np.asarray(t.data, dtype=np.float32).reshape(-1, int(t.shape[0]))
+        counts = np.asarray(c.data, dtype=np.float32).reshape(-1)
+        if counts.size != sums.shape[0]:
+            raise BadInputError(f"--imatrix {path}: {base}: {counts.size} counts for {sums.shape[0]} matrices")
+        e = np.ones_like(sums)
+        ok = counts > 0
+        e[ok] = sums[ok] / counts[ok, None]
+        out[base] = e
+    if not out:
+        raise BadInputError(f"--imatrix {path}: a GGUF without any *.in_sum2 tensors is not an imatrix")
+    return out
+
+
+def _imatrix_legacy(path: Path) -> dict[str, np.ndarray]:
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt_n: int, dtype) -> np.ndarray:
+        nonlocal pos
+        nb = np.dtype(dtype).itemsize * fmt_n
+        if pos + nb > len(data):
+            raise BadInputError(f"--imatrix {path}: truncated at byte {pos}")
+        a = np.frombuffer(data, dtype=dtype, count=fmt_n, offset=pos)
+        pos += nb
+        return a
+
+    n = int(take(1, "<i4")[0])
+    if n <= 0 or n > 1_000_000:
+        raise BadInputError(f"--imatrix {path}: implausible entry count {n} (neither GGUF nor legacy .dat)")
+    out = {}
+    for _ in range(n):
+        ln = int(take(1, "<i4")[0])
+        name = take(ln, np.uint8).tobytes().decode("utf-8")
+        ncall, nval = (int(v) for v in take(2, "<i4"))
+        vals = take(nval, "<f4").astype(np.float32)
+        out[name] = (vals / ncall if ncall > 0 else vals).reshape(1, -1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# tensor data
+# --------------------------------------------------------------------------------------------------
+
+
+def _rows(ck: Checkpoint, name: str, chunk_bytes: int) -> Iterator[torch.Tensor]:
+    """HF tensor ``name`` in row chunks, dequantized: FP8 -> bf16 by fp8-to-bf16's own producer (on CPU, the
+    bit-exact rule); other dtypes as stored. 1-D tensors in one piece."""
+    ent = ck.entry(name)
+    if ent.dtype == "F8_E4M3":
+        yield from _dequant_producer(ck, name, torch.bfloat16, torch.device("cpu"), chunk_bytes)()
+        return
+    if ent.dtype not in ("BF16", "F16", "F32"):
+        raise UnsupportedError(f"{name}: dtype {ent.dtype} cannot go into a GGUF",
+                               hint="only F8_E4M3 (+ scale), BF16, F16 and F32 tensors are converted")
+    if len(ent.shape) < 2:
+        yield ck.read(name)
+        return
+    m = ent.shape[0]
+    rows = max(1, chunk_bytes // max(1, 4 * (ent.numel // max(1, m))))
+    with open(ck.path_of(name), "rb") as f:
+        for r0 in range(0, m, rows):
+            yield read_tensor(f, ent, (r0, min(m, r0 + rows)))
+
+
+def encode(x: torch.Tensor, qtype: str, device: torch.device) -> np.ndarray:
+    """Rows of ``x`` (bf16/f16/f32, ``[..., ne0]``) as ggml type ``qtype`` bytes (uint8, C order).
+
+    BF16 input to BF16 output is copied bit for bit; everything else is quantized from float32.
+    """
+    if qtype == "BF16" and x.dtype == torch.bfloat16:
+        return x.contiguous().view(torch.uint8).numpy().reshape(-1)
+    if qtype == "F32":
+        return x.to(torch.float32).contiguous().view(torch.uint8).numpy().reshape(-1)
+    q = ggml.get_type(qtype).quantize(x.to(device=device, dtype=torch.float32))
+    return q.cpu().numpy().reshape(-1)
+
+
+def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torch.device,
+                  chunk_bytes: int) -> Iterator[np.ndarray]:
+    """Bytes of output tensor ``t`` in file order: experts in id order, each in row chunks; kv_b halves whole."""
+    if t.kind in ("kv_b_k", "kv_b_v"):
+        kv = torch.cat(list(_rows(ck, t.sources[0], chunk_bytes)))
+        yield encode(g2.build_tensor(t, [kv], ck.config), qtype, device)
+        return
+    for src in t.sources:  # one for "copy", n_expert for "stack_experts" (bytes are expert-major)
+        for x in _rows(ck, src, chunk_bytes):
+            yield encode(x, qtype, device)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_bytes: int,
+               progress: ByteProgress, n_layer: int) -> tuple[int, str]:
+    """Write one GGUF file through ``NAME.tmp`` + fsync + rename; returns (size, sha256).
+
+    The data section follows ``GGUFWriter.write_tensor_data``: each tensor starts at the next multiple of
+    the alignment (32) and is zero-padded to it.
+    """
+    final = f_plan.path
+    tmp = final.with_name(final.name + ".tmp")
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    h = hashlib.sha256()
+    pos = 0
+    try:
+        with open(tmp, "wb") as f:
+            def put(b) -> None:
+                nonlocal pos
+                mv = memoryview(b).cast("B")
+                f.write(mv)
+                h.update(mv)
+                pos += len(mv)
+
+            put(f_plan.header)
+            put(bytes(_pad(pos, align) - pos))
+            for t in f_plan.tensors:
+                qtype = plan.types[t.name]
+                layer = f" ({t.bid + 1}/{n_layer})" if t.bid is not None else ""
+                progress.describe(f"{f_plan.name}: {t.name} {qtype}{layer}")
+                n = 0
+                for chunk in tensor_chunks(plan.ck, t, qtype, device, chunk_bytes):
+                    put(chunk)
+                    n += chunk.nbytes
+                    progress.advance(chunk.nbytes)
+                if n != plan.nbytes[t.name]:  # pragma: no cover - a planning bug, never user input
+                    raise RuntimeError(f"{t.name}: wrote {n} bytes, planned {plan.nbytes[t.name]}")
+                put(bytes(_pad(n, align) - n))
+            f.flush()
+            os.fsync(f.fileno())
+        if pos != f_plan.size:  # pragma: no cover
+            raise RuntimeError(f"{final.name}: wrote {pos} bytes, planned {f_plan.size}")
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return pos, h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# output files, resume
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Resume:
+    manifest: Manifest
+    done: set[str]
+    resumed: bool
+    already_complete: bool
+
+
+def manifest_path(output: Path) -> Path:
+    return output.with_name(output.name + MANIFEST_SUFFIX)
+
+
+def _verify(path: Path, meta: dict) -> bool:
+    return path.is_file() and path.stat().st_size == meta.get("size") and sha256_file(path) == meta.get("sha256")
+
+
+def _owned(output: Path) -> list[Path]:
+    """Every file a gguf export to ``output`` may have written (any split count), temporaries included."""
+    d5 = "[0-9]" * 5
+    pats = [glob.escape(output.name), f"{glob.escape(output.stem)}-{d5}-of-{d5}.gguf"]
+    found: set[Path] = set()
+    for p in pats:
+        found.update(output.parent.glob(p))
+        found.update(output.parent.glob(p + ".tmp"))
+    found.add(output.with_name(output.name + REPORT_SUFFIX))
+    return sorted(x for x in found if x.is_file() or x.is_symlink())
+
+
+def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *, overwrite: bool,
+                   resume: bool) -> Resume:
+    """Fresh start, resume (matching manifest: keep verified files), already complete, or refuse.
+
+    Raises:
+        OutputExistsError (exit 2): output files exist without a dsconvert manifest, or with a manifest for
+            another source or other options, and ``overwrite`` is not set.
+    """
+    mpath = manifest_path(output)
+    man = Manifest.load_file(mpath)
+    existing = [p for p in _owned(output) if not p.name.endswith(".tmp")]
+    if output.is_dir():
+        raise UsageError(f"-o {output} is a directory", hint="give the .gguf file to write, e.g. -o model.gguf")
+    if man is None and existing and not overwrite:
+        raise OutputExistsError(f"{existing[0]} exists and no dsconvert manifest ({mpath.name}) vouches for it",
+                                hint="pass --overwrite to replace it, or choose another -o")
+    if man is not None and (man.fingerprint != fp or man.command != COMMAND) and not overwrite:
+        raise OutputExistsError(f"{output}: the existing output ({mpath.name}) was made from a different source "
+                                "or with different options; refusing to resume it",
+                                hint="rerun with the same SRC and options, pass --overwrite to start over, or "
+                                     "choose another -o")
+    if man is not None and man.fingerprint == fp and man.command == COMMAND and resume and not overwrite:
+        names = {f.name for f in files}
+        done = {n for n, meta in man.files.items() if n in names and _verify(output.parent / n, meta)}
+        man.files = {n: m for n, m in man.files.items() if n in done}
+        for p in output.parent.glob("*.gguf.tmp"):
+            if p.name[: -len(".tmp")] in names:
+                p.unlink()
+        if man.complete and done == names:
+            return Resume(man, done, True, True)
+        man.complete = False
+        man.save_file(mpath)
+        return Resume(man, done, True, False)
+    for p in _owned(output):
+        p.unlink()
+    man = Manifest(COMMAND, fp, options)
+    man.save_file(mpath)
+    return Resume(man, set(), False, False)
+
+
+def _source_fingerprint(ck: Checkpoint) -> dict:
+    """sha256 of config/index/tokenizer files plus a digest of every tensor header (name, dtype, shape,
+    shard, offsets), which also covers single-file checkpoints without an index."""
+    hdr = hashlib.sha256()
+    for n in sorted(ck.tensors):
+        s, e = ck.tensors[n]
+        hdr.update(f"{n}|{e.dtype}|{list(e.shape)}|{s}|{e.begin}|{e.nbytes}\n".encode())
+    parts = source_fingerprint_parts(ck.root, [INDEX_NAME, "config.json", "tokenizer.json", "tokenizer_config.json"])
+    return {"files": parts, "tensor_headers": hdr.hexdigest()}
+
+
+# --------------------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------------------
+
+
+def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = False, overwrite: bool = False,
+        resume: bool = True, progress: bool | None = None) -> dict:
+    """Export ``src`` to GGUF ``output`` (one file or splits); return the JSON report.
+
+    Raises:
+        BadInputError / UnsupportedError (exit 3): anything wrong with SRC, found before writing.
+        UsageError / OutputExistsError (exit 2): bad options, or an output that cannot be used.
+    """
+    t0 = time.perf_counter()
+    src = Path(src)
+    if output is None and not dry_run:
+        raise UsageError("missing -o/--output", hint="dsconvert gguf SRC -o FILE.gguf --type Q4_K_M (or --dry-run)")
+    if output is not None:
+        output = Path(output)
+        if output.suffix != ".gguf":
+            raise UsageError(f"-o {output}: the output must be a .gguf file name",
+                             hint="e.g. -o DeepSeek-R1-Q4_K_M.gguf (splits become ...-00001-of-0000N.gguf)")
+        check_paths(src, output)
+    device = resolve_device(opts.device)
+    ck = open_checkpoint(src, check_values=not dry_run)
+    check_supported(ck.config)
+    plan = make_plan(ck, opts, output)
+    report = base_report(COMMAND)
+    report.update({
+        "source": {"path": str(src), "family": version_label(ck.config), "format": _source_format(ck),
+                   "shards": len(ck.shards), "tensors": len(ck.tensors),
+                   **bytes_fields(sum(e.nbytes for _, e in ck.tensors.values()))},
+        "options": {**asdict(opts), "imatrix": str(opts.imatrix) if opts.imatrix else None, "device": str(device)},
+        "dry_run": dry_run,
+        "plan": plan.summary(),
+        "warnings": [p.to_dict() for p in ck.problems if not p.fatal],
+    })
+    if opts.max_memory is not None and plan.peak_memory > opts.max_memory:
+        raise UsageError(f"planned peak memory {plan.peak_memory / 2**30:.2f} GiB exceeds --max-memory "
+                         f"{opts.max_memory / 2**30:.2f} GiB", hint="lower the chunk size")
+    if dry_run:
+        report["output"] = {"path": str(output) if output else None}
+        return report
+
+    fp = fingerprint({"source": _source_fingerprint(ck), "options": opts.fingerprinted(), "command": COMMAND})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    decision = prepare_output(output, plan.files, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume)
+    todo = [f for f in plan.files if f.name not in decision.done]
+    need = sum(f.size for f in todo)
+    free = shutil.disk_usage(output.parent).free
+    if need > free:
+        raise BadInputError(f"{output.parent}: needs {need / 1e9:.2f} GB of free disk, {free / 1e9:.2f} GB available",
+                            hint="free space or choose another -o")
+    written = []
+    n_layer = int(ck.config["num_hidden_layers"])
+    mpath = manifest_path(output)
+    if todo:
+        with ByteProgress(sum(sum(plan.nbytes[t.name] for t in f.tensors) for f in todo), COMMAND,
+                          enabled=progress) as bar:
+            for f in todo:
+                size, digest = write_file(f, plan, device, opts.chunk_bytes, bar, n_layer)
+                decision.manifest.files[f.name] = {"size": size, "sha256": digest}
+                decision.manifest.save_file(mpath)
+                written.append(f.name)
+    seconds = time.perf_counter() - t0
+    report.update({
+        "output": {"path": str(output), "files": [str(f.path) for f in plan.files],
+                   "tensors": len(plan.gguf_plan), **bytes_fields(plan.total_size),
+                   "manifest": str(mpath), "sha256": {f.name: decision.manifest.files[f.name]["sha256"]
+                                                       for f in plan.files}},
+        "resumed": decision.resumed,
+        "already_complete": decision.already_complete,
+        "files_written": len(written),
+        "files_reused": len(plan.files) - len(written),
+        "seconds": round(seconds, 3),
+        "peak_rss": bytes_fields(peak_rss_bytes()),
+    })
+    full = dict(report, tensors=[{"name": t.name, "type": plan.types[t.name], "ne": list(t.ne),
+                                  "bytes": plan.nbytes[t.name], "kind": t.kind, "sources": len(t.sources),
+                                  "source_dtype": t.src_dtype} for t in plan.gguf_plan])
+    rpath = output.with_name(output.name + REPORT_SUFFIX)
+    write_atomic(rpath, (json.dumps(full, indent=2, default=str) + "\n").encode())
+    decision.manifest.complete = True
+    decision.manifest.save_file(mpath)
+    report["report_path"] = str(rpath)
+    return report
+
+
+__all__ = ["COMMAND", "LAYOUT", "GGUFOptions", "ExportPlan", "OutFile", "TYPE_CHOICES", "FTYPE_NAMES",
+           "make_plan", "run", "resolve_type", "load_imatrix", "encode", "tensor_chunks", "file_names",
+           "manifest_path"]
