@@ -57,7 +57,8 @@ from ..formats.safetensors_io import read_tensor, sha256_file
 from ..quant import ggml
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
-from .fp8_to_bf16 import _dequant_producer, resolve_device
+from .fp8_to_bf16 import resolve_device
+from .pipeline import dequant_producer
 from .manifest import Manifest, check_paths, fingerprint, source_fingerprint_parts, write_atomic
 from .progress import ByteProgress
 
@@ -470,7 +471,7 @@ def _rows(ck: Checkpoint, name: str, chunk_bytes: int) -> Iterator[torch.Tensor]
     bit-exact rule); other dtypes as stored. 1-D tensors in one piece."""
     ent = ck.entry(name)
     if ent.dtype == "F8_E4M3":
-        yield from _dequant_producer(ck, name, torch.bfloat16, torch.device("cpu"), chunk_bytes)()
+        yield from dequant_producer(ck, name, torch.bfloat16, torch.device("cpu"), chunk_bytes)()
         return
     if ent.dtype not in ("BF16", "F16", "F32"):
         raise UnsupportedError(f"{name}: dtype {ent.dtype} cannot go into a GGUF",
