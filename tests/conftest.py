@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+# Before any test module imports torch: passive OpenMP waiting (see dsconvert/__init__.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parent.parent
 INDEX = "model.safetensors.index.json"
 MARKER_GLOB = "EXECUTED_*"
