@@ -87,6 +87,20 @@ def resolve_format(opts: Options) -> IntFormat:
                          hint="formats: " + ", ".join(registered_formats())) from None
 
 
+def resolve_spec(opts: Options):
+    """The :class:`QuantSpec` of ``--scheme`` with ``--group-size``.
+
+    Raises:
+        UsageError: unknown scheme (listing the choices), or a group size the scheme does not take.
+    """
+    try:
+        scheme = get_scheme(opts.scheme)
+    except KeyError as e:
+        raise UsageError(str(e.args[0]) if e.args else f"unknown scheme {opts.scheme!r}",
+                         hint="schemes: " + ", ".join(registered_schemes())) from None
+    return scheme.spec(opts.group_size)
+
+
 @dataclass
 class ModuleResult:
     tensors: dict[str, torch.Tensor]
@@ -157,12 +171,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         ShapeError / UsageError: a group size that does not divide K, a spec the format cannot hold, a mixed
             fused group, an ``--ignore`` pattern matching nothing under ``--strict``.
     """
-    try:
-        scheme = get_scheme(opts.scheme)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown scheme {opts.scheme!r}",
-                         hint="schemes: " + ", ".join(registered_schemes())) from None
-    spec = scheme.spec(opts.group_size)
+    spec = resolve_spec(opts)
     fmt.supports(spec)
     if opts.mtp not in ("keep", "drop"):
         raise UsageError(f"--mtp {opts.mtp!r}", hint="use keep or drop")
@@ -319,7 +328,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if ck.config.get("quantization_config") and ck.fp8 is None:
         raise BadInputError(f"{src}: already quantized ({ck.config['quantization_config'].get('quant_method')})",
                             hint="quantize from the FP8 release or a BF16 checkpoint")
-    spec = get_scheme(opts.scheme).spec(opts.group_size) if opts.scheme else None
+    spec = resolve_spec(opts)
     engine = None
     if opts.method == "rtn":
         compute = rtn_compute(ck, fmt, lambda name: spec, device)
