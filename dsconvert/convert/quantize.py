@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,6 +141,11 @@ class Plan:
         }
 
 
+def _natural_key(name: str) -> tuple:
+    """``experts.2`` before ``experts.10``: digit runs compare as numbers."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
 def _layer_key(name: str) -> int:
     """Grouping key: -1 for embeddings and other non-layer tensors, else the layer index."""
     if name.startswith(_LAYER_PREFIX):
@@ -178,7 +184,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     policy = LayerPolicy(spec, list(opts.ignore))
     cache = _ModuleCache(compute or (lambda m: (_ for _ in ()).throw(RuntimeError("no compute"))))
     decisions: dict[str, bool] = {}
-    groups: dict[int, list[OutTensor]] = {}
+    units: dict[int, list[tuple[str, list[OutTensor]]]] = {}  # layer -> (source name, its output tensors)
     dropped, kept, quantized = [], [], []
     bytes_read = q_params = q_bytes = total_params = 0
     for name in source_order(ck):
@@ -213,8 +219,13 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
             outs = [OutTensor(name, ent.dtype, ent.shape, copy_producer(ck, name, opts.chunk_bytes), "copy", [name],
                               src_bytes)]
             kept.append(name)
-        groups.setdefault(_layer_key(name), []).extend(outs)
+        units.setdefault(_layer_key(name), []).append((name, outs))
     check_fused_groups(decisions)
+    # Canonical order inside a layer (natural name order), not the source's file order: the same weights give
+    # the same bytes whether they come from the FP8 release or a re-sharded BF16 copy. A module's tensors stay
+    # together, in the format's order.
+    groups = {k: [t for _, outs in sorted(v, key=lambda u: _natural_key(u[0])) for t in outs]
+              for k, v in units.items()}
     unmatched = policy.unmatched()
     if unmatched and opts.strict:
         raise UsageError(f"--ignore pattern(s) matched no quantizable module: {', '.join(unmatched)}",
