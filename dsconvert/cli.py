@@ -245,8 +245,11 @@ def quantize_cmd(
                           max_shard_size=_size(max_shard_size), device=device, workers=workers,
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
                           seq_len=seq_len)
-        return qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                      progress=_progress_enabled(quiet))
+        rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
+                     progress=_progress_enabled(quiet))
+        for w in rep.get("warnings", []):  # on stderr in every output mode (--json keeps stdout to the report)
+            err.print(f"warning: {w}", markup=False, highlight=False)
+        return rep
 
     def human(rep):
         p = rep["plan"]
@@ -263,8 +266,6 @@ def quantize_cmd(
             if e:
                 out.print(f"  relative RMS weight error: mean {e['mean']:.4f}, max {e['max']:.4f} "
                           f"({e['worst'][0]['module']})")
-        for w in rep.get("warnings", []):
-            err.print(f"warning: {w}")
 
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 

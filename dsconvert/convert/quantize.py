@@ -14,6 +14,7 @@ to ``--max-shard-size``), so calibrated methods can write layer ``i`` as soon as
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,6 +87,20 @@ def resolve_format(opts: Options) -> IntFormat:
                          hint="formats: " + ", ".join(registered_formats())) from None
 
 
+def resolve_spec(opts: Options):
+    """The :class:`QuantSpec` of ``--scheme`` with ``--group-size``.
+
+    Raises:
+        UsageError: unknown scheme (listing the choices), or a group size the scheme does not take.
+    """
+    try:
+        scheme = get_scheme(opts.scheme)
+    except KeyError as e:
+        raise UsageError(str(e.args[0]) if e.args else f"unknown scheme {opts.scheme!r}",
+                         hint="schemes: " + ", ".join(registered_schemes())) from None
+    return scheme.spec(opts.group_size)
+
+
 @dataclass
 class ModuleResult:
     tensors: dict[str, torch.Tensor]
@@ -123,6 +138,11 @@ class Plan:
             "peak_memory_estimate": bytes_fields(self.peak_memory),
             "ignore_patterns_unmatched": self.ignore_unmatched,
         }
+
+
+def _natural_key(name: str) -> tuple:
+    """``experts.2`` before ``experts.10``: digit runs compare as numbers."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def _layer_key(name: str) -> int:
@@ -172,19 +192,14 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         ShapeError / UsageError: a group size that does not divide K, a spec the format cannot hold, a mixed
             fused group, an ``--ignore`` pattern matching nothing under ``--strict``.
     """
-    try:
-        scheme = get_scheme(opts.scheme)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown scheme {opts.scheme!r}",
-                         hint="schemes: " + ", ".join(registered_schemes())) from None
-    spec = scheme.spec(opts.group_size)
+    spec = resolve_spec(opts)
     fmt.supports(spec)
     if opts.mtp not in ("keep", "drop"):
         raise UsageError(f"--mtp {opts.mtp!r}", hint="use keep or drop")
     policy = LayerPolicy(spec, list(opts.ignore))
     cache = _ModuleCache(compute or (lambda m: (_ for _ in ()).throw(RuntimeError("no compute"))))
     decisions: dict[str, bool] = {}
-    groups: dict[int, list[OutTensor]] = {}
+    units: dict[int, list[tuple[str, list[OutTensor]]]] = {}  # layer -> (source name, its output tensors)
     dropped, kept, quantized = [], [], []
     bytes_read = q_params = q_bytes = total_params = 0
     for name in source_order(ck):
@@ -221,8 +236,13 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
             kept.append(name)
         if replaced is not None and s is None:
             outs[0].produce = _with_override(name, outs[0].produce, replaced, outs[0].dtype)
-        groups.setdefault(_layer_key(name), []).extend(outs)
+        units.setdefault(_layer_key(name), []).append((name, outs))
     check_fused_groups(decisions)
+    # Canonical order inside a layer (natural name order), not the source's file order: the same weights give
+    # the same bytes whether they come from the FP8 release or a re-sharded BF16 copy. A module's tensors stay
+    # together, in the format's order.
+    groups = {k: [t for _, outs in sorted(v, key=lambda u: _natural_key(u[0])) for t in outs]
+              for k, v in units.items()}
     unmatched = policy.unmatched()
     if unmatched and opts.strict:
         raise UsageError(f"--ignore pattern(s) matched no quantizable module: {', '.join(unmatched)}",
@@ -336,7 +356,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if ck.config.get("quantization_config") and ck.fp8 is None:
         raise BadInputError(f"{src}: already quantized ({ck.config['quantization_config'].get('quant_method')})",
                             hint="quantize from the FP8 release or a BF16 checkpoint")
-    spec = get_scheme(opts.scheme).spec(opts.group_size) if opts.scheme else None
+    spec = resolve_spec(opts)
     engine = None
     if opts.method == "rtn":
         compute = rtn_compute(ck, fmt, lambda name: spec, device)
