@@ -10,7 +10,19 @@ from . import __version__
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes (``ru_maxrss`` is KiB on Linux)."""
+    """Peak resident set size of this process so far, in bytes.
+
+    Linux: ``VmHWM`` from /proc/self/status (reset at exec). ``ru_maxrss`` is not used there because it keeps the
+    high-water mark of the parent across fork+exec, so a CLI run from a big process would report the parent's
+    peak. Elsewhere: ``ru_maxrss`` (KiB on Linux/BSD, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(ru if sys.platform == "darwin" else ru * 1024)
 
