@@ -302,10 +302,13 @@ def inspect_cmd(src: SrcArg, json_out: JsonOpt = False, verbose: VerboseOpt = Fa
 def _ids(text: str | None) -> list[int] | None:
     if text is None:
         return None
+    from .errors import UsageError
+
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise typer.BadParameter("--token-ids takes comma-separated integers, e.g. 1,2,3") from None
+        # a dsconvert UsageError (exit 2): this runs inside _run, which turns any other exception into exit 1
+        raise UsageError(f"--token-ids {text!r}: takes comma-separated integers, e.g. 1,2,3") from None
 
 
 @app.command("logits", help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
