@@ -361,9 +361,14 @@ def validate_cmd(
 
     def human(rep):
         _print_validation(rep)
-        worst = max(rep["layers"], key=lambda r: r["rel_error"]) if rep["layers"] else None
+        import math
+
+        # a non-finite error is the worst (max() with NaN keys depends on the order)
+        worst = max(rep["layers"], key=lambda r: (not math.isfinite(r["rel_error"]), r["rel_error"])) \
+            if rep["layers"] else None
         if worst:
             out.print(f"  per-layer relative error: max {worst['rel_error']:.3g} at layer {worst['layer']}; "
+                      f"first diverging layer {rep['first_diverging_layer']}; "
                       f"largest jump at layer {rep['largest_error_jump_layer']}")
         if rep.get("advice"):
             out.print(f"  advice: {rep['advice']}")
