@@ -8,6 +8,7 @@ messages go to stderr. Tracebacks appear only with ``-v`` or ``DSCONVERT_DEBUG=1
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -48,8 +49,25 @@ MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse p
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
 
 
+def _json_safe(obj):
+    """``obj`` with NaN/inf floats replaced by null: ``json.dumps`` would write the bare tokens ``NaN`` /
+    ``Infinity``, which are not JSON (RFC 8259) and which strict parsers (jq, JavaScript, Go) reject.
+    Reports that can hold them (validate's metrics) say why in their own fields (``nonfinite``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False)
+
+
 def _emit_json(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.write(_dumps(obj) + "\n")
     sys.stdout.flush()
 
 
@@ -84,7 +102,7 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
     if rep is None:
         return
     if report_path is not None:
-        report_path.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+        report_path.write_text(_dumps(rep) + "\n")
     if json_out:
         _emit_json(rep)
     elif human is not None:
