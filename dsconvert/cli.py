@@ -297,7 +297,8 @@ def _print_validation(rep: dict) -> None:
     verdict = "[green]PASSED[/green]" if m.get("passed") else "[red]FAILED[/red]"
     out.print(f"validate: {verdict}  Mean KLD {m['mean_kld']:.3g}  Maximum KLD {m['max_kld']:.3g}  "
               f"99.9% KLD {m['p999_kld']:.3g}  Same top p {100 * m['same_top_p']:.2f}%  RMS Δp "
-              f"{100 * m['rms_dp']:.3f}%  PPL {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g}")
+              f"{100 * m['rms_dp']:.3f}%  PPL {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g}  "
+              f"ln(PPL ratio) {m['ln_ppl_ratio']:.4g}")
 
 
 @app.command("inspect", help="Show what a checkpoint holds and what converting it writes, from headers only.")
