@@ -8,6 +8,7 @@ messages go to stderr. Tracebacks appear only with ``-v`` or ``DSCONVERT_DEBUG=1
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -48,8 +49,25 @@ MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse p
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
 
 
+def _json_safe(obj):
+    """``obj`` with NaN/inf floats replaced by null: ``json.dumps`` would write the bare tokens ``NaN`` /
+    ``Infinity``, which are not JSON (RFC 8259) and which strict parsers (jq, JavaScript, Go) reject.
+    Reports that can hold them (validate's metrics) say why in their own fields (``nonfinite``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False)
+
+
 def _emit_json(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.write(_dumps(obj) + "\n")
     sys.stdout.flush()
 
 
@@ -84,7 +102,7 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
     if rep is None:
         return
     if report_path is not None:
-        report_path.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+        report_path.write_text(_dumps(rep) + "\n")
     if json_out:
         _emit_json(rep)
     elif human is not None:
@@ -281,7 +299,8 @@ def _print_validation(rep: dict) -> None:
     verdict = "[green]PASSED[/green]" if m.get("passed") else "[red]FAILED[/red]"
     out.print(f"validate: {verdict}  Mean KLD {m['mean_kld']:.3g}  Maximum KLD {m['max_kld']:.3g}  "
               f"99.9% KLD {m['p999_kld']:.3g}  Same top p {100 * m['same_top_p']:.2f}%  RMS Δp "
-              f"{100 * m['rms_dp']:.3f}%  PPL {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g}")
+              f"{100 * m['rms_dp']:.3f}%  PPL {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g}  "
+              f"ln(PPL ratio) {m['ln_ppl_ratio']:.4g}")
 
 
 @app.command("inspect", help="Show what a checkpoint holds and what converting it writes, from headers only. "
@@ -321,10 +340,13 @@ def inspect_cmd(
 def _ids(text: str | None) -> list[int] | None:
     if text is None:
         return None
+    from .errors import UsageError
+
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise typer.BadParameter("--token-ids takes comma-separated integers, e.g. 1,2,3") from None
+        # a dsconvert UsageError (exit 2): this runs inside _run, which turns any other exception into exit 1
+        raise UsageError(f"--token-ids {text!r}: takes comma-separated integers, e.g. 1,2,3") from None
 
 
 @app.command("logits", help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
@@ -377,9 +399,14 @@ def validate_cmd(
 
     def human(rep):
         _print_validation(rep)
-        worst = max(rep["layers"], key=lambda r: r["rel_error"]) if rep["layers"] else None
+        import math
+
+        # a non-finite error is the worst (max() with NaN keys depends on the order)
+        worst = max(rep["layers"], key=lambda r: (not math.isfinite(r["rel_error"]), r["rel_error"])) \
+            if rep["layers"] else None
         if worst:
             out.print(f"  per-layer relative error: max {worst['rel_error']:.3g} at layer {worst['layer']}; "
+                      f"first diverging layer {rep['first_diverging_layer']}; "
                       f"largest jump at layer {rep['largest_error_jump_layer']}")
         if rep.get("advice"):
             out.print(f"  advice: {rep['advice']}")

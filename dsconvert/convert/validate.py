@@ -213,8 +213,7 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         errs = layer_errors([torch.cat(ref_hidden[i])], [torch.cat(cand_hidden[i])])[0]
         errs["layer"] = i
         layers.append(errs)
-    jumps = [layers[0]["rel_error"]] + [layers[i]["rel_error"] - layers[i - 1]["rel_error"] for i in range(1, n_layers)]
-    first_div = int(np.argmax(jumps)) if layers and max(jumps) > 0 else None
+    first_div, largest_jump = _localize([r["rel_error"] for r in layers])
     nonfinite = not (metrics["cand_nonfinite"]["ok"] and metrics["ref_nonfinite"]["ok"])
     passed = (not nonfinite and metrics["mean_kld"] <= opts.max_kld and metrics["same_top_p"] >= opts.min_top1)
     rep = base_report("validate")
@@ -226,7 +225,8 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
                                    "rms_dp", "ppl_reference", "ppl_candidate", "ln_ppl_ratio", "n_positions")},
         "nonfinite": {"reference": metrics["ref_nonfinite"], "candidate": metrics["cand_nonfinite"]},
         "layers": layers,
-        "largest_error_jump_layer": first_div,
+        "first_diverging_layer": first_div,
+        "largest_error_jump_layer": largest_jump,
         "thresholds": {"max_kld": opts.max_kld, "min_top1": opts.min_top1},
         "passed": passed,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -236,6 +236,25 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         rep["advice"] = ("non-finite logits: if the candidate was computed in float16, overflow is likely; "
                          "use bfloat16 activations")
     return rep
+
+
+def _localize(rel: list[float]) -> tuple[int | None, int | None]:
+    """(first diverging layer, layer of the largest error increase) from per-layer relative errors.
+
+    The first diverging layer is the first whose hidden states differ at all (``rel_error != 0``, NaN/inf
+    included): exact for a lossless candidate, where every earlier layer is bit-identical; for a lossy one it is
+    0 and the largest jump is the useful figure. A fault whose own effect is damped (a scaled ``q_a_proj`` is
+    mostly undone by ``q_a_layernorm``) can make a *later* layer's jump the largest, hence both. A non-finite
+    error counts as an infinite jump at the first layer that has one (NaN would otherwise never be the max).
+    """
+    if not rel:
+        return None, None
+    first = next((i for i, r in enumerate(rel) if r != 0), None)  # NaN != 0 is True
+    bad = next((i for i, r in enumerate(rel) if not np.isfinite(r)), None)
+    if bad is not None:
+        return first, bad
+    jumps = [rel[0]] + [rel[i] - rel[i - 1] for i in range(1, len(rel))]
+    return first, (int(np.argmax(jumps)) if max(jumps) > 0 else None)
 
 
 def _pool(ref_logits, cand_logits, seqs) -> dict:

@@ -66,6 +66,7 @@ class FixtureSpec:
     tokenizer: bool = True
     extra_files: bool = True
     outlier_channels: int = 4  # input channels whose norm weight is boosted (activation outliers)
+    router_bias: bool = True  # F32 mlp.gate.e_score_correction_bias (V3); False for a V2-style checkpoint
     extra_config: dict = field(default_factory=dict)
 
 
@@ -212,8 +213,9 @@ def tensor_table(spec: FixtureSpec) -> list[tuple[str, tuple[int, ...], str]]:
         rows.append((p + "self_attn.kv_a_layernorm.weight", (s.kv_lora_rank,), "norm"))
         rows.append((p + "post_attention_layernorm.weight", (h,), "norm"))
         if layer >= s.first_k_dense_replace:
-            rows += [(p + "mlp.gate.weight", (s.n_routed_experts, h), "router"),
-                     (p + "mlp.gate.e_score_correction_bias", (s.n_routed_experts,), "bias")]
+            rows.append((p + "mlp.gate.weight", (s.n_routed_experts, h), "router"))
+            if s.router_bias:
+                rows.append((p + "mlp.gate.e_score_correction_bias", (s.n_routed_experts,), "bias"))
         rows += [(n, shp, "fp8" if s.fp8 else "bf16") for n, shp in _linears(s, layer)]
         if layer >= s.num_hidden_layers:
             rows += [(p + "shared_head.norm.weight", (h,), "norm"),
