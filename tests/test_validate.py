@@ -540,7 +540,8 @@ def test_forward_many_holds_one_layer_and_reads_each_tensor_once(ck):
     assert src.overlaps == []
     assert max(src.reads.values()) == 1
     assert not any(".layers.3." in n for n in src.reads)  # the MTP layer is never read
-    # and the results equal one-sequence-at-a-time runs
+    # and the results equal one-sequence-at-a-time runs, up to the float rounding of batching the token-wise MoE
+    # over all sequences (matmul blocking differs with the row count)
     for s, lg in zip(seqs, logits):
         one, _ = val.forward_many(CheckpointWeightSource(ck["fp8"]), [s], torch.float32, return_hidden=False)
-        assert torch.equal(one[0], lg)
+        torch.testing.assert_close(one[0], lg, rtol=1e-5, atol=1e-5)

@@ -124,26 +124,52 @@ class ReferenceModel:
         Returns:
             ``(T, hidden)``, compute dtype. The layer's weights are released on return.
         """
+        return self.layer_forward_many(layer_idx, [hidden], [positions], on_linear)[0]
+
+    def layer_forward_many(
+        self,
+        layer_idx: int,
+        hiddens: list[torch.Tensor],
+        positions: list[torch.Tensor],
+        on_linear: LinearHook | None = None,
+    ) -> list[torch.Tensor]:
+        """:meth:`layer_forward` for several independent sequences at once.
+
+        Attention runs per sequence (its own positions and causal mask); the MLP / MoE, which is token-wise,
+        runs once on all tokens concatenated, so each routed expert is fetched once per layer whatever the number
+        of sequences, and only one expert is resident at a time. Mathematically a token's result does not depend
+        on which other tokens share the batch; in floating point, matmul blocking over a different row count can
+        change the last bits (both sides of a ``validate`` use the same batches, so a lossless conversion still
+        compares exactly equal).
+
+        Args:
+            hiddens: ``[(T_s, hidden)]`` residual streams.
+            positions: ``[(T_s,)]`` int64 rope positions.
+
+        Returns:
+            ``[(T_s, hidden)]`` in the compute dtype.
+        """
         cfg = self.cfg
         if not 0 <= layer_idx < cfg.num_hidden_layers:
             raise IndexError(f"layer_idx {layer_idx} outside 0..{cfg.num_hidden_layers - 1} (the MTP layer is not run)")
-        self._check_len(hidden.shape[0])
-        hidden = hidden.to(self.dtype)
-        positions = positions.to(torch.long)
         prefix = f"model.layers.{layer_idx}"
         get = _Cast(self.source, self.dtype)
-        cos, sin = rope_cos_sin(self._inv_freq, positions, self._attn_factor)  # (T, dr/2) each
-
-        x = rms_norm(hidden, get(f"{prefix}.input_layernorm.weight"), cfg.rms_norm_eps)
-        hidden = hidden + mla_attention(
-            cfg, x, positions, cos, sin, self.softmax_scale, get, f"{prefix}.self_attn", on_linear
-        )
+        attn_out = []
+        for hidden, pos in zip(hiddens, positions):
+            self._check_len(hidden.shape[0])
+            hidden = hidden.to(self.dtype)
+            pos = pos.to(torch.long)
+            cos, sin = rope_cos_sin(self._inv_freq, pos, self._attn_factor)  # (T, dr/2) each
+            x = rms_norm(hidden, get(f"{prefix}.input_layernorm.weight"), cfg.rms_norm_eps)
+            attn_out.append(hidden + mla_attention(
+                cfg, x, pos, cos, sin, self.softmax_scale, get, f"{prefix}.self_attn", on_linear))
+        hidden = torch.cat(attn_out)  # (sum T_s, hidden)
         x = rms_norm(hidden, get(f"{prefix}.post_attention_layernorm.weight"), cfg.rms_norm_eps)
         if cfg.is_moe_layer(layer_idx):
             y = moe_forward(cfg, x, get, self._expert_getter, self.source.has, f"{prefix}.mlp", on_linear)
         else:
             y = swiglu_mlp(x, get, f"{prefix}.mlp", on_linear)
-        return hidden + y
+        return list((hidden + y).split([h.shape[0] for h in attn_out]))
 
     def head(self, hidden: torch.Tensor, on_linear: LinearHook | None = None) -> torch.Tensor:
         """Final RMSNorm then ``lm_head`` (``embed_tokens`` if tied): ``(T, hidden)`` -> ``(T, vocab)`` float32."""
