@@ -79,7 +79,7 @@ def run_ours(src: Path, out: Path, workers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="bench,bench4x")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     import torch
 

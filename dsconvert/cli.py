@@ -153,7 +153,7 @@ def fp8_to_bf16_cmd(
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size",
                                                           help="e.g. 5G; default keeps the source's shards")] = None,
     device: DeviceOpt = "auto",
-    workers: WorkersOpt = 1,
+    workers: WorkersOpt = 2,
     max_memory: MaxMemOpt = None,
     validate: Annotated[bool, typer.Option("--validate", help="when done, validate logits against SRC")] = False,
     dry_run: DryOpt = False,

@@ -49,7 +49,7 @@ class Options:
     dtype: str = "bf16"  # bf16 | f16 | f32
     max_shard_size: int | None = None  # bytes; None keeps the source's shard boundaries
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    workers: int = 1
+    workers: int = 2  # shards in flight: overlaps one shard's hashing and fsync with the next one's dequant
     chunk_bytes: int = 32 * 2**20  # output bytes per chunk
     max_memory: int | None = None
 
