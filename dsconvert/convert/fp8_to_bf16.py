@@ -31,7 +31,8 @@ from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
-from .pipeline import OutShard, OutTensor, copy_producer, dequant_producer, source_order, write_shards
+from .pipeline import (OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order,
+                       write_shards)
 from .progress import ByteProgress
 
 COMMAND = "fp8-to-bf16"
@@ -202,9 +203,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         "plan": plan.summary(),
         "warnings": [p.to_dict() for p in ck.problems if not p.fatal],
     })
-    if opts.max_memory is not None and plan.peak_memory > opts.max_memory:
-        raise UsageError(f"planned peak memory {plan.peak_memory / 2**30:.2f} GiB exceeds --max-memory "
-                         f"{opts.max_memory / 2**30:.2f} GiB", hint="lower --workers or --chunk-size")
+    check_max_memory(plan.peak_memory, opts.max_memory,
+                     hint="lower --workers (each shard in flight holds a few 32 MiB chunks)")
     if dry_run:
         report["output"] = {"path": str(out) if out else None}
         return report

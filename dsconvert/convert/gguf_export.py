@@ -58,7 +58,7 @@ from ..quant import ggml
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .fp8_to_bf16 import resolve_device
-from .pipeline import dequant_producer
+from .pipeline import check_max_memory, dequant_producer
 from .manifest import Manifest, check_paths, fingerprint, source_fingerprint_parts, write_atomic
 from .progress import ByteProgress
 
@@ -690,9 +690,8 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         "plan": plan.summary(),
         "warnings": [p.to_dict() for p in ck.problems if not p.fatal],
     })
-    if opts.max_memory is not None and plan.peak_memory > opts.max_memory:
-        raise UsageError(f"planned peak memory {plan.peak_memory / 2**30:.2f} GiB exceeds --max-memory "
-                         f"{opts.max_memory / 2**30:.2f} GiB", hint="lower the chunk size")
+    check_max_memory(plan.peak_memory, opts.max_memory,
+                     hint="the plan needs one chunk plus one kv_b_proj in memory; raise --max-memory")
     if dry_run:
         report["output"] = {"path": str(output) if output else None}
         return report

@@ -120,6 +120,19 @@ def source_order(ck) -> list[str]:
     return names
 
 
+def check_max_memory(planned: int, max_memory: int | None, hint: str) -> None:
+    """Refuse a plan whose estimated peak memory (bytes) exceeds ``--max-memory`` (bytes), before writing.
+
+    Raises:
+        UsageError (exit 2).
+    """
+    if max_memory is not None and planned > max_memory:
+        from ..errors import UsageError
+
+        raise UsageError(f"planned peak memory {planned / 2**30:.2f} GiB exceeds --max-memory "
+                         f"{max_memory / 2**30:.2f} GiB", hint=hint)
+
+
 _END = object()
 
 

@@ -33,7 +33,8 @@ from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
-from .pipeline import OutShard, OutTensor, copy_producer, dequant_producer, source_order, write_shards
+from .pipeline import (OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order,
+                       write_shards)
 from .policy import DEFAULT_IGNORE_PATTERNS, LayerPolicy, check_fused_groups, module_of
 from .progress import ByteProgress
 from .fp8_to_bf16 import BASE_RSS, resolve_device
@@ -378,9 +379,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     })
     if plan.ignore_unmatched:
         report["warnings"] = [f"--ignore {p!r} matched no quantizable module" for p in plan.ignore_unmatched]
-    if opts.max_memory is not None and plan.peak_memory > opts.max_memory:
-        raise UsageError(f"planned peak memory {plan.peak_memory / 2**30:.2f} GiB exceeds --max-memory "
-                         f"{opts.max_memory / 2**30:.2f} GiB")
+    check_max_memory(plan.peak_memory, opts.max_memory,
+                     hint="the largest module is quantized in float32; raise --max-memory")
     if dry_run:
         return report
     if out is None:
