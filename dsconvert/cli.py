@@ -71,6 +71,11 @@ def _emit_json(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def _ident() -> dict:
+    """The fields every JSON document starts with (reports and errors alike)."""
+    return {"tool": "dsconvert", "version": __version__, "argv": list(sys.argv)}
+
+
 def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human: Callable[[dict], None] | None = None,
          report_path: Path | None = None) -> None:
     """Run a command body with the central error handler; print the report in the chosen mode."""
@@ -84,7 +89,7 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
         if e.hint:
             err.print(f"[bold]hint:[/bold] {e.hint}", markup=True, highlight=False)
         if json_out:
-            _emit_json(e.to_dict())
+            _emit_json({**_ident(), **e.to_dict()})
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted; rerun the same command to resume")
@@ -97,7 +102,8 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
         err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}", markup=True, highlight=False)
         err.print("rerun with -v (or DSCONVERT_DEBUG=1) for a traceback, and please report it")
         if json_out:
-            _emit_json({"error": "InternalError", "message": f"{type(e).__name__}: {e}", "exit_code": EXIT_INTERNAL})
+            _emit_json({**_ident(), "error": "InternalError", "message": f"{type(e).__name__}: {e}",
+                        "exit_code": EXIT_INTERNAL})
         raise typer.Exit(EXIT_INTERNAL)
     if rep is None:
         return
@@ -208,6 +214,7 @@ def fp8_to_bf16_cmd(
 
 
 QUANTIZE_EXAMPLES = """
+\b
 Examples:
   dsconvert quantize DeepSeek-R1 -o R1-W4A16 --scheme W4A16 --group-size 128
   dsconvert quantize DeepSeek-R1 -o R1-AWQ --awq --format awq
@@ -415,6 +422,7 @@ def validate_cmd(
 
 
 GGUF_EXAMPLES = """
+\b
 Examples:
   dsconvert gguf DeepSeek-R1 -o DeepSeek-R1-Q4_K_M.gguf --type Q4_K_M
   dsconvert gguf DeepSeek-R1 -o R1-BF16.gguf --type BF16 --split-max-size 50G
@@ -430,8 +438,9 @@ def gguf_cmd(
     src: SrcArg,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="the .gguf file to write")] = None,
     type_: Annotated[str, typer.Option("--type", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K "
-                                                      "Q5_K Q6_K or a mix Q3_K_M Q4_K_M Q5_K_M (llama-quantize "
-                                                      "rules; Q4_K = Q4_K_M --pure)")] = "BF16",
+                                                      "Q5_K Q6_K or a mix Q2_K_S Q3_K_S Q3_K_M Q3_K_L Q4_K_S "
+                                                      "Q4_K_M Q5_K_S Q5_K_M (llama-quantize rules; Q4_K = Q4_K_M "
+                                                      "--pure; IQ types are refused)")] = "BF16",
     tensor_type: Annotated[Optional[list[str]], typer.Option(
         "--tensor-type", help="PATTERN=TYPE (regex on GGUF names, first match wins; repeatable)")] = None,
     output_tensor_type: Annotated[Optional[str], typer.Option("--output-tensor-type",

@@ -197,6 +197,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     fmt.supports(spec)
     if opts.mtp not in ("keep", "drop"):
         raise UsageError(f"--mtp {opts.mtp!r}", hint="use keep or drop")
+    _check_group_size(ck, spec, opts)
     policy = LayerPolicy(spec, list(opts.ignore))
     cache = _ModuleCache(compute or (lambda m: (_ for _ in ()).throw(RuntimeError("no compute"))))
     decisions: dict[str, bool] = {}
@@ -247,7 +248,9 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     unmatched = policy.unmatched()
     if unmatched and opts.strict:
         raise UsageError(f"--ignore pattern(s) matched no quantizable module: {', '.join(unmatched)}",
-                         hint="check the module names with `dsconvert inspect --json`, or drop --strict")
+                         hint="patterns match module names: the weight name without .weight, e.g. "
+                              "model.layers.0.self_attn.kv_b_proj or re:.*kv_b_proj$ (the names are in "
+                              "model.safetensors.index.json); or drop --strict")
     shards = _layer_aligned_shards(groups, opts.max_shard_size)
     cfg = unquantized_config(ck.config, "bfloat16")
     if opts.mtp == "drop":
@@ -267,6 +270,35 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     plan = Plan(shards, dropped, extra_files(ck.root), cfg, quantized, kept, bytes_read, written, q_params, q_bytes,
                 total_params, peak, unmatched)
     return plan, cache
+
+
+def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
+    """Refuse a group size that does not divide the in_features K of every tensor to quantize, naming the first
+    such tensor and the largest group size that divides them all.
+
+    Raises:
+        ShapeError (exit 2).
+    """
+    from ..errors import ShapeError
+
+    g = spec.group_size
+    if g <= 0:
+        return
+    probe = LayerPolicy(spec, list(opts.ignore))
+    ks: dict[str, int] = {}
+    for name in source_order(ck):
+        ent = ck.entry(name)
+        if not ck.is_scale(name) and not (opts.mtp == "drop" and ck.is_mtp(name)) and probe(name, ent.shape):
+            ks[module_of(name)] = int(ent.shape[1])
+    bad = [(m, k) for m, k in ks.items() if k % g]
+    if not bad:
+        return
+    fits = [c for c in (256, 128, 64, 32, 16, 8) if all(k % c == 0 for k in ks.values())]
+    hint = (f"--group-size {fits[0]} divides the in_features of every tensor to quantize" if fits
+            else "--group-size -1 (per channel)") + "; or --ignore the tensors whose K does not divide"
+    m, k = bad[0]
+    raise ShapeError(f"group size {g} does not divide in_features K={k} of tensor {m!r} "
+                     f"({len(bad)} tensor(s) affected)", hint=hint)
 
 
 def _layer_aligned_shards(groups: dict[int, list[OutTensor]], max_bytes: int) -> list[OutShard]:
