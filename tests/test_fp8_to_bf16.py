@@ -448,3 +448,26 @@ def test_dtype_f32_equals_oracle_before_rounding(tiny_src, tiny_out, tiny_oracle
             assert got[name][:3] == v[:3], name  # pass-through tensors keep their dtype and bytes
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["torch_dtype"] == "float32"
+
+
+def test_deepseek_v32_indexer_is_dequantized_and_nothing_invented(tmp_path):
+    """known-failures.md item 12: V3.2's indexer wq_b/wk are FP8 + scale and must be dequantized; k_norm and the
+    BF16 weights_proj are kept as they are, and no weights_proj.bias is invented."""
+    from dsconvert.testing.fixtures import build_checkpoint
+
+    src = build_checkpoint(tmp_path / "v32", "tiny", model_type="deepseek_v32")
+    out = tmp_path / "out"
+    r = run_cli("fp8-to-bf16", str(src), "-o", str(out), "--json", "-q")
+    assert r.rc == 0, r
+    a, b = read_tensors(src), read_tensors(out)
+    idx = sorted(n for n in a if ".indexer." in n and not n.endswith(SCALE))
+    assert idx and sorted(n for n in b if ".indexer." in n) == idx
+    oracle = oracle_outputs(src)
+    for n in idx:
+        if n.endswith(("wq_b.weight", "wk.weight")):
+            assert a[n][0] == "float8_e4m3fn" and b[n][0] == "bfloat16"
+            assert_bits_equal(n, b[n][2], oracle[n][1])
+        else:
+            assert b[n][:3] == a[n][:3], n  # k_norm (F32) and weights_proj (BF16) byte-identical
+    assert not any(n.endswith("weights_proj.bias") for n in b)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "deepseek_v32"

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 FP8_MAX = 448.0
+V32_INDEX_HEADS, V32_INDEX_DIM = 4, 32  # scaled-down index_n_heads / index_head_dim of a deepseek_v32 fixture
 MARKER_PREFIX = "EXECUTED_"
 
 
@@ -141,6 +142,9 @@ def make_config(spec: FixtureSpec) -> dict:
         if s.scale_fmt:
             qc["scale_fmt"] = s.scale_fmt
         cfg["quantization_config"] = qc
+    if s.model_type == "deepseek_v32":
+        cfg.update({"architectures": ["DeepseekV32ForCausalLM"], "index_n_heads": V32_INDEX_HEADS,
+                    "index_head_dim": V32_INDEX_DIM, "index_topk": 2048})
     cfg.update(s.extra_config)
     return cfg
 
@@ -217,6 +221,12 @@ def tensor_table(spec: FixtureSpec) -> list[tuple[str, tuple[int, ...], str]]:
             if s.router_bias:
                 rows.append((p + "mlp.gate.e_score_correction_bias", (s.n_routed_experts,), "bias"))
         rows += [(n, shp, "fp8" if s.fp8 else "bf16") for n, shp in _linears(s, layer)]
+        if s.model_type == "deepseek_v32":  # the lightning indexer (deepseek-checkpoint.md section 7)
+            q = p + "self_attn.indexer."
+            rows += [(q + "wq_b.weight", (V32_INDEX_HEADS * V32_INDEX_DIM, s.q_lora_rank), "fp8" if s.fp8 else "bf16"),
+                     (q + "wk.weight", (V32_INDEX_DIM, h), "fp8" if s.fp8 else "bf16"),
+                     (q + "k_norm.weight", (V32_INDEX_DIM,), "bias"), (q + "k_norm.bias", (V32_INDEX_DIM,), "bias"),
+                     (q + "weights_proj.weight", (V32_INDEX_HEADS, h), "bf16")]
         if layer >= s.num_hidden_layers:
             rows += [(p + "shared_head.norm.weight", (h,), "norm"),
                      (p + "shared_head.head.weight", (s.vocab_size, h), "head")]
