@@ -94,6 +94,17 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
     except KeyboardInterrupt:
         err.print("interrupted; rerun the same command to resume")
         raise typer.Exit(130)
+    except OSError as e:  # disk full, permissions, a vanished file: not a bug, and the output is resumable
+        if debug:
+            traceback.print_exc()
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        err.print(f"[bold red]I/O error:[/bold red] {e.strerror or e}{where}", markup=True, highlight=False)
+        err.print("[bold]hint:[/bold] free disk space or fix permissions, then rerun the same command: finished "
+                  "shards are kept and verified", markup=True, highlight=False)
+        if json_out:
+            _emit_json({**_ident(), "error": "OSError", "message": f"{e.strerror or e}{where}",
+                        "exit_code": EXIT_INTERNAL})
+        raise typer.Exit(EXIT_INTERNAL)
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - the last line of defence: a bug, exit 1
