@@ -614,3 +614,20 @@ def test_blocks_identical_to_llama_model_quantize(kq, work, kq_q4km, ftype):
 @pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q5_K_M", "Q6_K", "Q4_0"])
 def test_blocks_identical_to_llama_model_quantize_slow(kq, work, ftype):
     _check_blocks(_llama_cpp(), kq, work, ftype)
+
+
+def test_logits_reads_a_gguf_like_its_source(tiny, work):
+    """`dsconvert logits FILE.gguf` runs the reference forward on the GGUF's weights: an F32 GGUF of the FP8 source
+    gives the same logits as the source (the BF16-exact dequant widened to F32 loses nothing)."""
+    import numpy as np
+
+    from dsconvert.convert.validate import run_logits
+
+    path = work / "out" / "logits-F32.gguf"
+    export(tiny, path, type="F32")
+    ids = [0, 5, 6, 7, 8, 9]
+    a = work / "out" / "src.npy"
+    b = work / "out" / "gguf.npy"
+    run_logits(tiny, ids, None, "float32", a)
+    run_logits(path, ids, None, "float32", b)
+    assert np.array_equal(np.load(a), np.load(b))

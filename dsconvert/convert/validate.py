@@ -166,11 +166,14 @@ def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hi
 
 
 def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: str, out: Path | None) -> dict:
-    """``dsconvert logits``: float32 ``[tokens, vocab]`` logits of the reference forward, saved as .npy."""
+    """``dsconvert logits``: float32 ``[tokens, vocab]`` logits of the reference forward, saved as .npy.
+    ``src`` is a checkpoint directory or a ``.gguf`` file (or the first file of a split set)."""
     t0 = time.perf_counter()
-    source = CheckpointWeightSource(src)
     if (token_ids is None) == (text is None):
         raise UsageError("give exactly one of --token-ids and --text")
+    if text is not None and str(src).endswith(".gguf"):
+        raise UsageError("--text needs the checkpoint's tokenizer.json; for a GGUF file pass --token-ids")
+    source = weight_source(Path(src))
     ids = token_ids if token_ids is not None else tokenize(Path(src), text)
     vocab = int(source.config["vocab_size"])
     if not ids or any(not 0 <= t < vocab for t in ids):
