@@ -183,7 +183,7 @@ def _with_override(name: str, producer, replaced: Callable[[str], torch.Tensor |
     return produce
 
 
-def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[str], ModuleResult] | None,
+def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[str], ModuleResult],
               device: torch.device, replaced: Callable[[str], torch.Tensor | None] | None = None
               ) -> tuple[Plan, _ModuleCache]:
     """Plan from headers only; ``compute(module) -> ModuleResult`` produces a quantized module's tensors;
@@ -199,7 +199,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         raise UsageError(f"--mtp {opts.mtp!r}", hint="use keep or drop")
     _check_group_size(ck, spec, opts)
     policy = LayerPolicy(spec, list(opts.ignore))
-    cache = _ModuleCache(compute or (lambda m: (_ for _ in ()).throw(RuntimeError("no compute"))))
+    cache = _ModuleCache(compute)
     decisions: dict[str, bool] = {}
     units: dict[int, list[tuple[str, list[OutTensor]]]] = {}  # layer -> (source name, its output tensors)
     dropped, kept, quantized = [], [], []

@@ -20,13 +20,7 @@ FORMATS: Registry[type] = Registry("format")
 
 def register_format(name: str, aliases: Iterable[str] = ()):
     """Class decorator; sets ``cls.name = name`` and registers the class."""
-    inner = FORMATS.register(name, aliases)
-
-    def deco(cls):
-        cls.name = name
-        return inner(cls)
-
-    return deco
+    return FORMATS.register_class(name, aliases)
 
 
 def get_format(name: str) -> Any:

@@ -59,6 +59,16 @@ class Registry(Generic[T]):
 
         return deco
 
+    def register_class(self, name: str, aliases: Iterable[str] = ()) -> Callable[[T], T]:
+        """Class decorator: like :meth:`register`, and sets ``cls.name = name`` (schemes, formats)."""
+        inner = self.register(name, aliases)
+
+        def deco(cls: T) -> T:
+            cls.name = name
+            return inner(cls)
+
+        return deco
+
     def canonical(self, name: str) -> str:
         """The canonical name for ``name`` or any alias of it.
 

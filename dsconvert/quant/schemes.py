@@ -34,13 +34,7 @@ SCHEMES: Registry[type["Scheme"]] = Registry("scheme")
 
 def register_scheme(name: str, aliases: Iterable[str] = ()):
     """Class decorator: ``@register_scheme("W4A16", aliases=["int4"])``; sets ``cls.name = name``."""
-    inner = SCHEMES.register(name, aliases)
-
-    def deco(cls):
-        cls.name = name
-        return inner(cls)
-
-    return deco
+    return SCHEMES.register_class(name, aliases)
 
 
 def get_scheme(name: str) -> "Scheme":
