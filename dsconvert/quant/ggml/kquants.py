@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ._ops import GROUP_MAX_EPS, bytes_fp16, div, first_absmax, fp16_bytes, fp16_round, nearest_int, seqsum
+from ._ops import GROUP_MAX_EPS, bytes_fp16, div, first_absmax, fp16_bytes, fp16_round, nearest_int, seqsum, sqrtf
 from .base import GGMLType
 
 QK_K = 256
@@ -351,7 +351,7 @@ class _Q45K(_KQuant):
     def _fit(cls, blocks):
         nb = blocks.shape[0]
         xt = _sub_blocks(blocks, 32)
-        av_x = torch.sqrt(div(seqsum(xt * xt), 32))
+        av_x = sqrtf(div(seqsum(xt * xt), 32))
         scales, mins, L = make_qkx2_quants(xt, av_x + xt.abs(), cls.nmax, cls.rmin, 0.1, cls.nstep, False)
         scales, mins = scales.view(nb, 8), mins.view(nb, 8)
         max_scale = _max0(scales)
