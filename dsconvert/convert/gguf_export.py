@@ -588,7 +588,8 @@ def _resume_point(tmp: Path, f_plan: OutFile, plan: ExportPlan, fp: str, progres
 
 
 def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_bytes: int,
-               progress: ByteProgress, n_layer: int, fp: str = "", resume: bool = True) -> tuple[int, str]:
+               progress: ByteProgress, n_layer: int, fp: str = "", resume: bool = True,
+               stats: dict | None = None) -> tuple[int, str]:
     """Write one GGUF file through ``NAME.tmp`` + fsync + rename; returns (size, sha256).
 
     The data section follows ``GGUFWriter.write_tensor_data``: each tensor starts at the next multiple of
@@ -597,7 +598,7 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
     on cancellation the ``.tmp`` is fsynced and ``NAME.gguf.dsconvert-partial.json`` records the tensors
     complete so far with their sha256 (fingerprint ``fp``). With ``resume``, a matching partial is verified
     (:func:`_resume_point`) and writing continues after its last good tensor, giving the same bytes as an
-    uninterrupted run.
+    uninterrupted run. ``stats["tensors_reused"]`` (when given) receives the number of tensors kept.
 
     Interrupted by :class:`~dsconvert.convert.cancel.Cancelled` or an ``OSError`` (disk full), the ``.tmp``
     is kept with its sidecar when it holds at least one complete tensor, else deleted; any other error
@@ -614,6 +615,8 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
     k, h = _resume_point(tmp, f_plan, plan, fp, progress) if resume else (0, hashlib.sha256())
     if k == 0:
         side.unlink(missing_ok=True)
+    if stats is not None:
+        stats["tensors_reused"] = k
     records = []
     if k:
         records = json.loads(side.read_text())["tensors"][:k]
@@ -840,13 +843,18 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         raise BadInputError(f"{output.parent}: needs {need / 1e9:.2f} GB of free disk, {free / 1e9:.2f} GB available",
                             hint="free space or choose another -o")
     written = []
+    partial: dict[str, int] = {}  # file -> tensors kept from an interrupted .tmp
     n_layer = int(ck.config["num_hidden_layers"])
     mpath = manifest_path(output)
     if todo:
         with ByteProgress(sum(sum(plan.nbytes[t.name] for t in f.tensors) for f in todo), COMMAND,
                           enabled=progress) as bar:
             for f in todo:
-                size, digest = write_file(f, plan, device, opts.chunk_bytes, bar, n_layer, fp=fp, resume=resume)
+                st: dict = {}
+                size, digest = write_file(f, plan, device, opts.chunk_bytes, bar, n_layer, fp=fp, resume=resume,
+                                          stats=st)
+                if st.get("tensors_reused"):
+                    partial[f.name] = st["tensors_reused"]
                 decision.manifest.files[f.name] = {"size": size, "sha256": digest}
                 decision.manifest.save_file(mpath)
                 written.append(f.name)
@@ -860,6 +868,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         "already_complete": decision.already_complete,
         "files_written": len(written),
         "files_reused": len(plan.files) - len(written),
+        "tensors_reused": partial,
         "seconds": round(seconds, 3),
         "peak_rss": bytes_fields(peak_rss_bytes()),
     })

@@ -208,7 +208,8 @@ class ByteProgress:
                    f"{_fmt_rate(r) if r else '- MB/s'}"
         else:
             nums = f"{done}/{self.total} {self.unit} ({pct:.1f}%)" + (f" {r:.2f} {self.unit}/s" if r else "")
-        return f"{self.label}: {nums} eta {_fmt_eta(self.eta())} | {item if item is not None else self.item}"
+        item = item if item is not None else self.item
+        return f"{self.label}: {nums} eta {_fmt_eta(self.eta())}" + (f" | {item}" if item else "")
 
     def _emit(self, item: str | None = None) -> None:
         text = self.line(item)
