@@ -221,7 +221,7 @@ def test_sigint_keeps_partial_gguf_and_resumes_from_its_last_tensor(sig_src, tmp
     st = _partial(out)
     assert st["tensors"], "the partial file's complete tensors were not recorded"
     last_end = st["tensors"][-1]["end"]
-    assert size // 3 <= last_end < size and tmp.stat().st_size >= last_end
+    assert 0 < last_end < size and tmp.stat().st_size >= last_end
     assert [p.name for p in out.parent.glob("*.tmp")] == [tmp.name]  # the only .tmp, with its sidecar
 
     rep = _gguf_rerun(sig_src, out)
