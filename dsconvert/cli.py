@@ -7,10 +7,13 @@ messages go to stderr. Tracebacks appear only with ``-v`` or ``DSCONVERT_DEBUG=1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -76,12 +79,58 @@ def _ident() -> dict:
     return {"tool": "dsconvert", "version": __version__, "argv": list(sys.argv)}
 
 
+def _on_signal(signum, frame) -> None:
+    """SIGINT/SIGTERM: ask every thread to stop, and stop the main thread at once (first signal only, so that
+    a second Ctrl-C cannot interrupt the clean-up of the first)."""
+    from .convert import cancel
+
+    first = not cancel.requested()
+    cancel.request(signum)
+    if first:
+        raise cancel.Cancelled(signum)
+
+
+@contextlib.contextmanager
+def _cancel_on_signals():
+    """Route SIGINT and SIGTERM to :func:`_on_signal` while a command body runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _interrupted_exit(signum: int | None, json_out: bool) -> None:
+    """Exit 128 + the signal number (130 for SIGINT, 143 for SIGTERM), the shell convention."""
+    signum = signum or signal.SIGINT
+    name = signal.Signals(signum).name
+    err.print(f"interrupted ({name}): finished files are kept; rerun the same command to resume")
+    code = 128 + int(signum)
+    if json_out:
+        _emit_json({**_ident(), "error": "Interrupted", "message": f"interrupted by {name}", "signal": name,
+                    "exit_code": code})
+    raise typer.Exit(code)
+
+
 def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human: Callable[[dict], None] | None = None,
          report_path: Path | None = None) -> None:
-    """Run a command body with the central error handler; print the report in the chosen mode."""
+    """Run a command body with the central error handler; print the report in the chosen mode.
+
+    SIGINT and SIGTERM cancel the body (every worker thread stops between chunks, the file in flight is
+    removed or, for GGUF, kept with its resume state) and exit 130 / 143.
+    """
+    from .convert import cancel
+
     debug = verbose or os.environ.get("DSCONVERT_DEBUG") == "1"
     try:
-        rep = fn()
+        with _cancel_on_signals():
+            rep = fn()
+    except cancel.Cancelled as e:
+        _interrupted_exit(e.signum or cancel.signum(), json_out)
     except DsconvertError as e:
         if debug:
             traceback.print_exc()
@@ -92,8 +141,7 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
             _emit_json({**_ident(), **e.to_dict()})
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted; rerun the same command to resume")
-        raise typer.Exit(130)
+        _interrupted_exit(signal.SIGINT, json_out)
     except OSError as e:  # disk full, permissions, a vanished file: not a bug, and the output is resumable
         if debug:
             traceback.print_exc()

@@ -132,10 +132,16 @@ class CalibratedRun:
         if self.out_dir is None:
             return
         tensors = {f"hidden.{i}": h.float().contiguous() for i, h in enumerate(self.engine.hidden_states)}
+        from .manifest import commit_tmp
+
         tmp = self.out_dir / (STATE_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata={"next_layer": str(self.engine.next_layer),
-                                               "sequences": str(len(tensors))})
-        tmp.replace(self.out_dir / STATE_NAME)
+        try:
+            save_file(tensors, str(tmp), metadata={"next_layer": str(self.engine.next_layer),
+                                                   "sequences": str(len(tensors))})
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        commit_tmp(tmp, self.out_dir / STATE_NAME)  # fsync + rename + directory fsync
 
     def resume(self, out_dir: Path, done: set[str], shards) -> None:
         """Skip recalibrating the layers whose shards are all finished, when a saved state covers them."""

@@ -8,11 +8,9 @@ is imported or executed (known-failures.md items 6-8).
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 from pathlib import Path
 
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, copy_atomic
 
 REPORT_NAME = "report.json"
 _SKIP = {"config.json", "model.safetensors.index.json", MANIFEST_NAME, REPORT_NAME}
@@ -34,13 +32,16 @@ def extra_files(src: Path) -> list[str]:
 
 
 def copy_files(src: Path, out: Path, names: list[str]) -> list[dict]:
-    """Copy ``names`` from ``src`` to ``out`` (temp name + rename each); returns ``[{name, bytes, sha256}]``."""
+    """Copy ``names`` from ``src`` to ``out`` (each through ``NAME.tmp`` + fsync + rename, symlinks followed for
+    HF cache snapshots); returns ``[{name, bytes, sha256}]``.
+
+    Raises:
+        OSError: unreadable source file, disk full, permissions (no ``.tmp`` is left behind).
+    """
     rows = []
     for name in names:
         s, d = src / name, out / name
         d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = d.with_name(d.name + ".tmp")
-        shutil.copyfile(s, tmp)  # follows symlinks (HF cache snapshots)
-        tmp.replace(d)
-        rows.append({"name": name, "bytes": d.stat().st_size, "sha256": hashlib.sha256(d.read_bytes()).hexdigest()})
+        digest = copy_atomic(s, d)
+        rows.append({"name": name, "bytes": d.stat().st_size, "sha256": digest})
     return rows

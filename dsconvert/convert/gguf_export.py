@@ -22,7 +22,9 @@ written here, tensor by tensor in row chunks, each tensor padded to ``general.al
 Splits (``--split-max-size``, decimal units) follow ``GGUFWriter``'s rule (a new file when the next tensor
 would push the current one's tensor bytes over the limit) and llama.cpp's names ``STEM-00001-of-0000N.gguf``.
 Finished files are recorded (size + sha256) in ``FILE.dsconvert-manifest.json``, so an interrupted run
-resumes with the files it has not finished; a manifest for another source or other options is refused.
+resumes with the files it has not finished; a manifest for another source or other options is refused. The
+file in flight resumes from its last complete tensor: its ``.tmp`` is kept with a sidecar
+``NAME.gguf.dsconvert-partial.json`` (the tensors complete so far and their sha256), verified on resume.
 
 The MTP block (layers >= ``num_hidden_layers``) is dropped, as llama.cpp's converter does, and reported.
 """
@@ -59,7 +61,8 @@ from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .fp8_to_bf16 import resolve_device
 from .pipeline import check_max_memory, dequant_producer
-from .manifest import Manifest, check_paths, fingerprint, source_fingerprint_parts, write_atomic
+from . import cancel
+from .manifest import Manifest, check_paths, commit_tmp, fingerprint, source_fingerprint_parts, write_atomic
 from .progress import ByteProgress
 
 log = logging.getLogger(__name__)
@@ -511,60 +514,188 @@ def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torc
             yield encode(x, qtype, device)
 
 
-def _fsync_dir(d: Path) -> None:
+#: Sidecar of an interrupted file: ``NAME.gguf.tmp`` holds the header and the tensors listed here.
+PARTIAL_SUFFIX = ".dsconvert-partial.json"
+#: A resume point is recorded (``.tmp`` fsynced, then the sidecar replaced atomically) after the tensor that
+#: brings the bytes since the last one over CHECKPOINT_BYTES, or after CHECKPOINT_S seconds, and always when
+#: the run is cancelled. A SIGKILL loses at most that much work.
+CHECKPOINT_BYTES = 64 * 2**20
+CHECKPOINT_S = 10.0
+_READ = 16 << 20
+
+
+def partial_path(final: Path) -> Path:
+    """The resume sidecar of output file ``final`` (``NAME.gguf.dsconvert-partial.json``)."""
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def tensor_spans(f_plan: OutFile, plan: ExportPlan) -> tuple[int, list[tuple[int, int]]]:
+    """(data start, ``[(begin, end)]`` per tensor in file order), in bytes from the start of the file; ``end``
+    includes the tensor's zero padding to the alignment (32), as ``GGUFWriter.write_tensor_data`` lays it out."""
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    pos = _pad(len(f_plan.header), align)
+    start, spans = pos, []
+    for t in f_plan.tensors:
+        end = pos + _pad(plan.nbytes[t.name], align)
+        spans.append((pos, end))
+        pos = end
+    return start, spans
+
+
+def _resume_point(tmp: Path, f_plan: OutFile, plan: ExportPlan, fp: str, progress: ByteProgress | None
+                  ) -> tuple[int, "hashlib._Hash"]:
+    """How many leading tensors of the partial ``tmp`` can be kept, and the sha256 state of the file up to
+    them. Re-reads and re-hashes the kept prefix: the header must equal the planned one and each tensor the
+    sha256 recorded in the sidecar; the first mismatch ends the kept prefix. (0, fresh hash) when there is no
+    usable partial (no sidecar, another fingerprint or plan)."""
+    h = hashlib.sha256()
     try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        st = json.loads(partial_path(f_plan.path).read_text())
+        ok = (st.get("tool") == "dsconvert" and st.get("fingerprint") == fp and st.get("file") == f_plan.name
+              and st.get("size") == f_plan.size and tmp.is_file()
+              and st.get("header_sha256") == hashlib.sha256(f_plan.header).hexdigest())
+        recs = list(st.get("tensors", [])) if ok else []
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0, h
+    if not recs:
+        return 0, h
+    start, spans = tensor_spans(f_plan, plan)
+    head = f_plan.header + bytes(start - len(f_plan.header))
+    k = 0
+    with open(tmp, "rb") as f:
+        if f.read(start) != head:
+            return 0, h
+        h.update(head)
+        for i, rec in enumerate(recs[: len(spans)]):
+            b, e = spans[i]
+            if rec.get("name") != f_plan.tensors[i].name or rec.get("end") != e:
+                break
+            if progress is not None:
+                progress.describe(f"verifying {f_plan.name}: {rec['name']}", boundary=i == 0)
+            ht, h2 = hashlib.sha256(), h.copy()
+            left = e - b
+            while left > 0:
+                piece = f.read(min(_READ, left))
+                if not piece:
+                    break
+                ht.update(piece)
+                h2.update(piece)
+                left -= len(piece)
+            if left or ht.hexdigest() != rec.get("sha256"):
+                break
+            h, k = h2, i + 1
+    return k, h
 
 
 def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_bytes: int,
-               progress: ByteProgress, n_layer: int) -> tuple[int, str]:
+               progress: ByteProgress, n_layer: int, fp: str = "", resume: bool = True,
+               stats: dict | None = None) -> tuple[int, str]:
     """Write one GGUF file through ``NAME.tmp`` + fsync + rename; returns (size, sha256).
 
     The data section follows ``GGUFWriter.write_tensor_data``: each tensor starts at the next multiple of
-    the alignment (32) and is zero-padded to it.
+    the alignment (32) and is zero-padded to it. The header's size is known before any tensor data, so the
+    file is resumable tensor by tensor: every so often (:data:`CHECKPOINT_BYTES`, :data:`CHECKPOINT_S`) and
+    on cancellation the ``.tmp`` is fsynced and ``NAME.gguf.dsconvert-partial.json`` records the tensors
+    complete so far with their sha256 (fingerprint ``fp``). With ``resume``, a matching partial is verified
+    (:func:`_resume_point`) and writing continues after its last good tensor, giving the same bytes as an
+    uninterrupted run. ``stats["tensors_reused"]`` (when given) receives the number of tensors kept.
+
+    Interrupted by :class:`~dsconvert.convert.cancel.Cancelled` or an ``OSError`` (disk full), the ``.tmp``
+    is kept with its sidecar when it holds at least one complete tensor, else deleted; any other error
+    deletes both.
+
+    Raises:
+        Cancelled: SIGINT/SIGTERM (checked between chunks).
+        OSError: disk full, permissions.
     """
     final = f_plan.path
     tmp = final.with_name(final.name + ".tmp")
-    align = gguf.GGUF_DEFAULT_ALIGNMENT
-    h = hashlib.sha256()
-    pos = 0
+    side = partial_path(final)
+    start, spans = tensor_spans(f_plan, plan)
+    k, h = _resume_point(tmp, f_plan, plan, fp, progress) if resume else (0, hashlib.sha256())
+    if k == 0:
+        side.unlink(missing_ok=True)
+    if stats is not None:
+        stats["tensors_reused"] = k
+    records = []
+    if k:
+        records = json.loads(side.read_text())["tensors"][:k]
+        progress.skip(sum(plan.nbytes[t.name] for t in f_plan.tensors[:k]))
+    state = {"tool": "dsconvert", "fingerprint": fp, "file": f_plan.name, "size": f_plan.size,
+             "header_sha256": hashlib.sha256(f_plan.header).hexdigest()}
+    pos = spans[k - 1][1] if k else 0
+    marks = {"saved": len(records), "bytes": 0, "t": time.monotonic()}
     try:
-        with open(tmp, "wb") as f:
-            def put(b) -> None:
+        with open(tmp, "r+b" if k else "wb") as f:
+            if k:
+                f.truncate(pos)
+                f.seek(pos)
+
+            def put(b_) -> None:
                 nonlocal pos
-                mv = memoryview(b).cast("B")
+                mv = memoryview(b_).cast("B")
                 f.write(mv)
                 h.update(mv)
+                ht.update(mv)
                 pos += len(mv)
 
-            put(f_plan.header)
-            put(bytes(_pad(pos, align) - pos))
-            for t in f_plan.tensors:
-                qtype = plan.types[t.name]
-                layer = f" ({t.bid + 1}/{n_layer})" if t.bid is not None else ""
-                progress.describe(f"{f_plan.name}: {t.name} {qtype}{layer}")
-                n = 0
-                for chunk in tensor_chunks(plan.ck, t, qtype, device, chunk_bytes):
-                    put(chunk)
-                    n += chunk.nbytes
-                    progress.advance(chunk.nbytes)
-                if n != plan.nbytes[t.name]:  # pragma: no cover - a planning bug, never user input
-                    raise RuntimeError(f"{t.name}: wrote {n} bytes, planned {plan.nbytes[t.name]}")
-                put(bytes(_pad(n, align) - n))
+            def checkpoint() -> None:
+                if len(records) == marks["saved"]:
+                    return
+                f.flush()
+                os.fsync(f.fileno())
+                write_atomic(side, (json.dumps({**state, "tensors": records}) + "\n").encode())
+                marks.update(saved=len(records), bytes=0, t=time.monotonic())
+
+            try:
+                ht = hashlib.sha256()
+                if not k:
+                    put(f_plan.header)
+                    put(bytes(start - pos))
+                for i in range(k, len(f_plan.tensors)):
+                    t = f_plan.tensors[i]
+                    cancel.check()
+                    ht = hashlib.sha256()
+                    qtype = plan.types[t.name]
+                    layer = f" ({t.bid + 1}/{n_layer})" if t.bid is not None else ""
+                    # a plain progress line at each file and layer boundary, not at each tensor
+                    progress.describe(f"{f_plan.name}: {t.name} {qtype}{layer}",
+                                      boundary=i == k or t.bid != f_plan.tensors[i - 1].bid)
+                    n = 0
+                    for chunk in tensor_chunks(plan.ck, t, qtype, device, chunk_bytes):
+                        cancel.check()
+                        put(chunk)
+                        n += chunk.nbytes
+                        progress.advance(chunk.nbytes)
+                    if n != plan.nbytes[t.name]:  # pragma: no cover - a planning bug, never user input
+                        raise RuntimeError(f"{t.name}: wrote {n} bytes, planned {plan.nbytes[t.name]}")
+                    put(bytes(_pad(n, gguf.GGUF_DEFAULT_ALIGNMENT) - n))
+                    records.append({"name": t.name, "end": pos, "sha256": ht.hexdigest()})
+                    marks["bytes"] += n
+                    if i + 1 < len(f_plan.tensors) and (marks["bytes"] >= CHECKPOINT_BYTES
+                                                        or time.monotonic() - marks["t"] >= CHECKPOINT_S):
+                        checkpoint()
+            except (cancel.Cancelled, OSError):
+                if records:
+                    try:
+                        checkpoint()  # keep the work done: the next run resumes after the last tensor
+                    except BaseException:
+                        pass
+                raise
             f.flush()
             os.fsync(f.fileno())
         if pos != f_plan.size:  # pragma: no cover
             raise RuntimeError(f"{final.name}: wrote {pos} bytes, planned {f_plan.size}")
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        commit_tmp(tmp, final)
+        side.unlink(missing_ok=True)
+    except (cancel.Cancelled, OSError):
+        if not (records and side.is_file() and tmp.is_file()):
+            tmp.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)
         raise
     return pos, h.hexdigest()
 
@@ -598,6 +729,7 @@ def _owned(output: Path) -> list[Path]:
     for p in pats:
         found.update(output.parent.glob(p))
         found.update(output.parent.glob(p + ".tmp"))
+        found.update(output.parent.glob(p + PARTIAL_SUFFIX))
     found.add(output.with_name(output.name + REPORT_SUFFIX))
     return sorted(x for x in found if x.is_file() or x.is_symlink())
 
@@ -612,7 +744,7 @@ def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *
     """
     mpath = manifest_path(output)
     man = Manifest.load_file(mpath)
-    existing = [p for p in _owned(output) if not p.name.endswith(".tmp")]
+    existing = [p for p in _owned(output) if not p.name.endswith((".tmp", PARTIAL_SUFFIX))]
     if output.is_dir():
         raise UsageError(f"-o {output} is a directory", hint="give the .gguf file to write, e.g. -o model.gguf")
     if man is None and existing and not overwrite:
@@ -627,8 +759,13 @@ def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *
         names = {f.name for f in files}
         done = {n for n, meta in man.files.items() if n in names and _verify(output.parent / n, meta)}
         man.files = {n: m for n, m in man.files.items() if n in done}
-        for p in output.parent.glob("*.gguf.tmp"):
-            if p.name[: -len(".tmp")] in names:
+        for p in output.parent.glob("*.gguf.tmp"):  # a partial file with its sidecar is resumed by write_file
+            final = p.with_name(p.name[: -len(".tmp")])
+            if final.name in names and not partial_path(final).is_file():
+                p.unlink()
+        for p in output.parent.glob("*.gguf" + PARTIAL_SUFFIX):
+            final = p.with_name(p.name[: -len(PARTIAL_SUFFIX)])
+            if final.name in names and (final.name in done or not final.with_name(final.name + ".tmp").is_file()):
                 p.unlink()
         if man.complete and done == names:
             return Resume(man, done, True, True)
@@ -706,13 +843,18 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         raise BadInputError(f"{output.parent}: needs {need / 1e9:.2f} GB of free disk, {free / 1e9:.2f} GB available",
                             hint="free space or choose another -o")
     written = []
+    partial: dict[str, int] = {}  # file -> tensors kept from an interrupted .tmp
     n_layer = int(ck.config["num_hidden_layers"])
     mpath = manifest_path(output)
     if todo:
         with ByteProgress(sum(sum(plan.nbytes[t.name] for t in f.tensors) for f in todo), COMMAND,
                           enabled=progress) as bar:
             for f in todo:
-                size, digest = write_file(f, plan, device, opts.chunk_bytes, bar, n_layer)
+                st: dict = {}
+                size, digest = write_file(f, plan, device, opts.chunk_bytes, bar, n_layer, fp=fp, resume=resume,
+                                          stats=st)
+                if st.get("tensors_reused"):
+                    partial[f.name] = st["tensors_reused"]
                 decision.manifest.files[f.name] = {"size": size, "sha256": digest}
                 decision.manifest.save_file(mpath)
                 written.append(f.name)
@@ -726,6 +868,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         "already_complete": decision.already_complete,
         "files_written": len(written),
         "files_reused": len(plan.files) - len(written),
+        "tensors_reused": partial,
         "seconds": round(seconds, 3),
         "peak_rss": bytes_fields(peak_rss_bytes()),
     })

@@ -3,7 +3,12 @@
 A manifest holds the fingerprint (sha256 of the source index and config plus the options that change the
 bytes), the tool version, and the size + sha256 of every finished output file. Finished files were written
 under a temporary name, fsynced and renamed, so a file listed here is complete; a resume re-hashes it before
-trusting it. Source of the convention: ../shared/reference/cli-conventions.md ("Resume"), GPTQModel PR #3057.
+trusting it (``verify="full"``) or checks its size only (``verify="size"``). Source of the convention:
+docs/cli-conventions.md ("Resume"), GPTQModel PR #3057.
+
+The manifest's content does not depend on the order in which shards finish: ``files`` is written sorted by
+name. Every write-then-rename of dsconvert goes through :func:`write_atomic` / :func:`commit_tmp` /
+:func:`copy_atomic` here: temp name, fsync of the file, rename, fsync of the directory.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps({"tool": "dsconvert", "version": self.version, "command": self.command,
                            "fingerprint": self.fingerprint, "options": self.options, "complete": self.complete,
-                           "files": self.files}, indent=2, sort_keys=False) + "\n"
+                           "files": dict(sorted(self.files.items()))}, indent=2, sort_keys=False) + "\n"
 
     def save(self, out_dir: Path) -> None:
         """Atomically replace ``out_dir/manifest.json``."""
@@ -79,14 +84,84 @@ class Manifest:
             return None
 
 
+def fsync_dir(d: Path) -> None:
+    """fsync directory ``d`` so a rename inside it is durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit_tmp(tmp: Path, path: Path) -> None:
+    """Make the finished temporary file ``tmp`` durable and rename it to ``path``: fsync ``tmp``, rename,
+    fsync the directory. On any failure (or an interruption) ``tmp`` is deleted and the error re-raised.
+
+    Raises:
+        OSError: from fsync or rename.
+    """
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(Path(path).parent)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through ``path.tmp`` + fsync + rename."""
+    """Write ``data`` to ``path`` through ``path.tmp`` + fsync + rename + directory fsync; never leaves
+    ``path.tmp`` behind (deleted on any failure or interruption).
+
+    Raises:
+        OSError: disk full, permissions.
+    """
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def copy_atomic(src: Path, dst: Path, bufsize: int = 16 << 20) -> str:
+    """Copy ``src`` (symlinks followed) to ``dst`` through ``dst.tmp`` + fsync + rename; returns the sha256
+    (hex) of the bytes copied, computed while copying. ``dst.tmp`` never survives a failure.
+
+    Raises:
+        OSError: unreadable source, disk full, permissions.
+    """
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    h = hashlib.sha256()
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            while chunk := fi.read(bufsize):
+                h.update(chunk)
+                fo.write(chunk)
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dst.parent)
+    return h.hexdigest()
 
 
 def _is_within(a: Path, b: Path) -> bool:
