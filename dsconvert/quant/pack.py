@@ -86,20 +86,23 @@ def pack_int32_lsb(values: torch.Tensor, bits: int, order: Sequence[int] | None 
         lo, hi = torch.aminmax(values) if values.dtype not in (torch.bool,) else (values.min(), values.max())
     if values.numel() and (int(lo) < 0 or int(hi) >= (1 << bits)):
         raise ValueError(f"values outside [0, {1 << bits}) cannot be packed into {bits} bits")
-    v = values.reshape(*values.shape[:-1], n // per, per)  # (..., words, per)
     cols = list(order) if order is not None else list(range(per))
-    if sys.byteorder == "little":
-        u = v.to(torch.uint8)  # every value is in [0, 2^bits), bits <= 8
+    if sys.byteorder == "little" and bits in (4, 8):
+        # every value is in [0, 2^bits): one uint8 copy (transposing a strided input), then byte ops
+        u = values.to(torch.uint8).contiguous().view(*values.shape[:-1], n // per, per)  # (..., words, per)
+        seq = cols == list(range(per))
         if bits == 8:
-            b = u if cols == list(range(per)) else u[..., cols]
-        elif bits == 4:
-            # byte j of a word holds slot 2j (low nibble) and slot 2j+1 (high nibble)
-            lo, hi = (u[..., 0::2], u[..., 1::2]) if cols == list(range(per)) else (u[..., cols[0::2]], u[..., cols[1::2]])
-            b = torch.bitwise_or(lo, torch.bitwise_left_shift(hi, 4))
+            b = u if seq else u.index_select(-1, torch.tensor(cols, device=u.device))
         else:
-            b = None
-        if b is not None:  # (..., words, 4) bytes -> (..., words) little-endian int32
-            return b.contiguous().view(torch.int32).reshape(v.shape[:-1])
+            # byte j of a word holds slot 2j (low nibble) and slot 2j+1 (high nibble)
+            if seq:
+                lo, hi = u[..., 0::2], u[..., 1::2]
+            else:
+                lo = u.index_select(-1, torch.tensor(cols[0::2], device=u.device))
+                hi = u.index_select(-1, torch.tensor(cols[1::2], device=u.device))
+            b = torch.bitwise_or(lo, torch.bitwise_left_shift(hi, 4))
+        return b.contiguous().view(torch.int32).reshape(u.shape[:-1])  # (..., words, 4) bytes -> LE int32
+    v = values.reshape(*values.shape[:-1], n // per, per)  # (..., words, per)
     # One slot at a time keeps the int64 working set at one word tensor (values may be 1 GB+).
     word = torch.zeros(v.shape[:-1], dtype=torch.int64, device=v.device)  # (..., words), in [0, 2^32)
     for slot, col in enumerate(cols):

@@ -304,8 +304,8 @@ def quantize_with_error(
     """:func:`quantize` plus the relative RMS error ``||w - dequantize(q)|| / ||w||``, in one fused pass.
 
     The weight is processed in row chunks of about 256k elements: each chunk is widened to float32 in a
-    cache-resident buffer (``w`` itself may be bfloat16: no full float32 copy), its groups' min/max taken in one
-    ``aminmax`` pass (NaN/inf detected there), the scales and zero points computed exactly as
+    cache-resident buffer (``w`` itself may be bfloat16: no full float32 copy), its groups' min/max taken
+    (NaN/inf detected there), the scales and zero points computed exactly as
     :func:`compute_qparams` does, then ``clamp(round(x / scale) + zero)`` as :func:`round_to_grid` does, and, with
     ``error``, the exact float32 dequant ``(q - zero) * scale`` subtracted from ``x`` and squared-summed. The q,
     scale and zero values are therefore identical to the unfused definition (same float32 operations, same
@@ -351,7 +351,7 @@ def quantize_with_error(
             if xbuf is not None:
                 x = xbuf[:r].copy_(x)
             xg = x.view(r, gcount, g)  # (rows, K/g, g)
-            lo, hi = torch.aminmax(xg, dim=-1)  # (rows, K/g)
+            lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)  # (rows, K/g); aminmax(dim=) is 10x slower on CPU
             if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
                 raise BadInputError(f"tensor {name or ''} holds NaN or inf values".replace("  ", " "),
                                     hint="check the source checkpoint; dsconvert will not quantize non-finite weights")
