@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -578,22 +579,54 @@ def env_cmd(json_out: JsonOpt = False) -> None:
 
 
 @app.command("make-fixture", hidden=True,
-             help="Write a synthetic checkpoint in DeepSeek's exact release layout (tiny | bench | bench4x).")
+             help="Write a synthetic checkpoint in DeepSeek's exact release layout (tiny | bench | bench4x | real). "
+                  "'real' has the release's tensor dimensions and is written streaming (default: layer 0 dense + "
+                  "layer 1 MoE with 256 experts, no MTP, 15.8 GB).")
 def make_fixture_cmd(
     output: Annotated[Path, typer.Argument(help="directory to create")],
     preset: Annotated[str, typer.Option("--preset")] = "tiny",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="decoder layers (real: 2)")] = None,
+    dense_layers: Annotated[Optional[int], typer.Option("--dense-layers", help="leading dense layers (real: 1)")] = None,
+    mtp: Annotated[Optional[bool], typer.Option("--mtp/--no-mtp", help="write the MTP block (real: no)")] = None,
+    experts: Annotated[Optional[int], typer.Option("--experts", help="routed experts per MoE layer (real: 256)")] = None,
+    shard_size: Annotated[Optional[str], typer.Option("--shard-size", help="real: bytes per shard (4.3G)")] = None,
 ) -> None:
+    from .errors import OutputExistsError, UsageError
     from .testing.fixtures import PRESETS, build_checkpoint
 
     def body():
-        if preset not in PRESETS:
-            from .errors import UsageError
-            raise UsageError(f"unknown preset {preset!r}", hint="tiny, bench or bench4x")
+        if preset not in (*PRESETS, "real"):
+            raise UsageError(f"unknown preset {preset!r}", hint="tiny, bench, bench4x or real")
         if output.exists() and any(output.iterdir()):
-            from .errors import OutputExistsError
             raise OutputExistsError(f"{output} exists and is not empty")
-        build_checkpoint(output, preset, seed=seed)
+        if preset == "real":
+            from .testing.realsize import RELEASE_SHARD_BYTES, RealOptions, real_spec, write_real_checkpoint
+
+            d = RealOptions()
+            opts = RealOptions(layers=d.layers if layers is None else layers,
+                               dense_layers=d.dense_layers if dense_layers is None else dense_layers,
+                               mtp=d.mtp if mtp is None else mtp, experts=d.experts if experts is None else experts,
+                               seed=seed)
+            real_spec(opts)  # UsageError before anything is written
+            shard_bytes = _size(shard_size) or RELEASE_SHARD_BYTES
+            t0 = time.perf_counter()
+
+            def on_shard(name: str, size: int, secs: float) -> None:
+                err.print(f"{name}: {size / 1e9:.2f} GB in {secs:.1f} s ({size / 1e9 / max(secs, 1e-9):.2f} GB/s)")
+
+            write_real_checkpoint(output, opts, shard_bytes=shard_bytes, on_shard=on_shard)
+            err.print(f"wrote real fixture ({opts.layers} layers, {opts.dense_layers} dense, "
+                      f"{opts.experts} experts, MTP {'yes' if opts.mtp else 'no'}) to {output} "
+                      f"in {time.perf_counter() - t0:.1f} s")
+            return None
+        if shard_size is not None:
+            raise UsageError("--shard-size applies to --preset real only")
+        over = {k: v for k, v in (("num_hidden_layers", layers), ("first_k_dense_replace", dense_layers),
+                                  ("n_routed_experts", experts)) if v is not None}
+        if mtp is not None:
+            over["num_nextn_predict_layers"] = 1 if mtp else 0
+        build_checkpoint(output, preset, seed=seed, **over)
         err.print(f"wrote {preset} fixture to {output}")
         return None
 

@@ -27,7 +27,7 @@ from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.int_format import IntFormat
 from ..formats.registry import get_format, registered_formats
-from ..quant.rtn import QTensor, dequantize, quantize
+from ..quant.rtn import QTensor, dequantize, quantize, quantize_with_error
 from ..quant.schemes import get_scheme, registered_schemes
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
@@ -330,12 +330,21 @@ def rtn_compute(ck: Checkpoint, fmt: IntFormat, spec_of: Callable[[str], object]
 
     def compute(module: str) -> ModuleResult:
         name = module + ".weight"
-        w = _read_float(ck, name).to(device)
-        spec = spec_of(name)
-        qt = quantize(w, spec, fmt.convention, name=module)
-        return ModuleResult({k: v.cpu() for k, v in fmt.encode_qtensor(module, qt).items()}, _rel_error(w, qt))
+        w = _read_weight(ck, name).to(device)  # BF16 (FP8 dequantized), widened per chunk inside the kernel
+        qt, err = quantize_with_error(w, spec_of(name), fmt.convention, name=module)
+        return ModuleResult({k: v.cpu() for k, v in fmt.encode_qtensor(module, qt).items()}, err)
 
     return compute
+
+
+def _read_weight(ck: Checkpoint, name: str) -> torch.Tensor:
+    """``[N, K]`` of a weight in its float form: FP8 dequantized to BF16 exactly as fp8-to-bf16, else as stored."""
+    from ..quant.fp8_block import dequant_fp8_block
+
+    t = ck.read(name)
+    if t.dtype == torch.float8_e4m3fn:
+        t = dequant_fp8_block(t, ck.read(ck.scale_of(name)), ck.fp8.block)
+    return t
 
 
 def _read_float(ck: Checkpoint, name: str) -> torch.Tensor:

@@ -16,14 +16,18 @@ pack_gptq_qweight       ``[K, N]`` along K          sequential: word r, slot j =
 pack_gptq_qzeros        ``[G, N]`` along N          sequential; v1 stores zero - 1, v2 stores zero
 ======================  ==========================  ===============================================
 
-Words are built in int64 and wrapped to int32 two's complement, so results are identical on CPU and
-CUDA. Golden words (../shared/reference/int-formats.md): AWQ columns 0..7 = 0..7 -> ``0x75316420``;
+Words are assembled as their four little-endian bytes (4-bit: two values per byte, ``lo | hi << 4``; 8-bit:
+the values themselves) and the byte tensor is reinterpreted as int32: the same integer as
+``sum(v_i << (i * b))`` wrapped to two's complement, with uint8 work only (no int64 words). On a big-endian
+host the words are built arithmetically in int64 instead. Results are identical on CPU and CUDA. Golden words
+(docs/int-formats.md): AWQ columns 0..7 = 0..7 -> ``0x75316420``;
 GPTQ v1 symmetric 4-bit qzeros -> ``0x77777777``; compressed-tensors row [-8, -7, 0, 1, 2, 3, 6, 7]
 -> ``0xfeba9810``.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -78,10 +82,27 @@ def pack_int32_lsb(values: torch.Tensor, bits: int, order: Sequence[int] | None 
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole int32 words (need a multiple of {per})")
     if order is not None and sorted(order) != list(range(per)):
         raise ValueError(f"order {list(order)} is not a permutation of range({per})")
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= (1 << bits)):
+    if values.numel():
+        lo, hi = torch.aminmax(values) if values.dtype not in (torch.bool,) else (values.min(), values.max())
+    if values.numel() and (int(lo) < 0 or int(hi) >= (1 << bits)):
         raise ValueError(f"values outside [0, {1 << bits}) cannot be packed into {bits} bits")
-    v = values.reshape(*values.shape[:-1], n // per, per)  # (..., words, per)
     cols = list(order) if order is not None else list(range(per))
+    if sys.byteorder == "little" and bits in (4, 8):
+        # every value is in [0, 2^bits): one uint8 copy (transposing a strided input), then byte ops
+        u = values.to(torch.uint8).contiguous().view(*values.shape[:-1], n // per, per)  # (..., words, per)
+        seq = cols == list(range(per))
+        if bits == 8:
+            b = u if seq else u.index_select(-1, torch.tensor(cols, device=u.device))
+        else:
+            # byte j of a word holds slot 2j (low nibble) and slot 2j+1 (high nibble)
+            if seq:
+                lo, hi = u[..., 0::2], u[..., 1::2]
+            else:
+                lo = u.index_select(-1, torch.tensor(cols[0::2], device=u.device))
+                hi = u.index_select(-1, torch.tensor(cols[1::2], device=u.device))
+            b = torch.bitwise_or(lo, torch.bitwise_left_shift(hi, 4))
+        return b.contiguous().view(torch.int32).reshape(u.shape[:-1])  # (..., words, 4) bytes -> LE int32
+    v = values.reshape(*values.shape[:-1], n // per, per)  # (..., words, per)
     # One slot at a time keeps the int64 working set at one word tensor (values may be 1 GB+).
     word = torch.zeros(v.shape[:-1], dtype=torch.int64, device=v.device)  # (..., words), in [0, 2^32)
     for slot, col in enumerate(cols):
@@ -123,7 +144,12 @@ def pack_int32_rows_lsb(values: torch.Tensor, bits: int, packed_dim: int = 1) ->
     """
     if values.dim() != 2 or packed_dim not in (0, 1):
         raise ValueError(f"expected 2-D values and packed_dim 0 or 1, got {tuple(values.shape)}, {packed_dim}")
-    u = values.to(torch.int16) + (1 << (bits - 1))  # int8 + offset fits int16
+    if values.dtype == torch.int8 and bits <= 8:
+        # uint8 arithmetic wraps mod 256, and exactly the values in [-2^(b-1), 2^(b-1)) land in [0, 2^b): the
+        # range check in pack_int32_lsb still refuses every other value
+        u = values.view(torch.uint8) + (1 << (bits - 1))
+    else:
+        u = values.to(torch.int16) + (1 << (bits - 1))  # int8 + offset fits int16
     if packed_dim == 0:
         u = u.t()  # (C, R): pack along the original dim 0
     out = pack_int32_lsb(_pad_last(u, _per_word(bits)), bits)

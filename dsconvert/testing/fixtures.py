@@ -1,6 +1,6 @@
 """Build small checkpoints in exactly the layout DeepSeek released, for the demo, the tests and the benches.
 
-What is real about them (../shared/reference/deepseek-checkpoint.md sections 1-3):
+What is real about them (docs/checkpoint-layout.md sections 1-3):
 
 * shard names ``model-0000k-of-00000N.safetensors`` (5-digit index, **6-digit** total) and a
   ``model.safetensors.index.json`` with ``metadata.total_size``;
@@ -12,7 +12,8 @@ What is real about them (../shared/reference/deepseek-checkpoint.md sections 1-3
 * BF16 embeddings, norms, router and lm_head; F32 ``e_score_correction_bias`` (values not representable in
   BF16); an MTP block at index ``num_hidden_layers`` (BF16 ``eh_proj``, ``enorm``, ``hnorm``, ``shared_head.*``,
   ``embed_tokens``);
-* ``tokenizer.json`` trained with the ``tokenizers`` library, ``tokenizer_config.json`` (with a chat template),
+* ``tokenizer.json`` trained with the ``tokenizers`` library (the ``real`` preset's 129,280-entry one is
+  constructed instead: :mod:`dsconvert.testing.realsize`), ``tokenizer_config.json`` (with a chat template),
   ``generation_config.json``, remote-code ``configuration_deepseek.py``/``modeling_deepseek.py`` (which, if
   anything ever executed them, would leave a marker file: tests check that nothing does), README, LICENSE.
 
@@ -221,7 +222,7 @@ def tensor_table(spec: FixtureSpec) -> list[tuple[str, tuple[int, ...], str]]:
             if s.router_bias:
                 rows.append((p + "mlp.gate.e_score_correction_bias", (s.n_routed_experts,), "bias"))
         rows += [(n, shp, "fp8" if s.fp8 else "bf16") for n, shp in _linears(s, layer)]
-        if s.model_type == "deepseek_v32":  # the lightning indexer (deepseek-checkpoint.md section 7)
+        if s.model_type == "deepseek_v32":  # the lightning indexer (docs/checkpoint-layout.md section 7)
             q = p + "self_attn.indexer."
             rows += [(q + "wq_b.weight", (V32_INDEX_HEADS * V32_INDEX_DIM, s.q_lora_rank), "fp8" if s.fp8 else "bf16"),
                      (q + "wk.weight", (V32_INDEX_DIM, h), "fp8" if s.fp8 else "bf16"),
@@ -360,6 +361,11 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(text.splitlines(), trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
+    write_tokenizer_config(out)
+
+
+def write_tokenizer_config(out: Path) -> None:
+    """``tokenizer_config.json`` as the release's (LlamaTokenizerFast, bos/eos/pad, a chat template)."""
     tcfg = {
         "add_bos_token": True,
         "add_eos_token": False,
