@@ -123,6 +123,28 @@ def test_gptq_matches_slow_reference(spec):
         assert output_error(w, got, H) == pytest.approx(output_error(w, ref, H), rel=0.02)
 
 
+@pytest.mark.parametrize("spec", [W4G32, QuantSpec(4, 64, False)])
+def test_gptq_batch_matches_slow_reference_per_item(spec):
+    """A batch of experts (their own weights and Hessians, one with a dead channel and one with no tokens at
+    all) gives, item by item, the plain column-by-column algorithm (RTN for the empty Hessian)."""
+    from dsconvert.quant.gptq import gptq_quantize_batch
+
+    conv = GPTQ if spec.symmetric else AUTOAWQ
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(4, 16, 256, generator=g) / 16
+    Hs = torch.stack([_hessian(_correlated_inputs(512, 256, 20 + b, mix_seed=b)).float() for b in range(4)])
+    Hs[1, 7, :] = 0.0
+    Hs[1, :, 7] = 0.0
+    Hs[3] = 0.0
+    got = gptq_quantize_batch(w, Hs, spec, conv, block_size=48)
+    assert len(got) == 4
+    for b in range(3):
+        ref = slow_gptq(w[b], Hs[b], spec, conv)
+        same = (dequantize(got[b]) - ref).abs() <= 1e-6
+        assert same.float().mean() > 0.98, (b, same.float().mean())
+    assert torch.equal(dequantize(got[3]), dequantize(quantize(w[3], spec, conv)))
+
+
 @pytest.mark.parametrize("fmt_name,spec", [("compressed-tensors", W4G32), ("autoawq", QuantSpec(4, 32, False)),
                                            ("gptq", W4G32)])
 def test_gptq_qtensor_encodes_and_decodes(fmt_name, spec):

@@ -19,7 +19,7 @@ partial outputs are batched matmuls rather than broadcast products (same numbers
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -28,6 +28,9 @@ from dsconvert.quant.rtn import Convention, QuantSpec, compute_qparams, dequanti
 
 __all__ = [
     "awq_search_scale",
+    "awq_search_scale_streamed",
+    "awq_scale_candidates",
+    "awq_weight_sums",
     "awq_search_clip",
     "apply_clip",
     "pseudo_quantize",
@@ -46,18 +49,73 @@ def pseudo_quantize(w: torch.Tensor, spec: QuantSpec, convention: Convention) ->
     return dequantize(quantize(w, spec, convention))
 
 
+def awq_weight_sums(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
+    """The part of AWQ's ``w_mean`` one ``(N, K)`` weight contributes: ``(Σ_rows |w| / (max|w| of its group
+    + 1e-6)`` ``(K,)`` float32, ``N``). Summed over weights and divided by the total rows it is ``w_mean``, so
+    the statistic can be accumulated over experts streamed in groups (AutoAWQ computes it on the
+    concatenated weights: the same sum, in another order)."""
+    k = w.shape[1]
+    g = spec.effective_group_size(k)
+    a = w.to(torch.float32).abs().view(w.shape[0], k // g, g)  # (N, K/g, g)
+    a = a / (a.amax(dim=-1, keepdim=True) + 1e-6)
+    return a.view(w.shape[0], k).sum(dim=0), int(w.shape[0])
+
+
 def _w_mean(weights: Sequence[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
     """Mean over all rows of all ``weights`` of ``|w| / (max|w| of its group + 1e-6)``: ``(K,)`` float32."""
     k = weights[0].shape[1]
-    g = spec.effective_group_size(k)
     total = torch.zeros(k, dtype=torch.float32, device=weights[0].device)
     rows = 0
     for w in weights:
-        a = w.to(torch.float32).abs().view(w.shape[0], k // g, g)  # (N, K/g, g)
-        a = a / (a.amax(dim=-1, keepdim=True) + 1e-6)
-        total += a.view(w.shape[0], k).sum(dim=0)
-        rows += w.shape[0]
+        t, r = awq_weight_sums(w, spec)
+        total += t
+        rows += r
     return total / max(rows, 1)
+
+
+def awq_scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int = 20,
+                         duo_scaling: bool = True) -> Iterator[tuple[float, torch.Tensor]]:
+    """AutoAWQ's grid of smoothing scales: for ``r = i / n_grid`` (``i < n_grid``) yields ``(r, s)`` with
+    ``s = x_mean^r / (w_mean^(1-r) + 1e-4)`` (``duo_scaling``; else ``x_mean^r``) clamped ``≥ 1e-4``,
+    divided by ``sqrt(max(s)·min(s))``, non-finite entries set to 1. ``x_mean``, ``w_mean``, ``s``:
+    ``(K,)`` float32."""
+    for i in range(n_grid):
+        r = i / n_grid
+        if duo_scaling:
+            s = (x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4)).clamp(min=1e-4)
+        else:
+            s = x_mean.pow(r).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        yield r, torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def awq_search_scale_streamed(
+    x_mean: torch.Tensor,
+    w_mean: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], float],
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+) -> tuple[torch.Tensor, float, list[float]]:
+    """:func:`awq_search_scale` for an inspected module too large to hold at once: the caller accumulates
+    ``x_mean`` and ``w_mean`` (:func:`awq_weight_sums`) and evaluates each candidate ``s`` itself
+    (``loss_fn(s) -> MSE`` against the float output, e.g. streaming a MoE's experts in groups).
+
+    Returns:
+        ``(s (K,) float32, best_ratio, errors)``, as :func:`awq_search_scale`.
+
+    Raises:
+        RuntimeError: every candidate gave a non-finite error.
+    """
+    best_err, best_ratio, best_s = float("inf"), -1.0, None
+    errors: list[float] = []
+    for r, s in awq_scale_candidates(x_mean, w_mean, n_grid, duo_scaling):
+        err = float(loss_fn(s))
+        errors.append(err)
+        if err < best_err:
+            best_err, best_ratio, best_s = err, r, s
+    if best_s is None:
+        raise RuntimeError(f"AWQ scale search: no finite loss on the {n_grid}-point grid ({errors[:3]}...)")
+    return best_s, best_ratio, errors
 
 
 def awq_search_scale(
@@ -105,24 +163,12 @@ def awq_search_scale(
     x_mean = x.to(torch.float32).abs().mean(dim=0) if x.shape[0] else torch.ones(k, device=x.device)  # (K,)
     w_mean = _w_mean(ws, spec)  # (K,)
     ref = forward_fn(ws).to(torch.float32)
-    best_err, best_ratio, best_s = float("inf"), -1.0, None
-    errors: list[float] = []
-    for i in range(n_grid):
-        r = i / n_grid
-        if duo_scaling:
-            s = (x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4)).clamp(min=1e-4)
-        else:
-            s = x_mean.pow(r).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+    def loss(s: torch.Tensor) -> float:
         cand = [pseudo_quantize(w * s[None, :], spec, convention) / s[None, :] for w in ws]
-        err = float((forward_fn(cand).to(torch.float32) - ref).pow(2).mean())
-        errors.append(err)
-        if err < best_err:
-            best_err, best_ratio, best_s = err, r, s
-    if best_s is None:
-        raise RuntimeError(f"AWQ scale search: no finite loss on the {n_grid}-point grid ({errors[:3]}...)")
-    return best_s, best_ratio, errors
+        return float((forward_fn(cand).to(torch.float32) - ref).pow(2).mean())
+
+    return awq_search_scale_streamed(x_mean, w_mean, loss, n_grid, duo_scaling)
 
 
 def awq_search_clip(

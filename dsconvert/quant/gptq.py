@@ -33,7 +33,7 @@ import torch
 from dsconvert.errors import BadInputError, ShapeError, UsageError
 from dsconvert.quant.rtn import Convention, QTensor, QuantSpec, compute_qparams, quantize, round_to_grid
 
-__all__ = ["HessianAccumulator", "gptq_quantize", "output_error"]
+__all__ = ["HessianAccumulator", "gptq_quantize", "gptq_quantize_batch", "output_error"]
 
 #: Damping retries: λ is multiplied by 10 after each failed Cholesky (GPTQModel auto-increments damp).
 MAX_DAMP_RETRIES = 6
@@ -74,31 +74,44 @@ class HessianAccumulator:
         self.H.addmm_(xf.t(), xf)  # (K, n) @ (n, K)
 
 
-def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp·mean(diag H)``, λ ×10 on each failure.
+def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factors of ``(H_b + λ_b I)⁻¹`` with ``λ_b = damp·mean(diag H_b)``, λ_b ×10 for each
+    item whose factorisation fails (retried alone).
+
+    Args:
+        H: ``(B, K, K)`` float32 Hessians; not modified.
 
     Returns:
-        ``(Hinv (K, K) upper-triangular float32, damp actually used)``.
+        ``(B, K, K)`` upper-triangular float32.
 
     Raises:
-        BadInputError: still not positive definite after ``MAX_DAMP_RETRIES`` retries (e.g. NaN inputs).
+        BadInputError: an item is still not positive definite after ``MAX_DAMP_RETRIES`` retries
+            (e.g. NaN inputs).
     """
-    k = H.shape[0]
-    mean_diag = float(torch.diagonal(H).mean())
-    idx = torch.arange(k, device=H.device)
-    d = damp
+    b, k, _ = H.shape
+    mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).to(torch.float64)  # (B,)
+    out = torch.empty_like(H)
+    todo = torch.arange(b, device=H.device)
+    d = torch.full((b,), float(damp), dtype=torch.float64, device=H.device)
     for _ in range(MAX_DAMP_RETRIES + 1):
-        Hd = H.clone()
-        Hd[idx, idx] += d * mean_diag
+        Hd = H[todo] if todo.numel() < b else H.clone()
+        torch.diagonal(Hd, dim1=-2, dim2=-1).add_((d[todo] * mean_diag[todo]).to(torch.float32)[:, None])
         L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            Hi = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hi, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U, d
-        d *= 10.0
+        del Hd
+        ok = info == 0
+        Hi = torch.cholesky_inverse(L)
+        del L
+        U, info2 = torch.linalg.cholesky_ex(Hi, upper=True)
+        del Hi
+        good = ok & (info2 == 0) & torch.isfinite(U).flatten(1).all(dim=1)
+        out[todo[good]] = U[good]
+        del U
+        todo = todo[~good]
+        if todo.numel() == 0:
+            return out
+        d[todo] *= 10.0
     raise BadInputError(
-        f"GPTQ: Hessian ({k}x{k}) is not positive definite even with damp {d / 10:g}",
+        f"GPTQ: Hessian ({k}x{k}) is not positive definite even with damp {float(d[todo[0]]) / 10:g}",
         hint="the calibration activations hold NaN/inf, or use a larger --damp",
     )
 
@@ -153,47 +166,113 @@ def gptq_quantize(
     if act_order and not static_groups and g != k:
         raise UsageError("GPTQ act_order with dynamic groups needs a g_idx, which dsconvert does not write",
                          hint="pass static_groups=True (llm-compressor actorder 'static')")
+    return gptq_quantize_batch(w[None], H[None], spec, convention, damp=damp, block_size=block_size,
+                               act_order=act_order, static_groups=static_groups, names=[name])[0]
+
+
+def gptq_quantize_batch(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    convention: Convention,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    names: list[str | None] | None = None,
+) -> list[QTensor]:
+    """:func:`gptq_quantize` of ``B`` independent weights of one shape at once (e.g. the experts of a MoE
+    layer in flight), with one batched Cholesky and one column loop for the whole batch.
+
+    Item ``b`` gets exactly the algorithm of :func:`gptq_quantize` on ``(w[b], H[b])``; the batched matmuls
+    can round differently in the last bit. With ``act_order`` (a column order per item) the items run one
+    by one. Rows of one weight are independent given its Hessian, so linears sharing an input (gate/up)
+    can be stacked along N.
+
+    Args:
+        w: ``(B, N, K)`` float weights; H: ``(B, K, K)`` Hessians (not modified).
+        names: ``B`` tensor names for error messages.
+        others: as :func:`gptq_quantize`.
+
+    Returns:
+        ``B`` :class:`QTensor` of shape ``(N, K)``.
+
+    Raises:
+        as :func:`gptq_quantize`.
+    """
+    if w.dim() != 3 or H.dim() != 3 or H.shape[0] != w.shape[0]:
+        raise ShapeError(f"batched GPTQ needs (B, N, K) weights and (B, K, K) Hessians, got {tuple(w.shape)} "
+                         f"and {tuple(H.shape)}")
+    bsz, n, k = w.shape
+    names = list(names) if names is not None else [None] * bsz
+    if tuple(H.shape[1:]) != (k, k):
+        raise ShapeError(f"Hessian shape {tuple(H.shape[1:])} does not match weight {n}x{k} (expected ({k}, {k}))")
+    g = spec.effective_group_size(k, names[0])
+    if act_order and not static_groups and g != k:
+        raise UsageError("GPTQ act_order with dynamic groups needs a g_idx, which dsconvert does not write",
+                         hint="pass static_groups=True (llm-compressor actorder 'static')")
+    for b in range(bsz):
+        if not torch.isfinite(w[b]).all():
+            raise BadInputError(f"GPTQ: weight {names[b] or ''} holds NaN or inf".replace("  ", " "))
+        if not torch.isfinite(H[b]).all():
+            raise BadInputError(f"GPTQ: Hessian of {names[b] or 'a linear'} holds NaN or inf",
+                                hint="the calibration activations overflowed; calibrate in float32")
+    out: list[QTensor | None] = [None] * bsz
+    live = []
+    for b in range(bsz):
+        if bool((torch.diagonal(H[b]) == 0).all()):  # no calibration data at all: nothing to compensate with
+            out[b] = quantize(w[b].to(torch.float32), spec, convention, name=names[b])
+        else:
+            live.append(b)
+    if act_order:
+        for b in live:
+            out[b] = _gptq_core(w[b:b + 1], H[b:b + 1], spec, convention, g, damp, block_size, True, True)[0]
+    elif live:
+        sel = live if len(live) < bsz else slice(None)
+        res = _gptq_core(w[sel], H[sel], spec, convention, g, damp, block_size, False, static_groups)
+        for b, qt in zip(live, res):
+            out[b] = qt
+    return out  # type: ignore[return-value]
+
+
+def _gptq_core(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, convention: Convention, g: int, damp: float,
+               block_size: int, act_order: bool, static_groups: bool) -> list[QTensor]:
+    """The batched column loop: ``w`` ``(B, N, K)``, ``H`` ``(B, K, K)``; ``act_order`` only with ``B == 1``."""
     W = w.to(torch.float32).clone()
-    if not torch.isfinite(W).all():
-        raise BadInputError(f"GPTQ: weight {name or ''} holds NaN or inf".replace("  ", " "))
+    bsz, n, k = W.shape
     H = H.to(device=W.device, dtype=torch.float32).clone()
-    if not torch.isfinite(H).all():
-        raise BadInputError(f"GPTQ: Hessian of {name or 'a linear'} holds NaN or inf",
-                            hint="the calibration activations overflowed; calibrate in float32")
-    diag = torch.diagonal(H)
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)  # (B, K) view
     dead = diag == 0
-    if bool(dead.all()):  # no calibration data at all: nothing to compensate with
-        return quantize(W, spec, convention, name=name)
-    idx = torch.arange(k, device=W.device)
-    H[idx[dead], idx[dead]] = 1.0
-    W[:, dead] = 0.0
+    diag.masked_fill_(dead, 1.0)
+    W.masked_fill_(dead[:, None, :], 0.0)
 
     groups = k // g
     levels_dtype = torch.int8 if convention.signed else torch.uint8
-    scale = torch.empty(n, groups, dtype=torch.float32, device=W.device)
-    zero = None if (convention.signed and spec.symmetric) else torch.empty(n, groups, dtype=levels_dtype,
+    scale = torch.empty(bsz, n, groups, dtype=torch.float32, device=W.device)
+    zero = None if (convention.signed and spec.symmetric) else torch.empty(bsz, n, groups, dtype=levels_dtype,
                                                                           device=W.device)
     if static_groups or g == k:
-        s0, z0 = compute_qparams(W.view(n, groups, g), spec, convention)  # (N, K/g) each
+        s0, z0 = compute_qparams(W.view(bsz, n, groups, g), spec, convention)  # (B, N, K/g) each
         scale.copy_(s0)
         if zero is not None:
             zero.copy_(z0)
 
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-    Hinv, _ = _inverse_cholesky_upper(H, damp)
-    del H
+        perm = torch.argsort(torch.diagonal(H[0]), descending=True)
+        W = W[:, :, perm]
+        H = H[:, perm][:, :, perm]
+    Hinv = _inverse_cholesky_upper(H, damp)  # (B, K, K)
+    del H, diag
 
-    qint = torch.zeros_like(W)  # integer levels, (N, K) in processing order
+    qint = torch.zeros_like(W)  # integer levels, (B, N, K) in processing order
     dynamic = not (static_groups or g == k)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2].clone()  # (N, B)
+        W1 = W[:, :, i1:i2].clone()  # (B, N, bw)
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = Hinv[:, i1:i2, i1:i2]  # (B, bw, bw)
         for i in range(i2 - i1):
             col = i1 + i
             orig = int(perm[col]) if perm is not None else col
@@ -202,29 +281,31 @@ def gptq_quantize(
                 # The group's weights with every earlier column's error applied: inside this block from W1,
                 # beyond it from W minus this block's pending errors.
                 end = col + g
-                cur = W1[:, i:min(end, i2) - i1]
+                cur = W1[:, :, i:min(end, i2) - i1]
                 if end > i2:
-                    beyond = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:end]  # (N, end - i2)
-                    cur = torch.cat([cur, beyond], dim=1)
-                sg, zg = compute_qparams(cur[:, None, :], spec, convention)  # (N, 1) each
-                scale[:, gi] = sg[:, 0]
+                    beyond = W[:, :, i2:end] - Err1[:, :, :i] @ Hinv[:, i1:i1 + i, i2:end]  # (B, N, end - i2)
+                    cur = torch.cat([cur, beyond], dim=2)
+                sg, zg = compute_qparams(cur[:, :, None, :], spec, convention)  # (B, N, 1) each
+                scale[:, :, gi] = sg[..., 0]
                 if zero is not None:
-                    zero[:, gi] = zg[:, 0]
-            s = scale[:, gi]
-            z = None if zero is None else zero[:, gi].to(torch.float32)
-            wcol = W1[:, i]
-            q = round_to_grid(wcol, s, z, spec.bits, convention.signed)  # (N,)
+                    zero[:, :, gi] = zg[..., 0]
+            s = scale[:, :, gi]  # (B, N)
+            z = None if zero is None else zero[:, :, gi].to(torch.float32)
+            wcol = W1[:, :, i]
+            q = round_to_grid(wcol, s, z, spec.bits, convention.signed)  # (B, N)
             deq = (q - z) * s if z is not None else q * s
-            qint[:, col] = q
-            err = (wcol - deq) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # (N, 1) x (1, B - i)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # (N, B) @ (B, K - i2)
+            qint[:, :, col] = q
+            err = (wcol - deq) / Hinv1[:, i, i][:, None]  # (B, N)
+            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]  # (B, N, 1) x (B, 1, bw - i)
+            Err1[:, :, i] = err
+        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]  # (B, N, bw) @ (B, bw, K - i2)
+    del W, Hinv
 
     if perm is not None:
-        invperm = torch.argsort(perm)
-        qint = qint[:, invperm]
-    return QTensor(q=qint.to(levels_dtype), scale=scale, zero=zero, spec=spec, convention=convention)
+        qint = qint[:, :, torch.argsort(perm)]
+    qint = qint.to(levels_dtype)
+    return [QTensor(q=qint[b], scale=scale[b], zero=None if zero is None else zero[b], spec=spec,
+                    convention=convention) for b in range(bsz)]
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
