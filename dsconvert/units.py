@@ -1,6 +1,6 @@
 """Size parsing and formatting.
 
-Convention (../shared/reference/cli-conventions.md): ``5G`` and ``5GB`` mean 10**9 bytes,
+Convention (docs/cli-conventions.md): ``5G`` and ``5GB`` mean 10**9 bytes,
 ``5GiB`` means 2**30 bytes. Reports print both.
 """
 

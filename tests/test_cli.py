@@ -1,7 +1,7 @@
 """The CLI surface: ``--json`` reports, ``--dry-run``, JSON errors, ``inspect`` (tiny and the full 671B layout from
 headers only), and golden ``--help`` texts.
 
-Expected figures for the full layout come from the reference (deepseek-checkpoint.md sections 1-2), not from
+Expected figures for the full layout come from the docs (docs/checkpoint-layout.md §1-2), not from
 dsconvert. The headers-only fixture reproduces the release's tensor names, shapes and dtypes exactly, so tensor
 counts, FP8 weight count, tensor bytes and the BF16 output size must match the release; it does not reproduce the
 release's shard boundaries (it packs greedily into 162 shards of <= 4.3 GB, the release has 163, and no scale
@@ -153,7 +153,7 @@ def test_inspect_tiny(tiny_src, tiny_out):
     assert r.rc == 0 and f"{len(src_t):,}" in r.stdout and "no problems found" in r.stdout, str(r)
 
 
-# Figures of the real DeepSeek-V3/R1 release (deepseek-checkpoint.md sections 1-2).
+# Figures of the real DeepSeek-V3/R1 release (docs/checkpoint-layout.md §1-2).
 REAL = {"tensors": 91_991, "fp8": 45_808, "non_fp8": 375, "after_dequant": 46_183,
         "bytes": 688_574_839_360, "bf16_out": 1_368_979_721_216, "router_biases": 59}
 
@@ -231,7 +231,7 @@ def test_help_matches_golden(cmd, golden):
 
 
 def test_inspect_flags_bf16_directory_whose_config_still_claims_fp8(tiny_out, tmp_path, tiny_src):
-    """known-failures.md item 3: BF16 shards next to the untouched FP8 config.json ('Unknown quantization type')."""
+    """docs/known-failures.md item 3: BF16 shards next to the untouched FP8 config.json ('Unknown quantization type')."""
     out, _ = tiny_out
     bad = tmp_path / "bf16-with-fp8-config"
     shutil.copytree(out, bad)

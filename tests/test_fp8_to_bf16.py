@@ -1,6 +1,6 @@
 """``dsconvert fp8-to-bf16`` end to end (through the CLI, in a subprocess) against independent references.
 
-The oracle below is written from the e4m3fn definition and the rule in deepseek-checkpoint.md section 4:
+The oracle below is written from the e4m3fn definition and the rule in docs/checkpoint-layout.md §4:
 decode every FP8 byte by formula (sign, 4-bit exponent with bias 7, 3-bit mantissa, subnormals, 0x7F/0xFF NaN),
 multiply by the block's scale in numpy float32, and round to BF16 by integer round-to-nearest-even on the float32
 bits. It uses neither torch's float8 cast nor dsconvert's kernel. Tensors are read with ``safetensors.safe_open``.
@@ -12,7 +12,7 @@ What is proved here:
 * the output directory is complete and correct (section 6 of the reference): pass-through tensors identical,
   the F32 router bias still F32, no scales, index total_size and weight_map exact, config.json fixed, other files
   copied byte-identical, nothing executed, SRC untouched;
-* a scale stored in another shard converts exactly as in a single shard (known-failures A1);
+* a scale stored in another shard converts exactly as in a single shard (docs/known-failures.md item 1);
 * transformers loads the output (only MTP keys unexpected) and its logits equal those of the oracle's weights;
 * ``--mtp drop``, ``--max-shard-size``, HF-cache snapshot paths and ``--dtype f32``.
 """
@@ -451,7 +451,7 @@ def test_dtype_f32_equals_oracle_before_rounding(tiny_src, tiny_out, tiny_oracle
 
 
 def test_deepseek_v32_indexer_is_dequantized_and_nothing_invented(tmp_path):
-    """known-failures.md item 12: V3.2's indexer wq_b/wk are FP8 + scale and must be dequantized; k_norm and the
+    """docs/known-failures.md item 12: V3.2's indexer wq_b/wk are FP8 + scale and must be dequantized; k_norm and the
     BF16 weights_proj are kept as they are, and no weights_proj.bias is invented."""
     from dsconvert.testing.fixtures import build_checkpoint
 

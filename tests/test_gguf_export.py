@@ -164,7 +164,7 @@ def test_bf16_read_back_keys_names_shapes_types(tiny, tiny_gguf_bf16):
     f = fields(path)
     cfg = json.loads((tiny / "config.json").read_text())
     assert f["general.architecture"] == "deepseek2" and f["general.file_type"] == 32
-    assert f["deepseek2.attention.head_count_kv"] == 1  # known-failures 19
+    assert f["deepseek2.attention.head_count_kv"] == 1  # docs/known-failures.md item 19
     assert f["deepseek2.attention.key_length"] == cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
     assert f["deepseek2.attention.key_length_mla"] == cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
     assert f["deepseek2.attention.value_length_mla"] == cfg["v_head_dim"]
@@ -184,7 +184,7 @@ def test_bf16_read_back_keys_names_shapes_types(tiny, tiny_gguf_bf16):
 
 
 def test_bf16_equals_independent_fp8_dequant(tiny, tiny_gguf_bf16):
-    """known-failures 17: every FP8-sourced tensor equals bf16_rne(fp32(w) * scale), bit for bit."""
+    """docs/known-failures.md item 17: every FP8-sourced tensor equals bf16_rne(fp32(w) * scale), bit for bit."""
     path, _ = tiny_gguf_bf16
     cfg = json.loads((tiny / "config.json").read_text())
     src = load_all(tiny)
@@ -228,7 +228,7 @@ def test_data_layout_equals_gguf_writer(tiny, tiny_gguf_bf16, tmp_path):
 
 @pytest.mark.parametrize("qtype", ["BF16", "F32", "Q8_0", "Q4_K_M"])
 def test_fp8_and_bf16_sources_give_identical_files(tiny, tiny_bf16, tiny_gguf_bf16, work, qtype):
-    """known-failures 16: the FP8 release and our BF16 conversion of it give byte-identical GGUFs."""
+    """docs/known-failures.md item 16: the FP8 release and our BF16 conversion of it give byte-identical GGUFs."""
     a = tiny_gguf_bf16[0] if qtype == "BF16" else work / "out" / f"tiny-{qtype}.gguf"
     if qtype != "BF16":
         export(tiny, a, type=qtype)
@@ -483,7 +483,7 @@ def _llama_cpp():
     if not getattr(mod, "_dsconvert_no_extra_bufts", False):
         orig = mod.llama_model_default_params
 
-        def params():  # known-failures 25: AMX repacking breaks quantized deepseek2
+        def params():  # docs/known-failures.md item 25: AMX repacking breaks quantized deepseek2
             p = orig()
             if hasattr(p, "use_extra_bufts"):
                 p.use_extra_bufts = False

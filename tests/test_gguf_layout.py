@@ -651,7 +651,7 @@ def test_type_plan_matches_llama_quantize(tiny_gguf, tmp_path, ftype):
     ours = plan_types(plan, ftype, tiny_cfg())
     diff = {n: (ours[n], got[n]) for n in got if ours[n] != got[n]}
     assert not diff, f"{ftype}: (ours, llama.cpp) differ for {len(diff)} tensors: {diff}"
-    # known-failures #24: norms / ffn_gate_inp / exp_probs_b stay F32; attn_k_b falls back
+    # docs/known-failures.md item 24: norms / ffn_gate_inp / exp_probs_b stay F32; attn_k_b falls back
     assert {t for n, t in got.items() if "norm" in n or "gate_inp" in n or "exp_probs_b" in n} == {"F32"}
     if ftype == "Q4_K_M":
         assert got["blk.1.attn_k_b.weight"] == "Q5_0" and got["output.weight"] == "Q6_K"
@@ -735,7 +735,7 @@ def test_plan_nbytes_v3_q8_0():
 
 
 def test_vocab_never_imports_transformers(tok_dir):
-    """known-failures #22: the vocab path must not go through transformers/AutoTokenizer."""
+    """docs/known-failures.md item 22: the vocab path must not go through transformers/AutoTokenizer."""
     import subprocess
     import sys
 

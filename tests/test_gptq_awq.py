@@ -192,7 +192,7 @@ def test_gptq_dead_channels_and_zero_hessian():
     assert torch.isfinite(deq).all()
     assert torch.equal(deq[:, [3, 40]], torch.zeros(16, 2))  # AutoGPTQ: dead input channel -> W[:, i] = 0
     assert (deq != 0).float().mean() > 0.8
-    # no tokens at all: RTN, never a zeroed weight (known-failures item 29)
+    # no tokens at all: RTN, never a zeroed weight (docs/known-failures.md item 29)
     qt0 = gptq_quantize(w, torch.zeros(64, 64), W4G32, GPTQ)
     assert torch.equal(dequantize(qt0), dequantize(quantize(w, W4G32, GPTQ)))
 
@@ -467,7 +467,7 @@ def test_engine_runs_layers_in_order_only(tiny_calib):
 @pytest.mark.parametrize("method,expert_policy", [("gptq", "all-tokens"), ("gptq", "rtn"), ("awq", "all-tokens"),
                                                   ("awq", "rtn")])
 def test_experts_without_tokens(tmp_path_factory, method, expert_policy):
-    """known-failures item 29: 16 experts, top-1, a router bias sending every token to expert 0."""
+    """docs/known-failures.md item 29: 16 experts, top-1, a router bias sending every token to expert 0."""
     from dsconvert.convert.weights import CheckpointWeightSource
     from dsconvert.testing.fixtures import build_checkpoint
 
@@ -503,7 +503,7 @@ def test_experts_without_tokens(tmp_path_factory, method, expert_policy):
 
 
 def test_rss_flat_across_layers(tmp_path_factory):
-    """known-failures item 27: per-layer caches are freed; RSS after layer k ~ RSS after layer 1."""
+    """docs/known-failures.md item 27: per-layer caches are freed; RSS after layer k ~ RSS after layer 1."""
     import psutil
 
     from dsconvert.convert.weights import CheckpointWeightSource

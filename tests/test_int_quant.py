@@ -1,7 +1,7 @@
 """RTN maths, bit packing and the scheme registry (dsconvert.quant.{rtn,pack,schemes,registry}).
 
 References here are independent of the code under test: golden words from
-../shared/reference/int-formats.md, per-element Python packers, and scale formulas written out.
+docs/int-formats.md, per-element Python packers, and scale formulas written out.
 """
 
 from __future__ import annotations

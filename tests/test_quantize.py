@@ -4,7 +4,7 @@ Every expectation is computed here, independently of the code under test:
 
 * the source FP8 weights are decoded with a numpy e4m3 decoder written from the bit layout, multiplied by their
   128x128 block scale in float32 and rounded once to bf16 (RNE by bit arithmetic);
-* they are quantized with a slow, obvious per-group RTN written from ../shared/reference/int-formats.md
+* they are quantized with a slow, obvious per-group RTN written from docs/int-formats.md
   (sections 1-3; scales rounded to their storage dtype before q, as dsconvert's ``quant/rtn.py`` documents);
 * the output is read with ``safetensors`` and unpacked with per-slot numpy unpackers written from the reference
   doc's bit layouts; for compressed-tensors the library's own checkpoint dequantizer
@@ -153,7 +153,7 @@ def source_float(src_t: dict, name: str) -> np.ndarray:
 
 
 def rtn_oracle(w: np.ndarray, bits: int, g: int, symmetric: bool, conv: str) -> dict:
-    """Per-group min-max RTN, spelled out from int-formats.md.
+    """Per-group min-max RTN, spelled out from docs/int-formats.md.
 
     conv "ct": signed q and zero, bf16 scales; "awq"/"gptq": unsigned q and zero, fp16 scales (AWQ floors
     max - min at 1e-5). Scales are rounded to the storage dtype first and a zero scale becomes that dtype's eps.
@@ -378,14 +378,14 @@ def test_output_matches_independent_oracle(cid, outputs, src, src_tensors, oracl
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     assert index["metadata"]["total_size"] == rep["output"]["total_size"] == rep["plan"]["bytes_written"]["bytes"]
 
-    # known-failures 34: every routed expert of a layer carries the same tensor set (suffix, dtype, shape)
+    # docs/known-failures.md item 34: every routed expert of a layer carries the same tensor set (suffix, dtype, shape)
     per_layer: dict[str, dict[str, set]] = {}
     for n, t in tensors.items():
         mm = re.match(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.(.+)$", n)
         if mm:
             per_layer.setdefault(mm[1], {}).setdefault(mm[2], set()).add((mm[3], t.dtype, tuple(t.shape)))
     assert per_layer and all(len({frozenset(v) for v in exps.values()}) == 1 for exps in per_layer.values())
-    # known-failures 38: weight_zero_point exactly when asymmetric (compressed-tensors)
+    # docs/known-failures.md item 38: weight_zero_point exactly when asymmetric (compressed-tensors)
     if conv == "ct":
         assert all((f"{m}.weight_zero_point" in tensors) == (not sym) for m in quantized)
 
@@ -501,7 +501,7 @@ def test_awq_through_compressed_tensors_converter(cid, outputs, src_tensors, ora
 
 
 # ---------------------------------------------------------------------------------------------
-# kv_b_proj (known-failures 37): our reader's dequant, split per head into W_UK / W_UV
+# kv_b_proj (docs/known-failures.md item 37): our reader's dequant, split per head into W_UK / W_UV
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cid", list(CONFIGS))
 def test_kv_b_proj_round_trip_and_head_split(cid, outputs, src, oracle):
@@ -624,7 +624,7 @@ def test_unmatched_ignore_warns_on_stderr(src, tmp_path, src_tensors):
     rep = json.loads(r.stdout)
     assert rep["plan"]["ignore_patterns_unmatched"] == ["model.layers.9.self_attn.q_a_proj"]
     assert any("model.layers.9.self_attn.q_a_proj" in w for w in rep["warnings"])
-    # a single --ignore keeps kv_b_proj in BF16 everywhere (known-failures 37)
+    # a single --ignore keeps kv_b_proj in BF16 everywhere (docs/known-failures.md item 37)
     tensors = read_all(out)
     for layer in range(4):
         m = f"model.layers.{layer}.self_attn.kv_b_proj"

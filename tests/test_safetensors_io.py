@@ -3,7 +3,7 @@
 * ``ShardWriter`` (streaming, chunked) writes files byte-identical to ``safetensors.torch.save_file`` for the same
   tensors and ``{"format": "pt"}`` metadata, for every dtype DeepSeek checkpoints use plus a few more, empty and
   0-d tensors included.
-* Every shard ``fp8-to-bf16`` writes carries ``__metadata__ == {"format": "pt"}`` (known-failures A4), read back
+* Every shard ``fp8-to-bf16`` writes carries ``__metadata__ == {"format": "pt"}`` (docs/known-failures.md item 4), read back
   with ``safetensors.safe_open``.
 * ``read_header`` refuses damaged files with a message that names the file and the tensor.
 """

@@ -8,7 +8,7 @@ The quantize pipeline drives it and writes the results; this module writes no fi
         res = eng.run_layer(i)        # LayerResult: quantized QTensors, replaced float tensors, stats
         write(res.quantized, res.replaced)
 
-Per layer ``i`` (../shared/reference/int-formats.md §5-§7):
+Per layer ``i`` (docs/int-formats.md §5-§7):
 
 1. **Capture.** Run the float layer ``i`` (``ReferenceModel.layer_forward``) on every calibration sequence,
    its input being the *quantized* layers ``0..i-1``'s output, with an ``on_linear`` hook caching the
@@ -24,9 +24,9 @@ Per layer ``i`` (../shared/reference/int-formats.md §5-§7):
    :func:`dsconvert.quant.gptq.gptq_quantize` (linears sharing an input share one Hessian).
 3. **Propagate.** Run layer ``i`` again with the dequantized weights and the replaced tensors; its output
    is layer ``i+1``'s input. All per-layer caches are dropped before ``run_layer`` returns
-   (known-failures.md item 27).
+   (docs/known-failures.md item 27).
 
-**Experts with few tokens** (fewer than ``min_expert_tokens`` routed tokens, known-failures.md item 29):
+**Experts with few tokens** (fewer than ``min_expert_tokens`` routed tokens, docs/known-failures.md item 29):
 ``expert_policy="all-tokens"`` (default) calibrates that expert on every token of the layer
 (llm-compressor's ``moe_calibrate_all_experts``); ``"rtn"`` quantizes it with plain RTN (for AWQ: the
 shared gate/up scale is still folded in, no own up→down scale, no clip search). The choice is reported per

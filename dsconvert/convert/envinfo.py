@@ -32,7 +32,7 @@ def cpu_flags() -> set[str]:
 
 def env_report() -> dict:
     """What the fp8/quantize/gguf paths will run on. AMX matters: llama.cpp's repacked buffers crash quantized
-    deepseek2 GGUFs on AMX CPUs unless ``use_extra_bufts=False`` (known-failures.md item 25)."""
+    deepseek2 GGUFs on AMX CPUs unless ``use_extra_bufts=False`` (docs/known-failures.md item 25)."""
     import psutil
 
     flags = cpu_flags()

@@ -3,7 +3,7 @@
 Every file of SRC except the shards, the index and ``config.json`` (rewritten by each command) is copied:
 tokenizer, generation config, remote-code ``.py`` files, README, LICENSE, chat templates, figures/.
 Dot-files and dsconvert's own ``manifest.json``/``report.json`` are skipped. Files are copied as bytes; nothing
-is imported or executed (known-failures.md items 6-8).
+is imported or executed (docs/known-failures.md items 6-8).
 """
 
 from __future__ import annotations

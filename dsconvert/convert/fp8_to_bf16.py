@@ -3,7 +3,7 @@
 Plan (shapes only) -> pre-flight (every header, partner, grid and scale value) -> stream (one chunk of rows at
 a time, read + dequant overlapped with write + hash) -> index, config, copied files -> manifest complete.
 
-Output rules (../shared/reference/deepseek-checkpoint.md section 6):
+Output rules (docs/checkpoint-layout.md §6):
 * each FP8 weight -> BF16 of the same name and shape, byte-identical to ``weight_dequant`` + bf16 cast;
 * every other tensor copied bit-identical in its own dtype (the F32 router bias stays F32);
 * no ``*_scale_inv`` in the shards or the index; index ``metadata.total_size`` = sum of tensor bytes;

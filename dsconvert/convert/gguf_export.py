@@ -3,7 +3,7 @@
 Plan (headers only: GGUF tensor plan, per-tensor ggml type, bytes, splits, header bytes) -> pre-flight ->
 stream one output tensor at a time, one row chunk at a time -> ``*.tmp`` + fsync + rename per file.
 
-Numerics (reference ``shared/reference/gguf-deepseek2.md`` §4, known-failures 16/17):
+Numerics (docs/gguf-deepseek2.md §4, docs/known-failures.md item 16/17):
 
 * an FP8 weight is dequantized exactly as ``fp8-to-bf16`` does it (``bf16_rne(fp32(w) * scale)``, the same
   producer); BF16 sources are read as stored;
@@ -173,7 +173,7 @@ class ExportPlan:
         return dict(sorted(out.items()))
 
     def dropped_summary(self) -> dict:
-        """MTP & co.: tensor count, bytes (their FP8 scales included) and the reasons, known-failures 18."""
+        """MTP & co.: tensor count, bytes (their FP8 scales included) and the reasons, docs/known-failures.md item 18."""
         rows = []
         for d in self.gguf_plan.dropped:
             scale = self.ck.scale_of(d.hf_name)
@@ -382,7 +382,7 @@ def _imatrix_plan(path: Path | None, plan: g2.GGUFPlan, types: dict[str, str]) -
         raise BadInputError(f"--imatrix {path}: no entries for {len(missing)} tensors that need them: "
                             + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""),
                             hint="an imatrix computed on a kv_b-layout file lacks attn_k_b/attn_v_b "
-                                 "(known-failures 26); recompute it on a current-layout GGUF")
+                                 "(docs/known-failures.md item 26); recompute it on a current-layout GGUF")
     return {"used": bool(need), "path": str(path), "entries": len(entries),
             "ignored_by_types": sorted(t for t, c in users.items() if c.ignores_imatrix)}
 

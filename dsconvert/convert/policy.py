@@ -1,6 +1,6 @@
 """Which tensors ``dsconvert quantize`` quantizes: one ``LayerPolicy(name, shape) -> QuantSpec | None``.
 
-Defaults (../shared/reference/cli-conventions.md, int-formats.md section 4): the decoder Linears of attention
+Defaults (docs/cli-conventions.md, docs/int-formats.md §4): the decoder Linears of attention
 and MLPs are quantized, including routed and shared experts and the MTP block's decoder layer; kept in their
 float dtype: embeddings, ``lm_head`` and the MTP ``shared_head.head``, every norm, the MoE router
 (``mlp.gate.weight`` and ``e_score_correction_bias``), the MTP ``eh_proj``, V3.2 indexer tensors.
@@ -9,7 +9,7 @@ float dtype: embeddings, ``lm_head`` and the MTP ``shared_head.head``, every nor
 expressions matched from the start of the module name (``re:.*kv_b_proj$``), as llm-compressor's ``ignore``.
 
 Fused groups must share one precision, because vLLM/SGLang load them into one fused layer ("All shards of fused
-layers to have the same precision", known-failures.md item 36): {q_a_proj, kv_a_proj_with_mqa},
+layers to have the same precision", docs/known-failures.md item 36): {q_a_proj, kv_a_proj_with_mqa},
 {gate_proj, up_proj} of each MLP, and every routed expert of a layer.
 """
 

@@ -7,7 +7,7 @@ read), so each checkpoint is read once whatever the number of prompts, and only 
 :mod:`dsconvert.model.metrics`.
 
 Default thresholds: ``max_kld`` 0.01 (Mean KLD) and ``min_top1`` 0.97 (Same top p) — the values
-../shared/reference/cli-conventions.md uses for a near-lossless conversion; a BF16 conversion of an FP8
+docs/cli-conventions.md uses for a near-lossless conversion; a BF16 conversion of an FP8
 release gives 0 and 1 exactly. INT4 candidates usually need looser, explicit thresholds.
 """
 

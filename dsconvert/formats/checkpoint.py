@@ -3,7 +3,7 @@
 ``scan`` reads headers only (no tensor data), so it takes seconds even on the 163-shard, 688 GB FP8 release.
 It collects every problem instead of stopping at the first, so ``inspect`` can list them all; ``open_checkpoint``
 raises on the fatal ones. Partners (``<name>_scale_inv``) are resolved through the index, never assumed to share
-a shard (../shared/reference/deepseek-checkpoint.md section 1, known-failures.md item 1).
+a shard (docs/checkpoint-layout.md §1, docs/known-failures.md item 1).
 """
 
 from __future__ import annotations

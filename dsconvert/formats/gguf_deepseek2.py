@@ -4,7 +4,7 @@ Pure functions on config dicts, shapes and tensors; no file I/O. The streaming p
 HF sources each :class:`GGUFTensorPlan` lists (in order), applies its ``kind`` and hands the result
 to the writer; the per-tensor ggml type comes from :mod:`dsconvert.formats.gguf_types`.
 
-Layout (mainline llama.cpp >= PR #12801, reference ``shared/reference/gguf-deepseek2.md`` §3):
+Layout (mainline llama.cpp >= PR #12801, docs/gguf-deepseek2.md §3):
 
 - ``kv_b_proj`` (numpy ``(n_head*(nope+v), kv_lora)``) is split into ``attn_k_b``
   ``(n_head, kv_lora, nope)`` and ``attn_v_b`` ``(n_head, v, kv_lora)``;

@@ -7,7 +7,7 @@ always agree.
 
 Source: llama.cpp ``conversion/base.py::TextModel.set_gguf_parameters`` and
 ``conversion/deepseek.py::DeepseekV2Model.set_gguf_parameters``; values per
-``shared/reference/gguf-deepseek2.md`` §2:
+docs/gguf-deepseek2.md §2:
 
 - ``attention.head_count_kv = 1`` (MLA presented as MQA over the latent);
 - ``key_length = kv_lora + rope``, ``value_length = kv_lora``; ``key_length_mla = nope + rope``,

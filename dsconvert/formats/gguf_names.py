@@ -5,7 +5,7 @@ strings themselves come from ``gguf.constants.TENSOR_NAMES`` so they can never d
 loader's ``LLM_TN`` table.
 
 Source: ggml-org/llama.cpp ``conversion/deepseek.py::DeepseekV2Model.modify_tensors`` and
-``gguf-py/gguf/tensor_mapping.py``; layout reference ``shared/reference/gguf-deepseek2.md`` §3.
+``gguf-py/gguf/tensor_mapping.py``; layout docs/gguf-deepseek2.md §3.
 
 Three things are not a plain rename and are resolved by the plan (``gguf_deepseek2.plan_tensors``):
 

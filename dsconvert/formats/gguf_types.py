@@ -10,7 +10,7 @@ Source: ggml-org/llama.cpp ``src/llama-quant.cpp``: ``tensor_allows_quantization
 ``tensor_get_category``, ``llama_tensor_get_type_impl``, ``llama_tensor_get_type``,
 ``tensor_type_fallback``, ``llama_ftype_get_default_type``.
 
-deepseek2 specifics that fall out of those rules (reference ``gguf-deepseek2.md`` §6):
+deepseek2 specifics that fall out of those rules (docs/gguf-deepseek2.md §6):
 
 - ``output.weight`` -> Q6_K for every K mix (Q8_0 stays Q8_0; Q8_0 if ne0 % block != 0);
 - ``ffn_down``/``ffn_down_exps``/``ffn_down_shexp`` -> Q6_K under Q4_K_M/Q5_K_M on layers where

@@ -2,7 +2,7 @@
 
 Reads ``tokenizer.json`` with the ``tokenizers`` library, never ``AutoTokenizer``: transformers 5.x
 loads DeepSeek's tokenizer with a Metaspace pre-tokenizer, so llama.cpp's pre-tokenizer hash stops
-matching (known-failures #22). ``tokenizer.ggml.pre`` is therefore written directly.
+matching (docs/known-failures.md item 22). ``tokenizer.ggml.pre`` is therefore written directly.
 
 Tokens and types follow llama.cpp ``conversion/base.py::TextModel.get_vocab_base`` /
 ``_set_vocab_gpt2``:

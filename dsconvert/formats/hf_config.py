@@ -1,7 +1,7 @@
 """``config.json`` of DeepSeek checkpoints: read as plain JSON (never ``AutoConfig``, never remote code),
 recognise the model family and its FP8 scheme, and derive the configs dsconvert writes.
 
-Facts: ../shared/reference/deepseek-checkpoint.md sections 3 and 7.
+Facts: docs/checkpoint-layout.md §3 and 7.
 """
 
 from __future__ import annotations

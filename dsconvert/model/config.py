@@ -13,7 +13,7 @@ Anything else raises :class:`~dsconvert.errors.UnsupportedError` (a ``ValueError
 the CLI maps it to exit 3).
 
 Source: deepseek-ai/DeepSeek-V3 ``inference/model.py`` and transformers 5.24
-``models/deepseek_v3/modeling_deepseek_v3.py`` (see docs/reference ``deepseek-checkpoint.md`` §10).
+``models/deepseek_v3/modeling_deepseek_v3.py`` (see docs/checkpoint-layout.md §10).
 """
 
 from __future__ import annotations

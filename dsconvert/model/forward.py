@@ -12,7 +12,7 @@ shared expert 44M + router 1.8M params), 2.2 GiB in dense layers 0-2 (+ the 396M
 168 MiB per routed expert, 1.73 GiB for the BF16 ``lm_head`` (+ 0.44 GiB per fp32 chunk); at
 T = 512 the attention scores take 128 MiB per copy.
 
-Choices (deepseek-checkpoint.md §10): YaRN always on when ``rope_scaling.type == "yarn"``; the
+Choices (docs/checkpoint-layout.md §10): YaRN always on when ``rope_scaling.type == "yarn"``; the
 router bias whenever the checkpoint has one; ``-inf`` group masking; a float32 router; all-position
 logits; the MTP layer (index ``num_hidden_layers``) is never run.
 """

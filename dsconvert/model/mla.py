@@ -1,7 +1,7 @@
 """Multi-head Latent Attention, naive (non-absorbed) form, over a whole sequence.
 
 Source: transformers 5.24 ``DeepseekV3Attention.forward``; DeepSeek ``inference/model.py::MLA``
-(``attn_impl="naive"``). The absorbed form is mathematically equal (deepseek-checkpoint.md §10.5).
+(``attn_impl="naive"``). The absorbed form is mathematically equal (docs/checkpoint-layout.md §10 item 5).
 """
 
 from __future__ import annotations

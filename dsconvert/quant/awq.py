@@ -5,7 +5,7 @@ unchanged), then each output-group's clipping range is searched.
 Source: Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
 Acceleration" (arXiv 2306.00978); AutoAWQ ``awq/quantize/quantizer.py`` (``_search_best_scale``,
 ``_compute_best_scale``, ``_compute_best_clip``) and ``awq/quantize/scale.py`` (``apply_clip``,
-``scale_ln_fcs``, ``scale_fc_fc``); ../shared/reference/int-formats.md §5.
+``scale_ln_fcs``, ``scale_fc_fc``); docs/int-formats.md §5.
 
 Pure tensor code (no file I/O, no module names); runs on the inputs' device in float32. Notation:
 ``W`` is ``(N, K)``, ``x`` is ``(n_tokens, K)``, ``g`` the group length along K.
@@ -184,7 +184,7 @@ def awq_search_clip(
     (AutoAWQ ``_compute_best_clip``).
 
     Tokens are subsampled with step ``max(1, n // n_sample_token)`` (works for any ``n ≥ 0``,
-    known-failures.md item 30). For ``i < int(max_shrink·n_grid)``: ``max_val = max|w_group|·(1 - i/n_grid)``,
+    docs/known-failures.md item 30). For ``i < int(max_shrink·n_grid)``: ``max_val = max|w_group|·(1 - i/n_grid)``,
     weights clamped to ``±max_val`` and pseudo-quantized; the error of group ``j`` is
     ``mean_t (Σ_{c∈j} x_tc (q_c - w_c))²``.
 

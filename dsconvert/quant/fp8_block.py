@@ -1,6 +1,6 @@
 """Block-wise FP8 (e4m3fn) dequantization, exactly as DeepSeek's ``inference/kernel.py::weight_dequant``.
 
-Rule (../shared/reference/deepseek-checkpoint.md section 4)::
+Rule (docs/checkpoint-layout.md §4)::
 
     W_bf16[i, j] = bf16_rne( float32(W_fp8[i, j]) * scale_inv[i // 128, j // 128] )
 

@@ -3,7 +3,7 @@ quantized through the inverse Hessian of the layer's inputs, so ``||X Wᵀ - X �
 
 Source: Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 Transformers" (arXiv 2210.17323), Algorithm 1; AutoGPTQ ``auto_gptq/quantization/gptq.py``
-(``GPTQ.add_batch``, ``GPTQ.fasterquant``); ../shared/reference/int-formats.md §6.
+(``GPTQ.add_batch``, ``GPTQ.fasterquant``); docs/int-formats.md §6.
 
 Pure tensor code (no file I/O); runs wherever its inputs live (CPU or CUDA), in float32.
 
@@ -22,7 +22,7 @@ Deviations from AutoGPTQ ``fasterquant`` (each keeps the result exactly represen
   and no ``g_idx`` is needed. Dynamic act-order groups (AutoGPTQ ``desc_act`` without static groups) would
   need a ``g_idx``, which QTensor does not carry.
 * An all-zero Hessian (a linear that saw no calibration tokens) does not zero the weight (AutoGPTQ does,
-  known-failures.md item 29): there is no information to act on, so the result is plain RTN.
+  docs/known-failures.md item 29): there is no information to act on, so the result is plain RTN.
 * Scale rounding to the storage dtype and the zero-point rules are :mod:`dsconvert.quant.rtn`'s.
 """
 

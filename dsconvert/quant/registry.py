@@ -1,4 +1,4 @@
-"""A small name -> object registry with aliases, shared by schemes and formats (style.md section 2).
+"""A small name -> object registry with aliases, shared by schemes and formats (docs/design.md §2).
 
 Names are normalised before lookup: case, ``_``, ``-`` and spaces are ignored, so
 ``pack_quantized``, ``Pack-Quantized`` and ``packquantized`` are the same key. Registering a name or
