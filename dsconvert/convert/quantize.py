@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..quant.schemes import get_scheme, registered_schemes
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
+from .preflight import check_free_disk, check_output_writable
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
 from .pipeline import (OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order,
                        write_shards)
@@ -154,19 +156,55 @@ def _layer_key(name: str) -> int:
 
 
 class _ModuleCache:
-    """Computes a quantized module once and hands out its tensors one by one (producers run in file order)."""
+    """Computes each quantized module once and hands out its tensors one by one.
+
+    Shards are written by several worker threads at once (``--workers``), each taking its modules in file
+    order, so the cache keeps one entry per module in flight: the first thread to ask computes it, a thread
+    asking for the same module meanwhile waits for that result, and the entry is dropped once every tensor of
+    the module has been taken. (A single "current module" slot was clobbered by the other worker's shard.)
+    """
+
+    class _Entry:
+        def __init__(self):
+            self.ready = threading.Event()
+            self.result: ModuleResult | None = None
+            self.error: BaseException | None = None
+            self.taken: set[str] = set()
 
     def __init__(self, compute: Callable[[str], ModuleResult]):
         self.compute = compute
-        self.current: tuple[str, ModuleResult] | None = None
         self.errors: dict[str, float] = {}
+        self._entries: dict[str, _ModuleCache._Entry] = {}
+        self._lock = threading.Lock()
 
     def take(self, module: str, tensor_name: str) -> torch.Tensor:
-        if self.current is None or self.current[0] != module:
-            res = self.compute(module)
-            self.current = (module, res)
-            self.errors[module] = res.rel_error
-        return self.current[1].tensors[tensor_name]
+        with self._lock:
+            ent = self._entries.get(module)
+            owner = ent is None
+            if owner:
+                ent = self._entries[module] = self._Entry()
+        if owner:
+            try:
+                ent.result = self.compute(module)
+            except BaseException as e:
+                ent.error = e
+                with self._lock:
+                    self._entries.pop(module, None)
+                raise
+            finally:
+                ent.ready.set()
+            with self._lock:
+                self.errors[module] = ent.result.rel_error
+        else:
+            ent.ready.wait()
+            if ent.error is not None:
+                raise ent.error
+        t = ent.result.tensors[tensor_name]
+        with self._lock:
+            ent.taken.add(tensor_name)
+            if ent.taken >= ent.result.tensors.keys():
+                self._entries.pop(module, None)
+        return t
 
 
 def _with_override(name: str, producer, replaced: Callable[[str], torch.Tensor | None], st_dtype: str):
@@ -422,6 +460,11 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         report["warnings"] = [f"--ignore {p!r} matched no quantizable module" for p in plan.ignore_unmatched]
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="the largest module is quantized in float32; raise --max-memory")
+    if out is not None:  # pre-flight, also on --dry-run: before OUT/manifest.json exists
+        check_output_writable(Path(out))
+        report["disk"] = check_free_disk(Path(out), {s.name: s.nbytes for s in plan.shards}, refuse=not dry_run)
+        if "problem" in report["disk"]:
+            report.setdefault("warnings", []).append(report["disk"]["problem"])
     if dry_run:
         return report
     if out is None:
@@ -455,7 +498,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     })
     if engine is not None:
         report["calibration"] = engine.report()
-    full = dict(report, module_errors=cache.errors)
+    full = dict(report, module_errors=dict(sorted(cache.errors.items(), key=lambda kv: _natural_key(kv[0]))))
     write_atomic(out / REPORT_NAME, (json.dumps(full, indent=2, default=str) + "\n").encode())
     decision.manifest.complete = True
     decision.manifest.save(out)
