@@ -128,8 +128,12 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
 
     debug = verbose or os.environ.get("DSCONVERT_DEBUG") == "1"
     try:
+        if report_path is not None:
+            check_writable_file(report_path, "--report")
         with _cancel_on_signals():
             rep = fn()
+        if rep is not None and report_path is not None:
+            report_path.write_text(_dumps(rep) + "\n")
     except cancel.Cancelled as e:
         _interrupted_exit(e.signum or cancel.signum(), json_out)
     except DsconvertError as e:
@@ -167,8 +171,6 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
         raise typer.Exit(EXIT_INTERNAL)
     if rep is None:
         return
-    if report_path is not None:
-        report_path.write_text(_dumps(rep) + "\n")
     if json_out:
         _emit_json(rep)
     elif human is not None:
@@ -176,6 +178,27 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
     code = rep.get("_exit_code") if isinstance(rep, dict) else None
     if code:
         raise typer.Exit(code)
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """Refuse, before any work, a file path the command could not write at the end (a directory, a missing or
+    non-directory parent, no write permission).
+
+    Raises:
+        UsageError: exit 2, naming ``flag`` and ``path``.
+    """
+    from .errors import UsageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory", hint=f"give a file name, e.g. {flag} {path / 'report.json'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: the folder {parent} does not exist", hint="create it first, or give "
+                         "another path")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise UsageError(f"{flag} {path}: not writable", hint="fix the permissions or give another path")
 
 
 def _size(text: str | None) -> int | None:

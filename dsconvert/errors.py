@@ -67,6 +67,13 @@ class OutputExistsError(UsageError):
     """The output path exists and is not a resumable dsconvert output. Exit 2."""
 
 
+class DiskSpaceError(DsconvertError):
+    """The output does not fit on its disk (found at pre-flight, before anything is written). Exit 1, the code
+    of I/O errors such as a full disk (README exit-code table)."""
+
+    exit_code = EXIT_INTERNAL
+
+
 class ValidationFailed(DsconvertError):
     """Validation ran and the metrics are outside their thresholds. Exit 4."""
 

@@ -30,6 +30,7 @@ from ..formats.safetensors_io import dtype_size
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
+from .preflight import check_free_disk, check_output_writable
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
 from .pipeline import (OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order,
                        write_shards)
@@ -205,6 +206,11 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     })
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="lower --workers (each shard in flight holds a few 32 MiB chunks)")
+    if out is not None:  # pre-flight, also on --dry-run: before OUT/manifest.json exists
+        check_output_writable(Path(out))
+        report["disk"] = check_free_disk(Path(out), {s.name: s.nbytes for s in plan.shards}, refuse=not dry_run)
+        if "problem" in report["disk"]:
+            report.setdefault("warnings", []).append(report["disk"]["problem"])
     if dry_run:
         report["output"] = {"path": str(out) if out else None}
         return report
@@ -216,7 +222,6 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME,
                                               *plan.files))
-    _check_disk(out, plan, decision.done)
     todo_bytes = sum(s.nbytes for s in plan.shards if s.name not in decision.done)
     written_now: list[str] = []
     if not decision.already_complete:
@@ -279,16 +284,6 @@ def verify_output(out: Path, plan: Plan) -> dict:
     if problems:
         raise RuntimeError(f"{out}: output self-check failed: " + "; ".join(problems))
     return {"ok": True, "tensors": len(got), "shards": len(ck.shards)}
-
-
-def _check_disk(out: Path, plan: Plan, done: set[str]) -> None:
-    import shutil
-
-    need = sum(s.nbytes for s in plan.shards if s.name not in done)
-    free = shutil.disk_usage(out).free
-    if need > free:
-        raise BadInputError(f"{out}: needs {need / 1e9:.2f} GB of free disk, {free / 1e9:.2f} GB available",
-                            hint="free space or choose another -o")
 
 
 def estimate_seconds(nbytes: int, gbps: float = 0.5) -> float:

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -62,6 +61,7 @@ from ..units import bytes_fields
 from .fp8_to_bf16 import resolve_device
 from .pipeline import check_max_memory, dequant_producer
 from . import cancel
+from .preflight import check_free_disk, check_output_writable
 from .manifest import Manifest, check_paths, commit_tmp, fingerprint, source_fingerprint_parts, write_atomic
 from .progress import ByteProgress
 
@@ -829,6 +829,11 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     })
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="the plan needs one chunk plus one kv_b_proj in memory; raise --max-memory")
+    if output is not None:  # pre-flight, also on --dry-run: before the manifest exists
+        check_output_writable(output)
+        report["disk"] = check_free_disk(output.parent, {f.path.name: f.size for f in plan.files}, refuse=not dry_run)
+        if "problem" in report["disk"]:
+            report.setdefault("warnings", []).append(report["disk"]["problem"])
     if dry_run:
         report["output"] = {"path": str(output) if output else None}
         return report
@@ -837,11 +842,6 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     output.parent.mkdir(parents=True, exist_ok=True)
     decision = prepare_output(output, plan.files, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume)
     todo = [f for f in plan.files if f.name not in decision.done]
-    need = sum(f.size for f in todo)
-    free = shutil.disk_usage(output.parent).free
-    if need > free:
-        raise BadInputError(f"{output.parent}: needs {need / 1e9:.2f} GB of free disk, {free / 1e9:.2f} GB available",
-                            hint="free space or choose another -o")
     written = []
     partial: dict[str, int] = {}  # file -> tensors kept from an interrupted .tmp
     n_layer = int(ck.config["num_hidden_layers"])
