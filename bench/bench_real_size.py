@@ -71,6 +71,12 @@ def run(argv: list[str], cap: float) -> dict:
     return {"wall": time.perf_counter() - t, "peak": peak, "rc": p.returncode, "capped": capped, "stderr": err}
 
 
+def remove(path: Path) -> None:
+    """Delete ``path`` and its siblings named ``path.*`` (resume state and temp files of a capped run)."""
+    for p in [path, *path.parent.glob(path.name + ".*"), *path.parent.glob("." + path.name + "*")]:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def du(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -172,7 +178,7 @@ def main() -> None:
     for name in only:
         argv, produced = plan[name]
         if produced is not None and name != "validate":
-            shutil.rmtree(produced, ignore_errors=True) if produced.is_dir() else produced.unlink(missing_ok=True)
+            remove(produced)
         r = run(argv, args.cap)
         status = "CAPPED" if r["capped"] else ("ok" if r["rc"] == 0 else f"rc={r['rc']}")
         written = du(produced) if produced is not None else 0
@@ -196,12 +202,12 @@ def main() -> None:
         if r["rc"] not in (0, None) and not r["capped"]:
             print("   " + r["stderr"].strip().splitlines()[-1][:200] if r["stderr"].strip() else "   (no stderr)")
         if produced is not None and name != "fp8-to-bf16":
-            shutil.rmtree(produced, ignore_errors=True) if produced.is_dir() else produced.unlink(missing_ok=True)
+            remove(produced)
     print("'vs floor' = wall / (read all input + write the output durably at this run's rates); 'release h' = "
           "688.6 GB at this command's source bytes/s ('+': capped, a lower bound); 'vs llama' = llama.cpp's "
           "seconds / ours (>= 1 means we are as fast), same thread count, llama.cpp reading a BF16 GGUF.")
-    shutil.rmtree(bf16, ignore_errors=True)
-    (work / "ref-bf16.gguf").unlink(missing_ok=True)
+    remove(bf16)
+    remove(work / "ref-bf16.gguf")
 
 
 if __name__ == "__main__":
