@@ -62,7 +62,6 @@ from ..model.config import ModelConfig
 from ..model.layers import rms_norm
 from ..model.mla import mla_attention
 from ..model.moe import route
-from ..model.rope import rope_cos_sin
 from ..model.source import WeightSource
 from ..quant.awq import (
     apply_clip,
@@ -87,6 +86,9 @@ EXPERT_POLICIES = ("all-tokens", "rtn")
 
 #: Default minimum routed tokens for an expert to be calibrated on its own tokens.
 MIN_EXPERT_TOKENS = 16
+
+#: Experts per progress stage line ("calibrating experts 64-95").
+PROGRESS_EXPERTS = 32
 
 #: Tokens (at most) used for the per-linear output-error statistic of AWQ.
 STAT_TOKENS = 512
@@ -137,8 +139,9 @@ class LayerResult:
 
 
 class _LayerSource:
-    """A WeightSource over ``inner`` that caches the tensors of one layer (dropped by :meth:`reset`) and
-    serves ``overrides`` (dequantized QTensors, folded tensors) instead of the inner tensors."""
+    """A WeightSource over ``inner`` that caches the non-expert tensors of one layer (dropped by :meth:`reset`)
+    and serves ``overrides`` (dequantized QTensors, folded tensors) instead of the inner tensors. Routed
+    experts' weights are not cached: a MoE layer's experts are read when used, one at a time."""
 
     def __init__(self, inner: WeightSource):
         self.inner = inner
@@ -160,7 +163,8 @@ class _LayerSource:
         t = self._cache.get(name)
         if t is None:
             t = self.inner.get(name)
-            if name.startswith("model.layers."):
+            if name.startswith("model.layers.") and ".mlp.experts." not in name:
+                # routed experts are fetched when needed, never all held (256 x 3 matrices per layer)
                 self._cache[name] = t
         return t
 
@@ -183,7 +187,7 @@ class CalibrationEngine:
         min_expert_tokens: experts routed fewer tokens use ``expert_policy``.
         expert_policy: ``"all-tokens"`` (calibrate on every token of the layer) or ``"rtn"``.
         progress: called as ``progress(layer_idx, stage)`` with stage ``capture``, ``search``,
-            ``quantize``, ``propagate``.
+            ``calibrating experts A-B`` (MoE layers, every :data:`PROGRESS_EXPERTS` experts), ``propagate``.
         device: where the kernels run (Hessians, GPTQ, AWQ searches); default CPU.
         keep_folded: fill :attr:`LayerResult.folded` (AWQ; memory: one layer of float32 linears).
 
@@ -252,6 +256,24 @@ class CalibrationEngine:
         tensor per calibration sequence."""
         return self._hidden
 
+    def restore(self, hidden: Sequence[torch.Tensor], next_layer: int) -> None:
+        """Resume from a saved residual stream: ``hidden`` is :attr:`hidden_states` as it was after layer
+        ``next_layer - 1`` (one ``(T_s, hidden)`` tensor per calibration sequence, any float dtype).
+
+        Raises:
+            UsageError: the sequence count or shapes differ from this engine's calibration set, or
+                ``next_layer`` is outside ``0..num_layers``.
+        """
+        if len(hidden) != len(self._hidden) or any(tuple(h.shape) != tuple(o.shape)
+                                                   for h, o in zip(hidden, self._hidden)):
+            raise UsageError("saved calibration state does not match the calibration sequences",
+                             hint="rerun without resuming (--overwrite)")
+        if not 0 <= next_layer <= self.num_layers:
+            raise UsageError(f"saved calibration state names layer {next_layer}, outside 0..{self.num_layers}")
+        dtype = self._hidden[0].dtype
+        self._hidden = [h.to(dtype) for h in hidden]
+        self.next_layer = next_layer
+
     @property
     def num_tokens(self) -> int:
         return sum(int(p.numel()) for p in self._positions)
@@ -283,14 +305,14 @@ class CalibrationEngine:
         self._src.reset()
         lay = _Layer(self, layer_idx)
         try:
-            self._report(layer_idx, "capture")
+            self.report_stage(layer_idx, "capture")
             lay.capture()
-            self._report(layer_idx, "search")
+            self.report_stage(layer_idx, "search")
             if self.method == "awq":
                 lay.awq()
             else:
                 lay.gptq()
-            self._report(layer_idx, "propagate")
+            self.report_stage(layer_idx, "propagate")
             self._src.overrides = lay.overrides()
             self._hidden = [self.model.layer_forward(layer_idx, h, p)
                             for h, p in zip(self._hidden, self._positions)]
@@ -305,7 +327,8 @@ class CalibrationEngine:
         self.next_layer += 1
         return result
 
-    def _report(self, layer_idx: int, stage: str) -> None:
+    def report_stage(self, layer_idx: int, stage: str) -> None:
+        """Pass ``stage`` of layer ``layer_idx`` to the ``progress`` callback (if any)."""
         if self.progress is not None:
             self.progress(layer_idx, stage)
 
@@ -422,6 +445,14 @@ class _Layer:
                 pol = self.eng.expert_policy
             self.stats["experts"][e] = {"tokens_routed": n, "policy": pol}
 
+    def report_experts(self, module: str) -> None:
+        """Name the stage when ``module`` opens a new block of :data:`PROGRESS_EXPERTS` routed experts."""
+        e = self._expert_of(module)
+        if e is None or e % PROGRESS_EXPERTS or not module.endswith(".gate_proj"):
+            return
+        last = min(e + PROGRESS_EXPERTS, self.cfg.n_routed_experts) - 1
+        self.eng.report_stage(self.idx, f"calibrating experts {e}-{last}")
+
     def _expert_of(self, module: str) -> int | None:
         m = _EXPERT.search(module)
         return int(m.group(1)) if m else None
@@ -486,6 +517,7 @@ class _Layer:
             self._smooth(f"{m}.up_proj", "linear", [f"{m}.down_proj"], None)
         # clip, then RTN of the clipped folded weights
         for n in self.linears:
+            self.report_experts(n)
             spec = self.specs[n]
             w = self.w(n)
             if self.eng.keep_folded:
@@ -567,7 +599,7 @@ class _Layer:
 
         outs = []
         for x, pos in zip(self.attn_in, eng._positions):
-            cos, sin = rope_cos_sin(model._inv_freq, pos, model._attn_factor)
+            cos, sin = model.rope(pos)
             outs.append(mla_attention(cfg, x.to(model.dtype), pos, cos, sin, model.softmax_scale, get,
                                       f"{self.p}.self_attn").to(torch.float32))
         return torch.cat(outs)
@@ -596,6 +628,7 @@ class _Layer:
         eng = self.eng
         h_cache: tuple | None = None  # (input tensor, H): gate/up and q_a/kv_a share one Hessian
         for n in self.linears:
+            self.report_experts(n)
             spec = self.specs[n]
             if spec is None:
                 continue
