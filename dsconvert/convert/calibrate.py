@@ -697,3 +697,63 @@ def _rel_mse(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
     num = float((ref - x64 @ w_hat.to(x64.device, torch.float64).T).pow(2).sum())
     den = float(ref.pow(2).sum())
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, act_bytes: int = 4,
+                        weight_bytes: int = 2) -> int:
+    """Estimated peak memory (bytes, on top of the interpreter) of :meth:`CalibrationEngine.run_layer` over
+    every decoder layer kind of ``cfg``, for ``n_tokens`` calibration tokens in total. The terms follow the
+    engine's memory notes: the residual stream twice (old and new, ``act_bytes`` per value), the cached
+    activations (attention input, q_b/kv_b/o_proj inputs, MLP input, every routed expert's ``down_proj``
+    input: ``top_k`` rows per token), the layer's non-expert weights as the source returns them
+    (``weight_bytes``), one layer's results (int8 levels, one byte per weight), and the kernel's working
+    set: GPTQ one Hessian group and its Cholesky temporaries (about five ``(K, K)`` float32) plus the linear
+    in float32; AWQ two float32 copies (source and candidate, or source and folded) of every gate/up weight the MLP mapping
+    searches at once (for a MoE layer: all experts).
+
+    Returns:
+        bytes (int).
+    """
+    T, H = int(n_tokens), cfg.hidden_size
+    heads = cfg.num_attention_heads
+    q_in = cfg.q_lora_rank or 0
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    attn_shapes = ([(cfg.q_lora_rank, H), (heads * qk, cfg.q_lora_rank)] if cfg.q_lora_rank
+                   else [(heads * qk, H)])
+    attn_shapes += [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, H),
+                    (heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+                    (H, heads * cfg.v_head_dim)]
+    attn_params = sum(m * n for m, n in attn_shapes)
+    o_in = heads * cfg.v_head_dim
+    attn_acts = act_bytes * T * (2 * H + q_in + cfg.kv_lora_rank + o_in)  # attn_in twice (list + cat)
+    resid = 2 * act_bytes * T * H
+
+    def kernel(shapes: list[tuple[int, int]]) -> int:
+        if method == "gptq":
+            return max(4 * (5 * n * n + 3 * m * n) for m, n in shapes)
+        return max(4 * 3 * m * n for m, n in shapes)
+
+    peaks = []
+    kinds = {cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)}
+    for moe in kinds:
+        if moe:
+            E, I, k = cfg.n_routed_experts or 0, cfg.moe_intermediate_size, cfg.num_experts_per_tok or 0
+            Is = I * (cfg.n_shared_experts or 0)
+            mlp_shapes = [(I, H)] * 2 + [(H, I)]
+            mlp_params = E * 3 * I * H + 3 * Is * H
+            mlp_acts = act_bytes * T * (H + k * I + Is)
+            dense_params = attn_params + 3 * Is * H + (E * H)
+            awq_mlp = 2 * 4 * 2 * (E * I + Is) * H  # every gate/up at once: float copy + candidate (or folded)
+        else:
+            I = cfg.intermediate_size
+            mlp_shapes = [(I, H)] * 2 + [(H, I)]
+            mlp_params = 3 * I * H
+            mlp_acts = act_bytes * T * (H + I)
+            dense_params = attn_params + mlp_params
+            awq_mlp = 2 * 4 * 2 * I * H
+        work = kernel(attn_shapes + mlp_shapes)
+        if method == "awq":
+            work = max(work, awq_mlp)
+        results = attn_params + mlp_params  # int8 levels
+        peaks.append(resid + attn_acts + mlp_acts + weight_bytes * dense_params + results + work)
+    return max(peaks) if peaks else 0

@@ -99,6 +99,13 @@ class CalibratedRun:
         print(f"layer {layer_idx + 1}/{self.n_layers if hasattr(self, 'n_layers') else '?'}: {stage}",
               file=sys.stderr, flush=True)
 
+    def peak_memory_estimate(self) -> int:
+        """Memory (bytes) calibration adds to the quantize pipeline's own peak:
+        :func:`~dsconvert.convert.calibrate.estimate_peak_bytes` for this checkpoint and calibration set."""
+        from .calibrate import estimate_peak_bytes
+
+        return estimate_peak_bytes(self.engine.cfg, self.method, self.engine.num_tokens)
+
     # -- pipeline hooks -----------------------------------------------------------------------------------
     def compute(self, module: str):
         from .quantize import ModuleResult, _read_float, _rel_error
