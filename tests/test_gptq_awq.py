@@ -526,3 +526,29 @@ def test_rss_flat_across_layers(tmp_path_factory):
     print("\nRSS after each layer (MiB):", [round(r / 2**20, 1) for r in rss])
     # allocator noise is about +-5 MB here; a per-layer leak of >= 2 MB adds up to more over 6 layers
     assert growth < per_layer_work, [r / 2**20 for r in rss]
+
+
+def test_engine_names_expert_stages_and_restores_state(tiny_calib):
+    """Progress names the expert blocks of a MoE layer; restore() resumes from a saved residual stream and
+    gives the same next layer as running through."""
+    src = tiny_calib["src"]
+    cfg = src.config
+    stages = []
+    seqs = [[0, 5, 9, 3, 7, 11], [2, 4, 6, 8]]
+    eng = CalibrationEngine(src, engine_policy, "gptq", GPTQ, seqs, progress=lambda i, s: stages.append((i, s)))
+    moe = cfg["first_k_dense_replace"]
+    for i in range(moe + 1):
+        r = eng.run_layer(i)
+    last = min(32, cfg["n_routed_experts"]) - 1
+    assert (moe, f"calibrating experts 0-{last}") in stages
+    assert [s for i, s in stages if i == 0][0] == "capture" and stages[-1] == (moe, "propagate")
+    saved = [h.clone() for h in eng.hidden_states]
+    other = CalibrationEngine(src, engine_policy, "gptq", GPTQ, seqs)
+    other.restore(saved, moe + 1)
+    assert other.next_layer == moe + 1
+    if moe + 1 < eng.num_layers:
+        a, b = eng.run_layer(moe + 1), other.run_layer(moe + 1)
+        for n, qt in a.quantized.items():
+            assert torch.equal(dequantize(qt), dequantize(b.quantized[n])), n
+    with pytest.raises(UsageError):
+        other.restore(saved[:1], 1)

@@ -161,3 +161,28 @@ def test_experts_without_tokens_get_the_stated_policy(tmp_path):
     s = CheckpointWeightSource(tmp_path / "out")
     for e in range(8):
         assert s.get(f"model.layers.1.mlp.experts.{e}.down_proj.weight").abs().sum() > 0
+
+
+def test_calibrated_dry_run_estimates_activations_and_max_memory_refuses(src, tmp_path):
+    """--dry-run of a calibrated run counts the calibration activations (more tokens, more memory; above the RTN
+    plan) and --max-memory below that estimate exits 2 before anything is written."""
+    from dsconvert.convert.calibrate import estimate_peak_bytes
+    from dsconvert.model.config import ModelConfig
+
+    def peak(*args) -> int:
+        r = run_cli("quantize", str(src), "--dry-run", "--json", "-q", "--group-size", "32", *args)
+        assert r.rc == 0, r
+        return r.json()["plan"]["peak_memory_estimate"]["bytes"]
+
+    rtn = peak()
+    small = peak("--gptq", "--num-samples", "2", "--seq-len", "64")
+    big = peak("--gptq", "--num-samples", "8", "--seq-len", "128")
+    cfg = ModelConfig.from_hf(json.loads((src / "config.json").read_text()))
+    # the growth is the activation terms of the engine's estimate, 2 x 64 -> 8 x 128 tokens
+    assert big - small == estimate_peak_bytes(cfg, "gptq", 1024) - estimate_peak_bytes(cfg, "gptq", 128) > 0
+    assert small > rtn - 1
+    out = tmp_path / "o"
+    r = run_cli("quantize", str(src), "-o", str(out), "--gptq", "--group-size", "32", "--num-samples", "8", "--seq-len", "128",
+                "--max-memory", str(big - 2**20), "-q")
+    assert r.rc == 2, r
+    assert "max-memory" in r.stderr and not out.exists()

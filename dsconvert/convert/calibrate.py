@@ -62,7 +62,6 @@ from ..model.config import ModelConfig
 from ..model.layers import rms_norm
 from ..model.mla import mla_attention
 from ..model.moe import route
-from ..model.rope import rope_cos_sin
 from ..model.source import WeightSource
 from ..quant.awq import (
     apply_clip,
@@ -87,6 +86,9 @@ EXPERT_POLICIES = ("all-tokens", "rtn")
 
 #: Default minimum routed tokens for an expert to be calibrated on its own tokens.
 MIN_EXPERT_TOKENS = 16
+
+#: Experts per progress stage line ("calibrating experts 64-95").
+PROGRESS_EXPERTS = 32
 
 #: Tokens (at most) used for the per-linear output-error statistic of AWQ.
 STAT_TOKENS = 512
@@ -137,8 +139,9 @@ class LayerResult:
 
 
 class _LayerSource:
-    """A WeightSource over ``inner`` that caches the tensors of one layer (dropped by :meth:`reset`) and
-    serves ``overrides`` (dequantized QTensors, folded tensors) instead of the inner tensors."""
+    """A WeightSource over ``inner`` that caches the non-expert tensors of one layer (dropped by :meth:`reset`)
+    and serves ``overrides`` (dequantized QTensors, folded tensors) instead of the inner tensors. Routed
+    experts' weights are not cached: a MoE layer's experts are read when used, one at a time."""
 
     def __init__(self, inner: WeightSource):
         self.inner = inner
@@ -160,7 +163,8 @@ class _LayerSource:
         t = self._cache.get(name)
         if t is None:
             t = self.inner.get(name)
-            if name.startswith("model.layers."):
+            if name.startswith("model.layers.") and ".mlp.experts." not in name:
+                # routed experts are fetched when needed, never all held (256 x 3 matrices per layer)
                 self._cache[name] = t
         return t
 
@@ -183,7 +187,7 @@ class CalibrationEngine:
         min_expert_tokens: experts routed fewer tokens use ``expert_policy``.
         expert_policy: ``"all-tokens"`` (calibrate on every token of the layer) or ``"rtn"``.
         progress: called as ``progress(layer_idx, stage)`` with stage ``capture``, ``search``,
-            ``quantize``, ``propagate``.
+            ``calibrating experts A-B`` (MoE layers, every :data:`PROGRESS_EXPERTS` experts), ``propagate``.
         device: where the kernels run (Hessians, GPTQ, AWQ searches); default CPU.
         keep_folded: fill :attr:`LayerResult.folded` (AWQ; memory: one layer of float32 linears).
 
@@ -252,6 +256,24 @@ class CalibrationEngine:
         tensor per calibration sequence."""
         return self._hidden
 
+    def restore(self, hidden: Sequence[torch.Tensor], next_layer: int) -> None:
+        """Resume from a saved residual stream: ``hidden`` is :attr:`hidden_states` as it was after layer
+        ``next_layer - 1`` (one ``(T_s, hidden)`` tensor per calibration sequence, any float dtype).
+
+        Raises:
+            UsageError: the sequence count or shapes differ from this engine's calibration set, or
+                ``next_layer`` is outside ``0..num_layers``.
+        """
+        if len(hidden) != len(self._hidden) or any(tuple(h.shape) != tuple(o.shape)
+                                                   for h, o in zip(hidden, self._hidden)):
+            raise UsageError("saved calibration state does not match the calibration sequences",
+                             hint="rerun without resuming (--overwrite)")
+        if not 0 <= next_layer <= self.num_layers:
+            raise UsageError(f"saved calibration state names layer {next_layer}, outside 0..{self.num_layers}")
+        dtype = self._hidden[0].dtype
+        self._hidden = [h.to(dtype) for h in hidden]
+        self.next_layer = next_layer
+
     @property
     def num_tokens(self) -> int:
         return sum(int(p.numel()) for p in self._positions)
@@ -283,14 +305,14 @@ class CalibrationEngine:
         self._src.reset()
         lay = _Layer(self, layer_idx)
         try:
-            self._report(layer_idx, "capture")
+            self.report_stage(layer_idx, "capture")
             lay.capture()
-            self._report(layer_idx, "search")
+            self.report_stage(layer_idx, "search")
             if self.method == "awq":
                 lay.awq()
             else:
                 lay.gptq()
-            self._report(layer_idx, "propagate")
+            self.report_stage(layer_idx, "propagate")
             self._src.overrides = lay.overrides()
             self._hidden = [self.model.layer_forward(layer_idx, h, p)
                             for h, p in zip(self._hidden, self._positions)]
@@ -305,7 +327,8 @@ class CalibrationEngine:
         self.next_layer += 1
         return result
 
-    def _report(self, layer_idx: int, stage: str) -> None:
+    def report_stage(self, layer_idx: int, stage: str) -> None:
+        """Pass ``stage`` of layer ``layer_idx`` to the ``progress`` callback (if any)."""
         if self.progress is not None:
             self.progress(layer_idx, stage)
 
@@ -422,6 +445,14 @@ class _Layer:
                 pol = self.eng.expert_policy
             self.stats["experts"][e] = {"tokens_routed": n, "policy": pol}
 
+    def report_experts(self, module: str) -> None:
+        """Name the stage when ``module`` opens a new block of :data:`PROGRESS_EXPERTS` routed experts."""
+        e = self._expert_of(module)
+        if e is None or e % PROGRESS_EXPERTS or not module.endswith(".gate_proj"):
+            return
+        last = min(e + PROGRESS_EXPERTS, self.cfg.n_routed_experts) - 1
+        self.eng.report_stage(self.idx, f"calibrating experts {e}-{last}")
+
     def _expert_of(self, module: str) -> int | None:
         m = _EXPERT.search(module)
         return int(m.group(1)) if m else None
@@ -486,6 +517,7 @@ class _Layer:
             self._smooth(f"{m}.up_proj", "linear", [f"{m}.down_proj"], None)
         # clip, then RTN of the clipped folded weights
         for n in self.linears:
+            self.report_experts(n)
             spec = self.specs[n]
             w = self.w(n)
             if self.eng.keep_folded:
@@ -567,7 +599,7 @@ class _Layer:
 
         outs = []
         for x, pos in zip(self.attn_in, eng._positions):
-            cos, sin = rope_cos_sin(model._inv_freq, pos, model._attn_factor)
+            cos, sin = model.rope(pos)
             outs.append(mla_attention(cfg, x.to(model.dtype), pos, cos, sin, model.softmax_scale, get,
                                       f"{self.p}.self_attn").to(torch.float32))
         return torch.cat(outs)
@@ -596,6 +628,7 @@ class _Layer:
         eng = self.eng
         h_cache: tuple | None = None  # (input tensor, H): gate/up and q_a/kv_a share one Hessian
         for n in self.linears:
+            self.report_experts(n)
             spec = self.specs[n]
             if spec is None:
                 continue
@@ -664,3 +697,63 @@ def _rel_mse(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
     num = float((ref - x64 @ w_hat.to(x64.device, torch.float64).T).pow(2).sum())
     den = float(ref.pow(2).sum())
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, act_bytes: int = 4,
+                        weight_bytes: int = 2) -> int:
+    """Estimated peak memory (bytes, on top of the interpreter) of :meth:`CalibrationEngine.run_layer` over
+    every decoder layer kind of ``cfg``, for ``n_tokens`` calibration tokens in total. The terms follow the
+    engine's memory notes: the residual stream twice (old and new, ``act_bytes`` per value), the cached
+    activations (attention input, q_b/kv_b/o_proj inputs, MLP input, every routed expert's ``down_proj``
+    input: ``top_k`` rows per token), the layer's non-expert weights as the source returns them
+    (``weight_bytes``), one layer's results (int8 levels, one byte per weight), and the kernel's working
+    set: GPTQ one Hessian group and its Cholesky temporaries (about five ``(K, K)`` float32) plus the linear
+    in float32; AWQ two float32 copies (source and candidate, or source and folded) of every gate/up weight the MLP mapping
+    searches at once (for a MoE layer: all experts).
+
+    Returns:
+        bytes (int).
+    """
+    T, H = int(n_tokens), cfg.hidden_size
+    heads = cfg.num_attention_heads
+    q_in = cfg.q_lora_rank or 0
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    attn_shapes = ([(cfg.q_lora_rank, H), (heads * qk, cfg.q_lora_rank)] if cfg.q_lora_rank
+                   else [(heads * qk, H)])
+    attn_shapes += [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, H),
+                    (heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+                    (H, heads * cfg.v_head_dim)]
+    attn_params = sum(m * n for m, n in attn_shapes)
+    o_in = heads * cfg.v_head_dim
+    attn_acts = act_bytes * T * (2 * H + q_in + cfg.kv_lora_rank + o_in)  # attn_in twice (list + cat)
+    resid = 2 * act_bytes * T * H
+
+    def kernel(shapes: list[tuple[int, int]]) -> int:
+        if method == "gptq":
+            return max(4 * (5 * n * n + 3 * m * n) for m, n in shapes)
+        return max(4 * 3 * m * n for m, n in shapes)
+
+    peaks = []
+    kinds = {cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)}
+    for moe in kinds:
+        if moe:
+            E, I, k = cfg.n_routed_experts or 0, cfg.moe_intermediate_size, cfg.num_experts_per_tok or 0
+            Is = I * (cfg.n_shared_experts or 0)
+            mlp_shapes = [(I, H)] * 2 + [(H, I)]
+            mlp_params = E * 3 * I * H + 3 * Is * H
+            mlp_acts = act_bytes * T * (H + k * I + Is)
+            dense_params = attn_params + 3 * Is * H + (E * H)
+            awq_mlp = 2 * 4 * 2 * (E * I + Is) * H  # every gate/up at once: float copy + candidate (or folded)
+        else:
+            I = cfg.intermediate_size
+            mlp_shapes = [(I, H)] * 2 + [(H, I)]
+            mlp_params = 3 * I * H
+            mlp_acts = act_bytes * T * (H + I)
+            dense_params = attn_params + mlp_params
+            awq_mlp = 2 * 4 * 2 * I * H
+        work = kernel(attn_shapes + mlp_shapes)
+        if method == "awq":
+            work = max(work, awq_mlp)
+        results = attn_params + mlp_params  # int8 levels
+        peaks.append(resid + attn_acts + mlp_acts + weight_bytes * dense_params + results + work)
+    return max(peaks) if peaks else 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -85,13 +86,25 @@ class CalibratedRun:
         self.ids = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len)
         self.engine = CalibrationEngine(CheckpointWeightSource(ck.root, check_values=False),
                                         lambda mod, shape: policy(mod + ".weight", shape), opts.method,
-                                        fmt.convention, self.ids, device=device)
+                                        fmt.convention, self.ids, device=device, progress=self._stage)
         self.n_layers = self.engine.num_layers
         self.layer: int | None = None
         self.result = None
         self.layer_stats: list[dict] = []
         self.mtp_rtn: list[str] = []
         self.out_dir: Path | None = None
+
+    def _stage(self, layer_idx: int, stage: str) -> None:
+        """One plain stderr line per calibration stage ("layer 12/61: calibrating experts 64-95")."""
+        print(f"layer {layer_idx + 1}/{self.n_layers if hasattr(self, 'n_layers') else '?'}: {stage}",
+              file=sys.stderr, flush=True)
+
+    def peak_memory_estimate(self) -> int:
+        """Memory (bytes) calibration adds to the quantize pipeline's own peak:
+        :func:`~dsconvert.convert.calibrate.estimate_peak_bytes` for this checkpoint and calibration set."""
+        from .calibrate import estimate_peak_bytes
+
+        return estimate_peak_bytes(self.engine.cfg, self.method, self.engine.num_tokens)
 
     # -- pipeline hooks -----------------------------------------------------------------------------------
     def compute(self, module: str):
@@ -170,8 +183,7 @@ class CalibratedRun:
         hidden = [hs[f"hidden.{i}"] for i in range(len(hs))]
         if len(hidden) != len(self.engine.hidden_states):
             return
-        self.engine._hidden = [h.to(self.engine.hidden_states[0].dtype) for h in hidden]
-        self.engine.next_layer = next_layer
+        self.engine.restore(hidden, next_layer)
         self.resumed_at = next_layer
 
     def report(self) -> dict:

@@ -445,6 +445,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
 
         compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None)
+    if engine is not None:  # calibration holds activations and a layer's working set, not one module
+        plan.peak_memory += engine.peak_memory_estimate()
     report = base_report(COMMAND)
     report.update({
         "source": {"path": str(src), "family": version_label(ck.config), "format": "fp8-block" if ck.fp8 else "float",
@@ -459,7 +461,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if plan.ignore_unmatched:
         report["warnings"] = [f"--ignore {p!r} matched no quantizable module" for p in plan.ignore_unmatched]
     check_max_memory(plan.peak_memory, opts.max_memory,
-                     hint="the largest module is quantized in float32; raise --max-memory")
+                     hint="the largest module is quantized in float32 (calibrated methods: one layer's "
+                          "activations and working set; lower --num-samples/--seq-len); raise --max-memory")
     if out is not None:  # pre-flight, also on --dry-run: before OUT/manifest.json exists
         check_output_writable(Path(out))
         report["disk"] = check_free_disk(Path(out), {s.name: s.nbytes for s in plan.shards}, refuse=not dry_run)

@@ -98,6 +98,12 @@ class ReferenceModel:
 
     # -- pieces -------------------------------------------------------------------------------
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables for ``positions`` ``(T,)`` int64: ``(cos, sin)`` ``(T, qk_rope_head_dim/2)`` float32, as
+        :meth:`layer_forward` uses them (YaRN attention factor included)."""
+        return rope_cos_sin(self._inv_freq, positions.to(torch.long), self._attn_factor)
+
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """``(T,)`` int64 token ids -> ``(T, hidden)`` in the compute dtype."""
         token_ids = self._check_ids(token_ids)
