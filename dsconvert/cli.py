@@ -132,6 +132,8 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
             check_writable_file(report_path, "--report")
         with _cancel_on_signals():
             rep = fn()
+        # the exit code a finished command asks for is ours, not part of the report
+        code = rep.pop("_exit_code", None) if isinstance(rep, dict) else None
         if rep is not None and report_path is not None:
             report_path.write_text(_dumps(rep) + "\n")
     except cancel.Cancelled as e:
@@ -175,7 +177,6 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
         _emit_json(rep)
     elif human is not None:
         human(rep)
-    code = rep.get("_exit_code") if isinstance(rep, dict) else None
     if code:
         raise typer.Exit(code)
 
@@ -387,6 +388,8 @@ def _validate_after(candidate: Path, reference: Path, quiet: bool) -> dict:
 def _print_validation(rep: dict) -> None:
     m = rep
     verdict = "[green]PASSED[/green]" if m.get("passed") else "[red]FAILED[/red]"
+    for f in m.get("failed_checks", []):
+        err.print(f"[bold red]failed:[/bold red] {f['message']}", markup=True, highlight=False)
     out.print(f"validate: {verdict}  Mean KLD {m['mean_kld']:.3g}  Maximum KLD {m['max_kld']:.3g}  "
               f"99.9% KLD {m['p999_kld']:.3g}  Same top p {100 * m['same_top_p']:.2f}%  RMS Δp "
               f"{100 * m['rms_dp']:.3f}%  PPL {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g}  "

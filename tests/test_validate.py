@@ -545,3 +545,32 @@ def test_forward_many_holds_one_layer_and_reads_each_tensor_once(ck):
     for s, lg in zip(seqs, logits):
         one, _ = val.forward_many(CheckpointWeightSource(ck["fp8"]), [s], torch.float32, return_hidden=False)
         torch.testing.assert_close(one[0], lg, rtol=1e-5, atol=1e-5)
+
+
+# --- the failure contract: which check failed, by how much; thresholds range-checked; no internal keys ---------
+
+def test_failed_checks_name_the_threshold_and_the_margin(ck, down0, tmp_path):
+    rep_path = tmp_path / "rep.json"
+    code, rep = cli("validate", down0, "--reference", ck["fp8"], "--token-ids", ids_arg(IDS),
+                    "--min-top1", "0", "--json", "--report", str(rep_path))
+    assert code == 4 and rep["passed"] is False
+    assert [f["check"] for f in rep["failed_checks"]] == ["mean_kld"]  # top-1 bound 0 cannot fail
+    f = rep["failed_checks"][0]
+    assert f["value"] == rep["mean_kld"] and f["threshold"] == 0.01
+    assert f"over by {rep['mean_kld'] - 0.01:.4g}" in f["message"]
+    assert "_exit_code" not in rep and "_exit_code" not in json.loads(rep_path.read_text())
+    r = subprocess_cli("validate", str(down0), "--reference", str(ck["fp8"]), "--token-ids", ids_arg(IDS))
+    assert r.returncode == 4 and "failed: Mean KLD" in r.stderr and "--max-kld 0.01" in r.stderr
+
+
+def test_passing_validation_has_no_failed_checks(ck):
+    code, rep = cli("validate", ck["bf16"], "--reference", ck["fp8"], "--token-ids", ids_arg(IDS), "--json")
+    assert code == 0 and rep["passed"] is True and rep["failed_checks"] == []
+
+
+@pytest.mark.parametrize("flag,value", [("--max-kld", "-1"), ("--max-kld", "nan"), ("--min-top1", "97"),
+                                        ("--min-top1", "-0.1")])
+def test_thresholds_out_of_range_are_usage_errors(ck, flag, value):
+    code, rep = cli("validate", ck["bf16"], "--reference", ck["fp8"], "--token-ids", ids_arg(IDS), flag, value,
+                    "--json")
+    assert code == 2 and flag in rep["message"], rep

@@ -191,14 +191,55 @@ def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: 
     return rep
 
 
+def check_thresholds(opts: "ValidateOptions") -> None:
+    """Refuse thresholds that cannot mean what the user wants, before any forward pass.
+
+    Raises:
+        UsageError (exit 2): ``max_kld`` negative or not finite (a KLD is >= 0, so a negative bound fails a
+            perfect conversion); ``min_top1`` outside [0, 1] (a fraction, not a percentage).
+    """
+    import math
+
+    from ..errors import UsageError
+
+    if not (math.isfinite(opts.max_kld) and opts.max_kld >= 0):
+        raise UsageError(f"--max-kld {opts.max_kld}: a Mean KLD bound must be a finite number >= 0",
+                         hint="e.g. --max-kld 0.01 for a near-lossless conversion, 0.5 for a 4-bit one")
+    if not (0.0 <= opts.min_top1 <= 1.0):
+        raise UsageError(f"--min-top1 {opts.min_top1}: Same top p is a fraction in [0, 1]",
+                         hint="e.g. --min-top1 0.97 (97 %), not 97")
+
+
+def failed_checks(mean_kld: float, same_top_p: float, nonfinite: bool, opts: "ValidateOptions") -> list[dict]:
+    """The checks a validation failed, each ``{"check", "value", "threshold", "message"}``, in a fixed order
+    (non-finite logits, Mean KLD, Same top p); empty when it passed."""
+    out = []
+    if nonfinite:
+        out.append({"check": "finite_logits", "value": False, "threshold": True,
+                    "message": "non-finite logits (NaN or inf) in the reference or the candidate"})
+    if not mean_kld <= opts.max_kld:
+        out.append({"check": "mean_kld", "value": mean_kld, "threshold": opts.max_kld,
+                    "message": f"Mean KLD {mean_kld:.4g} > --max-kld {opts.max_kld:g} "
+                               f"(over by {mean_kld - opts.max_kld:.4g})"})
+    if not same_top_p >= opts.min_top1:
+        out.append({"check": "same_top_p", "value": same_top_p, "threshold": opts.min_top1,
+                    "message": f"Same top p {100 * same_top_p:.2f}% < --min-top1 {100 * opts.min_top1:.2f}% "
+                               f"(short by {100 * (opts.min_top1 - same_top_p):.2f} points)"})
+    return out
+
+
 def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, progress: bool | None = None) -> dict:
     """Compare ``candidate`` against ``reference`` through the reference forward; returns the report with
     ``passed`` set. The caller maps ``passed == False`` to exit code 4.
 
+    ``failed_checks`` names each failed threshold and by how much.
+
     Raises:
+        UsageError: thresholds out of range (:func:`check_thresholds`).
         BadInputError: either checkpoint is unreadable, or they disagree on vocabulary / layer count.
     """
     t0 = time.perf_counter()
+    check_thresholds(opts)
     dtype = _dtype(opts.dtype)
     ref_src = CheckpointWeightSource(reference)
     cand_src = weight_source(candidate)
@@ -222,7 +263,8 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         layers.append(errs)
     first_div, largest_jump = _localize([r["rel_error"] for r in layers])
     nonfinite = not (metrics["cand_nonfinite"]["ok"] and metrics["ref_nonfinite"]["ok"])
-    passed = (not nonfinite and metrics["mean_kld"] <= opts.max_kld and metrics["same_top_p"] >= opts.min_top1)
+    failed = failed_checks(metrics["mean_kld"], metrics["same_top_p"], nonfinite, opts)
+    passed = not failed
     rep = base_report("validate")
     rep.update({
         "candidate": str(candidate), "reference": str(reference),
@@ -236,6 +278,7 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         "largest_error_jump_layer": largest_jump,
         "thresholds": {"max_kld": opts.max_kld, "min_top1": opts.min_top1},
         "passed": passed,
+        "failed_checks": failed,
         "seconds": round(time.perf_counter() - t0, 3),
         "peak_rss": peak_rss_bytes(),
     })
