@@ -404,6 +404,23 @@ def test_output_matches_independent_oracle(cid, outputs, src, src_tensors, oracl
 
 
 @pytest.mark.parametrize("cid", list(CONFIGS))
+def test_gptq_writes_quantize_config_json(cid, outputs):
+    """AutoGPTQ-style loaders read ``quantize_config.json``: GPTQ outputs carry it (the same keys as the
+    config.json entry, with ``bits``/``group_size``/``sym``/``desc_act`` as AutoGPTQ spells them); others do not."""
+    out, _ = outputs[cid]
+    _, scheme, g, conv, ckfmt = CONFIGS[cid]
+    path = out / "quantize_config.json"
+    if conv != "gptq":
+        assert not path.exists()
+        return
+    qc = json.loads(path.read_text())
+    bits, sym = SCHEMES[scheme]
+    assert qc == json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["checkpoint_format"]) == (bits, g, sym, False,
+                                                                                                   ckfmt)
+
+
+@pytest.mark.parametrize("cid", list(CONFIGS))
 def test_config_json(cid, outputs, src):
     out, rep = outputs[cid]
     _, scheme, g, conv, ckfmt = CONFIGS[cid]

@@ -476,7 +476,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     fp = fingerprint({"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]),
                       "options": opts.fingerprinted(), "command": COMMAND})
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
-                              owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files))
+                              owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files,
+                                              *fmt.sidecar_files(plan.config["quantization_config"])))
     from .calibrated import STATE_NAME
     if engine is not None:
         engine.resume(out, decision.done, plan.shards)
@@ -488,6 +489,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
                                        workers=1 if engine is not None else opts.workers)
         write_atomic(out / INDEX_NAME, (json.dumps(_index(plan.shards), indent=2) + "\n").encode())
         write_atomic(out / "config.json", dump_config(plan.config))
+        for name, doc in fmt.sidecar_files(plan.config["quantization_config"]).items():
+            write_atomic(out / name, (json.dumps(doc, indent=2) + "\n").encode())
         copy_files(src, out, plan.files)
     seconds = time.perf_counter() - t0
     report.update({

@@ -137,6 +137,11 @@ class GPTQFormat(IntFormat):
             cfg["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in ignore}
         return cfg
 
+    def sidecar_files(self, quantization_config: dict) -> dict[str, dict]:
+        """``quantize_config.json``: the same keys as ``quantization_config``. AutoGPTQ-style loaders (and
+        vLLM's fallback) read this file instead of the config.json entry."""
+        return {"quantize_config.json": dict(quantization_config)}
+
     @classmethod
     def detect(cls, quantization_config: dict) -> bool:
         qc = quantization_config or {}

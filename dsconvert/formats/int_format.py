@@ -85,6 +85,10 @@ class IntFormat(ABC):
             UsageError: it cannot, with a message naming the limit and a hint (e.g. AWQ is 4-bit only).
         """
 
+    def sidecar_files(self, quantization_config: dict) -> dict[str, dict]:
+        """JSON files this format writes beside ``config.json`` (file name -> content); none by default."""
+        return {}
+
     # --- names and plan (shapes only) -------------------------------------------------------
     @abstractmethod
     def tensor_names(self, prefix: str, spec: QuantSpec | None = None) -> list[str]:
