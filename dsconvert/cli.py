@@ -449,6 +449,7 @@ def logits_cmd(
     text: Annotated[Optional[str], typer.Option("--text", help="text, tokenized with SRC's tokenizer.json")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="where to write the .npy")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -458,7 +459,7 @@ def logits_cmd(
         out.print(f"logits {rep['shape']} ({rep['dtype']}) -> {rep['output'] or '(not saved; use -o)'}; "
                   f"top-1 ids {rep['top1'][:16]}")
 
-    _run(lambda: run_logits(src, _ids(token_ids), text, dtype, output), json_out=json_out, verbose=verbose,
+    _run(lambda: run_logits(src, _ids(token_ids), text, dtype, output, overwrite), json_out=json_out, verbose=verbose,
          human=human)
 
 

@@ -574,3 +574,15 @@ def test_thresholds_out_of_range_are_usage_errors(ck, flag, value):
     code, rep = cli("validate", ck["bf16"], "--reference", ck["fp8"], "--token-ids", ids_arg(IDS), flag, value,
                     "--json")
     assert code == 2 and flag in rep["message"], rep
+
+
+def test_logits_refuses_to_overwrite_without_flag(ck, tmp_path):
+    dst = tmp_path / "x.npy"
+    dst.write_bytes(b"precious")
+    code, rep = cli("logits", ck["fp8"], "--token-ids", ids_arg(IDS), "-o", dst, "--json")
+    assert code == 2 and "--overwrite" in rep["hint"]
+    assert dst.read_bytes() == b"precious"
+    code, rep = cli("logits", ck["fp8"], "--token-ids", ids_arg(IDS), "-o", dst, "--overwrite", "--json")
+    assert code == 0
+    assert np.load(dst).shape == (len(IDS), rep["shape"][1])
+    assert not list(tmp_path.glob("*.tmp"))

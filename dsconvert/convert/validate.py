@@ -165,10 +165,21 @@ def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hi
     return logits, hidden
 
 
-def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: str, out: Path | None) -> dict:
+def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: str, out: Path | None,
+               overwrite: bool = False) -> dict:
     """``dsconvert logits``: float32 ``[tokens, vocab]`` logits of the reference forward, saved as .npy.
-    ``src`` is a checkpoint directory or a ``.gguf`` file (or the first file of a split set)."""
+    ``src`` is a checkpoint directory or a ``.gguf`` file (or the first file of a split set).
+
+    Raises:
+        OutputExistsError (exit 2): ``out`` exists and ``overwrite`` is not set (checked before the forward).
+        UsageError (exit 2): ids and text both or neither given, ids outside the vocabulary.
+    """
+    from ..errors import OutputExistsError
+    from .manifest import write_atomic
+
     t0 = time.perf_counter()
+    if out is not None and Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"-o {out}: the file exists", hint="add --overwrite to replace it, or choose another -o")
     if (token_ids is None) == (text is None):
         raise UsageError("give exactly one of --token-ids and --text")
     if text is not None and str(src).endswith(".gguf"):
@@ -182,9 +193,12 @@ def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: 
     arr = logits[0].float().numpy()
     rep = base_report("logits")
     if out is not None:
+        import io
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "wb") as f:
-            np.save(f, arr)
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        write_atomic(out, buf.getvalue())
     rep.update({"source": str(src), "tokens": len(ids), "token_ids": ids, "shape": list(arr.shape),
                 "dtype": dtype, "output": str(out) if out else None,
                 "top1": arr.argmax(-1).tolist(), "seconds": round(time.perf_counter() - t0, 3)})
