@@ -38,8 +38,15 @@ err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 
 # Reusable option spellings (one place for names and help texts).
-SrcArg = Annotated[Path, typer.Argument(help="checkpoint directory (HF layout; HF-cache snapshot paths work)",
-                                        show_default=False)]
+def _hf_cache(path: Optional[Path]) -> Optional[Path]:
+    """Typer callback: a Hugging Face cache repo folder resolves to the snapshot ``refs/main`` names."""
+    from .formats.checkpoint import resolve_hf_cache
+
+    return None if path is None else resolve_hf_cache(path)
+
+
+SrcArg = Annotated[Path, typer.Argument(help="checkpoint directory (HF layout; HF-cache repo and snapshot paths work)",
+                                        show_default=False, callback=_hf_cache)]
 OutOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="output directory")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print only the final JSON report on stdout")]
 DryOpt = Annotated[bool, typer.Option("--dry-run", help="print the plan (sizes, memory) and write nothing")]
@@ -467,8 +474,9 @@ def logits_cmd(
                               "forward pass (Mean KLD, top-1 agreement, PPL, per-layer error). Exit 4 if outside "
                               "the thresholds.")
 def validate_cmd(
-    candidate: Annotated[Path, typer.Argument(help="converted checkpoint directory", show_default=False)],
-    reference: Annotated[Path, typer.Option("--reference", help="source checkpoint directory")],
+    candidate: Annotated[Path, typer.Argument(help="converted checkpoint directory", show_default=False,
+                                         callback=_hf_cache)],
+    reference: Annotated[Path, typer.Option("--reference", help="source checkpoint directory", callback=_hf_cache)],
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="text file (default: bundled text)")] = None,
     token_ids: Annotated[Optional[str], typer.Option("--token-ids", help="comma-separated ids")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="tokens per sequence")] = 128,

@@ -111,6 +111,37 @@ def _safe_relative(name: str) -> bool:
     return not (norm == ".." or norm.startswith("../") or norm.startswith("/"))
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_hf_cache(path: str | os.PathLike) -> Path:
+    """A Hugging Face cache repo folder (``models--org--name`` holding ``refs/main`` and ``snapshots/``) -> the
+    snapshot folder ``refs/main`` names; any other path unchanged (a ``snapshots/<rev>`` path already works)."""
+    p = Path(path)
+    ref = p / "refs" / "main"
+    if p.is_dir() and ref.is_file() and (p / "snapshots").is_dir():
+        rev = ref.read_text().strip()
+        snap = p / "snapshots" / rev
+        if rev and snap.is_dir():
+            return snap
+    return p
+
+
+def not_a_checkpoint_dir(root: Path, what: str = "checkpoint directory") -> BadInputError:
+    """The error for a path that is not a directory: missing, a file, or a hub repo id that was not downloaded."""
+    s = str(root)
+    if not root.exists():
+        if _HUB_ID.match(s) and not s.startswith("."):
+            return BadInputError(f"{s}: no such {what} here; it looks like a Hugging Face repo id",
+                                 hint=f"download it first (e.g. `hf download {s} --local-dir {s.split('/')[1]}`) "
+                                      f"and pass the local folder; dsconvert never downloads")
+        return BadInputError(f"{s}: no such {what}", hint="check the path")
+    if root.is_file():
+        return BadInputError(f"{s}: is a file, not a {what}",
+                             hint="pass the folder holding config.json and the safetensors shards")
+    return BadInputError(f"{s}: not a {what}", hint="pass the folder holding config.json and the shards")
+
+
 def scan(root: str | os.PathLike) -> Checkpoint:
     """Read config, index and every shard header of ``root`` and cross-check them. Reads no tensor data.
 
@@ -118,9 +149,9 @@ def scan(root: str | os.PathLike) -> Checkpoint:
         BadInputError: only when nothing can be read at all (no directory, no config.json). Everything else is
             collected in ``Checkpoint.problems``.
     """
-    root = Path(root)
+    root = resolve_hf_cache(root)
     if not root.is_dir():
-        raise BadInputError(f"{root}: not a directory", hint="SRC must be a checkpoint directory")
+        raise not_a_checkpoint_dir(root)
     config = load_config(root)
     problems: list[Problem] = []
     try:
