@@ -281,7 +281,7 @@ def fp8_to_bf16_cmd(
         p = rep["plan"]
         if rep["dry_run"]:
             out.print(f"plan for {rep['source']['path']} ({rep['source']['family']}):")
-            out.print(f"  tensors: {p['tensors']}")
+            out.print("  tensors: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in p["tensors"].items()))
             out.print(f"  output shards: {len(p['output_shards'])}, reads {p['bytes_read']['gb']:.3f} GB, "
                       f"writes {p['bytes_written']['gb']:.3f} GB ({p['bytes_written']['gib']:.3f} GiB)")
             out.print(f"  peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB; "
@@ -320,7 +320,8 @@ def quantize_cmd(
     src: SrcArg,
     output: OutOpt = None,
     scheme: Annotated[str, typer.Option("--scheme", help="W4A16 | W4A16_ASYM | W8A16")] = "W4A16",
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="32 | 64 | 128 | -1 (per channel)")] = None,
+    group_size: Annotated[Optional[int], typer.Option(
+        "--group-size", help="32 | 64 | 128 | -1 (per channel); default: the scheme's, 128")] = None,
     fmt: Annotated[str, typer.Option("--format", help="compressed-tensors | awq | gptq (on-disk layout)")] = "compressed-tensors",
     checkpoint_format: Annotated[Optional[str], typer.Option("--checkpoint-format",
                                                              help="gptq only: gptq (v1) | gptq_v2")] = None,
@@ -587,9 +588,10 @@ def gguf_cmd(
             o = rep["output"]
             state = "already complete" if rep["already_complete"] else (
                 f"resumed: {rep['files_reused']} files reused, {rep['files_written']} written" if rep["resumed"]
-                else f"{rep['files_written']} files written")
+                else f"{rep['files_written']} written")
+            nf = len(o["files"])
             out.print(f"wrote {o['path']} ({p['type']}): {o['tensors']} tensors, {o['gb']:.3f} GB, {p['bpw']} bpw, "
-                      f"{len(o['files'])} file(s); {state}; {rep['seconds']:.1f} s; "
+                      f"{nf} {'file' if nf == 1 else 'files'}; {state}; {rep['seconds']:.1f} s; "
                       f"peak RSS {rep['peak_rss']['gib']:.2f} GiB")
             out.print(f"  types: " + ", ".join(f"{t} x{v['tensors']}" for t, v in p["types"].items()))
             out.print(f"  layout: {p['layout']}")
@@ -613,14 +615,15 @@ def env_cmd(json_out: JsonOpt = False) -> None:
     _run(env_report, json_out=json_out, verbose=False, human=human)
 
 
-@app.command("make-fixture", hidden=True,
+@app.command("make-fixture",
              help="Write a synthetic checkpoint in DeepSeek's exact release layout (tiny | bench | bench4x | real). "
                   "'real' has the release's tensor dimensions and is written streaming (default: layer 0 dense + "
                   "layer 1 MoE with 256 experts, no MTP, 15.8 GB).")
 def make_fixture_cmd(
     output: Annotated[Path, typer.Argument(help="directory to create")],
-    preset: Annotated[str, typer.Option("--preset")] = "tiny",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    preset: Annotated[str, typer.Option("--preset", help="tiny (seconds, tests) | bench (1.5 GB) | bench4x (5 GB) | "
+                                                          "real (release dimensions)")] = "tiny",
+    seed: Annotated[int, typer.Option("--seed", help="random seed of the weights (same seed, same bytes)")] = 0,
     layers: Annotated[Optional[int], typer.Option("--layers", help="decoder layers (real: 2)")] = None,
     dense_layers: Annotated[Optional[int], typer.Option("--dense-layers", help="leading dense layers (real: 1)")] = None,
     mtp: Annotated[Optional[bool], typer.Option("--mtp/--no-mtp", help="write the MTP block (real: no)")] = None,
