@@ -15,8 +15,87 @@ from . import fp8_to_bf16
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+def _module_shape(fmt, spec, prefix: str, heads: dict[str, tuple]) -> tuple[int, int] | None:
+    """The logical ``(M, N)`` of a quantized module, found from its stored tensor shapes alone: the candidate
+    whose :meth:`plan` reproduces every stored shape (candidates from each packing's first tensor)."""
+    names = fmt.tensor_names(prefix, spec)
+    first = heads.get(names[0])
+    if first is None or len(first) != 2:
+        return None
+    a, b = first
+    bits = spec.bits
+    cands = {(a, b * 32 // bits), (b * 8, a), (b, a * 32 // bits), (a, b)}
+    for m, n in sorted(cands):
+        try:
+            plans = fmt.plan(prefix, (m, n), spec)
+        except DsconvertError:
+            continue
+        if all(tuple(heads.get(p.name, ())) == tuple(p.shape) for p in plans):
+            return m, n
+    return None
+
+
+def _int_summary(ck, fmt) -> tuple[dict, list[dict], int, set[str]]:
+    """Scheme, quantized / kept linears, bits per weight and fused-group problems of an INT checkpoint.
+
+    Returns ``(summary, problems, logical parameters of the quantized modules, their tensor names)``.
+    """
+    from .policy import LayerPolicy, fused_group, module_of
+
+    qc = ck.config.get("quantization_config") or {}
+    problems: list[dict] = []
+    try:
+        spec = fmt.spec_from_config(qc)
+    except DsconvertError as e:
+        return ({"format": fmt.name, "error": e.message},
+                [{"kind": "quantization_config", "fatal": True, "file": "config.json", "message": e.message}], 0,
+                set())
+    heads = {n: tuple(e.shape) for n, (_, e) in ck.tensors.items()}
+    prefixes = sorted({n.rsplit(".", 1)[0] for n in ck.tensors})
+    quantized, kept, qnames = [], [], set()
+    q_params = q_bytes = 0
+    for pre in prefixes:
+        w = pre + ".weight"
+        if w in ck.tensors:
+            if LayerPolicy.quantizable(w, heads[w]):
+                kept.append(pre)
+            continue
+        shape = _module_shape(fmt, spec, pre, heads)
+        if shape is None or not LayerPolicy.quantizable(w, shape):
+            continue
+        quantized.append(pre)
+        for p in fmt.plan(pre, shape, spec):
+            qnames.add(p.name)
+            q_bytes += ck.tensors[p.name][1].nbytes
+        q_params += shape[0] * shape[1]
+    groups: dict[str, dict[bool, list[str]]] = {}
+    for pre, q in [(p, True) for p in quantized] + [(p, False) for p in kept]:
+        g = fused_group(pre + ".weight")
+        if g is not None:
+            groups.setdefault(g, {True: [], False: []})[q].append(module_of(pre))
+    for g, d in groups.items():
+        if d[True] and d[False]:
+            problems.append({"kind": "fused_group_split", "fatal": True, "file": "",
+                             "message": f"{g}: {d[True][0]} is quantized but {d[False][0]} is not "
+                                        f"({len(d[True])} quantized, {len(d[False])} kept)",
+                             "hint": "vLLM and SGLang load these as one fused layer and refuse mixed precision; "
+                                     "quantize all members of the group or none"})
+    summary = {"format": fmt.name, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+               "quantized_modules": len(quantized), "kept_linear_modules": len(kept),
+               "kept_linear_examples": kept[:10],
+               "bits_per_weight": round(8 * q_bytes / q_params, 4) if q_params else None}
+    return summary, problems, q_params, qnames
+
+
 def inspect_checkpoint(src: Path) -> dict:
-    """Describe ``src`` as a JSON-able dict. Never raises for problems in the checkpoint: they are listed."""
+    """Describe ``src`` as a JSON-able dict. Never raises for problems in the checkpoint: they are listed.
+
+    A ``.gguf`` file (or the first file of a split set) is described by :func:`inspect_gguf`. An INT checkpoint
+    (compressed-tensors, AutoAWQ, GPTQ) reports its scheme, the quantized and kept linears, bits per weight and
+    counts logical parameters, not packed words.
+    """
+    if str(src).endswith(".gguf"):
+        return inspect_gguf(Path(src))
     ck = scan(src)
     rep = base_report("inspect")
     by_dtype: dict[str, dict] = {}
@@ -38,6 +117,16 @@ def inspect_checkpoint(src: Path) -> dict:
     mtp = [n for n in ck.tensors if ck.is_mtp(n)]
     indexer = [n for n in ck.tensors if ".indexer." in n]
     problems = [p.to_dict() for p in ck.problems]
+    qc = ck.config.get("quantization_config") or {}
+    fmt = None
+    if qc and qc.get("quant_method") != "fp8":
+        from ..formats.registry import detect_format
+        fmt = detect_format(qc)
+    int_info = None
+    if fmt is not None and hasattr(fmt, "spec_from_config"):
+        int_info, int_problems, q_params, q_names = _int_summary(ck, fmt)
+        problems += int_problems
+        params = q_params + sum(e.numel for n, (_, e) in ck.tensors.items() if n not in q_names and not ck.is_scale(n))
     if not fp8_weights and ck.fp8 is not None:
         problems.append({"kind": "stale_quantization_config", "fatal": False, "file": "config.json",
                          "message": "config.json declares quantization_config fp8 but no tensor is F8_E4M3",
@@ -48,7 +137,8 @@ def inspect_checkpoint(src: Path) -> dict:
         "model_type": ck.config.get("model_type"),
         "family": version_label(ck.config) if ck.config.get("model_type") in FAMILIES else None,
         "supported": ck.config.get("model_type") in FAMILIES,
-        "format": "fp8-block" if fp8_weights else "unquantized",
+        "format": "fp8-block" if fp8_weights else (int_info["format"] if int_info else "unquantized"),
+        "quantization": int_info,
         "fp8": None if ck.fp8 is None else {"block": list(ck.fp8.block), "scale_fmt": ck.fp8.scale_fmt,
                                             "activation_scheme": ck.fp8.activation_scheme},
         "layers": {"num_hidden_layers": ck.num_hidden_layers,
@@ -77,6 +167,8 @@ def inspect_checkpoint(src: Path) -> dict:
 
 def human_lines(rep: dict) -> list[str]:
     """The human-readable rendering of an inspect report (rich markup)."""
+    if rep.get("format") == "gguf":
+        return _gguf_lines(rep)
     def gb(b):
         return f"{b['gb']:.3f} GB ({b['gib']:.3f} GiB)"
 
@@ -87,6 +179,12 @@ def human_lines(rep: dict) -> list[str]:
              f"  bytes        {gb(rep['bytes'])}"]
     for k, v in rep["by_dtype"].items():
         lines.append(f"    {k:8s} {v['tensors']:>7,} tensors  {gb(v)}")
+    q = rep.get("quantization")
+    if q and "bits" in q:
+        sym = "symmetric" if q["symmetric"] else "asymmetric"
+        g = "per channel" if q["group_size"] == -1 else f"group_size {q['group_size']}"
+        lines.append(f"  quantized    {q['format']}: int{q['bits']} {sym}, {g}; {q['quantized_modules']:,} linears "
+                     f"at {q['bits_per_weight']} bits/weight; {q['kept_linear_modules']:,} linears kept in float")
     fp = rep["fp8_pairs"]
     if fp["weights"]:
         lines.append(f"  fp8          {fp['weights']:,} weights, {fp['with_scale']:,} with weight_scale_inv "
@@ -107,6 +205,87 @@ def human_lines(rep: dict) -> list[str]:
         lines.append("  [green]no problems found[/green]")
     return lines
 
+
+def inspect_gguf(path: Path) -> dict:
+    """Describe a GGUF file (or a split set, given its first file) from its header: architecture, the metadata
+    dsconvert writes, tensor types with bytes per type, the MLA layout and whether an MTP block is present.
+
+    Raises:
+        BadInputError (exit 3): the file is missing or not a readable GGUF.
+    """
+    import re as _re
+
+    from ..errors import BadInputError
+
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such GGUF file", hint="check the path")
+    from gguf import GGUFReader
+
+    m = _re.match(r"^(.*)-00001-of-(\d{5})\.gguf$", path.name)
+    files = [path.with_name(f"{m.group(1)}-{i:05d}-of-{m.group(2)}.gguf") for i in range(1, int(m.group(2)) + 1)] \
+        if m else [path]
+    meta: dict = {}
+    by_type: dict[str, dict] = {}
+    names: list[str] = []
+    for f in files:
+        try:
+            r = GGUFReader(str(f))
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"{f}: not a readable GGUF file ({e})", hint="is the file complete?") from e
+        for field in r.fields.values():
+            if field.name.startswith("GGUF.") or field.name.startswith("tokenizer.ggml.") and \
+                    field.name not in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
+                continue
+            try:
+                v = field.contents()
+            except Exception:  # noqa: BLE001 - a value gguf-py cannot decode is shown as absent
+                v = None
+            meta.setdefault(field.name, v)
+        for t in r.tensors:
+            d = by_type.setdefault(t.tensor_type.name, {"tensors": 0, "bytes": 0})
+            d["tensors"] += 1
+            d["bytes"] += int(t.n_bytes)
+            names.append(t.name)
+    arch = meta.get("general.architecture")
+    k_b = any(n.endswith("attn_k_b.weight") for n in names)
+    kv_b = any(n.endswith("attn_kv_b.weight") for n in names)
+    mla_keys = all(f"{arch}.attention.{k}" in meta for k in ("key_length_mla", "value_length_mla"))
+    layout = ("mainline MLA (attn_k_b/attn_v_b)" if k_b and not kv_b else "legacy (attn_kv_b)" if kv_b and not k_b
+              else "kv_b + k_b/v_b" if k_b and kv_b else "no MLA tensors")
+    problems = []
+    if k_b and not mla_keys:
+        problems.append({"kind": "mla_keys", "fatal": True, "file": str(path),
+                         "message": "attn_k_b/attn_v_b present but the *_mla metadata keys are missing",
+                         "hint": "mainline llama.cpp will not load it; re-export with dsconvert gguf"})
+    total = sum(d["bytes"] for d in by_type.values())
+    rep = base_report("inspect")
+    rep.update({
+        "path": str(path), "format": "gguf", "files": [str(f) for f in files], "architecture": arch,
+        "metadata": {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))},
+        "tensors": len(names), "bytes": bytes_fields(total),
+        "by_type": {k: {**v, **bytes_fields(v["bytes"])} for k, v in sorted(by_type.items())},
+        "layout": layout, "mtp": any(".nextn." in n for n in names) or f"{arch}.nextn_predict_layers" in meta,
+        "problems": problems, "ok": not problems,
+    })
+    return rep
+
+
+def _gguf_lines(rep: dict) -> list[str]:
+    md = rep["metadata"]
+    arch = rep["architecture"]
+    lines = [f"[bold]{rep['path']}[/bold]",
+             f"  gguf         {arch}, {len(rep['files'])} file(s), {rep['tensors']:,} tensors, "
+             f"{rep['bytes']['gb']:.3f} GB ({rep['bytes']['gib']:.3f} GiB)",
+             f"  layers       {md.get(f'{arch}.block_count')} (MTP {'present' if rep['mtp'] else 'not present'}); "
+             f"layout {rep['layout']}",
+             f"  file type    {md.get('general.file_type')}"]
+    for k, v in rep["by_type"].items():
+        lines.append(f"    {k:8s} {v['tensors']:>7,} tensors  {v['gb']:.3f} GB")
+    for p in rep["problems"]:
+        lines.append(f"  [red]error[/red]: {p['message']}")
+    if not rep["problems"]:
+        lines.append("  [green]no problems found[/green]")
+    return lines
 
 
 def registries(schemes: bool, formats: bool, types: bool) -> dict:
