@@ -1,5 +1,4 @@
-"""compressed-tensors ``pack-quantized`` (weight-only INT4/INT8) and ``float-quantized`` (FP8_BLOCK), as
-llm-compressor writes them.
+"""compressed-tensors ``pack-quantized`` (weight-only INT4/INT8, as llm-compressor writes it).
 
 Per module, N = out_features, K = in_features, g = group size (K for per-channel), b = bits:
 
@@ -13,17 +12,6 @@ tensor                 dtype    shape                       content
 =====================  =======  ==========================  =========================================
 
 Dequant: ``w = (q - zp) * scale`` computed in the scale dtype.
-
-``float-quantized`` FP8_BLOCK (M = out_features, N = in_features, 128 x 128 blocks, edge blocks partial):
-
-=====================  ===============  ============================  ==================================
-tensor                 dtype            shape                         content
-=====================  ===============  ============================  ==================================
-``weight``             float8_e4m3fn    [M, N]                        ``e4m3(w / scale)``
-``weight_scale``       bf16             [ceil(M/128), ceil(N/128)]    multiplier per block (model dtype)
-=====================  ===============  ============================  ==================================
-
-Dequant: ``w = q.to(bf16) * scale`` in bf16 (``naive_quantized/base.py``, ``lifecycle/forward_helpers.py``).
 Sources: compressed-tensors 0.20.1 ``compressors/pack_quantized/{base,helpers}.py``,
 ``quantization/quant_config.py``, ``compressors/model_compressors/model_compressor.py::update_config``.
 The layout and the config dict are verified against the installed library in tests/test_int_formats.py
@@ -36,10 +24,9 @@ from typing import Iterable, Mapping
 
 import torch
 
-from dsconvert.errors import UnsupportedError, UsageError
+from dsconvert.errors import UnsupportedError
 from dsconvert.formats.int_format import IntFormat, TensorPlan, _require, by_suffix, join_name
 from dsconvert.formats.registry import register_format
-from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block
 from dsconvert.quant.pack import pack_int32_rows_lsb, unpack_int32_rows_lsb
 from dsconvert.quant.rtn import COMPRESSED_TENSORS, QTensor, QuantSpec, dequantize
 
@@ -51,7 +38,6 @@ CT_LAYOUT_VERSION = "0.20.1"
 
 _WEIGHT = ("weight_packed", "weight_scale", "weight_shape")
 _ZP = "weight_zero_point"
-_FLOAT = ("weight", "weight_scale")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -73,45 +59,16 @@ class CompressedTensorsFormat(IntFormat):
         self.convention = COMPRESSED_TENSORS.with_scale_dtype(scale_dtype)
 
     def supports(self, spec: QuantSpec) -> bool:
-        return True  # any QuantSpec (int4/int8, sym/asym, group/channel), and FP8 blocks
-
-    def check_scheme(self, scheme, module: str | None = None) -> None:
-        """Integer weight-only schemes (pack-quantized) and FP8 blocks with dynamic activations (float-quantized).
-
-        Raises:
-            UsageError: anything else, naming the scheme and the module.
-        """
-        w, a = scheme.weights, scheme.input_activations
-        ok = (w.type == "int" and a is None) or (
-            w.type == "float" and w.strategy == "block" and w.bits == 8 and w.scale_rule == "amax"
-            and a is not None and a.dynamic)
-        if not ok:
-            where = f" for {module}" if module else ""
-            extra = (" (power-of-two scales are DeepSeek's ue8m0 format: use --format deepseek-fp8)"
-                     if w.scale_rule == "pow2" else "")
-            raise UsageError(f"format {self.name} cannot store scheme {scheme.name}{where}{extra}",
-                             hint="compressed-tensors here stores W4A16, W4A16_ASYM, W8A16 (pack-quantized) and "
-                                  "FP8_BLOCK (float-quantized)")
-
-    def storage(self, spec):
-        """The RTN convention for integer specs; the scale dtype (the model dtype) for FP8 blocks."""
-        return self.scale_dtype if isinstance(spec, FP8BlockSpec) else self.convention
+        return True  # any QuantSpec (int4/int8, sym/asym, group/channel)
 
     def tensor_names(self, prefix: str, spec: QuantSpec | None = None) -> list[str]:
-        if isinstance(spec, FP8BlockSpec):
-            return [join_name(prefix, s) for s in _FLOAT]
         suffixes = list(_WEIGHT)
         if spec is None or not spec.symmetric:
             suffixes.append(_ZP)
-        if spec is None:
-            suffixes += list(_FLOAT)
         return [join_name(prefix, s) for s in suffixes]
 
     def plan(self, prefix: str, shape: tuple[int, int], spec: QuantSpec) -> list[TensorPlan]:
         n, k = self._check_2d(shape, prefix)
-        if isinstance(spec, FP8BlockSpec):
-            return [TensorPlan(join_name(prefix, "weight"), torch.float8_e4m3fn, (n, k)),
-                    TensorPlan(join_name(prefix, "weight_scale"), self.scale_dtype, spec.grid((n, k), prefix))]
         groups = spec.num_groups(k, prefix or None)
         out = [
             TensorPlan(join_name(prefix, "weight_packed"), torch.int32, (n, _ceil_div(k * spec.bits, 32))),
@@ -122,12 +79,7 @@ class CompressedTensorsFormat(IntFormat):
             out.append(TensorPlan(join_name(prefix, _ZP), torch.int32, (_ceil_div(n * spec.bits, 32), groups)))
         return out
 
-    def encode_qtensor(self, prefix: str, qt: QTensor | FP8BlockTensor) -> dict[str, torch.Tensor]:
-        if isinstance(qt, FP8BlockTensor):
-            if qt.scale.dtype != self.scale_dtype:
-                raise ValueError(f"FP8 scales are {qt.scale.dtype}, this writer stores {self.scale_dtype}")
-            return {join_name(prefix, "weight"): qt.q.contiguous(),
-                    join_name(prefix, "weight_scale"): qt.scale.contiguous()}
+    def encode_qtensor(self, prefix: str, qt: QTensor) -> dict[str, torch.Tensor]:
         if qt.convention.scale_dtype != self.scale_dtype:
             raise ValueError(f"QTensor scales are {qt.convention.scale_dtype}, this writer stores {self.scale_dtype}")
         qt = qt.to_convention(self.convention)
@@ -161,33 +113,10 @@ class CompressedTensorsFormat(IntFormat):
         return QTensor(q=q, scale=scale.to(torch.float32), zero=zero, spec=spec, convention=conv)
 
     def decode(self, tensors: Mapping[str, torch.Tensor], spec_or_config: QuantSpec | dict) -> torch.Tensor:
-        t = by_suffix(tensors)
-        if "weight" in t and t["weight"].dtype == torch.float8_e4m3fn:
-            return self._decode_fp8(t, spec_or_config)
         qt = self.to_qtensor(tensors, spec_or_config)
         return dequantize(qt, out_dtype=qt.convention.scale_dtype).to(torch.float32)
 
-    def _decode_fp8(self, t: dict, spec_or_config: QuantSpec | dict) -> torch.Tensor:
-        spec = spec_or_config if isinstance(spec_or_config, FP8BlockSpec) else FP8BlockSpec()
-        _require(t, _FLOAT, "compressed-tensors float-quantized")
-        q, scale = t["weight"], t["weight_scale"]
-        grid = spec.grid(tuple(q.shape))
-        if tuple(scale.shape) != grid:
-            raise UnsupportedError(f"weight_scale shape {tuple(scale.shape)} does not match weight "
-                                   f"{tuple(q.shape)} with block {spec.block} (expected {grid})")
-        out = scale.dtype if scale.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        return dequantize_fp8_block(FP8BlockTensor(q, scale, spec), out).to(torch.float32)
-
     # --- metadata ---------------------------------------------------------------------------
-    @staticmethod
-    def fp8_block_args(spec: FP8BlockSpec) -> tuple[dict, dict]:
-        """``(weights, input_activations)`` QuantizationArgs dicts of the FP8_BLOCK preset, as serialised."""
-        weights = {"block_structure": list(spec.block), "dynamic": False, "group_size": None, "num_bits": 8,
-                   "strategy": "block", "symmetric": True, "type": "float"}
-        acts = {"dynamic": True, "group_size": 128, "num_bits": 8, "strategy": "group", "symmetric": True,
-                "type": "float"}
-        return weights, acts
-
     @staticmethod
     def weights_args(spec: QuantSpec) -> dict:
         """The ``weights`` QuantizationArgs dict as compressed-tensors 0.20.1 serialises it.
@@ -210,25 +139,17 @@ class CompressedTensorsFormat(IntFormat):
         ``ignore`` entries are exact module names or ``re:`` regexes, written as given (sorted order
         is the caller's choice). Keys and nesting match ``ModelCompressor.update_config``.
         """
-        if isinstance(spec, FP8BlockSpec):
-            if spec.pow2:
-                raise UsageError("compressed-tensors FP8_BLOCK has no power-of-two scale option",
-                                 hint="use --format deepseek-fp8 for ue8m0 scales")
-            fmt = "float-quantized"
-            weights, acts = self.fp8_block_args(spec)
-        else:
-            fmt, weights, acts = "pack-quantized", self.weights_args(spec), None
         return {
             "config_groups": {
                 "group_0": {
-                    "format": fmt,
-                    "input_activations": acts,
+                    "format": "pack-quantized",
+                    "input_activations": None,
                     "output_activations": None,
                     "targets": ["Linear"],
-                    "weights": weights,
+                    "weights": self.weights_args(spec),
                 }
             },
-            "format": fmt,
+            "format": "pack-quantized",
             "global_compression_ratio": None,
             "ignore": list(ignore),
             "kv_cache_scheme": None,
@@ -247,7 +168,7 @@ class CompressedTensorsFormat(IntFormat):
             return False
         groups = qc.get("config_groups") or {}
         fmts = {(g or {}).get("format") or qc.get("format") for g in groups.values()} or {qc.get("format")}
-        return bool(fmts) and fmts <= {"pack-quantized", "float-quantized"}
+        return fmts == {"pack-quantized"}
 
     def spec_from_config(self, quantization_config: dict) -> QuantSpec:
         qc = quantization_config
@@ -257,9 +178,6 @@ class CompressedTensorsFormat(IntFormat):
         specs = set()
         for name, g in groups.items():
             w = (g or {}).get("weights") or {}
-            if (g.get("format") or qc.get("format")) == "float-quantized":
-                specs.add(self._fp8_spec_from_group(name, w))
-                continue
             if w.get("type", "int") != "int" or g.get("input_activations") is not None:
                 raise UnsupportedError(f"config group {name!r} is not weight-only integer quantization")
             strategy = w.get("strategy") or ("channel" if w.get("group_size") in (None, -1) else "group")
@@ -274,11 +192,3 @@ class CompressedTensorsFormat(IntFormat):
             raise UnsupportedError(f"expected one weight scheme in config_groups, found {len(specs)}",
                                    hint="pass the per-module QuantSpec to decode() instead of the config")
         return specs.pop()
-
-    @staticmethod
-    def _fp8_spec_from_group(name: str, w: dict) -> FP8BlockSpec:
-        if w.get("type") != "float" or int(w.get("num_bits", 0)) != 8 or w.get("strategy") != "block":
-            raise UnsupportedError(f"config group {name!r}: float-quantized weights other than 8-bit block "
-                                   f"(strategy {w.get('strategy')!r}) are not supported")
-        bs = w.get("block_structure") or [128, 128]
-        return FP8BlockSpec((int(bs[0]), int(bs[1])))

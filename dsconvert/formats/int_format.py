@@ -1,11 +1,8 @@
-"""Common interface of the quantized safetensors formats (compressed-tensors, AutoAWQ GEMM, GPTQ, DeepSeek FP8).
+"""Common interface of the integer weight formats (compressed-tensors, AutoAWQ GEMM, GPTQ).
 
-A format owns names, dtypes, shapes, bit layout and ``quantization_config``, and declares what it can store
-(:meth:`IntFormat.check_scheme`, from a scheme's whole
-:class:`~dsconvert.quant.schemes.SchemeDescription`) and the storage convention the scheme's kernel must
-quantize in (:meth:`IntFormat.storage`). It never chooses scales: the scheme quantizes (RTN, GPTQ, AWQ search)
-and hands a ready payload (:class:`~dsconvert.quant.rtn.QTensor` or
-:class:`~dsconvert.quant.fp8_quant.FP8BlockTensor`) to :meth:`IntFormat.encode_qtensor`.
+A format owns names, dtypes, shapes, bit layout and ``quantization_config``; it never chooses
+scales beyond calling RTN in :meth:`IntFormat.encode` (calibrated algorithms hand a ready
+:class:`~dsconvert.quant.rtn.QTensor` to :meth:`IntFormat.encode_qtensor`).
 
 Weights are ``[N, K]``: N = out_features, K = in_features. ``prefix`` is the module name
 (``model.layers.3.mlp.experts.7.down_proj``); tensor names are ``f"{prefix}.{suffix}"`` (just
@@ -19,8 +16,8 @@ from typing import ClassVar, Iterable, Mapping, NamedTuple
 
 import torch
 
-from dsconvert.errors import ShapeError, UsageError
-from dsconvert.quant.rtn import Convention, QTensor, QuantSpec
+from dsconvert.errors import ShapeError
+from dsconvert.quant.rtn import Convention, QTensor, QuantSpec, quantize
 
 __all__ = ["TensorPlan", "IntFormat", "join_name", "by_suffix", "SAFETENSORS_DTYPE"]
 
@@ -32,7 +29,6 @@ SAFETENSORS_DTYPE = {
     torch.float32: "F32",
     torch.int8: "I8",
     torch.uint8: "U8",
-    torch.float8_e4m3fn: "F8_E4M3",
 }
 
 
@@ -103,35 +99,17 @@ class IntFormat(ABC):
             UsageError: ``spec`` unsupported (see :meth:`supports`).
         """
 
-    def check_scheme(self, scheme, module: str | None = None) -> None:
-        """Refuse a scheme this format cannot store. The base class stores integer weight-only schemes.
-
-        Args:
-            scheme: a :class:`~dsconvert.quant.schemes.SchemeDescription`.
-            module: the module it is asked for (named in the message).
-
-        Raises:
-            UsageError: with the scheme, the module, what this format stores and a format that can.
-        """
-        w = scheme.weights
-        if w.type != "int" or scheme.input_activations is not None:
-            where = f" for {module}" if module else ""
-            raise UsageError(f"format {self.name} cannot store scheme {scheme.name}{where}: it stores integer "
-                             "weight-only schemes (W4A16, W4A16_ASYM, W8A16)",
-                             hint="use --format compressed-tensors (or deepseek-fp8 for FP8_BLOCK)")
-
-    def storage(self, spec) -> Convention:
-        """What the scheme's kernel must quantize in for this format: the RTN :class:`Convention`."""
-        return self.convention
-
-    def model_quantization_config(self, spec, *, default_ignore: Iterable[str] = (), kept: Iterable[str] = (),
-                                  modules: Iterable[str] = ()) -> dict:
-        """``quantization_config`` for a whole model: ``default_ignore`` = patterns for what never quantizes
-        (lm_head, router...), ``kept`` = quantizable modules the user kept in float, ``modules`` = every
-        quantizable module. The base writes ``default_ignore + kept`` as the ignore list."""
-        return self.quantization_config(spec, [*default_ignore, *kept])
-
     # --- encode -----------------------------------------------------------------------------
+    def encode(self, prefix: str, w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+        """RTN-quantize ``w`` ``[N, K]`` with this format's convention and pack it.
+
+        Returns:
+            ``{name: tensor}`` exactly as :meth:`plan` lists them (names, dtypes, shapes), on ``w``'s device.
+        """
+        self.supports(spec)
+        self.plan(prefix, tuple(w.shape), spec)  # shape checks with the format's own messages
+        return self.encode_qtensor(prefix, quantize(w, spec, self.convention, name=prefix or None))
+
     @abstractmethod
     def encode_qtensor(self, prefix: str, qt: QTensor) -> dict[str, torch.Tensor]:
         """Pack an already quantized tensor (from RTN, GPTQ or AWQ search).

@@ -8,14 +8,13 @@ can store it, and what validate needs to emulate the serving engine):
 * ``input_activations``: :class:`ActivationArgs` or None - dynamic per token / per token group, or static.
 
 A scheme also owns its math (formats never quantize): :meth:`Scheme.spec` gives the kernel-level spec
-(:class:`~dsconvert.quant.rtn.QuantSpec` for integers, :class:`~dsconvert.quant.fp8_quant.FP8BlockSpec` for
-FP8 blocks), :meth:`Scheme.quantize` produces the payload a format packs (a ``QTensor`` or an
-``FP8BlockTensor``) with the storage convention the format declares, and :meth:`Scheme.dequantize` is its
+(:class:`~dsconvert.quant.rtn.QuantSpec` for integers), :meth:`Scheme.quantize` produces the payload a format
+packs (a ``QTensor``) with the storage convention the format declares, and :meth:`Scheme.dequantize` is its
 exact inverse. :attr:`Scheme.methods` lists the algorithms that can produce it (RTN always; AWQ/GPTQ for
 integer weights).
 
 Sources for the presets: compressed-tensors 0.20.1 ``quantization/quant_scheme.py`` (W4A16, W4A16_ASYM, W8A16,
-FP8_BLOCK); the FP8 rule: docs/checkpoint-layout.md.
+FP8_BLOCK).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from typing import ClassVar, Iterable
 import torch
 
 from dsconvert.errors import UsageError
-from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block, quantize_fp8_block
 from dsconvert.quant.registry import Registry
 from dsconvert.quant.rtn import COMPRESSED_TENSORS, Convention, QTensor, QuantSpec, dequantize, quantize
 
@@ -42,7 +40,6 @@ __all__ = [
     "W4A16",
     "W4A16Asym",
     "W8A16",
-    "FP8Block",
 ]
 
 
@@ -188,60 +185,6 @@ class Scheme:
                 f"symmetric={self.symmetric})")
 
 
-@register_scheme("W4A16", aliases=["int4"])``; sets ``cls.name = name``."""
-    return SCHEMES.register_class(name, aliases)
-
-
-def get_scheme(name: str) -> "Scheme":
-    """An instance of the scheme registered as ``name`` or an alias (normalised lookup).
-
-    Raises:
-        KeyError: unknown name; lists every name and alias.
-    """
-    return SCHEMES.get(name)()
-
-
-def registered_schemes() -> list[str]:
-    """Canonical scheme names, in registration order."""
-    return SCHEMES.names()
-
-
-class Scheme:
-    """Base class. Subclasses set ``bits``, ``group_size``, ``symmetric``, ``default_format``."""
-
-    name: ClassVar[str] = ""
-    bits: ClassVar[int]
-    group_size: ClassVar[int] = 128
-    symmetric: ClassVar[bool] = True
-    allow_per_channel: ClassVar[bool] = False
-    default_format: ClassVar[str] = "compressed-tensors"
-
-    def spec(self, group_size: int | None = None) -> QuantSpec:
-        """The :class:`QuantSpec`, optionally with another group size.
-
-        Raises:
-            UsageError: ``group_size=-1`` on a scheme that does not allow per-channel.
-        """
-        g = self.group_size if group_size is None else group_size
-        if g == -1 and not self.allow_per_channel:
-            raise UsageError(f"scheme {self.name} does not support per-channel (--group-size -1)",
-                             hint="use a positive group size, e.g. 128, or scheme W8A16")
-        return QuantSpec(bits=self.bits, group_size=g, symmetric=self.symmetric)
-
-    def quantize(self, w: torch.Tensor, convention: Convention = COMPRESSED_TENSORS,
-                 group_size: int | None = None) -> QTensor:
-        """RTN-quantize ``w`` ``[N, K]``; see :func:`dsconvert.quant.rtn.quantize`."""
-        return quantize(w, self.spec(group_size), convention)
-
-    def dequantize(self, qt: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Exact inverse of :meth:`quantize`; see :func:`dsconvert.quant.rtn.dequantize`."""
-        return dequantize(qt, out_dtype)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(bits={self.bits}, group_size={self.group_size}, "
-                f"symmetric={self.symmetric})")
-
-
 @register_scheme("W4A16", aliases=["int4"])
 class W4A16(Scheme):
     """int4 weights, symmetric, group 128; activations unquantized (bf16)."""
@@ -274,52 +217,3 @@ class W8A16(Scheme):
     symmetric = True
     allow_per_channel = True
 
-
-@register_scheme("FP8_BLOCK", aliases=["fp8-block", "fp8"])
-class FP8Block(Scheme):
-    """float8_e4m3fn weights with one scale per 128 x 128 block, activations quantized by the engine to e4m3 per
-    token and 128-channel group at run time (DeepSeek-V3's own scheme; compressed-tensors preset ``FP8_BLOCK``).
-
-    Args:
-        pow2: power-of-two (ue8m0) scales, the payload quantized with the rounded scale.
-    """
-
-    bits = 8
-    group_size = -1  # no groups along K; a group size does not apply
-    methods = ("rtn",)
-    summary = "e4m3 weights, 128x128 block scales, dynamic e4m3 activations per token group of 128"
-    block: ClassVar[tuple[int, int]] = (128, 128)
-
-    def __init__(self, pow2: bool = False):
-        self.pow2 = pow2
-
-    def spec(self, group_size: int | None = None) -> FP8BlockSpec:
-        """The :class:`FP8BlockSpec`.
-
-        Raises:
-            UsageError: a ``--group-size`` was given (blocks are fixed at 128 x 128).
-        """
-        if group_size is not None:
-            raise UsageError(f"scheme {self.name} uses 128x128 blocks; --group-size does not apply",
-                             hint="drop --group-size")
-        return FP8BlockSpec(self.block, pow2=self.pow2)
-
-    def describe(self, group_size: int | None = None) -> SchemeDescription:
-        sp = self.spec(group_size)
-        w = WeightArgs(type="float", bits=8, strategy="block", symmetric=True, block=sp.block,
-                       scale_rule="pow2" if sp.pow2 else "amax")
-        a = ActivationArgs(type="float", bits=8, strategy="group", dynamic=True, symmetric=True, group_size=128)
-        return SchemeDescription(self.name, w, a)
-
-    def quantize(self, w: torch.Tensor, scale_dtype: torch.dtype = torch.float32, group_size: int | None = None,
-                 *, spec: FP8BlockSpec | None = None, name: str | None = None) -> FP8BlockTensor:
-        """Block-quantize ``w`` ``[M, N]`` with scales stored as ``scale_dtype`` (the format's choice);
-        see :func:`dsconvert.quant.fp8_quant.quantize_fp8_block`."""
-        return quantize_fp8_block(w, spec if spec is not None else self.spec(group_size), scale_dtype, name=name)
-
-    def dequantize(self, t: FP8BlockTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The loader's dequantization, rounded to bf16 as the engine does, returned as ``out_dtype``."""
-        return dequantize_fp8_block(t, torch.bfloat16).to(out_dtype)
-
-    def __repr__(self) -> str:
-        return f"FP8Block(block={self.block}, pow2={self.pow2})"
