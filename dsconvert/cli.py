@@ -82,6 +82,14 @@ def _emit_json(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def _closed_pipe() -> None:
+    """The reader of stdout went away: exit 141 (128 + SIGPIPE, what a killed Unix tool reports) without a
+    message, pointing stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise typer.Exit(128 + 13)
+
+
 def _ident() -> dict:
     """The fields every JSON document starts with (reports and errors alike)."""
     return {"tool": "dsconvert", "version": __version__, "argv": list(sys.argv)}
@@ -180,10 +188,17 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
         raise typer.Exit(EXIT_INTERNAL)
     if rep is None:
         return
-    if json_out:
-        _emit_json(rep)
-    elif human is not None:
-        human(rep)
+    try:
+        if json_out:
+            _emit_json(rep)
+        elif human is not None:
+            human(rep)
+    except BrokenPipeError:  # `dsconvert ... | head -1`: the reader left; stop quietly as Unix tools do
+        _closed_pipe()
+    except SystemExit as e:  # rich turns a broken pipe into a silent SystemExit(1): same case, same exit
+        if e.code == 1:
+            _closed_pipe()
+        raise
     if code:
         raise typer.Exit(code)
 

@@ -103,3 +103,19 @@ def test_fmt_bytes_shows_small_shortfalls():
     assert fmt_bytes(4_000_000) == "4.00 MB (3.81 MiB)"
     assert fmt_bytes(4000) == "4.0 kB"
     assert fmt_bytes(12) == "12 B"
+
+
+def test_closed_pipe_exits_quietly(tiny_src):
+    """``dsconvert inspect SRC | head -1``: no traceback, no 'I/O error', exit 141 (128 + SIGPIPE)."""
+    import subprocess
+
+    from .conftest import cli_cmd, cli_env, REPO
+
+    p = subprocess.Popen(cli_cmd("inspect", tiny_src), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.read(1)
+    p.stdout.close()  # the reader leaves after one byte
+    err = p.stderr.read().decode()
+    p.wait(60)
+    assert p.returncode in (0, 141), (p.returncode, err)  # 0 if everything fit in the pipe buffer first
+    assert "Traceback" not in err and "error" not in err.lower(), err
