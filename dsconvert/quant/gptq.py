@@ -112,7 +112,7 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
         d[todo] *= 10.0
     raise BadInputError(
         f"GPTQ: Hessian ({k}x{k}) is not positive definite even with damp {float(d[todo[0]]) / 10:g}",
-        hint="the calibration activations hold NaN/inf, or use a larger --damp",
+        hint="the calibration activations likely hold NaN/inf: check --calib-data, or --ignore this module",
     )
 
 
