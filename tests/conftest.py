@@ -78,6 +78,14 @@ def tree_hashes(root: Path) -> dict[str, str]:
     return out
 
 
+def manifest_files(out: Path) -> dict:
+    """``manifest.json``'s finished-file entries (name -> {size, sha256}); {} while there is none yet."""
+    try:
+        return json.loads((out / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def read_index(d: Path) -> dict:
     return json.loads((d / INDEX).read_text())
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import INDEX, REPO, cli_env, guard_source, popen_cli, tree_hashes
+from .conftest import manifest_files, INDEX, REPO, cli_env, guard_source, popen_cli, tree_hashes
 
 MANIFEST = "manifest.json"
 EXIT_BOUND_S = 10.0
@@ -39,13 +39,6 @@ def outputs(out: Path) -> dict:
     h = tree_hashes(out)
     h.pop("report.json", None)
     return h
-
-
-def manifest_files(out: Path) -> dict:
-    try:
-        return json.loads((out / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return {}
 
 
 @pytest.fixture(scope="module")

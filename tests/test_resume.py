@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import INDEX, guard_source, popen_cli, run_many, tree_hashes
+from .conftest import manifest_files, INDEX, guard_source, popen_cli, run_many, tree_hashes
 
 MANIFEST = "manifest.json"
 
@@ -27,13 +27,6 @@ def outputs(out: Path) -> dict:
     h.pop("report.json", None)
     h[MANIFEST] = json.loads((out / MANIFEST).read_text())
     return h
-
-
-def manifest_files(out: Path) -> dict:
-    try:
-        return json.loads((out / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return {}
 
 
 @pytest.fixture(scope="module")

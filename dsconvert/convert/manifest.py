@@ -13,6 +13,7 @@ name. Every write-then-rename of dsconvert goes through :func:`write_atomic` / :
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,9 +119,10 @@ def commit_tmp(tmp: Path, path: Path) -> None:
     fsync_dir(Path(path).parent)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through ``path.tmp`` + fsync + rename + directory fsync; never leaves
-    ``path.tmp`` behind (deleted on any failure or interruption).
+@contextlib.contextmanager
+def atomic_open(path: Path):
+    """Open ``path.tmp`` for writing; on a clean exit flush, fsync, rename it to ``path`` and fsync the directory.
+    On any failure or interruption ``path.tmp`` is deleted and the exception propagates (``path`` untouched).
 
     Raises:
         OSError: disk full, permissions.
@@ -129,7 +131,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -139,28 +141,28 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``path.tmp`` + fsync + rename + directory fsync (:func:`atomic_open`).
+
+    Raises:
+        OSError: disk full, permissions.
+    """
+    with atomic_open(path) as f:
+        f.write(data)
+
+
 def copy_atomic(src: Path, dst: Path, bufsize: int = 16 << 20) -> str:
-    """Copy ``src`` (symlinks followed) to ``dst`` through ``dst.tmp`` + fsync + rename; returns the sha256
-    (hex) of the bytes copied, computed while copying. ``dst.tmp`` never survives a failure.
+    """Copy ``src`` (symlinks followed) to ``dst`` through :func:`atomic_open`; returns the sha256 (hex) of the
+    bytes copied, computed while copying. ``dst.tmp`` never survives a failure.
 
     Raises:
         OSError: unreadable source, disk full, permissions.
     """
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
     h = hashlib.sha256()
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while chunk := fi.read(bufsize):
-                h.update(chunk)
-                fo.write(chunk)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dst.parent)
+    with open(src, "rb") as fi, atomic_open(dst) as fo:
+        while chunk := fi.read(bufsize):
+            h.update(chunk)
+            fo.write(chunk)
     return h.hexdigest()
 
 
