@@ -82,14 +82,10 @@ def test_imatrix_handling():
     im = torch.rand(256)
     # llama.cpp ignores quant_weights for Q8_0 and the float types
     assert torch.equal(quantize(x, "Q8_0", im), quantize(x, "Q8_0"))
-    with pytest.raises(NotImplementedError):
-        quantize(x, "Q4_K", im)
-    with pytest.raises(ValueError):
-        get_type("Q4_K").supports_imatrix = True
-        try:
-            quantize(x, "Q4_K", torch.rand(128))
-        finally:
-            get_type("Q4_K").supports_imatrix = False
+    assert torch.equal(quantize(x, "F16", im), quantize(x, "F16"))
+    assert not torch.equal(quantize(x, "Q4_K", im), quantize(x, "Q4_K"))
+    with pytest.raises(ValueError, match="imatrix has 128 values"):
+        quantize(x, "Q4_K", torch.rand(128))
 
 
 # ---- gguf-py oracle ----------------------------------------------------------------------------
@@ -182,6 +178,35 @@ def test_kquants_vs_llamacpp(oracle, name, data):
                               f"from llama.cpp, first {int(np.nonzero(bad)[0][0])}"
 
 
+def _imatrix(n: int, seed: int) -> np.ndarray:
+    """Importance weights as llama-imatrix produces them (mean squared activations): positive, heavy
+    tailed, a few exact zeros (channels that never fired)."""
+    g = np.random.default_rng(seed)
+    im = (g.standard_normal(n) ** 2 * np.exp(g.uniform(-4, 4, n))).astype(np.float32)
+    im[g.random(n) < 0.02] = 0
+    return im
+
+
+IMATRIX_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"] + KQUANTS
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", IMATRIX_TYPES)
+def test_imatrix_quantization_vs_llamacpp(oracle, name, data):
+    """With importance weights every block is byte-identical to ``ggml_quantize_chunk(..., imatrix)`` (the
+    ``quantize_row_*_impl`` paths), and the weights really change the result."""
+    t = get_type(name)
+    qt = GGMLQuantizationType[name]
+    for n, x in data.items():
+        im = _imatrix(n, n)
+        ours = quantize(torch.from_numpy(x), name, torch.from_numpy(im)).numpy().reshape(-1, t.type_size)
+        ref = oracle.quantize(x, qt, im).reshape(-1, t.type_size)
+        bad = (ours != ref).any(1)
+        assert not bad.any(), f"{name}: {int(bad.sum())}/{bad.size} blocks of the {n}-wide rows differ"
+        plain = oracle.quantize(x, qt).reshape(-1, t.type_size)
+        assert (plain != ref).any(1).mean() > 0.5
+
+
 def test_sqrtf_is_correctly_rounded():
     """``sqrtf`` equals numpy's IEEE float32 square root; torch's float32 ``sqrt`` is not on every CPU."""
     from dsconvert.quant.ggml._ops import sqrtf
@@ -201,10 +226,14 @@ from gguf import GGMLQuantizationType
 o = ggml_oracle.load()
 x = _rows(4096, 24, 11)
 bad = {}
+im = np.abs(np.random.default_rng(12).standard_normal(4096)).astype(np.float32)
 for name in sys.argv[2].split(","):
     ours = quantize(torch.from_numpy(x), name).numpy()
     ref = o.quantize(x, GGMLQuantizationType[name])
     bad[name] = int((ours != ref).sum())
+    ours = quantize(torch.from_numpy(x), name, torch.from_numpy(im)).numpy()
+    ref = o.quantize(x, GGMLQuantizationType[name], im)
+    bad[name + "+imatrix"] = int((ours != ref).sum())
 print(torch.backends.cpu.get_cpu_capability(), bad)
 sys.exit(1 if any(bad.values()) else 0)
 """
