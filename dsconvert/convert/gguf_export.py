@@ -362,8 +362,9 @@ def _imatrix_plan(path: Path | None, plan: g2.GGUFPlan, types: dict[str, str]) -
 
     llama.cpp ignores importance weights for F32/F16/BF16/Q8_0 (accepted and ignored here too); every other
     type uses them (``quantize_row_*_impl``). Each tensor that uses them needs an entry of ``ne0 * n_mat``
-    values (``n_mat`` = experts, or heads of ``attn_k_b``/``attn_v_b``); ``token_embd`` may lack one (it is a
-    lookup, never a matmul input: llama.cpp quantizes it without).
+    values (``n_mat`` = experts, or heads of ``attn_k_b``/``attn_v_b``). ``token_embd`` (a lookup, never a matmul
+    input) and ``output`` (collected only with llama-imatrix ``--process-output``) may lack one: llama.cpp
+    quantizes them without weights, and so does this export (the report lists them).
 
     Returns:
         (report dict, ``{gguf name: float32 [n_mat, ne0]}`` for the tensors that use the weights).
@@ -383,7 +384,7 @@ def _imatrix_plan(path: Path | None, plan: g2.GGUFPlan, types: dict[str, str]) -
             continue
         e = entries.get(t.name)
         if e is None:
-            (without if t.name == "token_embd.weight" else missing).append(t.name)
+            (without if t.name in ("token_embd.weight", "output.weight") else missing).append(t.name)
             continue
         n_mat = t.shape[0] if len(t.shape) == 3 else 1
         if e.size != t.shape[-1] * n_mat:
