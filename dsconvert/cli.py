@@ -550,8 +550,8 @@ def gguf_cmd(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="the .gguf file to write")] = None,
     type_: Annotated[str, typer.Option("--type", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K "
                                                       "Q5_K Q6_K or a mix Q2_K_S Q3_K_S Q3_K_M Q3_K_L Q4_K_S "
-                                                      "Q4_K_M Q5_K_S Q5_K_M (llama-quantize rules; Q4_K = Q4_K_M "
-                                                      "--pure; IQ types are refused)")] = "BF16",
+                                                      "Q4_K_M Q5_K_S Q5_K_M, IQ4_NL IQ4_XS (llama-quantize rules; "
+                                                      "Q4_K = Q4_K_M --pure; other IQ types are refused)")] = "BF16",
     tensor_type: Annotated[Optional[list[str]], typer.Option(
         "--tensor-type", help="PATTERN=TYPE (regex on GGUF names, first match wins; repeatable)")] = None,
     output_tensor_type: Annotated[Optional[str], typer.Option("--output-tensor-type",

@@ -20,8 +20,9 @@ from dsconvert.testing import ggml_oracle
 
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+IQUANTS = ["IQ4_NL", "IQ4_XS"]
 PLAIN = ["F32", "F16", "BF16"]
-ALL = PLAIN + LEGACY + KQUANTS
+ALL = PLAIN + LEGACY + KQUANTS + IQUANTS
 
 
 def _rows(n: int, n_rows: int, seed: int) -> np.ndarray:
@@ -70,7 +71,7 @@ def test_unknown_type_lists_choices():
         get_type(1234)
 
 
-@pytest.mark.parametrize("name", LEGACY + KQUANTS)
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + IQUANTS)
 def test_bad_row_length(name):
     t = get_type(name)
     with pytest.raises(ValueError, match="multiple"):
@@ -106,7 +107,7 @@ def test_quantize_matches_gguf_py(name, data):
         np.testing.assert_array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("name", LEGACY + KQUANTS + ["BF16"])
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + IQUANTS + ["BF16"])
 def test_dequantize_matches_gguf_py(name, data):
     qt = GGMLQuantizationType[name]
     x = data[512]
@@ -129,7 +130,7 @@ def test_shapes_chunking_and_nd():
         dequantize(raw, "Q4_K", (3, 5, 256))
 
 
-@pytest.mark.parametrize("name", KQUANTS + LEGACY)
+@pytest.mark.parametrize("name", KQUANTS + LEGACY + IQUANTS)
 def test_roundtrip_error_is_sane(name):
     x = torch.randn(16, 1024)
     err = (dequantize(quantize(x, name), name, x.shape) - x).pow(2).mean().sqrt().item()
@@ -169,9 +170,9 @@ def test_exact_vs_llamacpp(oracle, name, data):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name", KQUANTS)
+@pytest.mark.parametrize("name", KQUANTS + IQUANTS)
 def test_kquants_vs_llamacpp(oracle, name, data):
-    """Every K-quant block is byte-identical to ``ggml_quantize_chunk`` (no tolerance)."""
+    """Every K-quant and IQ4 block is byte-identical to ``ggml_quantize_chunk`` (no tolerance)."""
     for n, x in data.items():
         bad, _, _, _, _ = _compare(oracle, name, x)
         assert not bad.any(), f"{name}: {int(bad.sum())}/{bad.size} blocks of the {n}-wide rows differ " \
@@ -187,7 +188,7 @@ def _imatrix(n: int, seed: int) -> np.ndarray:
     return im
 
 
-IMATRIX_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"] + KQUANTS
+IMATRIX_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"] + KQUANTS + IQUANTS
 
 
 @pytest.mark.llamacpp
@@ -253,13 +254,13 @@ def test_bytes_independent_of_cpu_kernels(oracle, capability):
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    r = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(root), ",".join(LEGACY + KQUANTS + PLAIN)],
+    r = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(root), ",".join(LEGACY + KQUANTS + IQUANTS + PLAIN)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name", PLAIN + LEGACY + KQUANTS)
+@pytest.mark.parametrize("name", PLAIN + LEGACY + KQUANTS + IQUANTS)
 def test_dequantize_exact_vs_llamacpp(oracle, name, data):
     x = data[4096][:16]
     qt = GGMLQuantizationType[name]
@@ -284,7 +285,7 @@ def test_special_values_vs_llamacpp(oracle):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", LEGACY + KQUANTS + PLAIN)
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + IQUANTS + PLAIN)
 def test_cuda_matches_cpu(name, data):
     x = torch.from_numpy(data[4096])
     cpu = quantize(x, name)

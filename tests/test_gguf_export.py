@@ -440,7 +440,7 @@ def _legacy_imatrix(path: Path, entries: dict[str, np.ndarray], ncall: int = 4) 
             f.write((v.astype(np.float32) * ncall).tobytes())
 
 
-def test_imatrix(tiny, work, tmp_path):
+def test_imatrix(tiny, kq, work, tmp_path):
     ck = ge.open_checkpoint(tiny)
     plan = ge.make_plan(ck, ge.GGUFOptions(type="Q8_0"), None)
     ent = {t.name: np.full(t.shape[-1] * (t.shape[0] if len(t.shape) == 3 else 1), 0.5, np.float32)
@@ -466,6 +466,10 @@ def test_imatrix(tiny, work, tmp_path):
 
     held = sorted({t.tensor_type.name for t in GGUFReader(str(work / "out" / "imx-Q8_0.gguf")).tensors})
     assert rep["plan"]["imatrix"]["used"] is False and rep["plan"]["imatrix"]["ignored_by_types"] == held
+    # llama-quantize refuses Q2_K_S (and the IQ1/IQ2 types) without an imatrix; so does gguf, before writing
+    res = cli("gguf", kq, "-o", work / "q2ks.gguf", "--type", "Q2_K_S")
+    assert res.exit_code == 2 and "importance matrix" in res.text and "dsconvert imatrix" in res.text
+    assert not (work / "q2ks.gguf").exists()
     garbage = tmp_path / "garbage.dat"
     garbage.write_bytes(b"\xff\xff\xff\x7f junk")
     res = cli("gguf", tiny, "--type", "Q8_0", "--imatrix", garbage, "--dry-run")
@@ -635,7 +639,7 @@ def _random_imatrix(kq: Path, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q4_0"])
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q4_0", "IQ4_XS", "Q2_K_S"])
 def test_imatrix_blocks_identical_to_llama_model_quantize(kq, work, ftype, tmp_path):
     """With an importance matrix, every block equals what ``llama_model_quantize`` writes from our F32 file
     given the same weights (its ``params.imatrix``): tensor types, per-expert and per-head slicing, bytes."""
@@ -668,7 +672,9 @@ def test_imatrix_blocks_identical_to_llama_model_quantize(kq, work, ftype, tmp_p
     shares = block_identity(ours, theirs)
     for t, (same, n) in shares.items():
         assert same == n, (ftype, t, same, n)
-    # and the weights matter: the same type without them differs
+    # and the weights matter: the same type without them differs (Q2_K_S cannot be made without them)
+    if ftype == "Q2_K_S":
+        return
     plain = work / "out" / f"kq-{ftype}.gguf"
     if not plain.exists():
         export(kq, plain, type=ftype)
@@ -678,7 +684,7 @@ def test_imatrix_blocks_identical_to_llama_model_quantize(kq, work, ftype, tmp_p
 
 @pytest.mark.llamacpp
 @pytest.mark.slow
-@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q5_K_M", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q5_K_M", "Q6_K", "Q4_0", "IQ4_XS", "IQ4_NL"])
 def test_blocks_identical_to_llama_model_quantize_slow(kq, work, ftype):
     _check_blocks(_llama_cpp(), kq, work, ftype)
 

@@ -611,7 +611,7 @@ def test_choose_type_v3_shapes():
     assert {t for n, t in types.items() if "attn_k_b" in n} == {"Q5_0"}
 
 
-LLAMA_FTYPES = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q2_K", "Q3_K_M"]
+LLAMA_FTYPES = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q2_K", "Q3_K_M", "IQ4_XS", "IQ4_NL"]
 
 
 def _quantize(llama_cpp, src: Path, dst: Path, ftype: str, *, overrides=(), output_type=None, embd_type=None,
@@ -669,7 +669,7 @@ def test_type_plan_matches_llama_quantize(tiny_gguf, tmp_path, ftype):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("ftype", ["Q4_0", "Q5_0", "Q4_K_M"])
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q5_0", "Q4_K_M", "Q2_K_S", "IQ4_XS"])
 def test_type_plan_with_imatrix_matches_llama_quantize(tiny_gguf, tmp_path, ftype):
     """An importance matrix changes llama.cpp's choices (Q4_0/Q5_0: the first n_layer/8 ffn_down become
     Q4_1/Q5_1); ``plan_types(has_imatrix=True)`` follows them."""
@@ -680,7 +680,7 @@ def test_type_plan_with_imatrix_matches_llama_quantize(tiny_gguf, tmp_path, ftyp
     got = _quantize(llama_cpp, src, tmp_path / f"{ftype}-im.gguf", ftype, imatrix=im)
     ours = plan_types(plan, ftype, tiny_cfg(), has_imatrix=True)
     assert ours == got
-    if ftype != "Q4_K_M":
+    if ftype in ("Q4_0", "Q5_0"):
         assert ours != plan_types(plan, ftype, tiny_cfg())
 
 

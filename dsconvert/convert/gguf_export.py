@@ -52,7 +52,7 @@ from gguf.gguf_writer import WriterState
 from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageError
 from ..formats import gguf_deepseek2 as g2
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from ..formats.gguf_types import FTYPE_NAMES, normalize_ftype, parse_tensor_type_override
+from ..formats.gguf_types import FTYPE_NAMES, normalize_ftype, parse_tensor_type_override, requires_imatrix
 from ..formats.hf_config import version_label
 from ..formats.safetensors_io import read_tensor, sha256_file
 from ..quant import ggml
@@ -321,6 +321,13 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
                          f"e.g. {who[0]})",
                          hint="supported types: " + ", ".join(sorted(have)) + "; quantize a BF16 GGUF with "
                               "llama-quantize for IQ types")
+    if opts.imatrix is None:
+        need = [n for n, t in types.items() if requires_imatrix(n, t, ftype)]
+        if need:
+            raise UsageError(f"--type {opts.type}: {len(need)} tensors (e.g. {need[0]} as {types[need[0]]}) need an "
+                             "importance matrix, as llama-quantize requires for this type",
+                             hint="compute one on the original with `dsconvert imatrix SRC -o imatrix.gguf`, then "
+                                  "add --imatrix imatrix.gguf")
     nbytes = {t.name: g2.tensor_nbytes(t.shape, types[t.name]) for t in plan}
     imatrix, importance = _imatrix_plan(opts.imatrix, plan, types)
 

@@ -538,3 +538,16 @@ def plan_types(
             output_type=output_type, embd_type=embd_type, pure=pure, tied_embeddings=tied,
             src_type="F32" if forced else src_type, fallback_f16=fallback_f16, has_imatrix=has_imatrix, state=st)
     return {n: out[n] for n in names}
+
+
+#: Types llama.cpp never quantizes without importance weights (``tensor_requires_imatrix``).
+_NEED_IMATRIX = {"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"}
+
+
+def requires_imatrix(gguf_name: str, qtype: str, ftype: str) -> bool:
+    """Whether ``llama_model_quantize`` refuses to write tensor ``gguf_name`` as ``qtype`` in an ``ftype`` file
+    without an imatrix: the IQ1/IQ2 types and IQ3_XXS, and Q2_K inside a Q2_K_S file; never ``token_embd`` or
+    ``output`` (source: llama.cpp ``src/llama-quant.cpp`` ``tensor_requires_imatrix``)."""
+    if gguf_name.startswith(("token_embd.", "output.")):
+        return False
+    return qtype in _NEED_IMATRIX or (qtype == "Q2_K" and ftype.upper() == "Q2_K_S")
