@@ -200,42 +200,47 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``make_qp_quants(n, nmax, x, L, quant_weights)``: weighted fit of non-negative values (the sub-block
-    scales or mins of a super-block) to ``scale * L`` with ``L`` in ``[0, nmax]``.
+    """``make_qp_quants(n, nmax, x, L, quant_weights)``: weighted fit of (mostly) non-negative values to
+    ``scale * L`` with ``L`` in ``[0, nmax]``.
 
-    ``x`` and ``w`` are ``(n, M)`` float32 (column = one super-block). Returns ``(scale (M,), L (n, M))``,
-    ``L`` as float32 integers (C stores them as ``uint8``; negative inputs give negative levels, which the
-    callers wrap modulo 256 as C does). Steps, in C order: ``iscale = nmax/max``; the 8 trial scales
+    ``x`` and ``w`` are ``(n, M)`` float32 (a column is one fit: the sub-block scales or mins of a K-quant
+    super-block, the magnitudes of an IQ2 32-block). Returns ``(scale (M,), L (n, M))``, ``L`` as the float32 values
+    of C's ``uint8_t`` array. Steps, in C order: ``iscale = nmax/max``; the 8 trial scales
     ``(0.1*is + nmax)/max`` kept on a lower weighted MSE; then 5 rounds of per-element coordinate descent
     (sequential over the ``n`` elements); columns with ``max < 1e-15`` give 0, 0.
-    Source: ggml-quants.c ``make_qp_quants`` (used by the imatrix paths of Q2_K, Q4_K, Q5_K).
+
+    C stores the levels in ``uint8_t``: a negative level (a negative input, as IQ2's sign trick produces) wraps
+    modulo 256 wherever it is read back from ``L`` (the first error sum, the descent), while the sums over local
+    ``int`` levels do not wrap; this function does the same.
+    Source: ggml-quants.c ``make_qp_quants`` (used by the imatrix paths of Q2_K, Q4_K, Q5_K and by IQ2/IQ1).
     """
     n, M = x.shape
     mx = x.amax(0)
     mx = torch.where(mx > 0, mx, torch.zeros_like(mx))
     zero = mx < GROUP_MAX_EPS
 
-    def mse(iscale, clamp):
-        l = nearest_int(x * iscale)
-        if clamp:
-            l = l.clamp(max=nmax)
-        diff = x - div(1, iscale) * l
+    def wrap(l):  # int -> uint8_t -> int
+        return torch.remainder(l, 256)
+
+    def sq_err(l, scale):
+        diff = x - scale * l
         return seqsum(w * diff * diff)
 
     iscale = div(nmax, mx)
-    best = mse(iscale, False)
+    best = sq_err(wrap(nearest_int(x * iscale)), div(1, iscale))
     for step in range(-4, 5):
         if step == 0:
             continue
         isc = div(_c(_c(_c(0.1) * step) + nmax), mx)
-        cur = mse(isc, True)
+        cur = sq_err(nearest_int(x * isc).clamp_(max=nmax), div(1, isc))
         upd = cur < best
         best = torch.where(upd, cur, best)
         iscale = torch.where(upd, isc, iscale)
-    L = nearest_int(x * iscale).clamp_(max=nmax)
+    lv = nearest_int(x * iscale).clamp_(max=nmax)
     wx = w * x
-    sumlx = seqsum(wx * L)
-    suml2 = seqsum(w * L * L)
+    sumlx = seqsum(wx * lv)
+    suml2 = seqsum(w * lv * lv)
+    L = wrap(lv)
     for _ in range(5):  # a round that changes nothing leaves the state as it is (C's early break)
         for i in range(n):
             Li = L[i]
@@ -245,7 +250,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.T
             slx2 = slx + wx[i] * new_l
             sl22 = sl2 + w[i] * new_l * new_l
             upd = (slx > 0) & (sl2 > 0) & (new_l != Li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[i] = torch.where(upd, new_l, Li)
+            L[i] = torch.where(upd, wrap(new_l), Li)
             sumlx = torch.where(upd, slx2, sumlx)
             suml2 = torch.where(upd, sl22, suml2)
     scale = torch.where(suml2 > 0, div(sumlx, suml2), torch.zeros_like(sumlx))
