@@ -217,3 +217,6 @@ class W8A16(Scheme):
     symmetric = True
     allow_per_channel = True
 
+
+# FP4 schemes register themselves into the same registry (their own module: docs/design.md §2).
+from dsconvert.quant import fp4_schemes as _fp4_schemes  # noqa: E402,F401
