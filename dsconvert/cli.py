@@ -326,6 +326,9 @@ Examples:
   dsconvert quantize DeepSeek-R1 -o R1-AWQ --awq --format awq
   dsconvert quantize DeepSeek-R1 -o R1-GPTQ --gptq --format gptq --ignore 're:.*kv_b_proj$'
   dsconvert quantize DeepSeek-R1 --scheme W8A16 --group-size -1 --dry-run
+  dsconvert quantize DeepSeek-R1 -o R1-NVFP4 --scheme NVFP4A16
+  dsconvert quantize DeepSeek-R1 -o R1-mix --preset experts-nvfp4-attn-fp8
+  dsconvert quantize DeepSeek-R1 -o R1-mix --scheme W8A16 --scheme-for '.*mlp\\.experts\\..*=MXFP4'
 """
 
 
@@ -334,7 +337,15 @@ Examples:
 def quantize_cmd(
     src: SrcArg,
     output: OutOpt = None,
-    scheme: Annotated[str, typer.Option("--scheme", help="W4A16 | W4A16_ASYM | W8A16")] = "W4A16",
+    scheme: Annotated[Optional[str], typer.Option(
+        "--scheme", help="W4A16 | W4A16_ASYM | W8A16 | NVFP4 | NVFP4A16 | MXFP4 | MXFP4A16 (see inspect "
+                         "--list-schemes); with a recipe: the scheme of modules no rule names [default: W4A16]")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", help="mixed recipe: experts-w4a16 | experts-nvfp4-attn-fp8 | experts-mxfp4 (the rest BF16)")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(
+        "--recipe", help="mixed recipe file (YAML/JSON): default + rules of targets -> scheme")] = None,
+    scheme_for: Annotated[Optional[list[str]], typer.Option(
+        "--scheme-for", help="REGEX=SCHEME: modules matching REGEX get SCHEME (BF16 keeps them); repeatable")] = None,
     group_size: Annotated[Optional[int], typer.Option(
         "--group-size", help="32 | 64 | 128 | -1 (per channel); default: the scheme's, 128")] = None,
     fmt: Annotated[str, typer.Option("--format", help="compressed-tensors | awq | gptq (on-disk layout)")] = "compressed-tensors",
@@ -372,7 +383,9 @@ def quantize_cmd(
             raise UsageError("give one of --awq, --gptq, --method", hint="they name the same choice")
         if not dry_run and output is None:
             raise UsageError("missing -o/--output", hint="dsconvert quantize SRC -o OUT (or --dry-run)")
-        opts = qz.Options(scheme=scheme, group_size=group_size, format=fmt, checkpoint_format=checkpoint_format,
+        opts = qz.Options(scheme=scheme or "W4A16", scheme_given=scheme is not None, preset=preset,
+                          recipe=str(recipe) if recipe is not None else None, scheme_for=list(scheme_for or []),
+                          group_size=group_size, format=fmt, checkpoint_format=checkpoint_format,
                           method=chosen[0] if chosen else method, ignore=list(ignore or []), strict=strict, mtp=mtp,
                           max_shard_size=_size(max_shard_size), device=device, workers=workers,
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
@@ -386,7 +399,9 @@ def quantize_cmd(
     def human(rep):
         p = rep["plan"]
         sch = rep["scheme"]
-        head = (f"{rep['options']['method'].upper()} {sch['name']} (g{sch['group_size']}) -> {rep['format']}: "
+        what = (f"{sch['name']} (g{sch['group_size']})" if "group_size" in sch else
+                " + ".join(f"{g['scheme']} x{g['modules']}" for g in p.get("config_groups", [])))
+        head = (f"{rep['options']['method'].upper()} {what} -> {rep['format']}: "
                 f"{p['quantized_modules']} modules quantized, {p['kept_tensors']} tensors kept; "
                 f"{p['bytes_written']['gb']:.3f} GB ({p['bytes_written']['gib']:.3f} GiB), "
                 f"{p['bits_per_weight_quantized']} bpw quantized, {p['bits_per_weight_overall']} bpw overall")
@@ -398,6 +413,9 @@ def quantize_cmd(
             if e:
                 out.print(f"  relative RMS weight error: mean {e['mean']:.4f}, max {e['max']:.4f} "
                           f"({e['worst'][0]['module']})")
+        for g in p.get("config_groups", []):
+            out.print(f"  {g['group']}: {g['scheme']} ({g['format']}) {g['modules']} modules, {g['parameters']:,} "
+                      f"weights, {g['bits_per_weight']} bpw, targets {', '.join(g['targets'])}")
 
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 

@@ -49,6 +49,11 @@ _LAYER_PREFIX = "model.layers."
 class Options:
     scheme: str = "W4A16"
     group_size: int | None = None  # None: the scheme's default
+    # mixed recipes (compressed-tensors config groups); scheme is then the scheme of unmatched modules
+    preset: str | None = None
+    recipe: str | None = None  # recipe file path
+    scheme_for: list[str] = field(default_factory=list)
+    scheme_given: bool = True  # False: --scheme not on the command line (a preset/recipe keeps the rest BF16)
     format: str = "compressed-tensors"
     checkpoint_format: str | None = None  # gptq only: gptq (v1, default) | gptq_v2
     method: str = "rtn"  # rtn | awq | gptq
@@ -69,7 +74,24 @@ class Options:
         d = asdict(self)
         for k in ("device", "workers", "chunk_bytes", "max_memory", "strict"):
             d.pop(k)
+        if not (self.preset or self.recipe or self.scheme_for):  # unchanged fingerprint for single-scheme runs
+            for k in ("preset", "recipe", "scheme_for", "scheme_given"):
+                d.pop(k)
+        elif self.recipe:
+            d["recipe_text"] = Path(self.recipe).read_text() if Path(self.recipe).is_file() else None
         return d
+
+    @property
+    def per_module(self) -> bool:
+        """Schemes are chosen per module (a recipe, or an FP4 scheme): the :mod:`.mixed` path."""
+        from ..quant.fp4_schemes import FP4Scheme
+
+        if self.preset or self.recipe or self.scheme_for:
+            return True
+        try:
+            return isinstance(get_scheme(self.scheme), FP4Scheme)
+        except KeyError:
+            return False
 
 
 def resolve_format(opts: Options) -> IntFormat:
@@ -125,6 +147,7 @@ class Plan:
     total_params: int
     peak_memory: int
     ignore_unmatched: list[str]
+    groups: list[dict] | None = None  # per config group (mixed / FP4 path): scheme, modules, bytes, bits/weight
 
     def summary(self) -> dict:
         return {
@@ -140,7 +163,14 @@ class Plan:
             "bits_per_weight_overall": round(8 * self.bytes_written / self.total_params, 4) if self.total_params else None,
             "peak_memory_estimate": bytes_fields(self.peak_memory),
             "ignore_patterns_unmatched": self.ignore_unmatched,
+            **({"config_groups": self.groups} if self.groups is not None else {}),
         }
+
+
+def _recipe_summary(opts: Options, assign) -> dict:
+    return {"default": assign.canonical(assign.recipe.default), "preset": opts.preset, "file": opts.recipe,
+            "rules": [{"targets": list(r.targets), "scheme": assign.canonical(r.scheme) or "BF16", "from": r.origin}
+                      for r in assign.recipe.rules]}
 
 
 def _natural_key(name: str) -> tuple:
@@ -222,8 +252,8 @@ def _with_override(name: str, producer, replaced: Callable[[str], torch.Tensor |
 
 
 def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[str], ModuleResult],
-              device: torch.device, replaced: Callable[[str], torch.Tensor | None] | None = None
-              ) -> tuple[Plan, _ModuleCache]:
+              device: torch.device, replaced: Callable[[str], torch.Tensor | None] | None = None,
+              assign=None) -> tuple[Plan, _ModuleCache]:
     """Plan from headers only; ``compute(module) -> ModuleResult`` produces a quantized module's tensors;
     ``replaced(name)`` (calibrated methods) returns a float tensor to write instead of a kept source tensor.
 
@@ -231,12 +261,15 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         ShapeError / UsageError: a group size that does not divide K, a spec the format cannot hold, a mixed
             fused group, an ``--ignore`` pattern matching nothing under ``--strict``.
     """
-    spec = resolve_spec(opts)
-    fmt.supports(spec)
     if opts.mtp not in ("keep", "drop"):
         raise UsageError(f"--mtp {opts.mtp!r}", hint="use keep or drop")
-    _check_group_size(ck, spec, opts)
-    policy = LayerPolicy(spec, list(opts.ignore))
+    if assign is None:
+        spec = resolve_spec(opts)
+        fmt.supports(spec)
+        _check_group_size(ck, spec, opts)
+        policy = LayerPolicy(spec, list(opts.ignore))
+    else:  # per-module schemes (convert/mixed.py): the assignment decides and plans each module
+        policy = assign.policy
     cache = _ModuleCache(compute)
     decisions: dict[str, bool] = {}
     units: dict[int, list[tuple[str, list[OutTensor]]]] = {}  # layer -> (source name, its output tensors)
@@ -252,13 +285,14 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         total_params += ent.numel
         src_bytes = ent.nbytes + (ck.entry(ck.scale_of(name)).nbytes if ent.dtype == "F8_E4M3" else 0)
         bytes_read += src_bytes
-        s = policy(name, ent.shape)
+        s = policy(name, ent.shape) if assign is None else assign(name, ent.shape)
         if LayerPolicy.quantizable(name, ent.shape):
             decisions[name] = s is not None
         outs: list[OutTensor]
         if s is not None:
             mod = module_of(name)
-            plans = fmt.plan(mod, tuple(ent.shape), spec)  # raises ShapeError with the module name
+            # raises ShapeError with the module name
+            plans = fmt.plan(mod, tuple(ent.shape), spec) if assign is None else s.plan(mod, tuple(ent.shape))
             outs = [OutTensor(p.name, p.safetensors_dtype, tuple(p.shape),
                               (lambda mod=mod, tn=p.name: iter([cache.take(mod, tn)])), "quantize", [name],
                               src_bytes if i == 0 else 0) for i, p in enumerate(plans)]
@@ -277,7 +311,10 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         if replaced is not None and s is None:
             outs[0].produce = _with_override(name, outs[0].produce, replaced, outs[0].dtype)
         units.setdefault(_layer_key(name), []).append((name, outs))
-    check_fused_groups(decisions)
+    if assign is None:
+        check_fused_groups(decisions)
+    else:
+        assign.check()
     # Canonical order inside a layer (natural name order), not the source's file order: the same weights give
     # the same bytes whether they come from the FP8 release or a re-sharded BF16 copy. A module's tensors stay
     # together, in the format's order.
@@ -294,7 +331,14 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     if opts.mtp == "drop":
         cfg["num_nextn_predict_layers"] = 0
     ignore_out = DEFAULT_IGNORE_PATTERNS + sorted({module_of(n) for n, q in decisions.items() if not q})
-    if fmt.name == "autoawq":
+    if assign is not None:
+        from .mixed import mixed_quantization_config
+
+        if not any(decisions.values()):
+            raise UsageError("the recipe quantizes no module (every quantizable module would stay BF16)",
+                             hint="check the --preset / --recipe / --scheme-for patterns against the module names")
+        cfg["quantization_config"] = mixed_quantization_config(assign.groups(), ignore_out)
+    elif fmt.name == "autoawq":
         user_ignored = sorted({module_of(n) for n, q in decisions.items() if not q})
         cfg["quantization_config"] = fmt.quantization_config(spec, user_ignored,
                                                              module_names=[module_of(n) for n in decisions]
@@ -307,6 +351,18 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     peak = BASE_RSS + 4 * 4 * largest + 4 * opts.chunk_bytes
     plan = Plan(shards, dropped, extra_files(ck.root), cfg, quantized, kept, bytes_read, written, q_params, q_bytes,
                 total_params, peak, unmatched)
+    if assign is not None:
+        from .mixed import describe_groups
+
+        numel = {module_of(n): ck.entry(n).numel for n in decisions}
+        mbytes: dict[str, int] = {}
+        for outs in units.values():
+            for _, ts in outs:
+                for t in ts:
+                    if t.action == "quantize":
+                        m = t.name.rsplit(".", 1)[0]
+                        mbytes[m] = mbytes.get(m, 0) + t.nbytes
+        plan.groups = describe_groups(assign.groups(), numel.__getitem__, lambda m: mbytes.get(m, 0))
     return plan, cache
 
 
@@ -436,15 +492,24 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if ck.config.get("quantization_config") and ck.fp8 is None:
         raise BadInputError(f"{src}: already quantized ({ck.config['quantization_config'].get('quant_method')})",
                             hint="quantize from the FP8 release or a BF16 checkpoint")
-    spec = resolve_spec(opts)
-    engine = None
-    if opts.method == "rtn":
+    engine = assign = None
+    if opts.per_module:
+        from .mixed import mixed_setup
+
+        assign, compute = mixed_setup(ck, opts, fmt, device, _read_weight)
+        spec = None
+    else:
+        spec = resolve_spec(opts)
+    if assign is not None:
+        pass
+    elif opts.method == "rtn":
         compute = rtn_compute(ck, fmt, lambda name: spec, device)
     else:
         from .calibrated import calibrated_compute
 
         compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
-    plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None)
+    plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None,
+                            assign=assign)
     if engine is not None:  # calibration holds activations and a layer's working set, not one module
         plan.peak_memory += engine.peak_memory_estimate()
     report = base_report(COMMAND)
@@ -452,7 +517,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         "source": {"path": str(src), "family": version_label(ck.config), "format": "fp8-block" if ck.fp8 else "float",
                    "tensors": len(ck.tensors)},
         "options": {**asdict(opts), "device": str(device)},
-        "scheme": {"name": opts.scheme, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric},
+        "scheme": ({"name": opts.scheme, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
+                   if spec is not None else {"name": opts.scheme if assign.recipe.default else None,
+                                              "recipe": _recipe_summary(opts, assign)}),
         "format": fmt.name,
         "quantization_config": plan.config["quantization_config"],
         "dry_run": dry_run,
@@ -470,6 +537,18 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
             report.setdefault("warnings", []).append(report["disk"]["problem"])
     if dry_run:
         return report
+    if assign is not None and assign.needs_input_calibration():
+        from .calibrated import calibration_ids
+        from .mixed import input_absmax
+
+        seqs = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len)
+        targets = {m for m, c in assign.module_codec.items() if getattr(c, "layout", None) is not None
+                   and c.layout.static_input_scale}
+        assign.set_input_amax(input_absmax(ck, targets, seqs))
+        report["calibration"] = {"purpose": "NVFP4 input_global_scale", "sequences": len(seqs),
+                                 "tokens": sum(len(q) for q in seqs),
+                                 "modules_observed": sum(1 for m in targets if m in assign.input_amax),
+                                 "modules_unobserved": sorted(m for m in targets if m not in assign.input_amax)[:20]}
     if out is None:
         raise UsageError("missing -o/--output", hint="dsconvert quantize SRC -o OUT --scheme W4A16")
     out = Path(out)

@@ -222,7 +222,8 @@ def check_fused_schemes(decisions: dict[str, str | None]) -> None:
     for g, by in groups.items():
         if len(by) > 1:
             (s1, m1), (s2, m2) = list(by.items())[:2]
+            counts = ", ".join(f"{len(v)} {k or 'BF16'}" for k, v in by.items())
             raise UsageError(f"{g} must share one scheme, but {m1[0]} would get {s1 or 'BF16'} and {m2[0]} "
-                             f"{s2 or 'BF16'} ({', '.join(f'{len(v)} {k or 'BF16'}' for k, v in by.items())})",
+                             f"{s2 or 'BF16'} ({counts})",
                              hint="serving engines fuse these layers: give every member the same scheme "
                                   "(widen or narrow the --scheme-for / recipe pattern)")

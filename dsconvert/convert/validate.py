@@ -144,8 +144,11 @@ def weight_source(path: Path):
 
 
 def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hidden: bool,
-                 progress: ByteProgress | None = None, label: str = "") -> tuple[list[torch.Tensor], list[list]]:
-    """Layer-major forward of several sequences: returns (logits per sequence, hidden states per layer per seq)."""
+                 progress: ByteProgress | None = None, label: str = "", on_linear=None
+                 ) -> tuple[list[torch.Tensor], list[list]]:
+    """Layer-major forward of several sequences: returns (logits per sequence, hidden states per layer per seq).
+
+    ``on_linear`` is the reference forward's Linear input hook (it may replace a Linear's input)."""
     model = ReferenceModel(LayerCachedSource(source), dtype=dtype)
     n = model.cfg.num_hidden_layers
     ids = [torch.tensor(s, dtype=torch.long) for s in seqs]
@@ -156,7 +159,7 @@ def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hi
         for layer in range(n):
             if progress is not None:
                 progress.describe(f"{label} layer ({layer + 1}/{n})")
-            hs = model.layer_forward_many(layer, hs, pos)
+            hs = model.layer_forward_many(layer, hs, pos, on_linear)
             if return_hidden:
                 hidden.append([h.float().clone() for h in hs])
             if progress is not None:

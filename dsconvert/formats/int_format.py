@@ -29,6 +29,7 @@ SAFETENSORS_DTYPE = {
     torch.float32: "F32",
     torch.int8: "I8",
     torch.uint8: "U8",
+    torch.float8_e4m3fn: "F8_E4M3",
 }
 
 
