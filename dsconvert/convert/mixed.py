@@ -3,8 +3,8 @@
 :class:`Assignment` maps every quantizable weight to a :class:`ModuleCodec` (or None: kept in BF16) from a
 :class:`~dsconvert.convert.recipe.Recipe` and ``--ignore``; :func:`mixed_quantization_config` writes one config
 group per scheme, as compressed-tensors' ``QuantizationConfig.from_pretrained`` does (``group_0``, ``group_1``...
-in order of first use; the scheme of unmatched modules targets ``Linear``, the others their recipe patterns;
-top-level ``format`` is the groups' common format or ``mixed-precision``).
+in order of first use, except that the scheme of unmatched modules, which targets ``Linear``, comes last; the
+others target their recipe patterns; top-level ``format`` is the groups' common format or ``mixed-precision``).
 
 Codecs:
 
@@ -219,8 +219,8 @@ class Assignment:
                 c.input_amax = amax
 
     def groups(self) -> list[_Group]:
-        """Config groups in order of first use: the default scheme targets ``Linear``; the others the targets of
-        the rules that chose them (only rules that matched a module)."""
+        """Config groups in order of first use, the default scheme's (targets ``Linear``) last; the others target
+        the patterns of the rules that chose them (only rules that matched a module)."""
         out: dict[str, _Group] = {}
         for name, scheme in self.decisions.items():
             if scheme is not None:
@@ -233,7 +233,9 @@ class Assignment:
             for r in self.recipe.rules:
                 if self.canonical(r.scheme) == scheme and any(r.matches(m) for m in g.modules):
                     g.targets += [t for t in r.targets if t not in g.targets]
-        return list(out.values())
+        # the class-target group last: vLLM prefers name/regex targets anyway, but compressed-tensors' offline
+        # tools (its dequantizer) give each module to the first group that matches it
+        return sorted(out.values(), key=lambda g: g.targets == ["Linear"])
 
 
 def mixed_quantization_config(groups: list[_Group], ignore: list[str]) -> dict:

@@ -241,6 +241,12 @@ def scan(root: str | os.PathLike) -> Checkpoint:
     return ck
 
 
+def _format_owned(ck: Checkpoint) -> bool:
+    """The checkpoint declares a quantized format dsconvert reads (its tensors are that format's business)."""
+    qc = ck.config.get("quantization_config") or {}
+    return bool(qc) and qc.get("quant_method") != "fp8" and detect_format(qc) is not None
+
+
 def _check_pairs(ck: Checkpoint) -> None:
     """Shape-level FP8 checks: every F8_E4M3 weight has an F32 2-D scale of the ceil-div grid; no orphans."""
     from ..quant.fp8_block import scale_grid  # pure shape helper
@@ -256,6 +262,8 @@ def _check_pairs(ck: Checkpoint) -> None:
                                        "(DeepSeek-V4-style layout)", s, name, unsupported=True,
                                        hint="V4/FP4 layouts are not supported"))
         elif ent.dtype == "F8_E4M3":
+            if ck.fp8 is None and name.endswith(".weight_scale") and _format_owned(ck):
+                continue  # NVFP4 e4m3 group scales of a compressed-tensors checkpoint: its format decodes them
             if ck.fp8 is None:
                 ck.problems.append(Problem("fp8_undeclared", f"tensor {name!r} is F8_E4M3 but config.json declares "
                                            "no FP8 quantization_config", s, name,
