@@ -211,7 +211,8 @@ def test_nvfp4_w4a4_has_calibrated_input_scales(outs):
     (["--scheme", "NVFP4", "--format", "awq"], "cannot store scheme NVFP4"),
     (["--preset", "experts-nope"], "unknown --preset"),
     (["--scheme-for", "no-equals-sign"], "REGEX=SCHEME"),
-    (["--scheme", "NVFP4", "--gptq"], "not supported"),
+    (["--scheme", "NVFP4", "--gptq"], "cannot be produced with --gptq"),
+    (["--preset", "experts-mxfp4", "--gptq"], "not supported"),
 ])
 def test_bad_recipes_exit_2_before_writing(src, tmp_path, args, needle):
     out = tmp_path / "o"

@@ -8,7 +8,8 @@ others target their recipe patterns; top-level ``format`` is the groups' common 
 
 Codecs:
 
-* :class:`IntCodec`: an integer weight-only scheme through the ``pack-quantized`` writer (the single-scheme path).
+* :class:`ContractCodec`: any scheme the format stores through the scheme/format contract (``IntFormat.bind``:
+  pack-quantized, int-quantized, float-quantized).
 * :class:`FP4Codec`: NVFP4 / MXFP4 through :mod:`dsconvert.formats.ct_fp4`. NVFP4 members of a fused pair
   ({q_a_proj, kv_a_proj_with_mqa}, {gate_proj, up_proj} of one MLP or expert) share one global scale from the
   absmax of both weights (docs/int-formats.md §8); NVFP4 W4A4 modules get ``input_global_scale`` from the
@@ -30,12 +31,12 @@ from ..formats.compressed_tensors import CT_LAYOUT_VERSION
 from ..formats.ct_fp4 import FP4_LAYOUTS, FP4Layout
 from ..formats.int_format import TensorPlan
 from ..quant.fp4_schemes import FP4Scheme
-from ..quant.rtn import QuantSpec, quantize_with_error
+from ..quant.rtn import QuantSpec
 from ..quant.schemes import SCHEMES, get_scheme, registered_schemes
 from .policy import LayerPolicy, module_of
 from .recipe import Recipe, check_fused_schemes
 
-__all__ = ["ModuleCodec", "IntCodec", "FP4Codec", "Assignment", "mixed_quantization_config", "input_absmax",
+__all__ = ["ModuleCodec", "ContractCodec", "FP4Codec", "Assignment", "mixed_quantization_config", "input_absmax",
            "fused_partners"]
 
 _PAIR = re.compile(r"^(?P<base>.*\.(?:mlp|mlp\.shared_experts|mlp\.experts\.\d+))\.(?P<p>gate_proj|up_proj)$")
@@ -72,22 +73,25 @@ class ModuleCodec:
         return None
 
 
-class IntCodec(ModuleCodec):
-    """Integer weight-only (``pack-quantized``) through the existing compressed-tensors writer."""
+class ContractCodec(ModuleCodec):
+    """Any scheme the ``--format`` stores through the scheme/format contract (W4A16, W8A16, W8A8, FP8_BLOCK...):
+    the scheme's kernel quantizes in the bound codec's storage, the codec plans, packs and describes its group."""
 
-    def __init__(self, scheme: str, fmt, spec: QuantSpec):
-        self.scheme, self.fmt, self.spec = scheme, fmt, spec
-        self.format = "pack-quantized"
+    def __init__(self, scheme, desc, codec):
+        self.scheme_obj, self.desc, self.codec = scheme, desc, codec
+        self.scheme = desc.name
+        self.format = codec.compression_format if hasattr(codec, "compression_format") else codec.name
+        self.spec = desc.spec
 
     def plan(self, module, shape):
-        return self.fmt.plan(module, tuple(shape), self.spec)
+        return self.codec.plan(module, tuple(shape), self.spec)
 
     def compute(self, module, w):
-        qt, err = quantize_with_error(w, self.spec, self.fmt.convention, name=module)
-        return self.fmt.encode_qtensor(module, qt), err
+        payload, err = self.scheme_obj.quantize_with_error(w, self.spec, self.codec.storage(self.desc), name=module)
+        return self.codec.encode_qtensor(module, payload), err
 
     def config_group(self, targets):
-        g = self.fmt.quantization_config(self.spec)["config_groups"]["group_0"]
+        g = self.codec.quantization_config(self.spec)["config_groups"]["group_0"]
         return {**g, "targets": list(targets)}
 
 
@@ -187,9 +191,13 @@ class Assignment:
                 if self.recipe.mixed and self.fmt.name != "compressed-tensors":
                     raise UsageError(f"a mixed recipe needs --format compressed-tensors (config groups); "
                                      f"format {self.fmt.name} holds one scheme (module {module})")
-                spec = sch.spec(self.group_size)
-                self.fmt.supports(spec)
-                self.codecs[scheme] = IntCodec(sch.name, self.fmt, spec)
+                try:
+                    desc = sch.describe(self.group_size)
+                except UsageError:
+                    if self.group_size is None:
+                        raise
+                    desc = sch.describe(None)  # --group-size applies to the group-wise schemes of a recipe
+                self.codecs[scheme] = ContractCodec(sch, desc, self.fmt.bind(desc, module))
         return self.codecs[scheme]
 
     def __call__(self, name: str, shape: tuple[int, ...]) -> ModuleCodec | None:

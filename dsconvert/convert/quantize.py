@@ -1,5 +1,10 @@
-"""``dsconvert quantize``: INT8/INT4 checkpoints (compressed-tensors, AutoAWQ GEMM, GPTQ) straight from the
-FP8 release or any BF16 checkpoint, streamed module by module.
+"""``dsconvert quantize``: INT8/INT4 and FP8 checkpoints (compressed-tensors, AutoAWQ GEMM, GPTQ, DeepSeek's own
+FP8 layout) straight from the FP8 release or any BF16 checkpoint, streamed module by module.
+
+The scheme (``--scheme`` with its options) is resolved to a
+:class:`~dsconvert.quant.schemes.SchemeDescription`; the output format binds it (``IntFormat.bind``: refuses, exit
+2, a scheme it cannot store, naming the module) to the codec that stores it. From here on the pipeline only calls
+the scheme's kernel and the codec's plan/encode/config methods: it never looks at either name.
 
 Each source weight is read (FP8 dequantized in memory by the exact fp8-to-bf16 rule: no BF16 copy on disk),
 quantized by the scheme's math in :mod:`dsconvert.quant` (RTN here; AWQ/GPTQ through the calibration engine),
@@ -28,8 +33,8 @@ from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.int_format import IntFormat
 from ..formats.registry import get_format, registered_formats
-from ..quant.rtn import QTensor, dequantize, quantize, quantize_with_error
-from ..quant.schemes import get_scheme, registered_schemes
+from ..quant.rtn import QTensor, QuantSpec, dequantize
+from ..quant.schemes import Scheme, SchemeDescription, get_scheme, registered_schemes
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
@@ -54,6 +59,7 @@ class Options:
     recipe: str | None = None  # recipe file path
     scheme_for: list[str] = field(default_factory=list)
     scheme_given: bool = True  # False: --scheme not on the command line (a preset/recipe keeps the rest BF16)
+    scale_fmt: str | None = None  # FP8_BLOCK: None (amax / 448) or "ue8m0" (power-of-two scales)
     format: str = "compressed-tensors"
     checkpoint_format: str | None = None  # gptq only: gptq (v1, default) | gptq_v2
     method: str = "rtn"  # rtn | awq | gptq
@@ -112,18 +118,45 @@ def resolve_format(opts: Options) -> IntFormat:
                          hint="formats: " + ", ".join(registered_formats())) from None
 
 
-def resolve_spec(opts: Options):
-    """The :class:`QuantSpec` of ``--scheme`` with ``--group-size``.
+def resolve_scheme(opts: Options) -> tuple[Scheme, SchemeDescription]:
+    """The scheme of ``--scheme`` and its description with ``--group-size`` / ``--scale-fmt`` applied.
 
     Raises:
-        UsageError: unknown scheme (listing the choices), or a group size the scheme does not take.
+        UsageError: unknown scheme (listing the choices), an option the scheme does not take, or a ``--method``
+            that cannot produce the scheme.
     """
     try:
         scheme = get_scheme(opts.scheme)
     except KeyError as e:
         raise UsageError(str(e.args[0]) if e.args else f"unknown scheme {opts.scheme!r}",
                          hint="schemes: " + ", ".join(registered_schemes())) from None
-    return scheme.spec(opts.group_size)
+    if opts.method not in scheme.methods:
+        raise UsageError(f"scheme {scheme.name} cannot be produced with --{opts.method}",
+                         hint=f"{scheme.name} takes: " + ", ".join("RTN (no flag)" if m == "rtn" else f"--{m}"
+                                                                    for m in scheme.methods))
+    return scheme, scheme.describe(opts.group_size, scale_fmt=opts.scale_fmt)
+
+
+def resolve_spec(opts: Options):
+    """The kernel spec (:class:`QuantSpec` or ``FP8BlockSpec``) of ``--scheme`` with its options.
+
+    Raises:
+        UsageError: as :func:`resolve_scheme`.
+    """
+    return resolve_scheme(opts)[1].spec
+
+
+def bind_format(ck: Checkpoint, fmt: IntFormat, desc: SchemeDescription, opts: Options) -> IntFormat:
+    """``fmt.bind(desc, module)`` for the first module the policy quantizes (named in the refusal).
+
+    Raises:
+        UsageError (exit 2): the format cannot store the scheme; nothing has been written.
+    """
+    probe = LayerPolicy(desc.spec, list(opts.ignore))
+    first = next((module_of(n) for n in source_order(ck)
+                  if not ck.is_scale(n) and not (opts.mtp == "drop" and ck.is_mtp(n))
+                  and probe(n, ck.entry(n).shape) is not None), None)
+    return fmt.bind(desc, first)
 
 
 @dataclass
@@ -330,21 +363,18 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     cfg = unquantized_config(ck.config, "bfloat16")
     if opts.mtp == "drop":
         cfg["num_nextn_predict_layers"] = 0
-    ignore_out = DEFAULT_IGNORE_PATTERNS + sorted({module_of(n) for n, q in decisions.items() if not q})
     if assign is not None:
         from .mixed import mixed_quantization_config
 
         if not any(decisions.values()):
             raise UsageError("the recipe quantizes no module (every quantizable module would stay BF16)",
                              hint="check the --preset / --recipe / --scheme-for patterns against the module names")
-        cfg["quantization_config"] = mixed_quantization_config(assign.groups(), ignore_out)
-    elif fmt.name == "autoawq":
-        user_ignored = sorted({module_of(n) for n, q in decisions.items() if not q})
-        cfg["quantization_config"] = fmt.quantization_config(spec, user_ignored,
-                                                             module_names=[module_of(n) for n in decisions]
-                                                             ) if user_ignored else fmt.quantization_config(spec)
+        cfg["quantization_config"] = mixed_quantization_config(
+            assign.groups(), DEFAULT_IGNORE_PATTERNS + sorted({module_of(n) for n, q in decisions.items() if not q}))
     else:
-        cfg["quantization_config"] = fmt.quantization_config(spec, ignore_out)
+        cfg["quantization_config"] = fmt.model_quantization_config(
+            spec, default_ignore=DEFAULT_IGNORE_PATTERNS, kept=sorted({module_of(n) for n, q in decisions.items() if not q}),
+            modules=[module_of(n) for n in decisions])
     written = sum(s.nbytes for s in shards)
     largest = max((ck.entry(n).numel for n in decisions), default=0)
     # one module in fp32 plus its quantized form and temporaries (~4x), plus the write queue
@@ -375,6 +405,8 @@ def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
     """
     from ..errors import ShapeError
 
+    if not isinstance(spec, QuantSpec):
+        return  # FP8 blocks take any shape: edge blocks are partial
     g = spec.group_size
     if g <= 0:
         return
@@ -418,15 +450,21 @@ def _layer_aligned_shards(groups: dict[int, list[OutTensor]], max_bytes: int) ->
     return [OutShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", p, keep_order=True) for i, p in enumerate(packed)]
 
 
-def rtn_compute(ck: Checkpoint, fmt: IntFormat, spec_of: Callable[[str], object], device: torch.device
+def rtn_compute(ck: Checkpoint, fmt: IntFormat, scheme: Scheme, desc: SchemeDescription, device: torch.device
                 ) -> Callable[[str], ModuleResult]:
-    """RTN: read (and dequantize) one weight, quantize with the format's convention, pack."""
+    """RTN: read (and dequantize) one weight, quantize with the scheme's kernel in the codec's storage, pack.
+
+    ``fmt`` is the codec bound to ``desc`` (:func:`bind_format`). An FP8 source weight is dequantized first (the
+    exact fp8-to-bf16 rule), so FP8_BLOCK from an FP8 source re-derives its scales from the dequantized weight
+    instead of reusing (or re-rounding) the source's scales under its payload.
+    """
+    spec, storage = desc.spec, fmt.storage(desc)
 
     def compute(module: str) -> ModuleResult:
         name = module + ".weight"
         w = _read_weight(ck, name).to(device)  # BF16 (FP8 dequantized), widened per chunk inside the kernel
-        qt, err = quantize_with_error(w, spec_of(name), fmt.convention, name=module)
-        return ModuleResult({k: v.cpu() for k, v in fmt.encode_qtensor(module, qt).items()}, err)
+        payload, err = scheme.quantize_with_error(w, spec, storage, name=module)
+        return ModuleResult({k: v.cpu() for k, v in fmt.encode_qtensor(module, payload).items()}, err)
 
     return compute
 
@@ -487,7 +525,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if out is not None:
         check_paths(src, Path(out))
     device = resolve_device(opts.device)
-    fmt = resolve_format(opts)
+    base_fmt = resolve_format(opts)
+    scheme, desc = resolve_scheme(opts)
     ck = open_checkpoint(src, check_values=not dry_run)
     if ck.config.get("quantization_config") and ck.fp8 is None:
         raise BadInputError(f"{src}: already quantized ({ck.config['quantization_config'].get('quant_method')})",
@@ -496,14 +535,15 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if opts.per_module:
         from .mixed import mixed_setup
 
-        assign, compute = mixed_setup(ck, opts, fmt, device, _read_weight)
-        spec = None
+        assign, compute = mixed_setup(ck, opts, base_fmt, device, _read_weight)
+        fmt, spec = base_fmt, None
     else:
-        spec = resolve_spec(opts)
+        fmt = bind_format(ck, base_fmt, desc, opts)
+        spec = desc.spec
     if assign is not None:
         pass
     elif opts.method == "rtn":
-        compute = rtn_compute(ck, fmt, lambda name: spec, device)
+        compute = rtn_compute(ck, fmt, scheme, desc, device)
     else:
         from .calibrated import calibrated_compute
 
@@ -517,9 +557,11 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         "source": {"path": str(src), "family": version_label(ck.config), "format": "fp8-block" if ck.fp8 else "float",
                    "tensors": len(ck.tensors)},
         "options": {**asdict(opts), "device": str(device)},
-        "scheme": ({"name": opts.scheme, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
-                   if spec is not None else {"name": opts.scheme if assign.recipe.default else None,
-                                              "recipe": _recipe_summary(opts, assign)}),
+        "scheme": ({"name": desc.name, "bits": desc.weights.bits,
+                    "group_size": spec.group_size if isinstance(spec, QuantSpec) else None,
+                    "symmetric": desc.weights.symmetric, **desc.to_dict()}
+                   if assign is None else {"name": assign.canonical(assign.recipe.default),
+                                           "recipe": _recipe_summary(opts, assign)}),
         "format": fmt.name,
         "quantization_config": plan.config["quantization_config"],
         "dry_run": dry_run,

@@ -3,8 +3,8 @@
 Which group a module belongs to follows vLLM's ``find_matched_target``: a module listed in ``ignore`` (exact
 name or ``re:`` regex) has none; otherwise an exact-name or ``re:`` target wins over the class target
 ``Linear`` (every module this reader serves is a Linear). Each group's ``format`` says how its tensors decode:
-``pack-quantized`` through :class:`~dsconvert.formats.compressed_tensors.CompressedTensorsFormat`,
-``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` through :mod:`dsconvert.formats.ct_fp4`.
+``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` through :mod:`dsconvert.formats.ct_fp4`, every other
+format through its registered compressed-tensors codec (pack-, int-, float-quantized).
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import torch
 
 from dsconvert.errors import UnsupportedError
 from dsconvert.formats.ct_fp4 import fp4_layout_from_group
-from dsconvert.formats.int_format import by_suffix
-from dsconvert.quant.rtn import QuantSpec
 
 __all__ = ["CompressedTensorsGroupsReader", "match_target", "group_of"]
 
-_FORMATS = {"pack-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized"}
-_SUFFIXES = ["weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_global_scale",
-             "input_global_scale"]
+_FP4_FORMATS = {"nvfp4-pack-quantized", "mxfp4-pack-quantized"}
+# the first is the marker every quantized module has (QuantizedReader finds modules by it)
+_SUFFIXES = ["weight_scale", "weight_packed", "weight_shape", "weight_zero_point", "weight_global_scale",
+             "input_global_scale", "weight"]
 
 
 def match_target(target: str, module: str) -> bool:
@@ -55,13 +54,28 @@ class CompressedTensorsGroupsReader:
 
     name = "compressed-tensors"
 
+    def __init__(self, qc: dict | None = None):
+        self.qc = qc or {}
+
+    def from_config(self, qc: dict) -> "CompressedTensorsGroupsReader":
+        """A reader bound to ``qc`` (modules find their group in it)."""
+        return CompressedTensorsGroupsReader(qc)
+
+    @property
+    def marker_suffix(self) -> str:
+        return _SUFFIXES[0]
+
     @classmethod
     def detect(cls, qc: dict) -> bool:
         qc = qc or {}
         if qc.get("quant_method") != "compressed-tensors":
             return False
+        from dsconvert.formats.compressed_tensors import CT_COMPRESSORS, CompressedTensorsFormat
+
+        CompressedTensorsFormat.codecs()  # registers the compression formats
         fmts = {(g or {}).get("format") or qc.get("format") for g in (qc.get("config_groups") or {}).values()}
-        return bool(fmts) and fmts <= _FORMATS and fmts != {"pack-quantized"}
+        known = _FP4_FORMATS | set(CT_COMPRESSORS.names())
+        return bool(fmts) and fmts <= known and (len(fmts) > 1 or bool(fmts & _FP4_FORMATS))
 
     def spec_from_config(self, qc: dict) -> None:
         """Modules differ: there is no single spec (see :meth:`decode`)."""
@@ -72,12 +86,14 @@ class CompressedTensorsGroupsReader:
     def tensor_names(self, prefix: str, spec=None) -> list[str]:
         return [f"{prefix}.{s}" if prefix else s for s in _SUFFIXES]
 
-    def decode(self, tensors: Mapping[str, torch.Tensor], qc: dict) -> torch.Tensor:
-        """float32 ``[M, N]`` weight of one module as the loader computes it (bf16 values, widened).
+    def decode(self, tensors: Mapping[str, torch.Tensor], qc: dict | None = None) -> torch.Tensor:
+        """float32 ``[M, N]`` weight of one module as the loader computes it (bf16 values, widened); ``qc``
+        defaults to the config this reader is bound to.
 
         Raises:
             UnsupportedError: the module has no config group, or its group's format is not read here.
         """
+        qc = qc if isinstance(qc, dict) else self.qc
         names = list(tensors)
         module = names[0].rsplit(".", 1)[0] if "." in names[0] else ""
         g = group_of(qc, module)
@@ -86,13 +102,12 @@ class CompressedTensorsGroupsReader:
         layout = fp4_layout_from_group(g)
         if layout is not None:
             return layout.decode(tensors, torch.bfloat16).to(torch.float32)
-        if (g.get("format") or qc.get("format")) != "pack-quantized":
-            raise UnsupportedError(f"module {module!r}: config group format {g.get('format')!r} is not read here")
-        from dsconvert.formats.compressed_tensors import CompressedTensorsFormat
+        # any other group: the registered compressed-tensors codec of its format, on a one-group config
+        from dsconvert.formats.compressed_tensors import CT_COMPRESSORS
 
-        w = g.get("weights") or {}
-        gs = -1 if w.get("strategy") == "channel" else int(w["group_size"])
-        spec = QuantSpec(bits=int(w["num_bits"]), group_size=gs, symmetric=bool(w.get("symmetric", True)))
-        t = by_suffix(tensors)
-        t.pop("input_global_scale", None)
-        return CompressedTensorsFormat().decode(t, spec)
+        fmt = g.get("format") or qc.get("format")
+        if fmt not in CT_COMPRESSORS:
+            raise UnsupportedError(f"module {module!r}: config group format {fmt!r} is not read here")
+        sub = {**qc, "config_groups": {"group_0": g}, "format": fmt}
+        t = {k: v for k, v in tensors.items() if not k.endswith(".input_global_scale")}
+        return CT_COMPRESSORS.get(fmt)().decode(t, sub)

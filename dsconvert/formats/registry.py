@@ -61,4 +61,5 @@ def _load_builtins() -> None:
     # Import for the registration side effect; deferred to avoid an import cycle.
     import dsconvert.formats.autoawq  # noqa: F401
     import dsconvert.formats.compressed_tensors  # noqa: F401
+    import dsconvert.formats.deepseek_fp8  # noqa: F401
     import dsconvert.formats.gptq  # noqa: F401

@@ -28,7 +28,7 @@ class FP4Scheme:
     methods: ClassVar[tuple[str, ...]] = ("rtn",)
     summary: ClassVar[str] = ""
 
-    def spec(self, group_size: int | None = None):
+    def spec(self, group_size: int | None = None, *, scale_fmt: str | None = None):
         """FP4 has no integer spec.
 
         Raises:
@@ -37,7 +37,17 @@ class FP4Scheme:
         raise UsageError(f"scheme {self.name} stores e2m1 floats, which only --format compressed-tensors holds",
                          hint="use --format compressed-tensors, or an integer scheme (W4A16, W8A16) for awq/gptq")
 
-    def describe(self, group_size: int | None = None) -> SchemeDescription:
+    def describe(self, group_size: int | None = None, *, scale_fmt: str | None = None) -> SchemeDescription:
+        """The scheme as data.
+
+        Raises:
+            UsageError: a ``group_size`` other than the scheme's own, or any ``scale_fmt`` (FP4 scales are fixed).
+        """
+        if group_size is not None and group_size != self.group_size:
+            raise UsageError(f"scheme {self.name} groups {self.group_size} inputs per scale; --group-size "
+                             f"{group_size} does not apply", hint="drop --group-size")
+        if scale_fmt is not None:
+            raise UsageError(f"scheme {self.name} has no --scale-fmt option", hint="drop --scale-fmt")
         w = WeightArgs(type="float", bits=4, strategy="tensor_group" if self.kind == "nvfp4" else "group",
                        group_size=self.group_size,
                        scale_dtype="float8_e4m3fn" if self.kind == "nvfp4" else "uint8",
