@@ -590,6 +590,10 @@ def validate_cmd(
     max_kld: Annotated[float, typer.Option("--max-kld", help="fail above this Mean KLD")] = 0.01,
     min_top1: Annotated[float, typer.Option("--min-top1", help="fail below this Same top p (0..1)")] = 0.97,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    emulate_activations: Annotated[bool, typer.Option(
+        "--emulate-activations/--no-emulate-activations",
+        help="quantize Linear inputs as the candidate's quantization_config declares (W8A8, FP8_BLOCK, NVFP4, "
+             "MXFP4), as the serving engine does")] = True,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
@@ -599,7 +603,8 @@ def validate_cmd(
 
     def body():
         opts = ValidateOptions(token_ids=_ids(token_ids), prompts=prompts, seq_len=seq_len, num_samples=num_samples,
-                               max_kld=max_kld, min_top1=min_top1, dtype=dtype)
+                               max_kld=max_kld, min_top1=min_top1, dtype=dtype,
+                               emulate_activations=emulate_activations)
         rep = run_validate(candidate, reference, opts, progress=_progress_enabled(quiet))
         if not rep["passed"]:
             rep["_exit_code"] = 4

@@ -47,6 +47,14 @@ class CheckpointWeightSource:
             return True
         return name in self.ck.tensors and not self.ck.is_scale(name)
 
+    def has_raw(self, name: str) -> bool:
+        """A tensor stored under exactly this name (quantization parameters included)."""
+        return name in self.ck.tensors
+
+    def get_raw(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name`` as is (e.g. an NVFP4 module's ``input_global_scale``)."""
+        return self.ck.read(name)
+
     def get(self, name: str) -> torch.Tensor:
         if self._quant is not None and self._quant.has(name):
             return self._quant.get(name)
