@@ -133,7 +133,11 @@ def inspect_checkpoint(src: Path) -> dict:
         from ..formats.registry import detect_format
         fmt = detect_format(qc)
     int_info = None
-    if fmt is not None and hasattr(fmt, "spec_from_config"):
+    if fmt is not None and hasattr(fmt, "inspect_summary"):  # per-config-group checkpoints (FP4, mixed recipes)
+        int_info, int_problems, q_params, q_names = fmt.from_config(qc).inspect_summary(ck)
+        problems += int_problems
+        params = q_params + sum(e.numel for n, (_, e) in ck.tensors.items() if n not in q_names and not ck.is_scale(n))
+    elif fmt is not None and hasattr(fmt, "spec_from_config"):
         int_info, int_problems, q_params, q_names = _int_summary(ck, fmt)
         problems += int_problems
         params = q_params + sum(e.numel for n, (_, e) in ck.tensors.items() if n not in q_names and not ck.is_scale(n))

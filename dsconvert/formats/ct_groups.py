@@ -111,3 +111,68 @@ class CompressedTensorsGroupsReader:
         sub = {**qc, "config_groups": {"group_0": g}, "format": fmt}
         t = {k: v for k, v in tensors.items() if not k.endswith(".input_global_scale")}
         return CT_COMPRESSORS.get(fmt)().decode(t, sub)
+
+    def inspect_summary(self, ck) -> tuple[dict, list[dict], int, set[str]]:
+        """For ``inspect``, from headers (plus the tiny ``weight_shape`` tensors): per config group its format,
+        modules, logical weights, bytes and bits per weight; the totals; and fused groups split across groups.
+
+        Returns ``(summary, problems, logical parameters of the quantized modules, their tensor names)``.
+        """
+        from dsconvert.convert.policy import fused_group  # data table only
+
+        qc = self.qc
+        names = {n: e for n, (_, e) in ck.tensors.items()}
+        mods = sorted({n.rsplit(".", 1)[0] for n in names if n.endswith("." + _SUFFIXES[0])})
+        per: dict[str, dict] = {}
+        key_of: dict[str, str] = {}
+        qnames: set[str] = set()
+        total_p = total_b = 0
+        for m in mods:
+            g = group_of(qc, m)
+            gk = next((k for k, v in (qc.get("config_groups") or {}).items() if v is g), None)
+            if gk is None:
+                continue
+            own = [n for n in names if n.rsplit(".", 1)[0] == m and n.rsplit(".", 1)[1] in _SUFFIXES]
+            packed = names.get(m + ".weight_packed")
+            if packed is not None and packed.dtype == "U8":
+                params = packed.shape[0] * packed.shape[1] * 2
+            elif packed is not None and m + ".weight_shape" in names:
+                params = int(torch.prod(ck.read(m + ".weight_shape")).item())
+            elif m + ".weight" in names:
+                params = names[m + ".weight"].numel
+            else:
+                continue
+            b = sum(names[n].nbytes for n in own)
+            d = per.setdefault(gk, {"group": gk, "format": g.get("format") or qc.get("format"),
+                                    "targets": g.get("targets"), "weights": g.get("weights"),
+                                    "input_activations": g.get("input_activations"), "modules": 0,
+                                    "parameters": 0, "bytes": 0})
+            d["modules"] += 1
+            d["parameters"] += params
+            d["bytes"] += b
+            total_p += params
+            total_b += b
+            qnames.update(own)
+            key_of[m] = gk
+        for d in per.values():
+            d["bits_per_weight"] = round(8 * d["bytes"] / d["parameters"], 4) if d["parameters"] else None
+        problems: list[dict] = []
+        fused: dict[str, dict[str, list[str]]] = {}
+        for n, e in names.items():
+            if n.endswith(".weight") or n.endswith("." + _SUFFIXES[0]):
+                m = n.rsplit(".", 1)[0]
+                fg = fused_group(m + ".weight")
+                if fg is not None:
+                    fused.setdefault(fg, {}).setdefault(key_of.get(m, "BF16"), [])
+                    if m not in fused[fg][key_of.get(m, "BF16")]:
+                        fused[fg][key_of.get(m, "BF16")].append(m)
+        for fg, by in fused.items():
+            if len(by) > 1:
+                (k1, m1), (k2, m2) = list(by.items())[:2]
+                problems.append({"kind": "fused_group_split", "fatal": True, "file": "",
+                                 "message": f"{fg}: {m1[0]} is {k1} but {m2[0]} is {k2}",
+                                 "hint": "vLLM and SGLang load these as one fused layer; they must share a scheme"})
+        summary = {"format": "compressed-tensors", "compression_format": qc.get("format"),
+                   "config_groups": list(per.values()), "quantized_modules": sum(d["modules"] for d in per.values()),
+                   "bits_per_weight": round(8 * total_b / total_p, 4) if total_p else None}
+        return summary, problems, total_p, qnames
