@@ -129,7 +129,7 @@ def inspect_checkpoint(src: Path) -> dict:
     problems = [p.to_dict() for p in ck.problems]
     qc = ck.config.get("quantization_config") or {}
     fmt = None
-    if qc:
+    if qc and ck.fp8 is None:  # DeepSeek's own FP8 config is described by ck.fp8 (and may be stale: see below)
         from ..formats.registry import detect_format
         fmt = detect_format(qc)
     int_info = None
