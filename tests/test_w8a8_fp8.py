@@ -98,7 +98,7 @@ def test_library_decompresses_our_module_exactly(scheme, shape):
 def test_library_compresses_to_our_fp8_block_bytes():
     """compressed-tensors' own compress() under our scales gives our payload when it divides in float32 (same
     padding, division and cast). Given the BF16 weight itself it divides in bf16 and rounds twice: then a few
-    percent of the codes differ, by one e4m3 step at most (docs/int-formats.md, FP8_BLOCK)."""
+    percent of the codes differ, by one e4m3 step at most (docs/int-formats.md §10)."""
     desc = get_scheme("FP8_BLOCK").describe()
     codec = get_format("compressed-tensors").bind(desc)
     w = _weight(200, 300, seed=6)

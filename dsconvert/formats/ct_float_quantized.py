@@ -14,8 +14,8 @@ This is DeepSeek's own layout with ``weight_scale_inv`` renamed and the scale in
 128 channels at run time (``input_activations: {strategy: group, group_size: 128, dynamic: true}``).
 
 Source: compressed-tensors 0.20.1 ``compressors/naive_quantized/base.py`` (``FloatQuantizationCompressor``,
-padding for block strategies), ``quantization/quant_scheme.py::FP8_BLOCK``. Verified against the installed
-library in tests/test_w8a8_fp8.py.
+padding for block strategies), ``quantization/quant_scheme.py::FP8_BLOCK``; docs/int-formats.md §10. Verified
+against the installed library in tests/test_w8a8_fp8.py.
 """
 
 from __future__ import annotations

@@ -17,8 +17,7 @@ Everything else (embeddings, ``lm_head``, norms, the router and its F32 ``e_scor
 modules in BF16. The output reads back in dsconvert as an FP8 release (``fp8-to-bf16``, ``validate``,
 ``quantize``) and in transformers through its fine-grained FP8 loader (tests/test_w8a8_fp8.py).
 
-Sources: DeepSeek-V3 ``config.json`` and ``README_WEIGHTS.md``; docs/checkpoint-layout.md; docs/int-formats.md
-("DeepSeek FP8").
+Sources: DeepSeek-V3 ``config.json`` and ``README_WEIGHTS.md``; docs/checkpoint-layout.md; docs/int-formats.md §11.
 """
 
 from __future__ import annotations

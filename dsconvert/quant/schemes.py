@@ -14,7 +14,7 @@ for FP8 blocks), :meth:`Scheme.quantize_with_error` produces the payload a forma
 dtype for FP8), and :meth:`Scheme.dequantize` is its exact inverse. :attr:`Scheme.methods` lists the algorithms
 that can produce it (RTN always; AWQ/GPTQ for integer weights).
 
-The contract with formats (docs/int-formats.md, "Schemes and formats"): a format decides from the
+The contract with formats (docs/int-formats.md §8): a format decides from the
 :class:`SchemeDescription` alone whether it can store a scheme (``IntFormat.check_scheme``) and how
 (``IntFormat.bind``); the pipeline never looks at a format's or a scheme's name.
 
