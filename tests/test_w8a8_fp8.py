@@ -138,6 +138,22 @@ def test_quantization_config_equals_what_the_library_writes(scheme, fmt, tmp_pat
     assert {**lib, "version": None} == {**ours, "version": None}
 
 
+def test_deepseek_fp8_codec_is_deepseeks_block_rule():
+    from dsconvert.testing.fixtures import quantize_fp8_block as deepseek_rule
+
+    fmt = get_format("deepseek-fp8")
+    desc = get_scheme("FP8_BLOCK").describe()
+    assert fmt.bind(desc) is fmt
+    w = torch.randn(200, 300, generator=torch.Generator().manual_seed(7)) * 0.02
+    enc = fmt.encode("m", w, desc.spec)
+    q, s = deepseek_rule(w)
+    assert torch.equal(enc["m.weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(enc["m.weight_scale_inv"], s)
+    assert [(p.name, p.dtype, p.shape) for p in fmt.plan("m", (200, 300), desc.spec)] == [
+        ("m.weight", torch.float8_e4m3fn, (200, 300)), ("m.weight_scale_inv", torch.float32, (2, 3))]
+    assert torch.equal(fmt.decode(enc, desc.spec), dequant_fp8_block_reference(q, s).float())
+
+
 # --- end to end through the CLI -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -340,6 +340,13 @@ class FP8Block(Scheme):
                        scale_rule="pow2" if scale_fmt == "ue8m0" else "amax")
         return SchemeDescription(self.name, w, self.input_activations)
 
+    def quantize(self, w: torch.Tensor, storage: torch.dtype = torch.float32, group_size: int | None = None, *,
+                 spec: FP8BlockSpec | None = None, name: str | None = None) -> FP8BlockTensor:
+        """Block-FP8 quantize ``w`` ``[M, N]`` with scales stored as ``storage``
+        (:func:`dsconvert.quant.fp8_quant.quantize_fp8_block`)."""
+        return quantize_fp8_block(w, spec if spec is not None else self.spec(group_size), scale_dtype=storage,
+                                  name=name)
+
     def quantize_with_error(self, w: torch.Tensor, spec: FP8BlockSpec, storage: torch.dtype, *,
                             name: str | None = None) -> tuple[FP8BlockTensor, float]:
         """Block-FP8 quantize ``w`` ``[M, N]`` with scales stored as ``storage`` (float32 for DeepSeek's
