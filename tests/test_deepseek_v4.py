@@ -243,3 +243,229 @@ def test_make_fixture_cli(tmp_path):
     assert cfg["model_type"] == "deepseek_v4" and cfg["expert_dtype"] == "fp8" and cfg["num_nextn_predict_layers"] == 0
     assert run_cli("make-fixture", tmp_path / "b", "--arch", "v4", "--variant", "pro").rc == 2
     assert run_cli("make-fixture", tmp_path / "c", "--variant", "flash").rc == 2
+
+
+# -- reading: detection and pre-flight -----------------------------------------------------------------------------
+
+def _copy(src, tmp_path):
+    import shutil
+
+    d = tmp_path / "src"
+    shutil.copytree(src, d)
+    return d
+
+
+def _shard_of(src, name):
+    return src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+
+def _edit_shard(path, fn):
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as h:
+        t = {k: h.get_tensor(k) for k in h.keys()}
+    fn(t)
+    save_file(t, str(path), metadata={"format": "pt"})
+
+
+def _edit_index(src, fn):
+    p = src / "model.safetensors.index.json"
+    idx = json.loads(p.read_text())
+    fn(idx["weight_map"])
+    p.write_text(json.dumps(idx))
+
+
+def _edit_config(src, fn):
+    p = src / "config.json"
+    cfg = json.loads(p.read_text())
+    fn(cfg)
+    p.write_text(json.dumps(cfg))
+
+
+def _drop(name):
+    def damage(src):
+        _edit_shard(_shard_of(src, name), lambda t: t.pop(name))
+        _edit_index(src, lambda wm: wm.pop(name))
+    return damage
+
+
+def _replace(name, fn):
+    return lambda src: _edit_shard(_shard_of(src, name), lambda t: t.__setitem__(name, fn(t[name])))
+
+
+def _nan_scale(t):
+    b = t.view(torch.uint8).clone()
+    b.view(-1)[3] = 255
+    return b.view(torch.float8_e8m0fnu)
+
+
+def _add_unknown(src):
+    name = "layers.1.attn.wq_c.weight"
+    shard = _shard_of(src, "layers.1.attn.wq_a.weight")
+    _edit_shard(shard, lambda t: t.__setitem__(name, torch.zeros(4, 4, dtype=torch.bfloat16)))
+    _edit_index(src, lambda wm: wm.__setitem__(name, shard.name))
+
+
+def _v41(cfg):
+    cfg["quantization_config"]["weight_block_size"] = [32, 32]
+
+
+BAD_V4 = {
+    "missing FP4 scale": (_drop("layers.2.ffn.experts.3.w2.scale"), "layers.2.ffn.experts.3.w2.weight"),
+    "missing FP8 scale": (_drop("layers.0.attn.wkv.scale"), "layers.0.attn.wkv.weight"),
+    "missing tensor": (_drop("layers.1.attn.indexer.compressor.ape"), "layers.1.attn.indexer.compressor.ape"),
+    "wrong FP4 grid": (_replace("layers.0.ffn.experts.0.w1.scale", lambda t: t[:, :4].contiguous()),
+                       "layers.0.ffn.experts.0.w1.scale"),
+    "e8m0 NaN": (_replace("layers.3.attn.wo_b.scale", _nan_scale), "layers.3.attn.wo_b.scale"),
+    "e8m0 NaN in FP4 scale": (_replace("layers.1.ffn.experts.7.w3.scale", _nan_scale),
+                              "layers.1.ffn.experts.7.w3.scale"),
+    "unknown tensor": (_add_unknown, "layers.1.attn.wq_c.weight"),
+    "expert_dtype lies": (lambda src: _edit_config(src, lambda c: c.__setitem__("expert_dtype", "fp8")),
+                          "expert_dtype"),
+    "V4.1 32x32 blocks": (lambda src: _edit_config(src, _v41), "V4.1"),
+    "V4.1 model_type": (lambda src: _edit_config(src, lambda c: c.__setitem__("model_type", "deepseek_v41")),
+                        "V4.1"),
+}
+
+
+def test_v4_bad_inputs_refused_before_writing(v4_src, tmp_path):
+    """Every damaged copy: exit 3 before anything is written, the message names the tensor (or key) at fault."""
+    from tests.conftest import run_many
+
+    jobs, outs = {}, {}
+    for i, (case, (damage, _)) in enumerate(BAD_V4.items()):
+        d = _copy(v4_src, tmp_path / f"c{i}")
+        damage(d)
+        outs[case] = tmp_path / f"c{i}" / "out"
+        jobs[case] = ("fp8-to-bf16", d, "-o", outs[case])
+    res = run_many(jobs, parallel=2)
+    for case, (_, needle) in BAD_V4.items():
+        r = res[case]
+        assert r.rc == 3, f"{case}: {r}"
+        assert needle in r.stderr and "Traceback" not in r.stderr, f"{case}: {r}"
+        assert not outs[case].exists() or not any(outs[case].glob("*.safetensors")), case
+
+
+def test_v4_detected_and_header_problems_listed(v4_src):
+    from dsconvert.formats.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(v4_src)
+    assert ck.v4 is not None and ck.v4.expert_dtype == "fp4" and ck.problems == []
+    assert ck.scale_of("layers.0.attn.wq_a.weight") == "layers.0.attn.wq_a.scale"
+    assert ck.is_fp4_weight("layers.0.ffn.experts.0.w1.weight") and not ck.is_fp4_weight("layers.0.attn.wq_a.weight")
+    assert ck.is_mtp("mtp.0.e_proj.weight") and not ck.is_mtp("layers.3.attn.wq_a.weight")
+
+
+def test_v4_hash_layer_gate_bias_is_tolerated_and_copied(v4_src, tmp_path):
+    """A hash layer's ``ffn.gate.bias`` (unused by routing) is a warning, and is copied byte for byte."""
+    d = _copy(v4_src, tmp_path)
+    name, shard = "layers.0.ffn.gate.bias", _shard_of(d, "layers.0.ffn.gate.weight")
+    bias = torch.randn(8)
+    _edit_shard(shard, lambda t: t.__setitem__(name, bias))
+    _edit_index(d, lambda wm: wm.__setitem__(name, shard.name))
+    from tests.conftest import read_tensors, run_cli
+
+    r = run_cli("fp8-to-bf16", d, "-o", tmp_path / "out", "--json")
+    assert r.rc == 0, r
+    assert any(w.get("tensor") == name for w in r.json()["warnings"])
+    assert read_tensors(tmp_path / "out")[name][2] == bias.numpy().tobytes()
+
+
+# -- fp8-to-bf16 ---------------------------------------------------------------------------------------------------
+
+def _stored(src):
+    out = {}
+    for f in src.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def _check_bf16_output(src, out, mtp=True):
+    """Every quantized weight equals the numpy decoder's BF16 bits; every other tensor is byte-identical;
+    release names kept; no scale left."""
+    from tests.conftest import read_tensors
+
+    s = _stored(src)
+    got = read_tensors(out)
+    g = _expected(src)
+    want_names = {e.name for e in v4.expected_tensors(g) if mtp or e.layer < g.layers}
+    assert set(got) == want_names
+    n_deq = 0
+    for name, (dtype, shape, raw, _) in got.items():
+        w = s[name]
+        sname = v4.scale_name(name) if name.endswith(".weight") else None
+        if sname in s:
+            sc = s[sname]
+            ref = (np_dequant_fp4(_raw(w), _raw(sc)) if w.dtype == torch.int8 else
+                   np_dequant_fp8(_raw(w), _raw(sc) if sc.element_size() == 1 else sc.numpy()))
+            assert dtype == "bfloat16" and shape == ref.shape, name
+            assert raw == np_bf16_bits(ref).tobytes(), name
+            n_deq += 1
+        else:
+            assert raw == w.contiguous().view(torch.uint8).numpy().tobytes(), name
+            assert dtype == str(w.dtype).replace("torch.", ""), name
+    return n_deq
+
+
+@pytest.mark.parametrize("which", ["v4_src", "v4_base_src", "v4_odd_src"])
+def test_v4_fp8_to_bf16_matches_numpy_decoder(which, request, tmp_path):
+    from tests.conftest import run_cli
+
+    src = request.getfixturevalue(which)
+    out = tmp_path / "out"
+    r = run_cli("fp8-to-bf16", src, "-o", out, "--json")
+    assert r.rc == 0, r
+    n = _check_bf16_output(src, out)
+    g = _expected(src)
+    assert n == r.json()["plan"]["tensors"]["dequantized"] == sum(
+        1 for e in v4.expected_tensors(g) if v4.stored_dtype(e, g))
+    cfg = json.loads((out / "config.json").read_text())
+    src_cfg = json.loads((src / "config.json").read_text())
+    assert "quantization_config" not in cfg and "expert_dtype" not in cfg
+    assert {k: v for k, v in src_cfg.items() if k not in ("quantization_config", "expert_dtype")} == cfg
+    for f in ("encoding/encoding_dsv4.py", "inference/model.py", "tokenizer.json", "generation_config.json"):
+        assert (out / f).read_bytes() == (src / f).read_bytes(), f
+
+
+def test_v4_bf16_output_gives_transformers_the_same_logits(v4_src, tmp_path):
+    """transformers on the FP8/FP4 release directory and on our BF16 output: identical logits (fp32 and bf16
+    loads), over 160 tokens (longer than the sliding window 16 and the HCA ratio 128)."""
+    pytest.importorskip("accelerate")
+    from transformers import DeepseekV4ForCausalLM
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "out"
+    assert run_cli("fp8-to-bf16", v4_src, "-o", out).rc == 0
+    ids = torch.randint(0, 512, (1, 160), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = []
+        for d in (v4_src, out):
+            m = DeepseekV4ForCausalLM.from_pretrained(d, dtype=dtype)
+            with torch.no_grad():
+                logits.append(m(input_ids=ids, use_cache=False).logits)
+        assert torch.isfinite(logits[0]).all()
+        assert torch.equal(logits[0], logits[1]), dtype
+
+
+def test_v4_mtp_drop_dry_run_and_resume(v4_src, tmp_path):
+    from tests.conftest import run_cli, tree_hashes
+
+    out = tmp_path / "out"
+    dry = run_cli("fp8-to-bf16", v4_src, "-o", out, "--mtp", "drop", "--dry-run", "--json")
+    assert dry.rc == 0 and not out.exists(), dry
+    planned = dry.json()["plan"]["bytes_written"]["bytes"]
+    r = run_cli("fp8-to-bf16", v4_src, "-o", out, "--mtp", "drop", "--json")
+    assert r.rc == 0, r
+    assert planned == json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    _check_bf16_output(v4_src, out, mtp=False)
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    first = tree_hashes(out)
+    shard = sorted(out.glob("*.safetensors"))[1]
+    shard.unlink()
+    r2 = run_cli("fp8-to-bf16", v4_src, "-o", out, "--mtp", "drop", "--json")
+    assert r2.rc == 0 and r2.json()["shards_written"] == 1, r2
+    again = tree_hashes(out)
+    assert {k: v for k, v in again.items() if k not in ("report.json", "manifest.json")} == \
+        {k: v for k, v in first.items() if k not in ("report.json", "manifest.json")}

@@ -28,6 +28,8 @@ __all__ = ["E2M1_VALUES", "e8m0_to_float32", "dequant_fp4", "quantize_fp4", "qua
 FP4_GROUP = 32
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _E2M1 = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+# byte -> (value of the low nibble, value of the high nibble): one gather decodes a packed byte
+_E2M1_PAIRS = torch.stack([_E2M1[torch.arange(256) & 0xF], _E2M1[torch.arange(256) >> 4]], dim=-1)  # [256, 2]
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -85,8 +87,7 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtyp
         raise ValueError(f"FP4 scale shape {tuple(scale.shape)} does not match weight [{m}, {n}] "
                          f"(expected [{m}, {n // FP4_GROUP}])")
     u8 = packed.contiguous().view(torch.uint8)
-    lut = _E2M1.to(packed.device)
-    vals = torch.stack([lut[(u8 & 0xF).long()], lut[(u8 >> 4).long()]], dim=-1).reshape(m, n)  # [M, N] fp32
+    vals = _E2M1_PAIRS.to(packed.device)[u8.long()].reshape(m, n)  # [M, N/2, 2] -> [M, N] float32, 2j low nibble
     s = e8m0_grid_to_float32(scale).to(packed.device)
     vals = (vals.view(m, n // FP4_GROUP, FP4_GROUP) * s.unsqueeze(-1)).view(m, n)
     if out is None:
