@@ -469,3 +469,64 @@ def test_v4_mtp_drop_dry_run_and_resume(v4_src, tmp_path):
     again = tree_hashes(out)
     assert {k: v for k, v in again.items() if k not in ("report.json", "manifest.json")} == \
         {k: v for k, v in first.items() if k not in ("report.json", "manifest.json")}
+
+
+# -- inspect and the commands that do not take V4 yet ------------------------------------------------------------
+
+def test_v4_inspect_schedule_bytes_and_conversions(v4_src):
+    from tests.conftest import run_cli
+
+    r = run_cli("inspect", v4_src, "--json")
+    assert r.rc == 0, r
+    rep = r.json()
+    d = rep["deepseek_v4"]
+    cfg = json.loads((v4_src / "config.json").read_text())
+    assert [x["compress_ratio"] for x in d["schedule"]] == cfg["compress_ratios"]
+    assert [x["attention"] for x in d["schedule"]] == ["sliding", "csa", "hca", "csa", "sliding"]
+    assert [x["moe"] for x in d["schedule"]] == ["hash", "hash", "routed", "routed", "routed"]
+    assert d["schedule"][-1]["name"] == "mtp.0"
+    # byte counts from the files themselves (safetensors library), not from dsconvert's reader
+    heads = {}
+    for f in v4_src.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                heads[k] = (t.dtype, t.numel() * t.element_size(), t.numel())
+    fp8 = [k for k, v in heads.items() if v[0] == torch.float8_e4m3fn]
+    fp4 = [k for k, v in heads.items() if v[0] == torch.int8]
+    q = d["quantized"]
+    assert q["fp8"]["weights"] == len(fp8) and q["fp8"]["bytes"] == sum(heads[k][1] for k in fp8)
+    assert q["fp4"]["weights"] == len(fp4) and q["fp4"]["bytes"] == sum(heads[k][1] for k in fp4)
+    assert q["fp4"]["scale_bytes"] == sum(heads[v4.scale_name(k)][1] for k in fp4)
+    assert q["fp4"]["bf16_bytes"] == 4 * q["fp4"]["bytes"] and q["fp8"]["bf16_bytes"] == 2 * q["fp8"]["bytes"]
+    assert rep["fp8_to_bf16"]["bytes_written"]["bytes"] == q["fp8"]["bf16_bytes"] + q["fp4"]["bf16_bytes"] + \
+        q["other"]["bytes"]
+    assert rep["ok"] and rep["parameters"] == sum(v[2] * (2 if v[0] == torch.int8 else 1)
+                                                  for k, v in heads.items() if not k.endswith(".scale"))
+    human = run_cli("inspect", v4_src)
+    assert "S C H C | MTP S" in human.stdout and "fp4 e2m1" in human.stdout, human
+
+
+@pytest.mark.parametrize("cmd", [("quantize", "--scheme", "W4A16"), ("gguf", "--type", "Q8_0")])
+def test_v4_unsupported_commands_refuse_before_writing(v4_src, tmp_path, cmd):
+    from tests.conftest import run_cli
+
+    out = tmp_path / ("out.gguf" if cmd[0] == "gguf" else "out")
+    r = run_cli(cmd[0], v4_src, "-o", out, *cmd[1:])
+    assert r.rc == 3 and "DeepSeek-V4" in r.stderr and "fp8-to-bf16" in r.stderr, r
+    assert not out.exists()
+
+
+def test_v4_weight_source_serves_exact_bf16(v4_src, tmp_path):
+    """The reference forward's weight source decodes V4 FP8/FP4 by the same rule as fp8-to-bf16."""
+    from dsconvert.convert.weights import CheckpointWeightSource
+
+    ws = CheckpointWeightSource(v4_src)
+    s = _stored(v4_src)
+    for name in ("layers.0.attn.wq_b.weight", "layers.2.ffn.experts.5.w2.weight", "mtp.0.e_proj.weight"):
+        w, sc = s[name], s[v4.scale_name(name)]
+        ref = (np_dequant_fp4(_raw(w), _raw(sc)) if w.dtype == torch.int8 else np_dequant_fp8(_raw(w), _raw(sc)))
+        got = ws.get(name)
+        assert got.dtype == torch.bfloat16 and got.view(torch.int16).numpy().view(np.uint16).tobytes() == \
+            np_bf16_bits(ref).tobytes(), name
+    assert not ws.has("layers.0.attn.wq_b.scale")
