@@ -116,6 +116,24 @@ def test_fp4_dequant_rounding_rule_every_code_and_extreme_scales(out_dtype):
     assert np.array_equal(got.float().numpy()[mid].astype(np.float64), exact[mid])
 
 
+def test_fp4_bf16_bit_path_equals_rule_in_normal_range():
+    """The BF16 fast path (bits built from a table + exponent shift, taken when every scale byte is in [2, 250])
+    gives the rule's bytes: every byte value under random scales spanning that whole range, and the boundary."""
+    from dsconvert.quant.fp4 import dequant_fp4
+
+    g = torch.Generator().manual_seed(3)
+    packed = torch.randint(0, 256, (64, 256), generator=g, dtype=torch.int32).to(torch.uint8)
+    packed[0] = torch.arange(256, dtype=torch.uint8)
+    scale = torch.randint(2, 251, (64, 16), generator=g, dtype=torch.int32).to(torch.uint8)
+    scale[0, :2] = torch.tensor([2, 250], dtype=torch.uint8)
+    got = dequant_fp4(packed.view(torch.int8), scale.view(torch.float8_e8m0fnu))
+    ref = np_dequant_fp4(packed.numpy(), scale.numpy())
+    assert np.array_equal(got.view(torch.int16).numpy().view(np.uint16), np_bf16_bits(ref))
+    # the float32 path (forced through a float32 scale grid) agrees byte for byte
+    slow = dequant_fp4(packed.view(torch.int8), scale.view(torch.float8_e8m0fnu).float())
+    assert torch.equal(slow.view(torch.int16), got.view(torch.int16))
+
+
 def test_fp8_e8m0_dequant_matches_numpy_every_byte_partial_blocks():
     """FP8 e4m3 with e8m0 block scales through dsconvert's fast CPU kernel, on a 200x300 weight (partial blocks on
     both axes) holding every byte value, against the numpy decoder + RNE."""

@@ -33,6 +33,18 @@ _E2M1_PAIRS = torch.stack([_E2M1[torch.arange(256) & 0xF], _E2M1[torch.arange(25
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def _bf16_bits(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+# BF16 fast path: byte -> the two BF16 bit patterns of its codes at scale 2**0 packed in one int32 (element 2j, the
+# low nibble, in the low half: little-endian memory order), and a mask of the halves whose magnitude is non-zero.
+_PAIR_BITS = _bf16_bits(_E2M1_PAIRS[:, 0]) | (_bf16_bits(_E2M1_PAIRS[:, 1]) << 16)
+_PAIR_NZ = ((_E2M1_PAIRS[:, 0] != 0).to(torch.int32) * 0xFFFF) | ((_E2M1_PAIRS[:, 1] != 0).to(torch.int32) * 0xFFFF << 16)
+# Scale bytes for which every product is a normal BF16 number (exponent field 1..254): e2m1 exponents span 2**-1..2**2
+_FAST_LO, _FAST_HI = 2, 250
+
+
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     if t.dtype in (torch.uint8, torch.int8) or t.element_size() == 1:
         return t.contiguous().view(torch.uint8)
@@ -87,12 +99,36 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtyp
         raise ValueError(f"FP4 scale shape {tuple(scale.shape)} does not match weight [{m}, {n}] "
                          f"(expected [{m}, {n // FP4_GROUP}])")
     u8 = packed.contiguous().view(torch.uint8)
+    if out_dtype == torch.bfloat16 and scale.element_size() == 1 and m * n:
+        sb = _as_bytes(scale)
+        if int(sb.min()) >= _FAST_LO and int(sb.max()) <= _FAST_HI:
+            return _dequant_fp4_bf16_bits(u8, sb, out)
     vals = _E2M1_PAIRS.to(packed.device)[u8.long()].reshape(m, n)  # [M, N/2, 2] -> [M, N] float32, 2j low nibble
     s = e8m0_grid_to_float32(scale).to(packed.device)
     vals = (vals.view(m, n // FP4_GROUP, FP4_GROUP) * s.unsqueeze(-1)).view(m, n)
     if out is None:
         return vals.to(out_dtype)
     out.copy_(vals)
+    return out
+
+
+def _dequant_fp4_bf16_bits(u8: torch.Tensor, sb: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """BF16 result built from bits, for scale bytes in [2, 250] where the rule's result is exact: the BF16 pattern
+    of the code (a table) with ``b - 127`` added to its exponent field (non-zero magnitudes only; each resulting
+    exponent field stays within 1..254, so no lane overflows). Bit-identical to the float32 multiply + RNE cast
+    there (tests/test_deepseek_v4.py checks both paths against numpy)."""
+    m, half = u8.shape
+    n = 2 * half
+    dev = u8.device
+    idx = u8.reshape(-1).to(torch.int32)
+    bits = torch.index_select(_PAIR_BITS.to(dev), 0, idx).view(torch.int16).view(m, n // FP4_GROUP, FP4_GROUP)
+    nz = torch.index_select(_PAIR_NZ.to(dev), 0, idx).view(torch.int16).view(m, n // FP4_GROUP, FP4_GROUP)
+    off = ((sb.to(torch.int16) - 127) << 7).unsqueeze(-1)  # [M, N/32, 1]: the exponent shift of each group
+    bits += nz & off
+    res = bits.view(torch.bfloat16).view(m, n)
+    if out is None:
+        return res
+    out.copy_(res)
     return out
 
 
