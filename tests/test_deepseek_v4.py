@@ -548,3 +548,27 @@ def test_v4_weight_source_serves_exact_bf16(v4_src, tmp_path):
         assert got.dtype == torch.bfloat16 and got.view(torch.int16).numpy().view(np.uint16).tobytes() == \
             np_bf16_bits(ref).tobytes(), name
     assert not ws.has("layers.0.attn.wq_b.scale")
+
+
+@pytest.mark.slow
+def test_v4_flash_full_size_headers_inspect_and_dry_run(tmp_path):
+    """V4-Flash's real dimensions (headers only, sparse shards): the counts follow from the published geometry
+    (43 layers + 1 MTP, 256 experts x 3 FP4 weights each; 8 FP8 linears per layer, an FP8 indexer wq_b in each of
+    the 21 CSA layers, e_proj/h_proj in MTP), and fp8-to-bf16 --dry-run plans every FP4 byte as 4 BF16 bytes."""
+    from dsconvert.testing.deepseek_v4 import flash_spec, write_v4_headers_only
+    from tests.conftest import run_cli
+
+    src = write_v4_headers_only(tmp_path / "flash", flash_spec())
+    r = run_cli("inspect", src, "--json", timeout=300)
+    assert r.rc == 0, r
+    d = r.json()["deepseek_v4"]
+    assert d["attention_kinds"] == {"sliding": 3, "csa": 21, "hca": 20} and d["moe_kinds"] == {"hash": 3, "routed": 41}
+    q = d["quantized"]
+    assert q["fp4"]["weights"] == 44 * 256 * 3 and q["fp8"]["weights"] == 44 * 8 + 21 + 2
+    assert q["fp4"]["bytes"] == 44 * 256 * 3 * 2048 * 4096 // 2
+    assert q["fp4"]["scale_bytes"] == 44 * 256 * 3 * 2048 * 4096 // 32
+    dry = run_cli("fp8-to-bf16", src, "-o", tmp_path / "out", "--dry-run", "--json", timeout=300)
+    assert dry.rc == 0, dry
+    assert dry.json()["plan"]["bytes_written"]["bytes"] == q["fp8"]["bf16_bytes"] + q["fp4"]["bf16_bytes"] + \
+        q["other"]["bytes"]
+    assert not (tmp_path / "out").exists()

@@ -343,3 +343,62 @@ def _write_extra_files(out: Path) -> None:
     (out / "README.md").write_text("# Synthetic DeepSeek-V4-layout checkpoint\n\nBuilt by dsconvert's fixture "
                                    "builder for tests. Random weights.\n")
     (out / "LICENSE").write_text("Synthetic test data; no license restrictions.\n")
+
+
+def flash_spec(variant: str = "flash") -> V4Spec:
+    """DeepSeek-V4-Flash's dimensions (docs/checkpoint-layout.md §11), for headers-only layouts."""
+    return V4Spec(hidden_size=4096, moe_intermediate_size=2048, compress_ratios=(0, 0) + (4, 128) * 20 + (4,),
+                  num_hash_layers=3, num_attention_heads=64, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024,
+                  o_groups=8, o_lora_rank=1024, n_routed_experts=256, num_experts_per_tok=6, index_n_heads=64,
+                  index_head_dim=128, index_topk=512, sliding_window=128, vocab_size=129280, variant=variant)
+
+
+def write_v4_headers_only(out_dir: str | Path, spec: V4Spec, *, shard_bytes: int = 4_300_000_000) -> Path:
+    """A V4 checkpoint whose shards hold real headers and **sparse** data (holes, no disk used): for ``inspect``
+    and ``--dry-run`` at full size (``flash_spec()``). Never convert one: its scales read as zeros. Needs no
+    transformers (names and shapes come from the layout table alone)."""
+    import struct
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = release_config(spec)
+    g = v4.geometry(cfg)
+    rows = []
+    sizes = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "BF16": 2, "F32": 4, "I64": 8}
+    for e in v4.expected_tensors(g):
+        dt = v4.stored_dtype(e, g)
+        if dt is None:
+            dt = e.family.dtype
+            rows.append((e.name, e.shape, dt))
+            continue
+        rows.append((e.name, v4.stored_shape(e, g), dt))
+        sdt = "F32" if (e.storage == "expert" and spec.variant == "flash-base") else "F8_E8M0"
+        rows.append((v4.scale_name(e.name), v4.scale_shape(e, g), sdt))
+    shards: list[list] = [[]]
+    acc = 0
+    for r in rows:
+        nb = math.prod(r[1]) * sizes[r[2]]
+        if acc + nb > shard_bytes and shards[-1]:
+            shards.append([])
+            acc = 0
+        shards[-1].append((*r, nb))
+        acc += nb
+    weight_map, total = {}, 0
+    for i, rs in enumerate(shards):
+        fname = _shard_name(i + 1, len(shards))
+        hdr: dict = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for name, shp, dt, nb in rs:
+            hdr[name] = {"dtype": dt, "shape": list(shp), "data_offsets": [off, off + nb]}
+            off += nb
+            weight_map[name] = fname
+        js = json.dumps(hdr, separators=(",", ":")).encode()
+        js += b" " * (-len(js) % 8)
+        with open(out / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(js)) + js)
+            f.truncate(8 + len(js) + off)
+        total += off
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
