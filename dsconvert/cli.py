@@ -252,10 +252,12 @@ Examples:
   dsconvert fp8-to-bf16 DeepSeek-R1 -o DeepSeek-R1-BF16
   dsconvert fp8-to-bf16 DeepSeek-R1 -o out --mtp drop --max-shard-size 5G --json
   dsconvert fp8-to-bf16 DeepSeek-R1 --dry-run
+  dsconvert fp8-to-bf16 DeepSeek-V4-Flash -o DeepSeek-V4-Flash-BF16
 """
 
 
-@app.command("fp8-to-bf16", help="Dequantize DeepSeek's block-FP8 release to a complete BF16 HF checkpoint.\n"
+@app.command("fp8-to-bf16", help="Dequantize DeepSeek's block-FP8 release (V3/R1; V4 with its FP4 experts too) to a "
+                                  "complete BF16 HF checkpoint.\n"
                                   + FP8_EXAMPLES)
 def fp8_to_bf16_cmd(
     src: SrcArg,

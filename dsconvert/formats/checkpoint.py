@@ -289,7 +289,8 @@ def _check_pairs(ck: Checkpoint) -> None:
         elif name.endswith(".scale") and ent.dtype in ("U8", "F8_E8M0"):
             ck.problems.append(Problem("fp8_format", f"tensor {name!r} looks like an E8M0 block scale "
                                        "(DeepSeek-V4-style layout)", s, name, unsupported=True,
-                                       hint="V4/FP4 layouts are not supported"))
+                                       hint="DeepSeek-V4 checkpoints are read when config.json says model_type "
+                                            "deepseek_v4; restore the release's config.json"))
         elif ent.dtype == "F8_E4M3":
             if ck.fp8 is None:
                 ck.problems.append(Problem("fp8_undeclared", f"tensor {name!r} is F8_E4M3 but config.json declares "

@@ -105,7 +105,7 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtyp
             return _dequant_fp4_bf16_bits(u8, sb, out)
     vals = _E2M1_PAIRS.to(packed.device)[u8.long()].reshape(m, n)  # [M, N/2, 2] -> [M, N] float32, 2j low nibble
     s = e8m0_grid_to_float32(scale).to(packed.device)
-    vals = (vals.view(m, n // FP4_GROUP, FP4_GROUP) * s.unsqueeze(-1)).view(m, n)
+    vals.view(m, n // FP4_GROUP, FP4_GROUP).mul_(s.unsqueeze(-1))  # in place: one float32 multiply per element
     if out is None:
         return vals.to(out_dtype)
     out.copy_(vals)
