@@ -340,6 +340,8 @@ BAD_V4 = {
     "unknown tensor": (_add_unknown, "layers.1.attn.wq_c.weight"),
     "expert_dtype lies": (lambda src: _edit_config(src, lambda c: c.__setitem__("expert_dtype", "fp8")),
                           "expert_dtype"),
+    "tid2eid out of range": (_replace("layers.1.ffn.gate.tid2eid", lambda t: t.index_fill(0, torch.tensor([7]), 8)),
+                             "layers.1.ffn.gate.tid2eid"),
     "V4.1 32x32 blocks": (lambda src: _edit_config(src, _v41), "V4.1"),
     "V4.1 model_type": (lambda src: _edit_config(src, lambda c: c.__setitem__("model_type", "deepseek_v41")),
                         "V4.1"),

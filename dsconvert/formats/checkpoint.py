@@ -444,6 +444,21 @@ def check_scale_values(ck: Checkpoint, names: list[str] | None = None) -> list[P
     return probs
 
 
+def check_v4_routing_tables(ck: Checkpoint) -> list[Problem]:
+    """Read every DeepSeek-V4 hash-routing table ``ffn.gate.tid2eid`` ([V, k] integers, ~6 MB each for Flash) and
+    flag expert ids outside ``[0, n_routed_experts)``: a corrupt table would route tokens silently wrong."""
+    probs = []
+    for name in (n for n in ck.tensors if n.endswith(".ffn.gate.tid2eid")):
+        t = ck.read(name)
+        bad = (t < 0) | (t >= ck.v4.experts)
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0])
+            probs.append(Problem("routing_table", f"hash-routing table {name!r} holds {int(bad.sum())} expert ids "
+                                 f"outside [0, {ck.v4.experts}) (first at flat index {i}: {int(t.reshape(-1)[i])})",
+                                 ck.tensors[name][0], name, hint="the table is corrupt; re-download this shard"))
+    return probs
+
+
 def open_checkpoint(root: str | os.PathLike, *, check_values: bool = True) -> Checkpoint:
     """``scan`` plus scale-value checks; raise on any fatal problem.
 
@@ -453,6 +468,8 @@ def open_checkpoint(root: str | os.PathLike, *, check_values: bool = True) -> Ch
     ck = scan(root)
     if check_values and not ck.fatal_problems():
         ck.problems.extend(check_scale_values(ck))
+        if ck.v4 is not None:
+            ck.problems.extend(check_v4_routing_tables(ck))
     fatal = ck.fatal_problems()
     if fatal:
         p = fatal[0]
