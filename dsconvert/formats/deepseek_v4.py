@@ -32,7 +32,8 @@ EXPERT_DTYPES = ("fp4", "fp8")
 
 @dataclass(frozen=True)
 class V4Geometry:
-    """The numbers of a V4 ``config.json`` that fix tensor names and shapes (release keys, docs/checkpoint-layout.md §11)."""
+    """The numbers of a V4 ``config.json`` that fix tensor names and shapes (release keys,
+    docs/checkpoint-layout.md §11)."""
 
     vocab: int
     hidden: int
@@ -93,7 +94,8 @@ def refuse_v41(cfg: dict, source: str = "config.json") -> None:
     elif any(k.startswith("engram") for k in cfg):
         why = "it declares Engram n-gram tables (engram_*), a DeepSeek-V4.1 feature"
     elif qc.get("weight_block_size") not in (None, list(FP8_BLOCK)):
-        why = f"quantization_config.weight_block_size is {qc.get('weight_block_size')}, not [128, 128] (V4.1 uses 32x32)"
+        why = (f"quantization_config.weight_block_size is {qc.get('weight_block_size')}, not [128, 128] "
+               "(V4.1 uses 32x32)")
     if why:
         raise UnsupportedError(f"{source}: {why}; DeepSeek-V4.1 is not supported: neither transformers nor llama.cpp "
                                "here implements it, so there is no oracle to verify a conversion against",
@@ -139,7 +141,8 @@ def geometry(cfg: dict, source: str = "config.json") -> V4Geometry:
         n_hash = 3
     return V4Geometry(
         vocab=_int(cfg, "vocab_size"), hidden=_int(cfg, "hidden_size"), layers=L, mtp=n_mtp,
-        heads=_int(cfg, "num_attention_heads"), head_dim=hd, rope_dim=_int({"r": rope}, "r"),
+        heads=_int(cfg, "num_attention_heads"), head_dim=hd,
+        rope_dim=_int({"qk_rope_head_dim": rope}, "qk_rope_head_dim"),
         q_lora=_int(cfg, "q_lora_rank"), o_groups=_int(cfg, "o_groups"), o_lora=_int(cfg, "o_lora_rank"),
         experts=_int(cfg, "n_routed_experts"), experts_per_tok=_int(cfg, "num_experts_per_tok"),
         shared=_int(cfg, "n_shared_experts", 1), inter=_int(cfg, "moe_intermediate_size"),
@@ -190,7 +193,8 @@ GLOBAL_FAMILIES: list[Family] = [
     Family("embed.weight", "model.embed_tokens.weight", "float", lambda g, m: (g.vocab, g.hidden), "global", "embed"),
     Family("head.weight", "lm_head.weight", "float", lambda g, m: (g.vocab, g.hidden), "global", "head"),
     Family("norm.weight", "model.norm.weight", "float", lambda g, m: (g.hidden,), "global", "norm"),
-    Family("hc_head_fn", "model.hc_head.hc_fn", "float", lambda g, m: (g.hc, g.hc * g.hidden), "global", "hc", dtype="F32"),
+    Family("hc_head_fn", "model.hc_head.hc_fn", "float", lambda g, m: (g.hc, g.hc * g.hidden), "global", "hc",
+           dtype="F32"),
     Family("hc_head_base", "model.hc_head.hc_base", "float", lambda g, m: (g.hc,), "global", "hc", dtype="F32"),
     Family("hc_head_scale", "model.hc_head.hc_scale", "float", lambda g, m: (1,), "global", "hc", dtype="F32"),
 ]
@@ -276,11 +280,6 @@ class Expected:
     layer: int
     expert: int | None
     family: Family
-
-    @property
-    def quantized_storage(self) -> str | None:
-        """``fp8`` / ``fp4`` when stored quantized in a quantized release, else None."""
-        return self.family.storage if self.family.storage == "fp8" else None
 
 
 def _present(f: Family, g: V4Geometry, i: int) -> bool:

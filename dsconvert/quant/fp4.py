@@ -40,7 +40,8 @@ def _bf16_bits(v: torch.Tensor) -> torch.Tensor:
 # BF16 fast path: byte -> the two BF16 bit patterns of its codes at scale 2**0 packed in one int32 (element 2j, the
 # low nibble, in the low half: little-endian memory order), and a mask of the halves whose magnitude is non-zero.
 _PAIR_BITS = _bf16_bits(_E2M1_PAIRS[:, 0]) | (_bf16_bits(_E2M1_PAIRS[:, 1]) << 16)
-_PAIR_NZ = ((_E2M1_PAIRS[:, 0] != 0).to(torch.int32) * 0xFFFF) | ((_E2M1_PAIRS[:, 1] != 0).to(torch.int32) * 0xFFFF << 16)
+_PAIR_NZ = (((_E2M1_PAIRS[:, 0] != 0).to(torch.int32) * 0xFFFF)
+            | ((_E2M1_PAIRS[:, 1] != 0).to(torch.int32) * 0xFFFF << 16))
 # Scale bytes for which every product is a normal BF16 number (exponent field 1..254): e2m1 exponents span 2**-1..2**2
 _FAST_LO, _FAST_HI = 2, 250
 
