@@ -252,10 +252,12 @@ Examples:
   dsconvert fp8-to-bf16 DeepSeek-R1 -o DeepSeek-R1-BF16
   dsconvert fp8-to-bf16 DeepSeek-R1 -o out --mtp drop --max-shard-size 5G --json
   dsconvert fp8-to-bf16 DeepSeek-R1 --dry-run
+  dsconvert fp8-to-bf16 DeepSeek-V4-Flash -o DeepSeek-V4-Flash-BF16
 """
 
 
-@app.command("fp8-to-bf16", help="Dequantize DeepSeek's block-FP8 release to a complete BF16 HF checkpoint.\n"
+@app.command("fp8-to-bf16", help="Dequantize DeepSeek's block-FP8 release (V3/R1; V4 with its FP4 experts too) to a "
+                                  "complete BF16 HF checkpoint.\n"
                                   + FP8_EXAMPLES)
 def fp8_to_bf16_cmd(
     src: SrcArg,
@@ -787,11 +789,34 @@ def make_fixture_cmd(
     mtp: Annotated[Optional[bool], typer.Option("--mtp/--no-mtp", help="write the MTP block (real: no)")] = None,
     experts: Annotated[Optional[int], typer.Option("--experts", help="routed experts per MoE layer (real: 256)")] = None,
     shard_size: Annotated[Optional[str], typer.Option("--shard-size", help="real: bytes per shard (4.3G)")] = None,
+    arch: Annotated[str, typer.Option("--arch", help="v3 (DeepSeek-V3/R1 layout) | v4 (DeepSeek-V4 release layout; "
+                                                     "needs transformers)")] = "v3",
+    variant: Annotated[Optional[str], typer.Option("--variant", help="v4: flash (FP4 experts) | flash-base (FP8 "
+                                                                     "experts)")] = None,
 ) -> None:
     from .errors import OutputExistsError, UsageError
     from .testing.fixtures import PRESETS, build_checkpoint
 
     def body():
+        if arch not in ("v3", "v4"):
+            raise UsageError(f"unknown --arch {arch!r}", hint="v3 or v4")
+        if arch == "v4":
+            from .testing.deepseek_v4 import V4_PRESETS, build_v4_checkpoint
+
+            if preset not in V4_PRESETS:
+                raise UsageError(f"--arch v4: unknown preset {preset!r}", hint=", ".join(V4_PRESETS))
+            if any(v is not None for v in (layers, dense_layers, experts, shard_size)):
+                raise UsageError("--layers/--dense-layers/--experts/--shard-size apply to --arch v3 only")
+            if output.exists() and any(output.iterdir()):
+                raise OutputExistsError(f"{output} exists and is not empty")
+            over = {"seed": seed, "variant": variant or "flash"}
+            if mtp is not None:
+                over["num_nextn_predict_layers"] = 1 if mtp else 0
+            build_v4_checkpoint(output, preset, **over)
+            err.print(f"wrote DeepSeek-V4 {over['variant']} {preset} fixture to {output}")
+            return None
+        if variant is not None:
+            raise UsageError("--variant applies to --arch v4 only")
         if preset not in (*PRESETS, "real"):
             raise UsageError(f"unknown preset {preset!r}", hint="tiny, bench, bench4x or real")
         if output.exists() and any(output.iterdir()):

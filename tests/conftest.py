@@ -194,3 +194,38 @@ def run_many(jobs: dict[str, tuple], parallel: int = 4, timeout: float = 300) ->
             results[key] = CliResult(p.returncode, so, se, args)
             del running[key]
     return results
+
+
+@pytest.fixture(scope="session")
+def v4_src(tmp_path_factory) -> Path:
+    """The tiny DeepSeek-V4-Flash release-layout checkpoint (FP4 experts; every layer kind, hash + routed MoE,
+    MTP); built from transformers' DeepseekV4ForCausalLM shapes, so it skips without transformers' V4."""
+    pytest.importorskip("transformers.models.deepseek_v4")
+    from dsconvert.testing.fixtures import build_v4_checkpoint
+
+    src = build_v4_checkpoint(tmp_path_factory.mktemp("v4") / "src", "tiny")
+    guard_source(src)
+    return src
+
+
+@pytest.fixture(scope="session")
+def v4_base_src(tmp_path_factory) -> Path:
+    """The tiny DeepSeek-V4-Flash-Base checkpoint (FP8 experts with F32 power-of-two scales)."""
+    pytest.importorskip("transformers.models.deepseek_v4")
+    from dsconvert.testing.fixtures import build_v4_checkpoint
+
+    src = build_v4_checkpoint(tmp_path_factory.mktemp("v4base") / "src", "tiny", variant="flash-base")
+    guard_source(src)
+    return src
+
+
+@pytest.fixture(scope="session")
+def v4_odd_src(tmp_path_factory) -> Path:
+    """A V4 checkpoint with partial 128-blocks (hidden 320): for dsconvert's own exact checks only
+    (transformers infers the FP8 block from the grid and mis-dequantizes it)."""
+    pytest.importorskip("transformers.models.deepseek_v4")
+    from dsconvert.testing.fixtures import build_v4_checkpoint
+
+    src = build_v4_checkpoint(tmp_path_factory.mktemp("v4odd") / "src", "tiny-odd")
+    guard_source(src)
+    return src

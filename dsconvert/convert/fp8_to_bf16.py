@@ -5,6 +5,9 @@ a time, read + dequant overlapped with write + hash) -> index, config, copied fi
 
 Output rules (docs/checkpoint-layout.md §6):
 * each FP8 weight -> BF16 of the same name and shape, byte-identical to ``weight_dequant`` + bf16 cast;
+* DeepSeek-V4 (docs/checkpoint-layout.md §13): FP8 weights with E8M0 (or F32) ``.scale`` and FP4 e2m1 routed
+  experts (``I8 [M, N/2]``, per-32 E8M0 scales) -> BF16 ``[M, N]`` by one float32 multiply and one RNE cast
+  (exact for every normal result); release names kept; ``expert_dtype`` dropped from the config;
 * every other tensor copied bit-identical in its own dtype (the F32 router bias stays F32);
 * no ``*_scale_inv`` in the shards or the index; index ``metadata.total_size`` = sum of tensor bytes;
 * shard headers carry ``{"format": "pt"}``; ``config.json`` without ``quantization_config``, ``torch_dtype``
@@ -132,9 +135,10 @@ def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None)
         if ck.is_scale(name):
             counts["scales_consumed"] += 1
             continue
-        if ent.dtype == "F8_E4M3":
+        if ent.dtype == "F8_E4M3" or ck.is_fp4_weight(name):
             sent = ck.entry(ck.scale_of(name))
-            t = OutTensor(name, st_dtype, ent.shape, dequant_producer(ck, name, torch_dtype, device, opts.chunk_bytes),
+            shape = (ent.shape[0], 2 * ent.shape[1]) if ent.dtype == "I8" else ent.shape  # FP4: two per byte
+            t = OutTensor(name, st_dtype, shape, dequant_producer(ck, name, torch_dtype, device, opts.chunk_bytes),
                           "dequant", [name, ck.scale_of(name)], ent.nbytes + sent.nbytes)
             counts["dequantized"] += 1
         else:
@@ -163,6 +167,8 @@ def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None)
         shards = [OutShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups) if g]
 
     cfg = unquantized_config(ck.config, cfg_dtype)
+    if ck.v4 is not None:
+        cfg.pop("expert_dtype", None)  # describes the FP4/FP8 expert storage, gone with quantization_config
     if opts.mtp == "drop":
         cfg["num_nextn_predict_layers"] = 0
     files = extra_files(ck.root)
@@ -276,8 +282,8 @@ def verify_output(out: Path, plan: Plan) -> dict:
         missing = sorted(set(expected) - set(got))[:3]
         extra = sorted(set(got) - set(expected))[:3]
         problems.append(f"tensors differ from the plan (missing {missing}, unexpected {extra})")
-    if any(n.endswith("_scale_inv") or d == "F8_E4M3" for n, (d, _) in got.items()):
-        problems.append("FP8 tensors or scales left in the output")
+    if any(n.endswith("_scale_inv") or d in ("F8_E4M3", "F8_E8M0", "I8") for n, (d, _) in got.items()):
+        problems.append("FP8/FP4 tensors or scales left in the output")
     cfg = ck.config
     if "quantization_config" in cfg or not cfg.get("model_type") or not cfg.get("architectures"):
         problems.append("config.json must have model_type and architectures and no quantization_config")

@@ -857,6 +857,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         check_paths(src, output)
     device = resolve_device(opts.device)
     ck = open_checkpoint(src, check_values=not dry_run)
+    ck.refuse_v4("gguf")
     check_supported(ck.config)
     plan = make_plan(ck, opts, output)
     report = base_report(COMMAND)

@@ -96,6 +96,55 @@ def _int_summary(ck, fmt) -> tuple[dict, list[dict], int, set[str]]:
     return summary, problems, q_params, qnames
 
 
+def _v4_summary(ck) -> dict:
+    """DeepSeek-V4: the layer schedule (attention and MoE kind per layer, MTP included), the FP8 / FP4 byte counts
+    (weights and their ``.scale`` tensors) and what each conversion does with them (docs/checkpoint-layout.md §11-13).
+    """
+    from ..formats import deepseek_v4 as v4
+
+    g = ck.v4
+    sched = v4.layer_schedule(g)
+    counts = {"fp8": {"weights": 0, "bytes": 0, "scale_bytes": 0, "bf16_bytes": 0},
+              "fp4": {"weights": 0, "bytes": 0, "scale_bytes": 0, "bf16_bytes": 0},
+              "other": {"tensors": 0, "bytes": 0}}
+    for name, (_, e) in ck.tensors.items():
+        if ck.is_scale(name):
+            continue
+        if e.dtype == "F8_E4M3" or ck.is_fp4_weight(name):
+            c = counts["fp4" if e.dtype == "I8" else "fp8"]
+            c["weights"] += 1
+            c["bytes"] += e.nbytes
+            sn = ck.scale_of(name)
+            c["scale_bytes"] += ck.entry(sn).nbytes if sn in ck.tensors else 0
+            c["bf16_bytes"] += 2 * e.numel * (2 if e.dtype == "I8" else 1)
+        else:
+            counts["other"]["tensors"] += 1
+            counts["other"]["bytes"] += e.nbytes
+
+    def tally(key):
+        out: dict[str, int] = {}
+        for r in sched:
+            out[r[key]] = out.get(r[key], 0) + 1
+        return out
+
+    return {
+        "expert_dtype": g.expert_dtype if g.quantized else None,
+        "schedule": sched,
+        "attention_kinds": tally("attention"),
+        "moe_kinds": tally("moe"),
+        "quantized": counts,
+        "conversions": {
+            "fp8-to-bf16": "nothing to dequantize (already unquantized)" if not g.quantized else
+                           f"{counts['fp8']['weights']} FP8 and {counts['fp4']['weights']} FP4 weights -> BF16 "
+                           f"exactly ({counts['fp8']['scale_bytes'] + counts['fp4']['scale_bytes']:,} scale bytes "
+                           f"consumed); {counts['other']['tensors']} other tensors copied byte for byte; release "
+                           "names kept",
+            "quantize": "not supported for DeepSeek-V4 yet (exit 3)",
+            "gguf": "not supported for DeepSeek-V4 yet (exit 3)",
+        },
+    }
+
+
 def inspect_checkpoint(src: Path) -> dict:
     """Describe ``src`` as a JSON-able dict. Never raises for problems in the checkpoint: they are listed.
 
@@ -116,12 +165,13 @@ def inspect_checkpoint(src: Path) -> dict:
         d["bytes"] += e.nbytes
         d["elements"] += e.numel
         if not ck.is_scale(name):
-            params += e.numel
+            params += e.numel * (2 if ck.is_fp4_weight(name) else 1)  # FP4: two parameters per byte
         m = _LAYER.match(name)
         if m:
             layers.add(int(m.group(1)))
     # F8_E4M3 tensors of a compressed-tensors float-quantized checkpoint are not DeepSeek FP8 weights
-    fp8_weights = [] if ck.quantized else [n for n, (_, e) in ck.tensors.items() if e.dtype == "F8_E4M3"]
+    fp8_weights = [] if ck.quantized else [n for n, (_, e) in ck.tensors.items()
+                                           if e.dtype == "F8_E4M3" or ck.is_fp4_weight(n)]
     paired = [n for n in fp8_weights if ck.scale_of(n) in ck.tensors]
     cross = [n for n in paired if ck.tensors[n][0] != ck.tensors[ck.scale_of(n)][0]]
     mtp = [n for n in ck.tensors if ck.is_mtp(n)]
@@ -157,7 +207,8 @@ def inspect_checkpoint(src: Path) -> dict:
         "fp8": None if ck.fp8 is None else {"block": list(ck.fp8.block), "scale_fmt": ck.fp8.scale_fmt,
                                             "activation_scheme": ck.fp8.activation_scheme},
         "layers": {"num_hidden_layers": ck.num_hidden_layers,
-                   "mtp_layers": sorted(i for i in layers if i >= ck.num_hidden_layers),
+                   "mtp_layers": sorted(i for i in layers if i >= ck.num_hidden_layers) if ck.v4 is None else
+                   [ck.num_hidden_layers + j for j in range(ck.v4.mtp)],
                    "mtp_tensors": len(mtp), "v32_indexer_tensors": len(indexer)},
         "shards": len(ck.shards),
         "tensors": len(ck.tensors),
@@ -168,6 +219,9 @@ def inspect_checkpoint(src: Path) -> dict:
         "problems": problems,
         "ok": not any(p.get("fatal", True) for p in problems),
     })
+    if ck.v4 is not None:
+        rep["format"] = "deepseek-v4-fp8-fp4" if fp8_weights else "unquantized"
+        rep["deepseek_v4"] = _v4_summary(ck)
     if fp8_weights and not ck.fatal_problems():
         try:
             plan = fp8_to_bf16.make_plan(ck, fp8_to_bf16.Options())
@@ -209,7 +263,9 @@ def human_lines(rep: dict) -> list[str]:
                      f"{q['quantized_modules']:,} linears at {q['bits_per_weight']} bits/weight; "
                      f"{q['kept_linear_modules']:,} linears kept in float")
     fp = rep["fp8_pairs"]
-    if fp["weights"]:
+    if "deepseek_v4" in rep:
+        lines += _v4_lines(rep["deepseek_v4"], gb)
+    elif fp["weights"]:
         lines.append(f"  fp8          {fp['weights']:,} weights, {fp['with_scale']:,} with weight_scale_inv "
                      f"({fp['scale_in_other_shard']} in another shard), block {rep['fp8']['block']}, "
                      f"scale_fmt {rep['fp8']['scale_fmt']}")
@@ -217,6 +273,9 @@ def human_lines(rep: dict) -> list[str]:
         p = rep["fp8_to_bf16"]
         lines.append(f"  fp8-to-bf16  reads {gb(p['bytes_read'])}, writes {gb(p['bytes_written'])}, "
                      f"peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB")
+    if "deepseek_v4" in rep:
+        for cmd, what in rep["deepseek_v4"]["conversions"].items():
+            lines.append(f"  {cmd:12s} {what}")
     if rep["problems"]:
         lines.append(f"  [red]problems ({len(rep['problems'])})[/red]")
         for p in rep["problems"][:50]:
@@ -226,6 +285,25 @@ def human_lines(rep: dict) -> list[str]:
             lines.append(f"    ... {len(rep['problems']) - 50} more (see --json)")
     else:
         lines.append("  [green]no problems found[/green]")
+    return lines
+
+
+def _v4_lines(d: dict, gb) -> list[str]:
+    letter = {"sliding": "S", "csa": "C", "hca": "H"}
+    main = [r for r in d["schedule"] if r["name"].startswith("layers.")]
+    mtp = [r for r in d["schedule"] if r["name"].startswith("mtp.")]
+    att = " ".join(letter[r["attention"]] for r in main) + (" | MTP " + " ".join(letter[r["attention"]] for r in mtp)
+                                                            if mtp else "")
+    hashed = [r["layer"] for r in main if r["moe"] == "hash"]
+    kinds = ", ".join(f"{v} {k}" for k, v in d["attention_kinds"].items())
+    lines = [f"  attention    {att}  (S sliding, C CSA m=4, H HCA m=128; {kinds})",
+             f"  moe          hash-routed (tid2eid) layers {hashed[0]}-{hashed[-1]}, top-k routed the rest"
+             if hashed else "  moe          top-k routed in every layer"]
+    q = d["quantized"]
+    for k, label in (("fp8", "fp8 e4m3"), ("fp4", "fp4 e2m1")):
+        if q[k]["weights"]:
+            lines.append(f"  {label:12s} {q[k]['weights']:,} weights, {q[k]['bytes']:,} B + {q[k]['scale_bytes']:,} B "
+                         f"e8m0/f32 scales -> {q[k]['bf16_bytes']:,} B as BF16")
     return lines
 
 

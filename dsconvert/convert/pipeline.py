@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..formats.safetensors_io import PlannedTensor, ShardWriter, layout_order, read_range, read_tensor
+from ..quant.fp4_decode import FP4_GROUP, dequant_fp4, e8m0_grid_to_float32
 from ..quant.fp8_block import dequant_fp8_block
 from . import cancel
 from .manifest import Manifest
@@ -89,17 +90,26 @@ def copy_producer(ck, name: str, chunk_bytes: int) -> Callable[[], Iterator[torc
 
 
 def dequant_producer(ck, name: str, out_dtype: torch.dtype, device: torch.device, chunk_bytes: int):
-    """Producer of FP8 tensor ``name`` dequantized to ``out_dtype`` (the exact fp8-to-bf16 rule), in chunks of
-    whole 128-row blocks holding about ``chunk_bytes`` of output. The scale is looked up through the index."""
+    """Producer of quantized tensor ``name`` dequantized to ``out_dtype`` by the exact rule, in row chunks
+    holding about ``chunk_bytes`` of output; the scale is looked up through the index.
+
+    * FP8 e4m3 (V3 F32 ``weight_scale_inv``, V4 E8M0 or F32 ``.scale``): chunks of whole 128-row blocks,
+      ``dequant_fp8_block`` (docs/checkpoint-layout.md §4 and §13);
+    * FP4 e2m1 (V4 routed experts, ``I8 [M, N/2]`` + E8M0 ``[M, N/32]``): ``dequant_fp4`` (§13).
+    """
     ent = ck.entry(name)
-    m, n = ent.shape
-    bm, bn = ck.fp8.block
+    fp4 = ck.is_fp4_weight(name)
+    m = ent.shape[0]
+    n = ent.shape[1] * (2 if fp4 else 1)
+    bm, bn = (1, FP4_GROUP) if fp4 else ck.fp8.block
     scale_name = ck.scale_of(name)
     out_esz = torch.empty((), dtype=out_dtype).element_size()
     rows = max(bm, (chunk_bytes // max(1, n * out_esz)) // bm * bm)  # whole block-rows per chunk
 
     def produce():
         scale = ck.read(scale_name)
+        if not fp4:
+            scale = e8m0_grid_to_float32(scale)  # E8M0 bytes decoded exactly; F32 unchanged
         with open(ck.path_of(name), "rb") as f:
             for r0 in range(0, m, rows):
                 r1 = min(m, r0 + rows)
@@ -107,7 +117,7 @@ def dequant_producer(ck, name: str, out_dtype: torch.dtype, device: torch.device
                 s = scale[r0 // bm: -(-r1 // bm)]
                 if device.type != "cpu":
                     w, s = w.to(device, non_blocking=True), s.to(device)
-                y = dequant_fp8_block(w, s, (bm, bn), out_dtype)
+                y = dequant_fp4(w, s, out_dtype) if fp4 else dequant_fp8_block(w, s, (bm, bn), out_dtype)
                 yield y.cpu() if device.type != "cpu" else y
 
     return produce

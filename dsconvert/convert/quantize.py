@@ -528,6 +528,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     base_fmt = resolve_format(opts)
     scheme, desc = resolve_scheme(opts)
     ck = open_checkpoint(src, check_values=not dry_run)
+    ck.refuse_v4("quantize")
     if ck.config.get("quantization_config") and ck.fp8 is None:
         raise BadInputError(f"{src}: already quantized ({ck.config['quantization_config'].get('quant_method')})",
                             hint="quantize from the FP8 release or a BF16 checkpoint")

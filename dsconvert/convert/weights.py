@@ -5,6 +5,8 @@ writes, each through its own dequantizer:
 
 * DeepSeek FP8 + ``weight_scale_inv``: dequantized on the fly by the exact fp8-to-bf16 rule (BF16 result), so a
   correct BF16 conversion of the same checkpoint is identical to this source;
+* DeepSeek-V4 (release names): FP8 + E8M0/F32 ``.scale`` and FP4 e2m1 experts + E8M0 ``.scale``, dequantized by
+  the same rule as fp8-to-bf16 (docs/checkpoint-layout.md §13);
 * BF16 / F16 / F32 tensors: as stored;
 * formats written by ``dsconvert quantize`` (compressed-tensors pack-/int-/float-quantized, AutoAWQ GEMM, GPTQ):
   decoded by the codec the checkpoint's ``quantization_config`` names (W8A8 and FP8_BLOCK weights dequantized
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..quant.fp4_decode import dequant_fp4, e8m0_grid_to_float32
 from ..quant.fp8_block import dequant_fp8_block
 
 
@@ -61,7 +64,10 @@ class CheckpointWeightSource:
         if name in self.ck.tensors and not self.ck.is_scale(name):
             t = self.ck.read(name)
             if t.dtype == torch.float8_e4m3fn:
-                return dequant_fp8_block(t, self.ck.read(self.ck.scale_of(name)), self.ck.fp8.block)
+                scale = e8m0_grid_to_float32(self.ck.read(self.ck.scale_of(name)))  # V4 E8M0; V3 F32 unchanged
+                return dequant_fp8_block(t, scale, self.ck.fp8.block)
+            if self.ck.is_fp4_weight(name):  # DeepSeek-V4 FP4 routed experts -> BF16 [M, N], exact
+                return dequant_fp4(t, self.ck.read(self.ck.scale_of(name)))
             return t
         raise KeyError(f"{self.root}: no tensor {name!r}")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError, UnsupportedError
+from . import deepseek_v4 as v4
 from .hf_config import FP8Scheme, family, fp8_scheme, load_config
 from .registry import detect_format
 from .safetensors_io import SafetensorsHeader, TensorEntry, read_header, read_tensor
@@ -59,6 +60,8 @@ class Checkpoint:
         quantized: ``quantization_config`` is a format dsconvert writes (compressed-tensors, AWQ, GPTQ): its
             F8_E4M3 ``weight`` tensors with a ``weight_scale`` partner (compressed-tensors float-quantized) are checked
             by that format's codec, not as DeepSeek FP8 weights.
+        v4: the DeepSeek-V4 geometry when ``model_type`` is ``deepseek_v4`` (release layout: ``<stem>.scale``
+            partners, FP4 experts, ``mtp.*``; docs/checkpoint-layout.md §11-12), else None.
     """
 
     root: Path
@@ -70,16 +73,26 @@ class Checkpoint:
     index_metadata: dict = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     quantized: bool = False
+    v4: v4.V4Geometry | None = None
 
     # -- partners -----------------------------------------------------------------------------------------
     def is_fp8_weight(self, name: str) -> bool:
         return self.tensors[name][1].dtype == "F8_E4M3"
 
+    def is_fp4_weight(self, name: str) -> bool:
+        """A DeepSeek-V4 FP4 e2m1 weight (``I8``, two codes per byte) with its ``.scale`` partner."""
+        return self.v4 is not None and self.tensors[name][1].dtype == "I8" and self.scale_of(name) in self.tensors
+
     def scale_of(self, name: str) -> str:
-        """Name of the ``weight_scale_inv`` partner of FP8 tensor ``name``."""
+        """Name of the scale partner of quantized tensor ``name``: ``<name>_scale_inv`` (V3) or, for V4,
+        ``<stem>.scale`` of ``<stem>.weight``."""
+        if self.v4 is not None:
+            return v4.scale_name(name) if name.endswith(".weight") else name + ".scale"
         return name + SCALE_SUFFIX
 
     def is_scale(self, name: str) -> bool:
+        if self.v4 is not None:
+            return name.endswith(".scale") and name[: -len(".scale")] + ".weight" in self.tensors
         return name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in self.tensors
 
     def entry(self, name: str) -> TensorEntry:
@@ -99,9 +112,22 @@ class Checkpoint:
         return int(self.config.get("num_hidden_layers", 0))
 
     def is_mtp(self, name: str) -> bool:
-        """True for tensors of the multi-token-prediction block(s): layers >= ``num_hidden_layers``."""
+        """True for tensors of the multi-token-prediction block(s): layers >= ``num_hidden_layers`` (V4: ``mtp.*``)."""
+        if self.v4 is not None:
+            return name.startswith("mtp.")
         m = _LAYER_RE.match(name)
         return bool(m) and int(m.group(1)) >= self.num_hidden_layers
+
+    def refuse_v4(self, command: str) -> None:
+        """Refuse a DeepSeek-V4 checkpoint in a command that does not handle its layout yet.
+
+        Raises:
+            UnsupportedError (exit 3): naming the command and what does work for V4.
+        """
+        if self.v4 is not None:
+            raise UnsupportedError(f"{self.root}: DeepSeek-V4 checkpoints are not supported by `{command}` yet",
+                                   hint="V4 supports `dsconvert inspect` and `dsconvert fp8-to-bf16` (to a BF16 "
+                                        "checkpoint in the release layout)")
 
     def fatal_problems(self) -> list[Problem]:
         return [p for p in self.problems if p.fatal]
@@ -162,6 +188,12 @@ def scan(root: str | os.PathLike) -> Checkpoint:
         family(config)
     except UnsupportedError as e:
         problems.append(Problem("model_type", e.message, "config.json", hint=e.hint, unsupported=True))
+    geom = None
+    if config.get("model_type") == v4.MODEL_TYPE and not problems:
+        try:
+            geom = v4.geometry(config)
+        except UnsupportedError as e:
+            problems.append(Problem("config", e.message, "config.json", hint=e.hint, unsupported=True))
     fp8 = None
     qc = config.get("quantization_config") or {}
     quantized = bool(qc) and qc.get("quant_method") != "fp8" and detect_format(qc) is not None
@@ -235,8 +267,12 @@ def scan(root: str | os.PathLike) -> Checkpoint:
                                         + (f"maps it to {weight_map[name]}" if name in weight_map else "omits it"),
                                         s, name, hint="the index and the shards disagree; re-download them"))
 
-    ck = Checkpoint(root, config, fp8, shard_names, headers, tensors, index_metadata, problems, quantized)
-    _check_pairs(ck)
+    ck = Checkpoint(root, config, fp8, shard_names, headers, tensors, index_metadata, problems, quantized=quantized,
+                    v4=geom)
+    if geom is not None:
+        _check_v4(ck)
+    elif config.get("model_type") != v4.MODEL_TYPE:
+        _check_pairs(ck)
     ts = index_metadata.get("total_size")
     if isinstance(ts, int) and not any(p.kind in ("missing_shard", "bad_shard") for p in problems):
         actual = sum(e.nbytes for _, e in tensors.values())
@@ -265,7 +301,8 @@ def _check_pairs(ck: Checkpoint) -> None:
         elif name.endswith(".scale") and ent.dtype in ("U8", "F8_E8M0"):
             ck.problems.append(Problem("fp8_format", f"tensor {name!r} looks like an E8M0 block scale "
                                        "(DeepSeek-V4-style layout)", s, name, unsupported=True,
-                                       hint="V4/FP4 layouts are not supported"))
+                                       hint="DeepSeek-V4 checkpoints are read when config.json says model_type "
+                                            "deepseek_v4; restore the release's config.json"))
         elif ent.dtype == "F8_E4M3":
             if ck.fp8 is None and ck.quantized and name.endswith(".weight") and name + "_scale" in ck.tensors:
                 continue  # compressed-tensors float-quantized: weight + weight_scale, read by its codec
@@ -306,16 +343,108 @@ def _check_pairs(ck: Checkpoint) -> None:
                                            f"{ck.tensors[w][1].dtype}, not F8_E4M3", s, name))
 
 
+def _check_v4(ck: Checkpoint) -> None:
+    """Header-level checks of a DeepSeek-V4 checkpoint against the layout table (docs/checkpoint-layout.md §12-13):
+    every expected tensor present with its shape; quantized families stored as the config declares (F8_E4M3 /
+    FP4 ``I8`` with a ``.scale`` of the exact grid, E8M0 or F32); float families in a float dtype; ``tid2eid``
+    integer; no tensor the table does not know (a hash layer's unused ``ffn.gate.bias`` is tolerated)."""
+    g = ck.v4
+    seen: set[str] = set()
+    floats = ("BF16", "F16", "F32")
+    for e in v4.expected_tensors(g):
+        where = ck.tensors.get(e.name)
+        if where is None:
+            ck.problems.append(Problem("missing_tensor", f"DeepSeek-V4 tensor {e.name!r} ({e.family.role}, "
+                                       f"{list(e.shape)}) is absent", INDEX_NAME, e.name,
+                                       hint="the checkpoint is incomplete or config.json does not match it "
+                                            "(layers, compress_ratios, num_hash_layers); re-download"))
+            continue
+        s, ent = where
+        seen.add(e.name)
+        want = v4.stored_dtype(e, g)
+        if want is None:
+            ok = ent.dtype in (("I64", "I32") if e.storage == "index" else floats)
+            if not ok:
+                ck.problems.append(Problem("dtype", f"tensor {e.name!r} is {ent.dtype}; expected "
+                                           + ("I64/I32" if e.storage == "index" else "BF16/F16/F32")
+                                           + (" (config.json declares no quantization)" if e.storage != "index"
+                                              and not g.quantized else ""), s, e.name, unsupported=True,
+                                           hint="restore the release's config.json or re-download this shard"))
+                continue
+            if tuple(ent.shape) != e.shape:
+                ck.problems.append(Problem("shape", f"tensor {e.name!r} has shape {list(ent.shape)}, expected "
+                                           f"{list(e.shape)} from config.json", s, e.name,
+                                           hint="config.json does not match the shards; re-download"))
+            continue
+        sname = v4.scale_name(e.name)
+        seen.add(sname)
+        what = "FP4 e2m1 (I8, two per byte)" if want == "I8" else "F8_E4M3"
+        if ent.dtype != want:
+            ck.problems.append(Problem("dtype", f"tensor {e.name!r} is {ent.dtype}; config.json "
+                                       f"(expert_dtype {g.expert_dtype}) says {what}", s, e.name, unsupported=True,
+                                       hint="fix quantization_config.expert_dtype / the top-level expert_dtype, "
+                                            "or re-download"))
+            continue
+        if tuple(ent.shape) != v4.stored_shape(e, g):
+            ck.problems.append(Problem("shape", f"tensor {e.name!r} has shape {list(ent.shape)}, expected "
+                                       f"{list(v4.stored_shape(e, g))} ({what} of logical {list(e.shape)})", s,
+                                       e.name, hint="config.json does not match the shards; re-download"))
+            continue
+        if sname not in ck.tensors:
+            ck.problems.append(Problem("missing_scale", f"{what} tensor {e.name!r} has no {sname!r} partner "
+                                       "anywhere in the checkpoint", s, e.name,
+                                       hint="the checkpoint is incomplete; re-download the shard holding the scale "
+                                            "(dsconvert never passes quantized bytes through unscaled)"))
+            continue
+        ss, sent = ck.tensors[sname]
+        grid = v4.scale_shape(e, g)
+        ok_dtypes = ("F8_E8M0",) if want == "I8" else ("F8_E8M0", "F32")
+        if sent.dtype not in ok_dtypes:
+            ck.problems.append(Problem("scale_dtype", f"scale {sname!r} is {sent.dtype}, expected "
+                                       + " or ".join(ok_dtypes), ss, sname, unsupported=True,
+                                       hint="this scale encoding is refused rather than guessed"))
+        elif tuple(sent.shape) != grid:
+            ck.problems.append(Problem("scale_grid", f"scale {sname!r} has shape {list(sent.shape)} but {what} "
+                                       f"weight of logical shape {list(e.shape)} needs {list(grid)}"
+                                       + (" (one per row per 32 inputs)" if want == "I8" else " (128x128 blocks)"),
+                                       ss, sname, hint="the scale does not belong to this weight; re-download"))
+    for name, (s, ent) in ck.tensors.items():
+        if name in seen:
+            continue
+        m = re.match(r"^layers\.(\d+)\.ffn\.gate\.bias$", name)
+        if m and g.moe_kind(int(m.group(1))) == "hash":
+            ck.problems.append(Problem("unused_tensor", f"hash-routed layer tensor {name!r} is unused (routing "
+                                       "uses tid2eid); it is copied as is", s, name, fatal=False))
+            continue
+        kind = "orphan_scale" if name.endswith(".scale") else "unknown_tensor"
+        ck.problems.append(Problem(kind, f"tensor {name!r} is not part of the DeepSeek-V4 layout for this "
+                                   f"config.json ({g.layers} layers, {g.mtp} MTP, {g.experts} experts)", s, name,
+                                   hint="config.json does not match the shards, or this is a different model "
+                                        "(V4.1 and vision variants are not supported)"))
+
+
 def check_scale_values(ck: Checkpoint, names: list[str] | None = None) -> list[Problem]:
-    """Read every ``weight_scale_inv`` (small: ~160 MB for full V3) and flag NaN, Inf or non-positive values."""
+    """Read every scale (V3 ``weight_scale_inv``: ~160 MB for full V3; V4 ``.scale``) and flag NaN, Inf or
+    non-positive F32 values and the E8M0 NaN byte 255."""
     probs = []
     by_shard: dict[str, list[str]] = {}
-    for n in names if names is not None else [n for n in ck.tensors if n.endswith(SCALE_SUFFIX)]:
+    default = [n for n in ck.tensors if ck.is_scale(n)] if ck.v4 is not None else \
+        [n for n in ck.tensors if n.endswith(SCALE_SUFFIX)]
+    for n in names if names is not None else default:
         by_shard.setdefault(ck.tensors[n][0], []).append(n)
     for s, ns in by_shard.items():
         with open(ck.root / s, "rb") as f:
             for n in ns:
                 ent = ck.tensors[n][1]
+                if ent.dtype == "F8_E8M0":
+                    t = read_tensor(f, ent).view(torch.uint8)
+                    bad = t == 255
+                    if bool(bad.any()):
+                        i = int(bad.reshape(-1).nonzero()[0])
+                        probs.append(Problem("scale_value", f"e8m0 scale {n!r} holds {int(bad.sum())} NaN bytes "
+                                             f"(0xFF; first at flat index {i})", s, n,
+                                             hint="the scale is corrupt; re-download this shard"))
+                    continue
                 if ent.dtype != "F32":
                     continue
                 t = read_tensor(f, ent)
@@ -329,6 +458,21 @@ def check_scale_values(ck: Checkpoint, names: list[str] | None = None) -> list[P
     return probs
 
 
+def check_v4_routing_tables(ck: Checkpoint) -> list[Problem]:
+    """Read every DeepSeek-V4 hash-routing table ``ffn.gate.tid2eid`` ([V, k] integers, ~6 MB each for Flash) and
+    flag expert ids outside ``[0, n_routed_experts)``: a corrupt table would route tokens silently wrong."""
+    probs = []
+    for name in (n for n in ck.tensors if n.endswith(".ffn.gate.tid2eid")):
+        t = ck.read(name)
+        bad = (t < 0) | (t >= ck.v4.experts)
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0])
+            probs.append(Problem("routing_table", f"hash-routing table {name!r} holds {int(bad.sum())} expert ids "
+                                 f"outside [0, {ck.v4.experts}) (first at flat index {i}: {int(t.reshape(-1)[i])})",
+                                 ck.tensors[name][0], name, hint="the table is corrupt; re-download this shard"))
+    return probs
+
+
 def open_checkpoint(root: str | os.PathLike, *, check_values: bool = True) -> Checkpoint:
     """``scan`` plus scale-value checks; raise on any fatal problem.
 
@@ -338,6 +482,8 @@ def open_checkpoint(root: str | os.PathLike, *, check_values: bool = True) -> Ch
     ck = scan(root)
     if check_values and not ck.fatal_problems():
         ck.problems.extend(check_scale_values(ck))
+        if ck.v4 is not None:
+            ck.problems.extend(check_v4_routing_tables(ck))
     fatal = ck.fatal_problems()
     if fatal:
         p = fatal[0]

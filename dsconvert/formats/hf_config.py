@@ -19,6 +19,7 @@ FAMILIES = {
     "deepseek_v32": "DeepSeek-V3.2",
     "deepseek_v2": "DeepSeek-V2",
     "kimi_k2": "Kimi-K2 (DeepSeek-V3 layout)",
+    "deepseek_v4": "DeepSeek-V4",  # its own layout: formats/deepseek_v4.py, docs/checkpoint-layout.md §11
 }
 
 
@@ -54,9 +55,14 @@ def family(cfg: dict, *, source: str = "config.json") -> str:
     """The family label for a supported ``model_type``.
 
     Raises:
-        UnsupportedError: any model_type outside the DeepSeek V2/V3 family (named, with the supported list).
+        UnsupportedError: any model_type outside the DeepSeek V2/V3/V4 families (named, with the supported list);
+            DeepSeek-V4.1, saying why (docs/checkpoint-layout.md §14).
     """
     mt = cfg.get("model_type")
+    if mt in ("deepseek_v4", "deepseek_v41") or (str(mt).startswith("deepseek") and "text_config" in cfg):
+        from .deepseek_v4 import refuse_v41
+
+        refuse_v41(cfg, source)
     if mt not in FAMILIES:
         raise UnsupportedError(f"{source}: model_type {mt!r} is not a DeepSeek V2/V3-family model",
                                hint="supported model_type values: " + ", ".join(sorted(FAMILIES)))
@@ -92,9 +98,12 @@ def fp8_scheme(cfg: dict, *, source: str = "config.json") -> FP8Scheme | None:
 
 
 def version_label(cfg: dict) -> str:
-    """A readable release label: 'DeepSeek-V3/R1', 'DeepSeek-V3.1 (scale_fmt ue8m0)', ..."""
+    """A readable release label: 'DeepSeek-V3/R1', 'DeepSeek-V3.1 (scale_fmt ue8m0)', 'DeepSeek-V4 (FP4 experts)'."""
     fam = FAMILIES.get(cfg.get("model_type"), str(cfg.get("model_type")))
     qc = cfg.get("quantization_config") or {}
+    if cfg.get("model_type") == "deepseek_v4":
+        ed = qc.get("expert_dtype", cfg.get("expert_dtype"))
+        return f"{fam} ({ed.upper()} experts)" if qc and ed else fam
     if cfg.get("model_type") == "deepseek_v3" and qc.get("scale_fmt") == "ue8m0":
         return "DeepSeek-V3.1 (scale_fmt ue8m0)"
     return fam

@@ -465,3 +465,7 @@ def real_v3_spec() -> FixtureSpec:
                        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
                        vocab_size=129280, num_shards=163)
+
+
+# DeepSeek-V4 release-layout fixtures live in their own module (they need transformers to fix names and shapes).
+from .deepseek_v4 import V4_PRESETS, V4Spec, build_v4_checkpoint, decoded_state_dict  # noqa: E402,F401
