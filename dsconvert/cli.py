@@ -33,8 +33,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    # help follows the terminal's width (COLUMNS), up to 160 columns (Click's default stops at 80)
+    context_settings={"max_content_width": 160},
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages are not cut at 80 columns
 out = Console(highlight=False, soft_wrap=True)
 
 # Reusable option spellings (one place for names and help texts).
@@ -45,7 +47,7 @@ def _hf_cache(path: Optional[Path]) -> Optional[Path]:
     return None if path is None else resolve_hf_cache(path)
 
 
-SrcArg = Annotated[Path, typer.Argument(help="checkpoint directory (HF layout; HF-cache repo and snapshot paths work)",
+SrcArg = Annotated[Path, typer.Argument(metavar="SRC", help="checkpoint directory (HF layout; HF-cache repo and snapshot paths work)",
                                         show_default=False, callback=_hf_cache)]
 OutOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="output directory")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print only the final JSON report on stdout")]
@@ -58,6 +60,20 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cu
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="output shards written concurrently")]
 MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse plans above this peak RAM (e.g. 8G, 6GiB)")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
+
+
+def _registry_help() -> tuple[str, str, str]:
+    """``--scheme``, ``--format`` and ``--type`` help texts, from the registries (so a new scheme, format or
+    GGUF type shows up without editing this file)."""
+    from .convert.gguf_export import type_help
+    from .formats.registry import describe_formats
+    from .quant.schemes import SCHEMES
+
+    return (f"{SCHEMES.describe()} (compressed-tensors preset names)",
+            f"on-disk layout: {describe_formats()}", type_help())
+
+
+_SCHEME_HELP, _FORMAT_HELP, _TYPE_HELP = _registry_help()
 
 
 def _json_safe(obj):
@@ -255,7 +271,7 @@ Examples:
 """
 
 
-@app.command("fp8-to-bf16", help="Dequantize DeepSeek's block-FP8 release to a complete BF16 HF checkpoint.\n"
+@app.command("fp8-to-bf16", short_help="FP8 release -> BF16 checkpoint (complete HF folder).", help="Dequantize DeepSeek's block-FP8 release to a complete BF16 HF checkpoint.\n"
                                   + FP8_EXAMPLES)
 def fp8_to_bf16_cmd(
     src: SrcArg,
@@ -329,21 +345,21 @@ Examples:
 """
 
 
-@app.command("quantize", help="INT8/INT4 weights in compressed-tensors, AutoAWQ GEMM or GPTQ layout, straight "
+@app.command("quantize", short_help="INT4/INT8: compressed-tensors, AutoAWQ or GPTQ layout.", help="INT8/INT4 weights in compressed-tensors, AutoAWQ GEMM or GPTQ layout, straight "
                               "from the FP8 release or a BF16 checkpoint.\n" + QUANTIZE_EXAMPLES)
 def quantize_cmd(
     src: SrcArg,
     output: OutOpt = None,
-    scheme: Annotated[str, typer.Option("--scheme", help="W4A16 | W4A16_ASYM | W8A16")] = "W4A16",
+    scheme: Annotated[str, typer.Option("--scheme", help=_SCHEME_HELP)] = "W4A16",
     group_size: Annotated[Optional[int], typer.Option(
         "--group-size", help="32 | 64 | 128 | -1 (per channel); default: the scheme's, 128")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="compressed-tensors | awq | gptq (on-disk layout)")] = "compressed-tensors",
+    fmt: Annotated[str, typer.Option("--format", help=_FORMAT_HELP)] = "compressed-tensors",
     checkpoint_format: Annotated[Optional[str], typer.Option("--checkpoint-format",
                                                              help="gptq only: gptq (v1) | gptq_v2")] = None,
     method: Annotated[str, typer.Option("--method", help="rtn | awq | gptq")] = "rtn",
     awq: Annotated[bool, typer.Option("--awq", help="shorthand for --method awq")] = False,
     gptq: Annotated[bool, typer.Option("--gptq", help="shorthand for --method gptq")] = False,
-    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="keep a module unquantized: exact name "
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="NAME|re:REGEX", help="keep a module unquantized: exact name "
                                                         "or re:REGEX (repeatable)")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")] = False,
     mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
@@ -419,22 +435,23 @@ def _print_validation(rep: dict) -> None:
               f"ln(PPL ratio) {m['ln_ppl_ratio']:.4g}")
 
 
-@app.command("inspect", help="Show what a checkpoint holds and what converting it writes, from headers only. "
+@app.command("inspect", short_help="What a checkpoint or GGUF holds; supported names.", help="Show what a checkpoint holds and what converting it writes, from headers only. "
                              "--list-schemes / --list-formats / --list-types print what the writers support.")
 def inspect_cmd(
-    src: Annotated[Optional[Path], typer.Argument(help="checkpoint directory", show_default=False)] = None,
+    src: Annotated[Optional[Path], typer.Argument(metavar="SRC", help="checkpoint directory or .gguf file",
+                                                  show_default=False)] = None,
     list_schemes: Annotated[bool, typer.Option("--list-schemes", help="quantize schemes")] = False,
     list_formats: Annotated[bool, typer.Option("--list-formats", help="quantize on-disk formats")] = False,
     list_types: Annotated[bool, typer.Option("--list-types", help="GGUF tensor types")] = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    from .convert.inspect import human_lines, inspect_checkpoint, registries
+    from .convert.inspect import human_lines, inspect_checkpoint, registries, registry_lines
 
     def human(rep):
         if "registries" in rep:
-            for k, v in rep["registries"].items():
-                out.print(f"{k}: {', '.join(v)}")
+            for line in registry_lines(rep["registries"]):
+                out.print(line)
             return
         for line in human_lines(rep):
             out.print(line, markup=True, highlight=False)
@@ -465,7 +482,7 @@ def _ids(text: str | None) -> list[int] | None:
         raise UsageError(f"--token-ids {text!r}: takes comma-separated integers, e.g. 1,2,3") from None
 
 
-@app.command("logits", help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
+@app.command("logits", short_help="Reference forward pass: save logits as .npy.", help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
 def logits_cmd(
     src: SrcArg,
     token_ids: Annotated[Optional[str], typer.Option("--token-ids", help="comma-separated ids, e.g. 0,5,6")] = None,
@@ -486,11 +503,11 @@ def logits_cmd(
          human=human)
 
 
-@app.command("validate", help="Compare a converted checkpoint's logits with its source through the reference "
+@app.command("validate", short_help="Compare logits with the source (KLD, top-1); exit 4.", help="Compare a converted checkpoint's logits with its source through the reference "
                               "forward pass (Mean KLD, top-1 agreement, PPL, per-layer error). Exit 4 if outside "
                               "the thresholds.")
 def validate_cmd(
-    candidate: Annotated[Path, typer.Argument(help="converted checkpoint directory", show_default=False,
+    candidate: Annotated[Path, typer.Argument(metavar="CANDIDATE", help="converted checkpoint directory", show_default=False,
                                          callback=_hf_cache)],
     reference: Annotated[Path, typer.Option("--reference", help="source checkpoint directory", callback=_hf_cache)],
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="text file (default: bundled text)")] = None,
@@ -542,18 +559,15 @@ Examples:
 """
 
 
-@app.command("gguf", help="Write a llama.cpp deepseek2 GGUF (mainline MLA layout, llama.cpp >= PR #12801) from "
+@app.command("gguf", short_help="llama.cpp deepseek2 GGUF (Q8_0, Q4_K_M, ...).", help="Write a llama.cpp deepseek2 GGUF (mainline MLA layout, llama.cpp >= PR #12801) from "
                           "DeepSeek's FP8 release or a BF16 checkpoint. The MTP layer is dropped and reported.\n"
                           + GGUF_EXAMPLES)
 def gguf_cmd(
     src: SrcArg,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="the .gguf file to write")] = None,
-    type_: Annotated[str, typer.Option("--type", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K "
-                                                      "Q5_K Q6_K or a mix Q2_K_S Q3_K_S Q3_K_M Q3_K_L Q4_K_S "
-                                                      "Q4_K_M Q5_K_S Q5_K_M (llama-quantize rules; Q4_K = Q4_K_M "
-                                                      "--pure; IQ types are refused)")] = "BF16",
+    type_: Annotated[str, typer.Option("--type", help=_TYPE_HELP)] = "BF16",
     tensor_type: Annotated[Optional[list[str]], typer.Option(
-        "--tensor-type", help="PATTERN=TYPE (regex on GGUF names, first match wins; repeatable)")] = None,
+        "--tensor-type", metavar="PATTERN=TYPE", help="PATTERN=TYPE (regex on GGUF names, first match wins; repeatable)")] = None,
     output_tensor_type: Annotated[Optional[str], typer.Option("--output-tensor-type",
                                                               help="type of output.weight")] = None,
     token_embedding_type: Annotated[Optional[str], typer.Option("--token-embedding-type",
@@ -619,7 +633,7 @@ def gguf_cmd(
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 
 
-@app.command("env", help="Versions, CPU features (AMX), CUDA, free memory and disk.")
+@app.command("env", short_help="Versions, CPU features, CUDA, free memory and disk.", help="Versions, CPU features (AMX), CUDA, free memory and disk.")
 def env_cmd(json_out: JsonOpt = False) -> None:
     from .convert.envinfo import env_report
 
@@ -630,12 +644,12 @@ def env_cmd(json_out: JsonOpt = False) -> None:
     _run(env_report, json_out=json_out, verbose=False, human=human)
 
 
-@app.command("make-fixture",
+@app.command("make-fixture", short_help="Write a synthetic checkpoint in the release layout.",
              help="Write a synthetic checkpoint in DeepSeek's exact release layout (tiny | bench | bench4x | real). "
                   "'real' has the release's tensor dimensions and is written streaming (default: layer 0 dense + "
                   "layer 1 MoE with 256 experts, no MTP, 15.8 GB).")
 def make_fixture_cmd(
-    output: Annotated[Path, typer.Argument(help="directory to create")],
+    output: Annotated[Path, typer.Argument(metavar="DIR", help="directory to create")],
     preset: Annotated[str, typer.Option("--preset", help="tiny (seconds, tests) | bench (1.5 GB) | bench4x (5 GB) | "
                                                           "real (release dimensions)")] = "tiny",
     seed: Annotated[int, typer.Option("--seed", help="random seed of the weights (same seed, same bytes)")] = 0,

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import BadInputError, UsageError
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from ..formats.kind import require_kind
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.safetensors_io import dtype_size
 from ..report import base_report, peak_rss_bytes
@@ -41,6 +42,13 @@ OUT_DTYPES = {"bf16": ("BF16", torch.bfloat16, "bfloat16"), "f16": ("F16", torch
               "f32": ("F32", torch.float32, "float32")}
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "f16", "fp16": "f16", "float32": "f32", "fp32": "f32"}
 BASE_RSS = 600 * 2**20  # interpreter + torch, measured ~0.5 GiB here
+#: What to do instead, by the kind of checkpoint given (:func:`dsconvert.formats.kind.require_kind`).
+INPUT_HINTS = {
+    "float": "it is already unquantized: use it as it is (quantize and gguf take it as SRC)",
+    "int": "dsconvert does not dequantize INT checkpoints; run fp8-to-bf16 on the FP8 release it was made from",
+    "gguf": "fp8-to-bf16 reads safetensors checkpoints; pass the FP8 release folder the GGUF was made from",
+    "other": "pass DeepSeek's FP8 release folder (config.json with quantization_config.quant_method fp8)",
+}
 
 
 @dataclass
@@ -192,6 +200,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if out is not None:
         check_paths(src, Path(out))
     device = resolve_device(opts.device)
+    require_kind(src, COMMAND, ("fp8",), "DeepSeek's block-FP8 release (F8_E4M3 weights with weight_scale_inv)",
+                 INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
     plan = make_plan(ck, opts, device)
     report = base_report(COMMAND)

@@ -52,8 +52,9 @@ from gguf.gguf_writer import WriterState
 from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageError
 from ..formats import gguf_deepseek2 as g2
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from ..formats.gguf_types import FTYPE_NAMES, normalize_ftype, parse_tensor_type_override
+from ..formats.gguf_types import FTYPE_NAMES, default_type, normalize_ftype, parse_tensor_type_override
 from ..formats.hf_config import version_label
+from ..formats.kind import require_kind
 from ..formats.safetensors_io import read_tensor, sha256_file
 from ..quant import ggml
 from ..report import base_report, peak_rss_bytes
@@ -74,12 +75,13 @@ REPORT_SUFFIX = ".dsconvert-report.json"
 SPLIT_NAME = "{stem}-{i:05d}-of-{n:05d}.gguf"  # gguf-py SHARD_NAME_FORMAT / llama_split_path
 BASE_RSS = 600 * 2**20  # interpreter + torch
 
-#: ``--type`` values that name one ggml type rather than a llama-quantize mix: the mix with the same default
-#: type under ``--pure`` (every quantizable tensor gets that type, shape fallbacks still apply).
-PURE_TYPES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
-#: The ``--type`` values offered (all others from gguf_types.FTYPE_NAMES work if our quantizers cover them).
-TYPE_CHOICES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                "Q6_K", "Q3_K_M", "Q4_K_M", "Q5_K_M")
+#: What to do instead, by the kind of checkpoint given (:func:`dsconvert.formats.kind.require_kind`).
+INPUT_HINTS = {
+    "int": "export the FP8 release (or its BF16 copy) the INT checkpoint was made from; for 4 bits use "
+           "--type Q4_K_M",
+    "gguf": "it is already a GGUF; to change its type use llama-quantize, or export from the FP8/BF16 source",
+    "other": "pass DeepSeek's FP8 release or a BF16 checkpoint",
+}
 
 
 @dataclass
@@ -105,19 +107,68 @@ class GGUFOptions:
                 "split_max_size": self.split_max_size, "split_max_tensors": self.split_max_tensors}
 
 
+def type_names() -> dict[str, list[str]]:
+    """The ``--type`` values, from the registries: ``types`` (ggml types dsconvert has a quantizer for and that
+    ``--type`` takes alone), ``mixes`` (llama-quantize file-type mixes whose default type dsconvert can write:
+    Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M), ``unsupported`` (file types llama-quantize
+    knows but dsconvert has no quantizer for yet: IQ*, TQ*, MXFP4_MOE). Sources: ``FTYPE_NAMES`` of
+    :mod:`dsconvert.formats.gguf_types` and :func:`dsconvert.quant.ggml.registered_types`."""
+    have = ggml.registered_types()
+    pure = pure_types()
+    return {"types": [t for t in have if t in FTYPE_NAMES or t in pure],
+            "mixes": [n for n in FTYPE_NAMES if n not in have and default_type(n) in have],
+            "unsupported": [n for n in FTYPE_NAMES if default_type(n) not in have]}
+
+
+def pure_types() -> dict[str, str]:
+    """``--type`` values that name one ggml type without a llama-quantize file type of that name: the ``_M`` mix
+    with that default type under ``--pure`` (``Q4_K`` = ``Q4_K_M --pure``: every quantizable tensor gets Q4_K,
+    shape fallbacks still apply)."""
+    return {t: f"{t}_M" for t in ggml.registered_types()
+            if t not in FTYPE_NAMES and f"{t}_M" in FTYPE_NAMES and default_type(f"{t}_M") == t}
+
+
+def type_help() -> str:
+    """``--type``'s help text, built from :func:`type_names`."""
+    n = type_names()
+    pure = ", ".join(f"{t} = {m} --pure" for t, m in pure_types().items())
+    return (f"a ggml type ({' '.join(n['types'])}) or a llama-quantize mix ({' '.join(n['mixes'])}), "
+            f"case-insensitive; {pure}; IQ/TQ/MXFP4 types are not supported yet")
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def resolve_type(name: str) -> tuple[str, bool]:
     """``--type`` -> (llama-quantize ftype name, forced pure). ``Q4_K`` is ``Q4_K_M --pure``, ...
 
     Raises:
-        UsageError: unknown name (lists the choices).
+        UsageError: a file type dsconvert cannot write yet (IQ/TQ/MXFP4: names the missing quantizer), or an
+            unknown name (lists every type and mix, with the closest names as "did you mean").
     """
+    import difflib
+
     key = name.strip().upper().replace("-", "_")
-    if key in PURE_TYPES:
-        return PURE_TYPES[key], True
+    pure = pure_types()
+    if key in pure:
+        return pure[key], True
+    n = type_names()
+    choices = f"types: {', '.join(n['types'])}; mixes: {', '.join(n['mixes'])}"
     try:
-        return normalize_ftype(key), False
+        ftype = normalize_ftype(key)
     except UsageError:
-        raise UsageError(f"unknown --type {name!r}", hint="choose one of " + ", ".join(TYPE_CHOICES)) from None
+        close = difflib.get_close_matches(key, n["types"] + n["mixes"] + n["unsupported"], n=3, cutoff=0.6)
+        guess = f"did you mean {_either(close)}? " if close else ""
+        raise UsageError(f"unknown --type {name!r}", hint=guess + choices) from None
+    if ftype in n["unsupported"]:
+        family = "IQ" if ftype.startswith("IQ") else "TQ" if ftype.startswith("TQ") else "MXFP4"
+        imx = " --imatrix FILE" if family == "IQ" else ""
+        raise UsageError(f"--type {ftype}: {family} types are not supported yet (dsconvert has no "
+                         f"{default_type(ftype)} quantizer)",
+                         hint=f"write a BF16 or Q8_0 GGUF with dsconvert, then `llama-quantize{imx} IN.gguf OUT.gguf "
+                              f"{ftype}`; dsconvert writes {choices}")
+    return ftype, False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -814,6 +865,8 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                              hint="e.g. -o DeepSeek-R1-Q4_K_M.gguf (splits become ...-00001-of-0000N.gguf)")
         check_paths(src, output)
     device = resolve_device(opts.device)
+    require_kind(src, COMMAND, ("fp8", "float"), "DeepSeek's FP8 release or an unquantized (BF16) checkpoint",
+                 INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
     check_supported(ck.config)
     plan = make_plan(ck, opts, output)
@@ -883,6 +936,6 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     return report
 
 
-__all__ = ["COMMAND", "LAYOUT", "GGUFOptions", "ExportPlan", "OutFile", "TYPE_CHOICES", "FTYPE_NAMES",
+__all__ = ["COMMAND", "LAYOUT", "GGUFOptions", "ExportPlan", "OutFile", "FTYPE_NAMES", "type_names", "type_help",
            "make_plan", "run", "resolve_type", "load_imatrix", "encode", "tensor_chunks", "file_names",
            "manifest_path"]

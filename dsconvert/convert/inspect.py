@@ -289,15 +289,29 @@ def _gguf_lines(rep: dict) -> list[str]:
 
 
 def registries(schemes: bool, formats: bool, types: bool) -> dict:
-    """Names (with aliases) the writers accept: quantize schemes and formats, GGUF types."""
-    out = {}
+    """What the writers accept, from their registries: quantize schemes and formats (canonical name -> aliases),
+    GGUF ``--type`` values (``gguf_types``: single ggml types; ``gguf_mixes``: llama-quantize mixes;
+    ``gguf_unsupported``: file types dsconvert cannot write yet)."""
+    out: dict = {}
     if schemes:
-        from ..quant.schemes import registered_schemes
-        out["schemes"] = registered_schemes()
+        from ..quant.schemes import SCHEMES
+        out["schemes"] = {n: SCHEMES.aliases(n) for n in SCHEMES.names()}
     if formats:
-        from ..formats.registry import registered_formats
-        out["formats"] = registered_formats()
+        from ..formats.registry import FORMATS, registered_formats
+        out["formats"] = {n: FORMATS.aliases(n) for n in registered_formats()}
     if types:
-        from ..quant.ggml_quants import registered_types
-        out["gguf_types"] = registered_types()
+        from .gguf_export import type_names
+        n = type_names()
+        out.update({"gguf_types": n["types"], "gguf_mixes": n["mixes"], "gguf_unsupported": n["unsupported"]})
     return out
+
+
+def registry_lines(reg: dict) -> list[str]:
+    """Human rendering of :func:`registries`: one line per kind, aliases in parentheses."""
+    labels = {"schemes": "schemes", "formats": "formats", "gguf_types": "gguf types", "gguf_mixes": "gguf mixes",
+              "gguf_unsupported": "gguf types not supported yet"}
+    lines = []
+    for k, v in reg.items():
+        items = [f"{n} (aliases: {', '.join(al)})" if al else n for n, al in v.items()] if isinstance(v, dict) else v
+        lines.append(f"{labels.get(k, k)}: {', '.join(items)}")
+    return lines

@@ -17,19 +17,20 @@ import json
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..errors import BadInputError, UsageError
+from ..errors import UsageError
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.int_format import IntFormat
-from ..formats.registry import get_format, registered_formats
+from ..formats.kind import require_kind
+from ..formats.registry import FORMATS, describe_formats, get_format
 from ..quant.rtn import QTensor, dequantize, quantize, quantize_with_error
-from ..quant.schemes import get_scheme, registered_schemes
+from ..quant.schemes import SCHEMES, get_scheme
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
@@ -43,6 +44,12 @@ from .fp8_to_bf16 import BASE_RSS, resolve_device
 
 COMMAND = "quantize"
 _LAYER_PREFIX = "model.layers."
+#: What to do instead, by the kind of checkpoint given (:func:`dsconvert.formats.kind.require_kind`).
+INPUT_HINTS = {
+    "int": "it is already quantized; quantize the FP8 release (or its BF16 copy) it was made from",
+    "gguf": "quantize reads safetensors checkpoints; pass the FP8 release or a BF16 folder",
+    "other": "pass DeepSeek's FP8 release or a BF16 checkpoint",
+}
 
 
 @dataclass
@@ -85,9 +92,11 @@ def resolve_format(opts: Options) -> IntFormat:
         name = opts.checkpoint_format
     try:
         return get_format(name)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown format {name!r}",
-                         hint="formats: " + ", ".join(registered_formats())) from None
+    except KeyError:
+        flag = "--checkpoint-format" if opts.checkpoint_format else "--format"
+        close = FORMATS.suggest(name)
+        raise UsageError(f"unknown {flag} {name!r}", hint=(f"did you mean {' or '.join(close)}? " if close else "")
+                         + "formats: " + describe_formats()) from None
 
 
 def resolve_spec(opts: Options):
@@ -98,9 +107,10 @@ def resolve_spec(opts: Options):
     """
     try:
         scheme = get_scheme(opts.scheme)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown scheme {opts.scheme!r}",
-                         hint="schemes: " + ", ".join(registered_schemes())) from None
+    except KeyError:
+        close = SCHEMES.suggest(opts.scheme)
+        raise UsageError(f"unknown --scheme {opts.scheme!r}", hint=(f"did you mean {' or '.join(close)}? " if close
+                                                                     else "") + "schemes: " + SCHEMES.describe()) from None
     return scheme.spec(opts.group_size)
 
 
@@ -432,10 +442,13 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         check_paths(src, Path(out))
     device = resolve_device(opts.device)
     fmt = resolve_format(opts)
+    resolve_spec(opts)  # an unknown scheme is a usage error before SRC is read
+    # canonical names from here on (report, manifest, messages): --format awq is reported as autoawq
+    opts = replace(opts, format=FORMATS.canonical(opts.format), scheme=SCHEMES.canonical(opts.scheme),
+                   checkpoint_format=FORMATS.canonical(opts.checkpoint_format) if opts.checkpoint_format else None)
+    require_kind(src, COMMAND, ("fp8", "float"), "DeepSeek's FP8 release or an unquantized (BF16) checkpoint",
+                 INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
-    if ck.config.get("quantization_config") and ck.fp8 is None:
-        raise BadInputError(f"{src}: already quantized ({ck.config['quantization_config'].get('quant_method')})",
-                            hint="quantize from the FP8 release or a BF16 checkpoint")
     spec = resolve_spec(opts)
     engine = None
     if opts.method == "rtn":
