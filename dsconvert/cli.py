@@ -24,6 +24,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import EXIT_INTERNAL, DsconvertError
+from .units import count
 
 app = typer.Typer(
     name="dsconvert",
@@ -219,6 +220,26 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
         raise typer.Exit(code)
 
 
+def _or_none(v) -> str:
+    """A report value for human output: ``none`` rather than Python's ``None``."""
+    return "none" if v is None else str(v)
+
+
+def _print_mtp(mtp: dict, indent: str = "") -> None:
+    """fp8-to-bf16's line about the multi-token-prediction layer: kept (and what transformers will say about
+    it) or dropped."""
+    if not mtp.get("layers"):
+        return
+    layers = ", ".join(str(i) for i in mtp["layers"])
+    if mtp["kept"]:
+        n = count(mtp["tensors"], "tensor")
+        out.print(f"{indent}MTP layer {layers} kept ({n}, model.layers.{layers}.*) for "
+                  "speculative decoding in vLLM/SGLang; transformers does not use it and warns about these "
+                  "unexpected weights when loading, which is expected (--mtp drop removes it)")
+    else:
+        out.print(f"{indent}MTP layer {layers} dropped (--mtp drop)")
+
+
 def check_writable_file(path: Path, flag: str) -> None:
     """Refuse, before any work, a file path the command could not write at the end (a directory, a missing or
     non-directory parent, no write permission).
@@ -271,7 +292,8 @@ Examples:
 """
 
 
-@app.command("fp8-to-bf16", short_help="FP8 release -> BF16 checkpoint (complete HF folder).", help="Dequantize DeepSeek's block-FP8 release to a complete BF16 HF checkpoint.\n"
+@app.command("fp8-to-bf16", short_help="FP8 release -> BF16 checkpoint (complete HF folder).",
+             help="Dequantize DeepSeek's block-FP8 release to a complete BF16 HF checkpoint.\n"
                                   + FP8_EXAMPLES)
 def fp8_to_bf16_cmd(
     src: SrcArg,
@@ -319,14 +341,19 @@ def fp8_to_bf16_cmd(
                       f"~{p['time_estimate_s_at_0_5_gb_s']} s at 0.5 GB/s")
             if p["dropped"]:
                 out.print(f"  dropped: {len(p['dropped'])} tensors ({p['dropped'][0]['reason']})")
+            _print_mtp(p.get("mtp") or {}, indent="  ")
             out.print("  (dry run: nothing written)")
             return
         o = rep["output"]
-        state = "already complete" if rep["already_complete"] else (
-            f"resumed: {rep['shards_reused']} shards reused, {rep['shards_written']} written" if rep["resumed"]
-            else f"{rep['shards_written']} shards written")
-        out.print(f"wrote {o['path']}: {o['tensors']} tensors, {o['total_size'] / 1e9:.3f} GB; {state}; "
-                  f"{rep['seconds']:.1f} s; peak RSS {rep['peak_rss']['gib']:.2f} GiB")
+        what = f"{o['tensors']} tensors, {o['total_size'] / 1e9:.3f} GB"
+        if rep["already_complete"]:
+            out.print(f"{o['path']} is already complete ({what}); nothing written")
+        else:
+            state = (f"resumed: {count(rep['shards_reused'], 'shard')} reused, {rep['shards_written']} written"
+                     if rep["resumed"] else f"{count(rep['shards_written'], 'shard')} written")
+            out.print(f"wrote {o['path']}: {what}; {state}; {rep['seconds']:.1f} s; "
+                      f"peak RSS {rep['peak_rss']['gib']:.2f} GiB")
+        _print_mtp(p.get("mtp") or {})
         if p["dropped"]:
             out.print(f"dropped {len(p['dropped'])} tensors: {p['dropped'][0]['reason']}")
         if "validation" in rep:
@@ -345,7 +372,8 @@ Examples:
 """
 
 
-@app.command("quantize", short_help="INT4/INT8: compressed-tensors, AutoAWQ or GPTQ layout.", help="INT8/INT4 weights in compressed-tensors, AutoAWQ GEMM or GPTQ layout, straight "
+@app.command("quantize", short_help="INT4/INT8: compressed-tensors, AutoAWQ or GPTQ layout.",
+             help="INT8/INT4 weights in compressed-tensors, AutoAWQ GEMM or GPTQ layout, straight "
                               "from the FP8 release or a BF16 checkpoint.\n" + QUANTIZE_EXAMPLES)
 def quantize_cmd(
     src: SrcArg,
@@ -435,7 +463,8 @@ def _print_validation(rep: dict) -> None:
               f"ln(PPL ratio) {m['ln_ppl_ratio']:.4g}")
 
 
-@app.command("inspect", short_help="What a checkpoint or GGUF holds; supported names.", help="Show what a checkpoint holds and what converting it writes, from headers only. "
+@app.command("inspect", short_help="What a checkpoint or GGUF holds; supported names.",
+             help="Show what a checkpoint holds and what converting it writes, from headers only. "
                              "--list-schemes / --list-formats / --list-types print what the writers support.")
 def inspect_cmd(
     src: Annotated[Optional[Path], typer.Argument(metavar="SRC", help="checkpoint directory or .gguf file",
@@ -482,7 +511,8 @@ def _ids(text: str | None) -> list[int] | None:
         raise UsageError(f"--token-ids {text!r}: takes comma-separated integers, e.g. 1,2,3") from None
 
 
-@app.command("logits", short_help="Reference forward pass: save logits as .npy.", help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
+@app.command("logits", short_help="Reference forward pass: save logits as .npy.",
+             help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
 def logits_cmd(
     src: SrcArg,
     token_ids: Annotated[Optional[str], typer.Option("--token-ids", help="comma-separated ids, e.g. 0,5,6")] = None,
@@ -503,7 +533,8 @@ def logits_cmd(
          human=human)
 
 
-@app.command("validate", short_help="Compare logits with the source (KLD, top-1); exit 4.", help="Compare a converted checkpoint's logits with its source through the reference "
+@app.command("validate", short_help="Compare logits with the source (KLD, top-1); exit 4.",
+             help="Compare a converted checkpoint's logits with its source through the reference "
                               "forward pass (Mean KLD, top-1 agreement, PPL, per-layer error). Exit 4 if outside "
                               "the thresholds.")
 def validate_cmd(
@@ -541,8 +572,8 @@ def validate_cmd(
             if rep["layers"] else None
         if worst:
             out.print(f"  per-layer relative error: max {worst['rel_error']:.3g} at layer {worst['layer']}; "
-                      f"first diverging layer {rep['first_diverging_layer']}; "
-                      f"largest jump at layer {rep['largest_error_jump_layer']}")
+                      f"first diverging layer {_or_none(rep['first_diverging_layer'])}; "
+                      f"largest jump at layer {_or_none(rep['largest_error_jump_layer'])}")
         if rep.get("advice"):
             out.print(f"  advice: {rep['advice']}")
 
@@ -559,7 +590,8 @@ Examples:
 """
 
 
-@app.command("gguf", short_help="llama.cpp deepseek2 GGUF (Q8_0, Q4_K_M, ...).", help="Write a llama.cpp deepseek2 GGUF (mainline MLA layout, llama.cpp >= PR #12801) from "
+@app.command("gguf", short_help="llama.cpp deepseek2 GGUF (Q8_0, Q4_K_M, ...).",
+             help="Write a llama.cpp deepseek2 GGUF (mainline MLA layout, llama.cpp >= PR #12801) from "
                           "DeepSeek's FP8 release or a BF16 checkpoint. The MTP layer is dropped and reported.\n"
                           + GGUF_EXAMPLES)
 def gguf_cmd(
@@ -585,6 +617,10 @@ def gguf_cmd(
     dry_run: DryOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing output files")] = False,
     no_resume: NoResumeOpt = False,
+    state_dir: Annotated[Optional[Path], typer.Option(
+        "--state-dir", metavar="DIR", help="write FILE.gguf.dsconvert-manifest.json (resume state) and "
+        "FILE.gguf.dsconvert-report.json here instead of beside the .gguf (keeps an upload folder clean); pass "
+        "the same DIR to resume")] = None,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
@@ -596,7 +632,7 @@ def gguf_cmd(
         opts = ge.GGUFOptions(type=type_, tensor_types=list(tensor_type or []), output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
-                              device=device, max_memory=_size(max_memory))
+                              device=device, max_memory=_size(max_memory), state_dir=state_dir)
         return ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                       progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
 
@@ -615,15 +651,19 @@ def gguf_cmd(
             out.print(f"  peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB")
         else:
             o = rep["output"]
-            state = "already complete" if rep["already_complete"] else (
-                f"resumed: {rep['files_reused']} files reused, {rep['files_written']} written" if rep["resumed"]
-                else f"{rep['files_written']} written")
-            nf = len(o["files"])
-            out.print(f"wrote {o['path']} ({p['type']}): {o['tensors']} tensors, {o['gb']:.3f} GB, {p['bpw']} bpw, "
-                      f"{nf} {'file' if nf == 1 else 'files'}; {state}; {rep['seconds']:.1f} s; "
-                      f"peak RSS {rep['peak_rss']['gib']:.2f} GiB")
-            out.print(f"  types: " + ", ".join(f"{t} x{v['tensors']}" for t, v in p["types"].items()))
+            what = (f"({p['type']}): {o['tensors']} tensors, {o['gb']:.3f} GB, {p['bpw']} bpw, "
+                    f"{count(len(o['files']), 'file')}")
+            if rep["already_complete"]:
+                out.print(f"{o['path']} {what} is already complete; nothing written")
+            else:
+                state = (f"resumed: {rep['files_reused']} reused, {rep['files_written']} written" if rep["resumed"]
+                         else f"{rep['files_written']} written")
+                out.print(f"wrote {o['path']} {what}; {state}; {rep['seconds']:.1f} s; "
+                          f"peak RSS {rep['peak_rss']['gib']:.2f} GiB")
+            out.print("  types: " + ", ".join(f"{t} x{v['tensors']}" for t, v in p["types"].items()))
             out.print(f"  layout: {p['layout']}")
+            out.print(f"  resume manifest {o['manifest']}, report {rep['report_path']} (--state-dir DIR puts them "
+                      "elsewhere)")
         if d["tensors"]:
             out.print(f"  dropped {d['tensors']} tensors ({d['gb']:.3f} GB incl. {d['scales']} FP8 scales): "
                       + "; ".join(r["reason"] for r in d["reasons"]))
@@ -633,7 +673,8 @@ def gguf_cmd(
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 
 
-@app.command("env", short_help="Versions, CPU features, CUDA, free memory and disk.", help="Versions, CPU features (AMX), CUDA, free memory and disk.")
+@app.command("env", short_help="Versions, CPU features, CUDA, free memory and disk.",
+             help="Versions, CPU features (AMX), CUDA, free memory and disk.")
 def env_cmd(json_out: JsonOpt = False) -> None:
     from .convert.envinfo import env_report
 
@@ -701,8 +742,30 @@ def make_fixture_cmd(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Under ``--json`` a usage error found by the parser (an unknown option, ``--num-samples 0``) also prints the
+    JSON error document on stdout, with the schema of every other error (``error``, ``message``, ``hint``,
+    ``exit_code`` 2); the usual usage text still goes to stderr. The parser's exceptions are recognised by the
+    public ``ClickException`` interface (``exit_code``, ``format_message()``, ``show()``), never by importing
+    Click internals.
+    """
+    if "--json" not in sys.argv[1:]:
+        app()
+        return
+    try:
+        rv = app(standalone_mode=False)
+    except Exception as e:  # noqa: BLE001 - only the parser's usage errors are handled here; the rest re-raise
+        code = getattr(e, "exit_code", None)
+        if code != 2 or not (hasattr(e, "format_message") and hasattr(e, "show")):
+            raise
+        e.show()
+        ctx = getattr(e, "ctx", None)
+        where = f"{ctx.command_path} --help" if ctx is not None else "dsconvert --help"
+        _emit_json({**_ident(), "error": "UsageError", "message": e.format_message(),
+                    "hint": f"see `{where.replace('python -m dsconvert.cli', 'dsconvert')}`", "exit_code": 2})
+        sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

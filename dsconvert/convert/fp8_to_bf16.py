@@ -98,6 +98,7 @@ class Plan:
     bytes_written: int
     peak_memory: int
     counts: dict = field(default_factory=dict)
+    mtp: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
@@ -110,6 +111,7 @@ class Plan:
             "peak_memory_estimate": bytes_fields(self.peak_memory),
             "disk_needed": bytes_fields(self.bytes_written),
             "time_estimate_s_at_0_5_gb_s": estimate_seconds(self.bytes_read + self.bytes_written),
+            "mtp": self.mtp,
         }
 
 
@@ -179,7 +181,10 @@ def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None)
     out_esz = dtype_size(st_dtype)
     per_worker = (2 + 2) * opts.chunk_bytes + 2 * opts.chunk_bytes * 4 // out_esz
     peak = BASE_RSS + max(1, opts.workers) * per_worker
-    return Plan(shards, dropped, files, cfg, bytes_read, written, peak, counts)
+    mtp_layers = sorted({int(n.split(".")[2]) for n in ck.tensors if ck.is_mtp(n)})
+    mtp = {"layers": mtp_layers, "kept": opts.mtp == "keep" and bool(mtp_layers),
+           "tensors": sum(1 for s in shards for t in s.tensors if ck.is_mtp(t.name))}
+    return Plan(shards, dropped, files, cfg, bytes_read, written, peak, counts, mtp)
 
 
 def _index(shards: list[OutShard]) -> dict:
@@ -227,9 +232,11 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if out is None:
         raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT")
     out = Path(out)
-    fp = fingerprint({"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]),
-                      "options": opts.fingerprinted(), "command": COMMAND})
+    parts = {"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]), "options": opts.fingerprinted(),
+             "command": COMMAND}
+    fp = fingerprint(parts)
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
+                              parts=parts,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME,
                                               *plan.files))
     todo_bytes = sum(s.nbytes for s in plan.shards if s.name not in decision.done)

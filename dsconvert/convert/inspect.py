@@ -9,7 +9,7 @@ from ..errors import DsconvertError
 from ..formats.checkpoint import scan
 from ..formats.hf_config import FAMILIES, version_label
 from ..report import base_report
-from ..units import bytes_fields
+from ..units import bytes_fields, count
 from . import fp8_to_bf16
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -174,7 +174,8 @@ def human_lines(rep: dict) -> list[str]:
 
     lines = [f"[bold]{rep['path']}[/bold]",
              f"  model        {rep['family'] or rep['model_type']}  (model_type {rep['model_type']}, {rep['format']})",
-             f"  layers       {rep['layers']['num_hidden_layers']} + MTP {rep['layers']['mtp_layers'] or 'none'}",
+             f"  layers       {rep['layers']['num_hidden_layers']} + MTP "
+             f"{', '.join(f'layer {i}' for i in rep['layers']['mtp_layers']) or 'none'}",
              f"  shards       {rep['shards']}   tensors {rep['tensors']:,}   parameters {rep['parameters']:,}",
              f"  bytes        {gb(rep['bytes'])}"]
     for k, v in rep["by_dtype"].items():
@@ -188,8 +189,8 @@ def human_lines(rep: dict) -> list[str]:
     fp = rep["fp8_pairs"]
     if fp["weights"]:
         lines.append(f"  fp8          {fp['weights']:,} weights, {fp['with_scale']:,} with weight_scale_inv "
-                     f"({fp['scale_in_other_shard']} in another shard), block {rep['fp8']['block']}, "
-                     f"scale_fmt {rep['fp8']['scale_fmt']}")
+                     f"({fp['scale_in_other_shard']} in another shard), block "
+                     f"{'x'.join(map(str, rep['fp8']['block']))}, scale_fmt {rep['fp8']['scale_fmt'] or 'unset (F32)'}")
     if "fp8_to_bf16" in rep and "error" not in rep["fp8_to_bf16"]:
         p = rep["fp8_to_bf16"]
         lines.append(f"  fp8-to-bf16  reads {gb(p['bytes_read'])}, writes {gb(p['bytes_written'])}, "
@@ -274,7 +275,7 @@ def _gguf_lines(rep: dict) -> list[str]:
     md = rep["metadata"]
     arch = rep["architecture"]
     lines = [f"[bold]{rep['path']}[/bold]",
-             f"  gguf         {arch}, {len(rep['files'])} file(s), {rep['tensors']:,} tensors, "
+             f"  gguf         {arch}, {count(len(rep['files']), 'file')}, {rep['tensors']:,} tensors, "
              f"{rep['bytes']['gb']:.3f} GB ({rep['bytes']['gib']:.3f} GiB)",
              f"  layers       {md.get(f'{arch}.block_count')} (MTP {'present' if rep['mtp'] else 'not present'}); "
              f"layout {rep['layout']}",

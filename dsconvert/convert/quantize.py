@@ -32,7 +32,7 @@ from ..formats.registry import FORMATS, describe_formats, get_format
 from ..quant.rtn import QTensor, dequantize, quantize, quantize_with_error
 from ..quant.schemes import SCHEMES, get_scheme
 from ..report import base_report, peak_rss_bytes
-from ..units import bytes_fields
+from ..units import bytes_fields, count
 from .files import REPORT_NAME, copy_files, extra_files
 from .preflight import check_free_disk, check_output_writable
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
@@ -95,8 +95,8 @@ def resolve_format(opts: Options) -> IntFormat:
     except KeyError:
         flag = "--checkpoint-format" if opts.checkpoint_format else "--format"
         close = FORMATS.suggest(name)
-        raise UsageError(f"unknown {flag} {name!r}", hint=(f"did you mean {' or '.join(close)}? " if close else "")
-                         + "formats: " + describe_formats()) from None
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UsageError(f"unknown {flag} {name!r}", hint=guess + "formats: " + describe_formats()) from None
 
 
 def resolve_spec(opts: Options):
@@ -109,8 +109,8 @@ def resolve_spec(opts: Options):
         scheme = get_scheme(opts.scheme)
     except KeyError:
         close = SCHEMES.suggest(opts.scheme)
-        raise UsageError(f"unknown --scheme {opts.scheme!r}", hint=(f"did you mean {' or '.join(close)}? " if close
-                                                                     else "") + "schemes: " + SCHEMES.describe()) from None
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UsageError(f"unknown --scheme {opts.scheme!r}", hint=guess + "schemes: " + SCHEMES.describe()) from None
     return scheme.spec(opts.group_size)
 
 
@@ -295,7 +295,8 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
               for k, v in units.items()}
     unmatched = policy.unmatched()
     if unmatched and opts.strict:
-        raise UsageError(f"--ignore pattern(s) matched no quantizable module: {', '.join(unmatched)}",
+        what = "pattern" if len(unmatched) == 1 else "patterns"
+        raise UsageError(f"--ignore {what} matched no quantizable module: {', '.join(unmatched)}",
                          hint="patterns match module names: the weight name without .weight, e.g. "
                               "model.layers.0.self_attn.kv_b_proj or re:.*kv_b_proj$ (the names are in "
                               "model.safetensors.index.json); or drop --strict")
@@ -346,7 +347,7 @@ def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
             else "--group-size -1 (per channel)") + "; or --ignore the tensors whose K does not divide"
     m, k = bad[0]
     raise ShapeError(f"group size {g} does not divide in_features K={k} of tensor {m!r} "
-                     f"({len(bad)} tensor(s) affected)", hint=hint)
+                     f"({count(len(bad), 'tensor')} affected)", hint=hint)
 
 
 def _layer_aligned_shards(groups: dict[int, list[OutTensor]], max_bytes: int) -> list[OutShard]:
@@ -486,9 +487,11 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if out is None:
         raise UsageError("missing -o/--output", hint="dsconvert quantize SRC -o OUT --scheme W4A16")
     out = Path(out)
-    fp = fingerprint({"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]),
-                      "options": opts.fingerprinted(), "command": COMMAND})
+    parts = {"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]), "options": opts.fingerprinted(),
+             "command": COMMAND}
+    fp = fingerprint(parts)
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
+                              parts=parts,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files,
                                               *fmt.sidecar_files(plan.config["quantization_config"])))
     from .calibrated import STATE_NAME
