@@ -392,8 +392,10 @@ def quantize_cmd(
     strict: Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")] = False,
     mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")] = "5G",
-    calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="awq/gptq: text file or token ids "
-                                                      "(default: bundled text)")] = None,
+    calib_data: Annotated[Optional[str], typer.Option(
+        "--calib-data", metavar="FILE", help="awq/gptq: a UTF-8 text file (tokenized with SRC's tokenizer.json and "
+        "cut into --num-samples windows of --seq-len tokens) or a .json file holding a list of token-id lists; "
+        "default: a bundled English text")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="awq/gptq: calibration sequences")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="awq/gptq: tokens per sequence")] = 128,
     device: DeviceOpt = "auto",

@@ -92,3 +92,33 @@ def test_unknown_format_or_scheme_says_did_you_mean(tiny_src, flag, value, guess
         qz.run(tiny_src, None, qz.Options(**{flag: value}), dry_run=True, progress=False)
     assert f"unknown --{flag} {value!r}" in ei.value.message
     assert ei.value.hint.startswith("did you mean ") and guess in ei.value.hint.split("?")[0]
+
+
+# --- --calib-data: what it accepts --------------------------------------------------------------------------------
+
+def test_calib_data_help_says_what_is_accepted():
+    h = " ".join(_invoke("quantize", "--help").stdout.split())
+    assert "--calib-data FILE" in h and "text file" in h and ".json file holding a list of token-id lists" in h
+
+
+def test_calib_data_forms(tiny_src, tmp_path):
+    """A .json of id lists is used as given; a text file is tokenized with SRC's tokenizer.json (the
+    ``tokenizers`` library is the oracle); an ``hf:`` id is refused as a usage error naming the flag."""
+    import json as _json
+
+    from tokenizers import Tokenizer
+
+    from dsconvert.convert.calibrated import calibration_ids
+
+    ck = open_checkpoint(tiny_src)
+    ids = tmp_path / "ids.json"
+    ids.write_text(_json.dumps([[1, 2, 3, 4], [5, 6, 7]]))
+    assert calibration_ids(ck, str(ids), 8, 4) == [[1, 2, 3, 4], [5, 6, 7]]
+    txt = tmp_path / "calib.txt"
+    txt.write_text("the river runs to the sea " * 20)
+    want = Tokenizer.from_file(str(tiny_src / "tokenizer.json")).encode(txt.read_text(), add_special_tokens=False).ids
+    got = calibration_ids(ck, str(txt), 2, 8)
+    assert len(got) == 2 and all(len(s) == 8 for s in got)
+    assert sum(got, []) == want[:16] or sum(got, [])[1:] == want[:15]  # with or without a leading BOS
+    with pytest.raises(UsageError, match="--calib-data hf:wikitext: Hugging Face datasets are not read"):
+        calibration_ids(ck, "hf:wikitext", 2, 8)
