@@ -757,6 +757,11 @@ def main() -> None:
         return
     try:
         rv = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C while the parser ran (no command body yet): nothing was started
+        try:
+            _interrupted_exit(signal.SIGINT, True)
+        except typer.Exit as x:
+            sys.exit(x.exit_code)
     except Exception as e:  # noqa: BLE001 - only the parser's usage errors are handled here; the rest re-raise
         code = getattr(e, "exit_code", None)
         if code != 2 or not (hasattr(e, "format_message") and hasattr(e, "show")):

@@ -79,6 +79,10 @@ def test_checkpoint_kind_matches_the_writer(made, kind):
     assert (k.kind, k.format, k.bits, k.group_size, k.symmetric) == \
         ("int", wrep["format"], wrep["scheme"]["bits"], wrep["scheme"]["group_size"], sym)
     assert k.scheme == ("W4A16" if sym else "W4A16_ASYM")
+    from dsconvert.convert.inspect import inspect_checkpoint
+
+    rep = inspect_checkpoint(path)  # inspect answers from the same detector
+    assert rep["kind"] == k.to_dict() and rep["quantization"]["format"] == k.format
 
 
 def test_checkpoint_kind_of_sources_and_gguf(tiny_src, made, tmp_path):

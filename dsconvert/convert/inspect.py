@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import DsconvertError
 from ..formats.checkpoint import scan
+from ..formats.kind import checkpoint_kind
 from ..formats.hf_config import FAMILIES, version_label
 from ..report import base_report
 from ..units import bytes_fields, count
@@ -117,11 +118,11 @@ def inspect_checkpoint(src: Path) -> dict:
     mtp = [n for n in ck.tensors if ck.is_mtp(n)]
     indexer = [n for n in ck.tensors if ".indexer." in n]
     problems = [p.to_dict() for p in ck.problems]
-    qc = ck.config.get("quantization_config") or {}
+    kind = checkpoint_kind(ck.root)
     fmt = None
-    if qc and qc.get("quant_method") != "fp8":
-        from ..formats.registry import detect_format
-        fmt = detect_format(qc)
+    if kind.kind == "int":
+        from ..formats.registry import get_format
+        fmt = get_format(kind.format)
     int_info = None
     if fmt is not None and hasattr(fmt, "spec_from_config"):
         int_info, int_problems, q_params, q_names = _int_summary(ck, fmt)
@@ -138,6 +139,7 @@ def inspect_checkpoint(src: Path) -> dict:
         "family": version_label(ck.config) if ck.config.get("model_type") in FAMILIES else None,
         "supported": ck.config.get("model_type") in FAMILIES,
         "format": "fp8-block" if fp8_weights else (int_info["format"] if int_info else "unquantized"),
+        "kind": kind.to_dict(),
         "quantization": int_info,
         "fp8": None if ck.fp8 is None else {"block": list(ck.fp8.block), "scale_fmt": ck.fp8.scale_fmt,
                                             "activation_scheme": ck.fp8.activation_scheme},
