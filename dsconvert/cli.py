@@ -70,8 +70,9 @@ def _registry_help() -> tuple[str, str, str]:
     from .formats.registry import describe_formats
     from .quant.schemes import SCHEMES
 
-    return (f"{SCHEMES.describe()} (compressed-tensors preset names)",
-            f"on-disk layout: {describe_formats()}", type_help())
+    same = "case, - and _ do not matter"
+    return (f"{SCHEMES.describe()} (compressed-tensors preset names; {same})",
+            f"on-disk layout: {describe_formats()} ({same}: gptqv2 = gptq_v2)", type_help())
 
 
 _SCHEME_HELP, _FORMAT_HELP, _TYPE_HELP = _registry_help()

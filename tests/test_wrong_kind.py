@@ -15,7 +15,7 @@ from dsconvert.convert import quantize as qz
 from dsconvert.errors import UnsupportedError
 from dsconvert.formats.kind import checkpoint_kind
 
-from .conftest import run_cli, run_many
+from .conftest import run_many
 
 FORMATS = {"ct": "compressed-tensors", "awq": "awq", "gptq": "gptq"}
 COMMANDS = {
