@@ -676,6 +676,55 @@ def gguf_cmd(
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 
 
+@app.command("imatrix", short_help="llama.cpp importance matrix for gguf --imatrix.",
+             help="Compute llama.cpp's importance matrix on the original FP8 (or BF16) checkpoint with the "
+                             "reference forward, layer by layer, for `dsconvert gguf --imatrix` or llama-quantize "
+                             "--imatrix. Writes the GGUF imatrix format (or the legacy .dat).")
+def imatrix_cmd(
+    src: SrcArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="the imatrix file to write (imatrix.gguf)")],
+    calib_data: Annotated[Optional[str], typer.Option(
+        "--calib-data", metavar="FILE", help="calibration text file (tokenized with SRC's tokenizer.json) or a .json list of "
+                             "token-id lists; default: the bundled calibration text")] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="calibration windows (chunks)")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window (llama-imatrix -c)")] = 512,
+    process_output: Annotated[bool, typer.Option("--process-output",
+                                                 help="also collect output.weight (lm_head)")] = False,
+    output_format: Annotated[str, typer.Option("--output-format", help="gguf | dat (legacy)")] = "gguf",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    dry_run: DryOpt = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert.imatrix import ImatrixOptions, run_imatrix
+
+    def body():
+        opts = ImatrixOptions(calib_data=calib_data, num_samples=num_samples, seq_len=seq_len,
+                              process_output=process_output, fmt=output_format, dtype=dtype)
+        return run_imatrix(src, output, opts, overwrite=overwrite, dry_run=dry_run,
+                           progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+
+    def human(rep):
+        c = rep["calibration"]
+        head = f"{c['windows']} windows, {c['tokens']} tokens of {c['name']}"
+        if rep["dry_run"]:
+            out.print(f"plan: importance matrix of {rep['source']} ({rep['layers']} layers) from {head} -> "
+                      f"{rep['output']} ({rep['format']}); peak memory ~{rep['estimated_peak_memory_bytes'] / 2**30:.2f}"
+                      " GiB\n  (dry run: nothing written)")
+            return
+        out.print(f"wrote {rep['output']} ({rep['format']}): {rep['entries']} tensors from {head}; "
+                  f"{rep['seconds']:.1f} s")
+        if rep["experts_without_tokens"]:
+            n = sum(rep["experts_without_tokens"].values())
+            out.print(f"  {n} expert matrices received no token (llama-quantize uses weights of 1 for them); "
+                      "more or longer windows cover more experts")
+
+    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+
+
 @app.command("env", short_help="Versions, CPU features, CUDA, free memory and disk.",
              help="Versions, CPU features (AMX), CUDA, free memory and disk.")
 def env_cmd(json_out: JsonOpt = False) -> None:

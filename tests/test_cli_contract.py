@@ -157,8 +157,8 @@ def test_human_output_has_no_python_reprs(tiny_src, tmp_path):
             ("quantize", tiny_src, "--dry-run"), ("gguf", tiny_src, "--dry-run", "--type", "Q4_K_M"),
             ("gguf", tiny_src, "-o", tmp_path / "m.gguf", "--type", "Q8_0", "-q"), ("inspect", tiny_src),
             ("inspect", tmp_path / "m.gguf"), ("inspect", "--list-types", "--list-formats", "--list-schemes"),
-            *[(c, "--help") for c in ("fp8-to-bf16", "quantize", "gguf", "validate", "logits", "inspect", "make-fixture",
-                                      "env")], ("--help",)]
+            *[(c, "--help") for c in ("fp8-to-bf16", "quantize", "gguf", "imatrix", "validate", "logits", "inspect",
+                                      "make-fixture", "env")], ("--help",)]
     for args in runs:
         r = invoke(*args)
         assert r.exit_code in (0, 2), (args, r.output)

@@ -11,6 +11,12 @@ import torch.nn.functional as F
 #: Linear, ``name`` being the HF weight name without ``.weight``.
 LinearHook = Callable[[str, torch.Tensor], None]
 
+#: ``on_heads(name, x)``: called with the per-head inputs ``(n_head, n_tokens, in_features)`` of the matrices the
+#: absorbed MLA form multiplies per head: ``{attn}.kv_b_proj.k_b`` gets ``q_nope`` (in = qk_nope_head_dim) and
+#: ``{attn}.kv_b_proj.v_b`` the attention-weighted latent ``softmax(QK^T) @ c_kv`` (in = kv_lora_rank). These
+#: are the inputs of llama.cpp's ``attn_k_b`` / ``attn_v_b`` (docs/gguf-deepseek2.md §3).
+HeadHook = Callable[[str, torch.Tensor], None]
+
 #: ``get(name) -> Tensor``: a weight already cast to the compute dtype.
 Getter = Callable[[str], torch.Tensor]
 
