@@ -74,6 +74,7 @@ def test_old_manifest_without_parts_keeps_the_general_message(tiny_src, tmp_path
         f2b.run(tiny_src, out, f2b.Options(mtp="drop"), progress=False)
     rep = f2b.run(tiny_src, out, f2b.Options(), progress=False)  # still resumable with the same options
     assert rep["already_complete"]
+    assert json.loads((out / "manifest.json").read_text())["fingerprint_parts"]["options"]["mtp"] == "keep"
 
 
 # --- 6. usage errors under --json ------------------------------------------------------------------------------

@@ -866,6 +866,7 @@ def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *
                                 hint="rerun with the same SRC and options, pass --overwrite to start over, or "
                                      "choose another -o")
     if man is not None and man.fingerprint == fp and man.command == COMMAND and resume and not overwrite:
+        man.parts = man.parts or parts  # a manifest from before fingerprint parts were stored gains them
         names = {f.name for f in files}
         done = {n for n, meta in man.files.items() if n in names and _verify(output.parent / n, meta)}
         man.files = {n: m for n, m in man.files.items() if n in done}

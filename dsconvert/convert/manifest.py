@@ -291,6 +291,7 @@ def prepare_output(out: Path, command: str, fp: str, options: dict, *, overwrite
                                 hint="rerun with the same SRC and options to resume, pass --overwrite to start over "
                                      "there, or choose another -o")
     if man is not None and man.fingerprint == fp and man.command == command and not overwrite and resume:
+        man.parts = man.parts or parts  # a manifest from before fingerprint parts were stored gains them
         if man.complete and _verify_all(out, man, verify):
             return ResumeDecision(man, set(man.files), True, True)
         done = {n for n, meta in man.files.items() if _verify(out / n, meta, verify)}
