@@ -24,6 +24,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import EXIT_INTERNAL, DsconvertError
+from .units import count
 
 app = typer.Typer(
     name="dsconvert",
@@ -33,8 +34,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    # help follows the terminal's width (COLUMNS), up to 160 columns (Click's default stops at 80)
+    context_settings={"max_content_width": 160},
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages are not cut at 80 columns
 out = Console(highlight=False, soft_wrap=True)
 
 # Reusable option spellings (one place for names and help texts).
@@ -45,7 +48,7 @@ def _hf_cache(path: Optional[Path]) -> Optional[Path]:
     return None if path is None else resolve_hf_cache(path)
 
 
-SrcArg = Annotated[Path, typer.Argument(help="checkpoint directory (HF layout; HF-cache repo and snapshot paths work)",
+SrcArg = Annotated[Path, typer.Argument(metavar="SRC", help="checkpoint directory (HF layout; HF-cache repo and snapshot paths work)",
                                         show_default=False, callback=_hf_cache)]
 OutOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="output directory")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print only the final JSON report on stdout")]
@@ -58,6 +61,21 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cu
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="output shards written concurrently")]
 MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse plans above this peak RAM (e.g. 8G, 6GiB)")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
+
+
+def _registry_help() -> tuple[str, str, str]:
+    """``--scheme``, ``--format`` and ``--type`` help texts, from the registries (so a new scheme, format or
+    GGUF type shows up without editing this file)."""
+    from .convert.gguf_export import type_help
+    from .formats.registry import describe_formats
+    from .quant.schemes import SCHEMES
+
+    same = "case, - and _ do not matter"
+    return (f"{SCHEMES.describe()} (compressed-tensors preset names; {same})",
+            f"on-disk layout: {describe_formats()} ({same}: gptqv2 = gptq_v2)", type_help())
+
+
+_SCHEME_HELP, _FORMAT_HELP, _TYPE_HELP = _registry_help()
 
 
 def _json_safe(obj):
@@ -203,6 +221,26 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
         raise typer.Exit(code)
 
 
+def _or_none(v) -> str:
+    """A report value for human output: ``none`` rather than Python's ``None``."""
+    return "none" if v is None else str(v)
+
+
+def _print_mtp(mtp: dict, indent: str = "") -> None:
+    """fp8-to-bf16's line about the multi-token-prediction layer: kept (and what transformers will say about
+    it) or dropped."""
+    if not mtp.get("layers"):
+        return
+    layers = ", ".join(str(i) for i in mtp["layers"])
+    if mtp["kept"]:
+        n = count(mtp["tensors"], "tensor")
+        out.print(f"{indent}MTP layer {layers} kept ({n}, model.layers.{layers}.*) for "
+                  "speculative decoding in vLLM/SGLang; transformers does not use it and warns about these "
+                  "unexpected weights when loading, which is expected (--mtp drop removes it)")
+    else:
+        out.print(f"{indent}MTP layer {layers} dropped (--mtp drop)")
+
+
 def check_writable_file(path: Path, flag: str) -> None:
     """Refuse, before any work, a file path the command could not write at the end (a directory, a missing or
     non-directory parent, no write permission).
@@ -256,8 +294,9 @@ Examples:
 """
 
 
-@app.command("fp8-to-bf16", help="Dequantize DeepSeek's block-FP8 release (V3/R1; V4 with its FP4 experts too) to a "
-                                  "complete BF16 HF checkpoint.\n"
+@app.command("fp8-to-bf16", short_help="FP8 release -> BF16 checkpoint (complete HF folder; V3/R1 and V4).",
+             help="Dequantize DeepSeek's block-FP8 release (V3/R1; V4 with its FP4 experts too) to a complete BF16 "
+                  "HF checkpoint.\n"
                                   + FP8_EXAMPLES)
 def fp8_to_bf16_cmd(
     src: SrcArg,
@@ -305,14 +344,19 @@ def fp8_to_bf16_cmd(
                       f"~{p['time_estimate_s_at_0_5_gb_s']} s at 0.5 GB/s")
             if p["dropped"]:
                 out.print(f"  dropped: {len(p['dropped'])} tensors ({p['dropped'][0]['reason']})")
+            _print_mtp(p.get("mtp") or {}, indent="  ")
             out.print("  (dry run: nothing written)")
             return
         o = rep["output"]
-        state = "already complete" if rep["already_complete"] else (
-            f"resumed: {rep['shards_reused']} shards reused, {rep['shards_written']} written" if rep["resumed"]
-            else f"{rep['shards_written']} shards written")
-        out.print(f"wrote {o['path']}: {o['tensors']} tensors, {o['total_size'] / 1e9:.3f} GB; {state}; "
-                  f"{rep['seconds']:.1f} s; peak RSS {rep['peak_rss']['gib']:.2f} GiB")
+        what = f"{o['tensors']} tensors, {o['total_size'] / 1e9:.3f} GB"
+        if rep["already_complete"]:
+            out.print(f"{o['path']} is already complete ({what}); nothing written")
+        else:
+            state = (f"resumed: {count(rep['shards_reused'], 'shard')} reused, {rep['shards_written']} written"
+                     if rep["resumed"] else f"{count(rep['shards_written'], 'shard')} written")
+            out.print(f"wrote {o['path']}: {what}; {state}; {rep['seconds']:.1f} s; "
+                      f"peak RSS {rep['peak_rss']['gib']:.2f} GiB")
+        _print_mtp(p.get("mtp") or {})
         if p["dropped"]:
             out.print(f"dropped {len(p['dropped'])} tensors: {p['dropped'][0]['reason']}")
         if "validation" in rep:
@@ -340,37 +384,39 @@ ScaleFmtOpt = Annotated[Optional[str], typer.Option(
                         "default amax/448")]
 
 
-@app.command("quantize", help="INT8/INT4 or FP8 weights in compressed-tensors, AutoAWQ GEMM, GPTQ or DeepSeek FP8 "
-                              "layout, straight from the FP8 release or a BF16 checkpoint.\n" + QUANTIZE_EXAMPLES)
+@app.command("quantize", short_help="INT4/INT8, FP8 or FP4: compressed-tensors, AutoAWQ, GPTQ or DeepSeek FP8.",
+             help="INT8/INT4, FP8 or FP4 weights in compressed-tensors, AutoAWQ GEMM, GPTQ or DeepSeek FP8 layout, "
+                  "straight from the FP8 release or a BF16 checkpoint.\n" + QUANTIZE_EXAMPLES)
 def quantize_cmd(
     src: SrcArg,
     output: OutOpt = None,
     scheme: Annotated[Optional[str], typer.Option(
-        "--scheme", help="W4A16 | W4A16_ASYM | W8A16 | W8A8 | FP8_BLOCK | NVFP4 | NVFP4A16 | MXFP4 | MXFP4A16; with "
-                         "a recipe: the scheme of modules no rule names [default: W4A16]")] = None,
+        "--scheme", help=_SCHEME_HELP + "; with a recipe: the scheme of modules no rule names [default: W4A16]")] = None,
     preset: Annotated[Optional[str], typer.Option(
         "--preset", help="mixed recipe: experts-w4a16 | experts-nvfp4-attn-fp8 | experts-mxfp4 (the rest BF16)")] = None,
     recipe: Annotated[Optional[Path], typer.Option(
         "--recipe", help="mixed recipe file (YAML/JSON): default + rules of targets -> scheme")] = None,
     scheme_for: Annotated[Optional[list[str]], typer.Option(
-        "--scheme-for", help="REGEX=SCHEME: modules matching REGEX get SCHEME (BF16 keeps them); repeatable")] = None,
+        "--scheme-for", metavar="REGEX=SCHEME",
+        help="modules matching REGEX get SCHEME (BF16 keeps them); repeatable")] = None,
     group_size: Annotated[Optional[int], typer.Option(
         "--group-size", help="32 | 64 | 128 | -1 (per channel); default: the scheme's, 128")] = None,
     scale_fmt: ScaleFmtOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="compressed-tensors | awq | gptq | deepseek-fp8 (on-disk "
-                                                      "layout)")] = "compressed-tensors",
+    fmt: Annotated[str, typer.Option("--format", help=_FORMAT_HELP)] = "compressed-tensors",
     checkpoint_format: Annotated[Optional[str], typer.Option("--checkpoint-format",
                                                              help="gptq only: gptq (v1) | gptq_v2")] = None,
     method: Annotated[str, typer.Option("--method", help="rtn | awq | gptq")] = "rtn",
     awq: Annotated[bool, typer.Option("--awq", help="shorthand for --method awq")] = False,
     gptq: Annotated[bool, typer.Option("--gptq", help="shorthand for --method gptq")] = False,
-    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="keep a module unquantized: exact name "
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="NAME|re:REGEX", help="keep a module unquantized: exact name "
                                                         "or re:REGEX (repeatable)")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")] = False,
     mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")] = "5G",
-    calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="awq/gptq: text file or token ids "
-                                                      "(default: bundled text)")] = None,
+    calib_data: Annotated[Optional[str], typer.Option(
+        "--calib-data", metavar="FILE", help="awq/gptq: a UTF-8 text file (tokenized with SRC's tokenizer.json and "
+        "cut into --num-samples windows of --seq-len tokens) or a .json file holding a list of token-id lists; "
+        "default: a bundled English text")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="awq/gptq: calibration sequences")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="awq/gptq: tokens per sequence")] = 128,
     device: DeviceOpt = "auto",
@@ -453,7 +499,8 @@ Examples:
 """
 
 
-@app.command("bf16-to-fp8", help="DeepSeek's block-FP8 layout (weight float8_e4m3fn + weight_scale_inv, "
+@app.command("bf16-to-fp8", short_help="BF16 (or any source) -> DeepSeek's own block-FP8 layout.",
+             help="DeepSeek's block-FP8 layout (weight float8_e4m3fn + weight_scale_inv, "
                                  "quant_method fp8) from a BF16 checkpoint or any source dsconvert reads; same as "
                                  "quantize --scheme FP8_BLOCK --format deepseek-fp8.\n" + BF16_TO_FP8_EXAMPLES)
 def bf16_to_fp8_cmd(
@@ -511,22 +558,24 @@ def _print_validation(rep: dict) -> None:
               f"ln(PPL ratio) {m['ln_ppl_ratio']:.4g}")
 
 
-@app.command("inspect", help="Show what a checkpoint holds and what converting it writes, from headers only. "
+@app.command("inspect", short_help="What a checkpoint or GGUF holds; supported names.",
+             help="Show what a checkpoint holds and what converting it writes, from headers only. "
                              "--list-schemes / --list-formats / --list-types print what the writers support.")
 def inspect_cmd(
-    src: Annotated[Optional[Path], typer.Argument(help="checkpoint directory", show_default=False)] = None,
+    src: Annotated[Optional[Path], typer.Argument(metavar="SRC", help="checkpoint directory or .gguf file",
+                                                  show_default=False)] = None,
     list_schemes: Annotated[bool, typer.Option("--list-schemes", help="quantize schemes")] = False,
     list_formats: Annotated[bool, typer.Option("--list-formats", help="quantize on-disk formats")] = False,
     list_types: Annotated[bool, typer.Option("--list-types", help="GGUF tensor types")] = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    from .convert.inspect import human_lines, inspect_checkpoint, registries
+    from .convert.inspect import human_lines, inspect_checkpoint, registries, registry_lines
 
     def human(rep):
         if "registries" in rep:
-            for k, v in rep["registries"].items():
-                out.print(f"{k}: {', '.join(v)}")
+            for line in registry_lines(rep["registries"]):
+                out.print(line)
             return
         for line in human_lines(rep):
             out.print(line, markup=True, highlight=False)
@@ -557,7 +606,8 @@ def _ids(text: str | None) -> list[int] | None:
         raise UsageError(f"--token-ids {text!r}: takes comma-separated integers, e.g. 1,2,3") from None
 
 
-@app.command("logits", help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
+@app.command("logits", short_help="Reference forward pass: save logits as .npy.",
+             help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
 def logits_cmd(
     src: SrcArg,
     token_ids: Annotated[Optional[str], typer.Option("--token-ids", help="comma-separated ids, e.g. 0,5,6")] = None,
@@ -578,11 +628,12 @@ def logits_cmd(
          human=human)
 
 
-@app.command("validate", help="Compare a converted checkpoint's logits with its source through the reference "
+@app.command("validate", short_help="Compare logits with the source (KLD, top-1); exit 4.",
+             help="Compare a converted checkpoint's logits with its source through the reference "
                               "forward pass (Mean KLD, top-1 agreement, PPL, per-layer error). Exit 4 if outside "
                               "the thresholds.")
 def validate_cmd(
-    candidate: Annotated[Path, typer.Argument(help="converted checkpoint directory", show_default=False,
+    candidate: Annotated[Path, typer.Argument(metavar="CANDIDATE", help="converted checkpoint directory", show_default=False,
                                          callback=_hf_cache)],
     reference: Annotated[Path, typer.Option("--reference", help="source checkpoint directory", callback=_hf_cache)],
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="text file (default: bundled text)")] = None,
@@ -621,8 +672,8 @@ def validate_cmd(
             if rep["layers"] else None
         if worst:
             out.print(f"  per-layer relative error: max {worst['rel_error']:.3g} at layer {worst['layer']}; "
-                      f"first diverging layer {rep['first_diverging_layer']}; "
-                      f"largest jump at layer {rep['largest_error_jump_layer']}")
+                      f"first diverging layer {_or_none(rep['first_diverging_layer'])}; "
+                      f"largest jump at layer {_or_none(rep['largest_error_jump_layer'])}")
         if rep.get("advice"):
             out.print(f"  advice: {rep['advice']}")
 
@@ -639,18 +690,16 @@ Examples:
 """
 
 
-@app.command("gguf", help="Write a llama.cpp deepseek2 GGUF (mainline MLA layout, llama.cpp >= PR #12801) from "
+@app.command("gguf", short_help="llama.cpp deepseek2 GGUF (Q8_0, Q4_K_M, ...).",
+             help="Write a llama.cpp deepseek2 GGUF (mainline MLA layout, llama.cpp >= PR #12801) from "
                           "DeepSeek's FP8 release or a BF16 checkpoint. The MTP layer is dropped and reported.\n"
                           + GGUF_EXAMPLES)
 def gguf_cmd(
     src: SrcArg,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="the .gguf file to write")] = None,
-    type_: Annotated[str, typer.Option("--type", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K "
-                                                      "Q5_K Q6_K or a mix Q2_K_S Q3_K_S Q3_K_M Q3_K_L Q4_K_S "
-                                                      "Q4_K_M Q5_K_S Q5_K_M, IQ4_NL IQ4_XS (llama-quantize rules; "
-                                                      "Q4_K = Q4_K_M --pure; other IQ types are refused)")] = "BF16",
+    type_: Annotated[str, typer.Option("--type", help=_TYPE_HELP)] = "BF16",
     tensor_type: Annotated[Optional[list[str]], typer.Option(
-        "--tensor-type", help="PATTERN=TYPE (regex on GGUF names, first match wins; repeatable)")] = None,
+        "--tensor-type", metavar="PATTERN=TYPE", help="PATTERN=TYPE (regex on GGUF names, first match wins; repeatable)")] = None,
     output_tensor_type: Annotated[Optional[str], typer.Option("--output-tensor-type",
                                                               help="type of output.weight")] = None,
     token_embedding_type: Annotated[Optional[str], typer.Option("--token-embedding-type",
@@ -668,6 +717,10 @@ def gguf_cmd(
     dry_run: DryOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing output files")] = False,
     no_resume: NoResumeOpt = False,
+    state_dir: Annotated[Optional[Path], typer.Option(
+        "--state-dir", metavar="DIR", help="write FILE.gguf.dsconvert-manifest.json (resume state) and "
+        "FILE.gguf.dsconvert-report.json here instead of beside the .gguf (keeps an upload folder clean); pass "
+        "the same DIR to resume")] = None,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
@@ -679,7 +732,7 @@ def gguf_cmd(
         opts = ge.GGUFOptions(type=type_, tensor_types=list(tensor_type or []), output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
-                              device=device, max_memory=_size(max_memory))
+                              device=device, max_memory=_size(max_memory), state_dir=state_dir)
         return ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                       progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
 
@@ -698,15 +751,19 @@ def gguf_cmd(
             out.print(f"  peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB")
         else:
             o = rep["output"]
-            state = "already complete" if rep["already_complete"] else (
-                f"resumed: {rep['files_reused']} files reused, {rep['files_written']} written" if rep["resumed"]
-                else f"{rep['files_written']} written")
-            nf = len(o["files"])
-            out.print(f"wrote {o['path']} ({p['type']}): {o['tensors']} tensors, {o['gb']:.3f} GB, {p['bpw']} bpw, "
-                      f"{nf} {'file' if nf == 1 else 'files'}; {state}; {rep['seconds']:.1f} s; "
-                      f"peak RSS {rep['peak_rss']['gib']:.2f} GiB")
-            out.print(f"  types: " + ", ".join(f"{t} x{v['tensors']}" for t, v in p["types"].items()))
+            what = (f"({p['type']}): {o['tensors']} tensors, {o['gb']:.3f} GB, {p['bpw']} bpw, "
+                    f"{count(len(o['files']), 'file')}")
+            if rep["already_complete"]:
+                out.print(f"{o['path']} {what} is already complete; nothing written")
+            else:
+                state = (f"resumed: {rep['files_reused']} reused, {rep['files_written']} written" if rep["resumed"]
+                         else f"{rep['files_written']} written")
+                out.print(f"wrote {o['path']} {what}; {state}; {rep['seconds']:.1f} s; "
+                          f"peak RSS {rep['peak_rss']['gib']:.2f} GiB")
+            out.print("  types: " + ", ".join(f"{t} x{v['tensors']}" for t, v in p["types"].items()))
             out.print(f"  layout: {p['layout']}")
+            out.print(f"  resume manifest {o['manifest']}, report {rep['report_path']} (--state-dir DIR puts them "
+                      "elsewhere)")
         if d["tensors"]:
             out.print(f"  dropped {d['tensors']} tensors ({d['gb']:.3f} GB incl. {d['scales']} FP8 scales): "
                       + "; ".join(r["reason"] for r in d["reasons"]))
@@ -716,14 +773,15 @@ def gguf_cmd(
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 
 
-@app.command("imatrix", help="Compute llama.cpp's importance matrix on the original FP8 (or BF16) checkpoint with the "
+@app.command("imatrix", short_help="llama.cpp importance matrix for gguf --imatrix.",
+             help="Compute llama.cpp's importance matrix on the original FP8 (or BF16) checkpoint with the "
                              "reference forward, layer by layer, for `dsconvert gguf --imatrix` or llama-quantize "
                              "--imatrix. Writes the GGUF imatrix format (or the legacy .dat).")
 def imatrix_cmd(
     src: SrcArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="the imatrix file to write (imatrix.gguf)")],
     calib_data: Annotated[Optional[str], typer.Option(
-        "--calib-data", help="calibration text file (tokenized with SRC's tokenizer.json) or a .json list of "
+        "--calib-data", metavar="FILE", help="calibration text file (tokenized with SRC's tokenizer.json) or a .json list of "
                              "token-id lists; default: the bundled calibration text")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="calibration windows (chunks)")] = 32,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window (llama-imatrix -c)")] = 512,
@@ -764,7 +822,8 @@ def imatrix_cmd(
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 
 
-@app.command("env", help="Versions, CPU features (AMX), CUDA, free memory and disk.")
+@app.command("env", short_help="Versions, CPU features, CUDA, free memory and disk.",
+             help="Versions, CPU features (AMX), CUDA, free memory and disk.")
 def env_cmd(json_out: JsonOpt = False) -> None:
     from .convert.envinfo import env_report
 
@@ -775,12 +834,12 @@ def env_cmd(json_out: JsonOpt = False) -> None:
     _run(env_report, json_out=json_out, verbose=False, human=human)
 
 
-@app.command("make-fixture",
+@app.command("make-fixture", short_help="Write a synthetic checkpoint in the release layout.",
              help="Write a synthetic checkpoint in DeepSeek's exact release layout (tiny | bench | bench4x | real). "
                   "'real' has the release's tensor dimensions and is written streaming (default: layer 0 dense + "
                   "layer 1 MoE with 256 experts, no MTP, 15.8 GB).")
 def make_fixture_cmd(
-    output: Annotated[Path, typer.Argument(help="directory to create")],
+    output: Annotated[Path, typer.Argument(metavar="DIR", help="directory to create")],
     preset: Annotated[str, typer.Option("--preset", help="tiny (seconds, tests) | bench (1.5 GB) | bench4x (5 GB) | "
                                                           "real (release dimensions)")] = "tiny",
     seed: Annotated[int, typer.Option("--seed", help="random seed of the weights (same seed, same bytes)")] = 0,
@@ -855,8 +914,35 @@ def make_fixture_cmd(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Under ``--json`` a usage error found by the parser (an unknown option, ``--num-samples 0``) also prints the
+    JSON error document on stdout, with the schema of every other error (``error``, ``message``, ``hint``,
+    ``exit_code`` 2); the usual usage text still goes to stderr. The parser's exceptions are recognised by the
+    public ``ClickException`` interface (``exit_code``, ``format_message()``, ``show()``), never by importing
+    Click internals.
+    """
+    if "--json" not in sys.argv[1:]:
+        app()
+        return
+    try:
+        rv = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C while the parser ran (no command body yet): nothing was started
+        try:
+            _interrupted_exit(signal.SIGINT, True)
+        except typer.Exit as x:
+            sys.exit(x.exit_code)
+    except Exception as e:  # noqa: BLE001 - only the parser's usage errors are handled here; the rest re-raise
+        code = getattr(e, "exit_code", None)
+        if code != 2 or not (hasattr(e, "format_message") and hasattr(e, "show")):
+            raise
+        e.show()
+        ctx = getattr(e, "ctx", None)
+        where = f"{ctx.command_path} --help" if ctx is not None else "dsconvert --help"
+        _emit_json({**_ident(), "error": "UsageError", "message": e.format_message(),
+                    "hint": f"see `{where.replace('python -m dsconvert.cli', 'dsconvert')}`", "exit_code": 2})
+        sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ def fmt_bytes(n: int | float) -> str:
     return f"{int(n)} B"
 
 
+def count(n: int, noun: str) -> str:
+    """``count(1, "file")`` -> ``"1 file"``, ``count(3, "file")`` -> ``"3 files"`` (messages never say ``file(s)``)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def bytes_fields(n: int) -> dict:
     """``{"bytes": n, "gb": n/1e9, "gib": n/2**30}`` for JSON reports (both units, as the docs promise)."""
     return {"bytes": int(n), "gb": round(n / 1e9, 6), "gib": round(n / 2**30, 6)}

@@ -310,7 +310,8 @@ def test_type_options_and_unsupported_types(kq, work):
     assert p.pure and p.types["blk.1.attn_k_b.weight"] == "Q8_0" and p.types["output.weight"] == "Q8_0"
     assert p.types["token_embd.weight"] == "Q6_K" and p.types["blk.1.ffn_down_exps.weight"] == "Q4_K"
     res = cli("gguf", kq, "--type", "IQ2_XXS", "--dry-run")
-    assert res.exit_code == 2 and "no quantizer for" in res.text
+    assert res.exit_code == 2 and "--type IQ2_XXS: IQ types" in res.text and "not supported yet" in res.text
+    assert "no quantizer for IQ4_NL" not in res.text
     res = cli("gguf", kq, "--type", "Q9_X", "--dry-run")
     assert res.exit_code == 2 and "unknown --type" in res.text
 

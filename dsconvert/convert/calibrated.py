@@ -46,6 +46,9 @@ def calibration_ids(ck: Checkpoint, calib_data: str | None, num_samples: int, se
     Raises:
         UsageError: unreadable file, or no complete sequence of at least 2 tokens.
     """
+    if calib_data and calib_data.startswith("hf:") and not Path(calib_data).exists():
+        raise UsageError(f"--calib-data {calib_data}: Hugging Face datasets are not read (dsconvert never downloads)",
+                         hint="save the text to a file and pass its path, or a .json list of token-id lists")
     path = Path(calib_data) if calib_data else BUNDLED_TEXT
     try:
         raw = path.read_text(encoding="utf-8")

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import BadInputError, UsageError
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from ..formats.kind import require_kind
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.safetensors_io import dtype_size
 from ..report import base_report, peak_rss_bytes
@@ -44,6 +45,13 @@ OUT_DTYPES = {"bf16": ("BF16", torch.bfloat16, "bfloat16"), "f16": ("F16", torch
               "f32": ("F32", torch.float32, "float32")}
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "f16", "fp16": "f16", "float32": "f32", "fp32": "f32"}
 BASE_RSS = 600 * 2**20  # interpreter + torch, measured ~0.5 GiB here
+#: What to do instead, by the kind of checkpoint given (:func:`dsconvert.formats.kind.require_kind`).
+INPUT_HINTS = {
+    "float": "it is already unquantized: use it as it is (quantize and gguf take it as SRC)",
+    "int": "dsconvert does not dequantize INT checkpoints; run fp8-to-bf16 on the FP8 release it was made from",
+    "gguf": "fp8-to-bf16 reads safetensors checkpoints; pass the FP8 release folder the GGUF was made from",
+    "other": "pass DeepSeek's FP8 release folder (config.json with quantization_config.quant_method fp8)",
+}
 
 
 @dataclass
@@ -93,6 +101,7 @@ class Plan:
     bytes_written: int
     peak_memory: int
     counts: dict = field(default_factory=dict)
+    mtp: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
@@ -105,6 +114,7 @@ class Plan:
             "peak_memory_estimate": bytes_fields(self.peak_memory),
             "disk_needed": bytes_fields(self.bytes_written),
             "time_estimate_s_at_0_5_gb_s": estimate_seconds(self.bytes_read + self.bytes_written),
+            "mtp": self.mtp,
         }
 
 
@@ -177,7 +187,10 @@ def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None)
     out_esz = dtype_size(st_dtype)
     per_worker = (2 + 2) * opts.chunk_bytes + 2 * opts.chunk_bytes * 4 // out_esz
     peak = BASE_RSS + max(1, opts.workers) * per_worker
-    return Plan(shards, dropped, files, cfg, bytes_read, written, peak, counts)
+    mtp_layers = sorted({int(n.split(".")[2]) for n in ck.tensors if ck.is_mtp(n)})
+    mtp = {"layers": mtp_layers, "kept": opts.mtp == "keep" and bool(mtp_layers),
+           "tensors": sum(1 for s in shards for t in s.tensors if ck.is_mtp(t.name))}
+    return Plan(shards, dropped, files, cfg, bytes_read, written, peak, counts, mtp)
 
 
 def _index(shards: list[OutShard]) -> dict:
@@ -198,6 +211,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if out is not None:
         check_paths(src, Path(out))
     device = resolve_device(opts.device)
+    require_kind(src, COMMAND, ("fp8",), "DeepSeek's block-FP8 release (F8_E4M3 weights with weight_scale_inv)",
+                 INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
     plan = make_plan(ck, opts, device)
     report = base_report(COMMAND)
@@ -223,9 +238,11 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if out is None:
         raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT")
     out = Path(out)
-    fp = fingerprint({"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]),
-                      "options": opts.fingerprinted(), "command": COMMAND})
+    parts = {"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]), "options": opts.fingerprinted(),
+             "command": COMMAND}
+    fp = fingerprint(parts)
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
+                              parts=parts,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME,
                                               *plan.files))
     todo_bytes = sum(s.nbytes for s in plan.shards if s.name not in decision.done)

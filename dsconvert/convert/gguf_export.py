@@ -21,8 +21,9 @@ written here, tensor by tensor in row chunks, each tensor padded to ``general.al
 
 Splits (``--split-max-size``, decimal units) follow ``GGUFWriter``'s rule (a new file when the next tensor
 would push the current one's tensor bytes over the limit) and llama.cpp's names ``STEM-00001-of-0000N.gguf``.
-Finished files are recorded (size + sha256) in ``FILE.dsconvert-manifest.json``, so an interrupted run
-resumes with the files it has not finished; a manifest for another source or other options is refused. The
+Finished files are recorded (size + sha256) in ``FILE.dsconvert-manifest.json`` (beside the file, or in
+``--state-dir DIR``, with the report ``FILE.dsconvert-report.json``), so an interrupted run resumes with the
+files it has not finished; a manifest for another source or other options is refused, naming what differs. The
 file in flight resumes from its last complete tensor: its ``.tmp`` is kept with a sidecar
 ``NAME.gguf.dsconvert-partial.json`` (the tensors complete so far and their sha256), verified on resume.
 
@@ -52,8 +53,10 @@ from gguf.gguf_writer import WriterState
 from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageError
 from ..formats import gguf_deepseek2 as g2
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from ..formats.gguf_types import FTYPE_NAMES, normalize_ftype, parse_tensor_type_override, requires_imatrix
+from ..formats.gguf_types import (FTYPE_NAMES, default_type, normalize_ftype, parse_tensor_type_override,
+                                  requires_imatrix)
 from ..formats.hf_config import version_label
+from ..formats.kind import require_kind
 from ..formats.safetensors_io import read_tensor, sha256_file
 from ..quant import ggml
 from ..report import base_report, peak_rss_bytes
@@ -62,7 +65,8 @@ from .fp8_to_bf16 import resolve_device
 from .pipeline import check_max_memory, dequant_producer
 from . import cancel
 from .preflight import check_free_disk, check_output_writable
-from .manifest import Manifest, check_paths, commit_tmp, fingerprint, source_fingerprint_parts, write_atomic
+from .manifest import (Manifest, check_paths, commit_tmp, fingerprint, mismatch_detail, source_fingerprint_parts,
+                       write_atomic)
 from .progress import ByteProgress
 
 log = logging.getLogger(__name__)
@@ -74,12 +78,13 @@ REPORT_SUFFIX = ".dsconvert-report.json"
 SPLIT_NAME = "{stem}-{i:05d}-of-{n:05d}.gguf"  # gguf-py SHARD_NAME_FORMAT / llama_split_path
 BASE_RSS = 600 * 2**20  # interpreter + torch
 
-#: ``--type`` values that name one ggml type rather than a llama-quantize mix: the mix with the same default
-#: type under ``--pure`` (every quantizable tensor gets that type, shape fallbacks still apply).
-PURE_TYPES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
-#: The ``--type`` values offered (all others from gguf_types.FTYPE_NAMES work if our quantizers cover them).
-TYPE_CHOICES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                "Q6_K", "Q3_K_M", "Q4_K_M", "Q5_K_M")
+#: What to do instead, by the kind of checkpoint given (:func:`dsconvert.formats.kind.require_kind`).
+INPUT_HINTS = {
+    "int": "export the FP8 release (or its BF16 copy) the INT checkpoint was made from; for 4 bits use "
+           "--type Q4_K_M",
+    "gguf": "it is already a GGUF; to change its type use llama-quantize, or export from the FP8/BF16 source",
+    "other": "pass DeepSeek's FP8 release or a BF16 checkpoint",
+}
 
 
 @dataclass
@@ -97,6 +102,7 @@ class GGUFOptions:
     device: str = "auto"
     chunk_bytes: int = 32 * 2**20  # float32 input bytes quantized at once
     max_memory: int | None = None
+    state_dir: Path | None = None  # where the manifest and report go (default: beside the .gguf); not fingerprinted
 
     def fingerprinted(self) -> dict:
         return {"type": self.type, "tensor_types": list(self.tensor_types),
@@ -105,19 +111,70 @@ class GGUFOptions:
                 "split_max_size": self.split_max_size, "split_max_tensors": self.split_max_tensors}
 
 
+def type_names() -> dict[str, list[str]]:
+    """The ``--type`` values, from the registries: ``types`` (ggml types dsconvert has a quantizer for and that
+    ``--type`` takes alone), ``mixes`` (llama-quantize file-type mixes whose default type dsconvert can write:
+    Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M), ``unsupported`` (file types llama-quantize
+    knows but dsconvert has no quantizer for yet, e.g. IQ2_XXS, TQ1_0, MXFP4_MOE). Sources: ``FTYPE_NAMES`` of
+    :mod:`dsconvert.formats.gguf_types` and :func:`dsconvert.quant.ggml.registered_types`."""
+    have = ggml.registered_types()
+    pure = pure_types()
+    return {"types": [t for t in have if t in FTYPE_NAMES or t in pure],
+            "mixes": [n for n in FTYPE_NAMES if n not in have and default_type(n) in have],
+            "unsupported": [n for n in FTYPE_NAMES if default_type(n) not in have]}
+
+
+def pure_types() -> dict[str, str]:
+    """``--type`` values that name one ggml type without a llama-quantize file type of that name: the ``_M`` mix
+    with that default type under ``--pure`` (``Q4_K`` = ``Q4_K_M --pure``: every quantizable tensor gets Q4_K,
+    shape fallbacks still apply)."""
+    return {t: f"{t}_M" for t in ggml.registered_types()
+            if t not in FTYPE_NAMES and f"{t}_M" in FTYPE_NAMES and default_type(f"{t}_M") == t}
+
+
+def type_help() -> str:
+    """``--type``'s help text, built from :func:`type_names`."""
+    n = type_names()
+    pure = ", ".join(f"{t} = {m} --pure" for t, m in pure_types().items())
+    return (f"a ggml type ({' '.join(n['types'])}) or a llama-quantize mix ({' '.join(n['mixes'])}), "
+            f"case-insensitive; {pure}; not supported yet: {' '.join(n['unsupported'])}")
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def resolve_type(name: str) -> tuple[str, bool]:
     """``--type`` -> (llama-quantize ftype name, forced pure). ``Q4_K`` is ``Q4_K_M --pure``, ...
 
     Raises:
-        UsageError: unknown name (lists the choices).
+        UsageError: a file type dsconvert cannot write yet (names it and the missing quantizer), or an
+            unknown name (lists every type and mix, with the closest names as "did you mean").
     """
+    import difflib
+
     key = name.strip().upper().replace("-", "_")
-    if key in PURE_TYPES:
-        return PURE_TYPES[key], True
+    pure = pure_types()
+    if key in pure:
+        return pure[key], True
+    n = type_names()
+    choices = f"types: {', '.join(n['types'])}; mixes: {', '.join(n['mixes'])}"
     try:
-        return normalize_ftype(key), False
+        ftype = normalize_ftype(key)
     except UsageError:
-        raise UsageError(f"unknown --type {name!r}", hint="choose one of " + ", ".join(TYPE_CHOICES)) from None
+        close = difflib.get_close_matches(key, n["types"] + n["mixes"] + n["unsupported"], n=3, cutoff=0.6)
+        guess = f"did you mean {_either(close)}? " if close else ""
+        raise UsageError(f"unknown --type {name!r}", hint=guess + choices) from None
+    if ftype in n["unsupported"]:
+        family = "IQ" if ftype.startswith("IQ") else "TQ" if ftype.startswith("TQ") else "MXFP4"
+        imx = " --imatrix FILE" if family == "IQ" else ""
+        have = [t for t in n["types"] if t.startswith(family)]
+        which = f"{family} types other than {', '.join(have)}" if have else f"{family} types"
+        raise UsageError(f"--type {ftype}: {which} are not supported yet (dsconvert has no "
+                         f"{default_type(ftype)} quantizer)",
+                         hint=f"write a BF16 or Q8_0 GGUF with dsconvert, then `llama-quantize{imx} IN.gguf OUT.gguf "
+                              f"{ftype}`; dsconvert writes {choices}")
+    return ftype, False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -755,15 +812,21 @@ class Resume:
     already_complete: bool
 
 
-def manifest_path(output: Path) -> Path:
-    return output.with_name(output.name + MANIFEST_SUFFIX)
+def manifest_path(output: Path, state_dir: Path | None = None) -> Path:
+    """``FILE.gguf.dsconvert-manifest.json``, beside ``output`` or in ``state_dir`` (``--state-dir``)."""
+    return (Path(state_dir) if state_dir else output.parent) / (output.name + MANIFEST_SUFFIX)
+
+
+def report_path(output: Path, state_dir: Path | None = None) -> Path:
+    """``FILE.gguf.dsconvert-report.json``, beside ``output`` or in ``state_dir`` (``--state-dir``)."""
+    return (Path(state_dir) if state_dir else output.parent) / (output.name + REPORT_SUFFIX)
 
 
 def _verify(path: Path, meta: dict) -> bool:
     return path.is_file() and path.stat().st_size == meta.get("size") and sha256_file(path) == meta.get("sha256")
 
 
-def _owned(output: Path) -> list[Path]:
+def _owned(output: Path, state_dir: Path | None = None) -> list[Path]:
     """Every file a gguf export to ``output`` may have written (any split count), temporaries included."""
     d5 = "[0-9]" * 5
     pats = [glob.escape(output.name), f"{glob.escape(output.stem)}-{d5}-of-{d5}.gguf"]
@@ -772,32 +835,38 @@ def _owned(output: Path) -> list[Path]:
         found.update(output.parent.glob(p))
         found.update(output.parent.glob(p + ".tmp"))
         found.update(output.parent.glob(p + PARTIAL_SUFFIX))
-    found.add(output.with_name(output.name + REPORT_SUFFIX))
+    found.add(report_path(output, state_dir))
     return sorted(x for x in found if x.is_file() or x.is_symlink())
 
 
 def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *, overwrite: bool,
-                   resume: bool) -> Resume:
+                   resume: bool, state_dir: Path | None = None, parts: dict | None = None) -> Resume:
     """Fresh start, resume (matching manifest: keep verified files), already complete, or refuse.
+
+    The manifest lives beside ``output`` or in ``state_dir``; ``parts`` (what ``fp`` hashes) is stored in it so
+    that a refusal can list what differs (:func:`~dsconvert.convert.manifest.fingerprint_diff`).
 
     Raises:
         OutputExistsError (exit 2): output files exist without a dsconvert manifest, or with a manifest for
             another source or other options, and ``overwrite`` is not set.
     """
-    mpath = manifest_path(output)
+    mpath = manifest_path(output, state_dir)
     man = Manifest.load_file(mpath)
-    existing = [p for p in _owned(output) if not p.name.endswith((".tmp", PARTIAL_SUFFIX))]
+    existing = [p for p in _owned(output, state_dir) if not p.name.endswith((".tmp", PARTIAL_SUFFIX))]
     if output.is_dir():
         raise UsageError(f"-o {output} is a directory", hint="give the .gguf file to write, e.g. -o model.gguf")
     if man is None and existing and not overwrite:
-        raise OutputExistsError(f"{existing[0]} exists and no dsconvert manifest ({mpath.name}) vouches for it",
-                                hint="pass --overwrite to replace it, or choose another -o")
+        raise OutputExistsError(f"{existing[0]} exists and no dsconvert manifest ({mpath}) vouches for it",
+                                hint="if an earlier run used --state-dir, pass the same --state-dir; otherwise "
+                                     "pass --overwrite to replace it, or choose another -o")
     if man is not None and (man.fingerprint != fp or man.command != COMMAND) and not overwrite:
+        detail = mismatch_detail(man, parts) if man.command == COMMAND else ""
         raise OutputExistsError(f"{output}: the existing output ({mpath.name}) was made from a different source "
-                                "or with different options; refusing to resume it",
+                                f"or with different options{detail}; refusing to resume it",
                                 hint="rerun with the same SRC and options, pass --overwrite to start over, or "
                                      "choose another -o")
     if man is not None and man.fingerprint == fp and man.command == COMMAND and resume and not overwrite:
+        man.parts = man.parts or parts  # a manifest from before fingerprint parts were stored gains them
         names = {f.name for f in files}
         done = {n for n, meta in man.files.items() if n in names and _verify(output.parent / n, meta)}
         man.files = {n: m for n, m in man.files.items() if n in done}
@@ -814,9 +883,9 @@ def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *
         man.complete = False
         man.save_file(mpath)
         return Resume(man, done, True, False)
-    for p in _owned(output):
+    for p in _owned(output, state_dir):
         p.unlink()
-    man = Manifest(COMMAND, fp, options)
+    man = Manifest(COMMAND, fp, options, parts=parts)
     man.save_file(mpath)
     return Resume(man, set(), False, False)
 
@@ -856,6 +925,8 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                              hint="e.g. -o DeepSeek-R1-Q4_K_M.gguf (splits become ...-00001-of-0000N.gguf)")
         check_paths(src, output)
     device = resolve_device(opts.device)
+    require_kind(src, COMMAND, ("fp8", "float"), "DeepSeek's FP8 release or an unquantized (BF16) checkpoint",
+                 INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
     ck.refuse_v4("gguf")
     check_supported(ck.config)
@@ -865,7 +936,8 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         "source": {"path": str(src), "family": version_label(ck.config), "format": _source_format(ck),
                    "shards": len(ck.shards), "tensors": len(ck.tensors),
                    **bytes_fields(sum(e.nbytes for _, e in ck.tensors.values()))},
-        "options": {**asdict(opts), "imatrix": str(opts.imatrix) if opts.imatrix else None, "device": str(device)},
+        "options": {**asdict(opts), "imatrix": str(opts.imatrix) if opts.imatrix else None, "device": str(device),
+                    "state_dir": str(opts.state_dir) if opts.state_dir else None},
         "dry_run": dry_run,
         "plan": plan.summary(),
         "warnings": [p.to_dict() for p in ck.problems if not p.fatal],
@@ -874,21 +946,32 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                      hint="the plan needs one chunk plus one kv_b_proj in memory; raise --max-memory")
     if output is not None:  # pre-flight, also on --dry-run: before the manifest exists
         check_output_writable(output)
+        if opts.state_dir is not None:
+            if Path(opts.state_dir).exists() and not Path(opts.state_dir).is_dir():
+                raise UsageError(f"--state-dir {opts.state_dir}: is a file, not a folder",
+                                 hint="give a folder for the manifest and report")
+            check_output_writable(Path(opts.state_dir), "--state-dir")
         report["disk"] = check_free_disk(output.parent, {f.path.name: f.size for f in plan.files}, refuse=not dry_run)
         if "problem" in report["disk"]:
             report.setdefault("warnings", []).append(report["disk"]["problem"])
     if dry_run:
-        report["output"] = {"path": str(output) if output else None}
+        report["output"] = {"path": str(output) if output else None,
+                            "manifest": str(manifest_path(output, opts.state_dir)) if output else None,
+                            "report": str(report_path(output, opts.state_dir)) if output else None}
         return report
 
-    fp = fingerprint({"source": _source_fingerprint(ck), "options": opts.fingerprinted(), "command": COMMAND})
+    parts = {"source": _source_fingerprint(ck), "options": opts.fingerprinted(), "command": COMMAND}
+    fp = fingerprint(parts)
     output.parent.mkdir(parents=True, exist_ok=True)
-    decision = prepare_output(output, plan.files, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume)
+    if opts.state_dir is not None:
+        Path(opts.state_dir).mkdir(parents=True, exist_ok=True)
+    decision = prepare_output(output, plan.files, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
+                              state_dir=opts.state_dir, parts=parts)
     todo = [f for f in plan.files if f.name not in decision.done]
     written = []
     partial: dict[str, int] = {}  # file -> tensors kept from an interrupted .tmp
     n_layer = int(ck.config["num_hidden_layers"])
-    mpath = manifest_path(output)
+    mpath = manifest_path(output, opts.state_dir)
     if todo:
         with ByteProgress(sum(sum(plan.nbytes[t.name] for t in f.tensors) for f in todo), COMMAND,
                           enabled=progress) as bar:
@@ -918,7 +1001,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     full = dict(report, tensors=[{"name": t.name, "type": plan.types[t.name], "ne": list(t.ne),
                                   "bytes": plan.nbytes[t.name], "kind": t.kind, "sources": len(t.sources),
                                   "source_dtype": t.src_dtype} for t in plan.gguf_plan])
-    rpath = output.with_name(output.name + REPORT_SUFFIX)
+    rpath = report_path(output, opts.state_dir)
     write_atomic(rpath, (json.dumps(full, indent=2, default=str) + "\n").encode())
     decision.manifest.complete = True
     decision.manifest.save_file(mpath)
@@ -926,6 +1009,6 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     return report
 
 
-__all__ = ["COMMAND", "LAYOUT", "GGUFOptions", "ExportPlan", "OutFile", "TYPE_CHOICES", "FTYPE_NAMES",
+__all__ = ["COMMAND", "LAYOUT", "GGUFOptions", "ExportPlan", "OutFile", "FTYPE_NAMES", "type_names", "type_help",
            "make_plan", "run", "resolve_type", "load_imatrix", "encode", "tensor_chunks", "file_names",
-           "manifest_path"]
+           "manifest_path", "report_path"]

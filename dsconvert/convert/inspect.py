@@ -7,9 +7,10 @@ from pathlib import Path
 
 from ..errors import DsconvertError
 from ..formats.checkpoint import scan
+from ..formats.kind import checkpoint_kind
 from ..formats.hf_config import FAMILIES, version_label
 from ..report import base_report
-from ..units import bytes_fields
+from ..units import bytes_fields, count
 from . import fp8_to_bf16
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -177,6 +178,7 @@ def inspect_checkpoint(src: Path) -> dict:
     mtp = [n for n in ck.tensors if ck.is_mtp(n)]
     indexer = [n for n in ck.tensors if ".indexer." in n]
     problems = [p.to_dict() for p in ck.problems]
+    kind = checkpoint_kind(ck.root)
     qc = ck.config.get("quantization_config") or {}
     fmt = None
     if qc:
@@ -203,6 +205,7 @@ def inspect_checkpoint(src: Path) -> dict:
         "family": version_label(ck.config) if ck.config.get("model_type") in FAMILIES else None,
         "supported": ck.config.get("model_type") in FAMILIES,
         "format": "fp8-block" if fp8_weights else (int_info["format"] if int_info else "unquantized"),
+        "kind": kind.to_dict(),
         "quantization": int_info,
         "fp8": None if ck.fp8 is None else {"block": list(ck.fp8.block), "scale_fmt": ck.fp8.scale_fmt,
                                             "activation_scheme": ck.fp8.activation_scheme},
@@ -243,7 +246,8 @@ def human_lines(rep: dict) -> list[str]:
 
     lines = [f"[bold]{rep['path']}[/bold]",
              f"  model        {rep['family'] or rep['model_type']}  (model_type {rep['model_type']}, {rep['format']})",
-             f"  layers       {rep['layers']['num_hidden_layers']} + MTP {rep['layers']['mtp_layers'] or 'none'}",
+             f"  layers       {rep['layers']['num_hidden_layers']} + MTP "
+             f"{', '.join(f'layer {i}' for i in rep['layers']['mtp_layers']) or 'none'}",
              f"  shards       {rep['shards']}   tensors {rep['tensors']:,}   parameters {rep['parameters']:,}",
              f"  bytes        {gb(rep['bytes'])}"]
     for k, v in rep["by_dtype"].items():
@@ -267,8 +271,8 @@ def human_lines(rep: dict) -> list[str]:
         lines += _v4_lines(rep["deepseek_v4"], gb)
     elif fp["weights"]:
         lines.append(f"  fp8          {fp['weights']:,} weights, {fp['with_scale']:,} with weight_scale_inv "
-                     f"({fp['scale_in_other_shard']} in another shard), block {rep['fp8']['block']}, "
-                     f"scale_fmt {rep['fp8']['scale_fmt']}")
+                     f"({fp['scale_in_other_shard']} in another shard), block "
+                     f"{'x'.join(map(str, rep['fp8']['block']))}, scale_fmt {rep['fp8']['scale_fmt'] or 'unset (F32)'}")
     if "fp8_to_bf16" in rep and "error" not in rep["fp8_to_bf16"]:
         p = rep["fp8_to_bf16"]
         lines.append(f"  fp8-to-bf16  reads {gb(p['bytes_read'])}, writes {gb(p['bytes_written'])}, "
@@ -375,7 +379,7 @@ def _gguf_lines(rep: dict) -> list[str]:
     md = rep["metadata"]
     arch = rep["architecture"]
     lines = [f"[bold]{rep['path']}[/bold]",
-             f"  gguf         {arch}, {len(rep['files'])} file(s), {rep['tensors']:,} tensors, "
+             f"  gguf         {arch}, {count(len(rep['files']), 'file')}, {rep['tensors']:,} tensors, "
              f"{rep['bytes']['gb']:.3f} GB ({rep['bytes']['gib']:.3f} GiB)",
              f"  layers       {md.get(f'{arch}.block_count')} (MTP {'present' if rep['mtp'] else 'not present'}); "
              f"layout {rep['layout']}",
@@ -390,15 +394,29 @@ def _gguf_lines(rep: dict) -> list[str]:
 
 
 def registries(schemes: bool, formats: bool, types: bool) -> dict:
-    """Names (with aliases) the writers accept: quantize schemes and formats, GGUF types."""
-    out = {}
+    """What the writers accept, from their registries: quantize schemes and formats (canonical name -> aliases),
+    GGUF ``--type`` values (``gguf_types``: single ggml types; ``gguf_mixes``: llama-quantize mixes;
+    ``gguf_unsupported``: file types dsconvert cannot write yet)."""
+    out: dict = {}
     if schemes:
-        from ..quant.schemes import registered_schemes
-        out["schemes"] = registered_schemes()
+        from ..quant.schemes import SCHEMES
+        out["schemes"] = {n: SCHEMES.aliases(n) for n in SCHEMES.names()}
     if formats:
-        from ..formats.registry import registered_formats
-        out["formats"] = registered_formats()
+        from ..formats.registry import FORMATS, registered_formats
+        out["formats"] = {n: FORMATS.aliases(n) for n in registered_formats()}
     if types:
-        from ..quant.ggml_quants import registered_types
-        out["gguf_types"] = registered_types()
+        from .gguf_export import type_names
+        n = type_names()
+        out.update({"gguf_types": n["types"], "gguf_mixes": n["mixes"], "gguf_unsupported": n["unsupported"]})
     return out
+
+
+def registry_lines(reg: dict) -> list[str]:
+    """Human rendering of :func:`registries`: one line per kind, aliases in parentheses."""
+    labels = {"schemes": "schemes", "formats": "formats", "gguf_types": "gguf types", "gguf_mixes": "gguf mixes",
+              "gguf_unsupported": "gguf types not supported yet"}
+    lines = []
+    for k, v in reg.items():
+        items = [f"{n} (aliases: {', '.join(al)})" if al else n for n, al in v.items()] if isinstance(v, dict) else v
+        lines.append(f"{labels.get(k, k)}: {', '.join(items)}")
+    return lines

@@ -32,6 +32,67 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+#: option keys whose flag is not ``--`` + the key with ``-`` for ``_``
+_FLAG_OF = {"tensor_types": "--tensor-type", "imatrix": "--imatrix (sha256)"}
+
+
+def _show(v) -> str:
+    """A fingerprint value as a person reads it (no Python reprs)."""
+    if v is None:
+        return "unset"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(map(_show, v)) + "]" if v else "none"
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return f"sha256 {v[:12]}..."
+    return str(v)
+
+
+def _flat(d: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    out: dict[tuple, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, prefix + (str(k),)))
+        else:
+            out[prefix + (str(k),)] = v
+    return out
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """What differs between two sets of fingerprint parts, one line each, old value then new:
+    ``"--mtp: keep -> drop"``, ``"source file config.json: sha256 1a2b... -> 3c4d..."``.
+
+    ``old``/``new`` have the shape the writers fingerprint: ``{"source": {...}, "options": {...}, "command": str}``
+    (the source part holds file name -> sha256, possibly nested, e.g. gguf's ``files`` and ``tensor_headers``).
+    """
+    a, b = _flat(old), _flat(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "(absent)"), b.get(key, "(absent)")
+        if va == vb:
+            continue
+        if key[0] == "options":
+            what = _FLAG_OF.get(key[-1], "--" + key[-1].replace("_", "-"))
+        elif key[0] == "source":
+            rest = [k for k in key[1:] if k != "files"]
+            what = ("source tensor headers (names, dtypes, shapes, offsets)" if rest == ["tensor_headers"]
+                    else "source file " + "/".join(rest))
+        else:
+            what = "/".join(key)
+        lines.append(f"{what}: {_show(va) if va != '(absent)' else va} -> {_show(vb) if vb != '(absent)' else vb}")
+    return lines
+
+
+def mismatch_detail(man: "Manifest", parts: dict | None) -> str:
+    """``"; it differs in: --mtp: keep -> drop"`` for a refused rerun, or "" when the old manifest predates
+    stored fingerprint parts (the message then stays general)."""
+    if man.parts is None or parts is None:
+        return ""
+    diff = fingerprint_diff(man.parts, parts)
+    return "; it differs in: " + "; ".join(diff) if diff else ""
+
+
 def source_fingerprint_parts(src: Path, files: list[str]) -> dict:
     """sha256 of each named small source file (index, config) that exists; shard headers are covered by the index."""
     out = {}
@@ -52,11 +113,17 @@ class Manifest:
     files: dict[str, dict] = field(default_factory=dict)  # name -> {"size": int, "sha256": str}
     complete: bool = False
     version: str = __version__
+    #: what ``fingerprint`` hashes (source file hashes, options, command), kept so that a refused rerun can say
+    #: what differs; None in manifests written before it was stored
+    parts: dict | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"tool": "dsconvert", "version": self.version, "command": self.command,
-                           "fingerprint": self.fingerprint, "options": self.options, "complete": self.complete,
-                           "files": dict(sorted(self.files.items()))}, indent=2, sort_keys=False) + "\n"
+        d = {"tool": "dsconvert", "version": self.version, "command": self.command,
+             "fingerprint": self.fingerprint, "options": self.options, "complete": self.complete,
+             "files": dict(sorted(self.files.items()))}
+        if self.parts is not None:
+            d["fingerprint_parts"] = self.parts
+        return json.dumps(d, indent=2, sort_keys=False) + "\n"
 
     def save(self, out_dir: Path) -> None:
         """Atomically replace ``out_dir/manifest.json``."""
@@ -79,8 +146,9 @@ class Manifest:
             d = json.loads(p.read_text())
             if d.get("tool") != "dsconvert":
                 return None
+            parts = d.get("fingerprint_parts")
             return cls(d["command"], d["fingerprint"], d.get("options", {}), d.get("files", {}),
-                       bool(d.get("complete")), d.get("version", "?"))
+                       bool(d.get("complete")), d.get("version", "?"), parts if isinstance(parts, dict) else None)
         except (ValueError, KeyError, TypeError, OSError):
             return None
 
@@ -194,11 +262,13 @@ class ResumeDecision:
 
 
 def prepare_output(out: Path, command: str, fp: str, options: dict, *, overwrite: bool, resume: bool,
-                   owned_patterns: tuple[str, ...], verify: bool = True) -> ResumeDecision:
+                   owned_patterns: tuple[str, ...], verify: bool = True, parts: dict | None = None) -> ResumeDecision:
     """Decide how to use ``out``: fresh, resume (matching manifest), already complete, or refuse.
 
     ``owned_patterns`` are the globs of files this command writes; with ``overwrite`` (or ``resume=False`` on
     a matching manifest) only those, the manifest and leftover ``*.tmp`` files are removed — never anything else.
+    ``parts`` (what ``fp`` hashes) is stored in the manifest; a refusal of another source or other options lists
+    what differs from the stored parts (:func:`fingerprint_diff`).
 
     Raises:
         OutputExistsError: ``out`` holds files but no dsconvert manifest, or a manifest for a different source
@@ -216,9 +286,12 @@ def prepare_output(out: Path, command: str, fp: str, options: dict, *, overwrite
                                 hint="choose an empty or new -o, or pass --overwrite to replace its model files")
     if man is not None and (man.fingerprint != fp or man.command != command) and not overwrite:
         what = "another command" if man.command != command else "a different source or different options"
-        raise OutputExistsError(f"output directory {out} holds a {man.command} output made from {what}",
-                                hint="pass --overwrite to start over there, or choose another -o")
+        detail = mismatch_detail(man, parts) if man.command == command else ""
+        raise OutputExistsError(f"output directory {out} holds a {man.command} output made from {what}{detail}",
+                                hint="rerun with the same SRC and options to resume, pass --overwrite to start over "
+                                     "there, or choose another -o")
     if man is not None and man.fingerprint == fp and man.command == command and not overwrite and resume:
+        man.parts = man.parts or parts  # a manifest from before fingerprint parts were stored gains them
         if man.complete and _verify_all(out, man, verify):
             return ResumeDecision(man, set(man.files), True, True)
         done = {n for n, meta in man.files.items() if _verify(out / n, meta, verify)}
@@ -228,7 +301,7 @@ def prepare_output(out: Path, command: str, fp: str, options: dict, *, overwrite
         _remove(out, ("*.tmp",))
         return ResumeDecision(man, done, True, False)
     _remove(out, owned_patterns + ("*.tmp", MANIFEST_NAME))
-    man = Manifest(command, fp, options)
+    man = Manifest(command, fp, options, parts=parts)
     man.save(out)
     return ResumeDecision(man, set(), False, False)
 

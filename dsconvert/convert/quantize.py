@@ -22,21 +22,22 @@ import json
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..errors import BadInputError, UsageError
+from ..errors import UsageError
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.int_format import IntFormat
-from ..formats.registry import get_format, registered_formats
+from ..formats.kind import require_kind
+from ..formats.registry import FORMATS, describe_formats, get_format
 from ..quant.rtn import QTensor, QuantSpec, dequantize
-from ..quant.schemes import Scheme, SchemeDescription, get_scheme, registered_schemes
+from ..quant.schemes import SCHEMES, Scheme, SchemeDescription, get_scheme
 from ..report import base_report, peak_rss_bytes
-from ..units import bytes_fields
+from ..units import bytes_fields, count
 from .files import REPORT_NAME, copy_files, extra_files
 from .preflight import check_free_disk, check_output_writable
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
@@ -48,6 +49,12 @@ from .fp8_to_bf16 import BASE_RSS, resolve_device
 
 COMMAND = "quantize"
 _LAYER_PREFIX = "model.layers."
+#: What to do instead, by the kind of checkpoint given (:func:`dsconvert.formats.kind.require_kind`).
+INPUT_HINTS = {
+    "int": "it is already quantized; quantize the FP8 release (or its BF16 copy) it was made from",
+    "gguf": "quantize reads safetensors checkpoints; pass the FP8 release or a BF16 folder",
+    "other": "pass DeepSeek's FP8 release or a BF16 checkpoint",
+}
 
 
 @dataclass
@@ -113,9 +120,11 @@ def resolve_format(opts: Options) -> IntFormat:
         name = opts.checkpoint_format
     try:
         return get_format(name)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown format {name!r}",
-                         hint="formats: " + ", ".join(registered_formats())) from None
+    except KeyError:
+        flag = "--checkpoint-format" if opts.checkpoint_format else "--format"
+        close = FORMATS.suggest(name)
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UsageError(f"unknown {flag} {name!r}", hint=guess + "formats: " + describe_formats()) from None
 
 
 def resolve_scheme(opts: Options) -> tuple[Scheme, SchemeDescription]:
@@ -127,9 +136,10 @@ def resolve_scheme(opts: Options) -> tuple[Scheme, SchemeDescription]:
     """
     try:
         scheme = get_scheme(opts.scheme)
-    except KeyError as e:
-        raise UsageError(str(e.args[0]) if e.args else f"unknown scheme {opts.scheme!r}",
-                         hint="schemes: " + ", ".join(registered_schemes())) from None
+    except KeyError:
+        close = SCHEMES.suggest(opts.scheme)
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UsageError(f"unknown --scheme {opts.scheme!r}", hint=guess + "schemes: " + SCHEMES.describe()) from None
     if opts.method not in scheme.methods:
         raise UsageError(f"scheme {scheme.name} cannot be produced with --{opts.method}",
                          hint=f"{scheme.name} takes: " + ", ".join("RTN (no flag)" if m == "rtn" else f"--{m}"
@@ -355,7 +365,8 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
               for k, v in units.items()}
     unmatched = policy.unmatched()
     if unmatched and opts.strict:
-        raise UsageError(f"--ignore pattern(s) matched no quantizable module: {', '.join(unmatched)}",
+        what = "pattern" if len(unmatched) == 1 else "patterns"
+        raise UsageError(f"--ignore {what} matched no quantizable module: {', '.join(unmatched)}",
                          hint="patterns match module names: the weight name without .weight, e.g. "
                               "model.layers.0.self_attn.kv_b_proj or re:.*kv_b_proj$ (the names are in "
                               "model.safetensors.index.json); or drop --strict")
@@ -424,7 +435,7 @@ def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
             else "--group-size -1 (per channel)") + "; or --ignore the tensors whose K does not divide"
     m, k = bad[0]
     raise ShapeError(f"group size {g} does not divide in_features K={k} of tensor {m!r} "
-                     f"({len(bad)} tensor(s) affected)", hint=hint)
+                     f"({count(len(bad), 'tensor')} affected)", hint=hint)
 
 
 def _layer_aligned_shards(groups: dict[int, list[OutTensor]], max_bytes: int) -> list[OutShard]:
@@ -526,12 +537,14 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         check_paths(src, Path(out))
     device = resolve_device(opts.device)
     base_fmt = resolve_format(opts)
-    scheme, desc = resolve_scheme(opts)
+    scheme, desc = resolve_scheme(opts)  # an unknown scheme is a usage error before SRC is read
+    # canonical names from here on (report, manifest, messages): --format awq is reported as autoawq
+    opts = replace(opts, format=FORMATS.canonical(opts.format), scheme=SCHEMES.canonical(opts.scheme),
+                   checkpoint_format=FORMATS.canonical(opts.checkpoint_format) if opts.checkpoint_format else None)
+    require_kind(src, COMMAND, ("fp8", "float"), "DeepSeek's FP8 release or an unquantized (BF16) checkpoint",
+                 INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
     ck.refuse_v4("quantize")
-    if ck.config.get("quantization_config") and ck.fp8 is None:
-        raise BadInputError(f"{src}: already quantized ({ck.config['quantization_config'].get('quant_method')})",
-                            hint="quantize from the FP8 release or a BF16 checkpoint")
     engine = assign = None
     if opts.per_module:
         from .mixed import mixed_setup
@@ -595,9 +608,11 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if out is None:
         raise UsageError("missing -o/--output", hint="dsconvert quantize SRC -o OUT --scheme W4A16")
     out = Path(out)
-    fp = fingerprint({"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]),
-                      "options": opts.fingerprinted(), "command": COMMAND})
+    parts = {"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]), "options": opts.fingerprinted(),
+             "command": COMMAND}
+    fp = fingerprint(parts)
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
+                              parts=parts,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files,
                                               *fmt.sidecar_files(plan.config["quantization_config"])))
     from .calibrated import STATE_NAME

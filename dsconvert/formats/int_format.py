@@ -81,7 +81,7 @@ def _require(tensors: Mapping[str, torch.Tensor], names: Iterable[str], fmt: str
 
     missing = [n for n in names if n not in tensors]
     if missing:
-        raise BadInputError(f"{fmt} module is missing tensor(s) {missing}; has {sorted(tensors)}",
+        raise BadInputError(f"{fmt} module is missing {', '.join(missing)}; it has {', '.join(sorted(tensors))}",
                             hint="check that every partner tensor of the module was read (it may sit in another shard)")
 
 

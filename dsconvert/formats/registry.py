@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from dsconvert.quant.registry import Registry
 
-__all__ = ["FORMATS", "register_format", "get_format", "registered_formats", "detect_format"]
+__all__ = ["FORMATS", "register_format", "get_format", "registered_formats", "describe_formats", "detect_format"]
 
 FORMATS: Registry[type] = Registry("format")
 
@@ -37,6 +37,12 @@ def registered_formats() -> list[str]:
     """Canonical format names, in registration order."""
     _load_builtins()
     return FORMATS.names()
+
+
+def describe_formats() -> str:
+    """Every format with its aliases, for ``--help`` and hints: ``"autoawq (aliases: awq, awq-gemm), ..."``."""
+    _load_builtins()
+    return FORMATS.describe()
 
 
 def detect_format(quantization_config: dict) -> Any | None:

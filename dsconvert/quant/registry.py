@@ -77,8 +77,22 @@ class Registry(Generic[T]):
         """
         key = normalize_name(name)
         if key not in self._keys:
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of: {self.describe()}")
+            close = self.suggest(name)
+            guess = f"did you mean {' or '.join(close)}? " if close else ""
+            raise KeyError(f"unknown {self.kind} {name!r}; {guess}choose one of: {self.describe()}")
         return self._keys[key]
+
+    def suggest(self, name: str, n: int = 3) -> list[str]:
+        """Canonical names whose name or an alias is close to ``name`` (``difflib``, after normalisation),
+        closest first: the "did you mean" of an unknown name."""
+        import difflib
+
+        hits = difflib.get_close_matches(normalize_name(name), list(self._keys), n=2 * n, cutoff=0.6)
+        out: list[str] = []
+        for h in hits:
+            if self._keys[h] not in out:
+                out.append(self._keys[h])
+        return out[:n]
 
     def get(self, name: str) -> T:
         """The object registered under ``name`` or an alias. Raises KeyError like :meth:`canonical`."""
