@@ -246,12 +246,6 @@ def scan(root: str | os.PathLike) -> Checkpoint:
     return ck
 
 
-def _format_owned(ck: Checkpoint) -> bool:
-    """The checkpoint declares a quantized format dsconvert reads (its tensors are that format's business)."""
-    qc = ck.config.get("quantization_config") or {}
-    return bool(qc) and qc.get("quant_method") != "fp8" and detect_format(qc) is not None
-
-
 def _check_pairs(ck: Checkpoint) -> None:
     """Shape-level FP8 checks: every F8_E4M3 weight has an F32 2-D scale of the ceil-div grid; no orphans."""
     from ..quant.fp8_block import scale_grid  # pure shape helper
