@@ -1,5 +1,5 @@
 """Mean KLD / Same top p of each quantize scheme and recipe against the FP8 source, with and without the
-activation emulation of ``validate`` (docs/int-formats.md §9).
+activation emulation of ``validate`` (docs/int-formats.md §13).
 
 Prints one row per configuration from one run each (no assertions): bits per weight of the quantized modules,
 Mean KLD and Same top p with the declared activations emulated, and with weights only

@@ -1,4 +1,4 @@
-"""validate emulates the candidate's declared activation quantization (docs/int-formats.md §9)."""
+"""validate emulates the candidate's declared activation quantization (docs/int-formats.md §13)."""
 
 from __future__ import annotations
 

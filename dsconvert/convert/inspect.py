@@ -137,7 +137,8 @@ def inspect_checkpoint(src: Path) -> dict:
         int_info, int_problems, q_params, q_names = fmt.from_config(qc).inspect_summary(ck)
         problems += int_problems
         params = q_params + sum(e.numel for n, (_, e) in ck.tensors.items() if n not in q_names and not ck.is_scale(n))
-    elif fmt is not None and hasattr(fmt, "spec_from_config"):
+    # a BF16 directory whose config still claims fp8 is reported below (stale_quantization_config), not as FP8_BLOCK
+    elif fmt is not None and hasattr(fmt, "spec_from_config") and (ck.fp8 is None or fp8_weights):
         int_info, int_problems, q_params, q_names = _int_summary(ck, fmt)
         problems += int_problems
         params = q_params + sum(e.numel for n, (_, e) in ck.tensors.items() if n not in q_names and not ck.is_scale(n))

@@ -12,7 +12,7 @@ Codecs:
   pack-quantized, int-quantized, float-quantized).
 * :class:`FP4Codec`: NVFP4 / MXFP4 through :mod:`dsconvert.formats.ct_fp4`. NVFP4 members of a fused pair
   ({q_a_proj, kv_a_proj_with_mqa}, {gate_proj, up_proj} of one MLP or expert) share one global scale from the
-  absmax of both weights (docs/int-formats.md §8); NVFP4 W4A4 modules get ``input_global_scale`` from the
+  absmax of both weights (docs/int-formats.md §12); NVFP4 W4A4 modules get ``input_global_scale`` from the
   absmax of their inputs on the calibration sequences (:func:`input_absmax`).
 """
 

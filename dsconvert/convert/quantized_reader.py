@@ -26,6 +26,8 @@ class QuantizedReader:
                                    "is not a format dsconvert reads")
         self.fmt = fmt.from_config(qc)
         self.spec = self.fmt.spec_from_config(qc)
+        #: the candidate's SchemeDescription (weights and input activations), for activation emulation
+        self.scheme = self.fmt.scheme_from_config(qc)
         self.qc = qc
         suffixes = self.fmt.tensor_names("", None)
         marker = self.fmt.marker_suffix

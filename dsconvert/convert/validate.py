@@ -42,7 +42,7 @@ class ValidateOptions:
     max_kld: float = 0.01
     min_top1: float = 0.97
     dtype: str = "float32"
-    emulate_activations: bool = True  # quantize-dequantize Linear inputs the candidate declares (docs/int-formats.md §9)
+    emulate_activations: bool = True  # quantize-dequantize Linear inputs the candidate declares (docs/int-formats.md §13)
 
 
 class LayerCachedSource:

@@ -57,8 +57,8 @@ class Checkpoint:
         index_metadata: the source index's ``metadata`` (may hold ``total_size``).
         problems: everything found wrong (fatal or not).
         quantized: ``quantization_config`` is a format dsconvert writes (compressed-tensors, AWQ, GPTQ): its
-            F8_E4M3 tensors (compressed-tensors float-quantized) are checked by that format's codec, not as
-            DeepSeek FP8 weights.
+            F8_E4M3 ``weight`` tensors with a ``weight_scale`` partner (compressed-tensors float-quantized) are checked
+            by that format's codec, not as DeepSeek FP8 weights.
     """
 
     root: Path
@@ -261,7 +261,7 @@ def _check_pairs(ck: Checkpoint) -> None:
                                        "(DeepSeek-V4-style layout)", s, name, unsupported=True,
                                        hint="V4/FP4 layouts are not supported"))
         elif ent.dtype == "F8_E4M3":
-            if ck.fp8 is None and ck.quantized:
+            if ck.fp8 is None and ck.quantized and name.endswith(".weight") and name + "_scale" in ck.tensors:
                 continue  # compressed-tensors float-quantized: weight + weight_scale, read by its codec
             if ck.fp8 is None:
                 ck.problems.append(Problem("fp8_undeclared", f"tensor {name!r} is F8_E4M3 but config.json declares "

@@ -14,8 +14,8 @@ This is DeepSeek's own layout with ``weight_scale_inv`` renamed and the scale in
 128 channels at run time (``input_activations: {strategy: group, group_size: 128, dynamic: true}``).
 
 Source: compressed-tensors 0.20.1 ``compressors/naive_quantized/base.py`` (``FloatQuantizationCompressor``,
-padding for block strategies), ``quantization/quant_scheme.py::FP8_BLOCK``. Verified against the installed
-library in tests/test_w8a8_fp8.py.
+padding for block strategies), ``quantization/quant_scheme.py::FP8_BLOCK``; docs/int-formats.md §10. Verified
+against the installed library in tests/test_w8a8_fp8.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from dsconvert.errors import UnsupportedError, UsageError
 from dsconvert.formats.compressed_tensors import CompressedTensorsFormat, register_ct_compressor
 from dsconvert.formats.int_format import TensorPlan, _require, by_suffix, join_name
-from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block
+from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block, quantize_fp8_block
 
 __all__ = ["CTFloatQuantized"]
 
@@ -80,6 +80,12 @@ class CTFloatQuantized(CompressedTensorsFormat):
         m, n = self._check_2d(shape, prefix)
         return [TensorPlan(join_name(prefix, "weight"), torch.float8_e4m3fn, (m, n)),
                 TensorPlan(join_name(prefix, "weight_scale"), self.scale_dtype, spec.grid((m, n), prefix))]
+
+    def encode(self, prefix: str, w: torch.Tensor, spec: FP8BlockSpec) -> dict[str, torch.Tensor]:
+        """Block-FP8 quantize ``w`` ``[M, N]`` (DeepSeek's rule, scales in this format's dtype) and store it."""
+        self.plan(prefix, tuple(w.shape), spec)
+        return self.encode_qtensor(prefix, quantize_fp8_block(w, spec, scale_dtype=self.scale_dtype,
+                                                              name=prefix or None))
 
     def encode_qtensor(self, prefix: str, qt: FP8BlockTensor) -> dict[str, torch.Tensor]:
         """Store an :class:`FP8BlockTensor` whose scales are already in this writer's dtype."""

@@ -1,4 +1,4 @@
-"""compressed-tensors ``nvfp4-pack-quantized`` and ``mxfp4-pack-quantized`` modules (docs/int-formats.md §8).
+"""compressed-tensors ``nvfp4-pack-quantized`` and ``mxfp4-pack-quantized`` modules (docs/int-formats.md §12).
 
 Per module (M = out_features, N = in_features):
 

@@ -17,8 +17,7 @@ Everything else (embeddings, ``lm_head``, norms, the router and its F32 ``e_scor
 modules in BF16. The output reads back in dsconvert as an FP8 release (``fp8-to-bf16``, ``validate``,
 ``quantize``) and in transformers through its fine-grained FP8 loader (tests/test_w8a8_fp8.py).
 
-Sources: DeepSeek-V3 ``config.json`` and ``README_WEIGHTS.md``; docs/checkpoint-layout.md; docs/int-formats.md
-("DeepSeek FP8").
+Sources: DeepSeek-V3 ``config.json`` and ``README_WEIGHTS.md``; docs/checkpoint-layout.md; docs/int-formats.md §11.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import torch
 from dsconvert.errors import UnsupportedError, UsageError
 from dsconvert.formats.int_format import IntFormat, TensorPlan, _require, by_suffix, join_name
 from dsconvert.formats.registry import register_format
-from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block
+from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block, quantize_fp8_block
 
 __all__ = ["DeepSeekFP8Format"]
 
@@ -88,6 +87,12 @@ class DeepSeekFP8Format(IntFormat):
         m, n = self._check_2d(shape, prefix)
         return [TensorPlan(join_name(prefix, "weight"), torch.float8_e4m3fn, (m, n)),
                 TensorPlan(join_name(prefix, "weight_scale_inv"), torch.float32, spec.grid((m, n), prefix))]
+
+    def encode(self, prefix: str, w: torch.Tensor, spec: FP8BlockSpec) -> dict[str, torch.Tensor]:
+        """Block-FP8 quantize ``w`` ``[M, N]`` (DeepSeek's rule, scales in this format's dtype) and store it."""
+        self.plan(prefix, tuple(w.shape), spec)
+        return self.encode_qtensor(prefix, quantize_fp8_block(w, spec, scale_dtype=self.scale_dtype,
+                                                              name=prefix or None))
 
     def encode_qtensor(self, prefix: str, qt: FP8BlockTensor) -> dict[str, torch.Tensor]:
         """Store an :class:`FP8BlockTensor` with float32 scales."""

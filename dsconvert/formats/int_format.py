@@ -5,7 +5,7 @@ scales beyond calling RTN in :meth:`IntFormat.encode` (the scheme quantizes: RTN
 block rule, and hands a ready payload, a :class:`~dsconvert.quant.rtn.QTensor` or an
 :class:`~dsconvert.quant.fp8_quant.FP8BlockTensor`, to :meth:`IntFormat.encode_qtensor`).
 
-The scheme/format contract (docs/int-formats.md, "Schemes and formats"):
+The scheme/format contract (docs/int-formats.md §8):
 
 * :meth:`IntFormat.check_scheme` decides from a scheme's whole
   :class:`~dsconvert.quant.schemes.SchemeDescription` (weights and input activations) whether the format can

@@ -1,7 +1,7 @@
 """Dynamic activation quantize-dequantize, as the serving engine applies it to a Linear's input.
 
 ``validate`` uses these to emulate a candidate whose ``quantization_config`` declares ``input_activations``,
-so it measures what the engine computes (docs/int-formats.md §9). Inputs are ``x`` ``(T, N)`` (tokens x
+so it measures what the engine computes (docs/int-formats.md §13). Inputs are ``x`` ``(T, N)`` (tokens x
 in_features), any float dtype; every function returns a tensor of ``x``'s shape and dtype, computed in float32
 unless noted:
 

@@ -1,6 +1,6 @@
 """FP4 (e2m1) weights with NVFP4 and MXFP4 scales, exactly as compressed-tensors computes and packs them.
 
-Rules (docs/int-formats.md §8). Weights are ``[M, N]`` (M = out_features, N = in_features); a group is
+Rules (docs/int-formats.md §12). Weights are ``[M, N]`` (M = out_features, N = in_features); a group is
 ``g`` consecutive input channels of one row (``g = 16`` for NVFP4, ``32`` for MXFP4).
 
 * **e2m1 grid:** codes 0..7 are ``0, 0.5, 1, 1.5, 2, 3, 4, 6``; bit 3 is the sign. Encoding clamps to

@@ -1,6 +1,6 @@
 """FP4 schemes (compressed-tensors presets NVFP4, NVFP4A16, MXFP4, MXFP4A16), one class each.
 
-The math is :mod:`dsconvert.quant.fp4`; the rules are in docs/int-formats.md §8. These schemes are float
+The math is :mod:`dsconvert.quant.fp4`; the rules are in docs/int-formats.md §12. These schemes are float
 weights with their own scales, so they have no integer :class:`~dsconvert.quant.rtn.QuantSpec`: ``spec()``
 refuses, and the quantize job packs them through the compressed-tensors FP4 module layout instead.
 Source: compressed-tensors 0.20.1 ``quantization/quant_scheme.py``.

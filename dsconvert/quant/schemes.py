@@ -14,7 +14,7 @@ for FP8 blocks), :meth:`Scheme.quantize_with_error` produces the payload a forma
 dtype for FP8), and :meth:`Scheme.dequantize` is its exact inverse. :attr:`Scheme.methods` lists the algorithms
 that can produce it (RTN always; AWQ/GPTQ for integer weights).
 
-The contract with formats (docs/int-formats.md, "Schemes and formats"): a format decides from the
+The contract with formats (docs/int-formats.md §8): a format decides from the
 :class:`SchemeDescription` alone whether it can store a scheme (``IntFormat.check_scheme``) and how
 (``IntFormat.bind``); the pipeline never looks at a format's or a scheme's name.
 
@@ -339,6 +339,13 @@ class FP8Block(Scheme):
         w = WeightArgs(type="float", bits=8, strategy="block", symmetric=True, block=self.block,
                        scale_rule="pow2" if scale_fmt == "ue8m0" else "amax")
         return SchemeDescription(self.name, w, self.input_activations)
+
+    def quantize(self, w: torch.Tensor, storage: torch.dtype = torch.float32, group_size: int | None = None, *,
+                 spec: FP8BlockSpec | None = None, name: str | None = None) -> FP8BlockTensor:
+        """Block-FP8 quantize ``w`` ``[M, N]`` with scales stored as ``storage``
+        (:func:`dsconvert.quant.fp8_quant.quantize_fp8_block`)."""
+        return quantize_fp8_block(w, spec if spec is not None else self.spec(group_size), scale_dtype=storage,
+                                  name=name)
 
     def quantize_with_error(self, w: torch.Tensor, spec: FP8BlockSpec, storage: torch.dtype, *,
                             name: str | None = None) -> tuple[FP8BlockTensor, float]:
