@@ -263,6 +263,9 @@ def _check_pairs(ck: Checkpoint) -> None:
         elif ent.dtype == "F8_E4M3":
             if ck.fp8 is None and ck.quantized and name.endswith(".weight") and name + "_scale" in ck.tensors:
                 continue  # compressed-tensors float-quantized: weight + weight_scale, read by its codec
+            if (ck.fp8 is None and ck.quantized and name.endswith(".weight_scale")
+                    and name[: -len("_scale")] + "_packed" in ck.tensors):
+                continue  # NVFP4 e4m3 group scales beside weight_packed, read by the FP4 codec
             if ck.fp8 is None:
                 ck.problems.append(Problem("fp8_undeclared", f"tensor {name!r} is F8_E4M3 but config.json declares "
                                            "no FP8 quantization_config", s, name,
