@@ -546,7 +546,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     ck = open_checkpoint(src, check_values=not dry_run)
     ck.refuse_v4("quantize")
     engine = assign = None
-    if opts.per_module:
+    if opts.per_module:  # FP4 schemes and mixed recipes: a codec per module (convert/mixed.py)
         from .mixed import mixed_setup
 
         assign, compute = mixed_setup(ck, opts, base_fmt, device, _read_weight)
@@ -554,14 +554,12 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     else:
         fmt = bind_format(ck, base_fmt, desc, opts)
         spec = desc.spec
-    if assign is not None:
-        pass
-    elif opts.method == "rtn":
-        compute = rtn_compute(ck, fmt, scheme, desc, device)
-    else:
-        from .calibrated import calibrated_compute
+        if opts.method == "rtn":
+            compute = rtn_compute(ck, fmt, scheme, desc, device)
+        else:
+            from .calibrated import calibrated_compute
 
-        compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
+            compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None,
                             assign=assign)
     if engine is not None:  # calibration holds activations and a layer's working set, not one module
@@ -583,6 +581,10 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     })
     if plan.ignore_unmatched:
         report["warnings"] = [f"--ignore {p!r} matched no quantizable module" for p in plan.ignore_unmatched]
+    if assign is not None:
+        for r in assign.recipe.unmatched_rules([module_of(n) for n in assign.decisions]):
+            report.setdefault("warnings", []).append(f"recipe rule {list(r.targets)} -> {r.scheme or 'BF16'} "
+                                                     f"({r.origin}) matched no quantizable module")
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="the largest module is quantized in float32 (calibrated methods: one layer's "
                           "activations and working set; lower --num-samples/--seq-len); raise --max-memory")

@@ -10,7 +10,7 @@ match ``config_groups[*].targets``. Sources of rules, combined in this order:
 
 A module matched by two rules is refused (exit 2) rather than resolved by order: the written ``targets`` must
 select the same modules in every loader. Fused groups ({q_a_proj, kv_a_proj_with_mqa}, {gate_proj, up_proj}, all
-routed experts of a layer) must get one scheme (docs/int-formats.md §4, §10).
+routed experts of a layer) must get one scheme (docs/int-formats.md §4, §14).
 """
 
 from __future__ import annotations

@@ -282,12 +282,6 @@ def scan(root: str | os.PathLike) -> Checkpoint:
     return ck
 
 
-def _format_owned(ck: Checkpoint) -> bool:
-    """The checkpoint declares a quantized format dsconvert reads (its tensors are that format's business)."""
-    qc = ck.config.get("quantization_config") or {}
-    return bool(qc) and qc.get("quant_method") != "fp8" and detect_format(qc) is not None
-
-
 def _check_pairs(ck: Checkpoint) -> None:
     """Shape-level FP8 checks: every F8_E4M3 weight has an F32 2-D scale of the ceil-div grid; no orphans."""
     from ..quant.fp8_block import scale_grid  # pure shape helper
@@ -306,6 +300,9 @@ def _check_pairs(ck: Checkpoint) -> None:
         elif ent.dtype == "F8_E4M3":
             if ck.fp8 is None and ck.quantized and name.endswith(".weight") and name + "_scale" in ck.tensors:
                 continue  # compressed-tensors float-quantized: weight + weight_scale, read by its codec
+            if (ck.fp8 is None and ck.quantized and name.endswith(".weight_scale")
+                    and name[: -len("_scale")] + "_packed" in ck.tensors):
+                continue  # NVFP4 e4m3 group scales beside weight_packed, read by the FP4 codec
             if ck.fp8 is None:
                 ck.problems.append(Problem("fp8_undeclared", f"tensor {name!r} is F8_E4M3 but config.json declares "
                                            "no FP8 quantization_config", s, name,

@@ -83,6 +83,10 @@ class CompressedTensorsGroupsReader:
             raise UnsupportedError("quantization_config is not a compressed-tensors FP4 / mixed-precision config")
         return None
 
+    def scheme_from_config(self, qc: dict) -> None:
+        """Modules differ: no single SchemeDescription (each config group carries its own args)."""
+        return self.spec_from_config(qc)
+
     def tensor_names(self, prefix: str, spec=None) -> list[str]:
         return [f"{prefix}.{s}" if prefix else s for s in _SUFFIXES]
 
