@@ -58,6 +58,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cu
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="output shards written concurrently")]
 MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse plans above this peak RAM (e.g. 8G, 6GiB)")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
+VerifyOpt = Annotated[str, typer.Option("--verify", help="how a rerun checks finished files: full (size + sha256, "
+                                                        "reads every byte) | size (sizes only, instant)")]
 
 
 def _json_safe(obj):
@@ -271,12 +273,14 @@ def fp8_to_bf16_cmd(
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
+    verify: VerifyOpt = "full",
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     from .convert import fp8_to_bf16 as f2b
+    from .convert.manifest import check_verify_mode
 
     def body():
         opts = f2b.Options(mtp=mtp, dtype=f2b.normalize_dtype(dtype), max_shard_size=_size(max_shard_size),
@@ -285,7 +289,8 @@ def fp8_to_bf16_cmd(
             from .errors import UsageError
             raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT (or --dry-run)")
         rep = f2b.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
+                      verify=check_verify_mode(verify))
         if validate and not dry_run:
             rep["validation"] = _validate_after(output, src, quiet)
             if not rep["validation"].get("passed", False):
@@ -358,12 +363,14 @@ def quantize_cmd(
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
+    verify: VerifyOpt = "full",
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     from .convert import quantize as qz
+    from .convert.manifest import check_verify_mode
     from .errors import UsageError
 
     def body():
@@ -378,7 +385,7 @@ def quantize_cmd(
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
                           seq_len=seq_len)
         rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                     progress=_progress_enabled(quiet))
+                     progress=_progress_enabled(quiet), verify=check_verify_mode(verify))
         for w in rep.get("warnings", []):  # on stderr in every output mode (--json keeps stdout to the report)
             err.print(f"warning: {w}", markup=False, highlight=False)
         return rep
@@ -571,12 +578,14 @@ def gguf_cmd(
     dry_run: DryOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing output files")] = False,
     no_resume: NoResumeOpt = False,
+    verify: VerifyOpt = "full",
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     from .convert import gguf_export as ge
+    from .convert.manifest import check_verify_mode
 
     def body():
         opts = ge.GGUFOptions(type=type_, tensor_types=list(tensor_type or []), output_tensor_type=output_tensor_type,
@@ -584,7 +593,8 @@ def gguf_cmd(
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
                               device=device, max_memory=_size(max_memory))
         return ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
+                      verify=check_verify_mode(verify))
 
     def human(rep):
         p = rep["plan"]
@@ -617,6 +627,41 @@ def gguf_cmd(
             out.print("  (dry run: nothing written)")
 
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+
+
+@app.command("verify", help="Check an output against its manifest.json: every file present with its size and "
+                            "sha256, the index against the shard headers (dtype, shape), config.json. Exit 0 when "
+                            "it matches, 3 when something is wrong (each problem names the file, expected and found).")
+def verify_cmd(
+    output: Annotated[Path, typer.Argument(help="an output folder (fp8-to-bf16, quantize) or .gguf file (gguf)",
+                                           show_default=False)],
+    quick: Annotated[bool, typer.Option("--quick", help="sizes, manifest and index only: no sha256 (seconds "
+                                                        "instead of reading every byte)")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert.verify import verify_output
+    from .errors import EXIT_BAD_INPUT
+
+    def body():
+        rep = verify_output(output, quick=quick, progress=_progress_enabled(quiet))
+        if not rep["ok"]:
+            rep["_exit_code"] = EXIT_BAD_INPUT
+        return rep
+
+    def human(rep):
+        for w in rep["warnings"]:
+            err.print(f"warning: {w}", markup=False, highlight=False)
+        for p in rep["problems"]:
+            err.print(f"problem: {p['message']}", markup=False, highlight=False)
+        what = "sizes, manifest and index" if rep["mode"] == "quick" else "sizes, sha256, manifest and index"
+        n = len(rep["problems"])
+        verdict = "OK" if rep["ok"] else f"FAILED ({n} problem{'' if n == 1 else 's'})"
+        out.print(f"verify {rep['path']}: {verdict}; {rep['files_checked']} files, {what} checked"
+                  + (f", {rep['bytes_hashed'] / 1e9:.3f} GB hashed" if rep["mode"] == "full" else ""))
+
+    _run(body, json_out=json_out, verbose=verbose, human=human)
 
 
 @app.command("env", help="Versions, CPU features (AMX), CUDA, free memory and disk.")

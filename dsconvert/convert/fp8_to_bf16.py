@@ -180,8 +180,10 @@ def _index(shards: list[OutShard]) -> dict:
 
 
 def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, overwrite: bool = False,
-        resume: bool = True, progress: bool | None = None) -> dict:
+        resume: bool = True, progress: bool | None = None, verify: str = "full") -> dict:
     """Convert ``src`` into ``out``; return the JSON report (also written to ``out/report.json``).
+    ``verify`` (``full`` | ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md,
+    Resume).
 
     Raises:
         BadInputError / UnsupportedError (exit 3): anything wrong with SRC, found before writing.
@@ -221,7 +223,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
                       "options": opts.fingerprinted(), "command": COMMAND})
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME,
-                                              *plan.files))
+                                              *plan.files), verify=verify, progress=progress)
     todo_bytes = sum(s.nbytes for s in plan.shards if s.name not in decision.done)
     written_now: list[str] = []
     if not decision.already_complete:
@@ -251,6 +253,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     })
     full = dict(report, tensors=per_tensor)
     write_atomic(out / REPORT_NAME, (json.dumps(full, indent=2) + "\n").encode())
+    if not decision.already_complete:
+        decision.manifest.record_complete(out, [INDEX_NAME, "config.json", *plan.files],
+                                          {t.name: (s.name, t.dtype, t.shape) for s in plan.shards for t in s.tensors})
     decision.manifest.complete = True
     decision.manifest.save(out)
     report["report_path"] = str(out / REPORT_NAME)

@@ -62,7 +62,8 @@ from .fp8_to_bf16 import resolve_device
 from .pipeline import check_max_memory, dequant_producer
 from . import cancel
 from .preflight import check_free_disk, check_output_writable
-from .manifest import Manifest, check_paths, commit_tmp, fingerprint, source_fingerprint_parts, write_atomic
+from .manifest import (Manifest, check_paths, commit_tmp, fingerprint, source_fingerprint_parts, verify_files,
+                       write_atomic)
 from .progress import ByteProgress
 
 log = logging.getLogger(__name__)
@@ -717,10 +718,6 @@ def manifest_path(output: Path) -> Path:
     return output.with_name(output.name + MANIFEST_SUFFIX)
 
 
-def _verify(path: Path, meta: dict) -> bool:
-    return path.is_file() and path.stat().st_size == meta.get("size") and sha256_file(path) == meta.get("sha256")
-
-
 def _owned(output: Path) -> list[Path]:
     """Every file a gguf export to ``output`` may have written (any split count), temporaries included."""
     d5 = "[0-9]" * 5
@@ -735,8 +732,9 @@ def _owned(output: Path) -> list[Path]:
 
 
 def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *, overwrite: bool,
-                   resume: bool) -> Resume:
-    """Fresh start, resume (matching manifest: keep verified files), already complete, or refuse.
+                   resume: bool, verify: str = "full", progress: bool | None = False) -> Resume:
+    """Fresh start, resume (matching manifest: keep verified files), already complete, or refuse. ``verify``
+    (``full``: size + sha256 with progress on stderr; ``size``: sizes only) is how finished files are checked.
 
     Raises:
         OutputExistsError (exit 2): output files exist without a dsconvert manifest, or with a manifest for
@@ -757,7 +755,8 @@ def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *
                                      "choose another -o")
     if man is not None and man.fingerprint == fp and man.command == COMMAND and resume and not overwrite:
         names = {f.name for f in files}
-        done = {n for n, meta in man.files.items() if n in names and _verify(output.parent / n, meta)}
+        done = verify_files(output.parent, {n: m for n, m in man.files.items() if n in names}, verify, progress,
+                            f"{COMMAND}: verifying")
         man.files = {n: m for n, m in man.files.items() if n in done}
         for p in output.parent.glob("*.gguf.tmp"):  # a partial file with its sidecar is resumed by write_file
             final = p.with_name(p.name[: -len(".tmp")])
@@ -796,8 +795,9 @@ def _source_fingerprint(ck: Checkpoint) -> dict:
 
 
 def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = False, overwrite: bool = False,
-        resume: bool = True, progress: bool | None = None) -> dict:
-    """Export ``src`` to GGUF ``output`` (one file or splits); return the JSON report.
+        resume: bool = True, progress: bool | None = None, verify: str = "full") -> dict:
+    """Export ``src`` to GGUF ``output`` (one file or splits); return the JSON report. ``verify`` (``full`` |
+    ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md, Resume).
 
     Raises:
         BadInputError / UnsupportedError (exit 3): anything wrong with SRC, found before writing.
@@ -840,7 +840,8 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
 
     fp = fingerprint({"source": _source_fingerprint(ck), "options": opts.fingerprinted(), "command": COMMAND})
     output.parent.mkdir(parents=True, exist_ok=True)
-    decision = prepare_output(output, plan.files, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume)
+    decision = prepare_output(output, plan.files, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
+                              verify=verify, progress=progress)
     todo = [f for f in plan.files if f.name not in decision.done]
     written = []
     partial: dict[str, int] = {}  # file -> tensors kept from an interrupted .tmp

@@ -418,8 +418,9 @@ def _error_summary(errors: dict[str, float]) -> dict:
 
 
 def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, overwrite: bool = False,
-        resume: bool = True, progress: bool | None = None) -> dict:
-    """Quantize ``src`` into ``out``; returns the JSON report (also ``out/report.json``).
+        resume: bool = True, progress: bool | None = None, verify: str = "full") -> dict:
+    """Quantize ``src`` into ``out``; returns the JSON report (also ``out/report.json``). ``verify`` (``full`` |
+    ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md, Resume).
 
     Raises:
         BadInputError / UnsupportedError (exit 3), UsageError / ShapeError / OutputExistsError (exit 2).
@@ -477,7 +478,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
                       "options": opts.fingerprinted(), "command": COMMAND})
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files,
-                                              *fmt.sidecar_files(plan.config["quantization_config"])))
+                                              *fmt.sidecar_files(plan.config["quantization_config"])),
+                              verify=verify, progress=progress)
     from .calibrated import STATE_NAME
     if engine is not None:
         engine.resume(out, decision.done, plan.shards)
@@ -506,6 +508,10 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         report["calibration"] = engine.report()
     full = dict(report, module_errors=dict(sorted(cache.errors.items(), key=lambda kv: _natural_key(kv[0]))))
     write_atomic(out / REPORT_NAME, (json.dumps(full, indent=2, default=str) + "\n").encode())
+    if not decision.already_complete:
+        decision.manifest.record_complete(
+            out, [INDEX_NAME, "config.json", *plan.files, *fmt.sidecar_files(plan.config["quantization_config"])],
+            {t.name: (s.name, t.dtype, t.shape) for s in plan.shards for t in s.tensors})
     decision.manifest.complete = True
     decision.manifest.save(out)
     (out / STATE_NAME).unlink(missing_ok=True)  # calibration resume state is only needed until completion
