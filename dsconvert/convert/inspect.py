@@ -146,6 +146,8 @@ def inspect_checkpoint(src: Path) -> dict:
                    "mtp_tensors": len(mtp), "v32_indexer_tensors": len(indexer)},
         "shards": len(ck.shards),
         "tensors": len(ck.tensors),
+        # the index's tensors in shards whose header cannot be read: not counted above, never silently dropped
+        "tensors_unreadable": len(ck.unreadable),
         "parameters": params,
         "bytes": bytes_fields(total),
         "by_dtype": {k: {**v, **bytes_fields(v["bytes"])} for k, v in sorted(by_dtype.items())},
@@ -175,7 +177,9 @@ def human_lines(rep: dict) -> list[str]:
     lines = [f"[bold]{rep['path']}[/bold]",
              f"  model        {rep['family'] or rep['model_type']}  (model_type {rep['model_type']}, {rep['format']})",
              f"  layers       {rep['layers']['num_hidden_layers']} + MTP {rep['layers']['mtp_layers'] or 'none'}",
-             f"  shards       {rep['shards']}   tensors {rep['tensors']:,}   parameters {rep['parameters']:,}",
+             f"  shards       {rep['shards']}   tensors {rep['tensors']:,}"
+             + (f" (+{rep['tensors_unreadable']:,} in unreadable shards, per the index)"
+                if rep.get("tensors_unreadable") else "") + f"   parameters {rep['parameters']:,}",
              f"  bytes        {gb(rep['bytes'])}"]
     for k, v in rep["by_dtype"].items():
         lines.append(f"    {k:8s} {v['tensors']:>7,} tensors  {gb(v)}")
