@@ -226,6 +226,14 @@ def check_writable_file(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: not writable", hint="fix the permissions or give another path")
 
 
+def _print_warnings(rep: dict) -> None:
+    """A report's ``warnings`` (strings, or problem dicts with ``message`` and ``hint``) on stderr, in every
+    output mode (``--json`` keeps stdout to the report)."""
+    for w in rep.get("warnings", []):
+        text = w if isinstance(w, str) else w.get("message", str(w)) + (f" ({w['hint']})" if w.get("hint") else "")
+        err.print(f"warning: {text}", markup=False, highlight=False)
+
+
 def _size(text: str | None) -> int | None:
     from .units import parse_size
 
@@ -291,6 +299,7 @@ def fp8_to_bf16_cmd(
         rep = f2b.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                       progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
                       verify=check_verify_mode(verify))
+        _print_warnings(rep)
         if validate and not dry_run:
             rep["validation"] = _validate_after(output, src, quiet)
             if not rep["validation"].get("passed", False):
@@ -386,8 +395,7 @@ def quantize_cmd(
                           seq_len=seq_len)
         rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                      progress=_progress_enabled(quiet), verify=check_verify_mode(verify))
-        for w in rep.get("warnings", []):  # on stderr in every output mode (--json keeps stdout to the report)
-            err.print(f"warning: {w}", markup=False, highlight=False)
+        _print_warnings(rep)
         return rep
 
     def human(rep):
@@ -420,6 +428,12 @@ def _print_validation(rep: dict) -> None:
     verdict = "[green]PASSED[/green]" if m.get("passed") else "[red]FAILED[/red]"
     for f in m.get("failed_checks", []):
         err.print(f"[bold red]failed:[/bold red] {f['message']}", markup=True, highlight=False)
+        if f.get("hint"):
+            err.print(f"[bold]hint:[/bold] {f['hint']}", markup=True, highlight=False)
+    if "mean_kld" not in m:  # a pre-check failed: no forward pass was run
+        checks = ", ".join(sorted({f["check"] for f in m.get("failed_checks", [])}))
+        out.print(f"validate: {verdict} before the forward pass ({checks}); no logits were compared")
+        return
     out.print(f"validate: {verdict}  Mean KLD {m['mean_kld']:.3g}  Maximum KLD {m['max_kld']:.3g}  "
               f"99.9% KLD {m['p999_kld']:.3g}  Same top p {100 * m['same_top_p']:.2f}%  RMS Δp "
               f"{100 * m['rms_dp']:.3f}%  PPL {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g}  "
@@ -528,7 +542,7 @@ def validate_cmd(
 
         # a non-finite error is the worst (max() with NaN keys depends on the order)
         worst = max(rep["layers"], key=lambda r: (not math.isfinite(r["rel_error"]), r["rel_error"])) \
-            if rep["layers"] else None
+            if rep.get("layers") else None
         if worst:
             out.print(f"  per-layer relative error: max {worst['rel_error']:.3g} at layer {worst['layer']}; "
                       f"first diverging layer {rep['first_diverging_layer']}; "
@@ -592,9 +606,11 @@ def gguf_cmd(
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
                               device=device, max_memory=_size(max_memory))
-        return ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
-                      verify=check_verify_mode(verify))
+        rep = ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
+                     progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
+                     verify=check_verify_mode(verify))
+        _print_warnings(rep)
+        return rep
 
     def human(rep):
         p = rep["plan"]

@@ -27,6 +27,7 @@ from ..errors import BadInputError, UsageError
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.safetensors_io import dtype_size
+from ..formats.tokenizer_check import tokenizer_problems
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
@@ -204,7 +205,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         "options": {**asdict(opts), "device": str(device)},
         "dry_run": dry_run,
         "plan": plan.summary(),
-        "warnings": [p.to_dict() for p in ck.problems if not p.fatal],
+        "warnings": [p.to_dict() for p in ck.problems if not p.fatal]
+                    + [p.to_dict() for p in tokenizer_problems(ck.root, ck.config)],
     })
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="lower --workers (each shard in flight holds a few 32 MiB chunks)")

@@ -55,6 +55,7 @@ from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.gguf_types import FTYPE_NAMES, normalize_ftype, parse_tensor_type_override
 from ..formats.hf_config import version_label
 from ..formats.safetensors_io import read_tensor, sha256_file
+from ..formats.tokenizer_check import tokenizer_problems
 from ..quant import ggml
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
@@ -825,7 +826,8 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         "options": {**asdict(opts), "imatrix": str(opts.imatrix) if opts.imatrix else None, "device": str(device)},
         "dry_run": dry_run,
         "plan": plan.summary(),
-        "warnings": [p.to_dict() for p in ck.problems if not p.fatal],
+        "warnings": [p.to_dict() for p in ck.problems if not p.fatal]
+                    + [p.to_dict() for p in tokenizer_problems(ck.root, ck.config)],  # (no tokenizer: refused)
     })
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="the plan needs one chunk plus one kv_b_proj in memory; raise --max-memory")

@@ -117,6 +117,11 @@ def inspect_checkpoint(src: Path) -> dict:
     mtp = [n for n in ck.tensors if ck.is_mtp(n)]
     indexer = [n for n in ck.tensors if ".indexer." in n]
     problems = [p.to_dict() for p in ck.problems]
+    from ..formats.tokenizer_check import tokenizer_problems
+
+    for p in tokenizer_problems(ck.root, ck.config):  # a swapped tokenizer is an error here; a missing one is not
+        p.fatal = p.kind != "tokenizer_missing"
+        problems.append(p.to_dict())
     qc = ck.config.get("quantization_config") or {}
     fmt = None
     if qc and qc.get("quant_method") != "fp8":

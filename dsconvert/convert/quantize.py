@@ -28,6 +28,7 @@ from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.int_format import IntFormat
 from ..formats.registry import get_format, registered_formats
+from ..formats.tokenizer_check import tokenizer_problems
 from ..quant.rtn import QTensor, dequantize, quantize, quantize_with_error
 from ..quant.schemes import get_scheme, registered_schemes
 from ..report import base_report, peak_rss_bytes
@@ -459,8 +460,10 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         "dry_run": dry_run,
         "plan": plan.summary(),
     })
-    if plan.ignore_unmatched:
-        report["warnings"] = [f"--ignore {p!r} matched no quantizable module" for p in plan.ignore_unmatched]
+    report["warnings"] = [f"--ignore {p!r} matched no quantizable module" for p in plan.ignore_unmatched]
+    report["warnings"] += [p.to_dict() for p in tokenizer_problems(ck.root, ck.config)]
+    if not report["warnings"]:
+        del report["warnings"]
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="the largest module is quantized in float32 (calibrated methods: one layer's "
                           "activations and working set; lower --num-samples/--seq-len); raise --max-memory")

@@ -242,6 +242,66 @@ def failed_checks(mean_kld: float, same_top_p: float, nonfinite: bool, opts: "Va
     return out
 
 
+def _tokenizer_checks(model_dir: Path, role: str, config: dict, opts: ValidateOptions) -> list[dict]:
+    """The ``tokenizer`` check of one checkpoint folder: ``tokenizer.json`` against config.json (ids inside
+    ``vocab_size``, bos/eos at config.json's ids; docs/checkpoint-layout.md §11), then a smoke test: the text
+    validate would score is tokenized and every id must be inside the vocabulary."""
+    from ..formats.tokenizer_check import tokenizer_problems
+
+    out = []
+    for p in tokenizer_problems(model_dir, config):
+        if p.kind == "tokenizer_missing":
+            continue  # needed only for text: tokenize() refuses then, with its own message (exit 3)
+        out.append({"check": "tokenizer", "value": p.kind, "threshold": None,
+                    "message": f"{role} {model_dir}: {p.message}", "hint": p.hint})
+    if out or opts.token_ids or not (model_dir / "tokenizer.json").is_file():
+        return out
+    try:
+        text = Path(opts.prompts or BUNDLED_TEXT).read_text(encoding="utf-8")[:4000]
+    except OSError:
+        return out  # sequences() reports an unreadable --prompts file
+    vocab = int(config.get("vocab_size") or 0)
+    ids = tokenize(model_dir, text)
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        out.append({"check": "tokenizer", "value": "tokenization_smoke_test", "threshold": None,
+                    "message": f"{role} {model_dir}: tokenizing the validation text gives {len(bad)} ids outside "
+                               f"the vocabulary 0..{vocab - 1} (first {bad[0]})",
+                    "hint": "use the tokenizer.json released with this checkpoint"})
+    return out
+
+
+def _loadability_checks(candidate: Path) -> list[dict]:
+    """Structure a serving engine needs, from headers only: an INT checkpoint must not split a fused group
+    ({q_a_proj, kv_a_proj_with_mqa}, {gate_proj, up_proj}, a layer's experts) across precisions: vLLM and SGLang
+    load each group as one fused layer and refuse the mix (docs/int-formats.md)."""
+    if not Path(candidate).is_dir():
+        return []
+    from ..formats.checkpoint import scan
+    from ..formats.registry import detect_format
+    from .inspect import _int_summary
+
+    ck = scan(candidate)
+    qc = ck.config.get("quantization_config") or {}
+    fmt = detect_format(qc) if qc and qc.get("quant_method") != "fp8" else None
+    if fmt is None or not hasattr(fmt, "spec_from_config"):
+        return []
+    _, probs, _, _ = _int_summary(ck, fmt)
+    return [{"check": p["kind"], "value": False, "threshold": True, "message": f"candidate {candidate}: "
+             + p["message"], "hint": p.get("hint")} for p in probs if p["kind"] == "fused_group_split"]
+
+
+def pre_checks(candidate: Path, reference: Path, cand_config: dict, ref_config: dict,
+               opts: ValidateOptions) -> list[dict]:
+    """The checks validate runs before any forward pass, each a failed-check dict like :func:`failed_checks`:
+    ``tokenizer`` (reference and candidate folders) and ``fused_group_split`` (an INT candidate). Any failure
+    fails the validation (exit 4) without running the forward pass."""
+    out = _tokenizer_checks(Path(reference), "reference", ref_config, opts)
+    if Path(candidate).is_dir() and Path(candidate).resolve() != Path(reference).resolve():
+        out += _tokenizer_checks(Path(candidate), "candidate", cand_config, opts)
+    return out + _loadability_checks(Path(candidate))
+
+
 def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, progress: bool | None = None) -> dict:
     """Compare ``candidate`` against ``reference`` through the reference forward; returns the report with
     ``passed`` set. The caller maps ``passed == False`` to exit code 4.
@@ -262,6 +322,15 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         if rc.get(key) != cc.get(key):
             raise BadInputError(f"{candidate}: config {key} {cc.get(key)} differs from the reference's {rc.get(key)}",
                                 hint="validate a conversion against its own source")
+    rep = base_report("validate")
+    rep.update({"candidate": str(candidate), "reference": str(reference),
+                "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+                "thresholds": {"max_kld": opts.max_kld, "min_top1": opts.min_top1}})
+    pre = pre_checks(Path(candidate), Path(reference), cc, rc, opts)
+    if pre:  # the forward pass (hours on the release) would measure a checkpoint that cannot be used as is
+        rep.update({"passed": False, "failed_checks": pre, "forward": "skipped: a pre-check failed",
+                    "seconds": round(time.perf_counter() - t0, 3), "peak_rss": peak_rss_bytes()})
+        return rep
     seqs = sequences(Path(reference), opts, int(rc["vocab_size"]))
     n_layers = int(rc["num_hidden_layers"])
     with ByteProgress(2 * n_layers, "validate", enabled=progress, unit="layers") as bar:
@@ -279,10 +348,8 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
     nonfinite = not (metrics["cand_nonfinite"]["ok"] and metrics["ref_nonfinite"]["ok"])
     failed = failed_checks(metrics["mean_kld"], metrics["same_top_p"], nonfinite, opts)
     passed = not failed
-    rep = base_report("validate")
     rep.update({
-        "candidate": str(candidate), "reference": str(reference),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "forward": "run",
         "sequences": len(seqs), "tokens": sum(len(s) for s in seqs),
         **{k: metrics[k] for k in ("mean_kld", "max_kld", "p999_kld", "p99_kld", "median_kld", "same_top_p",
                                    "rms_dp", "ppl_reference", "ppl_candidate", "ln_ppl_ratio", "n_positions")},
@@ -290,7 +357,6 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         "layers": layers,
         "first_diverging_layer": first_div,
         "largest_error_jump_layer": largest_jump,
-        "thresholds": {"max_kld": opts.max_kld, "min_top1": opts.min_top1},
         "passed": passed,
         "failed_checks": failed,
         "seconds": round(time.perf_counter() - t0, 3),
