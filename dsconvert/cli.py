@@ -486,6 +486,18 @@ def _ids(text: str | None) -> list[int] | None:
         raise UsageError(f"--token-ids {text!r}: takes comma-separated integers, e.g. 1,2,3") from None
 
 
+def _print_forward_plan(rep: dict) -> None:
+    """The human form of a ``validate``/``logits`` dry run."""
+    p = rep["plan"]
+    dev = p["device_memory_estimate"]
+    out.print(f"plan: {p['models']} {'model' if p['models'] == 1 else 'models'}, {p['sequences']} "
+              f"{'sequence' if p['sequences'] == 1 else 'sequences'}, {p['tokens']:,} tokens on {rep['device']}; "
+              f"reads {p['bytes_read']['gb']:.3f} GB; {p['tokens_x_active_params']:.3g} tokens x active params, "
+              f"{p['flops'] / 1e12:.3g} TFLOP")
+    out.print(f"  peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB"
+              + (f", GPU ~{dev['gib']:.2f} GiB" if dev else "") + " (dry run: nothing run)")
+
+
 @app.command("logits", help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
 def logits_cmd(
     src: SrcArg,
@@ -494,17 +506,25 @@ def logits_cmd(
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="where to write the .npy")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
+    device: DeviceOpt = "auto",
+    max_memory: MaxMemOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
+                                                            "(bytes read, FLOPs) and run nothing")] = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     from .convert.validate import run_logits
 
     def human(rep):
+        if rep["dry_run"]:
+            _print_forward_plan(rep)
+            return
         out.print(f"logits {rep['shape']} ({rep['dtype']}) -> {rep['output'] or '(not saved; use -o)'}; "
                   f"top-1 ids {rep['top1'][:16]}")
 
-    _run(lambda: run_logits(src, _ids(token_ids), text, dtype, output, overwrite), json_out=json_out, verbose=verbose,
-         human=human)
+    _run(lambda: run_logits(src, _ids(token_ids), text, dtype, output, overwrite, device=device,
+                            max_memory=_size(max_memory), dry_run=dry_run),
+         json_out=json_out, verbose=verbose, human=human)
 
 
 @app.command("validate", help="Compare a converted checkpoint's logits with its source through the reference "
@@ -521,6 +541,10 @@ def validate_cmd(
     max_kld: Annotated[float, typer.Option("--max-kld", help="fail above this Mean KLD")] = 0.01,
     min_top1: Annotated[float, typer.Option("--min-top1", help="fail below this Same top p (0..1)")] = 0.97,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    device: DeviceOpt = "auto",
+    max_memory: MaxMemOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
+                                                            "(bytes read, FLOPs) and run nothing")] = False,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
@@ -530,13 +554,19 @@ def validate_cmd(
 
     def body():
         opts = ValidateOptions(token_ids=_ids(token_ids), prompts=prompts, seq_len=seq_len, num_samples=num_samples,
-                               max_kld=max_kld, min_top1=min_top1, dtype=dtype)
-        rep = run_validate(candidate, reference, opts, progress=_progress_enabled(quiet))
-        if not rep["passed"]:
+                               max_kld=max_kld, min_top1=min_top1, dtype=dtype, device=device,
+                               max_memory=_size(max_memory))
+        rep = run_validate(candidate, reference, opts, progress=_progress_enabled(quiet), dry_run=dry_run)
+        if not rep.get("dry_run") and not rep["passed"]:
             rep["_exit_code"] = 4
         return rep
 
     def human(rep):
+        if rep.get("dry_run"):
+            _print_forward_plan(rep)
+            for f in rep["pre_checks_failed"]:
+                err.print(f"would fail: {f['message']}", markup=False, highlight=False)
+            return
         _print_validation(rep)
         import math
 

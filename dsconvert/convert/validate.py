@@ -26,6 +26,7 @@ from ..errors import BadInputError, UsageError
 from ..model import ReferenceModel
 from ..model.metrics import compare_logits, layer_errors
 from ..report import base_report, peak_rss_bytes
+from ..units import bytes_fields
 from .progress import ByteProgress
 from .weights import CheckpointWeightSource
 
@@ -42,6 +43,8 @@ class ValidateOptions:
     max_kld: float = 0.01
     min_top1: float = 0.97
     dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N: where the forward computes (weights are read on the CPU)
+    max_memory: int | None = None  # bytes; refuse (exit 2) when the estimated peak RAM is above it
 
 
 class LayerCachedSource:
@@ -144,9 +147,11 @@ def weight_source(path: Path):
 
 
 def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hidden: bool,
-                 progress: ByteProgress | None = None, label: str = "") -> tuple[list[torch.Tensor], list[list]]:
-    """Layer-major forward of several sequences: returns (logits per sequence, hidden states per layer per seq)."""
-    model = ReferenceModel(LayerCachedSource(source), dtype=dtype)
+                 progress: ByteProgress | None = None, label: str = "", device: torch.device | None = None
+                 ) -> tuple[list[torch.Tensor], list[list]]:
+    """Layer-major forward of several sequences: returns (logits per sequence, hidden states per layer per seq),
+    on the CPU whatever ``device`` computed them."""
+    model = ReferenceModel(LayerCachedSource(source), dtype=dtype, device=device)
     n = model.cfg.num_hidden_layers
     ids = [torch.tensor(s, dtype=torch.long) for s in seqs]
     pos = [torch.arange(len(s)) for s in seqs]
@@ -158,23 +163,45 @@ def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hi
                 progress.describe(f"{label} layer ({layer + 1}/{n})")
             hs = model.layer_forward_many(layer, hs, pos)
             if return_hidden:
-                hidden.append([h.float().clone() for h in hs])
+                hidden.append([h.to("cpu", torch.float32, copy=True) for h in hs])
             if progress is not None:
                 progress.advance(1)
         logits = [model.head(h) for h in hs]
     return logits, hidden
 
 
+def _estimate(paths_configs: list[tuple[Path, dict]], config: dict, seq_lens: list[int], dtype: torch.dtype,
+              device: torch.device, validate: bool) -> dict:
+    from .forward_plan import estimate_forward, model_cost
+
+    return estimate_forward([model_cost(c, p) for p, c in paths_configs], config, seq_lens,
+                            torch.empty((), dtype=dtype).element_size(), validate=validate,
+                            on_gpu=device.type == "cuda")
+
+
+def _check_memory(plan: dict, max_memory: int | None) -> None:
+    from .pipeline import check_max_memory
+
+    check_max_memory(plan["peak_memory_estimate"]["bytes"], max_memory,
+                     hint="the forward holds one decoder layer, the embedding or lm_head, activations and (validate) "
+                          "every layer's hidden states: fewer --num-samples / a shorter --seq-len, --dtype "
+                          "bfloat16, or raise --max-memory")
+
+
 def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: str, out: Path | None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, *, device: str = "auto", max_memory: int | None = None,
+               dry_run: bool = False) -> dict:
     """``dsconvert logits``: float32 ``[tokens, vocab]`` logits of the reference forward, saved as .npy.
-    ``src`` is a checkpoint directory or a ``.gguf`` file (or the first file of a split set).
+    ``src`` is a checkpoint directory or a ``.gguf`` file (or the first file of a split set). ``dry_run`` returns
+    the plan (:mod:`.forward_plan`: peak memory, bytes read, tokens x active parameters, FLOPs) without running.
 
     Raises:
         OutputExistsError (exit 2): ``out`` exists and ``overwrite`` is not set (checked before the forward).
-        UsageError (exit 2): ids and text both or neither given, ids outside the vocabulary.
+        UsageError (exit 2): ids and text both or neither given, ids outside the vocabulary, an estimated peak
+            above ``max_memory``, a CUDA device that is not there.
     """
     from ..errors import OutputExistsError
+    from .fp8_to_bf16 import resolve_device
     from .manifest import write_atomic
 
     t0 = time.perf_counter()
@@ -184,14 +211,22 @@ def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: 
         raise UsageError("give exactly one of --token-ids and --text")
     if text is not None and str(src).endswith(".gguf"):
         raise UsageError("--text needs the checkpoint's tokenizer.json; for a GGUF file pass --token-ids")
+    dev = resolve_device(device)
     source = weight_source(Path(src))
     ids = token_ids if token_ids is not None else tokenize(Path(src), text)
     vocab = int(source.config["vocab_size"])
     if not ids or any(not 0 <= t < vocab for t in ids):
         raise UsageError(f"token ids must be non-empty and inside 0..{vocab - 1}")
-    logits, _ = forward_many(source, [ids], _dtype(dtype), return_hidden=False)
-    arr = logits[0].float().numpy()
+    plan = _estimate([(Path(src), source.config)], source.config, [len(ids)], _dtype(dtype), dev, validate=False)
+    _check_memory(plan, max_memory)
     rep = base_report("logits")
+    rep.update({"source": str(src), "tokens": len(ids), "token_ids": ids, "dtype": dtype, "device": str(dev),
+                "dry_run": dry_run, "plan": plan})
+    if dry_run:
+        rep["output"] = str(out) if out else None
+        return rep
+    logits, _ = forward_many(source, [ids], _dtype(dtype), return_hidden=False, device=dev)
+    arr = logits[0].float().numpy()
     if out is not None:
         import io
 
@@ -199,9 +234,9 @@ def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: 
         buf = io.BytesIO()
         np.save(buf, arr)
         write_atomic(out, buf.getvalue())
-    rep.update({"source": str(src), "tokens": len(ids), "token_ids": ids, "shape": list(arr.shape),
-                "dtype": dtype, "output": str(out) if out else None,
-                "top1": arr.argmax(-1).tolist(), "seconds": round(time.perf_counter() - t0, 3)})
+    rep.update({"shape": list(arr.shape), "output": str(out) if out else None,
+                "top1": arr.argmax(-1).tolist(), "seconds": round(time.perf_counter() - t0, 3),
+                "peak_rss": bytes_fields(peak_rss_bytes())})
     return rep
 
 
@@ -302,19 +337,26 @@ def pre_checks(candidate: Path, reference: Path, cand_config: dict, ref_config: 
     return out + _loadability_checks(Path(candidate))
 
 
-def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, progress: bool | None = None) -> dict:
+def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, progress: bool | None = None,
+                 dry_run: bool = False) -> dict:
     """Compare ``candidate`` against ``reference`` through the reference forward; returns the report with
-    ``passed`` set. The caller maps ``passed == False`` to exit code 4.
+    ``passed`` set. The caller maps ``passed == False`` to exit code 4. ``dry_run`` returns the plan instead
+    (:mod:`.forward_plan`: peak memory, bytes read, tokens x active parameters, FLOPs; with the pre-checks'
+    findings) and runs nothing.
 
     ``failed_checks`` names each failed threshold and by how much.
 
     Raises:
-        UsageError: thresholds out of range (:func:`check_thresholds`).
+        UsageError: thresholds out of range (:func:`check_thresholds`), an estimated peak above
+            ``opts.max_memory``, a CUDA device that is not there.
         BadInputError: either checkpoint is unreadable, or they disagree on vocabulary / layer count.
     """
     t0 = time.perf_counter()
+    from .fp8_to_bf16 import resolve_device
+
     check_thresholds(opts)
     dtype = _dtype(opts.dtype)
+    dev = resolve_device(opts.device)
     ref_src = CheckpointWeightSource(reference)
     cand_src = weight_source(candidate)
     rc, cc = ref_src.config, cand_src.config
@@ -327,17 +369,28 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
                 "thresholds": {"max_kld": opts.max_kld, "min_top1": opts.min_top1}})
     pre = pre_checks(Path(candidate), Path(reference), cc, rc, opts)
-    if pre:  # the forward pass (hours on the release) would measure a checkpoint that cannot be used as is
+    if pre and not dry_run:  # the forward pass (hours on the release) would measure a checkpoint unusable as is
         rep.update({"passed": False, "failed_checks": pre, "forward": "skipped: a pre-check failed",
                     "seconds": round(time.perf_counter() - t0, 3), "peak_rss": peak_rss_bytes()})
         return rep
-    seqs = sequences(Path(reference), opts, int(rc["vocab_size"]))
+    if pre:  # a dry run still plans, with the nominal sequence lengths (the tokenizer is what failed)
+        seqs = [list(opts.token_ids)] if opts.token_ids else [[0] * opts.seq_len] * opts.num_samples
+    else:
+        seqs = sequences(Path(reference), opts, int(rc["vocab_size"]))
+    plan = _estimate([(Path(reference), rc), (Path(candidate), cc)], rc, [len(s) for s in seqs], dtype, dev,
+                     validate=True)
+    _check_memory(plan, opts.max_memory)
+    rep["plan"] = plan
+    rep["device"] = str(dev)
+    if dry_run:
+        rep.update({"dry_run": True, "pre_checks_failed": pre})
+        return rep
     n_layers = int(rc["num_hidden_layers"])
     with ByteProgress(2 * n_layers, "validate", enabled=progress, unit="layers") as bar:
         ref_logits, ref_hidden = forward_many(ref_src, seqs, dtype, return_hidden=True, progress=bar,
-                                              label="reference")
+                                              label="reference", device=dev)
         cand_logits, cand_hidden = forward_many(cand_src, seqs, dtype, return_hidden=True, progress=bar,
-                                                label="candidate")
+                                                label="candidate", device=dev)
     metrics = _pool(ref_logits, cand_logits, seqs)
     layers = []
     for i in range(n_layers):
