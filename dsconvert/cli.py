@@ -55,6 +55,8 @@ VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="tracebacks on
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace the model files of an existing output")]
 NoResumeOpt = Annotated[bool, typer.Option("--no-resume", help="start over even if a matching partial output exists")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+# validate/logits compute on the CPU unless asked: their CUDA path has not run on a GPU yet (README)
+ForwardDeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto (CUDA when present)")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="output shards written concurrently")]
 MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse plans above this peak RAM (e.g. 8G, 6GiB)")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
@@ -506,7 +508,7 @@ def logits_cmd(
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="where to write the .npy")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
-    device: DeviceOpt = "auto",
+    device: ForwardDeviceOpt = "cpu",
     max_memory: MaxMemOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
                                                             "(bytes read, FLOPs) and run nothing")] = False,
@@ -541,7 +543,7 @@ def validate_cmd(
     max_kld: Annotated[float, typer.Option("--max-kld", help="fail above this Mean KLD")] = 0.01,
     min_top1: Annotated[float, typer.Option("--min-top1", help="fail below this Same top p (0..1)")] = 0.97,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
-    device: DeviceOpt = "auto",
+    device: ForwardDeviceOpt = "cpu",
     max_memory: MaxMemOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
                                                             "(bytes read, FLOPs) and run nothing")] = False,

@@ -15,7 +15,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from .conftest import REPO, cli_cmd, cli_env, guard_source, run_cli
+from .conftest import REPO, cli_cmd, cli_env, guard_source, run_cli, run_many
 
 LOW, HIGH = 0.75, 1.3
 MEDIUM = dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=2,
@@ -52,7 +52,11 @@ def _active_params(cfg: dict) -> int:
 def test_dry_run_reports_work_and_runs_nothing(tiny_out, tiny_src, tmp_path):
     out, _ = tiny_out
     cfg = json.loads((tiny_src / "config.json").read_text())
-    r = run_cli("logits", tiny_src, "--token-ids", "1,2,3,4,5", "-o", tmp_path / "x.npy", "--dry-run", "--json")
+    res = run_many({
+        "logits": ("logits", tiny_src, "--token-ids", "1,2,3,4,5", "-o", tmp_path / "x.npy", "--dry-run", "--json"),
+        "validate": ("validate", out, "--reference", tiny_src, "--token-ids", "1,2,3,4,5", "--dry-run", "--json"),
+        "human": ("validate", out, "--reference", tiny_src, "--dry-run")})
+    r = res["logits"]
     assert r.rc == 0, str(r)
     p = r.json()["plan"]
     assert not (tmp_path / "x.npy").exists() and r.json()["dry_run"]
@@ -60,9 +64,9 @@ def test_dry_run_reports_work_and_runs_nothing(tiny_out, tiny_src, tmp_path):
     assert p["tokens_x_active_params"] == 5 * _active_params(cfg) and p["flops"] > 2 * p["tokens_x_active_params"]
     layers = [f for f in tiny_src.glob("*.safetensors")]
     assert 0 < p["bytes_read"]["bytes"] <= sum(f.stat().st_size for f in layers)
-    v = run_cli("validate", out, "--reference", tiny_src, "--token-ids", "1,2,3,4,5", "--dry-run", "--json")
+    v = res["validate"]
     assert v.rc == 0 and v.json()["plan"]["models"] == 2 and "mean_kld" not in v.json(), str(v)
-    h = run_cli("validate", out, "--reference", tiny_src, "--dry-run")
+    h = res["human"]
     assert h.rc == 0 and "peak memory" in h.stdout and "TFLOP" in h.stdout, str(h)
 
 
@@ -70,11 +74,13 @@ def test_max_memory_below_the_estimate_refuses(tiny_out, tiny_src, tmp_path):
     out, _ = tiny_out
     r = run_cli("validate", out, "--reference", tiny_src, "--dry-run", "--json")
     need = r.json()["plan"]["peak_memory_estimate"]["bytes"]
-    lo = run_cli("validate", out, "--reference", tiny_src, "--max-memory", str(need - 1), "--json")
+    res = run_many({
+        "lo": ("validate", out, "--reference", tiny_src, "--max-memory", str(need - 1), "--json"),
+        "logits": ("logits", tiny_src, "--token-ids", "1,2", "--max-memory", "1M", "-o", tmp_path / "l.npy"),
+        "ok": ("validate", out, "--reference", tiny_src, "--max-memory", str(need), "--json")})
+    lo, lg, ok = res["lo"], res["logits"], res["ok"]
     assert lo.rc == 2 and "--max-memory" in lo.json()["message"], str(lo)
-    lg = run_cli("logits", tiny_src, "--token-ids", "1,2", "--max-memory", "1M", "-o", tmp_path / "l.npy")
     assert lg.rc == 2 and not (tmp_path / "l.npy").exists(), str(lg)
-    ok = run_cli("validate", out, "--reference", tiny_src, "--max-memory", str(need), "--json")
     assert ok.rc == 0 and ok.json()["passed"], str(ok)
 
 
@@ -82,11 +88,17 @@ def test_device_cpu_matches_default_and_missing_cuda_is_usage(tiny_src, tmp_path
     import torch
 
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
-    assert run_cli("logits", tiny_src, "--token-ids", "0,5,6,7", "-o", a).rc == 0
-    assert run_cli("logits", tiny_src, "--token-ids", "0,5,6,7", "-o", b, "--device", "cpu").rc == 0
-    assert np.array_equal(np.load(a), np.load(b))
+    jobs = {"a": ("logits", tiny_src, "--token-ids", "0,5,6,7", "-o", a),
+            "b": ("logits", tiny_src, "--token-ids", "0,5,6,7", "-o", b, "--device", "auto")}
     if not torch.cuda.is_available():
-        r = run_cli("logits", tiny_src, "--token-ids", "0,5", "--device", "cuda", "--json")
+        jobs["cuda"] = ("logits", tiny_src, "--token-ids", "0,5", "--device", "cuda", "--json")
+    res = run_many(jobs)
+    assert res["a"].rc == 0 and res["b"].rc == 0, (str(res["a"]), str(res["b"]))
+    if torch.cuda.is_available():
+        np.testing.assert_allclose(np.load(a), np.load(b), rtol=1e-3, atol=1e-3)
+    else:
+        assert np.array_equal(np.load(a), np.load(b))  # auto is the CPU here: the same bytes
+        r = res["cuda"]
         assert r.rc == 2 and "CUDA" in r.json()["message"], str(r)
 
 

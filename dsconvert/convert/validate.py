@@ -43,7 +43,7 @@ class ValidateOptions:
     max_kld: float = 0.01
     min_top1: float = 0.97
     dtype: str = "float32"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N: where the forward computes (weights are read on the CPU)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto: where the forward computes (weights are read on the CPU)
     max_memory: int | None = None  # bytes; refuse (exit 2) when the estimated peak RAM is above it
 
 
@@ -189,7 +189,7 @@ def _check_memory(plan: dict, max_memory: int | None) -> None:
 
 
 def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: str, out: Path | None,
-               overwrite: bool = False, *, device: str = "auto", max_memory: int | None = None,
+               overwrite: bool = False, *, device: str = "cpu", max_memory: int | None = None,
                dry_run: bool = False) -> dict:
     """``dsconvert logits``: float32 ``[tokens, vocab]`` logits of the reference forward, saved as .npy.
     ``src`` is a checkpoint directory or a ``.gguf`` file (or the first file of a split set). ``dry_run`` returns
