@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .conftest import INDEX, guard_source, run_cli, run_many
+from .conftest import INDEX, guard_source, run_many
 
 MOD = "model.layers.1.mlp.experts.0.gate_proj"
 SAFE = "model.layers.1.mlp.experts.1.gate_proj"

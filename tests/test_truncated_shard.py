@@ -4,7 +4,6 @@ second, misleading "no weight_scale_inv partner anywhere" error."""
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
