@@ -61,6 +61,8 @@ def _int_summary(ck, fmt) -> tuple[dict, list[dict], int, set[str]]:
     marker = fmt.marker_suffix
     for pre in prefixes:
         w = pre + ".weight"
+        if f"{pre}.{marker}" in ck.unreadable:
+            continue  # its marker sits in an unreadable shard (that shard's problem says so): precision unknown
         if f"{pre}.{marker}" not in ck.tensors:
             if w in ck.tensors and LayerPolicy.quantizable(w, heads[w]):
                 kept.append(pre)
