@@ -58,9 +58,13 @@ VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="tracebacks on
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace the model files of an existing output")]
 NoResumeOpt = Annotated[bool, typer.Option("--no-resume", help="start over even if a matching partial output exists")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+# validate/logits compute on the CPU unless asked: their CUDA path has not run on a GPU yet (README)
+ForwardDeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto (CUDA when present)")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="output shards written concurrently")]
 MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse plans above this peak RAM (e.g. 8G, 6GiB)")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
+VerifyOpt = Annotated[str, typer.Option("--verify", help="how a rerun checks finished files: full (size + sha256, "
+                                                        "reads every byte) | size (sizes only, instant)")]
 
 
 def _registry_help() -> tuple[str, str, str]:
@@ -262,6 +266,14 @@ def check_writable_file(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: not writable", hint="fix the permissions or give another path")
 
 
+def _print_warnings(rep: dict) -> None:
+    """A report's ``warnings`` (strings, or problem dicts with ``message`` and ``hint``) on stderr, in every
+    output mode (``--json`` keeps stdout to the report)."""
+    for w in rep.get("warnings", []):
+        text = w if isinstance(w, str) else w.get("message", str(w)) + (f" ({w['hint']})" if w.get("hint") else "")
+        err.print(f"warning: {text}", markup=False, highlight=False)
+
+
 def _size(text: str | None) -> int | None:
     from .units import parse_size
 
@@ -312,12 +324,14 @@ def fp8_to_bf16_cmd(
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
+    verify: VerifyOpt = "full",
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     from .convert import fp8_to_bf16 as f2b
+    from .convert.manifest import check_verify_mode
 
     def body():
         opts = f2b.Options(mtp=mtp, dtype=f2b.normalize_dtype(dtype), max_shard_size=_size(max_shard_size),
@@ -326,7 +340,9 @@ def fp8_to_bf16_cmd(
             from .errors import UsageError
             raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT (or --dry-run)")
         rep = f2b.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
+                      verify=check_verify_mode(verify))
+        _print_warnings(rep)
         if validate and not dry_run:
             rep["validation"] = _validate_after(output, src, quiet)
             if not rep["validation"].get("passed", False):
@@ -425,12 +441,14 @@ def quantize_cmd(
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
+    verify: VerifyOpt = "full",
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     from .convert import quantize as qz
+    from .convert.manifest import check_verify_mode
     from .errors import UsageError
 
     def body():
@@ -448,9 +466,8 @@ def quantize_cmd(
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
                           seq_len=seq_len)
         rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                     progress=_progress_enabled(quiet))
-        for w in rep.get("warnings", []):  # on stderr in every output mode (--json keeps stdout to the report)
-            err.print(f"warning: {w}", markup=False, highlight=False)
+                     progress=_progress_enabled(quiet), verify=check_verify_mode(verify))
+        _print_warnings(rep)
         return rep
 
     _run(body, json_out=json_out, verbose=verbose, human=_print_quantize, report_path=report)
@@ -552,6 +569,12 @@ def _print_validation(rep: dict) -> None:
     verdict = "[green]PASSED[/green]" if m.get("passed") else "[red]FAILED[/red]"
     for f in m.get("failed_checks", []):
         err.print(f"[bold red]failed:[/bold red] {f['message']}", markup=True, highlight=False)
+        if f.get("hint"):
+            err.print(f"[bold]hint:[/bold] {f['hint']}", markup=True, highlight=False)
+    if "mean_kld" not in m:  # a pre-check failed: no forward pass was run
+        checks = ", ".join(sorted({f["check"] for f in m.get("failed_checks", [])}))
+        out.print(f"validate: {verdict} before the forward pass ({checks}); no logits were compared")
+        return
     out.print(f"validate: {verdict}  Mean KLD {m['mean_kld']:.3g}  Maximum KLD {m['max_kld']:.3g}  "
               f"99.9% KLD {m['p999_kld']:.3g}  Same top p {100 * m['same_top_p']:.2f}%  RMS Δp "
               f"{100 * m['rms_dp']:.3f}%  PPL {m['ppl_reference']:.4g} -> {m['ppl_candidate']:.4g}  "
@@ -606,6 +629,18 @@ def _ids(text: str | None) -> list[int] | None:
         raise UsageError(f"--token-ids {text!r}: takes comma-separated integers, e.g. 1,2,3") from None
 
 
+def _print_forward_plan(rep: dict) -> None:
+    """The human form of a ``validate``/``logits`` dry run."""
+    p = rep["plan"]
+    dev = p["device_memory_estimate"]
+    out.print(f"plan: {p['models']} {'model' if p['models'] == 1 else 'models'}, {p['sequences']} "
+              f"{'sequence' if p['sequences'] == 1 else 'sequences'}, {p['tokens']:,} tokens on {rep['device']}; "
+              f"reads {p['bytes_read']['gb']:.3f} GB; {p['tokens_x_active_params']:.3g} tokens x active params, "
+              f"{p['flops'] / 1e12:.3g} TFLOP")
+    out.print(f"  peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB"
+              + (f", GPU ~{dev['gib']:.2f} GiB" if dev else "") + " (dry run: nothing run)")
+
+
 @app.command("logits", short_help="Reference forward pass: save logits as .npy.",
              help="Run the reference forward pass and save float32 [tokens, vocab] logits (.npy).")
 def logits_cmd(
@@ -615,17 +650,25 @@ def logits_cmd(
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="where to write the .npy")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
+    device: ForwardDeviceOpt = "cpu",
+    max_memory: MaxMemOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
+                                                            "(bytes read, FLOPs) and run nothing")] = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     from .convert.validate import run_logits
 
     def human(rep):
+        if rep["dry_run"]:
+            _print_forward_plan(rep)
+            return
         out.print(f"logits {rep['shape']} ({rep['dtype']}) -> {rep['output'] or '(not saved; use -o)'}; "
                   f"top-1 ids {rep['top1'][:16]}")
 
-    _run(lambda: run_logits(src, _ids(token_ids), text, dtype, output, overwrite), json_out=json_out, verbose=verbose,
-         human=human)
+    _run(lambda: run_logits(src, _ids(token_ids), text, dtype, output, overwrite, device=device,
+                            max_memory=_size(max_memory), dry_run=dry_run),
+         json_out=json_out, verbose=verbose, human=human)
 
 
 @app.command("validate", short_help="Compare logits with the source (KLD, top-1); exit 4.",
@@ -647,6 +690,10 @@ def validate_cmd(
         "--emulate-activations/--no-emulate-activations",
         help="quantize Linear inputs as the candidate's quantization_config declares (W8A8, FP8_BLOCK, NVFP4, "
              "MXFP4), as the serving engine does")] = True,
+    device: ForwardDeviceOpt = "cpu",
+    max_memory: MaxMemOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
+                                                            "(bytes read, FLOPs) and run nothing")] = False,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
@@ -657,19 +704,25 @@ def validate_cmd(
     def body():
         opts = ValidateOptions(token_ids=_ids(token_ids), prompts=prompts, seq_len=seq_len, num_samples=num_samples,
                                max_kld=max_kld, min_top1=min_top1, dtype=dtype,
-                               emulate_activations=emulate_activations)
-        rep = run_validate(candidate, reference, opts, progress=_progress_enabled(quiet))
-        if not rep["passed"]:
+                               emulate_activations=emulate_activations, device=device,
+                               max_memory=_size(max_memory))
+        rep = run_validate(candidate, reference, opts, progress=_progress_enabled(quiet), dry_run=dry_run)
+        if not rep.get("dry_run") and not rep["passed"]:
             rep["_exit_code"] = 4
         return rep
 
     def human(rep):
+        if rep.get("dry_run"):
+            _print_forward_plan(rep)
+            for f in rep["pre_checks_failed"]:
+                err.print(f"would fail: {f['message']}", markup=False, highlight=False)
+            return
         _print_validation(rep)
         import math
 
         # a non-finite error is the worst (max() with NaN keys depends on the order)
         worst = max(rep["layers"], key=lambda r: (not math.isfinite(r["rel_error"]), r["rel_error"])) \
-            if rep["layers"] else None
+            if rep.get("layers") else None
         if worst:
             out.print(f"  per-layer relative error: max {worst['rel_error']:.3g} at layer {worst['layer']}; "
                       f"first diverging layer {_or_none(rep['first_diverging_layer'])}; "
@@ -721,20 +774,25 @@ def gguf_cmd(
         "--state-dir", metavar="DIR", help="write FILE.gguf.dsconvert-manifest.json (resume state) and "
         "FILE.gguf.dsconvert-report.json here instead of beside the .gguf (keeps an upload folder clean); pass "
         "the same DIR to resume")] = None,
+    verify: VerifyOpt = "full",
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     from .convert import gguf_export as ge
+    from .convert.manifest import check_verify_mode
 
     def body():
         opts = ge.GGUFOptions(type=type_, tensor_types=list(tensor_type or []), output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
                               device=device, max_memory=_size(max_memory), state_dir=state_dir)
-        return ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+        rep = ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
+                     progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
+                     verify=check_verify_mode(verify))
+        _print_warnings(rep)
+        return rep
 
     def human(rep):
         p = rep["plan"]
@@ -771,6 +829,42 @@ def gguf_cmd(
             out.print("  (dry run: nothing written)")
 
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+
+
+@app.command("verify", short_help="Check an output against its manifest (sizes, sha256, index).",
+             help="Check an output against its manifest.json: every file present with its size and "
+                            "sha256, the index against the shard headers (dtype, shape), config.json. Exit 0 when "
+                            "it matches, 3 when something is wrong (each problem names the file, expected and found).")
+def verify_cmd(
+    output: Annotated[Path, typer.Argument(help="an output folder (fp8-to-bf16, quantize) or .gguf file (gguf)",
+                                           show_default=False)],
+    quick: Annotated[bool, typer.Option("--quick", help="sizes, manifest and index only: no sha256 (seconds "
+                                                        "instead of reading every byte)")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert.verify import verify_output
+    from .errors import EXIT_BAD_INPUT
+
+    def body():
+        rep = verify_output(output, quick=quick, progress=_progress_enabled(quiet))
+        if not rep["ok"]:
+            rep["_exit_code"] = EXIT_BAD_INPUT
+        return rep
+
+    def human(rep):
+        for w in rep["warnings"]:
+            err.print(f"warning: {w}", markup=False, highlight=False)
+        for p in rep["problems"]:
+            err.print(f"problem: {p['message']}", markup=False, highlight=False)
+        what = "sizes, manifest and index" if rep["mode"] == "quick" else "sizes, sha256, manifest and index"
+        n = len(rep["problems"])
+        verdict = "OK" if rep["ok"] else f"FAILED ({n} problem{'' if n == 1 else 's'})"
+        out.print(f"verify {rep['path']}: {verdict}; {rep['files_checked']} files, {what} checked"
+                  + (f", {rep['bytes_hashed'] / 1e9:.3f} GB hashed" if rep["mode"] == "full" else ""))
+
+    _run(body, json_out=json_out, verbose=verbose, human=human)
 
 
 @app.command("imatrix", short_help="llama.cpp importance matrix for gguf --imatrix.",

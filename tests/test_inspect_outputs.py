@@ -58,8 +58,9 @@ def test_inspect_int_checkpoint(fmt, int_outputs, src_params):
     assert "quantized" in human.stdout and "bits/weight" in human.stdout and "unquantized" not in human.stdout
 
 
-def test_inspect_flags_split_fused_group(int_outputs, tmp_path):
-    """q_a_proj quantized but kv_a_proj_with_mqa back in BF16: vLLM cannot fuse them (exit 3)."""
+def _split_fused_group(int_outputs, tmp_path):
+    """A copy of the compressed-tensors output with kv_a_proj_with_mqa of layer 0 put back in BF16 (hand-made,
+    with the safetensors library) while q_a_proj stays quantized."""
     src, _ = int_outputs["ct"]
     bad = tmp_path / "bad"
     shutil.copytree(src, bad)
@@ -78,10 +79,33 @@ def test_inspect_flags_split_fused_group(int_outputs, tmp_path):
     idx["weight_map"][pre + ".weight"] = shard
     save_file(tensors, bad / shard, metadata=meta)
     (bad / "model.safetensors.index.json").write_text(json.dumps(idx))
+    return bad
+
+
+def test_inspect_flags_split_fused_group(int_outputs, tmp_path):
+    """q_a_proj quantized but kv_a_proj_with_mqa back in BF16: vLLM cannot fuse them (exit 3)."""
+    bad = _split_fused_group(int_outputs, tmp_path)
     r = run_cli("inspect", bad, "--json")
     assert r.rc == 3, r
     probs = [p for p in r.json()["problems"] if p["kind"] == "fused_group_split"]
     assert probs and "q_a_proj" in probs[0]["message"] and "kv_a_proj_with_mqa" in probs[0]["message"]
+
+
+def test_validate_fails_a_split_fused_group(int_outputs, tiny_src, tmp_path):
+    """The same hand-made checkpoint fails validate's named check fused_group_split (exit 4, before any forward
+    pass), with loose thresholds the metrics alone would pass."""
+    bad = _split_fused_group(int_outputs, tmp_path)
+    r = run_cli("validate", bad, "--reference", tiny_src, "--max-kld", "100", "--min-top1", "0", "--json")
+    assert r.rc == 4, r
+    rep = r.json()
+    (f,) = rep["failed_checks"]
+    assert f["check"] == "fused_group_split" and "q_a_proj" in f["message"] and "kv_a_proj_with_mqa" in f["message"]
+    assert rep["forward"].startswith("skipped") and not rep["passed"]
+    h = run_cli("validate", bad, "--reference", tiny_src, "--max-kld", "100", "--min-top1", "0")
+    assert h.rc == 4 and "fused_group_split" in h.stdout and "kv_a_proj_with_mqa" in h.stderr, h
+    good, _ = int_outputs["ct"]
+    ok = run_cli("validate", good, "--reference", tiny_src, "--max-kld", "100", "--min-top1", "0", "--json")
+    assert ok.rc == 0 and ok.json()["forward"] == "run", ok
 
 
 def test_inspect_gguf(tiny_src, tmp_path):

@@ -31,6 +31,7 @@ from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.kind import require_kind
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.safetensors_io import dtype_size
+from ..formats.tokenizer_check import tokenizer_problems
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
@@ -199,8 +200,10 @@ def _index(shards: list[OutShard]) -> dict:
 
 
 def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, overwrite: bool = False,
-        resume: bool = True, progress: bool | None = None) -> dict:
+        resume: bool = True, progress: bool | None = None, verify: str = "full") -> dict:
     """Convert ``src`` into ``out``; return the JSON report (also written to ``out/report.json``).
+    ``verify`` (``full`` | ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md,
+    Resume).
 
     Raises:
         BadInputError / UnsupportedError (exit 3): anything wrong with SRC, found before writing.
@@ -223,7 +226,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         "options": {**asdict(opts), "device": str(device)},
         "dry_run": dry_run,
         "plan": plan.summary(),
-        "warnings": [p.to_dict() for p in ck.problems if not p.fatal],
+        "warnings": [p.to_dict() for p in ck.problems if not p.fatal]
+                    + [p.to_dict() for p in tokenizer_problems(ck.root, ck.config)],
     })
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="lower --workers (each shard in flight holds a few 32 MiB chunks)")
@@ -244,7 +248,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
                               parts=parts,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME,
-                                              *plan.files))
+                                              *plan.files), verify=verify, progress=progress)
     todo_bytes = sum(s.nbytes for s in plan.shards if s.name not in decision.done)
     written_now: list[str] = []
     if not decision.already_complete:
@@ -274,6 +278,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     })
     full = dict(report, tensors=per_tensor)
     write_atomic(out / REPORT_NAME, (json.dumps(full, indent=2) + "\n").encode())
+    if not decision.already_complete:
+        decision.manifest.record_complete(out, [INDEX_NAME, "config.json", *plan.files],
+                                          {t.name: (s.name, t.dtype, t.shape) for s in plan.shards for t in s.tensors})
     decision.manifest.complete = True
     decision.manifest.save(out)
     report["report_path"] = str(out / REPORT_NAME)

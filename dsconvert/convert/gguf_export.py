@@ -58,6 +58,7 @@ from ..formats.gguf_types import (FTYPE_NAMES, default_type, normalize_ftype, pa
 from ..formats.hf_config import version_label
 from ..formats.kind import require_kind
 from ..formats.safetensors_io import read_tensor, sha256_file
+from ..formats.tokenizer_check import tokenizer_problems
 from ..quant import ggml
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
@@ -66,6 +67,7 @@ from .pipeline import check_max_memory, dequant_producer
 from . import cancel
 from .preflight import check_free_disk, check_output_writable
 from .manifest import (Manifest, check_paths, commit_tmp, fingerprint, mismatch_detail, source_fingerprint_parts,
+                       verify_files,
                        write_atomic)
 from .progress import ByteProgress
 
@@ -822,10 +824,6 @@ def report_path(output: Path, state_dir: Path | None = None) -> Path:
     return (Path(state_dir) if state_dir else output.parent) / (output.name + REPORT_SUFFIX)
 
 
-def _verify(path: Path, meta: dict) -> bool:
-    return path.is_file() and path.stat().st_size == meta.get("size") and sha256_file(path) == meta.get("sha256")
-
-
 def _owned(output: Path, state_dir: Path | None = None) -> list[Path]:
     """Every file a gguf export to ``output`` may have written (any split count), temporaries included."""
     d5 = "[0-9]" * 5
@@ -840,8 +838,10 @@ def _owned(output: Path, state_dir: Path | None = None) -> list[Path]:
 
 
 def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *, overwrite: bool,
-                   resume: bool, state_dir: Path | None = None, parts: dict | None = None) -> Resume:
-    """Fresh start, resume (matching manifest: keep verified files), already complete, or refuse.
+                   resume: bool, state_dir: Path | None = None, parts: dict | None = None, verify: str = "full",
+                   progress: bool | None = False) -> Resume:
+    """Fresh start, resume (matching manifest: keep verified files), already complete, or refuse. ``verify``
+    (``full``: size + sha256 with progress on stderr; ``size``: sizes only) is how finished files are checked.
 
     The manifest lives beside ``output`` or in ``state_dir``; ``parts`` (what ``fp`` hashes) is stored in it so
     that a refusal can list what differs (:func:`~dsconvert.convert.manifest.fingerprint_diff`).
@@ -868,7 +868,8 @@ def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *
     if man is not None and man.fingerprint == fp and man.command == COMMAND and resume and not overwrite:
         man.parts = man.parts or parts  # a manifest from before fingerprint parts were stored gains them
         names = {f.name for f in files}
-        done = {n for n, meta in man.files.items() if n in names and _verify(output.parent / n, meta)}
+        done = verify_files(output.parent, {n: m for n, m in man.files.items() if n in names}, verify, progress,
+                            f"{COMMAND}: verifying")
         man.files = {n: m for n, m in man.files.items() if n in done}
         for p in output.parent.glob("*.gguf.tmp"):  # a partial file with its sidecar is resumed by write_file
             final = p.with_name(p.name[: -len(".tmp")])
@@ -907,8 +908,9 @@ def _source_fingerprint(ck: Checkpoint) -> dict:
 
 
 def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = False, overwrite: bool = False,
-        resume: bool = True, progress: bool | None = None) -> dict:
-    """Export ``src`` to GGUF ``output`` (one file or splits); return the JSON report.
+        resume: bool = True, progress: bool | None = None, verify: str = "full") -> dict:
+    """Export ``src`` to GGUF ``output`` (one file or splits); return the JSON report. ``verify`` (``full`` |
+    ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md, Resume).
 
     Raises:
         BadInputError / UnsupportedError (exit 3): anything wrong with SRC, found before writing.
@@ -940,7 +942,8 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                     "state_dir": str(opts.state_dir) if opts.state_dir else None},
         "dry_run": dry_run,
         "plan": plan.summary(),
-        "warnings": [p.to_dict() for p in ck.problems if not p.fatal],
+        "warnings": [p.to_dict() for p in ck.problems if not p.fatal]
+                    + [p.to_dict() for p in tokenizer_problems(ck.root, ck.config)],  # (no tokenizer: refused)
     })
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="the plan needs one chunk plus one kv_b_proj in memory; raise --max-memory")
@@ -966,7 +969,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     if opts.state_dir is not None:
         Path(opts.state_dir).mkdir(parents=True, exist_ok=True)
     decision = prepare_output(output, plan.files, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
-                              state_dir=opts.state_dir, parts=parts)
+                              state_dir=opts.state_dir, parts=parts, verify=verify, progress=progress)
     todo = [f for f in plan.files if f.name not in decision.done]
     written = []
     partial: dict[str, int] = {}  # file -> tensors kept from an interrupted .tmp

@@ -62,6 +62,8 @@ def _int_summary(ck, fmt) -> tuple[dict, list[dict], int, set[str]]:
     marker = fmt.marker_suffix
     for pre in prefixes:
         w = pre + ".weight"
+        if f"{pre}.{marker}" in ck.unreadable:
+            continue  # its marker sits in an unreadable shard (that shard's problem says so): precision unknown
         if f"{pre}.{marker}" not in ck.tensors:
             if w in ck.tensors and LayerPolicy.quantizable(w, heads[w]):
                 kept.append(pre)
@@ -179,6 +181,11 @@ def inspect_checkpoint(src: Path) -> dict:
     indexer = [n for n in ck.tensors if ".indexer." in n]
     problems = [p.to_dict() for p in ck.problems]
     kind = checkpoint_kind(ck.root)
+    from ..formats.tokenizer_check import tokenizer_problems
+
+    for p in tokenizer_problems(ck.root, ck.config):  # a swapped tokenizer is an error here; a missing one is not
+        p.fatal = p.kind != "tokenizer_missing"
+        problems.append(p.to_dict())
     qc = ck.config.get("quantization_config") or {}
     fmt = None
     if qc:
@@ -215,6 +222,8 @@ def inspect_checkpoint(src: Path) -> dict:
                    "mtp_tensors": len(mtp), "v32_indexer_tensors": len(indexer)},
         "shards": len(ck.shards),
         "tensors": len(ck.tensors),
+        # the index's tensors in shards whose header cannot be read: not counted above, never silently dropped
+        "tensors_unreadable": len(ck.unreadable),
         "parameters": params,
         "bytes": bytes_fields(total),
         "by_dtype": {k: {**v, **bytes_fields(v["bytes"])} for k, v in sorted(by_dtype.items())},
@@ -248,7 +257,9 @@ def human_lines(rep: dict) -> list[str]:
              f"  model        {rep['family'] or rep['model_type']}  (model_type {rep['model_type']}, {rep['format']})",
              f"  layers       {rep['layers']['num_hidden_layers']} + MTP "
              f"{', '.join(f'layer {i}' for i in rep['layers']['mtp_layers']) or 'none'}",
-             f"  shards       {rep['shards']}   tensors {rep['tensors']:,}   parameters {rep['parameters']:,}",
+             f"  shards       {rep['shards']}   tensors {rep['tensors']:,}"
+             + (f" (+{rep['tensors_unreadable']:,} in unreadable shards, per the index)"
+                if rep.get("tensors_unreadable") else "") + f"   parameters {rep['parameters']:,}",
              f"  bytes        {gb(rep['bytes'])}"]
     for k, v in rep["by_dtype"].items():
         lines.append(f"    {k:8s} {v['tensors']:>7,} tensors  {gb(v)}")

@@ -116,14 +116,34 @@ class Manifest:
     #: what ``fingerprint`` hashes (source file hashes, options, command), kept so that a refused rerun can say
     #: what differs; None in manifests written before it was stored
     parts: dict | None = None
+    # Recorded when the output completes (``dsconvert verify`` checks them; older manifests lack them):
+    aux: dict[str, dict] = field(default_factory=dict)  # index, config, copied files -> {"size", "sha256"}
+    tensors: dict[str, list] = field(default_factory=dict)  # tensor name -> [file, dtype, shape]
 
     def to_json(self) -> str:
-        d = {"tool": "dsconvert", "version": self.version, "command": self.command,
-             "fingerprint": self.fingerprint, "options": self.options, "complete": self.complete,
-             "files": dict(sorted(self.files.items()))}
+        doc = {"tool": "dsconvert", "version": self.version, "command": self.command,
+               "fingerprint": self.fingerprint, "options": self.options, "complete": self.complete,
+               "files": dict(sorted(self.files.items()))}
         if self.parts is not None:
-            d["fingerprint_parts"] = self.parts
-        return json.dumps(d, indent=2, sort_keys=False) + "\n"
+            doc["fingerprint_parts"] = self.parts
+        if self.aux:
+            doc["aux"] = dict(sorted(self.aux.items()))
+        text = json.dumps(doc, indent=2, sort_keys=False)
+        if self.tensors:  # one compact line per tensor: ~90 bytes each, 8 MB for the 671B release
+            rows = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
+                               for k, v in sorted(self.tensors.items()))
+            text = text[:-2] + ',\n  "tensors": {\n' + rows + "\n  }\n}"
+        return text + "\n"
+    def record_complete(self, out_dir: Path, aux_names: list[str], tensors: dict[str, list]) -> None:
+        """Record, for ``dsconvert verify``, the size + sha256 of the small files written besides the model files
+        (``aux_names`` relative to ``out_dir``; absent ones are skipped) and each tensor's ``[file, dtype,
+        shape]``; the caller then sets ``complete`` and saves."""
+        self.aux = {}
+        for name in aux_names:
+            p = out_dir / name
+            if p.is_file():
+                self.aux[name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        self.tensors = {k: [f, d, list(s)] for k, (f, d, s) in tensors.items()}
 
     def save(self, out_dir: Path) -> None:
         """Atomically replace ``out_dir/manifest.json``."""
@@ -148,7 +168,9 @@ class Manifest:
                 return None
             parts = d.get("fingerprint_parts")
             return cls(d["command"], d["fingerprint"], d.get("options", {}), d.get("files", {}),
-                       bool(d.get("complete")), d.get("version", "?"), parts if isinstance(parts, dict) else None)
+                       bool(d.get("complete")), d.get("version", "?"),
+                       parts=parts if isinstance(parts, dict) else None, aux=d.get("aux", {}),
+                       tensors=d.get("tensors", {}))
         except (ValueError, KeyError, TypeError, OSError):
             return None
 
@@ -261,19 +283,95 @@ class ResumeDecision:
     already_complete: bool
 
 
+VERIFY_MODES = ("full", "size")
+
+
+def check_verify_mode(mode: str) -> str:
+    """``--verify`` value, checked: ``full`` (size + sha256 of every file) or ``size`` (sizes only).
+
+    Raises:
+        UsageError (exit 2): any other value.
+    """
+    if mode not in VERIFY_MODES:
+        raise UsageError(f"--verify {mode!r}", hint="use full (size + sha256, reads every byte) or size "
+                                                    "(sizes only, instant; see docs/cli-conventions.md, Resume)")
+    return mode
+
+
+def hash_file(path: Path, progress=None, bufsize: int = 16 << 20) -> str:
+    """sha256 (hex) of ``path``, advancing ``progress`` (a :class:`~.progress.ByteProgress`) by the bytes read.
+
+    Raises:
+        OSError: unreadable file.
+    """
+    from . import cancel
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            cancel.check()
+            h.update(chunk)
+            if progress is not None:
+                progress.advance(len(chunk))
+    return h.hexdigest()
+
+
+def file_problem(path: Path, meta: dict, full: bool, progress=None, name: str | None = None) -> dict | None:
+    """None when ``path`` matches its manifest entry ``meta`` (``{"size": bytes, "sha256": hex}``): present, the
+    recorded size and, with ``full``, the recorded sha256. Otherwise one problem
+    ``{"file", "check": "missing"|"size"|"sha256", "expected", "found", "message"}``."""
+    name = name or Path(path).name
+    if not Path(path).is_file():
+        return {"file": name, "check": "missing", "expected": "present", "found": "absent",
+                "message": f"{name}: missing (the manifest lists {meta.get('size')} bytes)"}
+    size = Path(path).stat().st_size
+    if size != meta.get("size"):
+        return {"file": name, "check": "size", "expected": meta.get("size"), "found": size,
+                "message": f"{name}: {size} bytes, the manifest says {meta.get('size')}"}
+    if full:
+        digest = hash_file(path, progress)
+        if digest != meta.get("sha256"):
+            return {"file": name, "check": "sha256", "expected": meta.get("sha256"), "found": digest,
+                    "message": f"{name}: sha256 {digest[:16]}…, the manifest says {str(meta.get('sha256'))[:16]}… "
+                               "(same size, different bytes)"}
+    return None
+
+
+def verify_files(base: Path, files: dict[str, dict], mode: str, progress: bool | None, label: str) -> set[str]:
+    """Names of ``files`` (relative to ``base``) that match their manifest entries under ``mode`` (``full`` or
+    ``size``). In ``full`` mode the bytes hashed show as progress on stderr (``label``; ``progress`` as for
+    :class:`~.progress.ByteProgress`): on the 671B release this reads 1.37 TB, ``size`` reads nothing."""
+    from .progress import ByteProgress
+
+    full = mode == "full"
+    total = sum(int(m.get("size") or 0) for m in files.values()) if full else 0
+    ok = set()
+    with ByteProgress(total, label, enabled=progress if full and files else False) as bar:
+        for n, meta in sorted(files.items()):
+            bar.describe(n)
+            if file_problem(base / n, meta, full, bar) is None:
+                ok.add(n)
+    return ok
+
+
 def prepare_output(out: Path, command: str, fp: str, options: dict, *, overwrite: bool, resume: bool,
-                   owned_patterns: tuple[str, ...], verify: bool = True, parts: dict | None = None) -> ResumeDecision:
+                   owned_patterns: tuple[str, ...], verify: str = "full", progress: bool | None = False,
+                   parts: dict | None = None) -> ResumeDecision:
     """Decide how to use ``out``: fresh, resume (matching manifest), already complete, or refuse.
 
     ``owned_patterns`` are the globs of files this command writes; with ``overwrite`` (or ``resume=False`` on
     a matching manifest) only those, the manifest and leftover ``*.tmp`` files are removed — never anything else.
     ``parts`` (what ``fp`` hashes) is stored in the manifest; a refusal of another source or other options lists
     what differs from the stored parts (:func:`fingerprint_diff`).
+    On a rerun, ``verify`` (``full``: size + sha256, with progress; ``size``: sizes only) decides how finished
+    files are checked before they are trusted.
 
     Raises:
         OutputExistsError: ``out`` holds files but no dsconvert manifest, or a manifest for a different source
             or options, and ``overwrite`` is not set.
+        UsageError: an unknown ``verify`` mode.
     """
+    check_verify_mode(verify)
     if out.exists() and not out.is_dir():
         if not overwrite:
             raise OutputExistsError(f"output {out} exists and is not a directory", hint="pass --overwrite or another -o")
@@ -292,28 +390,20 @@ def prepare_output(out: Path, command: str, fp: str, options: dict, *, overwrite
                                      "there, or choose another -o")
     if man is not None and man.fingerprint == fp and man.command == command and not overwrite and resume:
         man.parts = man.parts or parts  # a manifest from before fingerprint parts were stored gains them
-        if man.complete and _verify_all(out, man, verify):
-            return ResumeDecision(man, set(man.files), True, True)
-        done = {n for n, meta in man.files.items() if _verify(out / n, meta, verify)}
+        done = verify_files(out, man.files, verify, progress, f"{command}: verifying")
+        aux_ok = not man.aux or verify_files(out, man.aux, verify, False, "") == set(man.aux)
+        if man.complete and done == set(man.files) and aux_ok:
+            return ResumeDecision(man, done, True, True)
         for n in set(man.files) - done:
             del man.files[n]
         man.complete = False
+        man.aux, man.tensors = {}, {}
         _remove(out, ("*.tmp",))
         return ResumeDecision(man, done, True, False)
     _remove(out, owned_patterns + ("*.tmp", MANIFEST_NAME))
     man = Manifest(command, fp, options, parts=parts)
     man.save(out)
     return ResumeDecision(man, set(), False, False)
-
-
-def _verify(path: Path, meta: dict, full: bool) -> bool:
-    if not path.is_file() or path.stat().st_size != meta.get("size"):
-        return False
-    return not full or sha256_file(path) == meta.get("sha256")
-
-
-def _verify_all(out: Path, man: Manifest, full: bool) -> bool:
-    return all(_verify(out / n, m, full) for n, m in man.files.items())
 
 
 def _remove(out: Path, patterns: tuple[str, ...]) -> None:

@@ -28,12 +28,13 @@ from typing import Callable
 
 import torch
 
-from ..errors import UsageError
+from ..errors import BadInputError, UsageError
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.int_format import IntFormat
 from ..formats.kind import require_kind
 from ..formats.registry import FORMATS, describe_formats, get_format
+from ..formats.tokenizer_check import tokenizer_problems
 from ..quant.rtn import QTensor, QuantSpec, dequantize
 from ..quant.schemes import SCHEMES, Scheme, SchemeDescription, get_scheme
 from ..report import base_report, peak_rss_bytes
@@ -508,6 +509,98 @@ def _rel_error(w: torch.Tensor, qt: QTensor) -> float:
     return float(torch.linalg.vector_norm(w64 - d)) / n if n > 0 else 0.0
 
 
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn magnitude
+
+
+def check_scale_overflow(ck: Checkpoint, modules: list[str], spec, fmt: IntFormat, *,
+                         progress: bool | None = None, chunk_rows: int = 1024) -> None:
+    """Refuse, before anything is written, a quantization whose group scale overflows the format's scale dtype
+    (fp16 in the AutoAWQ and GPTQ layouts: a scale >= 65520 rounds to inf). A no-op for bf16-scale formats.
+
+    FP8 source: ``|w| <= 448 * scale_inv`` of its 128x128 block (times ``1 + 2^-8`` for the bf16 rounding of the
+    product), so :func:`~dsconvert.quant.rtn.scale_bound` over the largest ``scale_inv`` proves most tensors safe
+    from their scales alone; only the others are dequantized and their exact group scales computed. BF16/F32
+    source: every weight's exact group scales are computed, reading each weight once (progress on stderr).
+    The check is exact for RTN; ``--awq``/``--gptq`` change the weights while calibrating, and a scale that
+    overflows only after that is still refused by the kernel, naming the module.
+
+    Raises:
+        BadInputError (exit 3): naming the first tensor and its source file, the largest scale, how many tensors
+            overflow; the hint names ``--format compressed-tensors`` (bf16 scales) and ``--ignore``.
+    """
+    from ..formats.safetensors_io import read_tensor
+    from ..quant.fp8_block import dequant_fp8_block
+    from ..quant.rtn import raw_group_scales, scale_bound, scale_overflows
+
+    conv = getattr(fmt, "convention", None)
+    if conv is None or conv.scale_dtype != torch.float16 or not isinstance(spec, QuantSpec):
+        return  # bf16/fp8 scales, or a mixed recipe (its groups use compressed-tensors' bf16/fp8 scales)
+    sdt = conv.scale_dtype
+    names = [m + ".weight" for m in modules]
+    need: list[str] = []
+    for n in names:
+        if ck.entry(n).dtype == "F8_E4M3":
+            s_max = float(ck.read(ck.scale_of(n)).max())
+            bound = scale_bound(FP8_E4M3_MAX * s_max * (1 + 2 ** -8), spec.bits)
+            if not bool(scale_overflows(torch.tensor([bound]), sdt)):
+                continue  # proven safe by the scales alone
+        need.append(n)
+    bad: list[tuple[str, int, float]] = []  # (weight, groups overflowing, largest scale)
+    with ByteProgress(sum(ck.entry(n).nbytes for n in need), f"{COMMAND}: fp16 scale check",
+                      enabled=progress if need else False) as bar:
+        for n in need:
+            ent = ck.entry(n)
+            m = int(ent.shape[0])
+            bm = ck.fp8.block[0] if ck.fp8 is not None else 1
+            step = max(bm, chunk_rows // bm * bm)  # whole FP8 block-rows per chunk
+            count, top = 0, 0.0
+            scale = ck.read(ck.scale_of(n)) if ent.dtype == "F8_E4M3" else None
+            bar.describe(n, boundary=False)
+            with open(ck.path_of(n), "rb") as f:
+                for r0 in range(0, m, step):
+                    r1 = min(m, r0 + step)
+                    w = read_tensor(f, ent, (r0, r1))
+                    if scale is not None:
+                        w = dequant_fp8_block(w, scale[r0 // bm: -(-r1 // bm)], ck.fp8.block)
+                    sc = raw_group_scales(w, spec, conv)
+                    over = scale_overflows(sc, sdt)
+                    count += int(over.sum())
+                    top = max(top, float(sc.max()))
+                    bar.advance(ent.nbytes * (r1 - r0) // m)
+            if count:
+                bad.append((n, count, top))
+    if not bad:
+        return
+    n, count, top = bad[0]
+    more = f"; {len(bad) - 1} more tensors overflow too" if len(bad) > 1 else ""
+    pats: list[str] = []
+    for b in bad:
+        for p in _ignore_patterns(module_of(b[0]), modules):
+            if p not in pats:
+                pats.append(p)
+    ignore = " ".join(f"--ignore '{p}'" if p.startswith("re:") else f"--ignore {p}" for p in pats[:3]) \
+        + (" ..." if len(pats) > 3 else "")
+    raise BadInputError(f"{ck.path_of(n)}: tensor {n!r}: {count} group scales overflow float16 in the {fmt.name} "
+                        f"layout (largest {top:.6g}; float16 holds at most 65504){more}",
+                        hint=f"use --format compressed-tensors (bfloat16 scales), or keep the module in BF16 with "
+                             f"{ignore}")
+
+
+def _ignore_patterns(module: str, modules: list[str]) -> list[str]:
+    """The ``--ignore`` patterns that keep ``module`` in BF16 together with the members of its fused group (a
+    group must share one precision: :func:`~.policy.check_fused_groups`): all routed experts of a layer as one
+    regex, else the members by name."""
+    from .policy import fused_group
+
+    g = fused_group(module + ".weight")
+    if g is None:
+        return [module]
+    if "routed experts" in g:
+        prefix = module.split(".experts.", 1)[0] + ".experts."
+        return ["re:" + re.escape(prefix) + r"\d+\."]
+    return [m for m in modules if fused_group(m + ".weight") == g]
+
+
 def _index(shards: list[OutShard]) -> dict:
     wm = {t.name: s.name for s in shards for t in s.tensors}
     return {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": dict(sorted(wm.items()))}
@@ -523,8 +616,9 @@ def _error_summary(errors: dict[str, float]) -> dict:
 
 
 def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, overwrite: bool = False,
-        resume: bool = True, progress: bool | None = None) -> dict:
-    """Quantize ``src`` into ``out``; returns the JSON report (also ``out/report.json``).
+        resume: bool = True, progress: bool | None = None, verify: str = "full") -> dict:
+    """Quantize ``src`` into ``out``; returns the JSON report (also ``out/report.json``). ``verify`` (``full`` |
+    ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md, Resume).
 
     Raises:
         BadInputError / UnsupportedError (exit 3), UsageError / ShapeError / OutputExistsError (exit 2).
@@ -585,6 +679,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         for r in assign.recipe.unmatched_rules([module_of(n) for n in assign.decisions]):
             report.setdefault("warnings", []).append(f"recipe rule {list(r.targets)} -> {r.scheme or 'BF16'} "
                                                      f"({r.origin}) matched no quantizable module")
+    report.setdefault("warnings", []).extend(p.to_dict() for p in tokenizer_problems(ck.root, ck.config))
+    if not report["warnings"]:
+        del report["warnings"]
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="the largest module is quantized in float32 (calibrated methods: one layer's "
                           "activations and working set; lower --num-samples/--seq-len); raise --max-memory")
@@ -609,6 +706,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
                                  "modules_unobserved": sorted(m for m in targets if m not in assign.input_amax)[:20]}
     if out is None:
         raise UsageError("missing -o/--output", hint="dsconvert quantize SRC -o OUT --scheme W4A16")
+    check_scale_overflow(ck, plan.quantized_modules, spec, fmt, progress=progress)  # before OUT/manifest.json
     out = Path(out)
     parts = {"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]), "options": opts.fingerprinted(),
              "command": COMMAND}
@@ -616,7 +714,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
                               parts=parts,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files,
-                                              *fmt.sidecar_files(plan.config["quantization_config"])))
+                                              *fmt.sidecar_files(plan.config["quantization_config"])),
+                              verify=verify, progress=progress)
     from .calibrated import STATE_NAME
     if engine is not None:
         engine.resume(out, decision.done, plan.shards)
@@ -645,6 +744,10 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         report["calibration"] = engine.report()
     full = dict(report, module_errors=dict(sorted(cache.errors.items(), key=lambda kv: _natural_key(kv[0]))))
     write_atomic(out / REPORT_NAME, (json.dumps(full, indent=2, default=str) + "\n").encode())
+    if not decision.already_complete:
+        decision.manifest.record_complete(
+            out, [INDEX_NAME, "config.json", *plan.files, *fmt.sidecar_files(plan.config["quantization_config"])],
+            {t.name: (s.name, t.dtype, t.shape) for s in plan.shards for t in s.tensors})
     decision.manifest.complete = True
     decision.manifest.save(out)
     (out / STATE_NAME).unlink(missing_ok=True)  # calibration resume state is only needed until completion

@@ -26,6 +26,7 @@ from ..errors import BadInputError, UsageError
 from ..model import ReferenceModel
 from ..model.metrics import compare_logits, layer_errors
 from ..report import base_report, peak_rss_bytes
+from ..units import bytes_fields
 from .progress import ByteProgress
 from .weights import CheckpointWeightSource
 
@@ -43,6 +44,8 @@ class ValidateOptions:
     min_top1: float = 0.97
     dtype: str = "float32"
     emulate_activations: bool = True  # quantize-dequantize Linear inputs the candidate declares (docs/int-formats.md §13)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto: where the forward computes (weights are read on the CPU)
+    max_memory: int | None = None  # bytes; refuse (exit 2) when the estimated peak RAM is above it
 
 
 class LayerCachedSource:
@@ -189,12 +192,13 @@ def activation_hook(source) -> tuple[object | None, dict | None]:
 
 
 def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hidden: bool,
-                 progress: ByteProgress | None = None, label: str = "", on_linear=None
-                 ) -> tuple[list[torch.Tensor], list[list]]:
-    """Layer-major forward of several sequences: returns (logits per sequence, hidden states per layer per seq).
+                 progress: ByteProgress | None = None, label: str = "", on_linear=None,
+                 device: torch.device | None = None) -> tuple[list[torch.Tensor], list[list]]:
+    """Layer-major forward of several sequences: returns (logits per sequence, hidden states per layer per seq),
+    on the CPU whatever ``device`` computed them.
 
     ``on_linear`` is the reference forward's Linear input hook (it may replace a Linear's input)."""
-    model = ReferenceModel(LayerCachedSource(source), dtype=dtype)
+    model = ReferenceModel(LayerCachedSource(source), dtype=dtype, device=device)
     n = model.cfg.num_hidden_layers
     ids = [torch.tensor(s, dtype=torch.long) for s in seqs]
     pos = [torch.arange(len(s)) for s in seqs]
@@ -206,23 +210,45 @@ def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hi
                 progress.describe(f"{label} layer ({layer + 1}/{n})")
             hs = model.layer_forward_many(layer, hs, pos, on_linear)
             if return_hidden:
-                hidden.append([h.float().clone() for h in hs])
+                hidden.append([h.to("cpu", torch.float32, copy=True) for h in hs])
             if progress is not None:
                 progress.advance(1)
         logits = [model.head(h) for h in hs]
     return logits, hidden
 
 
+def _estimate(paths_configs: list[tuple[Path, dict]], config: dict, seq_lens: list[int], dtype: torch.dtype,
+              device: torch.device, validate: bool) -> dict:
+    from .forward_plan import estimate_forward, model_cost
+
+    return estimate_forward([model_cost(c, p) for p, c in paths_configs], config, seq_lens,
+                            torch.empty((), dtype=dtype).element_size(), validate=validate,
+                            on_gpu=device.type == "cuda")
+
+
+def _check_memory(plan: dict, max_memory: int | None) -> None:
+    from .pipeline import check_max_memory
+
+    check_max_memory(plan["peak_memory_estimate"]["bytes"], max_memory,
+                     hint="the forward holds one decoder layer, the embedding or lm_head, activations and (validate) "
+                          "every layer's hidden states: fewer --num-samples / a shorter --seq-len, --dtype "
+                          "bfloat16, or raise --max-memory")
+
+
 def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: str, out: Path | None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, *, device: str = "cpu", max_memory: int | None = None,
+               dry_run: bool = False) -> dict:
     """``dsconvert logits``: float32 ``[tokens, vocab]`` logits of the reference forward, saved as .npy.
-    ``src`` is a checkpoint directory or a ``.gguf`` file (or the first file of a split set).
+    ``src`` is a checkpoint directory or a ``.gguf`` file (or the first file of a split set). ``dry_run`` returns
+    the plan (:mod:`.forward_plan`: peak memory, bytes read, tokens x active parameters, FLOPs) without running.
 
     Raises:
         OutputExistsError (exit 2): ``out`` exists and ``overwrite`` is not set (checked before the forward).
-        UsageError (exit 2): ids and text both or neither given, ids outside the vocabulary.
+        UsageError (exit 2): ids and text both or neither given, ids outside the vocabulary, an estimated peak
+            above ``max_memory``, a CUDA device that is not there.
     """
     from ..errors import OutputExistsError
+    from .fp8_to_bf16 import resolve_device
     from .manifest import write_atomic
 
     t0 = time.perf_counter()
@@ -232,14 +258,22 @@ def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: 
         raise UsageError("give exactly one of --token-ids and --text")
     if text is not None and str(src).endswith(".gguf"):
         raise UsageError("--text needs the checkpoint's tokenizer.json; for a GGUF file pass --token-ids")
+    dev = resolve_device(device)
     source = weight_source(Path(src))
     ids = token_ids if token_ids is not None else tokenize(Path(src), text)
     vocab = int(source.config["vocab_size"])
     if not ids or any(not 0 <= t < vocab for t in ids):
         raise UsageError(f"token ids must be non-empty and inside 0..{vocab - 1}")
-    logits, _ = forward_many(source, [ids], _dtype(dtype), return_hidden=False)
-    arr = logits[0].float().numpy()
+    plan = _estimate([(Path(src), source.config)], source.config, [len(ids)], _dtype(dtype), dev, validate=False)
+    _check_memory(plan, max_memory)
     rep = base_report("logits")
+    rep.update({"source": str(src), "tokens": len(ids), "token_ids": ids, "dtype": dtype, "device": str(dev),
+                "dry_run": dry_run, "plan": plan})
+    if dry_run:
+        rep["output"] = str(out) if out else None
+        return rep
+    logits, _ = forward_many(source, [ids], _dtype(dtype), return_hidden=False, device=dev)
+    arr = logits[0].float().numpy()
     if out is not None:
         import io
 
@@ -247,9 +281,9 @@ def run_logits(src: Path, token_ids: list[int] | None, text: str | None, dtype: 
         buf = io.BytesIO()
         np.save(buf, arr)
         write_atomic(out, buf.getvalue())
-    rep.update({"source": str(src), "tokens": len(ids), "token_ids": ids, "shape": list(arr.shape),
-                "dtype": dtype, "output": str(out) if out else None,
-                "top1": arr.argmax(-1).tolist(), "seconds": round(time.perf_counter() - t0, 3)})
+    rep.update({"shape": list(arr.shape), "output": str(out) if out else None,
+                "top1": arr.argmax(-1).tolist(), "seconds": round(time.perf_counter() - t0, 3),
+                "peak_rss": bytes_fields(peak_rss_bytes())})
     return rep
 
 
@@ -290,19 +324,86 @@ def failed_checks(mean_kld: float, same_top_p: float, nonfinite: bool, opts: "Va
     return out
 
 
-def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, progress: bool | None = None) -> dict:
+def _tokenizer_checks(model_dir: Path, role: str, config: dict, opts: ValidateOptions) -> list[dict]:
+    """The ``tokenizer`` check of one checkpoint folder: ``tokenizer.json`` against config.json (ids inside
+    ``vocab_size``, bos/eos at config.json's ids; docs/checkpoint-layout.md §15), then a smoke test: the text
+    validate would score is tokenized and every id must be inside the vocabulary."""
+    from ..formats.tokenizer_check import tokenizer_problems
+
+    out = []
+    for p in tokenizer_problems(model_dir, config):
+        if p.kind == "tokenizer_missing":
+            continue  # needed only for text: tokenize() refuses then, with its own message (exit 3)
+        out.append({"check": "tokenizer", "value": p.kind, "threshold": None,
+                    "message": f"{role} {model_dir}: {p.message}", "hint": p.hint})
+    if out or opts.token_ids or not (model_dir / "tokenizer.json").is_file():
+        return out
+    try:
+        text = Path(opts.prompts or BUNDLED_TEXT).read_text(encoding="utf-8")[:4000]
+    except OSError:
+        return out  # sequences() reports an unreadable --prompts file
+    vocab = int(config.get("vocab_size") or 0)
+    ids = tokenize(model_dir, text)
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        out.append({"check": "tokenizer", "value": "tokenization_smoke_test", "threshold": None,
+                    "message": f"{role} {model_dir}: tokenizing the validation text gives {len(bad)} ids outside "
+                               f"the vocabulary 0..{vocab - 1} (first {bad[0]})",
+                    "hint": "use the tokenizer.json released with this checkpoint"})
+    return out
+
+
+def _loadability_checks(candidate: Path) -> list[dict]:
+    """Structure a serving engine needs, from headers only: an INT checkpoint must not split a fused group
+    ({q_a_proj, kv_a_proj_with_mqa}, {gate_proj, up_proj}, a layer's experts) across precisions: vLLM and SGLang
+    load each group as one fused layer and refuse the mix (docs/int-formats.md)."""
+    if not Path(candidate).is_dir():
+        return []
+    from ..formats.checkpoint import scan
+    from ..formats.registry import detect_format
+    from .inspect import _int_summary
+
+    ck = scan(candidate)
+    qc = ck.config.get("quantization_config") or {}
+    fmt = detect_format(qc) if qc and qc.get("quant_method") != "fp8" else None
+    if fmt is None or not hasattr(fmt, "spec_from_config"):
+        return []
+    _, probs, _, _ = _int_summary(ck, fmt)
+    return [{"check": p["kind"], "value": False, "threshold": True, "message": f"candidate {candidate}: "
+             + p["message"], "hint": p.get("hint")} for p in probs if p["kind"] == "fused_group_split"]
+
+
+def pre_checks(candidate: Path, reference: Path, cand_config: dict, ref_config: dict,
+               opts: ValidateOptions) -> list[dict]:
+    """The checks validate runs before any forward pass, each a failed-check dict like :func:`failed_checks`:
+    ``tokenizer`` (reference and candidate folders) and ``fused_group_split`` (an INT candidate). Any failure
+    fails the validation (exit 4) without running the forward pass."""
+    out = _tokenizer_checks(Path(reference), "reference", ref_config, opts)
+    if Path(candidate).is_dir() and Path(candidate).resolve() != Path(reference).resolve():
+        out += _tokenizer_checks(Path(candidate), "candidate", cand_config, opts)
+    return out + _loadability_checks(Path(candidate))
+
+
+def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, progress: bool | None = None,
+                 dry_run: bool = False) -> dict:
     """Compare ``candidate`` against ``reference`` through the reference forward; returns the report with
-    ``passed`` set. The caller maps ``passed == False`` to exit code 4.
+    ``passed`` set. The caller maps ``passed == False`` to exit code 4. ``dry_run`` returns the plan instead
+    (:mod:`.forward_plan`: peak memory, bytes read, tokens x active parameters, FLOPs; with the pre-checks'
+    findings) and runs nothing.
 
     ``failed_checks`` names each failed threshold and by how much.
 
     Raises:
-        UsageError: thresholds out of range (:func:`check_thresholds`).
+        UsageError: thresholds out of range (:func:`check_thresholds`), an estimated peak above
+            ``opts.max_memory``, a CUDA device that is not there.
         BadInputError: either checkpoint is unreadable, or they disagree on vocabulary / layer count.
     """
     t0 = time.perf_counter()
+    from .fp8_to_bf16 import resolve_device
+
     check_thresholds(opts)
     dtype = _dtype(opts.dtype)
+    dev = resolve_device(opts.device)
     ref_src = CheckpointWeightSource(reference)
     cand_src = weight_source(candidate)
     rc, cc = ref_src.config, cand_src.config
@@ -310,14 +411,34 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         if rc.get(key) != cc.get(key):
             raise BadInputError(f"{candidate}: config {key} {cc.get(key)} differs from the reference's {rc.get(key)}",
                                 hint="validate a conversion against its own source")
-    seqs = sequences(Path(reference), opts, int(rc["vocab_size"]))
+    rep = base_report("validate")
+    rep.update({"candidate": str(candidate), "reference": str(reference),
+                "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+                "thresholds": {"max_kld": opts.max_kld, "min_top1": opts.min_top1}})
+    pre = pre_checks(Path(candidate), Path(reference), cc, rc, opts)
+    if pre and not dry_run:  # the forward pass (hours on the release) would measure a checkpoint unusable as is
+        rep.update({"passed": False, "failed_checks": pre, "forward": "skipped: a pre-check failed",
+                    "seconds": round(time.perf_counter() - t0, 3), "peak_rss": peak_rss_bytes()})
+        return rep
+    if pre:  # a dry run still plans, with the nominal sequence lengths (the tokenizer is what failed)
+        seqs = [list(opts.token_ids)] if opts.token_ids else [[0] * opts.seq_len] * opts.num_samples
+    else:
+        seqs = sequences(Path(reference), opts, int(rc["vocab_size"]))
+    plan = _estimate([(Path(reference), rc), (Path(candidate), cc)], rc, [len(s) for s in seqs], dtype, dev,
+                     validate=True)
+    _check_memory(plan, opts.max_memory)
+    rep["plan"] = plan
+    rep["device"] = str(dev)
+    if dry_run:
+        rep.update({"dry_run": True, "pre_checks_failed": pre})
+        return rep
     n_layers = int(rc["num_hidden_layers"])
     with ByteProgress(2 * n_layers, "validate", enabled=progress, unit="layers") as bar:
         ref_logits, ref_hidden = forward_many(ref_src, seqs, dtype, return_hidden=True, progress=bar,
-                                              label="reference")
+                                              label="reference", device=dev)
         hook, emulation = activation_hook(cand_src) if opts.emulate_activations else (None, None)
         cand_logits, cand_hidden = forward_many(cand_src, seqs, dtype, return_hidden=True, progress=bar,
-                                                label="candidate", on_linear=hook)
+                                                label="candidate", on_linear=hook, device=dev)
     metrics = _pool(ref_logits, cand_logits, seqs)
     layers = []
     for i in range(n_layers):
@@ -328,10 +449,8 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
     nonfinite = not (metrics["cand_nonfinite"]["ok"] and metrics["ref_nonfinite"]["ok"])
     failed = failed_checks(metrics["mean_kld"], metrics["same_top_p"], nonfinite, opts)
     passed = not failed
-    rep = base_report("validate")
     rep.update({
-        "candidate": str(candidate), "reference": str(reference),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "forward": "run",
         "sequences": len(seqs), "tokens": sum(len(s) for s in seqs),
         **{k: metrics[k] for k in ("mean_kld", "max_kld", "p999_kld", "p99_kld", "median_kld", "same_top_p",
                                    "rms_dp", "ppl_reference", "ppl_candidate", "ln_ppl_ratio", "n_positions")},
@@ -339,7 +458,6 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         "layers": layers,
         "first_diverging_layer": first_div,
         "largest_error_jump_layer": largest_jump,
-        "thresholds": {"max_kld": opts.max_kld, "min_top1": opts.min_top1},
         "activation_emulation": ({**emulation, "modules_emulated": len(emulation["modules_emulated"])}
                                  if emulation else None),
         "passed": passed,

@@ -62,6 +62,10 @@ class Checkpoint:
             by that format's codec, not as DeepSeek FP8 weights.
         v4: the DeepSeek-V4 geometry when ``model_type`` is ``deepseek_v4`` (release layout: ``<stem>.scale``
             partners, FP4 experts, ``mtp.*``; docs/checkpoint-layout.md §11-12), else None.
+        unreadable: tensor name -> shard, for tensors the index places in a shard whose header cannot be read
+            (those tensors are not in ``tensors``; the shard's own problem says why). A truncated shard whose
+            header parses keeps its tensors in ``tensors`` (counted, partners found) and gets one
+            ``truncated_shard`` problem.
     """
 
     root: Path
@@ -74,6 +78,7 @@ class Checkpoint:
     problems: list[Problem] = field(default_factory=list)
     quantized: bool = False
     v4: v4.V4Geometry | None = None
+    unreadable: dict[str, str] = field(default_factory=dict)
 
     # -- partners -----------------------------------------------------------------------------------------
     def is_fp8_weight(self, name: str) -> bool:
@@ -245,8 +250,13 @@ def scan(root: str | os.PathLike) -> Checkpoint:
             headers[s] = read_header(p)
             ok_shards.append(s)
         except BadInputError as e:
-            problems.append(Problem("bad_shard", e.message, s, hint=e.hint,
-                                    unsupported=isinstance(e, UnsupportedError)))
+            try:  # a header that parses but promises more bytes than the file has: a cut-short download
+                headers[s] = read_header(p, check_size=False)
+                ok_shards.append(s)
+                kind = "truncated_shard"
+            except BadInputError:
+                kind = "bad_shard"
+            problems.append(Problem(kind, e.message, s, hint=e.hint, unsupported=isinstance(e, UnsupportedError)))
 
     tensors: dict[str, tuple[str, TensorEntry]] = {}
     for s in ok_shards:
@@ -267,14 +277,16 @@ def scan(root: str | os.PathLike) -> Checkpoint:
                                         + (f"maps it to {weight_map[name]}" if name in weight_map else "omits it"),
                                         s, name, hint="the index and the shards disagree; re-download them"))
 
+    unreadable = {n: s for n, s in (weight_map or {}).items() if s not in headers and n not in tensors}
     ck = Checkpoint(root, config, fp8, shard_names, headers, tensors, index_metadata, problems, quantized=quantized,
-                    v4=geom)
+                    v4=geom, unreadable=unreadable)
     if geom is not None:
         _check_v4(ck)
     elif config.get("model_type") != v4.MODEL_TYPE:
         _check_pairs(ck)
     ts = index_metadata.get("total_size")
-    if isinstance(ts, int) and not any(p.kind in ("missing_shard", "bad_shard") for p in problems):
+    if isinstance(ts, int) and not any(p.kind in ("missing_shard", "bad_shard", "truncated_shard")
+                                       for p in problems):
         actual = sum(e.nbytes for _, e in tensors.values())
         if ts != actual:
             problems.append(Problem("total_size", f"index metadata.total_size is {ts} but the tensors hold {actual} "
@@ -313,6 +325,8 @@ def _check_pairs(ck: Checkpoint) -> None:
                 ck.problems.append(Problem("fp8_shape", f"FP8 tensor {name!r} has shape {list(ent.shape)}; block "
                                            "dequantization needs 2-D weights", s, name, unsupported=True))
                 continue
+            if sname not in ck.tensors and sname in ck.unreadable:
+                continue  # the index puts the scale in a missing or unreadable shard: that shard's problem says so
             if sname not in ck.tensors:
                 ck.problems.append(Problem("missing_scale", f"FP8 tensor {name!r} has no {sname.rsplit('.', 1)[-1]}"
                                            " partner anywhere in the checkpoint", s, name,

@@ -50,9 +50,10 @@ class ForwardOutput(NamedTuple):
 class _Cast:
     """A getter that fetches each name once from ``source`` and casts it to ``dtype``; drop it to free."""
 
-    def __init__(self, source: WeightSource, dtype: torch.dtype):
+    def __init__(self, source: WeightSource, dtype: torch.dtype, device: torch.device | None = None):
         self._source = source
         self._dtype = dtype
+        self._device = device
         self._cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -63,6 +64,8 @@ class _Cast:
             # transformers (``_keep_in_fp32_modules_strict``).
             if not name.endswith((".mlp.gate.weight", "e_score_correction_bias")):
                 t = t.to(self._dtype)
+            if self._device is not None:
+                t = t.to(self._device)
             self._cache[name] = t
         return t
 
@@ -75,6 +78,8 @@ class ReferenceModel:
         dtype: computation dtype, ``torch.float32`` (default) or ``torch.bfloat16``. RMSNorm
             statistics, attention softmax, RoPE and the router are float32 in both.
         config: a pre-built :class:`ModelConfig`; default ``ModelConfig.from_hf(source.config)``.
+        device: where weights (cast per layer) and activations live; the source is read on the CPU and each
+            tensor moved there as it is used. Logits and returned hidden states come back on the CPU. Default CPU.
 
     Example (a calibration loop)::
 
@@ -86,14 +91,17 @@ class ReferenceModel:
         logits = m.head(h)
     """
 
-    def __init__(self, source: WeightSource, dtype: torch.dtype = torch.float32, config: ModelConfig | None = None):
+    def __init__(self, source: WeightSource, dtype: torch.dtype = torch.float32, config: ModelConfig | None = None,
+                 device: torch.device | str | None = None):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         self.source = source
         self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._dev = None if self.device.type == "cpu" else self.device  # None: no copies on the CPU path
         self.cfg = config if config is not None else ModelConfig.from_hf(source.config)
         self.softmax_scale = softmax_scale(self.cfg)
-        self._inv_freq = rope_inv_freq(self.cfg)  # (qk_rope_head_dim/2,) float32
+        self._inv_freq = rope_inv_freq(self.cfg).to(self.device)  # (qk_rope_head_dim/2,) float32
         self._attn_factor = rope_attention_factor(self.cfg)
 
     # -- pieces -------------------------------------------------------------------------------
@@ -101,14 +109,14 @@ class ReferenceModel:
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary tables for ``positions`` ``(T,)`` int64: ``(cos, sin)`` ``(T, qk_rope_head_dim/2)`` float32, as
         :meth:`layer_forward` uses them (YaRN attention factor included)."""
-        return rope_cos_sin(self._inv_freq, positions.to(torch.long), self._attn_factor)
+        return rope_cos_sin(self._inv_freq, positions.to(self.device, torch.long), self._attn_factor)
 
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """``(T,)`` int64 token ids -> ``(T, hidden)`` in the compute dtype."""
         token_ids = self._check_ids(token_ids)
         w = self.source.get("model.embed_tokens.weight")  # (vocab, hidden)
-        return w[token_ids].to(self.dtype)
+        return w[token_ids].to(self.device, self.dtype)
 
     def layer_forward(
         self,
@@ -163,12 +171,12 @@ class ReferenceModel:
         if not 0 <= layer_idx < cfg.num_hidden_layers:
             raise IndexError(f"layer_idx {layer_idx} outside 0..{cfg.num_hidden_layers - 1} (the MTP layer is not run)")
         prefix = f"model.layers.{layer_idx}"
-        get = _Cast(self.source, self.dtype)
+        get = _Cast(self.source, self.dtype, self._dev)
         attn_out = []
         for hidden, pos in zip(hiddens, positions):
             self._check_len(hidden.shape[0])
-            hidden = hidden.to(self.dtype)
-            pos = pos.to(torch.long)
+            hidden = hidden.to(self.device, self.dtype)
+            pos = pos.to(self.device, torch.long)
             cos, sin = rope_cos_sin(self._inv_freq, pos, self._attn_factor)  # (T, dr/2) each
             x = rms_norm(hidden, get(f"{prefix}.input_layernorm.weight"), cfg.rms_norm_eps)
             attn_out.append(hidden + mla_attention(
@@ -183,18 +191,18 @@ class ReferenceModel:
 
     def head(self, hidden: torch.Tensor, on_linear: LinearHook | None = None) -> torch.Tensor:
         """Final RMSNorm then ``lm_head`` (``embed_tokens`` if tied): ``(T, hidden)`` -> ``(T, vocab)`` float32."""
-        get = _Cast(self.source, self.dtype)
-        x = rms_norm(hidden.to(self.dtype), get("model.norm.weight"), self.cfg.rms_norm_eps)
+        get = _Cast(self.source, self.dtype, self._dev)
+        x = rms_norm(hidden.to(self.device, self.dtype), get("model.norm.weight"), self.cfg.rms_norm_eps)
         tied = self.cfg.tie_word_embeddings and not self.source.has("lm_head.weight")
         name = "model.embed_tokens" if tied else "lm_head"
         if on_linear is not None:
             on_linear(name, x)
         w = self.source.get(name + ".weight")  # (vocab, hidden), source dtype
-        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)  # (T, vocab)
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=self.device)  # (T, vocab)
         for r0 in range(0, w.shape[0], HEAD_CHUNK_ROWS):
-            wc = w[r0 : r0 + HEAD_CHUNK_ROWS].to(self.dtype)  # (rows, hidden)
+            wc = w[r0 : r0 + HEAD_CHUNK_ROWS].to(self.device, self.dtype)  # (rows, hidden)
             out[:, r0 : r0 + wc.shape[0]] = F.linear(x, wc).to(torch.float32)
-        return out
+        return out.cpu()
 
     # -- whole model ----------------------------------------------------------------------------
 
@@ -228,7 +236,7 @@ class ReferenceModel:
         for i in range(n):
             h = self.layer_forward(i, h, positions, on_linear=on_linear)
             if hiddens is not None:
-                hiddens.append(h.to(torch.float32).clone())
+                hiddens.append(h.to("cpu", torch.float32, copy=True))
             if progress is not None:
                 progress(i, n)
         return ForwardOutput(self.head(h, on_linear=on_linear), hiddens)
@@ -238,7 +246,7 @@ class ReferenceModel:
     # -- helpers --------------------------------------------------------------------------------
 
     def _expert_getter(self, expert_prefix: str) -> Getter:
-        return _Cast(self.source, self.dtype)
+        return _Cast(self.source, self.dtype, self._dev)
 
     def _check_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
         token_ids = torch.as_tensor(token_ids, dtype=torch.long)

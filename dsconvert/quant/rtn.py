@@ -203,17 +203,59 @@ class QTensor:
         return QTensor(q, self.scale, zero, self.spec, convention)
 
 
-def _round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round a float32 scale to ``dtype`` (RNE), replace zeros by ``eps(dtype)``, return float32 again."""
+def _round_scale(scale: torch.Tensor, dtype: torch.dtype, name: str | None = None) -> torch.Tensor:
+    """Round a float32 scale to ``dtype`` (RNE), replace zeros by ``eps(dtype)``, return float32 again.
+
+    Raises:
+        BadInputError: a scale rounds to inf in ``dtype`` (``name``: the tensor, for the message)."""
     s = scale.to(dtype)
     s = torch.where(s == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype, device=s.device), s)
     if not torch.isfinite(s).all():
         raise BadInputError(
-            f"a quantization scale overflows {dtype} (largest group range {float(scale.max()):.4g})",
+            (f"tensor {name}: " if name else "")
+            + f"a quantization scale overflows {dtype} (largest group range {float(scale.max()):.4g})",
             hint="the weight holds huge or non-finite values; check the source tensor, or use a "
                  "bfloat16-scale format (compressed-tensors)",
         )
     return s.to(torch.float32)
+
+
+def raw_group_scales(w: torch.Tensor, spec: QuantSpec, convention: Convention = COMPRESSED_TENSORS) -> torch.Tensor:
+    """The min-max scale of every group of ``w`` ``[N, K]`` before it is rounded to the storage dtype: the value
+    :func:`compute_qparams` rounds. Symmetric ``amax / ((2^b - 1) / 2)``; asymmetric ``(hi - lo) / (2^b - 1)``
+    with ``lo = min(w, 0)``, ``hi = max(w, 0)`` (and the convention's range floor). Both are at most
+    ``amax / ((2^b - 1) / 2)``, the bound :func:`scale_bound` uses.
+
+    Returns:
+        float32 ``[N, K // g]`` (``g = K`` for ``group_size -1``).
+    Raises:
+        ShapeError: ``group_size`` does not divide K.
+    """
+    if w.dim() != 2:
+        raise ShapeError(f"expected a 2-D [N, K] weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    g = k if spec.group_size <= 0 else spec.group_size
+    if k % g:
+        raise ShapeError(f"group size {g} does not divide K={k}")
+    x = w.reshape(n, k // g, g).to(torch.float32)  # (N, K/g, g)
+    levels = (1 << spec.bits) - 1
+    if spec.symmetric:
+        return x.abs().amax(dim=-1) / (levels / 2)
+    rng = x.amax(dim=-1).clamp(min=0.0) - x.amin(dim=-1).clamp(max=0.0)
+    if convention.range_floor:
+        rng = rng.clamp(min=convention.range_floor)
+    return rng / levels
+
+
+def scale_bound(amax: float, bits: int) -> float:
+    """An upper bound on every group scale of a weight whose largest magnitude is ``amax``:
+    ``amax / ((2^b - 1) / 2)`` (see :func:`raw_group_scales`)."""
+    return float(amax) / (((1 << bits) - 1) / 2)
+
+
+def scale_overflows(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask of the float32 ``scale`` values that round (RNE) to inf in ``dtype`` (fp16: >= 65520)."""
+    return ~torch.isfinite(scale.to(dtype))
 
 
 def compute_qparams(
@@ -356,14 +398,14 @@ def quantize_with_error(
                 raise BadInputError(f"tensor {name or ''} holds NaN or inf values".replace("  ", " "),
                                     hint="check the source checkpoint; dsconvert will not quantize non-finite weights")
             if spec.symmetric:
-                s = _round_scale(torch.maximum(hi, -lo) / (levels / 2), convention.scale_dtype)
+                s = _round_scale(torch.maximum(hi, -lo) / (levels / 2), convention.scale_dtype, name)
                 z = None if signed else torch.full_like(s, off, dtype=qdt)
             else:
                 lo = lo.clamp(max=0.0)
                 rng = hi.clamp(min=0.0) - lo
                 if convention.range_floor:
                     rng = rng.clamp(min=convention.range_floor)
-                s = _round_scale(rng / levels, convention.scale_dtype)
+                s = _round_scale(rng / levels, convention.scale_dtype, name)
                 zero_u = torch.round(-lo / s).clamp(0, levels)
                 z = (zero_u - off if signed else zero_u).to(qdt)
             scale[r0:r1] = s
