@@ -58,6 +58,25 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cu
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="output shards written concurrently")]
 MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse plans above this peak RAM (e.g. 8G, 6GiB)")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
+RayOpt = Annotated[Optional[str], typer.Option(
+    "--ray", metavar="ADDRESS", help="run the work units on a Ray cluster: HOST:PORT, ray://HOST:10001, or auto "
+                                     "(RAY_ADDRESS or the cluster `ray start` began here); SRC and OUT must be "
+                                     "on a filesystem every node mounts at the same path")]
+RayCpusOpt = Annotated[float, typer.Option("--ray-cpus-per-task", help="--ray: CPUs each unit reserves")]
+RayGpusOpt = Annotated[float, typer.Option("--ray-gpus-per-task", help="--ray: GPUs each unit reserves (CUDA path)")]
+RayInFlightOpt = Annotated[Optional[int], typer.Option(
+    "--ray-max-in-flight", min=1, help="--ray: units running at once (bounds memory); default: cluster CPUs / "
+                                       "CPUs per task")]
+RayRetriesOpt = Annotated[int, typer.Option("--ray-max-retries", min=0,
+                                            help="--ray: resubmissions of a unit whose worker died")]
+
+
+def _executor(ray: str | None, cpus: float, gpus: float, in_flight: int | None, retries: int, workers: int):
+    """The executor of the ``--ray*`` flags (local threads without ``--ray``). Raises UsageError (exit 2)."""
+    from .convert.executor import ExecOptions, make_executor
+
+    return make_executor(ExecOptions(ray=ray, cpus_per_task=cpus, gpus_per_task=gpus, max_in_flight=in_flight,
+                                     max_retries=retries), workers)
 
 
 def _json_safe(obj):
@@ -268,6 +287,11 @@ def fp8_to_bf16_cmd(
     workers: WorkersOpt = 2,
     max_memory: MaxMemOpt = None,
     validate: Annotated[bool, typer.Option("--validate", help="when done, validate logits against SRC")] = False,
+    ray: RayOpt = None,
+    ray_cpus_per_task: RayCpusOpt = 1.0,
+    ray_gpus_per_task: RayGpusOpt = 0.0,
+    ray_max_in_flight: RayInFlightOpt = None,
+    ray_max_retries: RayRetriesOpt = 3,
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
@@ -284,8 +308,9 @@ def fp8_to_bf16_cmd(
         if not dry_run and output is None:
             from .errors import UsageError
             raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT (or --dry-run)")
+        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, workers)
         rep = f2b.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()), executor=ex)
         if validate and not dry_run:
             rep["validation"] = _validate_after(output, src, quiet)
             if not rep["validation"].get("passed", False):
@@ -313,6 +338,7 @@ def fp8_to_bf16_cmd(
                   f"{rep['seconds']:.1f} s; peak RSS {rep['peak_rss']['gib']:.2f} GiB")
         if p["dropped"]:
             out.print(f"dropped {len(p['dropped'])} tensors: {p['dropped'][0]['reason']}")
+        _print_executor(rep.get("executor") or {})
         if "validation" in rep:
             _print_validation(rep["validation"])
 
@@ -400,6 +426,18 @@ def quantize_cmd(
                           f"({e['worst'][0]['module']})")
 
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+
+
+def _print_executor(ex: dict) -> None:
+    """A Ray run's per-node lines: units, bytes, throughput while busy; and the retries."""
+    if ex.get("backend") != "ray":
+        return
+    out.print(f"ray: {ex.get('nodes', 0)} nodes, {len(ex.get('units', []))} units, at most "
+              f"{ex.get('in_flight_max_seen', 0)} in flight, {len(ex.get('retries', []))} retried")
+    for n in ex.get("nodes_used", []):
+        rate = f"{n['mb_per_s']:.1f} MB/s" if n["mb_per_s"] is not None else "-"
+        out.print(f"  node {n['node_id'][:12]} ({n['host']}): {len(n['units'])} units, {n['bytes'] / 1e9:.3f} GB, "
+                  f"{rate} while busy")
 
 
 def _validate_after(candidate: Path, reference: Path, quiet: bool) -> dict:
