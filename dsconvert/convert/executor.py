@@ -23,9 +23,11 @@ plain log lines are those of a local run (a retried unit's bytes are not counted
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -272,13 +274,15 @@ class RayExecutor(Executor):
         self.retries: list[dict] = []
         self.in_flight_max = 0
         self.cluster: dict = {}
+        self._connected_here = False
         self._lock = threading.Lock()
 
     # -- connection ----------------------------------------------------------------------------------------
     def _connect(self) -> int:
         """Connect to the cluster; return the cap on units in flight."""
         ray = self.ray
-        if not ray.is_initialized():
+        self._connected_here = not ray.is_initialized()  # a library caller may have connected already
+        if self._connected_here:
             try:
                 ray.init(address=self.opts.ray, log_to_driver=False, logging_level="ERROR",
                          configure_logging=True)
@@ -386,6 +390,16 @@ class RayExecutor(Executor):
         todo = [s for s in shards if s.name not in manifest.files]
         if not todo:
             return []
+        # Ray's driver prints the raylet's error messages (a worker died, ...) on sys.stdout, which belongs to
+        # the --json report: send them to stderr while connected, and disconnect when done (unless the caller had connected).
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                return self._write(out_dir, todo, manifest, progress, job, metadata, on_extras)
+            finally:
+                if self._connected_here:
+                    self.ray.shutdown()
+
+    def _write(self, out_dir, todo, manifest, progress, job, metadata, on_extras) -> list[str]:
         cap = self._connect()
         self.cluster["max_in_flight"] = cap
         ray = self.ray
