@@ -381,6 +381,11 @@ def quantize_cmd(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 1,
     max_memory: MaxMemOpt = None,
+    ray: RayOpt = None,
+    ray_cpus_per_task: RayCpusOpt = 1.0,
+    ray_gpus_per_task: RayGpusOpt = 0.0,
+    ray_max_in_flight: RayInFlightOpt = None,
+    ray_max_retries: RayRetriesOpt = 3,
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
@@ -403,8 +408,9 @@ def quantize_cmd(
                           max_shard_size=_size(max_shard_size), device=device, workers=workers,
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
                           seq_len=seq_len)
+        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, workers)
         rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                     progress=_progress_enabled(quiet))
+                     progress=_progress_enabled(quiet), executor=ex)
         for w in rep.get("warnings", []):  # on stderr in every output mode (--json keeps stdout to the report)
             err.print(f"warning: {w}", markup=False, highlight=False)
         return rep
@@ -424,6 +430,7 @@ def quantize_cmd(
             if e:
                 out.print(f"  relative RMS weight error: mean {e['mean']:.4f}, max {e['max']:.4f} "
                           f"({e['worst'][0]['module']})")
+            _print_executor(rep.get("executor") or {})
 
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 

@@ -203,3 +203,28 @@ def test_worker_memory_is_bounded_by_chunks_not_unit_size(cluster, tmp_path):
     assert u["bytes"] > 100 * 10**6
     grew = u["rss_peak"] - u["rss_start"]
     assert grew < 48 * 2**20, f"worker RSS grew by {grew / 2**20:.1f} MiB for a {u['bytes'] / 1e6:.0f} MB unit"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_quantize_rtn_on_ray_is_byte_identical_with_the_same_errors(cluster, tiny_src, tmp_path, fmt):
+    common = ("quantize", tiny_src, "--scheme", "W4A16", "--group-size", "32", "--format", fmt,
+              "--max-shard-size", "1M", "--json")
+    loc = run_cli(*common, "-o", tmp_path / "local", timeout=300)
+    assert loc.rc == 0, str(loc)
+    r = run_cli(*common, "-o", tmp_path / "ray", "--ray", cluster.address, timeout=300)
+    assert r.rc == 0, str(r)
+    assert model_hashes(tmp_path / "ray") == model_hashes(tmp_path / "local")
+    a, b = loc.json(), r.json()
+    assert len(b["executor"]["units"]) == len(manifest_files(tmp_path / "local")) > 1
+    assert b["quantization_error"] == a["quantization_error"]  # gathered from the workers' extras
+    full = lambda d: __import__("json").loads((d / "report.json").read_text())["module_errors"]
+    assert full(tmp_path / "ray") == full(tmp_path / "local")
+
+
+def test_calibrated_quantize_refuses_ray_before_writing(tiny_src, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    r = run_cli("quantize", tiny_src, "-o", out, "--gptq", "--group-size", "32", "--ray", "auto")
+    assert r.rc == 2, str(r)
+    assert "--ray" in r.stderr and not out.exists()

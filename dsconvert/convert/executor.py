@@ -86,6 +86,7 @@ class Executor:
     """The interface the writing commands call."""
 
     name = "?"
+    remote = False  # True: units run in other processes, from a rebuilt plan (:class:`Job`)
 
     def write_shards(self, out_dir: Path, shards: list[OutShard], manifest: Manifest, progress: ByteProgress, *,
                      job: Job, metadata: dict[str, str] | None = None,
@@ -260,6 +261,7 @@ class RayExecutor(Executor):
     """Units as Ray tasks on the cluster at ``opts.ray``; the driver commits (see the module docstring)."""
 
     name = "ray"
+    remote = True
 
     def __init__(self, opts: ExecOptions):
         if opts.cpus_per_task <= 0 or opts.gpus_per_task < 0:
