@@ -613,6 +613,11 @@ def gguf_cmd(
                                                              help="at most this many tensors per file")] = None,
     device: DeviceOpt = "auto",
     max_memory: MaxMemOpt = None,
+    ray: RayOpt = None,
+    ray_cpus_per_task: RayCpusOpt = 1.0,
+    ray_gpus_per_task: RayGpusOpt = 0.0,
+    ray_max_in_flight: RayInFlightOpt = None,
+    ray_max_retries: RayRetriesOpt = 3,
     dry_run: DryOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing output files")] = False,
     no_resume: NoResumeOpt = False,
@@ -628,8 +633,9 @@ def gguf_cmd(
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
                               device=device, max_memory=_size(max_memory))
+        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, 1)
         return ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()), executor=ex)
 
     def human(rep):
         p = rep["plan"]
@@ -655,6 +661,7 @@ def gguf_cmd(
                       f"peak RSS {rep['peak_rss']['gib']:.2f} GiB")
             out.print(f"  types: " + ", ".join(f"{t} x{v['tensors']}" for t, v in p["types"].items()))
             out.print(f"  layout: {p['layout']}")
+            _print_executor(rep.get("executor") or {})
         if d["tensors"]:
             out.print(f"  dropped {d['tensors']} tensors ({d['gb']:.3f} GB incl. {d['scales']} FP8 scales): "
                       + "; ".join(r["reason"] for r in d["reasons"]))

@@ -228,3 +228,74 @@ def test_calibrated_quantize_refuses_ray_before_writing(tiny_src, tmp_path):
     r = run_cli("quantize", tiny_src, "-o", out, "--gptq", "--group-size", "32", "--ray", "auto")
     assert r.rc == 2, str(r)
     assert "--ray" in r.stderr and not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gguf: per-layer tensor ranges written as pieces by the workers, appended in order by the driver
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_local(tiny_src, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("gguf_local") / "m.gguf"
+    r = run_cli("gguf", tiny_src, "-o", out, "--type", "Q8_0", "--json", timeout=300)
+    assert r.rc == 0, str(r)
+    return out, r.json()
+
+
+def gguf_hashes(out: Path) -> dict[str, str]:
+    return {k: v for k, v in tree_hashes(out.parent).items() if k.endswith((".gguf", "manifest.json"))}
+
+
+@pytest.mark.slow
+def test_gguf_on_ray_is_byte_identical_with_a_worker_killed(cluster, tiny_src, gguf_local, tmp_path):
+    ref, ref_rep = gguf_local
+    out = tmp_path / "m.gguf"
+    r = run_cli("gguf", tiny_src, "-o", out, "--type", "Q8_0", "--ray", cluster.address, "--json", timeout=300,
+                DSCONVERT_TEST_FAULT="kill:m.gguf@1-14:1")
+    assert r.rc == 0, str(r)
+    rep = r.json()
+    assert rep["output"]["sha256"] == ref_rep["output"]["sha256"]
+    assert gguf_hashes(out) == {k: v for k, v in gguf_hashes(ref).items()}
+    units = [u["unit"] for u in rep["executor"]["units"]]
+    assert len(units) >= 4 and all(u.startswith("m.gguf@") for u in units)  # embedding, layers, head
+    assert [x["unit"] for x in rep["executor"]["retries"]] == ["m.gguf@1-14"] or \
+        pytest.fail(f"units {units}, retries {rep['executor']['retries']}")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+@pytest.mark.slow
+def test_gguf_driver_killed_mid_file_resumes_from_appended_pieces(cluster, tiny_src, gguf_local, tmp_path):
+    ref, ref_rep = gguf_local
+    out = tmp_path / "m.gguf"
+    args = ("gguf", tiny_src, "-o", out, "--type", "Q8_0", "--ray", cluster.address, "--ray-max-in-flight", "1")
+    r0 = run_cli("gguf", tiny_src, "-o", tmp_path / "probe.gguf", "--type", "Q8_0", "--ray", cluster.address,
+                 "--json", timeout=300)
+    assert r0.rc == 0, str(r0)
+    units = [u["unit"].replace("probe.gguf", "m.gguf") for u in r0.json()["executor"]["units"]]
+    p = popen_cli(*args, "-q", DSCONVERT_TEST_FAULT=f"stall:{units[2]}")
+    side = out.with_name(out.name + ".dsconvert-partial.json")
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 240:
+            try:
+                import json
+                if len(json.loads(side.read_text())["tensors"]) > 0 and list(tmp_path.glob("m.gguf@*.tmp")):
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            if p.poll() is not None:
+                pytest.fail(f"driver exited early: {p.communicate()}")
+            time.sleep(0.2)
+        else:
+            pytest.fail("the stalled piece never started")
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=30)
+    r = run_cli(*args, "--json", timeout=300)
+    assert r.rc == 0, str(r)
+    rep = r.json()
+    assert rep["resumed"] is True and rep["tensors_reused"].get("m.gguf", 0) > 0, rep["tensors_reused"]
+    assert rep["output"]["sha256"]["m.gguf"] == ref_rep["output"]["sha256"]["m.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("m.gguf") and
+                  p.name.endswith((".tmp", ".dsconvert-partial.json"))) == []

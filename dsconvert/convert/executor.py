@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -75,11 +75,40 @@ class Job:
 
 @dataclass
 class Rebuilt:
-    """A plan's output shards, and what a unit reports back besides its bytes (``extras(shard) -> dict``,
-    e.g. the quantization error of each module of the shard)."""
+    """A plan rebuilt on a worker, as the one operation a unit needs: ``write(unit, payload, tmp, sink)``
+    writes unit ``unit`` into the file ``tmp`` (fsynced, not renamed), calling ``sink.advance(n)`` per chunk,
+    and returns ``{"size", "sha256", ...}`` (anything else goes back to the driver as the unit's result)."""
 
-    shards: list[OutShard]
-    extras: Callable[[OutShard], dict] = field(default=lambda shard: {})
+    write: Callable[[str, object, Path, object], dict]
+
+
+def shard_units(shards: list[OutShard], extras: Callable[[OutShard], dict] | None = None) -> Rebuilt:
+    """The :class:`Rebuilt` of a safetensors plan: unit = output shard (its name), payload = header metadata;
+    ``extras(shard)`` (e.g. each module's quantization error) is returned as the result's ``extras``."""
+    by_name = {s.name: s for s in shards}
+
+    def write(unit: str, metadata, tmp: Path, sink) -> dict:
+        shard = by_name.get(unit)
+        if shard is None:  # pragma: no cover - the plan is deterministic; a different SRC on this node
+            raise UsageError(f"node {socket.gethostname()}: unit {unit} is not in the plan made from SRC there",
+                             hint="every node must see the same SRC at the same path (a shared filesystem)")
+        w = _write_one(tmp.parent, shard, metadata if metadata is not None else {"format": "pt"}, sink, 2,
+                       threading.Event(), path=tmp.with_name(tmp.name[: -len(".tmp")]))
+        size, digest = w.finish()
+        return {"size": size, "sha256": digest, "extras": extras(shard) if extras else {}}
+
+    return Rebuilt(write)
+
+
+@dataclass
+class Unit:
+    """One remote work unit: ``name`` (also its temporary file's prefix), the ``payload`` its task receives,
+    and ``on_result(result, tmp)``, run on the driver when it finished (commit, or append a piece)."""
+
+    name: str
+    payload: object
+    on_result: Callable[[dict, Path], None]
+    describe: str | None = None  # the progress item shown while it runs (default: ``name``)
 
 
 class Executor:
@@ -185,18 +214,16 @@ def _fault_for(fault: str | None, unit: str, attempt: int) -> tuple[str, int] | 
     return None
 
 
-def unit_task(run_id: str, job: Job, version: str, unit: str, out_dir: str, tmp_stem: str,
-              metadata: dict[str, str] | None, fault: tuple[str, int] | None):
-    """One work unit on a Ray worker (a generator task): write shard ``unit`` of ``job``'s plan into
-    ``out_dir/<tmp_stem>.tmp``, fsynced, not renamed.
-
-    Yields ``{"progress": bytes so far}`` every :data:`PROGRESS_S` s, then ``{"done": {...}}`` with ``tmp``,
-    ``size`` and ``sha256`` of the file, ``bytes`` (tensor bytes), ``seconds``, the node (``node_id``,
-    ``host``, ``pid``), the worker's ``rss_start`` and ``rss_peak`` (bytes, sampled every 20 ms) and ``extras``.
+def unit_task(run_id: str, job: Job, version: str, unit: str, payload, tmp: str,
+              fault: tuple[str, int] | None):
+    """One work unit on a Ray worker (a generator task): ``Rebuilt.write(unit, payload, tmp)`` of ``job``'s
+    plan, in a thread, while the task yields ``{"progress": bytes so far}`` every :data:`PROGRESS_S` s; then
+    ``{"done": result}``: ``write``'s result plus ``bytes`` (tensor bytes), ``seconds``, the node (``node_id``,
+    ``host``, ``pid``) and the worker's ``rss_start`` / ``rss_peak`` (bytes, sampled every 20 ms).
 
     Raises:
         UsageError: this node runs another dsconvert version than the driver.
-        anything the local writer raises (BadInputError, OSError, ...), re-raised on the driver.
+        anything the writer raises (BadInputError, OSError, ...), re-raised on the driver.
     """
     import psutil
     import ray
@@ -209,19 +236,12 @@ def unit_task(run_id: str, job: Job, version: str, unit: str, out_dir: str, tmp_
     mem = {"start": proc.memory_info().rss}
     mem["peak"] = mem["start"]
     rebuilt = _rebuilt(run_id, job)
-    shard = next((s for s in rebuilt.shards if s.name == unit), None)
-    if shard is None:  # pragma: no cover - the plan is deterministic; a different SRC on this node
-        raise UsageError(f"node {socket.gethostname()}: unit {unit} is not in the plan made from SRC there",
-                         hint="every node must see the same SRC at the same path (a shared filesystem)")
     counter = _Counter(fault)
     box: dict = {}
-    stop = threading.Event()
 
     def work() -> None:
         try:
-            w = _write_one(Path(out_dir), shard, metadata if metadata is not None else {"format": "pt"}, counter,
-                           2, stop, path=Path(out_dir) / tmp_stem)
-            box["result"] = w.finish()
+            box["result"] = rebuilt.write(unit, payload, Path(tmp), counter)
         except BaseException as e:  # noqa: BLE001 - re-raised below, in the task's thread
             box["error"] = e
 
@@ -236,12 +256,10 @@ def unit_task(run_id: str, job: Job, version: str, unit: str, out_dir: str, tmp_
         yield {"progress": counter.n}
     if "error" in box:
         raise box["error"]
-    size, digest = box["result"]
     ctx = ray.get_runtime_context()
-    yield {"done": {"tmp": str(Path(out_dir) / (tmp_stem + ".tmp")), "size": size, "sha256": digest,
-                    "bytes": counter.n, "seconds": time.perf_counter() - t0, "node_id": ctx.get_node_id(),
-                    "host": socket.gethostname(), "pid": os.getpid(), "rss_start": mem["start"],
-                    "rss_peak": mem["peak"], "extras": rebuilt.extras(shard)}}
+    yield {"done": {**box["result"], "tmp": tmp, "bytes": counter.n, "seconds": time.perf_counter() - t0,
+                    "node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
+                    "rss_start": mem["start"], "rss_peak": mem["peak"]}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,20 +325,18 @@ class RayExecutor(Executor):
         return max(1, int(res.get("CPU", 1) // self.opts.cpus_per_task))
 
     # -- one unit --------------------------------------------------------------------------------------------
-    def _run_unit(self, remote, run_id: str, job: Job, shard: OutShard, out_dir: Path, manifest: Manifest,
-                  progress: ByteProgress, metadata, on_extras, fault: str | None, stop: threading.Event,
-                  in_flight: list[int], written: list[str]) -> None:
+    def _run_unit(self, remote, run_id: str, job: Job, unit: Unit, out_dir: Path, progress: ByteProgress,
+                  fault: str | None, stop: threading.Event, in_flight: list[int]) -> None:
         ray = self.ray
         counted = 0  # bytes of this unit already shown (a retry does not count them again)
         last_error = ""
         for attempt in range(1, self.opts.max_retries + 2):
             if stop.is_set() or cancel.requested():
                 raise cancel.Cancelled(cancel.signum())
-            stem = f"{shard.name}.{run_id[:8]}-{attempt}"
-            tmp = out_dir / (stem + ".tmp")
-            progress.describe(shard.name)
-            gen = remote.remote(run_id, job, __version__, shard.name, str(out_dir), stem, metadata,
-                                _fault_for(fault, shard.name, attempt))
+            tmp = out_dir / f"{unit.name}.{run_id[:8]}-{attempt}.tmp"
+            progress.describe(unit.describe or unit.name)
+            gen = remote.remote(run_id, job, __version__, unit.name, unit.payload, str(tmp),
+                                _fault_for(fault, unit.name, attempt))
             with self._lock:
                 in_flight[0] += 1
                 self.in_flight_max = max(self.in_flight_max, in_flight[0])
@@ -343,14 +359,15 @@ class RayExecutor(Executor):
                 if isinstance(cause, (DsconvertError, OSError)):
                     raise cause from None
                 if isinstance(cause, ImportError):
-                    raise UsageError(f"unit {shard.name}: a Ray worker cannot import dsconvert ({cause})",
+                    raise UsageError(f"unit {unit.name}: a Ray worker cannot import dsconvert ({cause})",
                                      hint="install the same dsconvert on every node of the cluster") from None
                 raise
             except ray.exceptions.RayError as e:  # the worker process or its node died: retry
                 tmp.unlink(missing_ok=True)
-                last_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                text = str(e).strip()
+                last_error = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
                 with self._lock:
-                    self.retries.append({"unit": shard.name, "attempt": attempt, "error": last_error})
+                    self.retries.append({"unit": unit.name, "attempt": attempt, "error": last_error})
                 continue
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -360,62 +377,58 @@ class RayExecutor(Executor):
                     in_flight[0] -= 1
             if result["bytes"] > counted:
                 progress.advance(result["bytes"] - counted)
-            self._commit(shard, result, tmp, out_dir, manifest, written, attempt)
-            if on_extras is not None and result["extras"]:
-                on_extras(result["extras"])
+            if Path(result["tmp"]) != tmp or not tmp.is_file() or tmp.stat().st_size != result["size"]:
+                tmp.unlink(missing_ok=True)
+                raise WorkerFailed(f"unit {unit.name}: the worker wrote {result['tmp']} ({result['size']} bytes) "
+                                   f"but the driver sees {'another size' if tmp.is_file() else 'no such file'}",
+                                   hint="OUT must be on a filesystem shared by every node, at the same path")
+            cancel.check()
+            unit.on_result(result, tmp)  # owns ``tmp`` now (renames or consumes it); a failed run's are swept
+            with self._lock:
+                self.units.append({"unit": unit.name, "node_id": result["node_id"], "host": result["host"],
+                                   "pid": result["pid"], "attempts": attempt, "bytes": result["bytes"],
+                                   "seconds": round(result["seconds"], 4), "rss_start": result["rss_start"],
+                                   "rss_peak": result["rss_peak"]})
             return
-        raise WorkerFailed(f"unit {shard.name} failed on {self.opts.max_retries + 1} attempts (last: {last_error})",
+        raise WorkerFailed(f"unit {unit.name} failed on {self.opts.max_retries + 1} attempts (last: {last_error})",
                            hint="check the nodes (`ray status`; logs under /tmp/ray/session_latest/logs), then "
-                                "rerun the same command: finished shards are kept and verified")
-
-    def _commit(self, shard: OutShard, result: dict, tmp: Path, out_dir: Path, manifest: Manifest,
-                written: list[str], attempt: int) -> None:
-        """Rename the unit's piece to its final name and record it, as a local commit (the driver only)."""
-        if Path(result["tmp"]) != tmp or not tmp.is_file() or tmp.stat().st_size != result["size"]:
-            tmp.unlink(missing_ok=True)
-            raise WorkerFailed(f"unit {shard.name}: the worker wrote {result['tmp']} ({result['size']} bytes) but "
-                               f"the driver sees {tmp} {'with another size' if tmp.is_file() else 'missing'}",
-                               hint="OUT must be on a filesystem shared by every node, at the same path")
-        cancel.check()
-        commit_tmp(tmp, out_dir / shard.name)
-        with self._lock:
-            manifest.files[shard.name] = {"size": result["size"], "sha256": result["sha256"]}
-            manifest.save(out_dir)
-            written.append(shard.name)
-            self.units.append({"unit": shard.name, "node_id": result["node_id"], "host": result["host"],
-                               "pid": result["pid"], "attempts": attempt, "bytes": result["bytes"],
-                               "seconds": round(result["seconds"], 4), "rss_start": result["rss_start"],
-                               "rss_peak": result["rss_peak"]})
+                                "rerun the same command: finished units are kept and verified")
 
     # -- the run ---------------------------------------------------------------------------------------------
-    def write_shards(self, out_dir, shards, manifest, progress, *, job, metadata=None, on_extras=None):
-        todo = [s for s in shards if s.name not in manifest.files]
-        if not todo:
-            return []
+    def run_units(self, out_dir: Path, units: list["Unit"], progress: ByteProgress, job: Job) -> None:
+        """Run ``units`` (at most the in-flight cap at once) and call each one's ``on_result(result, tmp)``
+        on the driver as it finishes (from a driver thread; callbacks must lock what they share). The pieces
+        are ``out_dir/<unit>.<run>-<attempt>.tmp``; any of this run's left when it stops are deleted.
+
+        Raises:
+            Cancelled, WorkerFailed, and what the units raise (see :meth:`Executor.write_shards`).
+        """
+        if not units:
+            return
         # Ray's driver prints the raylet's error messages (a worker died, ...) on sys.stdout, which belongs to
-        # the --json report: send them to stderr while connected, and disconnect when done (unless the caller had connected).
+        # the --json report: send them to stderr while connected, and disconnect when done (unless the caller
+        # had connected).
         with contextlib.redirect_stdout(sys.stderr):
             try:
-                return self._write(out_dir, todo, manifest, progress, job, metadata, on_extras)
+                self._run(Path(out_dir), units, progress, job)
             finally:
                 if self._connected_here:
                     self.ray.shutdown()
 
-    def _write(self, out_dir, todo, manifest, progress, job, metadata, on_extras) -> list[str]:
+    def _run(self, out_dir: Path, units: list["Unit"], progress: ByteProgress, job: Job) -> None:
         cap = self._connect()
         self.cluster["max_in_flight"] = cap
-        ray = self.ray
-        remote = ray.remote(unit_task).options(num_cpus=self.opts.cpus_per_task, num_gpus=self.opts.gpus_per_task,
-                                               max_retries=0, num_returns="streaming")
+        remote = self.ray.remote(unit_task).options(num_cpus=self.opts.cpus_per_task,
+                                                    num_gpus=self.opts.gpus_per_task, max_retries=0,
+                                                    num_returns="streaming")
         run_id = uuid.uuid4().hex
         fault = os.environ.get(FAULT_ENV)
         stop = threading.Event()
         in_flight = [0]
-        written: list[str] = []
         pool = ThreadPoolExecutor(max_workers=cap, thread_name_prefix="ray-unit")
         try:
-            futs = [pool.submit(self._run_unit, remote, run_id, job, s, Path(out_dir), manifest, progress, metadata,
-                                on_extras, fault, stop, in_flight, written) for s in todo]
+            futs = [pool.submit(self._run_unit, remote, run_id, job, u, out_dir, progress, fault, stop, in_flight)
+                    for u in units]
             while True:
                 done, not_done = wait(futs, timeout=0.25, return_when=FIRST_EXCEPTION)
                 for f in done:
@@ -430,9 +443,25 @@ class RayExecutor(Executor):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             if stop.is_set():
-                for p in Path(out_dir).glob("*.tmp"):  # this run's pieces in flight (no other writer is live)
-                    if run_id[:8] in p.name:
-                        p.unlink(missing_ok=True)
+                for p in out_dir.glob(f"*.{run_id[:8]}-*.tmp"):  # this run's pieces in flight
+                    p.unlink(missing_ok=True)
+
+    def write_shards(self, out_dir, shards, manifest, progress, *, job, metadata=None, on_extras=None):
+        written: list[str] = []
+
+        def committer(shard: OutShard):
+            def on_result(result: dict, tmp: Path) -> None:
+                commit_tmp(tmp, Path(out_dir) / shard.name)  # fsync, rename, directory fsync: a local commit
+                with self._lock:
+                    manifest.files[shard.name] = {"size": result["size"], "sha256": result["sha256"]}
+                    manifest.save(Path(out_dir))
+                    written.append(shard.name)
+                if on_extras is not None and result.get("extras"):
+                    on_extras(result["extras"])
+            return on_result
+
+        self.run_units(Path(out_dir), [Unit(s.name, metadata, committer(s)) for s in shards
+                                       if s.name not in manifest.files], progress, job)
         return written
 
     def report(self) -> dict:

@@ -33,7 +33,7 @@ from .files import REPORT_NAME, copy_files, extra_files
 from .preflight import check_free_disk, check_output_writable
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
 from .pipeline import OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order
-from .executor import Executor, Job, LocalExecutor, Rebuilt
+from .executor import Executor, Job, LocalExecutor, Rebuilt, shard_units
 from .progress import ByteProgress
 
 COMMAND = "fp8-to-bf16"
@@ -183,7 +183,7 @@ def rebuild(src: str, opts: Options) -> Rebuilt:
     """The output shards of :func:`make_plan` for ``src``, rebuilt where a remote unit runs (a Ray worker: same
     SRC path, same options, hence the same plan; the driver has already pre-flighted SRC)."""
     ck = open_checkpoint(Path(src), check_values=False)
-    return Rebuilt(make_plan(ck, opts, resolve_device(opts.device)).shards)
+    return shard_units(make_plan(ck, opts, resolve_device(opts.device)).shards)
 
 
 def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, overwrite: bool = False,

@@ -35,7 +35,7 @@ from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
 from .preflight import check_free_disk, check_output_writable
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
-from .executor import Executor, Job, LocalExecutor, Rebuilt
+from .executor import Executor, Job, LocalExecutor, Rebuilt, shard_units
 from .pipeline import OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order
 from .policy import DEFAULT_IGNORE_PATTERNS, LayerPolicy, check_fused_groups, module_of
 from .progress import ByteProgress
@@ -428,7 +428,7 @@ def rebuild(src: str, opts: Options) -> Rebuilt:
         mods = {module_of(t.sources[0]) for t in shard.tensors if t.action == "quantize"}
         return {m: cache.errors[m] for m in sorted(mods) if m in cache.errors}
 
-    return Rebuilt(plan.shards, extras)
+    return shard_units(plan.shards, extras)
 
 
 def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, overwrite: bool = False,
