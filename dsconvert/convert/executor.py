@@ -123,7 +123,7 @@ class Executor:
         """Write every shard of ``shards`` not yet in ``manifest.files``; return the names written now.
 
         ``job`` rebuilds ``shards`` elsewhere (ignored by a local executor); ``on_extras`` receives each remote
-        unit's :attr:`Rebuilt.extras`. Each finished shard is in the manifest (saved atomically) before the
+        unit's ``extras`` (:func:`shard_units`). Each finished shard is in the manifest (saved atomically) before the
         call returns.
 
         Raises:
