@@ -59,9 +59,9 @@ WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="output shards
 MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse plans above this peak RAM (e.g. 8G, 6GiB)")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
 RayOpt = Annotated[Optional[str], typer.Option(
-    "--ray", metavar="ADDRESS", help="run the work units on a Ray cluster: HOST:PORT, ray://HOST:10001, or auto "
-                                     "(RAY_ADDRESS or the cluster `ray start` began here); SRC and OUT must be "
-                                     "on a filesystem every node mounts at the same path")]
+    "--ray", metavar="ADDRESS", help="run the work units on a Ray cluster: the head's HOST:PORT (6379 unless "
+                                     "changed), or auto (RAY_ADDRESS or the cluster `ray start` began here); SRC "
+                                     "and OUT must be on a filesystem every node mounts at the same path")]
 RayCpusOpt = Annotated[float, typer.Option("--ray-cpus-per-task", help="--ray: CPUs each unit reserves")]
 RayGpusOpt = Annotated[float, typer.Option("--ray-gpus-per-task", help="--ray: GPUs each unit reserves (CUDA path)")]
 RayInFlightOpt = Annotated[Optional[int], typer.Option(
