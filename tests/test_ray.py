@@ -299,3 +299,30 @@ def test_gguf_driver_killed_mid_file_resumes_from_appended_pieces(cluster, tiny_
     assert rep["output"]["sha256"]["m.gguf"] == ref_rep["output"]["sha256"]["m.gguf"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("m.gguf") and
                   p.name.endswith((".tmp", ".dsconvert-partial.json"))) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_on_the_driver_cancels_the_tasks_and_leaves_no_piece(cluster, tiny_src, local_ref, tmp_path,
+                                                                     sig, code):
+    units = _units(local_ref)
+    out = tmp_path / "out"
+    args = ("fp8-to-bf16", tiny_src, "-o", out, "--max-shard-size", SHARD, "--ray", cluster.address,
+            "--ray-max-in-flight", "1", "-q")
+    p = popen_cli(*args, DSCONVERT_TEST_FAULT=f"stall:{units[1]}")
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 240 and not (len(manifest_files(out)) == 1 and leftovers(out)):
+            if p.poll() is not None:
+                pytest.fail(f"driver exited early: {p.communicate()}")
+            time.sleep(0.2)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == code, err
+    assert leftovers(out) == [] and sorted(manifest_files(out)) == units[:1]
+    r = run_cli(*args[:-1], "--json", timeout=300)
+    assert r.rc == 0 and r.json()["shards_reused"] == 1, str(r)
+    assert model_hashes(out) == model_hashes(local_ref)

@@ -303,6 +303,8 @@ class RayExecutor(Executor):
         ray = self.ray
         self._connected_here = not ray.is_initialized()  # a library caller may have connected already
         if self._connected_here:
+            main = threading.current_thread() is threading.main_thread()
+            old_term = signal.getsignal(signal.SIGTERM) if main else None
             try:
                 ray.init(address=self.opts.ray, log_to_driver=False, logging_level="ERROR",
                          configure_logging=True)
@@ -310,6 +312,9 @@ class RayExecutor(Executor):
                 raise UsageError(f"--ray {self.opts.ray}: cannot connect to a Ray cluster ({e})",
                                  hint="start one with `ray start --head` (and `ray start --address=HEAD:6379` on "
                                       "the other nodes), or pass its address: --ray HOST:6379") from None
+            finally:
+                if main:  # ray.init installs sys.exit on SIGTERM; keep dsconvert's cancel (exit 143, no .tmp)
+                    signal.signal(signal.SIGTERM, old_term)
         res = ray.cluster_resources()
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         self.cluster = {"address": self.opts.ray, "nodes": len(nodes), "cpus": res.get("CPU", 0),
@@ -342,10 +347,19 @@ class RayExecutor(Executor):
                 self.in_flight_max = max(self.in_flight_max, in_flight[0])
             result = None
             try:
-                for ref in gen:
+                while True:
+                    # wait with a timeout: a task still queued for resources yields nothing, and a cancelled
+                    # run must not wait for it
+                    ready, _ = ray.wait([gen], timeout=2 * PROGRESS_S)
                     if stop.is_set() or cancel.requested():
                         ray.cancel(gen, force=True)
                         raise cancel.Cancelled(cancel.signum())
+                    if not ready:
+                        continue
+                    try:
+                        ref = next(gen)
+                    except StopIteration:
+                        break
                     item = ray.get(ref)
                     if "progress" in item:
                         if item["progress"] > counted:
