@@ -72,6 +72,11 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=1, help="CPUs per worker node")
     ap.add_argument("--shards", type=int, default=8)
     a = ap.parse_args()
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("skipped: the ray package is not installed (pip install 'dsconvert[ray]')")
+        return
     from dsconvert.testing.raycluster import LocalCluster
 
     src = fixture(a.shards)
