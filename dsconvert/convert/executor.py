@@ -1,7 +1,9 @@
 """Where a writing command's work units run: threads in this process, or tasks on a Ray cluster.
 
-The driver plans as always (headers only) and owns every commit. A *work unit* is one output shard. Both
-executors take the same call, :meth:`Executor.write_shards`, so the commands hold no backend branches:
+The driver plans as always (headers only) and owns every commit. A *work unit* is one output shard
+(``fp8-to-bf16``, RTN ``quantize``) or one GGUF tensor range (``gguf``, :meth:`RayExecutor.run_units` with the
+driver appending the pieces: :func:`dsconvert.convert.gguf_export.write_file_remote`). Both executors take the
+same call for shards, :meth:`Executor.write_shards`, so the safetensors commands hold no backend branches:
 
 * :class:`LocalExecutor` runs :func:`.pipeline.write_shards` (``--workers`` shards at once in threads).
 * :class:`RayExecutor` (``--ray ADDRESS``) submits one Ray task per unit not yet in the manifest, at most
