@@ -10,6 +10,7 @@ processes inherit ``PYTHONPATH`` from the caller, so the workers import the same
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,7 +108,8 @@ class LocalCluster:
         return pids
 
     def stop(self, grace: float = 30.0) -> None:
-        """Stop every node this object started (SIGTERM, then SIGKILL to its process group)."""
+        """Stop every node this object started (SIGTERM, then SIGKILL to its process group) and delete the
+        cluster's temporary directory (session files and logs)."""
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -127,6 +129,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 pass
         self.procs.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)  # the nodes' session directories and logs
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
