@@ -352,18 +352,37 @@ Examples:
   dsconvert quantize DeepSeek-R1 -o R1-AWQ --awq --format awq
   dsconvert quantize DeepSeek-R1 -o R1-GPTQ --gptq --format gptq --ignore 're:.*kv_b_proj$'
   dsconvert quantize DeepSeek-R1 --scheme W8A16 --group-size -1 --dry-run
+  dsconvert quantize DeepSeek-R1 -o R1-W8A8 --scheme W8A8 --gptq
+  dsconvert quantize R1-BF16 -o R1-FP8 --scheme FP8_BLOCK --format deepseek-fp8 --scale-fmt ue8m0
+  dsconvert quantize DeepSeek-R1 -o R1-NVFP4 --scheme NVFP4A16
+  dsconvert quantize DeepSeek-R1 -o R1-mix --preset experts-nvfp4-attn-fp8
+  dsconvert quantize DeepSeek-R1 -o R1-mix --scheme W8A16 --scheme-for '.*mlp\\.experts\\..*=MXFP4'
 """
 
+ScaleFmtOpt = Annotated[Optional[str], typer.Option(
+    "--scale-fmt", help="FP8_BLOCK: ue8m0 = power-of-two block scales (payload quantized under them); "
+                        "default amax/448")]
 
-@app.command("quantize", help="INT8/INT4 weights in compressed-tensors, AutoAWQ GEMM or GPTQ layout, straight "
-                              "from the FP8 release or a BF16 checkpoint.\n" + QUANTIZE_EXAMPLES)
+
+@app.command("quantize", help="INT8/INT4 or FP8 weights in compressed-tensors, AutoAWQ GEMM, GPTQ or DeepSeek FP8 "
+                              "layout, straight from the FP8 release or a BF16 checkpoint.\n" + QUANTIZE_EXAMPLES)
 def quantize_cmd(
     src: SrcArg,
     output: OutOpt = None,
-    scheme: Annotated[str, typer.Option("--scheme", help="W4A16 | W4A16_ASYM | W8A16")] = "W4A16",
+    scheme: Annotated[Optional[str], typer.Option(
+        "--scheme", help="W4A16 | W4A16_ASYM | W8A16 | W8A8 | FP8_BLOCK | NVFP4 | NVFP4A16 | MXFP4 | MXFP4A16; with "
+                         "a recipe: the scheme of modules no rule names [default: W4A16]")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", help="mixed recipe: experts-w4a16 | experts-nvfp4-attn-fp8 | experts-mxfp4 (the rest BF16)")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(
+        "--recipe", help="mixed recipe file (YAML/JSON): default + rules of targets -> scheme")] = None,
+    scheme_for: Annotated[Optional[list[str]], typer.Option(
+        "--scheme-for", help="REGEX=SCHEME: modules matching REGEX get SCHEME (BF16 keeps them); repeatable")] = None,
     group_size: Annotated[Optional[int], typer.Option(
         "--group-size", help="32 | 64 | 128 | -1 (per channel); default: the scheme's, 128")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="compressed-tensors | awq | gptq (on-disk layout)")] = "compressed-tensors",
+    scale_fmt: ScaleFmtOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="compressed-tensors | awq | gptq | deepseek-fp8 (on-disk "
+                                                      "layout)")] = "compressed-tensors",
     checkpoint_format: Annotated[Optional[str], typer.Option("--checkpoint-format",
                                                              help="gptq only: gptq (v1) | gptq_v2")] = None,
     method: Annotated[str, typer.Option("--method", help="rtn | awq | gptq")] = "rtn",
@@ -403,7 +422,10 @@ def quantize_cmd(
             raise UsageError("give one of --awq, --gptq, --method", hint="they name the same choice")
         if not dry_run and output is None:
             raise UsageError("missing -o/--output", hint="dsconvert quantize SRC -o OUT (or --dry-run)")
-        opts = qz.Options(scheme=scheme, group_size=group_size, format=fmt, checkpoint_format=checkpoint_format,
+        opts = qz.Options(scheme=scheme or "W4A16", scheme_given=scheme is not None, preset=preset,
+                          recipe=str(recipe) if recipe is not None else None, scheme_for=list(scheme_for or []),
+                          group_size=group_size, scale_fmt=scale_fmt, format=fmt,
+                          checkpoint_format=checkpoint_format,
                           method=chosen[0] if chosen else method, ignore=list(ignore or []), strict=strict, mtp=mtp,
                           max_shard_size=_size(max_shard_size), device=device, workers=workers,
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
@@ -415,24 +437,92 @@ def quantize_cmd(
             err.print(f"warning: {w}", markup=False, highlight=False)
         return rep
 
-    def human(rep):
-        p = rep["plan"]
-        sch = rep["scheme"]
-        head = (f"{rep['options']['method'].upper()} {sch['name']} (g{sch['group_size']}) -> {rep['format']}: "
-                f"{p['quantized_modules']} modules quantized, {p['kept_tensors']} tensors kept; "
-                f"{p['bytes_written']['gb']:.3f} GB ({p['bytes_written']['gib']:.3f} GiB), "
-                f"{p['bits_per_weight_quantized']} bpw quantized, {p['bits_per_weight_overall']} bpw overall")
-        if rep["dry_run"]:
-            out.print("plan: " + head + f"; peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB (dry run: nothing written)")
-        else:
-            e = rep.get("quantization_error") or {}
-            out.print(f"wrote {rep['output']['path']}: " + head + f"; {rep['seconds']:.1f} s")
-            if e:
-                out.print(f"  relative RMS weight error: mean {e['mean']:.4f}, max {e['max']:.4f} "
-                          f"({e['worst'][0]['module']})")
-            _print_executor(rep.get("executor") or {})
+    _run(body, json_out=json_out, verbose=verbose, human=_print_quantize, report_path=report)
 
-    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+
+def _scheme_label(sch: dict) -> str:
+    """``W4A16 (g128)``, ``W8A8 (per channel)``, ``FP8_BLOCK (block 128x128, ue8m0)``."""
+    w = sch.get("weights") or {}
+    if w.get("strategy") == "block":
+        extra = f"block {w['block'][0]}x{w['block'][1]}" + (", ue8m0" if w.get("scale_rule") == "pow2" else "")
+    elif sch.get("group_size") == -1:
+        extra = "per channel"
+    else:
+        extra = f"g{sch.get('group_size')}"
+    return f"{sch['name']} ({extra})"
+
+
+def _print_quantize(rep: dict) -> None:
+    p = rep["plan"]
+    groups = p.get("config_groups")
+    what = (" + ".join(f"{g['scheme']} x{g['modules']}" for g in groups) if groups
+            else _scheme_label(rep["scheme"]))
+    head = (f"{rep['options']['method'].upper()} {what} -> {rep['format']}: "
+            f"{p['quantized_modules']} modules quantized, {p['kept_tensors']} tensors kept; "
+            f"{p['bytes_written']['gb']:.3f} GB ({p['bytes_written']['gib']:.3f} GiB), "
+            f"{p['bits_per_weight_quantized']} bpw quantized, {p['bits_per_weight_overall']} bpw overall")
+    if rep["dry_run"]:
+        out.print("plan: " + head + f"; peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB (dry run: nothing written)")
+    else:
+        e = rep.get("quantization_error") or {}
+        out.print(f"wrote {rep['output']['path']}: " + head + f"; {rep['seconds']:.1f} s")
+        if e:
+            out.print(f"  relative RMS weight error: mean {e['mean']:.4f}, max {e['max']:.4f} "
+                      f"({e['worst'][0]['module']})")
+        _print_executor(rep.get("executor") or {})
+    for g in groups or []:
+        out.print(f"  {g['group']}: {g['scheme']} ({g['format']}) {g['modules']} modules, {g['parameters']:,} "
+                  f"weights, {g['bits_per_weight']} bpw, targets {', '.join(g['targets'])}")
+
+
+BF16_TO_FP8_EXAMPLES = """
+\b
+Examples:
+  dsconvert bf16-to-fp8 R1-BF16 -o R1-FP8                      # DeepSeek's release layout, amax/448 scales
+  dsconvert bf16-to-fp8 R1-BF16 -o R1-FP8 --scale-fmt ue8m0    # power-of-two scales (V3.1 scale_fmt)
+  dsconvert bf16-to-fp8 R1-BF16 --dry-run
+"""
+
+
+@app.command("bf16-to-fp8", help="DeepSeek's block-FP8 layout (weight float8_e4m3fn + weight_scale_inv, "
+                                 "quant_method fp8) from a BF16 checkpoint or any source dsconvert reads; same as "
+                                 "quantize --scheme FP8_BLOCK --format deepseek-fp8.\n" + BF16_TO_FP8_EXAMPLES)
+def bf16_to_fp8_cmd(
+    src: SrcArg,
+    output: OutOpt = None,
+    scale_fmt: ScaleFmtOpt = None,
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="keep a module in BF16: exact name "
+                                                        "or re:REGEX (repeatable)")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")] = False,
+    mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")] = "5G",
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = 1,
+    max_memory: MaxMemOpt = None,
+    dry_run: DryOpt = False,
+    overwrite: OverwriteOpt = False,
+    no_resume: NoResumeOpt = False,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert import quantize as qz
+    from .errors import UsageError
+
+    def body():
+        if not dry_run and output is None:
+            raise UsageError("missing -o/--output", hint="dsconvert bf16-to-fp8 SRC -o OUT (or --dry-run)")
+        opts = qz.Options(scheme="FP8_BLOCK", scale_fmt=scale_fmt, format="deepseek-fp8", ignore=list(ignore or []),
+                          strict=strict, mtp=mtp, max_shard_size=_size(max_shard_size), device=device,
+                          workers=workers, max_memory=_size(max_memory))
+        rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
+                     progress=_progress_enabled(quiet))
+        for w in rep.get("warnings", []):
+            err.print(f"warning: {w}", markup=False, highlight=False)
+        return rep
+
+    _run(body, json_out=json_out, verbose=verbose, human=_print_quantize, report_path=report)
 
 
 def _print_executor(ex: dict) -> None:
@@ -545,6 +635,10 @@ def validate_cmd(
     max_kld: Annotated[float, typer.Option("--max-kld", help="fail above this Mean KLD")] = 0.01,
     min_top1: Annotated[float, typer.Option("--min-top1", help="fail below this Same top p (0..1)")] = 0.97,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    emulate_activations: Annotated[bool, typer.Option(
+        "--emulate-activations/--no-emulate-activations",
+        help="quantize Linear inputs as the candidate's quantization_config declares (W8A8, FP8_BLOCK, NVFP4, "
+             "MXFP4), as the serving engine does")] = True,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
@@ -554,7 +648,8 @@ def validate_cmd(
 
     def body():
         opts = ValidateOptions(token_ids=_ids(token_ids), prompts=prompts, seq_len=seq_len, num_samples=num_samples,
-                               max_kld=max_kld, min_top1=min_top1, dtype=dtype)
+                               max_kld=max_kld, min_top1=min_top1, dtype=dtype,
+                               emulate_activations=emulate_activations)
         rep = run_validate(candidate, reference, opts, progress=_progress_enabled(quiet))
         if not rep["passed"]:
             rep["_exit_code"] = 4
@@ -595,8 +690,8 @@ def gguf_cmd(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="the .gguf file to write")] = None,
     type_: Annotated[str, typer.Option("--type", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K "
                                                       "Q5_K Q6_K or a mix Q2_K_S Q3_K_S Q3_K_M Q3_K_L Q4_K_S "
-                                                      "Q4_K_M Q5_K_S Q5_K_M (llama-quantize rules; Q4_K = Q4_K_M "
-                                                      "--pure; IQ types are refused)")] = "BF16",
+                                                      "Q4_K_M Q5_K_S Q5_K_M, IQ4_NL IQ4_XS (llama-quantize rules; "
+                                                      "Q4_K = Q4_K_M --pure; other IQ types are refused)")] = "BF16",
     tensor_type: Annotated[Optional[list[str]], typer.Option(
         "--tensor-type", help="PATTERN=TYPE (regex on GGUF names, first match wins; repeatable)")] = None,
     output_tensor_type: Annotated[Optional[str], typer.Option("--output-tensor-type",
@@ -667,6 +762,54 @@ def gguf_cmd(
                       + "; ".join(r["reason"] for r in d["reasons"]))
         if rep["dry_run"]:
             out.print("  (dry run: nothing written)")
+
+    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+
+
+@app.command("imatrix", help="Compute llama.cpp's importance matrix on the original FP8 (or BF16) checkpoint with the "
+                             "reference forward, layer by layer, for `dsconvert gguf --imatrix` or llama-quantize "
+                             "--imatrix. Writes the GGUF imatrix format (or the legacy .dat).")
+def imatrix_cmd(
+    src: SrcArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="the imatrix file to write (imatrix.gguf)")],
+    calib_data: Annotated[Optional[str], typer.Option(
+        "--calib-data", help="calibration text file (tokenized with SRC's tokenizer.json) or a .json list of "
+                             "token-id lists; default: the bundled calibration text")] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="calibration windows (chunks)")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="tokens per window (llama-imatrix -c)")] = 512,
+    process_output: Annotated[bool, typer.Option("--process-output",
+                                                 help="also collect output.weight (lm_head)")] = False,
+    output_format: Annotated[str, typer.Option("--output-format", help="gguf | dat (legacy)")] = "gguf",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    dry_run: DryOpt = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
+    json_out: JsonOpt = False,
+    report: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    from .convert.imatrix import ImatrixOptions, run_imatrix
+
+    def body():
+        opts = ImatrixOptions(calib_data=calib_data, num_samples=num_samples, seq_len=seq_len,
+                              process_output=process_output, fmt=output_format, dtype=dtype)
+        return run_imatrix(src, output, opts, overwrite=overwrite, dry_run=dry_run,
+                           progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+
+    def human(rep):
+        c = rep["calibration"]
+        head = f"{c['windows']} windows, {c['tokens']} tokens of {c['name']}"
+        if rep["dry_run"]:
+            out.print(f"plan: importance matrix of {rep['source']} ({rep['layers']} layers) from {head} -> "
+                      f"{rep['output']} ({rep['format']}); peak memory ~{rep['estimated_peak_memory_bytes'] / 2**30:.2f}"
+                      " GiB\n  (dry run: nothing written)")
+            return
+        out.print(f"wrote {rep['output']} ({rep['format']}): {rep['entries']} tensors from {head}; "
+                  f"{rep['seconds']:.1f} s")
+        if rep["experts_without_tokens"]:
+            n = sum(rep["experts_without_tokens"].values())
+            out.print(f"  {n} expert matrices received no token (llama-quantize uses weights of 1 for them); "
+                      "more or longer windows cover more experts")
 
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 

@@ -47,3 +47,19 @@ def dequant_fp8_block_reference(
             prod = vals * s[i // bm, j // bn]  # fp32 tensor * 0-dim fp32 tensor: one fp32 multiply
             out[i : i + bm, j : j + bn] = prod.to(out_dtype)
     return out
+
+
+E2M1_TABLE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def e2m1_encode_reference(x: float) -> int:
+    """e2m1 code of one float by brute force: clamp to [-6, 6], nearest of the 8 magnitudes, a tie to the even
+    code; bit 3 set for x < 0."""
+    a = min(abs(float(x)), 6.0)
+    best = min(range(8), key=lambda c: (abs(E2M1_TABLE[c] - a), c % 2))
+    return best | (8 if x < 0 else 0)
+
+
+def fp4_unpack_reference(packed) -> list[list[int]]:
+    """Nibbles of each byte row, low nibble first (compressed-tensors' order), as plain Python lists."""
+    return [[n for b in row for n in (int(b) & 0xF, int(b) >> 4)] for row in packed.tolist()]

@@ -20,8 +20,10 @@ from dsconvert.testing import ggml_oracle
 
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+IQUANTS = ["IQ4_NL", "IQ4_XS"]
+GRID_IQ = ["IQ2_XXS"]  # lattice types: llama.cpp quantizes them only with an imatrix
 PLAIN = ["F32", "F16", "BF16"]
-ALL = PLAIN + LEGACY + KQUANTS
+ALL = PLAIN + LEGACY + KQUANTS + IQUANTS + GRID_IQ
 
 
 def _rows(n: int, n_rows: int, seed: int) -> np.ndarray:
@@ -70,7 +72,7 @@ def test_unknown_type_lists_choices():
         get_type(1234)
 
 
-@pytest.mark.parametrize("name", LEGACY + KQUANTS)
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + IQUANTS)
 def test_bad_row_length(name):
     t = get_type(name)
     with pytest.raises(ValueError, match="multiple"):
@@ -82,14 +84,10 @@ def test_imatrix_handling():
     im = torch.rand(256)
     # llama.cpp ignores quant_weights for Q8_0 and the float types
     assert torch.equal(quantize(x, "Q8_0", im), quantize(x, "Q8_0"))
-    with pytest.raises(NotImplementedError):
-        quantize(x, "Q4_K", im)
-    with pytest.raises(ValueError):
-        get_type("Q4_K").supports_imatrix = True
-        try:
-            quantize(x, "Q4_K", torch.rand(128))
-        finally:
-            get_type("Q4_K").supports_imatrix = False
+    assert torch.equal(quantize(x, "F16", im), quantize(x, "F16"))
+    assert not torch.equal(quantize(x, "Q4_K", im), quantize(x, "Q4_K"))
+    with pytest.raises(ValueError, match="imatrix has 128 values"):
+        quantize(x, "Q4_K", torch.rand(128))
 
 
 # ---- gguf-py oracle ----------------------------------------------------------------------------
@@ -110,7 +108,7 @@ def test_quantize_matches_gguf_py(name, data):
         np.testing.assert_array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("name", LEGACY + KQUANTS + ["BF16"])
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + IQUANTS + ["BF16"])
 def test_dequantize_matches_gguf_py(name, data):
     qt = GGMLQuantizationType[name]
     x = data[512]
@@ -133,7 +131,7 @@ def test_shapes_chunking_and_nd():
         dequantize(raw, "Q4_K", (3, 5, 256))
 
 
-@pytest.mark.parametrize("name", KQUANTS + LEGACY)
+@pytest.mark.parametrize("name", KQUANTS + LEGACY + IQUANTS)
 def test_roundtrip_error_is_sane(name):
     x = torch.randn(16, 1024)
     err = (dequantize(quantize(x, name), name, x.shape) - x).pow(2).mean().sqrt().item()
@@ -173,13 +171,64 @@ def test_exact_vs_llamacpp(oracle, name, data):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name", KQUANTS)
+@pytest.mark.parametrize("name", KQUANTS + IQUANTS)
 def test_kquants_vs_llamacpp(oracle, name, data):
-    """Every K-quant block is byte-identical to ``ggml_quantize_chunk`` (no tolerance)."""
+    """Every K-quant and IQ4 block is byte-identical to ``ggml_quantize_chunk`` (no tolerance)."""
     for n, x in data.items():
         bad, _, _, _, _ = _compare(oracle, name, x)
         assert not bad.any(), f"{name}: {int(bad.sum())}/{bad.size} blocks of the {n}-wide rows differ " \
                               f"from llama.cpp, first {int(np.nonzero(bad)[0][0])}"
+
+
+def _imatrix(n: int, seed: int) -> np.ndarray:
+    """Importance weights as llama-imatrix produces them (mean squared activations): positive, heavy
+    tailed, a few exact zeros (channels that never fired)."""
+    g = np.random.default_rng(seed)
+    im = (g.standard_normal(n) ** 2 * np.exp(g.uniform(-4, 4, n))).astype(np.float32)
+    im[g.random(n) < 0.02] = 0
+    return im
+
+
+IMATRIX_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"] + KQUANTS + IQUANTS
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", IMATRIX_TYPES)
+def test_imatrix_quantization_vs_llamacpp(oracle, name, data):
+    """With importance weights every block is byte-identical to ``ggml_quantize_chunk(..., imatrix)`` (the
+    ``quantize_row_*_impl`` paths), and the weights really change the result."""
+    t = get_type(name)
+    qt = GGMLQuantizationType[name]
+    for n, x in data.items():
+        im = _imatrix(n, n)
+        ours = quantize(torch.from_numpy(x), name, torch.from_numpy(im)).numpy().reshape(-1, t.type_size)
+        ref = oracle.quantize(x, qt, im).reshape(-1, t.type_size)
+        bad = (ours != ref).any(1)
+        assert not bad.any(), f"{name}: {int(bad.sum())}/{bad.size} blocks of the {n}-wide rows differ"
+        plain = oracle.quantize(x, qt).reshape(-1, t.type_size)
+        assert (plain != ref).any(1).mean() > 0.5
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", GRID_IQ)
+def test_grid_iq_vs_llamacpp(oracle, name):
+    """Lattice types with importance weights: byte-identical to ``ggml_quantize_chunk`` (signs, parity flips,
+    off-grid groups snapped to the listed neighbours, zero and degenerate rows), and our dequantizer equals
+    llama.cpp's and gguf-py's on llama.cpp's bytes. Without weights they refuse, as llama.cpp asserts."""
+    t = get_type(name)
+    qt = GGMLQuantizationType[name]
+    for n, rows, seed in ((256, 24, 21), (4096, 10, 22)):
+        x = _rows(n, rows, seed)
+        im = _imatrix(n, seed)
+        ours = quantize(torch.from_numpy(x), name, torch.from_numpy(im)).numpy().reshape(-1, t.type_size)
+        ref = oracle.quantize(x, qt, im).reshape(-1, t.type_size)
+        bad = (ours != ref).any(1)
+        assert not bad.any(), f"{name}: {int(bad.sum())}/{bad.size} blocks of the {n}-wide rows differ"
+        dq = dequantize(torch.from_numpy(ref.reshape(rows, -1)), name, x.shape).numpy()
+        np.testing.assert_array_equal(dq, oracle.dequantize(ref.reshape(-1), qt, x.shape))
+        np.testing.assert_allclose(dq, gq.dequantize(ref.reshape(rows, -1), qt), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="importance weights"):
+        quantize(torch.randn(2, 256), name)
 
 
 def test_sqrtf_is_correctly_rounded():
@@ -201,10 +250,14 @@ from gguf import GGMLQuantizationType
 o = ggml_oracle.load()
 x = _rows(4096, 24, 11)
 bad = {}
+im = np.abs(np.random.default_rng(12).standard_normal(4096)).astype(np.float32)
 for name in sys.argv[2].split(","):
     ours = quantize(torch.from_numpy(x), name).numpy()
     ref = o.quantize(x, GGMLQuantizationType[name])
     bad[name] = int((ours != ref).sum())
+    ours = quantize(torch.from_numpy(x), name, torch.from_numpy(im)).numpy()
+    ref = o.quantize(x, GGMLQuantizationType[name], im)
+    bad[name + "+imatrix"] = int((ours != ref).sum())
 print(torch.backends.cpu.get_cpu_capability(), bad)
 sys.exit(1 if any(bad.values()) else 0)
 """
@@ -224,13 +277,13 @@ def test_bytes_independent_of_cpu_kernels(oracle, capability):
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    r = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(root), ",".join(LEGACY + KQUANTS + PLAIN)],
+    r = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(root), ",".join(LEGACY + KQUANTS + IQUANTS + PLAIN)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name", PLAIN + LEGACY + KQUANTS)
+@pytest.mark.parametrize("name", PLAIN + LEGACY + KQUANTS + IQUANTS)
 def test_dequantize_exact_vs_llamacpp(oracle, name, data):
     x = data[4096][:16]
     qt = GGMLQuantizationType[name]
@@ -255,7 +308,7 @@ def test_special_values_vs_llamacpp(oracle):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", LEGACY + KQUANTS + PLAIN)
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + IQUANTS + PLAIN)
 def test_cuda_matches_cpu(name, data):
     x = torch.from_numpy(data[4096])
     cpu = quantize(x, name)

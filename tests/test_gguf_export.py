@@ -440,16 +440,25 @@ def _legacy_imatrix(path: Path, entries: dict[str, np.ndarray], ncall: int = 4) 
             f.write((v.astype(np.float32) * ncall).tobytes())
 
 
-def test_imatrix(tiny, work, tmp_path):
+def test_imatrix(tiny, kq, work, tmp_path):
     ck = ge.open_checkpoint(tiny)
     plan = ge.make_plan(ck, ge.GGUFOptions(type="Q8_0"), None)
-    ent = {t.name: np.full(t.shape[-1], 0.5, np.float32) for t in plan.gguf_plan if not t.force_f32}
+    ent = {t.name: np.full(t.shape[-1] * (t.shape[0] if len(t.shape) == 3 else 1), 0.5, np.float32)
+           for t in plan.gguf_plan if not t.force_f32}
     dat = tmp_path / "imatrix.dat"
     _legacy_imatrix(dat, ent)
     assert np.allclose(ge.load_imatrix(dat)[next(iter(ent))], 0.5)
-    # K-quant / legacy mixes: our quantizers do not use importance weights -> refused, exit 2
-    res = cli("gguf", tiny, "--type", "Q4_K_M", "--imatrix", dat, "--dry-run")
-    assert res.exit_code == 2 and "do not implement importance weights" in res.text
+    # K-quant mixes use the weights: every quantized tensor but token_embd must have an entry of ne0 x n_mat
+    rep = cli("gguf", tiny, "--type", "Q4_K_M", "--imatrix", dat, "--dry-run", "--json")
+    assert rep.exit_code == 0, rep.text
+    short = tmp_path / "short.dat"
+    _legacy_imatrix(short, {k: v for k, v in ent.items() if "attn_k_b" not in k})
+    res = cli("gguf", tiny, "--type", "Q4_K_M", "--imatrix", short, "--dry-run")
+    assert res.exit_code == 3 and "attn_k_b" in res.text and "no entries" in res.text
+    wrong = tmp_path / "wrong.dat"
+    _legacy_imatrix(wrong, {k: (v[:-32] if "ffn_down_exps" in k else v) for k, v in ent.items()})
+    res = cli("gguf", tiny, "--type", "Q4_K_M", "--imatrix", wrong, "--dry-run")
+    assert res.exit_code == 3 and "wrong size" in res.text and "ffn_down_exps" in res.text
     # Q8_0 (and F16/BF16/F32) ignore an imatrix in llama.cpp too: accepted, reported as ignored
     rep = export(tiny, work / "out" / "imx-Q8_0.gguf", type="Q8_0", imatrix=dat)
     # every type the file holds ignores the imatrix (the tiny fixture's rows are all multiples of 32: no F16 fallback)
@@ -457,6 +466,10 @@ def test_imatrix(tiny, work, tmp_path):
 
     held = sorted({t.tensor_type.name for t in GGUFReader(str(work / "out" / "imx-Q8_0.gguf")).tensors})
     assert rep["plan"]["imatrix"]["used"] is False and rep["plan"]["imatrix"]["ignored_by_types"] == held
+    # llama-quantize refuses Q2_K_S (and the IQ1/IQ2 types) without an imatrix; so does gguf, before writing
+    res = cli("gguf", kq, "-o", work / "q2ks.gguf", "--type", "Q2_K_S")
+    assert res.exit_code == 2 and "importance matrix" in res.text and "dsconvert imatrix" in res.text
+    assert not (work / "q2ks.gguf").exists()
     garbage = tmp_path / "garbage.dat"
     garbage.write_bytes(b"\xff\xff\xff\x7f junk")
     res = cli("gguf", tiny, "--type", "Q8_0", "--imatrix", garbage, "--dry-run")
@@ -609,9 +622,71 @@ def test_blocks_identical_to_llama_model_quantize(kq, work, kq_q4km, ftype):
     assert ("Q4_K" in shares and "Q6_K" in shares) if ftype == "Q4_K_M" else set(shares) == {"Q8_0", "F32"}
 
 
+def _random_imatrix(kq: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Importance weights like llama-imatrix's (positive, heavy tailed, a few zeros) for every tensor
+    llama.cpp quantizes with them: ``ne0 * n_mat`` values per tensor."""
+    plan = ge.make_plan(ge.open_checkpoint(kq), ge.GGUFOptions(type="Q8_0"), None)
+    g = np.random.default_rng(seed)
+    out = {}
+    for t in plan.gguf_plan:
+        if t.force_f32 or t.name == "token_embd.weight":
+            continue
+        n = t.shape[-1] * (t.shape[0] if len(t.shape) == 3 else 1)
+        v = (g.standard_normal(n) ** 2 * np.exp(g.uniform(-3, 3, n))).astype(np.float32)
+        v[g.random(n) < 0.02] = 0
+        out[t.name] = v
+    return out
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q4_0", "IQ4_XS", "Q2_K_S",
+                                   pytest.param("IQ2_XXS", marks=pytest.mark.slow)])
+def test_imatrix_blocks_identical_to_llama_model_quantize(kq, work, ftype, tmp_path):
+    """With an importance matrix, every block equals what ``llama_model_quantize`` writes from our F32 file
+    given the same weights (its ``params.imatrix``): tensor types, per-expert and per-head slicing, bytes."""
+    import ctypes
+
+    llama_cpp = _llama_cpp()
+    ent = _random_imatrix(kq)
+    dat = tmp_path / "imatrix.dat"
+    _legacy_imatrix(dat, ent, ncall=1)
+    loaded = ge.load_imatrix(dat)
+    ours = work / "out" / f"kq-imatrix-{ftype}.gguf"
+    rep = export(kq, ours, type=ftype, imatrix=dat)
+    assert rep["plan"]["imatrix"]["used"] and rep["plan"]["imatrix"]["tensors_weighted"] > 0
+    f32 = work / "out" / "kq-F32.gguf"
+    if not f32.exists():
+        export(kq, f32, type="F32")
+    names = list(loaded)
+    arrs = [np.ascontiguousarray(loaded[n].reshape(-1), np.float32) for n in names]
+    data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    keep = [n.encode() for n in names]
+    for i, (n, a) in enumerate(zip(keep, arrs)):
+        data[i].name, data[i].data, data[i].size = n, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size
+    data[len(names)].name = None
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = g2.file_type_id(ftype)
+    p.nthread = 2
+    p.imatrix = ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    theirs = work / "out" / f"kq-llama-imatrix-{ftype}.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(p)) == 0
+    shares = block_identity(ours, theirs)
+    for t, (same, n) in shares.items():
+        assert same == n, (ftype, t, same, n)
+    # and the weights matter: the same type without them differs (Q2_K_S, IQ2_XXS cannot be made without them)
+    if ftype in ("Q2_K_S", "IQ2_XXS"):
+        assert ftype != "IQ2_XXS" or "IQ2_XXS" in shares
+        return
+    plain = work / "out" / f"kq-{ftype}.gguf"
+    if not plain.exists():
+        export(kq, plain, type=ftype)
+    quant = [t for t in shares if t not in ("F32", "F16", "BF16", "Q8_0")]
+    assert quant and any(v[0] < v[1] for k, v in block_identity(ours, plain).items() if k in quant)
+
+
 @pytest.mark.llamacpp
 @pytest.mark.slow
-@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q5_K_M", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q3_K_M", "Q5_K_M", "Q6_K", "Q4_0", "IQ4_XS", "IQ4_NL"])
 def test_blocks_identical_to_llama_model_quantize_slow(kq, work, ftype):
     _check_blocks(_llama_cpp(), kq, work, ftype)
 

@@ -611,11 +611,11 @@ def test_choose_type_v3_shapes():
     assert {t for n, t in types.items() if "attn_k_b" in n} == {"Q5_0"}
 
 
-LLAMA_FTYPES = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q2_K", "Q3_K_M"]
+LLAMA_FTYPES = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q2_K", "Q3_K_M", "IQ4_XS", "IQ4_NL"]
 
 
 def _quantize(llama_cpp, src: Path, dst: Path, ftype: str, *, overrides=(), output_type=None, embd_type=None,
-              pure=False) -> dict[str, str]:
+              pure=False, imatrix: dict[str, np.ndarray] | None = None) -> dict[str, str]:
     import ctypes
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -635,6 +635,15 @@ def _quantize(llama_cpp, src: Path, dst: Path, ftype: str, *, overrides=(), outp
         arr[len(overrides)].pattern = None
         params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         keep = arr  # noqa: F841  (keep the array alive during the call)
+    if imatrix:
+        names = [n.encode() for n in imatrix]
+        arrs = [np.ascontiguousarray(v, np.float32) for v in imatrix.values()]
+        im = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+        for i, (n, a) in enumerate(zip(names, arrs)):
+            im[i].name, im[i].data, im[i].size = n, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size
+        im[len(names)].name = None
+        params.imatrix = ctypes.cast(im, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep_im = (im, names, arrs)  # noqa: F841
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize({ftype}) failed:\n" + "".join(LLAMA_LOG[-20:])
     r = gguf.GGUFReader(dst)
@@ -657,6 +666,22 @@ def test_type_plan_matches_llama_quantize(tiny_gguf, tmp_path, ftype):
         assert got["blk.1.attn_k_b.weight"] == "Q5_0" and got["output.weight"] == "Q6_K"
         down = {i: got[f"blk.{i}.ffn_down.weight" if i == 0 else f"blk.{i}.ffn_down_exps.weight"] for i in range(N_LAYER)}
         assert {i for i, t in down.items() if t == "Q6_K"} == {0, 3, 6, 7}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q5_0", "Q4_K_M", "Q2_K_S", "IQ4_XS"])
+def test_type_plan_with_imatrix_matches_llama_quantize(tiny_gguf, tmp_path, ftype):
+    """An importance matrix changes llama.cpp's choices (Q4_0/Q5_0: the first n_layer/8 ffn_down become
+    Q4_1/Q5_1); ``plan_types(has_imatrix=True)`` follows them."""
+    llama_cpp = _llama_cpp()
+    src, plan = tiny_gguf
+    im = {p.name: np.ones(p.ne[0] * (p.ne[2] if len(p.ne) > 2 else 1), np.float32) for p in plan
+          if len(p.ne) >= 2}
+    got = _quantize(llama_cpp, src, tmp_path / f"{ftype}-im.gguf", ftype, imatrix=im)
+    ours = plan_types(plan, ftype, tiny_cfg(), has_imatrix=True)
+    assert ours == got
+    if ftype in ("Q4_0", "Q5_0"):
+        assert ours != plan_types(plan, ftype, tiny_cfg())
 
 
 @pytest.mark.llamacpp

@@ -296,7 +296,7 @@ def test_gptq_v1_refuses_asymmetric_and_config_keys():
 # registry and detection
 # ---------------------------------------------------------------------------------------------
 def test_format_registry():
-    assert registered_formats() == ["autoawq", "compressed-tensors", "gptq", "gptq_v2"]
+    assert registered_formats() == ["autoawq", "compressed-tensors", "deepseek-fp8", "gptq", "gptq_v2"]
     assert type(get_format("Pack_Quantized")).__name__ == "CompressedTensorsFormat"
     assert type(get_format("AWQ")).__name__ == "AutoAWQFormat"
     assert get_format("GPTQ V2").checkpoint_format == "gptq_v2"
@@ -308,7 +308,7 @@ def test_format_registry():
         @register_format("compressed_tensors")
         class Dup:  # noqa: F841
             pass
-    assert len(FORMATS) == 4
+    assert len(FORMATS) == 5
 
 
 @pytest.mark.parametrize("fmt_name,spec", [("compressed-tensors", W4A16), ("compressed-tensors", W8A16_CH),
@@ -325,16 +325,20 @@ def test_detect_round_trip(fmt_name, spec):
 
 
 def test_detect_foreign_and_legacy_configs():
-    assert detect_format({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                          "weight_block_size": [128, 128]}) is None
+    ds = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    assert detect_format(ds).name == "deepseek-fp8"
     legacy_awq = {"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "version": "GEMM", "zero_point": True}
     f = detect_format(legacy_awq)
     assert f.name == "autoawq" and f.spec_from_config(legacy_awq).group_size == 64
     assert detect_format({"quant_method": "awq", "bits": 4, "version": "gemv"}) is None
     assert detect_format({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True}).name == "gptq"
     assert detect_format({"quant_method": "gptq", "bits": 4, "is_marlin_format": True}) is None
+    # float-quantized is a compressed-tensors codec now; the pack-quantized codec still refuses its config
     fp8_ct = {"quant_method": "compressed-tensors", "format": "float-quantized",
               "config_groups": {"group_0": {"weights": {"type": "float", "num_bits": 8}}}}
-    assert detect_format(fp8_ct) is None
+    assert detect_format(fp8_ct).name == "compressed-tensors"
     with pytest.raises(UnsupportedError):
         get_format("compressed-tensors").spec_from_config(fp8_ct)
+    mxfp = {"quant_method": "compressed-tensors", "format": "mxfp8-quantized",
+            "config_groups": {"group_0": {"weights": {"type": "float", "num_bits": 8}}}}
+    assert detect_format(mxfp) is None

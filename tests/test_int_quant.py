@@ -337,10 +337,3 @@ def test_generic_registry():
         r.register("pq")(2)
     with pytest.raises(KeyError, match="Pack_Quantized.*pq"):
         r.get("nope")
-
-
-def test_scheme_quantize_dequantize():
-    s = get_scheme("W4A16")
-    w = torch.randn(8, 256)
-    qt = s.quantize(w)
-    assert torch.equal(s.dequantize(qt), dequantize(qt))

@@ -125,9 +125,10 @@ def test_gptq_resume_after_kill_is_byte_identical(tmp_path):
         if p.poll() is not None:
             break
         time.sleep(0.05)
-    if p.poll() is None:
-        p.send_signal(signal.SIGKILL)
+    assert p.poll() is None, "the run finished before it could be killed: the resume path was not exercised"
+    p.send_signal(signal.SIGKILL)
     p.wait()
+    assert len(list(out.glob("model-*.safetensors"))) < n_shards, "the kill landed after the last shard"
     rep = _quantize(src, out, "--gptq", "--max-shard-size", "300K")
     assert rep["resumed"]
     for f in sorted(clean.glob("model-*.safetensors")) + [clean / "config.json", clean / "model.safetensors.index.json"]:

@@ -53,7 +53,7 @@ from gguf.gguf_writer import WriterState
 from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageError
 from ..formats import gguf_deepseek2 as g2
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from ..formats.gguf_types import FTYPE_NAMES, normalize_ftype, parse_tensor_type_override
+from ..formats.gguf_types import FTYPE_NAMES, normalize_ftype, parse_tensor_type_override, requires_imatrix
 from ..formats.hf_config import version_label
 from ..formats.safetensors_io import read_tensor, sha256_file
 from ..quant import ggml
@@ -154,8 +154,10 @@ class ExportPlan:
     nbytes: dict[str, int]  # gguf name -> tensor bytes
     files: list[OutFile]
     vocab: dict
-    imatrix: dict
+    imatrix: dict  # what the report says about --imatrix
     peak_memory: int
+    #: gguf name -> float32 ``[n_mat, n_per_row]`` importance weights for the tensors whose type uses them
+    importance: dict = field(default_factory=dict, repr=False)
 
     @property
     def tensor_bytes(self) -> int:
@@ -302,8 +304,7 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     Raises:
         UnsupportedError (exit 3): deepseek_v32, an unmappable tensor, no tokenizer.json.
         BadInputError (exit 3): incomplete experts, bad imatrix file.
-        UsageError (exit 2): unknown types, types dsconvert cannot quantize, ``--imatrix`` with types whose
-            quantizers do not use it.
+        UsageError (exit 2): unknown types, types dsconvert cannot quantize.
     """
     cfg = ck.config
     check_supported(cfg)
@@ -312,7 +313,8 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     overrides = [parse_tensor_type_override(s) for s in opts.tensor_types]
     plan = g2.plan_tensors(_hf_tensors(ck), cfg)
     types = g2.plan_types(plan, ftype, cfg, overrides=overrides, output_type=opts.output_tensor_type,
-                          embd_type=opts.token_embedding_type, pure=pure, fallback_f16=True)
+                          embd_type=opts.token_embedding_type, pure=pure, fallback_f16=True,
+                          has_imatrix=opts.imatrix is not None)
     have = set(ggml.registered_types())
     missing = sorted({t for t in types.values() if t not in have})
     if missing:
@@ -321,8 +323,15 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
                          f"e.g. {who[0]})",
                          hint="supported types: " + ", ".join(sorted(have)) + "; quantize a BF16 GGUF with "
                               "llama-quantize for IQ types")
+    if opts.imatrix is None:
+        need = [n for n, t in types.items() if requires_imatrix(n, t, ftype)]
+        if need:
+            raise UsageError(f"--type {opts.type}: {len(need)} tensors (e.g. {need[0]} as {types[need[0]]}) need an "
+                             "importance matrix, as llama-quantize requires for this type",
+                             hint="compute one on the original with `dsconvert imatrix SRC -o imatrix.gguf`, then "
+                                  "add --imatrix imatrix.gguf")
     nbytes = {t.name: g2.tensor_nbytes(t.shape, types[t.name]) for t in plan}
-    imatrix = _imatrix_plan(opts.imatrix, plan, types)
+    imatrix, importance = _imatrix_plan(opts.imatrix, plan, types)
 
     if not (ck.root / "tokenizer.json").is_file():
         raise BadInputError(f"{ck.root}: no tokenizer.json; a deepseek2 GGUF needs the tokenizer to load",
@@ -348,7 +357,8 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     kv_b = max((t.src_nbytes * 2 for t in plan if t.kind.startswith("kv_b")), default=0)
     work = max(kv_b, opts.chunk_bytes // 2) * (1 + 2 + 8 * 2)
     peak = BASE_RSS + work + max(len(f.header) for f in files)
-    return ExportPlan(ck, ftype, pure, plan, types, nbytes, files, vocab_holder["v"].summary(), imatrix, peak)
+    return ExportPlan(ck, ftype, pure, plan, types, nbytes, files, vocab_holder["v"].summary(), imatrix, peak,
+                      importance)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,37 +366,55 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
 # --------------------------------------------------------------------------------------------------
 
 
-def _imatrix_plan(path: Path | None, plan: g2.GGUFPlan, types: dict[str, str]) -> dict:
-    """Check ``--imatrix`` against what our quantizers can use.
+def _imatrix_plan(path: Path | None, plan: g2.GGUFPlan, types: dict[str, str]) -> tuple[dict, dict]:
+    """Check ``--imatrix`` against the planned tensors, as ``llama_model_quantize`` does.
 
-    llama.cpp ignores importance weights for F32/F16/BF16/Q8_0 (accepted and ignored here too). For every
-    other planned type the quantizer must implement them; until it does, the flag is refused rather than
-    silently ignored.
+    llama.cpp ignores importance weights for F32/F16/BF16/Q8_0 (accepted and ignored here too); every other
+    type uses them (``quantize_row_*_impl``). Each tensor that uses them needs an entry of ``ne0 * n_mat``
+    values (``n_mat`` = experts, or heads of ``attn_k_b``/``attn_v_b``). ``token_embd`` (a lookup, never a matmul
+    input) and ``output`` (collected only with llama-imatrix ``--process-output``) may lack one: llama.cpp
+    quantizes them without weights, and so does this export (the report lists them).
+
+    Returns:
+        (report dict, ``{gguf name: float32 [n_mat, ne0]}`` for the tensors that use the weights).
 
     Raises:
-        UsageError: a planned type's quantizer has no imatrix support.
-        BadInputError: the file cannot be read as an imatrix, or lacks entries for tensors that would use it.
+        BadInputError: the file cannot be read as an imatrix, lacks entries for tensors that would use it, or an
+            entry's size differs from the tensor's (an imatrix of another model or layout).
     """
     if path is None:
-        return {"used": False}
+        return {"used": False}, {}
     entries = load_imatrix(path)
     users = {t: ggml.get_type(t) for t in set(types.values())}
     need = sorted(t for t, c in users.items() if not c.ignores_imatrix)
-    unsupported = [t for t in need if not users[t].supports_imatrix]
-    if unsupported:
-        raise UsageError(f"--imatrix: dsconvert's {', '.join(unsupported)} quantizers do not implement importance "
-                         "weights yet, so the imatrix would be ignored",
-                         hint="drop --imatrix (plain llama.cpp reference quantization), or write a BF16/F32 GGUF "
-                              "and run llama-quantize --imatrix on it")
-    users_t = [t.name for t in plan if types[t.name] in need]
-    missing = [n for n in users_t if n not in entries]
+    importance, missing, wrong, without = {}, [], [], []
+    for t in plan:
+        if types[t.name] not in need:
+            continue
+        e = entries.get(t.name)
+        if e is None:
+            (without if t.name in ("token_embd.weight", "output.weight") else missing).append(t.name)
+            continue
+        n_mat = t.shape[0] if len(t.shape) == 3 else 1
+        if e.size != t.shape[-1] * n_mat:
+            wrong.append(f"{t.name} ({e.size} values, the tensor needs {t.shape[-1]} x {n_mat})")
+            continue
+        if not np.isfinite(e).all():
+            raise BadInputError(f"--imatrix {path}: {t.name} holds non-finite values",
+                                hint="recompute the imatrix (llama.cpp refuses such a file too)")
+        importance[t.name] = e.reshape(n_mat, t.shape[-1])
     if missing:
         raise BadInputError(f"--imatrix {path}: no entries for {len(missing)} tensors that need them: "
                             + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""),
                             hint="an imatrix computed on a kv_b-layout file lacks attn_k_b/attn_v_b "
                                  "(docs/known-failures.md item 26); recompute it on a current-layout GGUF")
-    return {"used": bool(need), "path": str(path), "entries": len(entries),
-            "ignored_by_types": sorted(t for t, c in users.items() if c.ignores_imatrix)}
+    if wrong:
+        raise BadInputError(f"--imatrix {path}: entries of the wrong size for {len(wrong)} tensors: "
+                            + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""),
+                            hint="the imatrix belongs to another model or tensor layout")
+    return {"used": bool(importance), "path": str(path), "entries": len(entries),
+            "tensors_weighted": len(importance), "tensors_without_entry": without,
+            "ignored_by_types": sorted(t for t, c in users.items() if c.ignores_imatrix)}, importance
 
 
 def load_imatrix(path: Path) -> dict[str, np.ndarray]:
@@ -491,29 +519,43 @@ def _rows(ck: Checkpoint, name: str, chunk_bytes: int) -> Iterator[torch.Tensor]
             yield read_tensor(f, ent, (r0, min(m, r0 + rows)))
 
 
-def encode(x: torch.Tensor, qtype: str, device: torch.device) -> np.ndarray:
+def encode(x: torch.Tensor, qtype: str, device: torch.device, importance: np.ndarray | None = None) -> np.ndarray:
     """Rows of ``x`` (bf16/f16/f32, ``[..., ne0]``) as ggml type ``qtype`` bytes (uint8, C order).
 
-    BF16 input to BF16 output is copied bit for bit; everything else is quantized from float32.
+    BF16 input to BF16 output is copied bit for bit; everything else is quantized from float32, with the
+    importance weights ``importance`` (float32 ``[ne0]``, every row) when given.
     """
     if qtype == "BF16" and x.dtype == torch.bfloat16:
         return x.contiguous().view(torch.uint8).numpy().reshape(-1)
     if qtype == "F32":
         return x.to(torch.float32).contiguous().view(torch.uint8).numpy().reshape(-1)
-    q = ggml.get_type(qtype).quantize(x.to(device=device, dtype=torch.float32))
+    qw = None if importance is None else torch.from_numpy(np.ascontiguousarray(importance, np.float32))
+    q = ggml.get_type(qtype).quantize(x.to(device=device, dtype=torch.float32), qw)
     return q.cpu().numpy().reshape(-1)
 
 
 def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torch.device,
-                  chunk_bytes: int) -> Iterator[np.ndarray]:
-    """Bytes of output tensor ``t`` in file order: experts in id order, each in row chunks; kv_b halves whole."""
+                  chunk_bytes: int, importance: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Bytes of output tensor ``t`` in file order: experts in id order, each in row chunks; kv_b halves whole.
+
+    ``importance`` (float32 ``[n_mat, ne0]``) weights matrix ``i`` (expert ``i``, or head ``i`` of a kv_b half)
+    with row ``i``, as ``llama_tensor_quantize_impl`` slices the imatrix per expert.
+    """
+    def w(i: int) -> np.ndarray | None:
+        return None if importance is None else importance[i]
+
     if t.kind in ("kv_b_k", "kv_b_v"):
         kv = torch.cat(list(_rows(ck, t.sources[0], chunk_bytes)))
-        yield encode(g2.build_tensor(t, [kv], ck.config), qtype, device)
+        built = g2.build_tensor(t, [kv], ck.config)
+        if importance is None:
+            yield encode(built, qtype, device)
+        else:
+            for h in range(built.shape[0]):
+                yield encode(built[h], qtype, device, w(h))
         return
-    for src in t.sources:  # one for "copy", n_expert for "stack_experts" (bytes are expert-major)
+    for i, src in enumerate(t.sources):  # one for "copy", n_expert for "stack_experts" (expert-major bytes)
         for x in _rows(ck, src, chunk_bytes):
-            yield encode(x, qtype, device)
+            yield encode(x, qtype, device, w(i))
 
 
 #: Sidecar of an interrupted file: ``NAME.gguf.tmp`` holds the header and the tensors listed here.
@@ -664,7 +706,7 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
                     progress.describe(f"{f_plan.name}: {t.name} {qtype}{layer}",
                                       boundary=i == k or t.bid != f_plan.tensors[i - 1].bid)
                     n = 0
-                    for chunk in tensor_chunks(plan.ck, t, qtype, device, chunk_bytes):
+                    for chunk in tensor_chunks(plan.ck, t, qtype, device, chunk_bytes, plan.importance.get(t.name)):
                         cancel.check()
                         put(chunk)
                         n += chunk.nbytes
@@ -731,7 +773,8 @@ def write_piece(plan: ExportPlan, file_idx: int, a: int, b: int, tmp: Path, sink
         for t in f_plan.tensors[a:b]:
             ht = hashlib.sha256()
             n = 0
-            for chunk in tensor_chunks(plan.ck, t, plan.types[t.name], device, chunk_bytes):
+            for chunk in tensor_chunks(plan.ck, t, plan.types[t.name], device, chunk_bytes,
+                                       plan.importance.get(t.name)):
                 mv = memoryview(chunk).cast("B")
                 f.write(mv)
                 h.update(mv)

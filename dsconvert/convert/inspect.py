@@ -36,7 +36,9 @@ def _module_shape(fmt, spec, prefix: str, heads: dict[str, tuple]) -> tuple[int,
 
 
 def _int_summary(ck, fmt) -> tuple[dict, list[dict], int, set[str]]:
-    """Scheme, quantized / kept linears, bits per weight and fused-group problems of an INT checkpoint.
+    """Scheme, quantized / kept linears, bits per weight and fused-group problems of a quantized checkpoint
+    (integer formats, compressed-tensors int-/float-quantized, DeepSeek FP8). A module is quantized when it has
+    the codec's marker tensor (``weight_packed``, ``qweight``, ``weight_scale``, ``weight_scale_inv``).
 
     Returns ``(summary, problems, logical parameters of the quantized modules, their tensor names)``.
     """
@@ -45,7 +47,9 @@ def _int_summary(ck, fmt) -> tuple[dict, list[dict], int, set[str]]:
     qc = ck.config.get("quantization_config") or {}
     problems: list[dict] = []
     try:
+        fmt = fmt.from_config(qc)
         spec = fmt.spec_from_config(qc)
+        desc = fmt.scheme_from_config(qc)
     except DsconvertError as e:
         return ({"format": fmt.name, "error": e.message},
                 [{"kind": "quantization_config", "fatal": True, "file": "config.json", "message": e.message}], 0,
@@ -54,10 +58,11 @@ def _int_summary(ck, fmt) -> tuple[dict, list[dict], int, set[str]]:
     prefixes = sorted({n.rsplit(".", 1)[0] for n in ck.tensors})
     quantized, kept, qnames = [], [], set()
     q_params = q_bytes = 0
+    marker = fmt.marker_suffix
     for pre in prefixes:
         w = pre + ".weight"
-        if w in ck.tensors:
-            if LayerPolicy.quantizable(w, heads[w]):
+        if f"{pre}.{marker}" not in ck.tensors:
+            if w in ck.tensors and LayerPolicy.quantizable(w, heads[w]):
                 kept.append(pre)
             continue
         shape = _module_shape(fmt, spec, pre, heads)
@@ -80,7 +85,11 @@ def _int_summary(ck, fmt) -> tuple[dict, list[dict], int, set[str]]:
                                         f"({len(d[True])} quantized, {len(d[False])} kept)",
                              "hint": "vLLM and SGLang load these as one fused layer and refuse mixed precision; "
                                      "quantize all members of the group or none"})
-    summary = {"format": fmt.name, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
+    dd = desc.to_dict()
+    summary = {"format": fmt.name, "compression_format": getattr(fmt, "compression_format", None),
+               "scheme": desc.name, "weights": dd["weights"], "input_activations": dd["input_activations"],
+               "bits": spec.bits, "group_size": getattr(spec, "group_size", None),
+               "symmetric": desc.weights.symmetric,
                "quantized_modules": len(quantized), "kept_linear_modules": len(kept),
                "kept_linear_examples": kept[:10],
                "bits_per_weight": round(8 * q_bytes / q_params, 4) if q_params else None}
@@ -111,7 +120,8 @@ def inspect_checkpoint(src: Path) -> dict:
         m = _LAYER.match(name)
         if m:
             layers.add(int(m.group(1)))
-    fp8_weights = [n for n, (_, e) in ck.tensors.items() if e.dtype == "F8_E4M3"]
+    # F8_E4M3 tensors of a compressed-tensors float-quantized checkpoint are not DeepSeek FP8 weights
+    fp8_weights = [] if ck.quantized else [n for n, (_, e) in ck.tensors.items() if e.dtype == "F8_E4M3"]
     paired = [n for n in fp8_weights if ck.scale_of(n) in ck.tensors]
     cross = [n for n in paired if ck.tensors[n][0] != ck.tensors[ck.scale_of(n)][0]]
     mtp = [n for n in ck.tensors if ck.is_mtp(n)]
@@ -119,11 +129,15 @@ def inspect_checkpoint(src: Path) -> dict:
     problems = [p.to_dict() for p in ck.problems]
     qc = ck.config.get("quantization_config") or {}
     fmt = None
-    if qc and qc.get("quant_method") != "fp8":
+    if qc and ck.fp8 is None:  # DeepSeek's own FP8 config is described by ck.fp8 (and may be stale: see below)
         from ..formats.registry import detect_format
         fmt = detect_format(qc)
     int_info = None
-    if fmt is not None and hasattr(fmt, "spec_from_config"):
+    if fmt is not None and hasattr(fmt, "inspect_summary"):  # per-config-group checkpoints (FP4, mixed recipes)
+        int_info, int_problems, q_params, q_names = fmt.from_config(qc).inspect_summary(ck)
+        problems += int_problems
+        params = q_params + sum(e.numel for n, (_, e) in ck.tensors.items() if n not in q_names and not ck.is_scale(n))
+    elif fmt is not None and hasattr(fmt, "spec_from_config"):
         int_info, int_problems, q_params, q_names = _int_summary(ck, fmt)
         problems += int_problems
         params = q_params + sum(e.numel for n, (_, e) in ck.tensors.items() if n not in q_names and not ck.is_scale(n))
@@ -181,10 +195,18 @@ def human_lines(rep: dict) -> list[str]:
         lines.append(f"    {k:8s} {v['tensors']:>7,} tensors  {gb(v)}")
     q = rep.get("quantization")
     if q and "bits" in q:
+        w, a = q["weights"], q["input_activations"]
         sym = "symmetric" if q["symmetric"] else "asymmetric"
-        g = "per channel" if q["group_size"] == -1 else f"group_size {q['group_size']}"
-        lines.append(f"  quantized    {q['format']}: int{q['bits']} {sym}, {g}; {q['quantized_modules']:,} linears "
-                     f"at {q['bits_per_weight']} bits/weight; {q['kept_linear_modules']:,} linears kept in float")
+        if w["strategy"] == "block":
+            g = f"block {w['block'][0]}x{w['block'][1]}" + (" ue8m0 scales" if w["scale_rule"] == "pow2" else "")
+        else:
+            g = "per channel" if q["group_size"] == -1 else f"group_size {q['group_size']}"
+        acts = "" if not a else f"; activations {a['type']}{a['bits']} {'dynamic' if a['dynamic'] else 'static'} " \
+            f"per {'token' if a['strategy'] == 'token' else a['strategy'] + ' ' + str(a['group_size'])}"
+        fmt = q["format"] + (f" {q['compression_format']}" if q.get("compression_format") else "")
+        lines.append(f"  quantized    {fmt}: {q['scheme']}, {w['type']}{q['bits']} {sym}, {g}{acts}; "
+                     f"{q['quantized_modules']:,} linears at {q['bits_per_weight']} bits/weight; "
+                     f"{q['kept_linear_modules']:,} linears kept in float")
     fp = rep["fp8_pairs"]
     if fp["weights"]:
         lines.append(f"  fp8          {fp['weights']:,} weights, {fp['with_scale']:,} with weight_scale_inv "

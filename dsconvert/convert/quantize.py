@@ -1,5 +1,10 @@
-"""``dsconvert quantize``: INT8/INT4 checkpoints (compressed-tensors, AutoAWQ GEMM, GPTQ) straight from the
-FP8 release or any BF16 checkpoint, streamed module by module.
+"""``dsconvert quantize``: INT8/INT4 and FP8 checkpoints (compressed-tensors, AutoAWQ GEMM, GPTQ, DeepSeek's own
+FP8 layout) straight from the FP8 release or any BF16 checkpoint, streamed module by module.
+
+The scheme (``--scheme`` with its options) is resolved to a
+:class:`~dsconvert.quant.schemes.SchemeDescription`; the output format binds it (``IntFormat.bind``: refuses, exit
+2, a scheme it cannot store, naming the module) to the codec that stores it. From here on the pipeline only calls
+the scheme's kernel and the codec's plan/encode/config methods: it never looks at either name.
 
 Each source weight is read (FP8 dequantized in memory by the exact fp8-to-bf16 rule: no BF16 copy on disk),
 quantized by the scheme's math in :mod:`dsconvert.quant` (RTN here; AWQ/GPTQ through the calibration engine),
@@ -28,8 +33,8 @@ from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.int_format import IntFormat
 from ..formats.registry import get_format, registered_formats
-from ..quant.rtn import QTensor, dequantize, quantize, quantize_with_error
-from ..quant.schemes import get_scheme, registered_schemes
+from ..quant.rtn import QTensor, QuantSpec, dequantize
+from ..quant.schemes import Scheme, SchemeDescription, get_scheme, registered_schemes
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
@@ -49,6 +54,12 @@ _LAYER_PREFIX = "model.layers."
 class Options:
     scheme: str = "W4A16"
     group_size: int | None = None  # None: the scheme's default
+    # mixed recipes (compressed-tensors config groups); scheme is then the scheme of unmatched modules
+    preset: str | None = None
+    recipe: str | None = None  # recipe file path
+    scheme_for: list[str] = field(default_factory=list)
+    scheme_given: bool = True  # False: --scheme not on the command line (a preset/recipe keeps the rest BF16)
+    scale_fmt: str | None = None  # FP8_BLOCK: None (amax / 448) or "ue8m0" (power-of-two scales)
     format: str = "compressed-tensors"
     checkpoint_format: str | None = None  # gptq only: gptq (v1, default) | gptq_v2
     method: str = "rtn"  # rtn | awq | gptq
@@ -69,7 +80,24 @@ class Options:
         d = asdict(self)
         for k in ("device", "workers", "chunk_bytes", "max_memory", "strict"):
             d.pop(k)
+        if not (self.preset or self.recipe or self.scheme_for):  # unchanged fingerprint for single-scheme runs
+            for k in ("preset", "recipe", "scheme_for", "scheme_given"):
+                d.pop(k)
+        elif self.recipe:
+            d["recipe_text"] = Path(self.recipe).read_text() if Path(self.recipe).is_file() else None
         return d
+
+    @property
+    def per_module(self) -> bool:
+        """Schemes are chosen per module (a recipe, or an FP4 scheme): the :mod:`.mixed` path."""
+        from ..quant.fp4_schemes import FP4Scheme
+
+        if self.preset or self.recipe or self.scheme_for:
+            return True
+        try:
+            return isinstance(get_scheme(self.scheme), FP4Scheme)
+        except KeyError:
+            return False
 
 
 def resolve_format(opts: Options) -> IntFormat:
@@ -90,18 +118,45 @@ def resolve_format(opts: Options) -> IntFormat:
                          hint="formats: " + ", ".join(registered_formats())) from None
 
 
-def resolve_spec(opts: Options):
-    """The :class:`QuantSpec` of ``--scheme`` with ``--group-size``.
+def resolve_scheme(opts: Options) -> tuple[Scheme, SchemeDescription]:
+    """The scheme of ``--scheme`` and its description with ``--group-size`` / ``--scale-fmt`` applied.
 
     Raises:
-        UsageError: unknown scheme (listing the choices), or a group size the scheme does not take.
+        UsageError: unknown scheme (listing the choices), an option the scheme does not take, or a ``--method``
+            that cannot produce the scheme.
     """
     try:
         scheme = get_scheme(opts.scheme)
     except KeyError as e:
         raise UsageError(str(e.args[0]) if e.args else f"unknown scheme {opts.scheme!r}",
                          hint="schemes: " + ", ".join(registered_schemes())) from None
-    return scheme.spec(opts.group_size)
+    if opts.method not in scheme.methods:
+        raise UsageError(f"scheme {scheme.name} cannot be produced with --{opts.method}",
+                         hint=f"{scheme.name} takes: " + ", ".join("RTN (no flag)" if m == "rtn" else f"--{m}"
+                                                                    for m in scheme.methods))
+    return scheme, scheme.describe(opts.group_size, scale_fmt=opts.scale_fmt)
+
+
+def resolve_spec(opts: Options):
+    """The kernel spec (:class:`QuantSpec` or ``FP8BlockSpec``) of ``--scheme`` with its options.
+
+    Raises:
+        UsageError: as :func:`resolve_scheme`.
+    """
+    return resolve_scheme(opts)[1].spec
+
+
+def bind_format(ck: Checkpoint, fmt: IntFormat, desc: SchemeDescription, opts: Options) -> IntFormat:
+    """``fmt.bind(desc, module)`` for the first module the policy quantizes (named in the refusal).
+
+    Raises:
+        UsageError (exit 2): the format cannot store the scheme; nothing has been written.
+    """
+    probe = LayerPolicy(desc.spec, list(opts.ignore))
+    first = next((module_of(n) for n in source_order(ck)
+                  if not ck.is_scale(n) and not (opts.mtp == "drop" and ck.is_mtp(n))
+                  and probe(n, ck.entry(n).shape) is not None), None)
+    return fmt.bind(desc, first)
 
 
 @dataclass
@@ -125,6 +180,7 @@ class Plan:
     total_params: int
     peak_memory: int
     ignore_unmatched: list[str]
+    groups: list[dict] | None = None  # per config group (mixed / FP4 path): scheme, modules, bytes, bits/weight
 
     def summary(self) -> dict:
         return {
@@ -140,7 +196,14 @@ class Plan:
             "bits_per_weight_overall": round(8 * self.bytes_written / self.total_params, 4) if self.total_params else None,
             "peak_memory_estimate": bytes_fields(self.peak_memory),
             "ignore_patterns_unmatched": self.ignore_unmatched,
+            **({"config_groups": self.groups} if self.groups is not None else {}),
         }
+
+
+def _recipe_summary(opts: Options, assign) -> dict:
+    return {"default": assign.canonical(assign.recipe.default), "preset": opts.preset, "file": opts.recipe,
+            "rules": [{"targets": list(r.targets), "scheme": assign.canonical(r.scheme) or "BF16", "from": r.origin}
+                      for r in assign.recipe.rules]}
 
 
 def _natural_key(name: str) -> tuple:
@@ -222,8 +285,8 @@ def _with_override(name: str, producer, replaced: Callable[[str], torch.Tensor |
 
 
 def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[str], ModuleResult],
-              device: torch.device, replaced: Callable[[str], torch.Tensor | None] | None = None
-              ) -> tuple[Plan, _ModuleCache]:
+              device: torch.device, replaced: Callable[[str], torch.Tensor | None] | None = None,
+              assign=None) -> tuple[Plan, _ModuleCache]:
     """Plan from headers only; ``compute(module) -> ModuleResult`` produces a quantized module's tensors;
     ``replaced(name)`` (calibrated methods) returns a float tensor to write instead of a kept source tensor.
 
@@ -231,12 +294,15 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         ShapeError / UsageError: a group size that does not divide K, a spec the format cannot hold, a mixed
             fused group, an ``--ignore`` pattern matching nothing under ``--strict``.
     """
-    spec = resolve_spec(opts)
-    fmt.supports(spec)
     if opts.mtp not in ("keep", "drop"):
         raise UsageError(f"--mtp {opts.mtp!r}", hint="use keep or drop")
-    _check_group_size(ck, spec, opts)
-    policy = LayerPolicy(spec, list(opts.ignore))
+    if assign is None:
+        spec = resolve_spec(opts)
+        fmt.supports(spec)
+        _check_group_size(ck, spec, opts)
+        policy = LayerPolicy(spec, list(opts.ignore))
+    else:  # per-module schemes (convert/mixed.py): the assignment decides and plans each module
+        policy = assign.policy
     cache = _ModuleCache(compute)
     decisions: dict[str, bool] = {}
     units: dict[int, list[tuple[str, list[OutTensor]]]] = {}  # layer -> (source name, its output tensors)
@@ -252,13 +318,14 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         total_params += ent.numel
         src_bytes = ent.nbytes + (ck.entry(ck.scale_of(name)).nbytes if ent.dtype == "F8_E4M3" else 0)
         bytes_read += src_bytes
-        s = policy(name, ent.shape)
+        s = policy(name, ent.shape) if assign is None else assign(name, ent.shape)
         if LayerPolicy.quantizable(name, ent.shape):
             decisions[name] = s is not None
         outs: list[OutTensor]
         if s is not None:
             mod = module_of(name)
-            plans = fmt.plan(mod, tuple(ent.shape), spec)  # raises ShapeError with the module name
+            # raises ShapeError with the module name
+            plans = fmt.plan(mod, tuple(ent.shape), spec) if assign is None else s.plan(mod, tuple(ent.shape))
             outs = [OutTensor(p.name, p.safetensors_dtype, tuple(p.shape),
                               (lambda mod=mod, tn=p.name: iter([cache.take(mod, tn)])), "quantize", [name],
                               src_bytes if i == 0 else 0) for i, p in enumerate(plans)]
@@ -277,7 +344,10 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         if replaced is not None and s is None:
             outs[0].produce = _with_override(name, outs[0].produce, replaced, outs[0].dtype)
         units.setdefault(_layer_key(name), []).append((name, outs))
-    check_fused_groups(decisions)
+    if assign is None:
+        check_fused_groups(decisions)
+    else:
+        assign.check()
     # Canonical order inside a layer (natural name order), not the source's file order: the same weights give
     # the same bytes whether they come from the FP8 release or a re-sharded BF16 copy. A module's tensors stay
     # together, in the format's order.
@@ -293,20 +363,36 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     cfg = unquantized_config(ck.config, "bfloat16")
     if opts.mtp == "drop":
         cfg["num_nextn_predict_layers"] = 0
-    ignore_out = DEFAULT_IGNORE_PATTERNS + sorted({module_of(n) for n, q in decisions.items() if not q})
-    if fmt.name == "autoawq":
-        user_ignored = sorted({module_of(n) for n, q in decisions.items() if not q})
-        cfg["quantization_config"] = fmt.quantization_config(spec, user_ignored,
-                                                             module_names=[module_of(n) for n in decisions]
-                                                             ) if user_ignored else fmt.quantization_config(spec)
+    if assign is not None:
+        from .mixed import mixed_quantization_config
+
+        if not any(decisions.values()):
+            raise UsageError("the recipe quantizes no module (every quantizable module would stay BF16)",
+                             hint="check the --preset / --recipe / --scheme-for patterns against the module names")
+        cfg["quantization_config"] = mixed_quantization_config(
+            assign.groups(), DEFAULT_IGNORE_PATTERNS + sorted({module_of(n) for n, q in decisions.items() if not q}))
     else:
-        cfg["quantization_config"] = fmt.quantization_config(spec, ignore_out)
+        cfg["quantization_config"] = fmt.model_quantization_config(
+            spec, default_ignore=DEFAULT_IGNORE_PATTERNS, kept=sorted({module_of(n) for n, q in decisions.items() if not q}),
+            modules=[module_of(n) for n in decisions])
     written = sum(s.nbytes for s in shards)
     largest = max((ck.entry(n).numel for n in decisions), default=0)
     # one module in fp32 plus its quantized form and temporaries (~4x), plus the write queue
     peak = BASE_RSS + 4 * 4 * largest + 4 * opts.chunk_bytes
     plan = Plan(shards, dropped, extra_files(ck.root), cfg, quantized, kept, bytes_read, written, q_params, q_bytes,
                 total_params, peak, unmatched)
+    if assign is not None:
+        from .mixed import describe_groups
+
+        numel = {module_of(n): ck.entry(n).numel for n in decisions}
+        mbytes: dict[str, int] = {}
+        for outs in units.values():
+            for _, ts in outs:
+                for t in ts:
+                    if t.action == "quantize":
+                        m = t.name.rsplit(".", 1)[0]
+                        mbytes[m] = mbytes.get(m, 0) + t.nbytes
+        plan.groups = describe_groups(assign.groups(), numel.__getitem__, lambda m: mbytes.get(m, 0))
     return plan, cache
 
 
@@ -319,6 +405,8 @@ def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
     """
     from ..errors import ShapeError
 
+    if not isinstance(spec, QuantSpec):
+        return  # FP8 blocks take any shape: edge blocks are partial
     g = spec.group_size
     if g <= 0:
         return
@@ -362,15 +450,21 @@ def _layer_aligned_shards(groups: dict[int, list[OutTensor]], max_bytes: int) ->
     return [OutShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", p, keep_order=True) for i, p in enumerate(packed)]
 
 
-def rtn_compute(ck: Checkpoint, fmt: IntFormat, spec_of: Callable[[str], object], device: torch.device
+def rtn_compute(ck: Checkpoint, fmt: IntFormat, scheme: Scheme, desc: SchemeDescription, device: torch.device
                 ) -> Callable[[str], ModuleResult]:
-    """RTN: read (and dequantize) one weight, quantize with the format's convention, pack."""
+    """RTN: read (and dequantize) one weight, quantize with the scheme's kernel in the codec's storage, pack.
+
+    ``fmt`` is the codec bound to ``desc`` (:func:`bind_format`). An FP8 source weight is dequantized first (the
+    exact fp8-to-bf16 rule), so FP8_BLOCK from an FP8 source re-derives its scales from the dequantized weight
+    instead of reusing (or re-rounding) the source's scales under its payload.
+    """
+    spec, storage = desc.spec, fmt.storage(desc)
 
     def compute(module: str) -> ModuleResult:
         name = module + ".weight"
         w = _read_weight(ck, name).to(device)  # BF16 (FP8 dequantized), widened per chunk inside the kernel
-        qt, err = quantize_with_error(w, spec_of(name), fmt.convention, name=module)
-        return ModuleResult({k: v.cpu() for k, v in fmt.encode_qtensor(module, qt).items()}, err)
+        payload, err = scheme.quantize_with_error(w, spec, storage, name=module)
+        return ModuleResult({k: v.cpu() for k, v in fmt.encode_qtensor(module, payload).items()}, err)
 
     return compute
 
@@ -421,8 +515,10 @@ def rebuild(src: str, opts: Options) -> Rebuilt:
     """The RTN plan's output shards for ``src``, rebuilt where a remote unit runs (a Ray worker: same SRC path,
     same options, hence the same plan), with each shard's per-module relative RMS errors as its extras."""
     ck = open_checkpoint(Path(src), check_values=False)
-    fmt, spec, device = resolve_format(opts), resolve_spec(opts), resolve_device(opts.device)
-    plan, cache = make_plan(ck, opts, fmt, rtn_compute(ck, fmt, lambda name: spec, device), device)
+    device = resolve_device(opts.device)
+    scheme, desc = resolve_scheme(opts)
+    fmt = bind_format(ck, resolve_format(opts), desc, opts)
+    plan, cache = make_plan(ck, opts, fmt, rtn_compute(ck, fmt, scheme, desc, device), device)
 
     def extras(shard: OutShard) -> dict:
         mods = {module_of(t.sources[0]) for t in shard.tensors if t.action == "quantize"}
@@ -446,6 +542,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if opts.method not in ("rtn", "awq", "gptq"):
         raise UsageError(f"--method {opts.method!r}", hint="use rtn, awq or gptq")
     executor = executor or LocalExecutor(opts.workers)
+    if executor.remote and opts.per_module:
+        raise UsageError("--ray with a per-module recipe: mixed schemes run on one machine for now",
+                         hint="drop --ray, or quantize with one --scheme on the cluster")
     if opts.method != "rtn":
         if executor.remote:
             raise UsageError(f"--{opts.method} with --ray: calibrated methods run on one machine for now",
@@ -454,20 +553,31 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if out is not None:
         check_paths(src, Path(out))
     device = resolve_device(opts.device)
-    fmt = resolve_format(opts)
+    base_fmt = resolve_format(opts)
+    scheme, desc = resolve_scheme(opts)
     ck = open_checkpoint(src, check_values=not dry_run)
     if ck.config.get("quantization_config") and ck.fp8 is None:
         raise BadInputError(f"{src}: already quantized ({ck.config['quantization_config'].get('quant_method')})",
                             hint="quantize from the FP8 release or a BF16 checkpoint")
-    spec = resolve_spec(opts)
-    engine = None
-    if opts.method == "rtn":
-        compute = rtn_compute(ck, fmt, lambda name: spec, device)
+    engine = assign = None
+    if opts.per_module:
+        from .mixed import mixed_setup
+
+        assign, compute = mixed_setup(ck, opts, base_fmt, device, _read_weight)
+        fmt, spec = base_fmt, None
+    else:
+        fmt = bind_format(ck, base_fmt, desc, opts)
+        spec = desc.spec
+    if assign is not None:
+        pass
+    elif opts.method == "rtn":
+        compute = rtn_compute(ck, fmt, scheme, desc, device)
     else:
         from .calibrated import calibrated_compute
 
         compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
-    plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None)
+    plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None,
+                            assign=assign)
     if engine is not None:  # calibration holds activations and a layer's working set, not one module
         plan.peak_memory += engine.peak_memory_estimate()
     report = base_report(COMMAND)
@@ -475,7 +585,11 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         "source": {"path": str(src), "family": version_label(ck.config), "format": "fp8-block" if ck.fp8 else "float",
                    "tensors": len(ck.tensors)},
         "options": {**asdict(opts), "device": str(device)},
-        "scheme": {"name": opts.scheme, "bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric},
+        "scheme": ({"name": desc.name, "bits": desc.weights.bits,
+                    "group_size": spec.group_size if isinstance(spec, QuantSpec) else None,
+                    "symmetric": desc.weights.symmetric, **desc.to_dict()}
+                   if assign is None else {"name": assign.canonical(assign.recipe.default),
+                                           "recipe": _recipe_summary(opts, assign)}),
         "format": fmt.name,
         "quantization_config": plan.config["quantization_config"],
         "dry_run": dry_run,
@@ -493,6 +607,18 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
             report.setdefault("warnings", []).append(report["disk"]["problem"])
     if dry_run:
         return report
+    if assign is not None and assign.needs_input_calibration():
+        from .calibrated import calibration_ids
+        from .mixed import input_absmax
+
+        seqs = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len)
+        targets = {m for m, c in assign.module_codec.items() if getattr(c, "layout", None) is not None
+                   and c.layout.static_input_scale}
+        assign.set_input_amax(input_absmax(ck, targets, seqs))
+        report["calibration"] = {"purpose": "NVFP4 input_global_scale", "sequences": len(seqs),
+                                 "tokens": sum(len(q) for q in seqs),
+                                 "modules_observed": sum(1 for m in targets if m in assign.input_amax),
+                                 "modules_unobserved": sorted(m for m in targets if m not in assign.input_amax)[:20]}
     if out is None:
         raise UsageError("missing -o/--output", hint="dsconvert quantize SRC -o OUT --scheme W4A16")
     out = Path(out)

@@ -42,6 +42,7 @@ class ValidateOptions:
     max_kld: float = 0.01
     min_top1: float = 0.97
     dtype: str = "float32"
+    emulate_activations: bool = True  # quantize-dequantize Linear inputs the candidate declares (docs/int-formats.md §9)
 
 
 class LayerCachedSource:
@@ -143,9 +144,56 @@ def weight_source(path: Path):
     return CheckpointWeightSource(path)
 
 
+def activation_hook(source) -> tuple[object | None, dict | None]:
+    """The Linear input hook that emulates the candidate's declared activation quantization, and its summary.
+
+    Reads ``quantization_config.config_groups`` of a compressed-tensors candidate: a Linear whose group (by
+    vLLM's target rule, ignore list first) has ``input_activations`` gets its input quantize-dequantized by
+    :func:`dsconvert.quant.act_quant.activation_quantizer` (NVFP4 with the module's stored
+    ``input_global_scale``). Returns ``(None, None)`` when nothing is declared (weight-only schemes, GGUF,
+    BF16, DeepSeek's native FP8, which the reference itself shares).
+
+    Raises:
+        UnsupportedError: declared activation args that are not emulated.
+    """
+    from ..formats.ct_groups import group_of
+    from ..quant.act_quant import activation_quantizer, describe_activation
+
+    qc = (getattr(source, "config", None) or {}).get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return None, None
+    groups = {k: g for k, g in (qc.get("config_groups") or {}).items() if (g or {}).get("input_activations")}
+    if not groups:
+        return None, None
+    for g in groups.values():
+        activation_quantizer(g["input_activations"])  # refuse unknown args up front
+    fns: dict[str, object] = {}
+    params: dict[str, dict] = {}
+    seen: set[str] = set()
+
+    def hook(name: str, x: torch.Tensor):
+        if name not in fns:
+            g = group_of(qc, name)
+            fns[name] = activation_quantizer(g.get("input_activations")) if g else None
+            sname = name + ".input_global_scale"
+            params[name] = {"input_global_scale": source.get_raw(sname)} if source.has_raw(sname) else {}
+        fn = fns[name]
+        if fn is None:
+            return None
+        seen.add(name)
+        return fn(x, params[name])
+
+    summary = {"groups": {k: {"targets": g.get("targets"), "input_activations": describe_activation(
+        g["input_activations"])} for k, g in groups.items()}, "modules_emulated": seen}
+    return hook, summary
+
+
 def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hidden: bool,
-                 progress: ByteProgress | None = None, label: str = "") -> tuple[list[torch.Tensor], list[list]]:
-    """Layer-major forward of several sequences: returns (logits per sequence, hidden states per layer per seq)."""
+                 progress: ByteProgress | None = None, label: str = "", on_linear=None
+                 ) -> tuple[list[torch.Tensor], list[list]]:
+    """Layer-major forward of several sequences: returns (logits per sequence, hidden states per layer per seq).
+
+    ``on_linear`` is the reference forward's Linear input hook (it may replace a Linear's input)."""
     model = ReferenceModel(LayerCachedSource(source), dtype=dtype)
     n = model.cfg.num_hidden_layers
     ids = [torch.tensor(s, dtype=torch.long) for s in seqs]
@@ -156,7 +204,7 @@ def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hi
         for layer in range(n):
             if progress is not None:
                 progress.describe(f"{label} layer ({layer + 1}/{n})")
-            hs = model.layer_forward_many(layer, hs, pos)
+            hs = model.layer_forward_many(layer, hs, pos, on_linear)
             if return_hidden:
                 hidden.append([h.float().clone() for h in hs])
             if progress is not None:
@@ -267,8 +315,9 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
     with ByteProgress(2 * n_layers, "validate", enabled=progress, unit="layers") as bar:
         ref_logits, ref_hidden = forward_many(ref_src, seqs, dtype, return_hidden=True, progress=bar,
                                               label="reference")
+        hook, emulation = activation_hook(cand_src) if opts.emulate_activations else (None, None)
         cand_logits, cand_hidden = forward_many(cand_src, seqs, dtype, return_hidden=True, progress=bar,
-                                                label="candidate")
+                                                label="candidate", on_linear=hook)
     metrics = _pool(ref_logits, cand_logits, seqs)
     layers = []
     for i in range(n_layers):
@@ -291,6 +340,8 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         "first_diverging_layer": first_div,
         "largest_error_jump_layer": largest_jump,
         "thresholds": {"max_kld": opts.max_kld, "min_top1": opts.min_top1},
+        "activation_emulation": ({**emulation, "modules_emulated": len(emulation["modules_emulated"])}
+                                 if emulation else None),
         "passed": passed,
         "failed_checks": failed,
         "seconds": round(time.perf_counter() - t0, 3),

@@ -6,8 +6,11 @@ writes, each through its own dequantizer:
 * DeepSeek FP8 + ``weight_scale_inv``: dequantized on the fly by the exact fp8-to-bf16 rule (BF16 result), so a
   correct BF16 conversion of the same checkpoint is identical to this source;
 * BF16 / F16 / F32 tensors: as stored;
-* INT formats written by ``dsconvert quantize`` (compressed-tensors pack-quantized, AutoAWQ GEMM, GPTQ):
-  decoded by the format module registered for the checkpoint's ``quantization_config``.
+* formats written by ``dsconvert quantize`` (compressed-tensors pack-/int-/float-quantized, AutoAWQ GEMM, GPTQ):
+  decoded by the codec the checkpoint's ``quantization_config`` names (W8A8 and FP8_BLOCK weights dequantized
+  as their loaders do; activation quantization is not emulated here). A quantized module's tensors take
+  precedence over a stored tensor of the same name (compressed-tensors int/float-quantized store the quantized
+  payload itself as ``weight``).
 
 Only the requested tensor is read, so memory follows the model's layer streaming.
 """
@@ -40,18 +43,26 @@ class CheckpointWeightSource:
         self._quant = _quantized_reader(self.ck)
 
     def has(self, name: str) -> bool:
-        if name in self.ck.tensors and not self.ck.is_scale(name):
+        if self._quant is not None and self._quant.has(name):
             return True
-        return self._quant is not None and self._quant.has(name)
+        return name in self.ck.tensors and not self.ck.is_scale(name)
+
+    def has_raw(self, name: str) -> bool:
+        """A tensor stored under exactly this name (quantization parameters included)."""
+        return name in self.ck.tensors
+
+    def get_raw(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name`` as is (e.g. an NVFP4 module's ``input_global_scale``)."""
+        return self.ck.read(name)
 
     def get(self, name: str) -> torch.Tensor:
+        if self._quant is not None and self._quant.has(name):
+            return self._quant.get(name)
         if name in self.ck.tensors and not self.ck.is_scale(name):
             t = self.ck.read(name)
             if t.dtype == torch.float8_e4m3fn:
                 return dequant_fp8_block(t, self.ck.read(self.ck.scale_of(name)), self.ck.fp8.block)
             return t
-        if self._quant is not None and self._quant.has(name):
-            return self._quant.get(name)
         raise KeyError(f"{self.root}: no tensor {name!r}")
 
 

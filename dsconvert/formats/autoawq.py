@@ -157,6 +157,14 @@ class AutoAWQFormat(IntFormat):
             "modules_to_not_convert": check_modules_to_not_convert(ignore, module_names) if ignore else None,
         }
 
+    def model_quantization_config(self, spec: QuantSpec, *, default_ignore: Iterable[str] = (),
+                                  kept: Iterable[str] = (), modules: Iterable[str] = ()) -> dict:
+        """AWQ loaders never see the default-kept modules (no quantized tensors are emitted for them), so only
+        the user's ``kept`` modules go to ``modules_to_not_convert``, checked against ``modules``."""
+        kept = list(kept)
+        return self.quantization_config(spec, kept, module_names=list(modules)) if kept \
+            else self.quantization_config(spec)
+
     @classmethod
     def detect(cls, quantization_config: dict) -> bool:
         qc = quantization_config or {}

@@ -56,6 +56,9 @@ class Checkpoint:
         tensors: tensor name -> (shard name, entry).
         index_metadata: the source index's ``metadata`` (may hold ``total_size``).
         problems: everything found wrong (fatal or not).
+        quantized: ``quantization_config`` is a format dsconvert writes (compressed-tensors, AWQ, GPTQ): its
+            F8_E4M3 tensors (compressed-tensors float-quantized) are checked by that format's codec, not as
+            DeepSeek FP8 weights.
     """
 
     root: Path
@@ -66,6 +69,7 @@ class Checkpoint:
     tensors: dict[str, tuple[str, TensorEntry]]
     index_metadata: dict = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    quantized: bool = False
 
     # -- partners -----------------------------------------------------------------------------------------
     def is_fp8_weight(self, name: str) -> bool:
@@ -160,8 +164,9 @@ def scan(root: str | os.PathLike) -> Checkpoint:
         problems.append(Problem("model_type", e.message, "config.json", hint=e.hint, unsupported=True))
     fp8 = None
     qc = config.get("quantization_config") or {}
-    if qc and qc.get("quant_method") != "fp8" and detect_format(qc) is not None:
-        pass  # an INT checkpoint written by `dsconvert quantize` (or a peer tool in the same layout)
+    quantized = bool(qc) and qc.get("quant_method") != "fp8" and detect_format(qc) is not None
+    if quantized:
+        pass  # a checkpoint written by `dsconvert quantize` (or a peer tool in the same layout)
     else:
         try:
             fp8 = fp8_scheme(config)
@@ -230,7 +235,7 @@ def scan(root: str | os.PathLike) -> Checkpoint:
                                         + (f"maps it to {weight_map[name]}" if name in weight_map else "omits it"),
                                         s, name, hint="the index and the shards disagree; re-download them"))
 
-    ck = Checkpoint(root, config, fp8, shard_names, headers, tensors, index_metadata, problems)
+    ck = Checkpoint(root, config, fp8, shard_names, headers, tensors, index_metadata, problems, quantized)
     _check_pairs(ck)
     ts = index_metadata.get("total_size")
     if isinstance(ts, int) and not any(p.kind in ("missing_shard", "bad_shard") for p in problems):
@@ -239,6 +244,12 @@ def scan(root: str | os.PathLike) -> Checkpoint:
             problems.append(Problem("total_size", f"index metadata.total_size is {ts} but the tensors hold {actual} "
                                     "bytes", INDEX_NAME, fatal=False))
     return ck
+
+
+def _format_owned(ck: Checkpoint) -> bool:
+    """The checkpoint declares a quantized format dsconvert reads (its tensors are that format's business)."""
+    qc = ck.config.get("quantization_config") or {}
+    return bool(qc) and qc.get("quant_method") != "fp8" and detect_format(qc) is not None
 
 
 def _check_pairs(ck: Checkpoint) -> None:
@@ -256,6 +267,8 @@ def _check_pairs(ck: Checkpoint) -> None:
                                        "(DeepSeek-V4-style layout)", s, name, unsupported=True,
                                        hint="V4/FP4 layouts are not supported"))
         elif ent.dtype == "F8_E4M3":
+            if ck.fp8 is None and ck.quantized:
+                continue  # compressed-tensors float-quantized: weight + weight_scale, read by its codec
             if ck.fp8 is None:
                 ck.problems.append(Problem("fp8_undeclared", f"tensor {name!r} is F8_E4M3 but config.json declares "
                                            "no FP8 quantization_config", s, name,

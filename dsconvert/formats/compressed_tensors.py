@@ -1,4 +1,11 @@
-"""compressed-tensors ``pack-quantized`` (weight-only INT4/INT8, as llm-compressor writes it).
+"""compressed-tensors (``quant_method: compressed-tensors``), as llm-compressor writes it.
+
+The format is one ``--format`` (``compressed-tensors``) with one codec per compressed-tensors compression
+format, registered in :data:`CT_COMPRESSORS` (``@register_ct_compressor("int-quantized")``, one module each):
+:meth:`CompressedTensorsFormat.bind` picks the first codec whose ``accepts(scheme)`` is true, and
+:meth:`CompressedTensorsFormat.from_config` the codec a checkpoint's ``format`` names. This module is the
+``pack-quantized`` codec (weight-only INT4/INT8); ``int-quantized`` (W8A8) is
+:mod:`dsconvert.formats.ct_int_quantized`, ``float-quantized`` (FP8_BLOCK) :mod:`dsconvert.formats.ct_float_quantized`.
 
 Per module, N = out_features, K = in_features, g = group size (K for per-channel), b = bits:
 
@@ -24,13 +31,35 @@ from typing import Iterable, Mapping
 
 import torch
 
-from dsconvert.errors import UnsupportedError
+from dsconvert.errors import UnsupportedError, UsageError
 from dsconvert.formats.int_format import IntFormat, TensorPlan, _require, by_suffix, join_name
 from dsconvert.formats.registry import register_format
 from dsconvert.quant.pack import pack_int32_rows_lsb, unpack_int32_rows_lsb
+from dsconvert.quant.registry import Registry
 from dsconvert.quant.rtn import COMPRESSED_TENSORS, QTensor, QuantSpec, dequantize
 
-__all__ = ["CompressedTensorsFormat", "CT_LAYOUT_VERSION"]
+__all__ = ["CompressedTensorsFormat", "CT_LAYOUT_VERSION", "CT_COMPRESSORS", "register_ct_compressor"]
+
+#: compression format name (the ``format`` written in ``quantization_config``) -> codec class.
+CT_COMPRESSORS: Registry[type] = Registry("compressed-tensors compression format")
+
+
+def register_ct_compressor(compression_format: str):
+    """Class decorator: register a :class:`CompressedTensorsFormat` subclass as the codec of one
+    compressed-tensors compression format (``"int-quantized"``); sets ``cls.compression_format``."""
+    inner = CT_COMPRESSORS.register(compression_format)
+
+    def deco(cls):
+        cls.compression_format = compression_format
+        return inner(cls)
+
+    return deco
+
+
+def _load_compressors() -> None:
+    # Import for the registration side effect; deferred (they subclass this module's class).
+    import dsconvert.formats.ct_float_quantized  # noqa: F401
+    import dsconvert.formats.ct_int_quantized  # noqa: F401
 
 #: compressed-tensors release whose on-disk layout and config this module reproduces (written as
 #: ``quantization_config.version``, as ``ModelCompressor.update_config`` writes its own version).
@@ -52,6 +81,8 @@ class CompressedTensorsFormat(IntFormat):
         scale_dtype: ``weight_scale`` dtype = the model dtype (bf16 for DeepSeek-V3; fp16 allowed).
     """
 
+    compression_format = "pack-quantized"
+
     def __init__(self, scale_dtype: torch.dtype = torch.bfloat16):
         if scale_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"compressed-tensors scale dtype must be bfloat16 or float16, got {scale_dtype}")
@@ -60,6 +91,93 @@ class CompressedTensorsFormat(IntFormat):
 
     def supports(self, spec: QuantSpec) -> bool:
         return True  # any QuantSpec (int4/int8, sym/asym, group/channel)
+
+    # --- the scheme contract: one codec per compression format ------------------------------
+    @classmethod
+    def accepts(cls, scheme) -> bool:
+        """``pack-quantized`` stores integer weight-only schemes (W4A16, W4A16_ASYM, W8A16)."""
+        return scheme.weights.type == "int" and scheme.input_activations is None
+
+    @staticmethod
+    def codecs() -> list[tuple[str, type]]:
+        """Every registered compression format and its codec class, in registration order."""
+        _load_compressors()
+        return CT_COMPRESSORS.items()
+
+    def check_scheme(self, scheme, module: str | None = None) -> None:
+        """Accept a scheme some registered compression format stores.
+
+        Raises:
+            UsageError: none does; names the scheme, the module and what each compression format stores.
+        """
+        if not any(c.accepts(scheme) for _, c in self.codecs()):
+            where = f" for module {module}" if module else ""
+            raise UsageError(f"format compressed-tensors cannot store scheme {scheme.name}{where}",
+                             hint="compressed-tensors here stores " + "; ".join(
+                                 f"{n}: {(c.__doc__ or '').strip().splitlines()[0]}" for n, c in self.codecs()))
+
+    def bind(self, scheme, module: str | None = None) -> "CompressedTensorsFormat":
+        """The codec (an instance with this scale dtype) of the first compression format accepting ``scheme``.
+
+        Raises:
+            UsageError: as :meth:`check_scheme`.
+        """
+        self.check_scheme(scheme, module)
+        cls = next(c for _, c in self.codecs() if c.accepts(scheme))
+        codec = cls(self.scale_dtype)
+        codec.check_codec(scheme, module)
+        return codec
+
+    def check_codec(self, scheme, module: str | None = None) -> None:
+        """Codec-specific refusals beyond :meth:`accepts` (none for pack-quantized)."""
+        self.supports(scheme.spec)
+
+    def from_config(self, quantization_config: dict) -> "CompressedTensorsFormat":
+        """The codec of the config's compression format.
+
+        Raises:
+            UnsupportedError: not a single registered compression format.
+        """
+        fmts = self._config_formats(quantization_config)
+        if len(fmts) != 1 or next(iter(fmts)) not in CT_COMPRESSORS:
+            raise UnsupportedError(f"compressed-tensors format(s) {sorted(map(str, fmts))} are not one that "
+                                   f"dsconvert reads ({', '.join(n for n, _ in self.codecs())})")
+        return CT_COMPRESSORS.get(next(iter(fmts)))(self.scale_dtype)
+
+    def scheme_from_config(self, quantization_config: dict):
+        """The :class:`~dsconvert.quant.schemes.SchemeDescription` of the config's single group (weights and
+        input activations as declared); named after the matching registered scheme.
+
+        Raises:
+            UnsupportedError: not exactly one config group, or no weights in it.
+        """
+        from dsconvert.quant.schemes import ActivationArgs, SchemeDescription, WeightArgs, match_scheme_name
+
+        groups = (quantization_config or {}).get("config_groups") or {}
+        if len(groups) != 1:
+            raise UnsupportedError(f"expected one compressed-tensors config group, found {len(groups)}")
+        (gname, g), = groups.items()
+        w, a = (g or {}).get("weights"), (g or {}).get("input_activations")
+        if not w:
+            raise UnsupportedError(f"config group {gname!r} has no weights args")
+        strategy = w.get("strategy") or ("channel" if w.get("group_size") in (None, -1) else "group")
+        block = tuple(int(b) for b in w["block_structure"]) if w.get("block_structure") else None
+        wa = WeightArgs(type=w.get("type", "int"), bits=int(w["num_bits"]), strategy=strategy,
+                        symmetric=bool(w.get("symmetric", True)),
+                        group_size=int(w["group_size"]) if strategy == "group" and w.get("group_size") else None,
+                        block=block)
+        aa = None if not a else ActivationArgs(type=a.get("type", "int"), bits=int(a["num_bits"]),
+                                               strategy=a.get("strategy") or "token",
+                                               dynamic=bool(a.get("dynamic", False)),
+                                               symmetric=bool(a.get("symmetric", True)),
+                                               group_size=int(a["group_size"]) if a.get("group_size") else None)
+        return SchemeDescription(match_scheme_name(wa, aa) or self.compression_format, wa, aa)
+
+    @staticmethod
+    def _config_formats(quantization_config: dict) -> set:
+        qc = quantization_config or {}
+        groups = qc.get("config_groups") or {}
+        return {(g or {}).get("format") or qc.get("format") for g in groups.values()} or {qc.get("format")}
 
     def tensor_names(self, prefix: str, spec: QuantSpec | None = None) -> list[str]:
         suffixes = list(_WEIGHT)
@@ -133,23 +251,28 @@ class CompressedTensorsFormat(IntFormat):
             "type": "int",
         }
 
+    def group_args(self, spec) -> tuple[dict, dict | None]:
+        """``(weights, input_activations)`` QuantizationArgs dicts of a config group for ``spec``."""
+        return self.weights_args(spec), None
+
     def quantization_config(self, spec: QuantSpec, ignore: Iterable[str] = ()) -> dict:
         """``quantization_config`` exactly as llm-compressor + compressed-tensors 0.20.1 write it.
 
         ``ignore`` entries are exact module names or ``re:`` regexes, written as given (sorted order
         is the caller's choice). Keys and nesting match ``ModelCompressor.update_config``.
         """
+        weights, acts = self.group_args(spec)
         return {
             "config_groups": {
                 "group_0": {
-                    "format": "pack-quantized",
-                    "input_activations": None,
+                    "format": self.compression_format,
+                    "input_activations": acts,
                     "output_activations": None,
                     "targets": ["Linear"],
-                    "weights": self.weights_args(spec),
+                    "weights": weights,
                 }
             },
-            "format": "pack-quantized",
+            "format": self.compression_format,
             "global_compression_ratio": None,
             "ignore": list(ignore),
             "kv_cache_scheme": None,
@@ -166,14 +289,14 @@ class CompressedTensorsFormat(IntFormat):
         qc = quantization_config or {}
         if qc.get("quant_method") != "compressed-tensors":
             return False
-        groups = qc.get("config_groups") or {}
-        fmts = {(g or {}).get("format") or qc.get("format") for g in groups.values()} or {qc.get("format")}
-        return fmts == {"pack-quantized"}
+        _load_compressors()
+        fmts = cls._config_formats(qc)
+        return len(fmts) == 1 and isinstance(next(iter(fmts)), str) and next(iter(fmts)) in CT_COMPRESSORS
 
     def spec_from_config(self, quantization_config: dict) -> QuantSpec:
         qc = quantization_config
-        if not self.detect(qc):
-            raise UnsupportedError("quantization_config is not compressed-tensors pack-quantized")
+        if not self.detect(qc) or self._config_formats(qc) != {self.compression_format}:
+            raise UnsupportedError(f"quantization_config is not compressed-tensors {self.compression_format}")
         groups = qc.get("config_groups") or {}
         specs = set()
         for name, g in groups.items():
@@ -192,3 +315,6 @@ class CompressedTensorsFormat(IntFormat):
             raise UnsupportedError(f"expected one weight scheme in config_groups, found {len(specs)}",
                                    hint="pass the per-module QuantSpec to decode() instead of the config")
         return specs.pop()
+
+
+register_ct_compressor("pack-quantized")(CompressedTensorsFormat)

@@ -496,6 +496,7 @@ def plan_types(
     pure: bool = False,
     src_type: str = "F32",
     fallback_f16: bool = False,
+    has_imatrix: bool = False,
 ) -> dict[str, str]:
     """``{gguf_name: ggml type}`` for a whole file, with llama.cpp's counters and tensor order.
 
@@ -506,6 +507,8 @@ def plan_types(
             and ``n_gqa`` (num_attention_heads, since head_count_kv = 1) unless given explicitly.
         overrides: ``(pattern, TYPE)`` pairs or ``"PATTERN=TYPE"`` strings.
         src_type: type of the quantizable tensors in the source (forced-F32 tensors are F32).
+        has_imatrix: an importance matrix is given (llama.cpp's ``qs.has_imatrix``; it changes some choices,
+            e.g. the first ``n_layer/8`` ffn_down of Q4_0/Q5_0 files become Q4_1/Q5_1).
 
     Raises:
         see :func:`choose_type`.
@@ -533,5 +536,18 @@ def plan_types(
         out[name] = choose_type(
             name, shape, ftype, n_layer=n_layer, n_expert=n_expert, n_gqa=n_gqa, overrides=ovr,
             output_type=output_type, embd_type=embd_type, pure=pure, tied_embeddings=tied,
-            src_type="F32" if forced else src_type, fallback_f16=fallback_f16, state=st)
+            src_type="F32" if forced else src_type, fallback_f16=fallback_f16, has_imatrix=has_imatrix, state=st)
     return {n: out[n] for n in names}
+
+
+#: Types llama.cpp never quantizes without importance weights (``tensor_requires_imatrix``).
+_NEED_IMATRIX = {"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"}
+
+
+def requires_imatrix(gguf_name: str, qtype: str, ftype: str) -> bool:
+    """Whether ``llama_model_quantize`` refuses to write tensor ``gguf_name`` as ``qtype`` in an ``ftype`` file
+    without an imatrix: the IQ1/IQ2 types and IQ3_XXS, and Q2_K inside a Q2_K_S file; never ``token_embd`` or
+    ``output`` (source: llama.cpp ``src/llama-quant.cpp`` ``tensor_requires_imatrix``)."""
+    if gguf_name.startswith(("token_embd.", "output.")):
+        return False
+    return qtype in _NEED_IMATRIX or (qtype == "Q2_K" and ftype.upper() == "Q2_K_S")

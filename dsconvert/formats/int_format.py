@@ -1,8 +1,22 @@
-"""Common interface of the integer weight formats (compressed-tensors, AutoAWQ GEMM, GPTQ).
+"""Common interface of the quantized safetensors formats (compressed-tensors, AutoAWQ GEMM, GPTQ, DeepSeek FP8).
 
 A format owns names, dtypes, shapes, bit layout and ``quantization_config``; it never chooses
-scales beyond calling RTN in :meth:`IntFormat.encode` (calibrated algorithms hand a ready
-:class:`~dsconvert.quant.rtn.QTensor` to :meth:`IntFormat.encode_qtensor`).
+scales beyond calling RTN in :meth:`IntFormat.encode` (the scheme quantizes: RTN, GPTQ, AWQ search, the FP8
+block rule, and hands a ready payload, a :class:`~dsconvert.quant.rtn.QTensor` or an
+:class:`~dsconvert.quant.fp8_quant.FP8BlockTensor`, to :meth:`IntFormat.encode_qtensor`).
+
+The scheme/format contract (docs/int-formats.md, "Schemes and formats"):
+
+* :meth:`IntFormat.check_scheme` decides from a scheme's whole
+  :class:`~dsconvert.quant.schemes.SchemeDescription` (weights and input activations) whether the format can
+  store it, and refuses with a :class:`~dsconvert.errors.UsageError` (exit 2) naming the module otherwise;
+* :meth:`IntFormat.bind` returns the codec that stores that scheme (the format itself, or, for
+  compressed-tensors, the compressor for ``pack-quantized`` / ``int-quantized`` / ``float-quantized``...);
+  :meth:`IntFormat.storage` is what the scheme's kernel must quantize in (an RTN convention, or a scale dtype);
+* :meth:`IntFormat.model_quantization_config` writes the model's ``quantization_config``;
+  :meth:`IntFormat.from_config` / :meth:`IntFormat.scheme_from_config` read an existing one back.
+
+The pipeline only calls these; it never branches on a format's name.
 
 Weights are ``[N, K]``: N = out_features, K = in_features. ``prefix`` is the module name
 (``model.layers.3.mlp.experts.7.down_proj``); tensor names are ``f"{prefix}.{suffix}"`` (just
@@ -16,7 +30,7 @@ from typing import ClassVar, Iterable, Mapping, NamedTuple
 
 import torch
 
-from dsconvert.errors import ShapeError
+from dsconvert.errors import ShapeError, UsageError
 from dsconvert.quant.rtn import Convention, QTensor, QuantSpec, quantize
 
 __all__ = ["TensorPlan", "IntFormat", "join_name", "by_suffix", "SAFETENSORS_DTYPE"]
@@ -29,6 +43,7 @@ SAFETENSORS_DTYPE = {
     torch.float32: "F32",
     torch.int8: "I8",
     torch.uint8: "U8",
+    torch.float8_e4m3fn: "F8_E4M3",
 }
 
 
@@ -84,6 +99,78 @@ class IntFormat(ABC):
         Raises:
             UsageError: it cannot, with a message naming the limit and a hint (e.g. AWQ is 4-bit only).
         """
+
+    def check_scheme(self, scheme, module: str | None = None) -> None:
+        """Refuse a scheme this format cannot store. The base class stores integer weight-only schemes whose
+        :class:`QuantSpec` :meth:`supports` accepts.
+
+        Args:
+            scheme: a :class:`~dsconvert.quant.schemes.SchemeDescription`.
+            module: the module it is asked for (named in the message).
+
+        Raises:
+            UsageError: with the scheme, the module, what this format stores and a format that can.
+        """
+        w = scheme.weights
+        if w.type != "int" or scheme.input_activations is not None:
+            where = f" for module {module}" if module else ""
+            raise UsageError(f"format {self.name} cannot store scheme {scheme.name}{where}: it stores integer "
+                             "weight-only schemes (W4A16, W4A16_ASYM, W8A16)",
+                             hint="use --format compressed-tensors (W8A8, FP8_BLOCK) or --format deepseek-fp8 "
+                                  "(FP8_BLOCK)")
+        try:
+            self.supports(scheme.spec)
+        except UsageError as e:
+            if not module:
+                raise
+            raise UsageError(f"{e.message} (module {module})", hint=e.hint) from None
+
+    def bind(self, scheme, module: str | None = None) -> "IntFormat":
+        """The codec that stores ``scheme`` (a :class:`~dsconvert.quant.schemes.SchemeDescription`): this format
+        itself by default. Raises UsageError like :meth:`check_scheme`."""
+        self.check_scheme(scheme, module)
+        return self
+
+    def storage(self, scheme):
+        """What ``scheme``'s kernel quantizes in for this format: the RTN :class:`Convention` by default."""
+        return self.convention
+
+    def from_config(self, quantization_config: dict) -> "IntFormat":
+        """The codec that reads a checkpoint with this ``quantization_config`` (this format by default)."""
+        return self
+
+    def scheme_from_config(self, quantization_config: dict):
+        """The :class:`~dsconvert.quant.schemes.SchemeDescription` a ``quantization_config`` declares: integer
+        weight-only by default (from :meth:`spec_from_config`); the name is the matching registered scheme's.
+
+        Raises:
+            UnsupportedError: as :meth:`spec_from_config`.
+        """
+        from dsconvert.quant.schemes import SchemeDescription, WeightArgs, match_scheme_name
+
+        sp = self.spec_from_config(quantization_config)
+        w = WeightArgs(type="int", bits=sp.bits, strategy="channel" if sp.per_channel else "group",
+                       symmetric=sp.symmetric, group_size=None if sp.per_channel else sp.group_size)
+        return SchemeDescription(match_scheme_name(w, None) or f"INT{sp.bits}", w, None)
+
+    @property
+    def marker_suffix(self) -> str:
+        """The tensor suffix only a quantized module has (how a reader finds the quantized modules)."""
+        return self.tensor_names("", None)[0]
+
+    def model_quantization_config(self, spec, *, default_ignore: Iterable[str] = (), kept: Iterable[str] = (),
+                                  modules: Iterable[str] = ()) -> dict:
+        """``quantization_config`` for a whole model.
+
+        Args:
+            spec: the kernel spec of the quantized modules.
+            default_ignore: patterns for what never quantizes (lm_head, the router...).
+            kept: quantizable modules the user kept in float (``--ignore``).
+            modules: every quantizable module.
+
+        The base writes ``default_ignore + kept`` as the ignore list.
+        """
+        return self.quantization_config(spec, [*default_ignore, *kept])
 
     def sidecar_files(self, quantization_config: dict) -> dict[str, dict]:
         """JSON files this format writes beside ``config.json`` (file name -> content); none by default."""

@@ -49,6 +49,11 @@ def detect_format(quantization_config: dict) -> Any | None:
     hits = [cls for _, cls in FORMATS.items() if hasattr(cls, "detect") and cls.detect(quantization_config)]
     if len(hits) > 1:
         raise ValueError(f"several formats claim this quantization_config: {[c.name for c in hits]}")
+    if not hits:  # compressed-tensors with FP4 or several formats: read per config group (written by quantize)
+        from dsconvert.formats.ct_groups import CompressedTensorsGroupsReader
+
+        if CompressedTensorsGroupsReader.detect(quantization_config):
+            return CompressedTensorsGroupsReader()
     return hits[0]() if hits else None
 
 
@@ -56,4 +61,5 @@ def _load_builtins() -> None:
     # Import for the registration side effect; deferred to avoid an import cycle.
     import dsconvert.formats.autoawq  # noqa: F401
     import dsconvert.formats.compressed_tensors  # noqa: F401
+    import dsconvert.formats.deepseek_fp8  # noqa: F401
     import dsconvert.formats.gptq  # noqa: F401

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dsconvert.errors import UnsupportedError
 from dsconvert.model.config import ModelConfig, softmax_scale
-from dsconvert.model.layers import Getter, LinearHook, rms_norm, swiglu_mlp
+from dsconvert.model.layers import Getter, HeadHook, LinearHook, rms_norm, swiglu_mlp
 from dsconvert.model.mla import mla_attention
 from dsconvert.model.moe import moe_forward
 from dsconvert.model.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
@@ -116,6 +116,7 @@ class ReferenceModel:
         hidden: torch.Tensor,
         positions: torch.Tensor,
         on_linear: LinearHook | None = None,
+        on_heads: HeadHook | None = None,
     ) -> torch.Tensor:
         """Decoder layer ``layer_idx``: ``h += attn(norm(h)); h += mlp(norm(h))``.
 
@@ -126,11 +127,13 @@ class ReferenceModel:
             on_linear: called as ``on_linear(name, x)`` with the ``(n_tokens, in_features)`` input of
                 every Linear (``...self_attn.q_a_proj``, ``...mlp.gate`` (router),
                 ``...mlp.experts.{eid}.down_proj`` with only that expert's tokens, ...).
+            on_heads: called with the per-head inputs of the absorbed MLA matrices
+                (:data:`~dsconvert.model.layers.HeadHook`).
 
         Returns:
             ``(T, hidden)``, compute dtype. The layer's weights are released on return.
         """
-        return self.layer_forward_many(layer_idx, [hidden], [positions], on_linear)[0]
+        return self.layer_forward_many(layer_idx, [hidden], [positions], on_linear, on_heads)[0]
 
     def layer_forward_many(
         self,
@@ -138,6 +141,7 @@ class ReferenceModel:
         hiddens: list[torch.Tensor],
         positions: list[torch.Tensor],
         on_linear: LinearHook | None = None,
+        on_heads: HeadHook | None = None,
     ) -> list[torch.Tensor]:
         """:meth:`layer_forward` for several independent sequences at once.
 
@@ -168,7 +172,7 @@ class ReferenceModel:
             cos, sin = rope_cos_sin(self._inv_freq, pos, self._attn_factor)  # (T, dr/2) each
             x = rms_norm(hidden, get(f"{prefix}.input_layernorm.weight"), cfg.rms_norm_eps)
             attn_out.append(hidden + mla_attention(
-                cfg, x, pos, cos, sin, self.softmax_scale, get, f"{prefix}.self_attn", on_linear))
+                cfg, x, pos, cos, sin, self.softmax_scale, get, f"{prefix}.self_attn", on_linear, on_heads))
         hidden = torch.cat(attn_out)  # (sum T_s, hidden)
         x = rms_norm(hidden, get(f"{prefix}.post_attention_layernorm.weight"), cfg.rms_norm_eps)
         if cfg.is_moe_layer(layer_idx):

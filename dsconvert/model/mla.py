@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from dsconvert.model.config import ModelConfig
-from dsconvert.model.layers import Getter, LinearHook, linear, rms_norm
+from dsconvert.model.layers import Getter, HeadHook, LinearHook, linear, rms_norm
 from dsconvert.model.rope import apply_rope_interleaved
 
 
@@ -23,6 +23,7 @@ def mla_attention(
     get: Getter,
     prefix: str,
     on_linear: LinearHook | None = None,
+    on_heads: HeadHook | None = None,
 ) -> torch.Tensor:
     """Causal MLA over ``x``.
 
@@ -35,6 +36,8 @@ def mla_attention(
         get: weight getter; names are ``{prefix}.q_a_proj.weight`` etc.
         prefix: ``model.layers.{i}.self_attn``.
         on_linear: optional Linear input hook.
+        on_heads: optional per-head input hook of the absorbed form (see :data:`~dsconvert.model.layers.HeadHook`);
+            the latent ``probs @ c_kv`` is computed only when it is given.
 
     Returns:
         ``(T, hidden)`` in the compute dtype (after ``o_proj``).
@@ -57,6 +60,8 @@ def mla_attention(
     kv = linear(c_kv, get, f"{prefix}.kv_b_proj", on_linear)  # (T, nh*(dn+dv))
     kv = kv.view(T, nh, dn + dv).transpose(0, 1)  # (nh, T, dn+dv)
     k_nope, v = torch.split(kv, [dn, dv], dim=-1)  # (nh, T, dn), (nh, T, dv)
+    if on_heads is not None:
+        on_heads(f"{prefix}.kv_b_proj.k_b", q_nope)  # (nh, T, dn), before RoPE (only q_pe is rotated)
 
     q_pe = apply_rope_interleaved(q_pe, cos, sin)  # (nh, T, dr)
     k_pe = apply_rope_interleaved(k_pe, cos, sin)  # (T, dr), shared by all heads
@@ -68,5 +73,7 @@ def mla_attention(
     scores = scores.to(torch.float32).masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(x.dtype)  # (nh, T, T)
     out = torch.matmul(probs, v)  # (nh, T, dv)
+    if on_heads is not None:
+        on_heads(f"{prefix}.kv_b_proj.v_b", torch.matmul(probs, c_kv))  # (nh, T, kv_lora)
     out = out.transpose(0, 1).reshape(T, nh * dv)  # (T, nh*dv)
     return linear(out, get, f"{prefix}.o_proj", on_linear)

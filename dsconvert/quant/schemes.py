@@ -7,14 +7,19 @@ can store it, and what validate needs to emulate the serving engine):
   tensor), ``group_size`` or ``block`` shape, ``symmetric``, ``scale_dtype`` (None = the model dtype);
 * ``input_activations``: :class:`ActivationArgs` or None - dynamic per token / per token group, or static.
 
-A scheme also owns its math (formats never quantize): :meth:`Scheme.spec` gives the kernel-level spec
-(:class:`~dsconvert.quant.rtn.QuantSpec` for integers), :meth:`Scheme.quantize` produces the payload a format
-packs (a ``QTensor``) with the storage convention the format declares, and :meth:`Scheme.dequantize` is its
-exact inverse. :attr:`Scheme.methods` lists the algorithms that can produce it (RTN always; AWQ/GPTQ for
-integer weights).
+A scheme also owns its math (formats never quantize): :attr:`SchemeDescription.spec` gives the kernel-level
+spec (:class:`~dsconvert.quant.rtn.QuantSpec` for integer weights, :class:`~dsconvert.quant.fp8_quant.FP8BlockSpec`
+for FP8 blocks), :meth:`Scheme.quantize_with_error` produces the payload a format packs (a ``QTensor`` or an
+``FP8BlockTensor``) in the storage the format declares (``IntFormat.storage``: an RTN ``Convention``, or the scale
+dtype for FP8), and :meth:`Scheme.dequantize` is its exact inverse. :attr:`Scheme.methods` lists the algorithms
+that can produce it (RTN always; AWQ/GPTQ for integer weights).
+
+The contract with formats (docs/int-formats.md, "Schemes and formats"): a format decides from the
+:class:`SchemeDescription` alone whether it can store a scheme (``IntFormat.check_scheme``) and how
+(``IntFormat.bind``); the pipeline never looks at a format's or a scheme's name.
 
 Sources for the presets: compressed-tensors 0.20.1 ``quantization/quant_scheme.py`` (W4A16, W4A16_ASYM, W8A16,
-FP8_BLOCK).
+W8A8 = ``INT8_W8A8``, FP8_BLOCK).
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from typing import ClassVar, Iterable
 import torch
 
 from dsconvert.errors import UsageError
+from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block, quantize_fp8_block
 from dsconvert.quant.registry import Registry
-from dsconvert.quant.rtn import COMPRESSED_TENSORS, Convention, QTensor, QuantSpec, dequantize, quantize
+from dsconvert.quant.rtn import (COMPRESSED_TENSORS, Convention, QTensor, QuantSpec, dequantize, quantize,
+                                quantize_with_error)
 
 __all__ = [
     "WeightArgs",
@@ -40,7 +47,15 @@ __all__ = [
     "W4A16",
     "W4A16Asym",
     "W8A16",
+    "W8A8",
+    "FP8Block",
+    "SCALE_FORMATS",
+    "match_scheme_name",
 ]
+
+#: ``--scale-fmt`` values: None = the scale as computed (amax / qmax); ``ue8m0`` = rounded up to a power of two
+#: (DeepSeek-V3.1's ``scale_fmt``), the payload then quantized under the rounded scale.
+SCALE_FORMATS = ("ue8m0",)
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,25 @@ class SchemeDescription:
     def weight_only(self) -> bool:
         return self.input_activations is None
 
+    @property
+    def spec(self) -> QuantSpec | FP8BlockSpec:
+        """The kernel-level spec these weight args define.
+
+        ``int`` weights with strategy group/channel -> :class:`QuantSpec` (channel = group size -1); ``float``
+        8-bit weights with strategy block -> :class:`FP8BlockSpec` (``scale_rule == "pow2"`` -> power-of-two
+        scales).
+
+        Raises:
+            UsageError: weight args no kernel here implements.
+        """
+        w = self.weights
+        if w.type == "int" and w.strategy in ("group", "channel"):
+            return QuantSpec(bits=w.bits, group_size=-1 if w.strategy == "channel" else int(w.group_size),
+                             symmetric=w.symmetric)
+        if w.type == "float" and w.bits == 8 and w.strategy == "block" and w.block is not None:
+            return FP8BlockSpec(tuple(w.block), pow2=w.scale_rule == "pow2")
+        raise UsageError(f"scheme {self.name}: no kernel for {w.type} {w.bits}-bit {w.strategy} weights")
+
     def to_dict(self) -> dict:
         """JSON-ready dict (reports, ``--list-schemes``)."""
         d = asdict(self)
@@ -128,6 +162,22 @@ def get_scheme(name: str) -> "Scheme":
     return SCHEMES.get(name)()
 
 
+def match_scheme_name(weights: WeightArgs, input_activations: ActivationArgs | None) -> str | None:
+    """The registered scheme whose description (at its default options, or its group size / per-channel /
+    power-of-two variant) has these weight and activation args; None if none does (readers, ``inspect``)."""
+    for name, cls in SCHEMES.items():
+        sch = cls()
+        variants = [{}, {"group_size": weights.group_size}, {"group_size": -1}, {"scale_fmt": "ue8m0"}]
+        for kw in variants:
+            try:
+                d = sch.describe(**kw)
+            except (UsageError, TypeError, ValueError):
+                continue
+            if d.weights == weights and d.input_activations == input_activations:
+                return name
+    return None
+
+
 def registered_schemes() -> list[str]:
     """Canonical scheme names, in registration order."""
     return SCHEMES.names()
@@ -146,28 +196,41 @@ class Scheme:
     group_size: ClassVar[int] = 128
     symmetric: ClassVar[bool] = True
     allow_per_channel: ClassVar[bool] = False
+    allow_group: ClassVar[bool] = True
+    input_activations: ClassVar[ActivationArgs | None] = None
     default_format: ClassVar[str] = "compressed-tensors"
     methods: ClassVar[tuple[str, ...]] = ("rtn", "awq", "gptq")
     summary: ClassVar[str] = ""
 
-    def spec(self, group_size: int | None = None) -> QuantSpec:
-        """The :class:`QuantSpec`, optionally with another group size.
+    def spec(self, group_size: int | None = None, *, scale_fmt: str | None = None) -> QuantSpec | FP8BlockSpec:
+        """The kernel-level spec with these options (``describe(...).spec``).
 
         Raises:
-            UsageError: ``group_size=-1`` on a scheme that does not allow per-channel.
+            UsageError: an option this scheme does not take (see :meth:`describe`).
         """
+        return self.describe(group_size, scale_fmt=scale_fmt).spec
+
+    def describe(self, group_size: int | None = None, *, scale_fmt: str | None = None) -> SchemeDescription:
+        """The whole scheme as data (see the module docstring), with ``--group-size`` / ``--scale-fmt`` applied.
+
+        Raises:
+            UsageError: ``group_size=-1`` on a scheme without per-channel, a positive group size on a
+                per-channel-only scheme, or ``scale_fmt`` on an integer scheme.
+        """
+        if scale_fmt is not None:
+            raise UsageError(f"scheme {self.name} has no --scale-fmt option",
+                             hint="--scale-fmt ue8m0 applies to FP8_BLOCK (power-of-two FP8 block scales)")
         g = self.group_size if group_size is None else group_size
         if g == -1 and not self.allow_per_channel:
             raise UsageError(f"scheme {self.name} does not support per-channel (--group-size -1)",
                              hint="use a positive group size, e.g. 128, or scheme W8A16")
-        return QuantSpec(bits=self.bits, group_size=g, symmetric=self.symmetric)
-
-    def describe(self, group_size: int | None = None) -> SchemeDescription:
-        """The whole scheme as data (see the module docstring)."""
-        sp = self.spec(group_size)
+        if g != -1 and not self.allow_group:
+            raise UsageError(f"scheme {self.name} is per output channel; --group-size {g} does not apply",
+                             hint=f"drop --group-size (or pass -1), or use a group-wise scheme such as W8A16")
+        sp = QuantSpec(bits=self.bits, group_size=g, symmetric=self.symmetric)
         w = WeightArgs(type="int", bits=sp.bits, strategy="channel" if sp.per_channel else "group",
                        symmetric=sp.symmetric, group_size=None if sp.per_channel else sp.group_size)
-        return SchemeDescription(self.name, w, None)
+        return SchemeDescription(self.name, w, self.input_activations)
 
     def quantize(self, w: torch.Tensor, convention: Convention = COMPRESSED_TENSORS,
                  group_size: int | None = None, *, spec: QuantSpec | None = None,
@@ -175,6 +238,12 @@ class Scheme:
         """RTN-quantize ``w`` ``[M, N]`` in the storage ``convention`` a format declares
         (see :func:`dsconvert.quant.rtn.quantize`)."""
         return quantize(w, spec if spec is not None else self.spec(group_size), convention, name=name)
+
+    def quantize_with_error(self, w: torch.Tensor, spec, storage, *, name: str | None = None):
+        """RTN-quantize ``w`` ``[M, N]`` (M = out_features, N = in_features) with ``spec`` in the format's
+        ``storage`` (a :class:`~dsconvert.quant.rtn.Convention` here); returns ``(payload, rel_rms_error)``
+        (:func:`dsconvert.quant.rtn.quantize_with_error`)."""
+        return quantize_with_error(w, spec, storage, name=name)
 
     def dequantize(self, qt: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Exact inverse of :meth:`quantize`; see :func:`dsconvert.quant.rtn.dequantize`."""
@@ -217,3 +286,77 @@ class W8A16(Scheme):
     symmetric = True
     allow_per_channel = True
 
+
+
+@register_scheme("W8A8", aliases=["INT8"])
+class W8A8(Scheme):
+    """int8 weights per output channel (symmetric) with dynamic per-token int8 input activations.
+
+    compressed-tensors' ``INT8_W8A8`` preset (``W8A8``/``INT8``): weights ``channel``, activations ``token``,
+    ``dynamic: true``. The weight math is the same RTN as W8A16 per channel (scale = absmax / 127.5, in the
+    model dtype); the activations are quantized by the serving engine at run time.
+    """
+
+    summary = "int8 weights per channel, dynamic per-token int8 activations"
+    bits = 8
+    group_size = -1
+    symmetric = True
+    allow_per_channel = True
+    allow_group = False
+    methods = ("rtn", "gptq")
+    input_activations = ActivationArgs(type="int", bits=8, strategy="token", dynamic=True, symmetric=True)
+
+
+@register_scheme("FP8_BLOCK")
+class FP8Block(Scheme):
+    """float8_e4m3fn weights with one scale per 128 x 128 block, dynamic per-token-group (128) FP8 activations.
+
+    DeepSeek-V3's own weight layout and compressed-tensors' ``FP8_BLOCK`` preset. Math:
+    :func:`dsconvert.quant.fp8_quant.quantize_fp8_block` (scale = amax / 448 per zero-padded block; with
+    ``scale_fmt="ue8m0"`` the scale is rounded up to a power of two *before* the payload is quantized).
+    No calibrated method: the block rule has nothing to calibrate.
+    """
+
+    summary = "float8_e4m3fn weights, 128x128 block scales, dynamic per-token-group fp8 activations"
+    bits = 8
+    block = (128, 128)
+    methods = ("rtn",)
+    input_activations = ActivationArgs(type="float", bits=8, strategy="group", dynamic=True, symmetric=True,
+                                       group_size=128)
+
+    def describe(self, group_size: int | None = None, *, scale_fmt: str | None = None) -> SchemeDescription:
+        """See :meth:`Scheme.describe`.
+
+        Raises:
+            UsageError: a ``group_size`` (blocks are fixed at 128 x 128), or a ``scale_fmt`` other than ue8m0.
+        """
+        if group_size is not None:
+            raise UsageError(f"scheme {self.name} uses 128x128 blocks; --group-size {group_size} does not apply",
+                             hint="drop --group-size")
+        if scale_fmt is not None and scale_fmt not in SCALE_FORMATS:
+            raise UsageError(f"--scale-fmt {scale_fmt!r} is not a scale format",
+                             hint="use --scale-fmt ue8m0 (power-of-two scales), or leave it out (amax / 448)")
+        w = WeightArgs(type="float", bits=8, strategy="block", symmetric=True, block=self.block,
+                       scale_rule="pow2" if scale_fmt == "ue8m0" else "amax")
+        return SchemeDescription(self.name, w, self.input_activations)
+
+    def quantize_with_error(self, w: torch.Tensor, spec: FP8BlockSpec, storage: torch.dtype, *,
+                            name: str | None = None) -> tuple[FP8BlockTensor, float]:
+        """Block-FP8 quantize ``w`` ``[M, N]`` with scales stored as ``storage`` (float32 for DeepSeek's
+        ``weight_scale_inv``, the model dtype for compressed-tensors); returns ``(payload, rel_rms_error)`` where
+        the error compares ``w`` with the loader's dequant in float32."""
+        t = quantize_fp8_block(w, spec, scale_dtype=storage, name=name)
+        d = dequantize_fp8_block(t, torch.float32).to(torch.float64)
+        w64 = w.to(torch.float64)
+        n = float(torch.linalg.vector_norm(w64))
+        return t, (float(torch.linalg.vector_norm(w64 - d)) / n if n > 0 else 0.0)
+
+    def dequantize(self, qt: FP8BlockTensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``round(float32(q) * scale, out_dtype)`` (:func:`dsconvert.quant.fp8_quant.dequantize_fp8_block`)."""
+        return dequantize_fp8_block(qt, out_dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(block={self.block})"
+
+# FP4 schemes register themselves into the same registry (their own module: docs/design.md §2).
+from dsconvert.quant import fp4_schemes as _fp4_schemes  # noqa: E402,F401

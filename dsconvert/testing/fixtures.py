@@ -65,6 +65,9 @@ class FixtureSpec:
     model_type: str = "deepseek_v3"
     scale_fmt: str | None = None  # "ue8m0" for a V3.1-style config
     fp8: bool = True
+    # FP8 weights quantized from BF16-rounded masters (a BF16 fine-tune put back into FP8), so that
+    # fp8 -> bf16 -> fp8 reproduces the scales bit for bit too; False: from float32 masters (payload only)
+    bf16_masters: bool = False
     tokenizer: bool = True
     extra_files: bool = True
     outlier_channels: int = 4  # input channels whose norm weight is boosted (activation outliers)
@@ -318,7 +321,7 @@ def build_checkpoint(out_dir: str | Path, spec: FixtureSpec | str = "tiny", **ov
                 continue
             w = _init(name, shp, kind, spec, torch.Generator().manual_seed(_seed(spec.seed, name)))
             if kind == "fp8":
-                q, s = quantize_fp8_block(w)
+                q, s = quantize_fp8_block(w.to(torch.bfloat16).float() if spec.bf16_masters else w)
                 tensors[name] = q
                 (carry if moved_scale == name + "_scale_inv" else tensors)[name + "_scale_inv"] = s
             elif kind == "bias":

@@ -10,7 +10,8 @@ API::
     registered_types() -> ["F32", "F16", "Q4_0", ...]
 
 Types: F32, F16, BF16 (passthrough), Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (legacy, byte-identical),
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (K-quants; see :mod:`.kquants` for exactness notes).
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (K-quants; see :mod:`.kquants` for exactness notes), IQ4_NL and IQ4_XS
+(:mod:`.iquants`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType
 
-from . import kquants, legacy, plain  # noqa: F401  (registration)
+from . import iq2, iquants, kquants, legacy, plain  # noqa: F401  (registration)
 from .base import MAX_CHUNK_BYTES, GGMLType, get_type, registered_types
 
 __all__ = ["GGMLType", "MAX_CHUNK_BYTES", "dequantize", "get_type", "quantize", "registered_types"]

@@ -74,6 +74,10 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         return seqsum(d)
 
     mn = x.amin(0)
+    is0 = x == 0
+    if bool(is0.any()):  # C's ``if (x[i] < min)`` scan keeps the sign of the first zero it meets
+        first0 = x.gather(0, is0.to(torch.uint8).argmax(0, keepdim=True))[0]
+        mn = torch.where(mn == 0, first0, mn)
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     mx = x.amax(0)
     flat = mx == mn
@@ -195,6 +199,82 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     return scale, L
 
 
+def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qp_quants(n, nmax, x, L, quant_weights)``: weighted fit of (mostly) non-negative values to
+    ``scale * L`` with ``L`` in ``[0, nmax]``.
+
+    ``x`` and ``w`` are ``(n, M)`` float32 (a column is one fit: the sub-block scales or mins of a K-quant
+    super-block, the magnitudes of an IQ2 32-block). Returns ``(scale (M,), L (n, M))``, ``L`` as the float32 values
+    of C's ``uint8_t`` array. Steps, in C order: ``iscale = nmax/max``; the 8 trial scales
+    ``(0.1*is + nmax)/max`` kept on a lower weighted MSE; then 5 rounds of per-element coordinate descent
+    (sequential over the ``n`` elements); columns with ``max < 1e-15`` give 0, 0.
+
+    C stores the levels in ``uint8_t``: a negative level (a negative input, as IQ2's sign trick produces) wraps
+    modulo 256 wherever it is read back from ``L`` (the first error sum, the descent), while the sums over local
+    ``int`` levels do not wrap; this function does the same.
+    Source: ggml-quants.c ``make_qp_quants`` (used by the imatrix paths of Q2_K, Q4_K, Q5_K and by IQ2/IQ1).
+    """
+    n, M = x.shape
+    mx = x.amax(0)
+    mx = torch.where(mx > 0, mx, torch.zeros_like(mx))
+    zero = mx < GROUP_MAX_EPS
+
+    def wrap(l):  # int -> uint8_t -> int
+        return torch.remainder(l, 256)
+
+    def sq_err(l, scale):
+        diff = x - scale * l
+        return seqsum(w * diff * diff)
+
+    iscale = div(nmax, mx)
+    best = sq_err(wrap(nearest_int(x * iscale)), div(1, iscale))
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        isc = div(_c(_c(_c(0.1) * step) + nmax), mx)
+        cur = sq_err(nearest_int(x * isc).clamp_(max=nmax), div(1, isc))
+        upd = cur < best
+        best = torch.where(upd, cur, best)
+        iscale = torch.where(upd, isc, iscale)
+    lv = nearest_int(x * iscale).clamp_(max=nmax)
+    wx = w * x
+    sumlx = seqsum(wx * lv)
+    suml2 = seqsum(w * lv * lv)
+    L = wrap(lv)
+    for _ in range(5):  # a round that changes nothing leaves the state as it is (C's early break)
+        for i in range(n):
+            Li = L[i]
+            slx = sumlx - wx[i] * Li
+            sl2 = suml2 - w[i] * Li * Li
+            new_l = nearest_int(div(x[i] * sl2, slx)).clamp_(max=nmax)
+            slx2 = slx + wx[i] * new_l
+            sl22 = sl2 + w[i] * new_l * new_l
+            upd = (slx > 0) & (sl2 > 0) & (new_l != Li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = torch.where(upd, wrap(new_l), Li)
+            sumlx = torch.where(upd, slx2, sumlx)
+            suml2 = torch.where(upd, sl22, suml2)
+    scale = torch.where(suml2 > 0, div(sumlx, suml2), torch.zeros_like(sumlx))
+    L = torch.where(zero, torch.zeros_like(L), L)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return scale, L
+
+
+def _imatrix_weights(blocks: torch.Tensor, qw: torch.Tensor, n: int,
+                     sigma_factor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The K-quant ``_impl`` element weights ``qw * sqrtf(sigma2 + x*x)`` in sub-block layout ``(n, M)``,
+    with ``sigma2 = sigma_factor * sum(x^2) / 256`` of each super-block (summed in C order).
+
+    Returns ``(x (n, M), weights (n, M), sw (nb, 256/n))``: the sub-block values, their weights and the
+    weight sum of each sub-block."""
+    nb = blocks.shape[0]
+    bt = blocks.t()
+    sigma2 = div(seqsum(bt * bt) * sigma_factor, QK_K)            # (nb,)
+    xt = _sub_blocks(blocks, n)
+    sig = sigma2.repeat_interleave(QK_K // n).view(1, -1)
+    wt = _sub_blocks(qw, n) * sqrtf(sig + xt * xt)
+    return xt, wt, seqsum(wt).view(nb, QK_K // n)
+
+
 # ---- packing helpers ---------------------------------------------------------------------------
 
 def _max0(t: torch.Tensor) -> torch.Tensor:
@@ -265,9 +345,13 @@ class _KQuant(GGMLType):
 class Q2_K(_KQuant, qtype=T.Q2_K):
     """``quantize_row_q2_K_ref``: 16 sub-blocks of 16, 2-bit quants, 4-bit scales and mins."""
 
+    supports_imatrix = True
+
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         nb = blocks.shape[0]
+        if qw is not None:
+            return cls._quantize_imatrix(blocks, qw)
         xt = _sub_blocks(blocks, 16)
         scales, mins, L = make_qkx2_quants(xt, xt.abs(), 3, -0.5, 0.1, 15, True)
         scales, mins = scales.view(nb, 16), mins.view(nb, 16)
@@ -282,6 +366,21 @@ class Q2_K(_KQuant, qtype=T.Q2_K):
         d = fp16_round(torch.where(has_s, div(max_scale, q4), torch.zeros_like(max_scale)))
         dmin = fp16_round(torch.where(has_m, div(max_min, q4), torch.zeros_like(max_min)))
         L = _requant_asym(blocks, L, d, dmin, sc & 0xF, sc >> 4, 16, 3)
+        return torch.cat([sc, _pack_2bit(L), fp16_bytes(d), fp16_bytes(dmin)], dim=1)
+
+    @classmethod
+    def _quantize_imatrix(cls, blocks, qw):
+        """``quantize_row_q2_K_impl``: ``make_qkx3_quants(16, 3, w=qw*sqrt(sigma2 + x^2), -0.9, 0.05, 36)``
+        per sub-block (``sigma2 = sum(x^2)/256``), then ``make_qp_quants(16, 15, ., sw)`` for scales and mins."""
+        nb = blocks.shape[0]
+        xt, wt, sw = _imatrix_weights(blocks, qw, 16, 1)
+        scales, mins, L = make_qkx2_quants(xt, wt, 3, -0.9, 0.05, 36, False)
+        swt = sw.t().contiguous()
+        dm, ls = make_qp_quants(scales.view(nb, 16).t().contiguous(), 15, swt)
+        mm, lm = make_qp_quants(mins.view(nb, 16).t().contiguous(), 15, swt)
+        sc = (_u8(ls.t()) | _u8(lm.t() * 16)).contiguous()
+        d, dmin = fp16_round(dm), fp16_round(mm)
+        L = _requant_asym(blocks, _from_sub_blocks(L, nb), d, dmin, sc & 0xF, sc >> 4, 16, 3)
         return torch.cat([sc, _pack_2bit(L), fp16_bytes(d), fp16_bytes(dmin)], dim=1)
 
     @classmethod
@@ -300,20 +399,30 @@ class Q3_K(_KQuant, qtype=T.Q3_K):
     """``quantize_row_q3_K_ref``: 16 sub-blocks of 16, 3-bit quants (2 low bits + hmask), 6-bit signed scales."""
 
     chunk_elems = 1 << 20  # the fit is a long loop of small (M,) ops: larger chunks amortise dispatch
+    supports_imatrix = True
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         nb = blocks.shape[0]
-        xt = _sub_blocks(blocks, 16)
-        scales, L = make_q3_quants(xt, 4)
-        scales = scales.view(nb, 16)
+        if qw is not None:
+            # quantize_row_q3_K_impl: make_qx_quants(16, 4, w = qw*sqrt(sigma2 + x^2)) per sub-block
+            # (sigma2 = 2*sum(x^2)/256), then make_qx_quants(16, 32, scales, w = sw) for the 6-bit scales.
+            xt, wt, sw = _imatrix_weights(blocks, qw, 16, 2)
+            scales, L = make_qx_quants(xt, 4, wt)
+            dblk, ls = make_qx_quants(scales.view(nb, 16).t().contiguous(), 32, sw.t().contiguous())
+            ls = ls.t().contiguous()
+            d = fp16_round(dblk)
+        else:
+            xt = _sub_blocks(blocks, 16)
+            scales, L = make_q3_quants(xt, 4)
+            scales = scales.view(nb, 16)
+            max_scale, _ = first_absmax(scales.t())
+            has = max_scale != 0
+            iscale = div(-32, max_scale)
+            ls = torch.where(has[:, None], nearest_int(iscale[:, None] * scales).clamp_(-32, 31) + 32,
+                             torch.zeros_like(scales))
+            d = fp16_round(torch.where(has, div(1, iscale), torch.zeros_like(iscale)))
         L = _from_sub_blocks(L, nb)
-        max_scale, _ = first_absmax(scales.t())
-        has = max_scale != 0
-        iscale = div(-32, max_scale)
-        ls = torch.where(has[:, None], nearest_int(iscale[:, None] * scales).clamp_(-32, 31) + 32,
-                         torch.zeros_like(scales))
-        d = fp16_round(torch.where(has, div(1, iscale), torch.zeros_like(iscale)))
         l8 = ls.to(torch.uint8)
         sc = torch.cat([(l8[:, :8] & 0xF) | ((l8[:, 8:] & 0xF) << 4),
                         _or_shifted((l8 >> 4).view(nb, 4, 4), 1, 2)], dim=1)
@@ -348,8 +457,10 @@ class _Q45K(_KQuant):
     nstep: int
 
     @classmethod
-    def _fit(cls, blocks):
+    def _fit(cls, blocks, qw=None):
         nb = blocks.shape[0]
+        if qw is not None:
+            return cls._fit_imatrix(blocks, qw)
         xt = _sub_blocks(blocks, 32)
         av_x = sqrtf(div(seqsum(xt * xt), 32))
         scales, mins, L = make_qkx2_quants(xt, av_x + xt.abs(), cls.nmax, cls.rmin, 0.1, cls.nstep, False)
@@ -368,6 +479,26 @@ class _Q45K(_KQuant):
             L.to(torch.uint8).view(nb, 4, 2, 32)
 
     @classmethod
+    def _fit_imatrix(cls, blocks, qw):
+        """``quantize_row_q4_K_impl`` / ``q5_K_impl``: ``make_qkx3_quants(32, nmax, w = qw*sqrt(sigma2 + x^2),
+        -0.9, 0.05, 36)`` per sub-block (``sigma2 = 2*sum(x^2)/256``), ``make_qp_quants(8, 63, ., sw)`` for
+        the scales and the mins; the requantization reads the packed 6-bit values back (``get_scale_min_k4``)."""
+        nb = blocks.shape[0]
+        xt, wt, sw = _imatrix_weights(blocks, qw, 32, 2)
+        scales, mins, L = make_qkx2_quants(xt, wt, cls.nmax, -0.9, 0.05, 36, False)
+        swt = sw.t().contiguous()
+        dblk, ls = make_qp_quants(scales.view(nb, 8).t().contiguous(), 63, swt)
+        mblk, lm = make_qp_quants(mins.view(nb, 8).t().contiguous(), 63, swt)
+        ls, lm = _u8(ls.t()), _u8(lm.t())
+        if cls.clamp_imatrix_levels:
+            ls, lm = ls.clamp_(max=63), lm.clamp_(max=63)
+        packed = _pack_k4_scales(ls, lm)
+        d, dmin = fp16_round(dblk), fp16_round(mblk)
+        sc, mn = _unpack_k4_scales(packed)
+        L = _requant_asym(blocks, _from_sub_blocks(L, nb), d, dmin, sc, mn, 32, cls.nmax)
+        return torch.cat([fp16_bytes(d), fp16_bytes(dmin), packed], dim=1), L.to(torch.uint8).view(nb, 4, 2, 32)
+
+    @classmethod
     def _dq(cls, blocks, q):
         nb = blocks.shape[0]
         d = bytes_fp16(blocks[:, 0:2])
@@ -382,10 +513,12 @@ class Q4_K(_Q45K, qtype=T.Q4_K):
     """``quantize_row_q4_K_ref``: 8 sub-blocks of 32, 4-bit quants, 6-bit scales and mins."""
 
     nmax, rmin, nstep = 15, -1.0, 20
+    clamp_imatrix_levels = False  # quantize_row_q4_K_impl stores Ls/Lm unclamped; q5_K_impl clamps to 63
+    supports_imatrix = True
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
-        head, L = cls._fit(blocks)
+        head, L = cls._fit(blocks, qw)
         qs = (L[:, :, 0] | (L[:, :, 1] << 4)).view(-1, 128)
         return torch.cat([head, qs], dim=1)
 
@@ -401,11 +534,13 @@ class Q5_K(_Q45K, qtype=T.Q5_K):
     """``quantize_row_q5_K_ref``: 8 sub-blocks of 32, 5-bit quants (4 low bits + qh), 6-bit scales and mins."""
 
     nmax, rmin, nstep = 31, -0.5, 15
+    clamp_imatrix_levels = True
+    supports_imatrix = True
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         nb = blocks.shape[0]
-        head, L = cls._fit(blocks)
+        head, L = cls._fit(blocks, qw)
         qs = ((L[:, :, 0] & 0xF) | ((L[:, :, 1] & 0xF) << 4)).view(nb, 128)
         hb = ((L >> 4) & 1).view(nb, 8, 32)  # bit 2k+h of qh[j] <- L[64k + 32h + j] > 15
         qh = _or_shifted(hb, 1, 1)
@@ -425,11 +560,14 @@ class Q5_K(_Q45K, qtype=T.Q5_K):
 class Q6_K(_KQuant, qtype=T.Q6_K):
     """``quantize_row_q6_K_ref``: 16 sub-blocks of 16, 6-bit quants (ql + qh), int8 scales, ``d`` last."""
 
+    supports_imatrix = True
+
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         nb = blocks.shape[0]
         xt = _sub_blocks(blocks, 16)
-        scales, L = make_qx_quants(xt, 32, xt * xt)
+        # quantize_row_q6_K_impl passes the importance weights straight to make_qx_quants (the ref: x*x)
+        scales, L = make_qx_quants(xt, 32, xt * xt if qw is None else _sub_blocks(qw, 16))
         scales = scales.view(nb, 16)
         L = _from_sub_blocks(L, nb)
         max_scale, max_abs = first_absmax(scales.t())

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ._ops import bits_to_bytes, bytes_fp16, bytes_to_bits, div, first_absmax, fp16_bytes, pack_nibbles, roundf
+from ._ops import bits_to_bytes, bytes_fp16, bytes_to_bits, div, first_absmax, fp16_bytes, pack_nibbles, roundf, sqrtf
 from .base import GGMLType
+from .kquants import make_qkx2_quants, make_qx_quants
 
 
 def _inv(d: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,28 @@ def _c_minmax(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mn = torch.where(mn == 0, first0, mn)
         mx = torch.where(mx == 0, first0, mx)
     return mn, mx
+
+
+def _impl_weights(blocks: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-major ``(32, nb)`` values and their ``_impl`` weights ``qw * sqrtf(sigma2 + x*x)``, where
+    ``sigma2`` is ``sum(x^2)/n_per_row`` of the block's row (``quantize_row_q{4,5}_{0,1}_impl``)."""
+    xt = blocks.t().contiguous()
+    return xt, qw.t() * sqrtf(sigma2.view(1, -1) + xt * xt)
+
+
+def _sym_impl(blocks, qw, sigma2, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0/Q5_0 with an imatrix: ``d, L = make_qx_quants(32, nmax, x, rmse_type=1, weights)``; ``L`` ``(nb, 32)``."""
+    xt, wt = _impl_weights(blocks, qw, sigma2)
+    d, L = make_qx_quants(xt, nmax, wt)
+    return d, L.t()
+
+
+def _asym_impl(blocks, qw, sigma2, nmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1/Q5_1 with an imatrix: ``make_qkx3_quants(32, nmax, x, weights, -0.9, 0.05, 36)``; returns
+    ``(d, m, L)`` with ``m = -the_min`` (the block minimum, stored as fp16) and ``L`` ``(nb, 32)``."""
+    xt, wt = _impl_weights(blocks, qw, sigma2)
+    d, the_min, L = make_qkx2_quants(xt, wt, nmax, -0.9, 0.05, 36, False)
+    return d, -the_min, L.t()
 
 
 def _qh_bytes(q: torch.Tensor) -> torch.Tensor:
@@ -72,10 +95,16 @@ class Q8_0(GGMLType, qtype=T.Q8_0):
 
 
 class Q4_0(GGMLType, qtype=T.Q4_0):
-    """``quantize_row_q4_0_ref``: ``d = max/-8`` (signed max-|x| value), ``q = min(15, (int8)(x/d + 8.5))``."""
+    """``quantize_row_q4_0_ref``: ``d = max/-8`` (signed max-|x| value), ``q = min(15, (int8)(x/d + 8.5))``.
+    With an imatrix: ``quantize_row_q4_0_impl`` (a weighted ``make_qx_quants`` fit)."""
+
+    supports_imatrix = needs_row_sigma2 = True
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
+        if qw is not None:
+            d, q = _sym_impl(blocks, qw, sigma2, 8)
+            return torch.cat([fp16_bytes(d), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
         mx, _ = first_absmax(blocks.t())
         d = div(mx, -8)
         q = torch.trunc(blocks * _inv(d)[:, None] + 8.5).clamp(max=15)
@@ -89,10 +118,16 @@ class Q4_0(GGMLType, qtype=T.Q4_0):
 
 
 class Q4_1(GGMLType, qtype=T.Q4_1):
-    """``quantize_row_q4_1_ref``: ``d = (max-min)/15``, ``m = min``, ``q = min(15, (int8)((x-min)/d + 0.5))``."""
+    """``quantize_row_q4_1_ref``: ``d = (max-min)/15``, ``m = min``, ``q = min(15, (int8)((x-min)/d + 0.5))``.
+    With an imatrix: ``quantize_row_q4_1_impl`` (a weighted ``make_qkx3_quants`` fit)."""
+
+    supports_imatrix = needs_row_sigma2 = True
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
+        if qw is not None:
+            d, m, q = _asym_impl(blocks, qw, sigma2, 15)
+            return torch.cat([fp16_bytes(d), fp16_bytes(m), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
         mn, mx = _c_minmax(blocks)
         d = div(mx - mn, 15)
         q = torch.trunc((blocks - mn[:, None]) * _inv(d)[:, None] + 0.5).clamp(max=15)
@@ -107,10 +142,16 @@ class Q4_1(GGMLType, qtype=T.Q4_1):
 
 
 class Q5_0(GGMLType, qtype=T.Q5_0):
-    """``quantize_row_q5_0_ref``: ``d = max/-16``, ``q = min(31, (int8)(x/d + 16.5))``."""
+    """``quantize_row_q5_0_ref``: ``d = max/-16``, ``q = min(31, (int8)(x/d + 16.5))``.
+    With an imatrix: ``quantize_row_q5_0_impl`` (a weighted ``make_qx_quants`` fit)."""
+
+    supports_imatrix = needs_row_sigma2 = True
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
+        if qw is not None:
+            d, q = _sym_impl(blocks, qw, sigma2, 16)
+            return torch.cat([fp16_bytes(d), _qh_bytes(q), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
         mx, _ = first_absmax(blocks.t())
         d = div(mx, -16)
         q = torch.trunc(blocks * _inv(d)[:, None] + 16.5).clamp(max=31)
@@ -125,10 +166,16 @@ class Q5_0(GGMLType, qtype=T.Q5_0):
 
 
 class Q5_1(GGMLType, qtype=T.Q5_1):
-    """``quantize_row_q5_1_ref``: ``d = (max-min)/31``, ``m = min``, ``q = (uint8)((x-min)/d + 0.5)``."""
+    """``quantize_row_q5_1_ref``: ``d = (max-min)/31``, ``m = min``, ``q = (uint8)((x-min)/d + 0.5)``.
+    With an imatrix: ``quantize_row_q5_1_impl`` (a weighted ``make_qkx3_quants`` fit)."""
+
+    supports_imatrix = needs_row_sigma2 = True
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
+        if qw is not None:
+            d, m, q = _asym_impl(blocks, qw, sigma2, 31)
+            return torch.cat([fp16_bytes(d), fp16_bytes(m), _qh_bytes(q), pack_nibbles(q[:, :16], q[:, 16:])], dim=1)
         mn, mx = _c_minmax(blocks)
         d = div(mx - mn, 31)
         q = torch.trunc((blocks - mn[:, None]) * _inv(d)[:, None] + 0.5)

@@ -1,0 +1,275 @@
+"""``dsconvert imatrix``: llama.cpp's importance matrix computed on the original (FP8 or BF16) checkpoint.
+
+llama-imatrix needs the model loaded in llama.cpp, so people compute it on an already quantized file. Here the
+reference forward (:mod:`dsconvert.model`) runs layer by layer over the calibration windows (one layer's weights
+resident, routed experts one at a time, as ``validate``) and a hook sums the squared input activations of every
+matrix llama.cpp's quantizer consults, under the GGUF tensor names of the ``deepseek2`` file that ``dsconvert
+gguf`` writes (docs/gguf-deepseek2.md §3 and §6):
+
+* every 2-D linear of a layer (``attn_q_a``, ``attn_q_b``, ``attn_kv_a_mqa``, ``attn_output``, ``ffn_gate_inp``,
+  dense and shared-expert ``ffn_*``): one matrix, ``counts`` = tokens;
+* routed experts (``ffn_{gate,up,down}_exps``): one matrix per expert, each summed over the tokens routed to it,
+  ``counts`` per expert (an expert no token reached has count 0; llama-quantize then uses weights of 1);
+* ``attn_k_b`` / ``attn_v_b`` (the absorbed MLA matrices, one per head): the per-head ``q_nope`` and the
+  attention-weighted latent ``softmax(QK^T) @ c_kv``, ``ne0 * n_head`` values and one count, as llama-imatrix
+  records a 3-D ``MUL_MAT``;
+* ``output.weight`` only with ``process_output`` (llama-imatrix's ``--process-output``; off by default there too).
+
+The file is the GGUF imatrix format current llama.cpp writes (``<name>.in_sum2`` float32 ``[n_mat, ne0]`` and
+``<name>.counts`` float32 ``[n_mat, 1]``, keys ``general.type = imatrix``, ``imatrix.datasets``,
+``imatrix.chunk_count``, ``imatrix.chunk_size``), or the legacy ``.dat`` on request (per entry
+``(sum / count) * ncall`` with ``ncall = ceil(max count / chunk size)``; 1 where an expert got no token).
+Source: llama.cpp ``tools/imatrix/imatrix.cpp`` (``collect_imatrix``, ``save_imatrix``, ``save_imatrix_legacy``)
+and ``tools/quantize/quantize.cpp`` (how the file is read back).
+
+Sums are accumulated in float64 and stored as float32 (llama-imatrix accumulates in float32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BadInputError, OutputExistsError, UsageError
+from ..formats import gguf_names as gn
+from ..model import ReferenceModel
+from ..report import base_report, peak_rss_bytes
+from .progress import ByteProgress
+from .validate import LayerCachedSource
+from .weights import CheckpointWeightSource
+
+FORMATS = ("gguf", "dat")
+
+
+@dataclass
+class ImatrixOptions:
+    """What ``dsconvert imatrix`` computes.
+
+    Attributes:
+        calib_data: text file (tokenized with SRC's tokenizer.json) or ``.json`` list of token-id lists; None:
+            the bundled calibration text.
+        num_samples: windows (llama-imatrix's chunks).
+        seq_len: tokens per window (llama-imatrix's ``-c``; its default is 512).
+        process_output: also collect ``output.weight`` (lm_head).
+        fmt: ``gguf`` (current llama.cpp) or ``dat`` (legacy).
+        dtype: ``float32`` or ``bfloat16`` computation.
+    """
+
+    calib_data: str | None = None
+    num_samples: int = 32
+    seq_len: int = 512
+    process_output: bool = False
+    fmt: str = "gguf"
+    dtype: str = "float32"
+
+
+class ImatrixCollector:
+    """Float64 sums of squared inputs per GGUF tensor name, fed by the reference forward's hooks.
+
+    ``values[name]`` is ``[n_mat, ne0]``; ``counts[name]`` ``[n_mat]`` (tokens per matrix; one count for every
+    tensor but the routed experts, as llama-imatrix keeps them).
+    """
+
+    def __init__(self, cfg: dict, n_expert: int):
+        self.cfg = cfg
+        self.n_expert = n_expert
+        self.values: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def _acc(self, name: str, n_mat: int, mat: int, x: torch.Tensor, n_tokens: int) -> None:
+        ne0 = x.shape[-1]
+        v = self.values.get(name)
+        if v is None:
+            v = self.values[name] = torch.zeros(n_mat, ne0, dtype=torch.float64)
+            self.counts[name] = torch.zeros(n_mat if n_mat > 1 and name.endswith("_exps.weight") else 1,
+                                            dtype=torch.float64)
+        xd = x.detach().to(torch.float64)
+        if x.dim() == 3:  # (n_head, T, ne0): one matrix per head, one shared count
+            v += (xd * xd).sum(1)
+            if mat == 0:
+                self.counts[name][0] += n_tokens
+            return
+        v[mat] += (xd * xd).sum(0)
+        self.counts[name][mat if self.counts[name].numel() > 1 else 0] += n_tokens
+
+    def on_linear(self, hf_module: str, x: torch.Tensor) -> None:
+        """:data:`~dsconvert.model.layers.LinearHook`: ``x`` ``(T, in_features)`` of HF module ``hf_module``."""
+        if hf_module.endswith(".kv_b_proj"):
+            return  # llama.cpp's MLA graph uses attn_k_b / attn_v_b instead (on_heads)
+        if hf_module == "lm_head" or hf_module == "model.embed_tokens":
+            self._acc("output.weight", 1, 0, x, x.shape[0])
+            return
+        hf = hf_module + ".weight"
+        ex = gn.expert_of(hf)
+        name = gn.gguf_name(hf, self.cfg)
+        if name is None:
+            return
+        if ex is not None:
+            self._acc(name, self.n_expert, ex[1], x, x.shape[0])
+        else:
+            self._acc(name, 1, 0, x, x.shape[0])
+
+    def on_heads(self, what: str, x: torch.Tensor) -> None:
+        """:data:`~dsconvert.model.layers.HeadHook`: ``x`` ``(n_head, T, ne0)`` for ``...kv_b_proj.k_b|v_b``."""
+        hf_module, part = what.rsplit(".", 1)
+        k_name, v_name = gn.gguf_outputs(hf_module + ".weight", self.cfg)
+        self._acc(k_name if part == "k_b" else v_name, x.shape[0], 0, x, x.shape[1])
+
+    def entries(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{name: (in_sum2 float32 [n_mat, ne0], counts float32 [n_mat])}`` in sorted name order. Tensors with
+        several matrices and one count (``attn_k_b``/``attn_v_b``) are flattened to ``[1, n_mat * ne0]``, the shape
+        llama-imatrix stores them in."""
+        out = {}
+        for name in sorted(self.values):
+            v, c = self.values[name], self.counts[name]
+            if c.numel() == 1 and v.shape[0] > 1:
+                v = v.reshape(1, -1)
+            out[name] = (v.to(torch.float32).numpy(), c.to(torch.float32).numpy())
+        return out
+
+
+def write_gguf_imatrix(path: Path, entries: dict[str, tuple[np.ndarray, np.ndarray]], datasets: list[str],
+                       chunk_count: int, chunk_size: int) -> None:
+    """Write ``entries`` as llama.cpp's GGUF imatrix (``<name>.in_sum2`` ``[n_mat, ne0]`` and ``<name>.counts``
+    ``[n_mat, 1]`` float32, sorted by name) to ``path`` atomically (``.tmp``, fsync, rename)."""
+    import gguf
+
+    from .manifest import commit_tmp
+
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", list(datasets))
+    w.add_uint32("imatrix.chunk_count", int(chunk_count))
+    w.add_uint32("imatrix.chunk_size", int(chunk_size))
+    for name, (v, c) in entries.items():
+        w.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(v, np.float32))
+        w.add_tensor(f"{name}.counts", np.ascontiguousarray(c.reshape(-1, 1), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    commit_tmp(tmp, path)
+
+
+def legacy_imatrix_bytes(entries: dict[str, tuple[np.ndarray, np.ndarray]], chunk_count: int, chunk_size: int,
+                         dataset: str) -> bytes:
+    """The legacy ``.dat`` imatrix: ``int32 n``, then per entry ``int32 len, name, int32 ncall, int32 nval,
+    float32[nval] (sum / count) * ncall`` (1 where a matrix has count 0), then ``int32 chunk_count, int32 len,
+    dataset``. Entries with every count 0 are left out (as llama-imatrix does)."""
+    parts, n = [], 0
+    for name, (v, c) in entries.items():
+        if not (c > 0).any():
+            continue
+        n += 1
+        ncall = int((int(c.max()) + chunk_size - 1) // chunk_size)
+        per = v.reshape(c.size, -1).astype(np.float32)
+        cnt = c.astype(np.float32)[:, None]
+        vals = np.where(cnt == 0, np.float32(1), per / np.where(cnt == 0, np.float32(1), cnt)) * np.float32(ncall)
+        b = name.encode()
+        parts += [np.int32(len(b)).tobytes(), b, np.array([ncall, per.size], np.int32).tobytes(),
+                  vals.astype(np.float32).tobytes()]
+    d = dataset.encode()
+    return b"".join([np.int32(n).tobytes(), *parts, np.int32(chunk_count).tobytes(), np.int32(len(d)).tobytes(), d])
+
+
+def estimate_peak_bytes(cfg: dict, num_samples: int, seq_len: int, bytes_per_value: int = 4) -> int:
+    """Peak RAM of the run in bytes (GB = 1e9): the residual stream of every window (twice, in and out of a
+    layer), one layer's dense weights in the compute dtype plus one routed expert, the attention scores of one
+    window ``(n_head, T, T)`` float32 times three, and the float64 sums of one layer's entries."""
+    h, T = int(cfg["hidden_size"]), int(seq_len)
+    heads = int(cfg.get("num_attention_heads", 1))
+    inter = int(cfg.get("intermediate_size", 0))
+    moe_i = int(cfg.get("moe_intermediate_size", 0) or 0)
+    n_exp = int(cfg.get("n_routed_experts", 0) or 0)
+    q_lora = int(cfg.get("q_lora_rank") or 0)
+    kv = int(cfg.get("kv_lora_rank", 0))
+    dn, dr, dv = (int(cfg.get(k, 0)) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    attn = h * q_lora + q_lora * heads * (dn + dr) + h * (kv + dr) + kv * heads * (dn + dv) + heads * dv * h
+    mlp = max(3 * h * inter, 3 * h * moe_i * (int(cfg.get("n_shared_experts", 0) or 0) + 1))
+    weights = (attn + mlp) * bytes_per_value
+    stream = 2 * num_samples * T * h * bytes_per_value
+    scores = 3 * heads * T * T * 4
+    sums = 8 * (n_exp * (2 * h + moe_i) + 8 * h + heads * (dn + kv))
+    return int(weights + stream + scores + sums + 0.5e9)
+
+
+def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool = False, dry_run: bool = False,
+                progress: bool | None = None) -> dict:
+    """``dsconvert imatrix SRC -o FILE``: compute and write the importance matrix (see the module notes).
+
+    Raises:
+        OutputExistsError (exit 2): ``out`` exists and ``overwrite`` is not set (checked before any work).
+        UsageError (exit 2): unknown ``fmt``, unreadable calibration data.
+        BadInputError / UnsupportedError (exit 3): the checkpoint fails pre-flight (as for every command), or the
+            sums are not finite (NaN/Inf activations).
+    """
+    from .calibrated import calibration_ids
+    from .preflight import check_output_writable
+    from .validate import _dtype
+
+    t0 = time.perf_counter()
+    if opts.fmt not in FORMATS:
+        raise UsageError(f"--output-format {opts.fmt!r}", hint="use gguf (current llama.cpp) or dat (legacy)")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"-o {out}: the file exists", hint="add --overwrite to replace it, or choose another -o")
+    check_output_writable(out)
+    dtype = _dtype(opts.dtype)
+    source = CheckpointWeightSource(src)
+    cfg = source.config
+    ids = calibration_ids(source.ck, opts.calib_data, opts.num_samples, opts.seq_len)
+    windows_sha = hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()
+    dataset = str(opts.calib_data) if opts.calib_data else "dsconvert bundled calibration text"
+    n_layer = int(cfg["num_hidden_layers"])
+    peak = estimate_peak_bytes(cfg, len(ids), max(len(s) for s in ids), 2 if dtype == torch.bfloat16 else 4)
+    rep = base_report("imatrix")
+    rep.update({"source": str(src), "output": str(out), "format": opts.fmt, "options": asdict(opts),
+                "calibration": {"name": dataset, "windows": len(ids), "tokens": sum(len(s) for s in ids),
+                                "windows_sha256": windows_sha},
+                "layers": n_layer, "estimated_peak_memory_bytes": peak, "dry_run": dry_run})
+    if dry_run:
+        return rep
+
+    n_expert = int(cfg.get("n_routed_experts", 0) or 0)
+    col = ImatrixCollector(cfg, n_expert)
+    model = ReferenceModel(LayerCachedSource(source), dtype=dtype)
+    seqs = [torch.tensor(s, dtype=torch.long) for s in ids]
+    pos = [torch.arange(len(s)) for s in ids]
+    with ByteProgress(n_layer, "imatrix", unit="layers", enabled=progress) as prog, torch.no_grad():
+        hs = [model.embed(i) for i in seqs]
+        for layer in range(n_layer):
+            prog.describe(f"layer {layer + 1}/{n_layer}", boundary=True)
+            hs = model.layer_forward_many(layer, hs, pos, on_linear=col.on_linear, on_heads=col.on_heads)
+            prog.advance(1)
+        if opts.process_output:
+            for h in hs:
+                model.head(h, on_linear=col.on_linear)
+    entries = col.entries()
+    bad = [n for n, (v, _) in entries.items() if not np.isfinite(v).all()]
+    if bad:
+        raise BadInputError(f"{src}: non-finite importance sums for {', '.join(bad[:4])}"
+                            + (" ..." if len(bad) > 4 else ""),
+                            hint="the weights or activations hold NaN/Inf; run `dsconvert validate` on SRC to find "
+                                 "the layer")
+    chunk_size = max(len(s) for s in ids)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if opts.fmt == "gguf":
+        write_gguf_imatrix(out, entries, [dataset], len(ids), chunk_size)
+    else:
+        from .manifest import write_atomic
+
+        write_atomic(out, legacy_imatrix_bytes(entries, len(ids), chunk_size, dataset))
+    unreached = {n: int((c == 0).sum()) for n, (_, c) in entries.items() if (c == 0).any()}
+    rep.update({"entries": len(entries), "bytes": out.stat().st_size,
+                "experts_without_tokens": unreached,
+                "expert_tokens": {n: {"min": int(c.min()), "max": int(c.max())} for n, (_, c) in entries.items()
+                                  if c.size > 1},
+                "peak_rss": peak_rss_bytes(), "seconds": round(time.perf_counter() - t0, 3)})
+    return rep

@@ -1,0 +1,251 @@
+"""IQ2_XXS: 2.0625 bits per weight, 8-value groups snapped to a 256-point lattice (the "E8-like" grid).
+
+Every group of 8 magnitudes is coded by one of 256 grid points (levels ``2l+1``, ``l`` in 0..2, per element),
+its 8 signs by 7 bits (the 8th is the parity: an odd number of negatives flips the least important element),
+and each 32-block by a 4-bit scale under an fp16 super-block scale. The quantizer is llama.cpp's
+``quantize_row_iq2_xxs_impl`` step by step in float32, vectorised over all 32-blocks of a chunk:
+
+1. element weights ``w = qw * sqrtf(sigma2 + x^2)`` (``sigma2 = sum(x^2)/256`` of the super-block), ``waux =
+   sqrtf(w)``; magnitudes ``xval = |x|`` with the sign trick above;
+2. a start scale from ``make_qp_quants(32, 4, xval, w)``, then 13 trial scales ``(5 + 0.1*is)/(3*scale)``: levels
+   ``clamp(nearest_int((id*xval - 1)/2), 0, 2)``, a group not on the grid replaced by its nearest listed grid
+   neighbour (weighted by ``waux``), kept on a better ``sumqx^2/sumq2``; a final pass at the chosen scale and
+   its least-squares refit;
+3. ``d = max_scale/31`` (fp16), block scale ``clamp(nearest_int((scale/d - 1)/2), 0, 15)``.
+
+The grid points are gguf-py's table for the type (the same ``kgrid_2bit_256`` llama.cpp uses); the neighbour lists
+are rebuilt exactly as ``iq2xs_init_impl`` builds them: for each 8-tuple of levels 0..3 not on the grid, every
+grid point at the two smallest squared distances, in (distance, index) order.
+
+Block layout (``ggml-common.h``)::
+
+    IQ2_XXS  d | qs: per 32-block two u32: 4 grid indices (bytes) | 4 x 7 sign bits, scale in the top 4 bits   66 B
+
+llama.cpp refuses this type without an importance matrix, and so does :meth:`IQ2_XXS.quantize_blocks`.
+Source: llama.cpp ``ggml/src/ggml-quants.c`` (``iq2xs_init_impl``, ``iq2_find_best_neighbour``,
+``quantize_row_iq2_xxs_impl``, ``dequantize_row_iq2_xxs``); docs/gguf-deepseek2.md §6.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gq
+
+from ._ops import GROUP_MAX_EPS, bytes_fp16, div, fp16_bytes, nearest_int, seqsum, sqrtf
+from .base import GGMLType
+from .kquants import make_qp_quants
+
+_KMAP_SIZE = 43692  # 1 + the largest 16-bit index of 8 two-bit levels in 0..2 (llama.cpp's kmap_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _lattice(gguf_cls_name: str, nwant: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(grid (G, 8) int levels 2l+1, kmap (43692,) int64 grid index or -1, neighbours (43692, P) int64, -1 padded)``.
+
+    ``kgrid`` is read from gguf-py's ``grid_hex`` (little-endian u16 per grid point: 2 bits per element).
+    """
+    cls = getattr(gq, gguf_cls_name)
+    raw = bytes.fromhex(cls.grid_hex.decode())
+    kgrid = np.frombuffer(raw, dtype="<u2").astype(np.int64)
+    shifts = 2 * np.arange(8)
+    levels = (kgrid[:, None] >> shifts) & 3                       # (G, 8)
+    grid = 2 * levels + 1
+    kmap = np.full(_KMAP_SIZE, -1, dtype=np.int64)
+    kmap[kgrid] = np.arange(kgrid.size)
+    idx = np.arange(_KMAP_SIZE)
+    pos = 2 * ((idx[:, None] >> shifts) & 3) + 1                  # (K, 8)
+    off = np.nonzero(kmap < 0)[0]
+    # squared distances between small integer vectors, exact in float64: |g|^2 + |p|^2 - 2 p.g
+    g64, p64 = grid.astype(np.float64), pos[off].astype(np.float64)
+    d2 = ((g64 * g64).sum(1)[None, :] + (p64 * p64).sum(1)[:, None] - 2 * p64 @ g64.T).round().astype(np.int64)
+    order = np.argsort(d2, axis=1, kind="stable")                 # (distance, index) order
+    ds = np.take_along_axis(d2, order, axis=1)
+    # keep every entry whose distance is among the first `nwant` distinct distances of the row
+    new = np.concatenate([np.ones((ds.shape[0], 1), bool), ds[:, 1:] != ds[:, :-1]], axis=1)
+    rank = np.cumsum(new, axis=1)
+    keep = rank <= nwant
+    width = int(keep.sum(1).max())
+    neigh = np.full((_KMAP_SIZE, width), -1, dtype=np.int64)
+    cols = np.where(keep, order, -1)
+    # keep is a prefix of each row (distances are sorted), so the first `width` columns hold every kept entry
+    neigh[off] = cols[:, :width]
+    return grid, kmap, neigh
+
+
+#: unit roundoff of float32; the float64 pre-filter keeps every neighbour whose float32 distance could be the minimum
+_U32 = 2.0 ** -24
+
+
+def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.Tensor, tabs) -> tuple[torch.Tensor,
+                                                                                                        torch.Tensor]:
+    """Grid index of each 8-group of levels ``L`` ``(B, 4, 8)`` (float32 0..2), off-grid groups replaced by the
+    neighbour minimising ``sum waux*(scale*q - xval)^2`` (``iq2_find_best_neighbour``; first in list order wins
+    ties). Returns ``(grid index (B, 4) int64, levels (B, 4, 8) float32)``.
+
+    The distance that decides is C's float32 one, summed in element order. It is evaluated only for the
+    neighbours that a float64 pre-filter cannot rule out: the float64 distances (three small matrix products)
+    and a bound of the float32 rounding error (64 u times the sum of the magnitudes of the terms) leave one or two
+    candidates per group; every other neighbour is provably farther in float32 too.
+    """
+    grid, kmap, neigh = tabs
+    Li = L.to(torch.int64)
+    u = (Li << torch.arange(0, 16, 2, device=L.device)).sum(-1)   # (B, 4)
+    gi = kmap[u]
+    off = gi < 0
+    if bool(off.any()):
+        cand = neigh[u[off]]                                       # (n, P)
+        valid = cand >= 0
+        cc = cand.clamp(min=0)
+        s = scale[:, None].expand_as(u)[off]                       # (n,)
+        xo, wo = xval[off], waux[off]                              # (n, 8)
+        g = grid.to(torch.float64)                                 # (G, 8)
+        s64, x64, w64 = s.double(), xo.double(), wo.double()
+        A = (w64 @ (g * g).t()).gather(1, cc)                      # sum w q^2
+        Bs = ((w64 * x64) @ g.t()).gather(1, cc)                   # sum w q x
+        Ba = ((w64 * x64.abs()) @ g.t()).gather(1, cc)
+        C0 = (w64 * x64 * x64).sum(1, keepdim=True)
+        s2 = (s64 * s64)[:, None]
+        d64 = s2 * A - 2 * s64[:, None] * Bs + C0
+        err = 64 * _U32 * (s2 * A + 2 * s64.abs()[:, None] * Ba + C0)
+        inf = torch.full_like(d64, float("inf"))
+        hi = torch.where(valid, d64 + err, inf).amin(1, keepdim=True)
+        live = valid & (d64 - err <= hi)
+        r, c = live.nonzero(as_tuple=True)
+        q = grid[cand[r, c]].to(torch.float32)                     # (k, 8)
+        diff = s[r, None] * q - xo[r]
+        t = wo[r] * diff * diff
+        d2 = t[:, 0].clone()
+        for i in range(1, 8):
+            d2 += t[:, i]
+        n = cand.shape[0]
+        best = torch.full((n,), float("inf"), dtype=torch.float32, device=L.device)
+        best = best.scatter_reduce(0, r, d2, reduce="amin")
+        first = torch.full((n,), cand.shape[1], dtype=torch.int64, device=L.device)
+        first = first.scatter_reduce(0, r[d2 == best[r]], c[d2 == best[r]], reduce="amin")
+        gi = gi.clone()
+        gi[off] = cand.gather(1, first[:, None])[:, 0]
+    levels = (grid[gi].to(torch.float32) - 1) / 2
+    return gi, levels
+
+
+class IQ2_XXS(GGMLType, qtype=T.IQ2_XXS):
+    """``quantize_iq2_xxs`` (importance weights required, as in llama.cpp)."""
+
+    supports_imatrix = True
+    chunk_elems = 1 << 17
+    kmax = 3
+
+    @classmethod
+    def _tables(cls, device):
+        grid, kmap, neigh = _lattice("IQ2_XXS", 2)
+        return (torch.from_numpy(grid).to(device), torch.from_numpy(kmap).to(device),
+                torch.from_numpy(neigh).to(device))
+
+    @classmethod
+    def quantize_blocks(cls, blocks, qw=None, sigma2=None):
+        if qw is None:
+            raise ValueError("IQ2_XXS: quantization needs importance weights (an imatrix), as in llama.cpp")
+        tabs = cls._tables(blocks.device)
+        nb = blocks.shape[0]
+        NB = nb * 8
+        bt = blocks.t()
+        sig = div(seqsum(bt * bt), 256)                              # (nb,)
+        xb = blocks.reshape(NB, 32)
+        w = (qw.reshape(NB, 32) * sqrtf(sig.repeat_interleave(8)[:, None] + xb * xb))
+        waux = sqrtf(w)
+        # signs: 8 per group, an odd count flips the element with the smallest w*x*x
+        xg, wg = xb.view(NB, 4, 8), w.view(NB, 4, 8)
+        neg = ~(xg >= 0)
+        xval = torch.where(neg, -xg, xg)
+        bitw = (1 << torch.arange(8, device=blocks.device))
+        s = (neg.to(torch.int64) * bitw).sum(-1)                      # (NB, 4)
+        odd = (neg.sum(-1) % 2) == 1
+        ax = wg * xg * xg
+        imin = torch.zeros(NB, 4, dtype=torch.int64, device=blocks.device)
+        mn = ax[..., 0].clone()
+        for i in range(1, 8):
+            lt = ax[..., i] < mn
+            mn = torch.where(lt, ax[..., i], mn)
+            imin = torch.where(lt, torch.full_like(imin, i), imin)
+        flip = odd[..., None] & (torch.arange(8, device=blocks.device) == imin[..., None])
+        xval = torch.where(flip, -xval, xval)
+        s = torch.where(odd, s ^ (1 << imin), s)
+        signs = s & 127
+        xv = xval.reshape(NB, 32)
+        mx = xv[:, 0].clone()
+        for i in range(1, 32):
+            mx = torch.where(mx > xv[:, i], mx, xv[:, i])
+        skip = mx < GROUP_MAX_EPS
+        scale, _ = make_qp_quants(xv.t().contiguous(), cls.kmax + 1, w.t().contiguous())
+        eff = scale * cls.kmax
+        skip = skip | ~(eff > 0)
+        safe_eff = torch.where(skip, torch.ones_like(eff), eff)
+        waux_g = waux.view(NB, 4, 8)
+
+        def sums(Lg):
+            q = 2 * Lg.reshape(NB, 32) + 1
+            wq = w * xv
+            return seqsum((wq * q).t()), seqsum((w * q * q).t())
+
+        best = torch.zeros_like(scale)
+        L = torch.zeros(NB, 4, 8, dtype=torch.float32, device=blocks.device)
+        for step in range(-6, 7):
+            idv = div(np.float32(2 * cls.kmax - 1) + np.float32(step) * np.float32(0.1), safe_eff)
+            this_scale = div(1, idv)
+            Laux = nearest_int(np.float32(0.5) * (idv[:, None, None] * xval - 1)).clamp_(0, cls.kmax - 1)
+            _, Laux = _snap(Laux, xval, waux_g, this_scale, tabs)
+            sqx, sq2 = sums(Laux)
+            upd = (sq2 > 0) & (sqx * sqx > best * sq2)
+            scale = torch.where(upd, div(sqx, sq2), scale)
+            best = torch.where(upd, scale * sqx, best)
+            L = torch.where(upd[:, None, None], Laux, L)
+        pos = scale > 0
+        idv = torch.where(pos, div(1, torch.where(pos, scale, torch.ones_like(scale))), torch.zeros_like(scale))
+        Lf = nearest_int(np.float32(0.5) * (idv[:, None, None] * xval - 1)).clamp_(0, cls.kmax - 1)
+        _, Lf = _snap(Lf, xval, waux_g, scale, tabs)
+        sqx, sq2 = sums(Lf)
+        L = torch.where(pos[:, None, None], Lf, L)
+        scale = torch.where(pos & (sq2 > 0), div(sqx, sq2), scale)
+        negs = scale < 0
+        scale = torch.where(negs, -scale, scale)
+        signs = torch.where(negs[:, None], (~signs) & 127, signs)
+        gi, _ = _snap(L, xval, waux_g, scale, tabs)                 # L is on the grid here: a plain lookup
+        scale = torch.where(skip, torch.zeros_like(scale), scale)
+        gi = torch.where(skip[:, None], torch.zeros_like(gi), gi)
+        signs = torch.where(skip[:, None], torch.zeros_like(signs), signs)
+        sc = scale.view(nb, 8)
+        max_scale = sc.amax(1).clamp(min=0)
+        empty = max_scale == 0
+        d = div(torch.where(empty, torch.ones_like(max_scale), max_scale), 31.0)
+        idd = div(1, d)
+        ls = nearest_int(np.float32(0.5) * (idd[:, None] * sc - 1)).clamp_(0, 15).to(torch.int64)
+        q0 = (gi.view(nb, 8, 4) << torch.tensor([0, 8, 16, 24], device=blocks.device)).sum(-1)
+        q1 = (signs.view(nb, 8, 4) << torch.tensor([0, 7, 14, 21], device=blocks.device)).sum(-1) | (ls << 28)
+        q = torch.stack([q0, q1], dim=-1).view(nb, 16)
+        q = torch.where(empty[:, None], torch.zeros_like(q), q)
+        qb = q.to(torch.int64).unsqueeze(-1) >> torch.tensor([0, 8, 16, 24], device=blocks.device)
+        qs = (qb & 0xFF).to(torch.uint8).view(nb, 64)
+        dd = torch.where(empty, torch.zeros_like(d), d)
+        return torch.cat([fp16_bytes(dd), qs], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        grid = cls._tables(blocks.device)[0]
+        nb = blocks.shape[0]
+        d = bytes_fp16(blocks[:, :2])
+        qb = blocks[:, 2:].to(torch.int64).view(nb, 8, 2, 4)
+        u32 = (qb << torch.tensor([0, 8, 16, 24], device=blocks.device)).sum(-1)   # (nb, 8, 2)
+        gi = (u32[..., 0:1] >> torch.tensor([0, 8, 16, 24], device=blocks.device)) & 0xFF  # (nb, 8, 4)
+        s7 = (u32[..., 1:2] >> torch.tensor([0, 7, 14, 21], device=blocks.device)) & 127
+        bits = (s7.unsqueeze(-1) >> torch.arange(7, device=blocks.device)) & 1       # (nb, 8, 4, 7)
+        parity = bits.sum(-1, keepdim=True) & 1
+        sgn = torch.cat([bits, parity], dim=-1)
+        vals = torch.tensor(gq.IQ2_XXS.grid_map, dtype=torch.float32, device=blocks.device)[(grid[gi] - 1) // 2]
+        ls = (u32[..., 1] >> 28).to(torch.float32)
+        db = (d[:, None] * (0.5 + ls)) * 0.25
+        y = db[..., None, None] * vals * torch.where(sgn.bool(), -1.0, 1.0)
+        return y.reshape(nb, 256)
