@@ -82,6 +82,27 @@ def _registry_help() -> tuple[str, str, str]:
 _SCHEME_HELP, _FORMAT_HELP, _TYPE_HELP = _registry_help()
 
 
+RayOpt = Annotated[Optional[str], typer.Option(
+    "--ray", metavar="ADDRESS", help="run the work units on a Ray cluster: the head's HOST:PORT (6379 unless "
+                                     "changed), or auto (RAY_ADDRESS or the cluster `ray start` began here); SRC "
+                                     "and OUT must be on a filesystem every node mounts at the same path")]
+RayCpusOpt = Annotated[float, typer.Option("--ray-cpus-per-task", help="--ray: CPUs each unit reserves")]
+RayGpusOpt = Annotated[float, typer.Option("--ray-gpus-per-task", help="--ray: GPUs each unit reserves (CUDA path)")]
+RayInFlightOpt = Annotated[Optional[int], typer.Option(
+    "--ray-max-in-flight", min=1, help="--ray: units running at once (bounds memory); default: cluster CPUs / "
+                                       "CPUs per task")]
+RayRetriesOpt = Annotated[int, typer.Option("--ray-max-retries", min=0,
+                                            help="--ray: resubmissions of a unit whose worker died")]
+
+
+def _executor(ray: str | None, cpus: float, gpus: float, in_flight: int | None, retries: int, workers: int):
+    """The executor of the ``--ray*`` flags (local threads without ``--ray``). Raises UsageError (exit 2)."""
+    from .convert.executor import ExecOptions, make_executor
+
+    return make_executor(ExecOptions(ray=ray, cpus_per_task=cpus, gpus_per_task=gpus, max_in_flight=in_flight,
+                                     max_retries=retries), workers)
+
+
 def _json_safe(obj):
     """``obj`` with NaN/inf floats replaced by null: ``json.dumps`` would write the bare tokens ``NaN`` /
     ``Infinity``, which are not JSON (RFC 8259) and which strict parsers (jq, JavaScript, Go) reject.
@@ -321,6 +342,11 @@ def fp8_to_bf16_cmd(
     workers: WorkersOpt = 2,
     max_memory: MaxMemOpt = None,
     validate: Annotated[bool, typer.Option("--validate", help="when done, validate logits against SRC")] = False,
+    ray: RayOpt = None,
+    ray_cpus_per_task: RayCpusOpt = 1.0,
+    ray_gpus_per_task: RayGpusOpt = 0.0,
+    ray_max_in_flight: RayInFlightOpt = None,
+    ray_max_retries: RayRetriesOpt = 3,
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
@@ -339,9 +365,10 @@ def fp8_to_bf16_cmd(
         if not dry_run and output is None:
             from .errors import UsageError
             raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT (or --dry-run)")
+        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, workers)
         rep = f2b.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                       progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
-                      verify=check_verify_mode(verify))
+                      verify=check_verify_mode(verify), executor=ex)
         _print_warnings(rep)
         if validate and not dry_run:
             rep["validation"] = _validate_after(output, src, quiet)
@@ -375,6 +402,7 @@ def fp8_to_bf16_cmd(
         _print_mtp(p.get("mtp") or {})
         if p["dropped"]:
             out.print(f"dropped {len(p['dropped'])} tensors: {p['dropped'][0]['reason']}")
+        _print_executor(rep.get("executor") or {})
         if "validation" in rep:
             _print_validation(rep["validation"])
 
@@ -438,6 +466,11 @@ def quantize_cmd(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 1,
     max_memory: MaxMemOpt = None,
+    ray: RayOpt = None,
+    ray_cpus_per_task: RayCpusOpt = 1.0,
+    ray_gpus_per_task: RayGpusOpt = 0.0,
+    ray_max_in_flight: RayInFlightOpt = None,
+    ray_max_retries: RayRetriesOpt = 3,
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
@@ -465,8 +498,9 @@ def quantize_cmd(
                           max_shard_size=_size(max_shard_size), device=device, workers=workers,
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
                           seq_len=seq_len)
+        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, workers)
         rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                     progress=_progress_enabled(quiet), verify=check_verify_mode(verify))
+                     progress=_progress_enabled(quiet), verify=check_verify_mode(verify), executor=ex)
         _print_warnings(rep)
         return rep
 
@@ -502,6 +536,7 @@ def _print_quantize(rep: dict) -> None:
         if e:
             out.print(f"  relative RMS weight error: mean {e['mean']:.4f}, max {e['max']:.4f} "
                       f"({e['worst'][0]['module']})")
+        _print_executor(rep.get("executor") or {})
     for g in groups or []:
         out.print(f"  {g['group']}: {g['scheme']} ({g['format']}) {g['modules']} modules, {g['parameters']:,} "
                   f"weights, {g['bits_per_weight']} bpw, targets {', '.join(g['targets'])}")
@@ -556,6 +591,18 @@ def bf16_to_fp8_cmd(
         return rep
 
     _run(body, json_out=json_out, verbose=verbose, human=_print_quantize, report_path=report)
+
+
+def _print_executor(ex: dict) -> None:
+    """A Ray run's per-node lines: units, bytes, throughput while busy; and the retries."""
+    if ex.get("backend") != "ray":
+        return
+    out.print(f"ray: {ex.get('nodes', 0)} nodes, {len(ex.get('units', []))} units, at most "
+              f"{ex.get('in_flight_max_seen', 0)} in flight, {len(ex.get('retries', []))} retried")
+    for n in ex.get("nodes_used", []):
+        rate = f"{n['mb_per_s']:.1f} MB/s" if n["mb_per_s"] is not None else "-"
+        out.print(f"  node {n['node_id'][:12]} ({n['host']}): {len(n['units'])} units, {n['bytes'] / 1e9:.3f} GB, "
+                  f"{rate} while busy")
 
 
 def _validate_after(candidate: Path, reference: Path, quiet: bool) -> dict:
@@ -767,6 +814,11 @@ def gguf_cmd(
                                                              help="at most this many tensors per file")] = None,
     device: DeviceOpt = "auto",
     max_memory: MaxMemOpt = None,
+    ray: RayOpt = None,
+    ray_cpus_per_task: RayCpusOpt = 1.0,
+    ray_gpus_per_task: RayGpusOpt = 0.0,
+    ray_max_in_flight: RayInFlightOpt = None,
+    ray_max_retries: RayRetriesOpt = 3,
     dry_run: DryOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing output files")] = False,
     no_resume: NoResumeOpt = False,
@@ -788,9 +840,10 @@ def gguf_cmd(
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
                               device=device, max_memory=_size(max_memory), state_dir=state_dir)
+        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, 1)
         rep = ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
-                     verify=check_verify_mode(verify))
+                     verify=check_verify_mode(verify), executor=ex)
         _print_warnings(rep)
         return rep
 
@@ -822,6 +875,7 @@ def gguf_cmd(
             out.print(f"  layout: {p['layout']}")
             out.print(f"  resume manifest {o['manifest']}, report {rep['report_path']} (--state-dir DIR puts them "
                       "elsewhere)")
+            _print_executor(rep.get("executor") or {})
         if d["tensors"]:
             out.print(f"  dropped {d['tensors']} tensors ({d['gb']:.3f} GB incl. {d['scales']} FP8 scales): "
                       + "; ".join(r["reason"] for r in d["reasons"]))

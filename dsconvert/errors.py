@@ -78,3 +78,10 @@ class ValidationFailed(DsconvertError):
     """Validation ran and the metrics are outside their thresholds. Exit 4."""
 
     exit_code = EXIT_VALIDATION
+
+
+class WorkerFailed(DsconvertError):
+    """A work unit kept failing on the cluster's workers (a node or process died each time it ran). Exit 1, the
+    code of I/O-type failures: the finished units are kept, and rerunning the same command resumes."""
+
+    exit_code = EXIT_INTERNAL

@@ -37,8 +37,8 @@ from ..units import bytes_fields
 from .files import REPORT_NAME, copy_files, extra_files
 from .preflight import check_free_disk, check_output_writable
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
-from .pipeline import (OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order,
-                       write_shards)
+from .pipeline import OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order
+from .executor import Executor, Job, LocalExecutor, Rebuilt, shard_units
 from .progress import ByteProgress
 
 COMMAND = "fp8-to-bf16"
@@ -199,11 +199,21 @@ def _index(shards: list[OutShard]) -> dict:
     return {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": dict(sorted(wm.items()))}
 
 
+def rebuild(src: str, opts: Options) -> Rebuilt:
+    """The output shards of :func:`make_plan` for ``src``, rebuilt where a remote unit runs (a Ray worker: same
+    SRC path, same options, hence the same plan; the driver has already pre-flighted SRC)."""
+    ck = open_checkpoint(Path(src), check_values=False)
+    return shard_units(make_plan(ck, opts, resolve_device(opts.device)).shards)
+
+
 def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, overwrite: bool = False,
-        resume: bool = True, progress: bool | None = None, verify: str = "full") -> dict:
+        resume: bool = True, progress: bool | None = None, verify: str = "full",
+        executor: Executor | None = None) -> dict:
     """Convert ``src`` into ``out``; return the JSON report (also written to ``out/report.json``).
     ``verify`` (``full`` | ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md,
     Resume).
+
+    ``executor`` runs the shard units (default: ``opts.workers`` threads here; :mod:`.executor` for Ray).
 
     Raises:
         BadInputError / UnsupportedError (exit 3): anything wrong with SRC, found before writing.
@@ -211,6 +221,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     """
     t0 = time.perf_counter()
     src = Path(src)
+    executor = executor or LocalExecutor(opts.workers)
     if out is not None:
         check_paths(src, Path(out))
     device = resolve_device(opts.device)
@@ -253,7 +264,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     written_now: list[str] = []
     if not decision.already_complete:
         with ByteProgress(todo_bytes, COMMAND, enabled=progress) as bar:
-            written_now = write_shards(out, plan.shards, decision.manifest, bar, workers=opts.workers)
+            written_now = executor.write_shards(out, plan.shards, decision.manifest, bar,
+                                                job=Job(rebuild, (str(src.resolve()), opts)))
         write_atomic(out / INDEX_NAME, (json.dumps(_index(plan.shards), indent=2) + "\n").encode())
         write_atomic(out / "config.json", dump_config(plan.config))
         copied = copy_files(src, out, plan.files)
@@ -275,6 +287,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         "gb_per_s_written": round(sum(s.nbytes for s in plan.shards if s.name in written_now) / 1e9 / seconds, 4)
         if seconds > 0 else None,
         "peak_rss": bytes_fields(peak_rss_bytes()),
+        "executor": executor.report(),
     })
     full = dict(report, tensors=per_tensor)
     write_atomic(out / REPORT_NAME, (json.dumps(full, indent=2) + "\n").encode())

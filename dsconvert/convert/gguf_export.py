@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,7 @@ from .preflight import check_free_disk, check_output_writable
 from .manifest import (Manifest, check_paths, commit_tmp, fingerprint, mismatch_detail, source_fingerprint_parts,
                        verify_files,
                        write_atomic)
+from .executor import Executor, Job, LocalExecutor, Rebuilt
 from .progress import ByteProgress
 
 log = logging.getLogger(__name__)
@@ -802,6 +804,169 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
 
 
 # --------------------------------------------------------------------------------------------------
+# tensor ranges as remote units (--ray)
+# --------------------------------------------------------------------------------------------------
+
+#: Name of a remote unit (and prefix of its piece file): ``NAME.gguf@A-B`` holds tensors A..B-1 of file NAME.
+PIECE_NAME = "{file}@{a}-{b}"
+
+
+def write_piece(plan: ExportPlan, file_idx: int, a: int, b: int, tmp: Path, sink, device: torch.device,
+                chunk_bytes: int) -> dict:
+    """Tensors ``a..b-1`` of output file ``file_idx`` into ``tmp``, each zero-padded to the alignment (32):
+    exactly the bytes the file's data section holds from tensor ``a``'s offset to tensor ``b``'s (the same
+    :func:`tensor_chunks` as :func:`write_file`). fsynced, not renamed. ``sink.advance(n)`` per chunk.
+
+    Returns:
+        ``{"size", "sha256", "records": [{"name", "len", "sha256"}]}``: bytes of the piece, and per tensor its
+        padded length and the sha256 of its padded bytes (the resume sidecar's records).
+
+    Raises:
+        OSError: disk full, permissions.
+    """
+    f_plan = plan.files[file_idx]
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    h = hashlib.sha256()
+    records, size = [], 0
+    with open(tmp, "wb") as f:
+        for t in f_plan.tensors[a:b]:
+            ht = hashlib.sha256()
+            n = 0
+            for chunk in tensor_chunks(plan.ck, t, plan.types[t.name], device, chunk_bytes,
+                                       plan.importance.get(t.name)):
+                mv = memoryview(chunk).cast("B")
+                f.write(mv)
+                h.update(mv)
+                ht.update(mv)
+                n += len(mv)
+                sink.advance(len(mv))
+            if n != plan.nbytes[t.name]:  # pragma: no cover - a planning bug, never user input
+                raise RuntimeError(f"{t.name}: wrote {n} bytes, planned {plan.nbytes[t.name]}")
+            pad = bytes(_pad(n, align) - n)
+            f.write(pad)
+            h.update(pad)
+            ht.update(pad)
+            records.append({"name": t.name, "len": n + len(pad), "sha256": ht.hexdigest()})
+            size += n + len(pad)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": size, "sha256": h.hexdigest(), "records": records}
+
+
+def rebuild(src: str, opts: GGUFOptions, output: str) -> Rebuilt:
+    """The export plan for ``src`` rebuilt where a remote unit runs (same SRC path and options, same plan);
+    a unit's payload is ``(file index, first tensor, end tensor)``, written by :func:`write_piece`."""
+    ck = open_checkpoint(Path(src), check_values=False)
+    plan = make_plan(ck, opts, Path(output))
+    device = resolve_device(opts.device)
+
+    def write(unit: str, payload, tmp: Path, sink) -> dict:
+        i, a, b = payload
+        return write_piece(plan, i, a, b, tmp, sink, device, opts.chunk_bytes)
+
+    return Rebuilt(write)
+
+
+def piece_ranges(f_plan: OutFile, k: int) -> list[tuple[int, int]]:
+    """Tensors ``k..`` of ``f_plan`` cut into units: one per decoder layer (``blk.N.*``), and one per run of
+    non-layer tensors (token embedding; output norm and head)."""
+    out: list[tuple[int, int]] = []
+    for i in range(k, len(f_plan.tensors)):
+        if out and f_plan.tensors[i].bid == f_plan.tensors[out[-1][0]].bid:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def write_file_remote(f_plan: OutFile, file_idx: int, plan: ExportPlan, executor, job: Job,
+                      progress: ByteProgress, fp: str = "", resume: bool = True, stats: dict | None = None
+                      ) -> tuple[int, str]:
+    """:func:`write_file`'s result with the tensor data made by remote units (``executor.run_units``): each
+    unit writes a piece (:func:`write_piece`) on the shared filesystem; the driver writes the header, appends
+    the pieces in file order as they arrive into ``NAME.gguf.tmp`` (hashing as it goes, deleting each piece),
+    records the resume sidecar after every piece, then fsyncs and renames. Same bytes, same sidecar, same
+    resume as a local run (a resumed file continues after its last verified tensor).
+
+    Raises:
+        Cancelled, OSError, WorkerFailed (the ``.tmp`` and its sidecar kept when they hold a complete tensor).
+    """
+    from .executor import Unit
+
+    final = f_plan.path
+    tmp = final.with_name(final.name + ".tmp")
+    side = partial_path(final)
+    start, spans = tensor_spans(f_plan, plan)
+    k, h = _resume_point(tmp, f_plan, plan, fp, progress) if resume else (0, hashlib.sha256())
+    if k == 0:
+        side.unlink(missing_ok=True)
+    if stats is not None:
+        stats["tensors_reused"] = k
+    records = json.loads(side.read_text())["tensors"][:k] if k else []
+    if k:
+        progress.skip(sum(plan.nbytes[t.name] for t in f_plan.tensors[:k]))
+    state = {"tool": "dsconvert", "fingerprint": fp, "file": f_plan.name, "size": f_plan.size,
+             "header_sha256": hashlib.sha256(f_plan.header).hexdigest()}
+    ranges = piece_ranges(f_plan, k)
+    lock = threading.Lock()
+    arrived: dict[int, tuple[dict, Path]] = {}
+    nxt = [0]
+    pos = spans[k - 1][1] if k else 0
+    f = open(tmp, "r+b" if k else "wb")
+    try:
+        if k:
+            f.truncate(pos)
+            f.seek(pos)
+        else:
+            head = f_plan.header + bytes(start - len(f_plan.header))
+            f.write(head)
+            h.update(head)
+            pos = start
+
+        def append(result: dict, piece: Path, a: int, b: int) -> None:
+            nonlocal pos
+            if result["size"] != spans[b - 1][1] - spans[a][0]:  # pragma: no cover - a planning bug
+                raise RuntimeError(f"{piece.name}: {result['size']} bytes, planned {spans[b - 1][1] - spans[a][0]}")
+            with open(piece, "rb") as fi:
+                while buf := fi.read(_READ):
+                    f.write(buf)
+                    h.update(buf)
+            for rec in result["records"]:
+                pos += rec["len"]
+                records.append({"name": rec["name"], "end": pos, "sha256": rec["sha256"]})
+            piece.unlink()
+            f.flush()
+            os.fsync(f.fileno())
+            write_atomic(side, (json.dumps({**state, "tensors": records}) + "\n").encode())
+
+        def on_result_for(idx: int):
+            def on_result(result: dict, piece: Path) -> None:
+                with lock:
+                    arrived[idx] = (result, piece)
+                    while nxt[0] in arrived:
+                        r, p = arrived.pop(nxt[0])
+                        append(r, p, *ranges[nxt[0]])
+                        nxt[0] += 1
+            return on_result
+
+        units = [Unit(PIECE_NAME.format(file=f_plan.name, a=a, b=b), (file_idx, a, b), on_result_for(i),
+                      describe=f"{f_plan.name}: {f_plan.tensors[a].name}") for i, (a, b) in enumerate(ranges)]
+        executor.run_units(final.parent, units, progress, job)
+        if nxt[0] != len(ranges) or pos != f_plan.size:  # pragma: no cover
+            raise RuntimeError(f"{final.name}: assembled {pos} bytes, planned {f_plan.size}")
+        f.close()
+        commit_tmp(tmp, final)
+        side.unlink(missing_ok=True)
+    except BaseException:
+        f.close()
+        if not (records and side.is_file() and tmp.is_file()):
+            tmp.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
+        raise
+    return pos, h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
 # output files, resume
 # --------------------------------------------------------------------------------------------------
 
@@ -908,9 +1073,13 @@ def _source_fingerprint(ck: Checkpoint) -> dict:
 
 
 def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = False, overwrite: bool = False,
-        resume: bool = True, progress: bool | None = None, verify: str = "full") -> dict:
+        resume: bool = True, progress: bool | None = None, verify: str = "full",
+        executor: Executor | None = None) -> dict:
     """Export ``src`` to GGUF ``output`` (one file or splits); return the JSON report. ``verify`` (``full`` |
     ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md, Resume).
+
+    ``executor``: None or local writes here; a remote one (``--ray``) makes the tensor data in per-layer
+    units on the cluster (:func:`write_file_remote`), same bytes.
 
     Raises:
         BadInputError / UnsupportedError (exit 3): anything wrong with SRC, found before writing.
@@ -918,6 +1087,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     """
     t0 = time.perf_counter()
     src = Path(src)
+    executor = executor or LocalExecutor(1)
     if output is None and not dry_run:
         raise UsageError("missing -o/--output", hint="dsconvert gguf SRC -o FILE.gguf --type Q4_K_M (or --dry-run)")
     if output is not None:
@@ -978,10 +1148,17 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     if todo:
         with ByteProgress(sum(sum(plan.nbytes[t.name] for t in f.tensors) for f in todo), COMMAND,
                           enabled=progress) as bar:
+            job = Job(rebuild, (str(src.resolve()), opts, str(output.resolve())))
             for f in todo:
                 st: dict = {}
-                size, digest = write_file(f, plan, device, opts.chunk_bytes, bar, n_layer, fp=fp, resume=resume,
-                                          stats=st)
+                for stale in output.parent.glob(glob.escape(f.name) + "@*.tmp"):  # pieces of a killed run
+                    stale.unlink()
+                if executor.remote:
+                    size, digest = write_file_remote(f, plan.files.index(f), plan, executor, job, bar, fp=fp,
+                                                     resume=resume, stats=st)
+                else:
+                    size, digest = write_file(f, plan, device, opts.chunk_bytes, bar, n_layer, fp=fp,
+                                              resume=resume, stats=st)
                 if st.get("tensors_reused"):
                     partial[f.name] = st["tensors_reused"]
                 decision.manifest.files[f.name] = {"size": size, "sha256": digest}
@@ -1000,6 +1177,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         "tensors_reused": partial,
         "seconds": round(seconds, 3),
         "peak_rss": bytes_fields(peak_rss_bytes()),
+        "executor": executor.report(),
     })
     full = dict(report, tensors=[{"name": t.name, "type": plan.types[t.name], "ne": list(t.ne),
                                   "bytes": plan.nbytes[t.name], "kind": t.kind, "sources": len(t.sources),

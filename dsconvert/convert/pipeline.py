@@ -158,14 +158,16 @@ def _stopped(stop: threading.Event) -> bool:
 
 
 def _write_one(out_dir: Path, shard: OutShard, metadata: dict[str, str], progress: ByteProgress,
-               queue_depth: int, stop: threading.Event) -> ShardWriter:
-    """Stream every byte of ``shard`` into its ``.tmp`` file; returns the writer, not yet committed.
+               queue_depth: int, stop: threading.Event, path: Path | None = None) -> ShardWriter:
+    """Stream every byte of ``shard`` into its ``.tmp`` file (``<path>.tmp``, by default
+    ``out_dir/<shard>.tmp``); returns the writer, not yet committed.
 
     Stops with :class:`~dsconvert.convert.cancel.Cancelled` within about one chunk when cancellation is
     requested, and with the first error of the producer; either way the ``.tmp`` is deleted.
     """
     cancel.check()
-    writer = ShardWriter(out_dir / shard.name, [t.planned for t in shard.ordered()], metadata, keep_order=True)
+    writer = ShardWriter(path or out_dir / shard.name, [t.planned for t in shard.ordered()], metadata,
+                         keep_order=True)
     q: queue.Queue = queue.Queue(maxsize=queue_depth)
     errors: list[BaseException] = []
     mine = threading.Event()  # this shard's producer must stop (its consumer gave up)

@@ -42,8 +42,8 @@ from ..units import bytes_fields, count
 from .files import REPORT_NAME, copy_files, extra_files
 from .preflight import check_free_disk, check_output_writable
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
-from .pipeline import (OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order,
-                       write_shards)
+from .executor import Executor, Job, LocalExecutor, Rebuilt, shard_units
+from .pipeline import OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order
 from .policy import DEFAULT_IGNORE_PATTERNS, LayerPolicy, check_fused_groups, module_of
 from .progress import ByteProgress
 from .fp8_to_bf16 import BASE_RSS, resolve_device
@@ -615,10 +615,30 @@ def _error_summary(errors: dict[str, float]) -> dict:
             "worst": [{"module": m, "rel_rms_error": e} for m, e in worst]}
 
 
+def rebuild(src: str, opts: Options) -> Rebuilt:
+    """The RTN plan's output shards for ``src``, rebuilt where a remote unit runs (a Ray worker: same SRC path,
+    same options, hence the same plan), with each shard's per-module relative RMS errors as its extras."""
+    ck = open_checkpoint(Path(src), check_values=False)
+    device = resolve_device(opts.device)
+    scheme, desc = resolve_scheme(opts)
+    fmt = bind_format(ck, resolve_format(opts), desc, opts)
+    plan, cache = make_plan(ck, opts, fmt, rtn_compute(ck, fmt, scheme, desc, device), device)
+
+    def extras(shard: OutShard) -> dict:
+        mods = {module_of(t.sources[0]) for t in shard.tensors if t.action == "quantize"}
+        return {m: cache.errors[m] for m in sorted(mods) if m in cache.errors}
+
+    return shard_units(plan.shards, extras)
+
+
 def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, overwrite: bool = False,
-        resume: bool = True, progress: bool | None = None, verify: str = "full") -> dict:
+        resume: bool = True, progress: bool | None = None, verify: str = "full",
+        executor: Executor | None = None) -> dict:
     """Quantize ``src`` into ``out``; returns the JSON report (also ``out/report.json``). ``verify`` (``full`` |
     ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md, Resume).
+
+    ``executor`` runs the shard units (default: ``opts.workers`` threads here; :mod:`.executor` for Ray, RTN
+    only: calibrated methods quantize layer after layer on the driver).
 
     Raises:
         BadInputError / UnsupportedError (exit 3), UsageError / ShapeError / OutputExistsError (exit 2).
@@ -627,6 +647,15 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     src = Path(src)
     if opts.method not in ("rtn", "awq", "gptq"):
         raise UsageError(f"--method {opts.method!r}", hint="use rtn, awq or gptq")
+    executor = executor or LocalExecutor(opts.workers)
+    if executor.remote and opts.per_module:
+        raise UsageError("--ray with a per-module recipe: mixed schemes run on one machine for now",
+                         hint="drop --ray, or quantize with one --scheme on the cluster")
+    if opts.method != "rtn":
+        if executor.remote:
+            raise UsageError(f"--{opts.method} with --ray: calibrated methods run on one machine for now",
+                             hint="drop --ray, or use RTN (no --awq/--gptq) on the cluster")
+        executor = LocalExecutor(1)  # layer by layer: one shard at a time
     if out is not None:
         check_paths(src, Path(out))
     device = resolve_device(opts.device)
@@ -723,8 +752,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if not decision.already_complete:
         todo = sum(s.nbytes for s in plan.shards if s.name not in decision.done)
         with ByteProgress(todo, COMMAND, enabled=progress) as bar:
-            written_now = write_shards(out, plan.shards, decision.manifest, bar,
-                                       workers=1 if engine is not None else opts.workers)
+            written_now = executor.write_shards(out, plan.shards, decision.manifest, bar,
+                                                job=Job(rebuild, (str(src.resolve()), opts)),
+                                                on_extras=cache.errors.update)
         write_atomic(out / INDEX_NAME, (json.dumps(_index(plan.shards), indent=2) + "\n").encode())
         write_atomic(out / "config.json", dump_config(plan.config))
         for name, doc in fmt.sidecar_files(plan.config["quantization_config"]).items():
@@ -739,6 +769,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         "quantization_error": _error_summary(cache.errors),
         "seconds": round(seconds, 3),
         "peak_rss": bytes_fields(peak_rss_bytes()),
+        "executor": executor.report(),
     })
     if engine is not None:
         report["calibration"] = engine.report()

@@ -306,16 +306,22 @@ class ShardWriter:
         self._left -= len(mv)
         self._skip_empty()
 
-    def commit(self) -> tuple[int, str]:
-        """Finish: verify completeness, fsync, rename to the final name. Returns (file size in bytes, sha256)."""
+    def finish(self) -> tuple[int, str]:
+        """Verify completeness, fsync and close the temporary file, without renaming it (a remote worker's
+        piece, which the driver renames). Returns (file size in bytes, sha256)."""
         if self._idx < len(self.order):
             raise RuntimeError(f"{self.final_path.name}: tensor {self.order[self._idx].name!r} incomplete")
         self._f.flush()
         os.fsync(self._f.fileno())
         size = self._f.tell()
         self._f.close()
-        os.replace(self.tmp_path, self.final_path)
         return size, self._sha.hexdigest()
+
+    def commit(self) -> tuple[int, str]:
+        """Finish: verify completeness, fsync, rename to the final name. Returns (file size in bytes, sha256)."""
+        size, digest = self.finish()
+        os.replace(self.tmp_path, self.final_path)
+        return size, digest
 
     def abort(self) -> None:
         """Close and delete the temporary file (the final name is never touched)."""
