@@ -14,7 +14,6 @@ layers ``0..L`` restores it and continues at ``L + 1`` instead of recalibrating 
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -27,7 +26,8 @@ from ..errors import UsageError
 from ..formats.checkpoint import Checkpoint
 from ..formats.int_format import IntFormat
 from ..quant.rtn import QTensor, QuantSpec, quantize
-from .validate import BUNDLED_TEXT, tokenize
+from .calib_data import calibration_ids
+from .int_module import ModuleResult, read_float, rel_error
 from .weights import CheckpointWeightSource
 
 STATE_NAME = "calibration-state.safetensors"
@@ -37,37 +37,6 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 def layer_of(name: str) -> int | None:
     m = _LAYER.match(name)
     return int(m.group(1)) if m else None
-
-
-def calibration_ids(ck: Checkpoint, calib_data: str | None, num_samples: int, seq_len: int) -> list[list[int]]:
-    """Calibration sequences: ``num_samples`` windows of ``seq_len`` tokens from a text file (tokenized with the
-    checkpoint's tokenizer.json), a JSON list of id lists (``.json``), or the bundled text by default.
-
-    Raises:
-        UsageError: unreadable file, or no complete sequence of at least 2 tokens.
-    """
-    path = Path(calib_data) if calib_data else BUNDLED_TEXT
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"--calib-data {path}: {e.strerror}") from e
-    if path.suffix == ".json":
-        try:
-            seqs = [[int(t) for t in s] for s in json.loads(raw)]
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--calib-data {path}: expected a JSON list of token-id lists ({e})") from e
-        seqs = seqs[:num_samples]
-    else:
-        ids = tokenize(ck.root, raw)
-        # the text is repeated if it is shorter than num_samples * seq_len (the bundled text is ~800 tokens)
-        need = num_samples * seq_len
-        if ids and len(ids) < need:
-            ids = (ids * (need // len(ids) + 1))[:need]
-        seqs = [ids[i: i + seq_len] for i in range(0, len(ids), seq_len)][:num_samples]
-    seqs = [s for s in seqs if len(s) >= 2]
-    if not seqs:
-        raise UsageError(f"--calib-data {path}: no calibration sequence of at least 2 tokens")
-    return seqs
 
 
 class CalibratedRun:
@@ -108,19 +77,17 @@ class CalibratedRun:
 
     # -- pipeline hooks -----------------------------------------------------------------------------------
     def compute(self, module: str):
-        from .quantize import ModuleResult, _read_float, _rel_error
-
         lay = layer_of(module + ".weight")
         if lay is None or lay >= self.n_layers:  # MTP block: not part of the forward, RTN
-            w = _read_float(self.ck, module + ".weight").to(self.device)
+            w = read_float(self.ck, module + ".weight").to(self.device)
             qt = quantize(w, self.spec, self.fmt.convention, name=module)
             self.mtp_rtn.append(module)
             return ModuleResult({k: v.cpu() for k, v in self.fmt.encode_qtensor(module, qt).items()},
-                                _rel_error(w, qt))
+                                rel_error(w, qt))
         res = self._ensure(lay)
         qt: QTensor = res.quantized[module]
-        w = _read_float(self.ck, module + ".weight")
-        return ModuleResult(self.fmt.encode_qtensor(module, qt), _rel_error(w, qt))
+        w = read_float(self.ck, module + ".weight")
+        return ModuleResult(self.fmt.encode_qtensor(module, qt), rel_error(w, qt))
 
     def replaced(self, name: str) -> torch.Tensor | None:
         lay = layer_of(name)

@@ -28,10 +28,11 @@ from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.hf_config import dump_config, unquantized_config, version_label
 from ..formats.int_format import IntFormat
 from ..formats.registry import get_format, registered_formats
-from ..quant.rtn import QTensor, dequantize, quantize, quantize_with_error
+from ..quant.rtn import quantize_with_error
 from ..quant.schemes import get_scheme, registered_schemes
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
+from .int_module import ModuleResult, read_weight
 from .files import REPORT_NAME, copy_files, extra_files
 from .preflight import check_free_disk, check_output_writable
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
@@ -40,6 +41,7 @@ from .pipeline import (OutShard, OutTensor, check_max_memory, copy_producer, deq
 from .policy import DEFAULT_IGNORE_PATTERNS, LayerPolicy, check_fused_groups, module_of
 from .progress import ByteProgress
 from .fp8_to_bf16 import BASE_RSS, resolve_device
+from .calibrated import STATE_NAME, calibrated_compute
 
 COMMAND = "quantize"
 _LAYER_PREFIX = "model.layers."
@@ -102,12 +104,6 @@ def resolve_spec(opts: Options):
         raise UsageError(str(e.args[0]) if e.args else f"unknown scheme {opts.scheme!r}",
                          hint="schemes: " + ", ".join(registered_schemes())) from None
     return scheme.spec(opts.group_size)
-
-
-@dataclass
-class ModuleResult:
-    tensors: dict[str, torch.Tensor]
-    rel_error: float
 
 
 @dataclass
@@ -368,39 +364,11 @@ def rtn_compute(ck: Checkpoint, fmt: IntFormat, spec_of: Callable[[str], object]
 
     def compute(module: str) -> ModuleResult:
         name = module + ".weight"
-        w = _read_weight(ck, name).to(device)  # BF16 (FP8 dequantized), widened per chunk inside the kernel
+        w = read_weight(ck, name).to(device)  # BF16 (FP8 dequantized), widened per chunk inside the kernel
         qt, err = quantize_with_error(w, spec_of(name), fmt.convention, name=module)
         return ModuleResult({k: v.cpu() for k, v in fmt.encode_qtensor(module, qt).items()}, err)
 
     return compute
-
-
-def _read_weight(ck: Checkpoint, name: str) -> torch.Tensor:
-    """``[N, K]`` of a weight in its float form: FP8 dequantized to BF16 exactly as fp8-to-bf16, else as stored."""
-    from ..quant.fp8_block import dequant_fp8_block
-
-    t = ck.read(name)
-    if t.dtype == torch.float8_e4m3fn:
-        t = dequant_fp8_block(t, ck.read(ck.scale_of(name)), ck.fp8.block)
-    return t
-
-
-def _read_float(ck: Checkpoint, name: str) -> torch.Tensor:
-    """float32 ``[N, K]`` of a weight: FP8 dequantized to BF16 exactly as fp8-to-bf16, then widened."""
-    from ..quant.fp8_block import dequant_fp8_block
-
-    t = ck.read(name)
-    if t.dtype == torch.float8_e4m3fn:
-        t = dequant_fp8_block(t, ck.read(ck.scale_of(name)), ck.fp8.block)
-    return t.to(torch.float32)
-
-
-def _rel_error(w: torch.Tensor, qt: QTensor) -> float:
-    """Relative RMS error ``||w - deq(q)|| / ||w||`` (float64 norms)."""
-    d = dequantize(qt).to(w.device, torch.float64)
-    w64 = w.to(torch.float64)
-    n = float(torch.linalg.vector_norm(w64))
-    return float(torch.linalg.vector_norm(w64 - d)) / n if n > 0 else 0.0
 
 
 def _index(shards: list[OutShard]) -> dict:
@@ -441,8 +409,6 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if opts.method == "rtn":
         compute = rtn_compute(ck, fmt, lambda name: spec, device)
     else:
-        from .calibrated import calibrated_compute
-
         compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None)
     if engine is not None:  # calibration holds activations and a layer's working set, not one module
@@ -478,7 +444,6 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files,
                                               *fmt.sidecar_files(plan.config["quantization_config"])))
-    from .calibrated import STATE_NAME
     if engine is not None:
         engine.resume(out, decision.done, plan.shards)
     written_now: list[str] = []
