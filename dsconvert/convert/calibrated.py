@@ -15,6 +15,7 @@ layers ``0..L`` restores it and continues at ``L + 1`` instead of recalibrating 
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,8 @@ from .int_module import ModuleResult, read_float, rel_error
 from .weights import CheckpointWeightSource
 
 STATE_NAME = "calibration-state.safetensors"
+#: Folder of OUT holding the current layer's spilled expert results (removed when the run ends).
+SPILL_NAME = "calibration-spill"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -68,12 +71,22 @@ class CalibratedRun:
         print(f"layer {layer_idx + 1}/{self.n_layers if hasattr(self, 'n_layers') else '?'}: {stage}",
               file=sys.stderr, flush=True)
 
+    def fit_memory(self, budget: int | None) -> None:
+        """Size the engine's expert groups (and AWQ candidate chunks) to ``budget`` bytes (None: the default
+        budget); see :meth:`~dsconvert.convert.calibrate.CalibrationEngine.set_budget`."""
+        self.engine.set_budget(budget)
+
     def peak_memory_estimate(self) -> int:
         """Memory (bytes) calibration adds to the quantize pipeline's own peak:
-        :func:`~dsconvert.convert.calibrate.estimate_peak_bytes` for this checkpoint and calibration set."""
-        from .calibrate import estimate_peak_bytes
+        :meth:`~dsconvert.convert.calibrate.CalibrationEngine.peak_memory_estimate`."""
+        return self.engine.peak_memory_estimate(spilled=True)  # a writing run spills experts to OUT
 
-        return estimate_peak_bytes(self.engine.cfg, self.method, self.engine.num_tokens)
+    def close(self) -> None:
+        """Delete the spilled results and their folder (end of the run, or interrupted)."""
+        if self.result is not None:
+            self.result.close()
+        if self.out_dir is not None:
+            shutil.rmtree(self.out_dir / SPILL_NAME, ignore_errors=True)
 
     # -- pipeline hooks -----------------------------------------------------------------------------------
     def compute(self, module: str):
@@ -102,6 +115,9 @@ class CalibratedRun:
         if lay < self.engine.next_layer:
             raise RuntimeError(f"calibration of layer {lay} requested after layer {self.engine.next_layer - 1}")
         while self.engine.next_layer <= lay:
+            if self.result is not None:
+                self.result.close()  # the previous layer is written: drop its spilled experts
+                self.result = None
             self.result = self.engine.run_layer(self.engine.next_layer)
             self.layer = self.result.layer
             self.layer_stats.append(self.result.stats)
@@ -126,6 +142,8 @@ class CalibratedRun:
     def resume(self, out_dir: Path, done: set[str], shards) -> None:
         """Skip recalibrating the layers whose shards are all finished, when a saved state covers them."""
         self.out_dir = out_dir
+        shutil.rmtree(out_dir / SPILL_NAME, ignore_errors=True)  # left by a killed run
+        self.engine.spill_dir = out_dir / SPILL_NAME
         last_done = -1
         for s in shards:
             layers = {layer_of(t.name) for t in s.tensors} - {None}

@@ -412,6 +412,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None)
     if engine is not None:  # calibration holds activations and a layer's working set, not one module
+        engine.fit_memory(None if opts.max_memory is None else opts.max_memory - plan.peak_memory)
         plan.peak_memory += engine.peak_memory_estimate()
     report = base_report(COMMAND)
     report.update({
@@ -449,9 +450,13 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     written_now: list[str] = []
     if not decision.already_complete:
         todo = sum(s.nbytes for s in plan.shards if s.name not in decision.done)
-        with ByteProgress(todo, COMMAND, enabled=progress) as bar:
-            written_now = write_shards(out, plan.shards, decision.manifest, bar,
-                                       workers=1 if engine is not None else opts.workers)
+        try:
+            with ByteProgress(todo, COMMAND, enabled=progress) as bar:
+                written_now = write_shards(out, plan.shards, decision.manifest, bar,
+                                           workers=1 if engine is not None else opts.workers)
+        finally:
+            if engine is not None:
+                engine.close()  # spilled expert results, finished or interrupted
         write_atomic(out / INDEX_NAME, (json.dumps(_index(plan.shards), indent=2) + "\n").encode())
         write_atomic(out / "config.json", dump_config(plan.config))
         for name, doc in fmt.sidecar_files(plan.config["quantization_config"]).items():
