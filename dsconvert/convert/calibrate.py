@@ -454,18 +454,26 @@ class CalibrationEngine:
         self._src.reset()
         lay = _Layer(self, layer_idx)
         try:
+            stage_s: dict[str, float] = {}
+            t1 = time.perf_counter()
             self.report_stage(layer_idx, "capture")
             lay.capture()
             self.report_stage(layer_idx, "search")
+            t2 = time.perf_counter()
+            stage_s["capture"] = t2 - t1
             if self.method == "awq":
                 lay.awq()
             else:
                 lay.gptq()
+            t3 = time.perf_counter()
+            stage_s["quantize"] = t3 - t2
             self.report_stage(layer_idx, "propagate")
             self._src.overrides = lay.overrides()
             lay.release()  # the calibration caches go before the propagate forward needs its own
             gc.collect()
             self._hidden = self.model.layer_forward_seqwise(layer_idx, self._hidden, self._positions)
+            stage_s["propagate"] = time.perf_counter() - t3
+            lay.stats["stage_seconds"] = {k: round(v, 3) for k, v in stage_s.items()}
             result = LayerResult(layer_idx, lay.quantized, lay.replaced, lay.stats,
                                  lay.folded if self.keep_folded else {})
         except BaseException:
