@@ -514,6 +514,7 @@ class _Layer:
         self._col_scale: dict[str, torch.Tensor] = {}  # module -> AWQ scale its columns get when first used
         self._xe: tuple[int, torch.Tensor] | None = None  # (expert, its routed input): one at a time
         self.inputs: dict[str, torch.Tensor] = {}  # key -> (n, K) float32 cached input
+        self.streamed: dict[str, _StreamedHessian] = {}  # GPTQ: Linear -> Hessian + token sample, no cache
         self.attn_in: list[torch.Tensor] = []  # per-sequence normed attention input
         self.in_scale: dict[str, torch.Tensor] = {}  # module -> s its cached input must be divided by
         self.linears = self._linear_names()
@@ -573,6 +574,7 @@ class _Layer:
         only need the MLP input)."""
         self.inputs.clear()
         self.attn_in.clear()
+        self.streamed.clear()
 
     # -- 1. capture -----------------------------------------------------------------------------
     def capture(self) -> None:
@@ -584,11 +586,20 @@ class _Layer:
         skip = (".kv_a_proj_with_mqa", ".up_proj", ".gate_proj")
         attn_key = f"{self.p}.self_attn.{'q_proj' if self.cfg.q_lora_rank is None else 'q_a_proj'}"
 
+        gptq = eng.method == "gptq"
+        dense_gate = f"{self.p}.mlp.gate_proj"
+
         def hook(name: str, x: torch.Tensor) -> None:
+            if name.endswith(skip) and name != dense_gate or (self.moe and name == dense_gate):
+                return
+            if gptq and name != dense_gate:  # GPTQ needs only the Hessian and a token sample: no cache
+                st = self.streamed.get(name)
+                if st is None:
+                    st = self.streamed[name] = _StreamedHessian(x.shape[1], eng.num_tokens, self.dev)
+                st.add(x.detach().to(device=self.dev, dtype=torch.float32))
+                return
             if name == attn_key:
                 self.attn_in.append(x.detach().to(torch.float32))
-                return
-            if name.endswith(skip) and not (not self.moe and name == f"{self.p}.mlp.gate_proj"):
                 return
             store.setdefault(name, []).append(x.detach().to(device=self.dev, dtype=torch.float32))
 
@@ -600,9 +611,10 @@ class _Layer:
         del xs
         self.inputs = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in store.items()}
         del store
-        self.inputs[attn_key] = torch.cat(self.attn_in).to(self.dev)
-        if eng.method == "gptq":
-            self.attn_in.clear()  # only AWQ's attention search reruns attention per sequence
+        if not gptq:
+            self.inputs[attn_key] = torch.cat(self.attn_in).to(self.dev)
+        for st in self.streamed.values():
+            st.finish()
         mlp_key = f"{self.p}.mlp.gate" if self.moe else f"{self.p}.mlp.gate_proj"
         self.x_mlp = self.inputs.pop(mlp_key)  # (T, hidden) post-attention normed input
         self.attn_key = attn_key
@@ -938,20 +950,28 @@ class _Layer:
         eng = self.eng
         non_expert = [n for n in self.linears if self._expert_of(n) is None]
         h_cache: tuple | None = None  # (input tensor, H): gate/up and q_a/kv_a share one Hessian
+        kv_a = f"{self.p}.self_attn.kv_a_proj_with_mqa"
         for n in non_expert:
             spec = self.specs[n]
             if spec is None:
                 continue
             w = self.w(n)
             pol = self.calibration_of(n)
-            x = self._raw_x(n)
-            if h_cache is None or h_cache[0] is not x:
-                h_cache = (x, _hessian(x, self.dev))
-            H = h_cache[1]
+            st = self.streamed.get(self.attn_key if n == kv_a else n)
+            if st is not None:  # accumulated at capture
+                H, xs, tokens = st.H, st.sample, st.n
+            else:
+                x = self._raw_x(n)
+                if h_cache is None or h_cache[0] is not x:
+                    h_cache = (x, _hessian(x, self.dev))
+                H, xs, tokens = h_cache[1], x[:: max(1, x.shape[0] // STAT_TOKENS)], int(x.shape[0])
             qt = _to_cpu(gptq_quantize(w, H, spec, eng.convention, damp=eng.damp, act_order=eng.act_order,
                                        static_groups=eng.act_order, name=n))
             self.quantized[n] = qt
-            self._gptq_stats(n, w, x, qt, output_error(w, dequantize(qt), H), pol)
+            self.stats["linears"][n] = {
+                "tokens": tokens, "rel_output_mse": output_error(w, dequantize(qt), H),
+                "rtn_rel_output_mse": _rel_mse(xs, w, pseudo_quantize(w, spec, eng.convention)),
+                "calibration": pol}
             self._f32.pop(n, None)
             if n.endswith(".down_proj"):
                 self.inputs.pop(n, None)  # done with this MLP's down input
@@ -1042,10 +1062,46 @@ class _Layer:
         self._col_scale.clear()
         self._xe = None
         self.inputs.clear()
+        self.streamed.clear()
         self.attn_in.clear()
         self.in_scale.clear()
         self.x_mlp = None
         self.routes = {}
+
+
+class _StreamedHessian:
+    """A Linear's GPTQ Hessian accumulated from its input rows as the forward produces them, in the same
+    4096-row chunks of the concatenated input that :func:`_hessian` uses (so the same ``H`` bit for bit), plus
+    the statistic's token sample (every ``max(1, total // STAT_TOKENS)``-th row) and the row count; the input
+    itself is never cached (a real o_proj input is T x 16384 float32)."""
+
+    def __init__(self, k: int, total: int, device: torch.device):
+        self.acc = HessianAccumulator(k, device=device)
+        self.step = max(1, int(total) // STAT_TOKENS)
+        self.n = 0
+        self._buf: list[torch.Tensor] = []
+        self._nbuf = 0
+        self._sample: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        """Append rows ``x`` ``(n, K)`` float32 (in calibration order)."""
+        self._sample.append(x[(-self.n) % self.step:: self.step].clone())
+        self.n += int(x.shape[0])
+        self._buf.append(x)
+        self._nbuf += int(x.shape[0])
+        while self._nbuf >= 4096:
+            cat = torch.cat(self._buf) if len(self._buf) > 1 else self._buf[0]
+            self.acc.add(cat[:4096])
+            rest = cat[4096:]
+            self._buf, self._nbuf = ([rest] if rest.shape[0] else []), int(rest.shape[0])
+
+    def finish(self) -> None:
+        if self._nbuf:
+            self.acc.add(torch.cat(self._buf) if len(self._buf) > 1 else self._buf[0])
+        self._buf, self._nbuf = [], 0
+        self.sample = torch.cat(self._sample) if len(self._sample) > 1 else self._sample[0]
+        self._sample = []
+        self.H = self.acc.H
 
 
 def _hessian(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -1115,9 +1171,9 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
     three stages, each the sum of what the engine holds then (``act_bytes`` per activation value,
     ``weight_bytes`` per source weight, float32 working copies):
 
-    * capture: the residual stream; the cached inputs of the attention linears (q_a/kv_a input twice while
-      it is concatenated; AWQ keeps the per-sequence list too), of a dense MLP's gate and down, and the MLP
-      input; the layer's non-expert weights.
+    * capture: the residual stream; the attention linears' inputs (GPTQ: only their Hessians, accumulated
+      as the forward runs, and a 4096-row buffer each; AWQ: the cached inputs, the attention input twice),
+      a dense MLP's down input (GPTQ: its Hessian), the MLP input; the layer's non-expert weights.
     * kernels: the residual stream, the MLP input, the non-expert weights and results (int8 levels), plus the
       largest working set: a non-expert linear (GPTQ: five ``(K, K)`` and three ``(M, K)`` float32; AWQ
       three ``(M, K)``), or the experts in flight (GPTQ: ``expert_group`` experts' routed rows, down inputs,
@@ -1150,7 +1206,11 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
     attn_params = sum(m * n for m, n in attn_shapes)
     o_in = heads * cfg.v_head_dim
     a = act_bytes
-    attn_acts = a * T * ((3 if method == "awq" else 2) * H + q_in + cfg.kv_lora_rank + o_in)
+    kv = cfg.kv_lora_rank
+    if method == "gptq":  # Hessians streamed at capture: one 4096-row buffer and one (K, K) per linear
+        attn_acts = 4 * (4096 * (H + q_in + kv + o_in) + H * H + q_in * q_in + kv * kv + o_in * o_in)
+    else:  # cached inputs (the attention input also per sequence, for the attention search)
+        attn_acts = a * T * (3 * H + q_in + kv + o_in)
     resid = a * T * H
 
     def linear_work(shapes: list[tuple[int, int]]) -> int:
@@ -1183,14 +1243,16 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
         else:
             I = cfg.intermediate_size
             dense_params = attn_params + 3 * I * H
-            mlp_cap = a * T * I  # the dense MLP's down input
+            # the dense MLP's down input (GPTQ: its streamed Hessian and buffer)
+            mlp_cap = 4 * (4096 * I + I * I) if method == "gptq" else a * T * I
             work = linear_work(attn_shapes + [(I, H)] * 2 + [(H, I)])
             if method == "awq":
                 work = max(work, 2 * 4 * 2 * I * H + 4 * 2 * T * I)
             results = attn_params + 3 * I * H
         wts = weight_bytes * dense_params
         capture = resid + attn_acts + a * T * H + mlp_cap + wts
-        kernels = resid + a * T * H + mlp_cap + wts + results + work
+        held = attn_acts if method == "gptq" else 0  # the streamed Hessians wait for their linears
+        kernels = resid + a * T * H + mlp_cap + wts + results + work + held
         propagate = 4 * a * T * H + wts + results
         peaks.append(max(capture, kernels, propagate))
     return int(max(peaks)) if peaks else 0
