@@ -60,7 +60,12 @@ def child(a) -> None:
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, 512, (a.seq_len,), generator=g).tolist() for _ in range(a.samples)]
     spill = Path(a.ck + "-spill")
-    eng = CalibrationEngine(src, lambda n, shp: spec if shp[1] % spec.group_size == 0 else None, a.method,
+    def policy(n, shp):
+        if a.experts_only and ".mlp.experts." not in n:
+            return None  # the routed experts only: the slope of memory and time per expert
+        return spec if shp[1] % spec.group_size == 0 else None
+
+    eng = CalibrationEngine(src, policy, a.method,
                             GPTQ, ids, n_grid=a.n_grid, spill_dir=spill,
                             max_memory=a.max_memory, expert_group=a.expert_group)
     t0 = time.perf_counter()
@@ -118,6 +123,7 @@ def main() -> None:
     ap.add_argument("--n-grid", type=int, default=20)
     ap.add_argument("--max-memory", type=int, default=None, help="engine budget, bytes (default: its default)")
     ap.add_argument("--expert-group", type=int, default=None, help="experts in flight (default: from the budget)")
+    ap.add_argument("--experts-only", action="store_true", help="quantize only the routed experts (keep the rest)")
     ap.add_argument("--keep", action="store_true", help="keep the built checkpoint in /tmp for the next run")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
@@ -140,6 +146,7 @@ def main() -> None:
                "--seq-len", str(a.seq_len), "--threads", str(a.threads), "--n-grid", str(a.n_grid)]
         cmd += ["--max-memory", str(a.max_memory)] if a.max_memory else []
         cmd += ["--expert-group", str(a.expert_group)] if a.expert_group else []
+        cmd += ["--experts-only"] if a.experts_only else []
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         ideal = flops(a, m) / rate
         print(f"{m}: {r['seconds']:.1f} s, ideal {ideal:.1f} s at the matmul rate -> {r['seconds'] / ideal:.2f}x; "

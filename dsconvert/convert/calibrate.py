@@ -1175,7 +1175,7 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
       as the forward runs, and a 4096-row buffer each; AWQ: the cached inputs, the attention input twice),
       a dense MLP's down input (GPTQ: its Hessian), the MLP input; the layer's non-expert weights.
     * kernels: the residual stream, the MLP input, the non-expert weights and results (int8 levels), plus the
-      largest working set: a non-expert linear (GPTQ: five ``(K, K)`` and three ``(M, K)`` float32; AWQ
+      largest working set: a non-expert linear (GPTQ: four ``(K, K)`` and three ``(M, K)`` float32; AWQ
       three ``(M, K)``), or the experts in flight (GPTQ: ``expert_group`` experts' routed rows, down inputs,
       float32 weights, two Hessians each and the batched core's copies; AWQ: one expert's, with the folded
       copies and the clip search's; both: the group's int8 results until spilled), or AWQ's MoE smoothing (``awq_candidates + 1`` output accumulators ``(T, hidden)``
@@ -1214,8 +1214,8 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
     resid = a * T * H
 
     def linear_work(shapes: list[tuple[int, int]]) -> int:
-        if method == "gptq":
-            return max(4 * (5 * n * n + 3 * m * n) for m, n in shapes)
+        if method == "gptq":  # the Hessian, the core's copy, Cholesky in and out; W, its copy, the levels
+            return max(4 * (4 * n * n + 3 * m * n) for m, n in shapes)
         return max(4 * 3 * m * n for m, n in shapes)
 
     peaks = []
@@ -1230,7 +1230,7 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
             shapes = attn_shapes + ([(Is, H)] * 2 + [(H, Is)] if Is else [])
             mlp_cap = a * T * Is  # the shared experts' down input
             if method == "gptq":
-                per_expert = 4 * (n_e * (H + I) + 3 * I * H + 2 * 3 * I * H + 5 * H * H + 5 * I * I)
+                per_expert = 4 * (n_e * (H + I) + 3 * I * H + 2 * 3 * I * H + 4 * H * H + 4 * I * I)
                 smooth = 0
             else:
                 per_expert = 4 * (n_e * (H + I) + 2 * 3 * I * H + 2 * I * H) + _clip_bytes(min(T, 512), H, I)
