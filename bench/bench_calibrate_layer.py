@@ -102,7 +102,7 @@ def flops(a, method: str) -> float:
     fwd = 2 * T * (sum(m * n for m, n in attn) + k * 3 * H * I)  # one layer forward on all tokens
     total = 2 * fwd  # capture + propagate
     if method == "gptq":
-        for m, n in attn:
+        for m, n in ([] if a.experts_only else attn):
             total += 2 * T * n * n + 2 * n ** 3 + m * n * n
         for m, n in ((2 * I, H), (H, I)):  # gate+up share a Hessian; down
             total += E * (2 * n_e * n * n + 2 * n ** 3 + m * n * n)
