@@ -51,7 +51,7 @@ def fixture(name: str) -> Path:
 
 
 def _splits(d: Path, calib_tokens: int, eval_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
-    from dsconvert.convert.validate import BUNDLED_TEXT, tokenize
+    from dsconvert.convert.calib_data import BUNDLED_TEXT, tokenize
 
     ids = tokenize(d, BUNDLED_TEXT.read_text(encoding="utf-8"))
     n_eval = min(eval_tokens, len(ids) // 3) // SEQ * SEQ

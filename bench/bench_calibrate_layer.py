@@ -49,7 +49,7 @@ def _dims(a) -> dict:
 def child(a) -> None:
     import torch
 
-    from dsconvert.convert.calibrate import CalibrationEngine, estimate_peak_bytes
+    from dsconvert.convert.calibrate import CalibrationEngine
     from dsconvert.convert.fp8_to_bf16 import BASE_RSS
     from dsconvert.convert.weights import CheckpointWeightSource
     from dsconvert.quant.rtn import GPTQ, QuantSpec
@@ -59,14 +59,24 @@ def child(a) -> None:
     src = CheckpointWeightSource(a.ck)
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, 512, (a.seq_len,), generator=g).tolist() for _ in range(a.samples)]
-    eng = CalibrationEngine(src, lambda n, shp: spec if shp[1] % spec.group_size == 0 else None, a.method,
-                            GPTQ, ids, n_grid=a.n_grid)
+    spill = Path(a.ck + "-spill")
+    def policy(n, shp):
+        if a.experts_only and ".mlp.experts." not in n:
+            return None  # the routed experts only: the slope of memory and time per expert
+        return spec if shp[1] % spec.group_size == 0 else None
+
+    eng = CalibrationEngine(src, policy, a.method,
+                            GPTQ, ids, n_grid=a.n_grid, spill_dir=spill,
+                            max_memory=a.max_memory, expert_group=a.expert_group)
     t0 = time.perf_counter()
-    eng.run_layer(0)
+    res = eng.run_layer(0)
     sec = time.perf_counter() - t0
-    est = BASE_RSS + estimate_peak_bytes(eng.cfg, a.method, eng.num_tokens)
+    res.close()
+    shutil.rmtree(spill, ignore_errors=True)
+    est = BASE_RSS + eng.peak_memory_estimate()
     print(json.dumps({"seconds": sec, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "estimate": est}))
+                      "estimate": est, "expert_group": eng.expert_group, "awq_candidates": eng.awq_candidates,
+                      "stage_seconds": res.stats.get("stage_seconds")}))
 
 
 def matmul_rate(threads: int) -> float:
@@ -92,7 +102,7 @@ def flops(a, method: str) -> float:
     fwd = 2 * T * (sum(m * n for m, n in attn) + k * 3 * H * I)  # one layer forward on all tokens
     total = 2 * fwd  # capture + propagate
     if method == "gptq":
-        for m, n in attn:
+        for m, n in ([] if a.experts_only else attn):
             total += 2 * T * n * n + 2 * n ** 3 + m * n * n
         for m, n in ((2 * I, H), (H, I)):  # gate+up share a Hessian; down
             total += E * (2 * n_e * n * n + 2 * n ** 3 + m * n * n)
@@ -111,6 +121,10 @@ def main() -> None:
     ap.add_argument("--methods", default="gptq,awq")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-grid", type=int, default=20)
+    ap.add_argument("--max-memory", type=int, default=None, help="engine budget, bytes (default: its default)")
+    ap.add_argument("--expert-group", type=int, default=None, help="experts in flight (default: from the budget)")
+    ap.add_argument("--experts-only", action="store_true", help="quantize only the routed experts (keep the rest)")
+    ap.add_argument("--keep", action="store_true", help="keep the built checkpoint in /tmp for the next run")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--ck", help=argparse.SUPPRESS)
@@ -130,12 +144,17 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--method", m, "--ck", str(ck), "--hidden", str(a.hidden),
                "--inter", str(a.inter), "--experts", str(a.experts), "--samples", str(a.samples),
                "--seq-len", str(a.seq_len), "--threads", str(a.threads), "--n-grid", str(a.n_grid)]
+        cmd += ["--max-memory", str(a.max_memory)] if a.max_memory else []
+        cmd += ["--expert-group", str(a.expert_group)] if a.expert_group else []
+        cmd += ["--experts-only"] if a.experts_only else []
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         ideal = flops(a, m) / rate
         print(f"{m}: {r['seconds']:.1f} s, ideal {ideal:.1f} s at the matmul rate -> {r['seconds'] / ideal:.2f}x; "
               f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB vs estimate {r['estimate'] / 2**30:.2f} GiB "
-              f"-> {r['peak_rss'] / r['estimate']:.2f}x")
-    shutil.rmtree(ck, ignore_errors=True)
+              f"-> {r['peak_rss'] / r['estimate']:.2f}x (expert group {r['expert_group']}, "
+              f"AWQ candidates at once {r['awq_candidates']}); stages {r['stage_seconds']}", flush=True)
+    if not a.keep:
+        shutil.rmtree(ck, ignore_errors=True)
 
 
 if __name__ == "__main__":

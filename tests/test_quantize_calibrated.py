@@ -166,7 +166,8 @@ def test_experts_without_tokens_get_the_stated_policy(tmp_path):
 
 def test_calibrated_dry_run_estimates_activations_and_max_memory_refuses(src, tmp_path):
     """--dry-run of a calibrated run counts the calibration activations (more tokens, more memory; above the RTN
-    plan) and --max-memory below that estimate exits 2 before anything is written."""
+    plan); --max-memory below that estimate shrinks the expert group to fit, and below the smallest plan
+    exits 2 before anything is written."""
     from dsconvert.convert.calibrate import estimate_peak_bytes
     from dsconvert.model.config import ModelConfig
 
@@ -182,8 +183,12 @@ def test_calibrated_dry_run_estimates_activations_and_max_memory_refuses(src, tm
     # the growth is the activation terms of the engine's estimate, 2 x 64 -> 8 x 128 tokens
     assert big - small == estimate_peak_bytes(cfg, "gptq", 1024) - estimate_peak_bytes(cfg, "gptq", 128) > 0
     assert small > rtn - 1
+    # a cap below the default plan: fewer experts in flight, and the plan fits the cap
+    capped = peak("--gptq", "--num-samples", "8", "--seq-len", "128", "--max-memory", str(big - 2**20))
+    assert capped <= big - 2**20
+    # a cap below even one expert in flight: refused before anything is written
     out = tmp_path / "o"
     r = run_cli("quantize", str(src), "-o", str(out), "--gptq", "--group-size", "32", "--num-samples", "8", "--seq-len", "128",
-                "--max-memory", str(big - 2**20), "-q")
+                "--max-memory", str(rtn), "-q")
     assert r.rc == 2, r
     assert "max-memory" in r.stderr and not out.exists()

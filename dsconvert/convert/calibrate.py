@@ -10,21 +10,34 @@ The quantize pipeline drives it and writes the results; this module writes no fi
 
 Per layer ``i`` (docs/int-formats.md §5-§7):
 
-1. **Capture.** Run the float layer ``i`` (``ReferenceModel.layer_forward``) on every calibration sequence,
-   its input being the *quantized* layers ``0..i-1``'s output, with an ``on_linear`` hook caching the
-   input of each Linear (attention, dense MLP, shared experts, every expert's ``down_proj`` with its
-   routed tokens) and the post-attention normed input of the MLP. Routing is recomputed from that input
-   with :func:`dsconvert.model.moe.route`, so expert inputs are index views, not copies.
-2. **AWQ:** for each mapping of :data:`AWQ_MAPPINGS` (prev op → linears sharing its output) search the
+1. **Capture.** Run the float layer ``i``'s attention (``ReferenceModel.attention_blocks``) on every
+   calibration sequence, its input being the *quantized* layers ``0..i-1``'s output, with an ``on_linear``
+   hook caching the input of each attention Linear, and cache the post-attention normed MLP input once
+   (a dense layer's MLP runs too, for its down_proj input). Routing is computed once from that input with
+   :func:`dsconvert.model.moe.route`, per sequence as the forward does.
+2. **Experts in groups.** A MoE layer's routed experts are then taken :attr:`expert_group` at a time: their
+   float weights, inputs (routed rows of the cached MLP input; ``down_proj``'s input recomputed from them
+   exactly as the per-sequence forward computes it), Hessians and working copies exist only for the group
+   in flight, and the group's results are spilled to ``spill_dir`` when one is given.
+   **GPTQ:** non-expert linears one by one (:func:`dsconvert.quant.gptq.gptq_quantize`, linears sharing an
+   input share one Hessian); each expert group through one batched
+   :func:`~dsconvert.quant.gptq.gptq_quantize_batch` per weight shape (gate and up stacked along N).
+   **AWQ:** for each mapping of :data:`AWQ_MAPPINGS` (prev op → linears sharing its output) search the
    smoothing scale ``s`` (:func:`dsconvert.quant.awq.awq_search_scale`, inspecting the whole attention
    block / MoE / MLP where AutoAWQ does), fold it (norm ``/= s``, linears' columns ``*= s``, the router's
    columns ``*= s`` so routing does not drift, ``up_proj`` rows ``/= s`` for up→down), then clip-search
-   each linear (skipped for ``q_*`` names as in AutoAWQ) and RTN-quantize the clipped folded weight.
-   **GPTQ:** accumulate each linear's Hessian from its cached inputs and run
-   :func:`dsconvert.quant.gptq.gptq_quantize` (linears sharing an input share one Hessian).
-3. **Propagate.** Run layer ``i`` again with the dequantized weights and the replaced tensors; its output
-   is layer ``i+1``'s input. All per-layer caches are dropped before ``run_layer`` returns
+   each linear (skipped for ``q_*`` names as in AutoAWQ) and RTN-quantize the clipped folded weight. The
+   MoE mapping (every expert's gate/up) is searched streamed (:func:`~dsconvert.quant.awq.awq_search_scale_streamed`):
+   ``w_mean`` and the float and candidate MoE outputs are accumulated expert by expert,
+   :attr:`awq_candidates` candidate outputs at a time; its column fold is applied when an expert's group
+   is processed.
+3. **Propagate.** Run layer ``i`` again with the quantized weights (dequantized one expert at a time) and
+   the replaced tensors (``ReferenceModel.layer_forward_seqwise``: per-sequence numbers, each expert read
+   once); its output is layer ``i+1``'s input. All per-layer caches are dropped before that forward
    (docs/known-failures.md item 27).
+
+Neither the group size nor the candidate chunk changes a byte of the result (each expert's and each
+candidate's arithmetic is the same, and sums run in the same order).
 
 **Experts with few tokens** (fewer than ``min_expert_tokens`` routed tokens, docs/known-failures.md item 29):
 ``expert_policy="all-tokens"`` (default) calibrates that expert on every token of the layer
@@ -32,10 +45,10 @@ Per layer ``i`` (docs/int-formats.md §5-§7):
 shared gate/up scale is still folded in, no own up→down scale, no clip search). The choice is reported per
 expert in ``stats["experts"]``. No expert is ever zeroed or skipped.
 
-Memory (per layer): the layer's weights as the source returns them (cached once, cast to float32 per
-use), float32 working copies of the linears AWQ folds, the cached activations (for a MoE layer the
-MLP input plus every routed expert's ``down_proj`` input, about ``top_k`` times the tokens at the expert
-width), and at most one Hessian group (``(K, K)`` float32) at a time. The MTP layer is not calibrated.
+Memory (per layer, :func:`estimate_peak_bytes`): the residual stream, the cached attention inputs and MLP
+input (token-proportional), the layer's non-expert weights, and the largest working set: one non-expert
+linear, one expert group, or AWQ's MoE-smoothing accumulators; nothing grows with the number of experts
+when results are spilled. The MTP layer is not calibrated.
 
 Same code on CPU and CUDA for the kernels (``device``); the reference forward runs on the CPU.
 
@@ -48,13 +61,17 @@ Sources: AutoAWQ ``awq/quantize/quantizer.py`` (``AwqQuantizer._apply_quant``, `
 from __future__ import annotations
 
 import gc
+import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import UsageError
 from ..model import ReferenceModel
@@ -65,14 +82,17 @@ from ..model.moe import route
 from ..model.source import WeightSource
 from ..quant.awq import (
     apply_clip,
+    awq_scale_candidates,
     awq_search_clip,
     awq_search_scale,
+    awq_search_scale_streamed,
+    awq_weight_sums,
     fold_linear_rows,
     fold_norm,
     pseudo_quantize,
     scale_columns,
 )
-from ..quant.gptq import HessianAccumulator, gptq_quantize, output_error
+from ..quant.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_batch, output_error
 from ..quant.rtn import Convention, QTensor, QuantSpec, dequantize, quantize
 
 __all__ = ["CalibrationEngine", "LayerResult", "Policy", "AWQ_MAPPINGS", "EXPERT_POLICIES", "METHODS"]
@@ -132,21 +152,27 @@ class LayerResult:
     """
 
     layer: int
-    quantized: dict[str, QTensor]
+    quantized: Mapping[str, QTensor]
     replaced: dict[str, torch.Tensor]
     stats: dict
     folded: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def close(self) -> None:
+        """Delete the spilled expert results (call when they have been written)."""
+        if isinstance(self.quantized, LayerResults):
+            self.quantized.close()
+
 
 class _LayerSource:
     """A WeightSource over ``inner`` that caches the non-expert tensors of one layer (dropped by :meth:`reset`)
-    and serves ``overrides`` (dequantized QTensors, folded tensors) instead of the inner tensors. Routed
-    experts' weights are not cached: a MoE layer's experts are read when used, one at a time."""
+    and serves ``overrides`` (an :class:`_Overrides` of dequantized QTensors and folded tensors, or a dict)
+    instead of the inner tensors. Routed experts' weights are not cached: a MoE layer's experts are read when
+    used, a group at a time."""
 
     def __init__(self, inner: WeightSource):
         self.inner = inner
         self.config = inner.config
-        self.overrides: dict[str, torch.Tensor] = {}
+        self.overrides: Mapping[str, torch.Tensor] = {}
         self._cache: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
@@ -155,6 +181,14 @@ class _LayerSource:
 
     def has(self, name: str) -> bool:
         return name in self.overrides or self.inner.has(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the checkpoint header when the source has one (no read)."""
+        ck = getattr(self.inner, "ck", None)
+        info = ck.tensors.get(name) if ck is not None else None
+        if info is not None and name not in self.overrides and not ck.is_scale(name):
+            return tuple(info[1].shape)
+        return tuple(self.get(name).shape)
 
     def get(self, name: str) -> torch.Tensor:
         t = self.overrides.get(name)
@@ -167,6 +201,91 @@ class _LayerSource:
                 # routed experts are fetched when needed, never all held (256 x 3 matrices per layer)
                 self._cache[name] = t
         return t
+
+
+class LayerResults(Mapping):
+    """``{module name: QTensor}`` of one layer. Non-expert linears are held in memory; the routed experts'
+    results are spilled, one safetensors file per expert group, to ``spill_dir`` when it is set (so a MoE
+    layer's results do not grow memory with the number of experts), and read back on access. Iteration
+    follows insertion order. :meth:`close` deletes the spill files."""
+
+    def __init__(self, spill_dir: Path | None, tag: str):
+        self.spill_dir = spill_dir
+        self.tag = tag
+        self._mem: dict[str, QTensor] = {}
+        self._spilled: dict[str, tuple[Path, QuantSpec, Convention, bool]] = {}
+        self._order: list[str] = []
+        self._files: list[Path] = []
+
+    def __setitem__(self, module: str, qt: QTensor) -> None:
+        self.put({module: qt}, spill=False)
+
+    def put(self, items: dict[str, QTensor], spill: bool = True) -> None:
+        """Add ``items``; with ``spill`` and a ``spill_dir``, write them to one new spill file."""
+        new = [m for m in items if m not in self._mem and m not in self._spilled]
+        if not spill or self.spill_dir is None or not items:
+            self._mem.update(items)
+        else:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spill_dir / f"{self.tag}-{len(self._files)}.safetensors"
+            tensors = {}
+            for m, qt in items.items():
+                tensors[m + ".q"] = qt.q.contiguous()
+                tensors[m + ".scale"] = qt.scale.contiguous()
+                if qt.zero is not None:
+                    tensors[m + ".zero"] = qt.zero.contiguous()
+            self._files.append(path)
+            save_file(tensors, str(path))
+            for m, qt in items.items():
+                self._spilled[m] = (path, qt.spec, qt.convention, qt.zero is not None)
+        self._order += new
+
+    def __getitem__(self, module: str) -> QTensor:
+        qt = self._mem.get(module)
+        if qt is not None:
+            return qt
+        path, spec, conv, has_zero = self._spilled[module]
+        with safe_open(str(path), "pt") as f:
+            return QTensor(f.get_tensor(module + ".q"), f.get_tensor(module + ".scale"),
+                           f.get_tensor(module + ".zero") if has_zero else None, spec, conv)
+
+    def __contains__(self, module: object) -> bool:
+        return module in self._mem or module in self._spilled
+
+    def __iter__(self):
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def close(self) -> None:
+        """Delete the spill files (the results are no longer readable from them)."""
+        for f in self._files:
+            f.unlink(missing_ok=True)
+        self._files = []
+        self._spilled = {}
+        self._order = [m for m in self._order if m in self._mem]
+
+
+class _Overrides:
+    """What the propagate forward reads instead of the source for one layer: ``replaced`` float tensors, and
+    each quantized module's weight dequantized when it is fetched (one expert at a time, not the layer)."""
+
+    def __init__(self, quantized: Mapping[str, QTensor], replaced: dict[str, torch.Tensor]):
+        self.quantized = quantized
+        self.replaced = replaced
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.replaced or (isinstance(name, str) and name.endswith(".weight")
+                                         and name[: -len(".weight")] in self.quantized)
+
+    def get(self, name: str, default=None):
+        t = self.replaced.get(name)
+        if t is not None:
+            return t
+        if name.endswith(".weight") and name[: -len(".weight")] in self.quantized:
+            return dequantize(self.quantized[name[: -len(".weight")]])
+        return default
 
 
 class CalibrationEngine:
@@ -190,6 +309,16 @@ class CalibrationEngine:
             ``calibrating experts A-B`` (MoE layers, every :data:`PROGRESS_EXPERTS` experts), ``propagate``.
         device: where the kernels run (Hessians, GPTQ, AWQ searches); default CPU.
         keep_folded: fill :attr:`LayerResult.folded` (AWQ; memory: one layer of float32 linears).
+        expert_group: routed experts calibrated at once (GPTQ: one batched core per group); default: the
+            most that fit the memory budget (:func:`plan_groups`, at most :data:`PROGRESS_EXPERTS`). The
+            group size never changes the result.
+        max_memory: the memory budget (bytes) the groups are sized for; default :func:`default_budget`.
+        spill_dir: where a MoE layer's expert results are spilled (one safetensors file per group, deleted
+            by :meth:`LayerResult.close`); default None keeps them in memory.
+
+    Attributes:
+        expert_group, awq_candidates: the planned group size and the AWQ MoE-smoothing candidate outputs
+            held at once (both may be set before :meth:`run_layer`; neither changes the result).
 
     Raises:
         UsageError: unknown method/expert policy, empty calibration set, or ids outside the vocabulary.
@@ -212,6 +341,9 @@ class CalibrationEngine:
         progress: Callable[[int, str], None] | None = None,
         device: torch.device | str | None = None,
         keep_folded: bool = False,
+        expert_group: int | None = None,
+        max_memory: int | None = None,
+        spill_dir: Path | None = None,
     ):
         if method not in METHODS:
             raise UsageError(f"unknown calibration method {method!r}", hint="use 'awq' or 'gptq'")
@@ -238,11 +370,14 @@ class CalibrationEngine:
         self.progress = progress
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.keep_folded = keep_folded
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self._positions = [torch.arange(s.numel()) for s in seqs]
         with torch.no_grad():
             self._hidden: list[torch.Tensor] = [self.model.embed(s) for s in seqs]  # (T_s, hidden) each
         self._src.reset()
         self.next_layer = 0
+        self._fixed_group = expert_group
+        self.set_budget(max_memory)
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -273,6 +408,20 @@ class CalibrationEngine:
         dtype = self._hidden[0].dtype
         self._hidden = [h.to(dtype) for h in hidden]
         self.next_layer = next_layer
+
+    def set_budget(self, budget: int | None) -> None:
+        """Plan the expert group size (and AWQ's candidate chunk) for ``budget`` bytes (None:
+        :func:`default_budget`) with :func:`plan_groups`; a group size given to the constructor is kept."""
+        self.budget = budget if budget is not None else default_budget()
+        self.expert_group, self.awq_candidates = plan_groups(self.cfg, self.method, self.num_tokens, self.budget,
+                                                             self._fixed_group)
+
+    def peak_memory_estimate(self, spilled: bool | None = None) -> int:
+        """:func:`estimate_peak_bytes` for this model, calibration set and planned groups (bytes); ``spilled``
+        (default: whether :attr:`spill_dir` is set) says whether expert results go to disk."""
+        spilled = self.spill_dir is not None if spilled is None else spilled
+        return estimate_peak_bytes(self.cfg, self.method, self.num_tokens, expert_group=self.expert_group,
+                                   awq_candidates=self.awq_candidates, spilled=spilled)
 
     @property
     def num_tokens(self) -> int:
@@ -305,19 +454,31 @@ class CalibrationEngine:
         self._src.reset()
         lay = _Layer(self, layer_idx)
         try:
+            stage_s: dict[str, float] = {}
+            t1 = time.perf_counter()
             self.report_stage(layer_idx, "capture")
             lay.capture()
             self.report_stage(layer_idx, "search")
+            t2 = time.perf_counter()
+            stage_s["capture"] = t2 - t1
             if self.method == "awq":
                 lay.awq()
             else:
                 lay.gptq()
+            t3 = time.perf_counter()
+            stage_s["quantize"] = t3 - t2
             self.report_stage(layer_idx, "propagate")
             self._src.overrides = lay.overrides()
-            self._hidden = [self.model.layer_forward(layer_idx, h, p)
-                            for h, p in zip(self._hidden, self._positions)]
+            lay.release()  # the calibration caches go before the propagate forward needs its own
+            gc.collect()
+            self._hidden = self.model.layer_forward_seqwise(layer_idx, self._hidden, self._positions)
+            stage_s["propagate"] = time.perf_counter() - t3
+            lay.stats["stage_seconds"] = {k: round(v, 3) for k, v in stage_s.items()}
             result = LayerResult(layer_idx, lay.quantized, lay.replaced, lay.stats,
                                  lay.folded if self.keep_folded else {})
+        except BaseException:
+            lay.quantized.close()  # no spill file outlives a failed or interrupted layer
+            raise
         finally:
             self._src.reset()
             lay.release()
@@ -343,19 +504,25 @@ class _Layer:
         self.p = f"model.layers.{idx}"
         self.moe = self.cfg.is_moe_layer(idx)
         self.dev = eng.device
-        self.quantized: dict[str, QTensor] = {}
+        self.quantized = LayerResults(eng.spill_dir, f"layer{idx}")
         self.replaced: dict[str, torch.Tensor] = {}
         self.folded: dict[str, torch.Tensor] = {}
         self.stats: dict = {"layer": idx, "method": eng.method, "tokens": eng.num_tokens, "linears": {},
                             "experts": {}, "smoothing": {}, "clip": {}}
         self.cur: dict[str, torch.Tensor] = {}  # module -> float32 working weight (folded for AWQ)
         self._f32: dict[str, torch.Tensor] = {}  # module -> float32 copy of the source weight
+        self._col_scale: dict[str, torch.Tensor] = {}  # module -> AWQ scale its columns get when first used
         self._xe: tuple[int, torch.Tensor] | None = None  # (expert, its routed input): one at a time
         self.inputs: dict[str, torch.Tensor] = {}  # key -> (n, K) float32 cached input
+        self.streamed: dict[str, _StreamedHessian] = {}  # GPTQ: Linear -> Hessian + token sample, no cache
         self.attn_in: list[torch.Tensor] = []  # per-sequence normed attention input
         self.in_scale: dict[str, torch.Tensor] = {}  # module -> s its cached input must be divided by
         self.linears = self._linear_names()
-        self.specs = {n: eng.policy(n, tuple(self._src_weight(n).shape)) for n in self.linears}
+        self.specs = {n: eng.policy(n, tuple(eng._src.shape(n + ".weight"))) for n in self.linears}
+        t0, self.bounds = 0, []  # (start, end) token rows of each calibration sequence
+        for pos in eng._positions:
+            self.bounds.append((t0, t0 + int(pos.numel())))
+            t0 += int(pos.numel())
 
     # -- names and weights ------------------------------------------------------------------------
     def _linear_names(self) -> list[str]:
@@ -386,31 +553,68 @@ class _Layer:
             t = self._f32.get(module)
             if t is None:
                 t = self._f32[module] = self._src_weight(module).to(device=self.dev, dtype=torch.float32)
+            s = self._col_scale.pop(module, None)
+            if s is not None:  # the MoE smoothing's column fold, applied when the expert is processed
+                t = self.cur[module] = scale_columns(t, s)
         return t
 
     def _dense(self, name: str) -> torch.Tensor:
         return self.eng._src.get(name).to(device=self.dev, dtype=torch.float32)
 
+    def _drop(self, modules: Sequence[str]) -> None:
+        """Free the working copies and cached inputs of ``modules`` (an expert that is done)."""
+        for n in modules:
+            self.cur.pop(n, None)
+            self._f32.pop(n, None)
+            self.inputs.pop(n, None)
+        self._xe = None
+
+    def _drop_dense_inputs(self) -> None:
+        """Free the attention / dense-MLP / shared-expert inputs once their linears are done (the experts
+        only need the MLP input)."""
+        self.inputs.clear()
+        self.attn_in.clear()
+        self.streamed.clear()
+
     # -- 1. capture -----------------------------------------------------------------------------
     def capture(self) -> None:
+        """Run the float layer's attention on every sequence (hooking its Linears' inputs) and cache the MLP
+        input once; a dense layer's MLP runs too (its down_proj input). A MoE layer's experts are not run
+        here: their inputs are recomputed a group at a time from the cached MLP input and the routing."""
         eng = self.eng
         store: dict[str, list[torch.Tensor]] = {}
         skip = (".kv_a_proj_with_mqa", ".up_proj", ".gate_proj")
         attn_key = f"{self.p}.self_attn.{'q_proj' if self.cfg.q_lora_rank is None else 'q_a_proj'}"
 
+        gptq = eng.method == "gptq"
+        dense_gate = f"{self.p}.mlp.gate_proj"
+
         def hook(name: str, x: torch.Tensor) -> None:
+            if name.endswith(skip) and name != dense_gate or (self.moe and name == dense_gate):
+                return
+            if gptq and name != dense_gate:  # GPTQ needs only the Hessian and a token sample: no cache
+                st = self.streamed.get(name)
+                if st is None:
+                    st = self.streamed[name] = _StreamedHessian(x.shape[1], eng.num_tokens, self.dev)
+                st.add(x.detach().to(device=self.dev, dtype=torch.float32))
+                return
             if name == attn_key:
                 self.attn_in.append(x.detach().to(torch.float32))
                 return
-            if name.endswith(skip) and not (not self.moe and name == f"{self.p}.mlp.gate_proj"):
-                return
             store.setdefault(name, []).append(x.detach().to(device=self.dev, dtype=torch.float32))
 
-        for h, pos in zip(eng._hidden, eng._positions):
-            eng.model.layer_forward(self.idx, h, pos, on_linear=hook)
+        xs = [x for _, x in eng.model.attention_blocks(self.idx, eng._hidden, eng._positions, on_linear=hook)]
+        if self.moe:
+            store[f"{self.p}.mlp.gate"] = [x.to(device=self.dev, dtype=torch.float32) for x in xs]
+        else:
+            eng.model.mlp_block(self.idx, xs, on_linear=hook)
+        del xs
         self.inputs = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in store.items()}
         del store
-        self.inputs[attn_key] = torch.cat(self.attn_in).to(self.dev)
+        if not gptq:
+            self.inputs[attn_key] = torch.cat(self.attn_in).to(self.dev)
+        for st in self.streamed.values():
+            st.finish()
         mlp_key = f"{self.p}.mlp.gate" if self.moe else f"{self.p}.mlp.gate_proj"
         self.x_mlp = self.inputs.pop(mlp_key)  # (T, hidden) post-attention normed input
         self.attn_key = attn_key
@@ -426,13 +630,11 @@ class _Layer:
         bias_name = gate + ".e_score_correction_bias"
         bias = self.eng._src.get(bias_name) if self.eng._src.has(bias_name) else None
         # per sequence, exactly as the forward computes it (a batched matmul could round differently)
-        ws, idx, t0 = [], [], 0
-        for pos in self.eng._positions:
-            t1 = t0 + pos.numel()
+        ws, idx = [], []
+        for t0, t1 in self.bounds:
             w_s, i_s = route(cfg, F.linear(self.x_mlp[t0:t1].cpu(), gate_w), bias)  # (T_s, k) each
             ws.append(w_s)
             idx.append(i_s)
-            t0 = t1
         weights, indices = torch.cat(ws).to(self.dev), torch.cat(idx).to(self.dev)  # (T, k)
         self.routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for e in range(cfg.n_routed_experts):
@@ -445,13 +647,29 @@ class _Layer:
                 pol = self.eng.expert_policy
             self.stats["experts"][e] = {"tokens_routed": n, "policy": pol}
 
-    def report_experts(self, module: str) -> None:
-        """Name the stage when ``module`` opens a new block of :data:`PROGRESS_EXPERTS` routed experts."""
-        e = self._expert_of(module)
-        if e is None or e % PROGRESS_EXPERTS or not module.endswith(".gate_proj"):
-            return
-        last = min(e + PROGRESS_EXPERTS, self.cfg.n_routed_experts) - 1
-        self.eng.report_stage(self.idx, f"calibrating experts {e}-{last}")
+    def _forward_down_input(self, pre: str, tok: torch.Tensor | None) -> torch.Tensor:
+        """The ``down_proj`` input of MLP ``pre`` exactly as the per-sequence forward computes it:
+        ``silu(x Wgᵀ) * (x Wuᵀ)`` in the compute dtype on each sequence's rows of the MLP input (``tok``: the
+        routed token rows, ascending; None: every token), concatenated, ``(n, I)`` float32."""
+        md = self.eng.model.dtype
+        wg = self._src_weight(pre + ".gate_proj").to(md)  # (I, hidden)
+        wu = self._src_weight(pre + ".up_proj").to(md)
+        parts = []
+        for t0, t1 in self.bounds:
+            if tok is None:
+                rows = self.x_mlp[t0:t1]
+            else:
+                sel = tok[(tok >= t0) & (tok < t1)]
+                if sel.numel() == 0:  # the forward runs an expert only on sequences that route to it
+                    continue
+                rows = self.x_mlp[sel]
+            rows = rows.cpu().to(md)  # (n_s, hidden), the forward's own values
+            parts.append((F.silu(F.linear(rows, wg)) * F.linear(rows, wu)).to(device=self.dev, dtype=torch.float32))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def report_group(self, e0: int, e1: int) -> None:
+        """Name the stage of the expert group ``e0..e1-1`` in flight."""
+        self.eng.report_stage(self.idx, f"calibrating experts {e0}-{e1 - 1}")
 
     def _expert_of(self, module: str) -> int | None:
         m = _EXPERT.search(module)
@@ -469,22 +687,30 @@ class _Layer:
 
     def _raw_x(self, module: str) -> torch.Tensor:
         """Unscaled calibration input of ``module``: all tokens for attention/dense/shared linears; for an
-        expert its routed tokens, or every token of the layer under the ``all-tokens`` policy."""
+        expert its routed tokens, or every token of the layer under the ``all-tokens`` policy (its
+        ``down_proj``: the routed tokens' forward input when it has any)."""
         if module == f"{self.p}.self_attn.kv_a_proj_with_mqa":
             return self.inputs[self.attn_key]
         mlp_in = module.endswith((".gate_proj", ".up_proj"))
         e = self._expert_of(module)
+        pre = module.rsplit(".", 1)[0]
         if e is None:
-            return self.x_mlp if mlp_in else self.inputs[module]
+            if mlp_in:
+                return self.x_mlp
+            if module not in self.inputs:  # the shared experts' down_proj (the MoE is not run at capture)
+                self.inputs[module] = self._forward_down_input(pre, None)
+            return self.inputs[module]
         all_tokens = self.stats["experts"][e]["policy"] == "all-tokens"
         if mlp_in:
             return self.x_mlp if all_tokens else self._expert_x(e)
-        if module not in self.inputs:  # down_proj input not captured: from the float gate/up weights
-            pre = module.rsplit(".", 1)[0]
-            xs = self.x_mlp if all_tokens else self._expert_x(e)
-            g = xs @ self._f32_of(pre + ".gate_proj").T
-            u = xs @ self._f32_of(pre + ".up_proj").T
-            self.inputs[module] = F.silu(g) * u  # (n, I)
+        if module not in self.inputs:
+            if self.routes[e][0].numel():  # what the forward feeds down_proj on the routed tokens
+                self.inputs[module] = self._forward_down_input(pre, self.routes[e][0])
+            else:  # no routed token: from the float gate/up weights
+                xs = self.x_mlp if all_tokens else self._expert_x(e)
+                g = xs @ self._f32_of(pre + ".gate_proj").T
+                u = xs @ self._f32_of(pre + ".up_proj").T
+                self.inputs[module] = F.silu(g) * u  # (n, I)
         return self.inputs[module]
 
     def _expert_x(self, e: int) -> torch.Tensor:
@@ -498,6 +724,14 @@ class _Layer:
         t = self._f32.get(module)
         return t if t is not None else self._src_weight(module).to(device=self.dev, dtype=torch.float32)
 
+    def _groups(self) -> list[tuple[int, int]]:
+        E, G = self.cfg.n_routed_experts or 0, max(1, self.eng.expert_group)
+        return [(e0, min(e0 + G, E)) for e0 in range(0, E, G)]
+
+    def _expert_linears(self, e: int) -> list[str]:
+        pre = f"{self.p}.mlp.experts.{e}"
+        return [n for n in (f"{pre}.gate_proj", f"{pre}.up_proj", f"{pre}.down_proj") if n in self.specs]
+
     # -- 2a. AWQ --------------------------------------------------------------------------------
     def awq(self) -> None:
         cfg, p, a = self.cfg, self.p, f"{self.p}.self_attn"
@@ -508,42 +742,64 @@ class _Layer:
         self._smooth(f"{a}.kv_a_layernorm", "norm", [f"{a}.kv_b_proj"], None)
         mlps = self._mlps()
         gate_up = [f"{m}.{k}" for m in mlps for k in ("gate_proj", "up_proj")]
-        self._smooth(f"{p}.post_attention_layernorm", "norm", gate_up, self._inspect_mlp,
-                     router=f"{p}.mlp.gate.weight" if self.moe else None)
-        for m in mlps:
-            e = self._expert_of(m + ".down_proj")
-            if e is not None and self.stats["experts"][e]["policy"] == "rtn":
-                continue
-            self._smooth(f"{m}.up_proj", "linear", [f"{m}.down_proj"], None)
-        # clip, then RTN of the clipped folded weights
+        if self.moe:
+            self._smooth_moe(gate_up)
+        else:
+            self._smooth(f"{p}.post_attention_layernorm", "norm", gate_up, self._inspect_mlp)
+        for m in mlps:  # the dense MLP or the shared experts; routed experts below, a group at a time
+            if self._expert_of(m + ".down_proj") is None:
+                self._smooth(f"{m}.up_proj", "linear", [f"{m}.down_proj"], None)
         for n in self.linears:
-            self.report_experts(n)
-            spec = self.specs[n]
-            w = self.w(n)
-            if self.eng.keep_folded:
-                self.folded[n + ".weight"] = w.cpu()
-            if spec is None:
-                continue
-            x = self.x_of(n)
-            wq = w
-            if not any(f in n.rsplit(".", 1)[-1] for f in CLIP_SKIP) and self.calibration_of(n) != "rtn":
-                mv = awq_search_clip(w, x, spec, self.eng.convention, n_grid=self.eng.n_grid)
-                wq = apply_clip(w, mv)
-                absmax = w.abs().reshape(mv.shape[0], mv.shape[1], -1).amax(-1, keepdim=True)
-                self.stats["clip"][n] = float((mv / absmax.clamp_min(1e-30)).mean())
-            qt = quantize(wq, spec, self.eng.convention, name=n)
-            self.quantized[n] = _to_cpu(qt)
-            xs = x[:: max(1, x.shape[0] // STAT_TOKENS)]
-            s_in = self.in_scale.get(n)
-            w0 = w if s_in is None else w / s_in[None, :]  # the unfolded weight, for the RTN baseline
-            x0 = xs if s_in is None else xs * s_in[None, :]
-            self.stats["linears"][n] = {
-                "tokens": int(x.shape[0]),
-                "rel_output_mse": _rel_mse(xs, w, dequantize(qt)),
-                "rtn_rel_output_mse": _rel_mse(x0, w0, pseudo_quantize(w0, spec, self.eng.convention)),
-                "calibration": self.calibration_of(n)}
+            if self._expert_of(n) is None:
+                self._awq_quantize(n)
+        self._drop_dense_inputs()
+        for e0, e1 in (self._groups() if self.moe else []):
+            self.report_group(e0, e1)
+            done: dict[str, QTensor] = {}
+            for e in range(e0, e1):
+                pre = f"{p}.mlp.experts.{e}"
+                if self.stats["experts"][e]["policy"] != "rtn":
+                    self._smooth(f"{pre}.up_proj", "linear", [f"{pre}.down_proj"], None)
+                names = self._expert_linears(e)
+                for n in names:
+                    qt = self._awq_quantize(n, store=False)
+                    if qt is not None:
+                        done[n] = qt
+                    elif n in self.cur:  # folded, kept in float: written as replaced
+                        self.replaced[n + ".weight"] = self.cur[n].cpu()
+                self._drop(names)
+            self.quantized.put(done)
+
+    def _awq_quantize(self, n: str, store: bool = True) -> QTensor | None:
+        """Clip-search (unless skipped) and RTN-quantize the folded weight of ``n``; record its stats."""
+        spec = self.specs[n]
+        w = self.w(n)
+        if self.eng.keep_folded:
+            self.folded[n + ".weight"] = w.cpu()
+        if spec is None:
+            return None
+        x = self.x_of(n)
+        wq = w
+        if not any(f in n.rsplit(".", 1)[-1] for f in CLIP_SKIP) and self.calibration_of(n) != "rtn":
+            mv = awq_search_clip(w, x, spec, self.eng.convention, n_grid=self.eng.n_grid)
+            wq = apply_clip(w, mv)
+            absmax = w.abs().reshape(mv.shape[0], mv.shape[1], -1).amax(-1, keepdim=True)
+            self.stats["clip"][n] = float((mv / absmax.clamp_min(1e-30)).mean())
+        qt = _to_cpu(quantize(wq, spec, self.eng.convention, name=n))
+        xs = x[:: max(1, x.shape[0] // STAT_TOKENS)]
+        s_in = self.in_scale.get(n)
+        w0 = w if s_in is None else w / s_in[None, :]  # the unfolded weight, for the RTN baseline
+        x0 = xs if s_in is None else xs * s_in[None, :]
+        self.stats["linears"][n] = {
+            "tokens": int(x.shape[0]),
+            "rel_output_mse": _rel_mse(xs, w, dequantize(qt)),
+            "rtn_rel_output_mse": _rel_mse(x0, w0, pseudo_quantize(w0, spec, self.eng.convention)),
+            "calibration": self.calibration_of(n)}
+        if store:
+            self.quantized[n] = qt
             self.cur.pop(n, None)
             self._f32.pop(n, None)
+        return qt
 
     def _smooth(self, prev: str, kind: str, modules: list[str], inspect, router: str | None = None) -> None:
         """Search one AWQ scale for ``modules`` (sharing the output of ``prev``) and fold it."""
@@ -551,9 +807,9 @@ class _Layer:
         quant = [m for m in modules if self.specs[m] is not None]
         if not quant:
             return
-        if inspect is self._inspect_attention:
+        if inspect == self._inspect_attention:
             x = self.inputs[self.attn_key]
-        elif inspect is self._inspect_mlp:
+        elif inspect == self._inspect_mlp:
             x = self.x_mlp
         else:
             x = self.x_of(quant[0])
@@ -569,18 +825,95 @@ class _Layer:
                 return inspect(dict(zip(quant, cand)))
         s, ratio, errors = awq_search_scale(x, ws, fwd, spec, self.eng.convention, n_grid=self.eng.n_grid)
         del ws
-        # fold: prev op, every linear of the mapping (quantized or not), router
+        self._fold(prev, kind, modules, s, router)
+        self.stats["smoothing"][prev] = {"best_ratio": ratio, "mse_best": min(errors), "mse_grid": errors,
+                                         "linears": len(modules)}
+
+    def _fold(self, prev: str, kind: str, modules: list[str], s: torch.Tensor, router: str | None,
+              lazy: bool = False) -> None:
+        """Fold ``s``: prev op, every linear of the mapping (quantized or not; ``lazy``: when first used),
+        router."""
         if kind == "norm":
             self.replaced[prev + ".weight"] = fold_norm(self._dense(prev + ".weight"), s).cpu()
         else:
             self.cur[prev] = fold_linear_rows(self.w(prev), s)
         for m in modules:
-            self.cur[m] = scale_columns(self.w(m), s)
+            if lazy:
+                self._col_scale[m] = s
+            else:
+                self.cur[m] = scale_columns(self.w(m), s)
             self.in_scale[m] = s
         if router is not None:
             self.replaced[router] = scale_columns(self._dense(router), s).cpu()
-        self.stats["smoothing"][prev] = {"best_ratio": ratio, "mse_best": min(errors), "mse_grid": errors,
-                                         "linears": len(modules)}
+
+    def _smooth_moe(self, gate_up: list[str]) -> None:
+        """AWQ's ``post_attention_layernorm`` mapping of a MoE layer (every expert's and the shared expert's
+        gate/up), streamed: ``w_mean`` accumulated over the experts one at a time, then the MoE output of the
+        float weights and of each grid candidate accumulated expert by expert, :attr:`eng.awq_candidates`
+        candidate outputs ``(T, hidden)`` at once (one more pass over the experts per chunk of candidates).
+        Same numbers as :meth:`_smooth` with :meth:`_inspect_mlp` on the whole layer; only the experts in
+        flight are held in float32. The columns are folded when each expert is processed."""
+        eng, p, x = self.eng, self.p, self.x_mlp
+        modules = [m for m in gate_up if m in self.specs]
+        quant = [m for m in modules if self.specs[m] is not None]
+        if not quant or x.shape[0] == 0:
+            return
+        spec, conv = self.specs[quant[0]], eng.convention
+        qset = set(quant)
+        x_mean = x.to(torch.float32).abs().mean(dim=0)  # (hidden,)
+        total = torch.zeros(x.shape[1], dtype=torch.float32, device=self.dev)
+        rows = 0
+        for m in quant:
+            t, r = awq_weight_sums(self._f32_of(m), spec)
+            total += t
+            rows += r
+        w_mean = total / max(rows, 1)
+        cands = list(awq_scale_candidates(x_mean, w_mean, eng.n_grid))
+        mlps = [pre for pre in self._mlps()]
+
+        def mlp_out(pre: str, ss: list[torch.Tensor | None], outs: list[torch.Tensor]) -> None:
+            """Add MLP ``pre``'s output to ``outs[j]`` with gate/up as candidate ``ss[j]`` (None: float)."""
+            e = self._expert_of(pre + ".down_proj")
+            if e is not None:
+                tok, wts = self.routes[e]
+                if tok.numel() == 0:
+                    return
+                xs = x[tok]
+            else:
+                xs = x
+            ws = {k: self._f32_of(f"{pre}.{k}") for k in ("gate_proj", "up_proj", "down_proj")}
+            for s, out in zip(ss, outs):
+                def cw(k):
+                    w = ws[k]
+                    if s is None or f"{pre}.{k}" not in qset:
+                        return w
+                    return pseudo_quantize(w * s[None, :], spec, conv) / s[None, :]
+                y = (F.silu(xs @ cw("gate_proj").T) * (xs @ cw("up_proj").T)) @ ws["down_proj"].T
+                if e is not None:
+                    out.index_add_(0, tok, y * wts[:, None])
+                else:
+                    out += y
+
+        ref = None
+        errors: list[float] = []
+        chunk = max(1, eng.awq_candidates)
+        for c0 in range(0, len(cands), chunk):
+            ss: list[torch.Tensor | None] = [s for _, s in cands[c0:c0 + chunk]]
+            if ref is None:
+                ss = [None] + ss
+            outs = [torch.zeros_like(x) for _ in ss]
+            for pre in mlps:
+                mlp_out(pre, ss, outs)
+            if ref is None:
+                ref = outs.pop(0)
+            errors += [float((o - ref).pow(2).mean()) for o in outs]
+            del outs
+        del ref
+        it = iter(errors)
+        s, ratio, errors = awq_search_scale_streamed(x_mean, w_mean, lambda _s: next(it), eng.n_grid)
+        self._fold(f"{p}.post_attention_layernorm", "norm", modules, s, f"{p}.mlp.gate.weight", lazy=True)
+        self.stats["smoothing"][f"{p}.post_attention_layernorm"] = {
+            "best_ratio": ratio, "mse_best": min(errors), "mse_grid": errors, "linears": len(modules)}
 
     def _inspect_attention(self, cand: dict[str, torch.Tensor]) -> torch.Tensor:
         """Attention block output ``(T_total, hidden)`` with ``cand`` weights replacing those modules."""
@@ -605,83 +938,184 @@ class _Layer:
         return torch.cat(outs)
 
     def _inspect_mlp(self, cand: dict[str, torch.Tensor]) -> torch.Tensor:
-        """MLP output ``(T, hidden)`` on the cached input with ``cand`` gate/up weights (routing fixed)."""
+        """Dense MLP output ``(T, hidden)`` on the cached input with ``cand`` gate/up weights."""
         x = self.x_mlp
-
-        def ffn(pre: str, xs: torch.Tensor) -> torch.Tensor:
-            g = xs @ cand.get(pre + ".gate_proj", self.w(pre + ".gate_proj")).T
-            u = xs @ cand.get(pre + ".up_proj", self.w(pre + ".up_proj")).T
-            return (F.silu(g) * u) @ self.w(pre + ".down_proj").T
-
-        if not self.moe:
-            return ffn(f"{self.p}.mlp", x)
-        out = torch.zeros_like(x)
-        for e, (tok, wts) in self.routes.items():
-            if tok.numel():
-                out.index_add_(0, tok, ffn(f"{self.p}.mlp.experts.{e}", x[tok]) * wts[:, None])
-        if self.cfg.n_shared_experts:
-            out += ffn(f"{self.p}.mlp.shared_experts", x)
-        return out
+        pre = f"{self.p}.mlp"
+        g = x @ cand.get(pre + ".gate_proj", self.w(pre + ".gate_proj")).T
+        u = x @ cand.get(pre + ".up_proj", self.w(pre + ".up_proj")).T
+        return (F.silu(g) * u) @ self.w(pre + ".down_proj").T
 
     # -- 2b. GPTQ -------------------------------------------------------------------------------
     def gptq(self) -> None:
         eng = self.eng
+        non_expert = [n for n in self.linears if self._expert_of(n) is None]
         h_cache: tuple | None = None  # (input tensor, H): gate/up and q_a/kv_a share one Hessian
-        for n in self.linears:
-            self.report_experts(n)
+        kv_a = f"{self.p}.self_attn.kv_a_proj_with_mqa"
+        for n in non_expert:
             spec = self.specs[n]
             if spec is None:
                 continue
             w = self.w(n)
             pol = self.calibration_of(n)
-            x = self._raw_x(n)
-            if pol == "rtn":
-                qt = quantize(w, spec, eng.convention, name=n)
-                rel = _rel_mse(x[:: max(1, x.shape[0] // STAT_TOKENS)], w, dequantize(qt))
+            st = self.streamed.get(self.attn_key if n == kv_a else n)
+            if st is not None:  # accumulated at capture
+                H, xs, tokens = st.H, st.sample, st.n
             else:
+                x = self._raw_x(n)
                 if h_cache is None or h_cache[0] is not x:
-                    h_cache = None
-                    acc = HessianAccumulator(w.shape[1], device=self.dev)
-                    for c0 in range(0, x.shape[0], 4096):
-                        acc.add(x[c0:c0 + 4096])
-                    h_cache = (x, acc.H)
-                    del acc
-                H = h_cache[1]
-                qt = gptq_quantize(w, H, spec, eng.convention, damp=eng.damp, act_order=eng.act_order,
-                                   static_groups=eng.act_order, name=n)
-                rel = output_error(w, dequantize(qt), H)
-            self.quantized[n] = _to_cpu(qt)
-            xs = x[:: max(1, x.shape[0] // STAT_TOKENS)]
+                    h_cache = (x, _hessian(x, self.dev))
+                H, xs, tokens = h_cache[1], x[:: max(1, x.shape[0] // STAT_TOKENS)], int(x.shape[0])
+            qt = _to_cpu(gptq_quantize(w, H, spec, eng.convention, damp=eng.damp, act_order=eng.act_order,
+                                       static_groups=eng.act_order, name=n))
+            self.quantized[n] = qt
             self.stats["linears"][n] = {
-                "tokens": int(x.shape[0]), "rel_output_mse": rel,
+                "tokens": tokens, "rel_output_mse": output_error(w, dequantize(qt), H),
                 "rtn_rel_output_mse": _rel_mse(xs, w, pseudo_quantize(w, spec, eng.convention)),
                 "calibration": pol}
             self._f32.pop(n, None)
             if n.endswith(".down_proj"):
                 self.inputs.pop(n, None)  # done with this MLP's down input
                 h_cache = None
+        del h_cache
+        self._drop_dense_inputs()
+        for e0, e1 in (self._groups() if self.moe else []):
+            self.report_group(e0, e1)
+            self._gptq_experts(range(e0, e1))
         self.stats["gptq"] = {"damp": eng.damp, "act_order": eng.act_order}
 
+    def _gptq_experts(self, experts: range) -> None:
+        """GPTQ of a group of routed experts: their Hessians, then one batched GPTQ per (shape, spec) bucket
+        (gate and up of an expert share a Hessian and are stacked along N), results spilled as one group."""
+        eng = self.eng
+        done: dict[str, QTensor] = {}
+        pending: dict[str, tuple[int, float, str]] = {}  # module -> (tokens, RTN baseline, calibration)
+        # (shape, spec) -> [(names, rows of each, w (N, K), H (K, K))]
+        buckets: dict[tuple, list[tuple[list[str], list[int], torch.Tensor, torch.Tensor]]] = {}
+        for e in experts:
+            names = [n for n in self._expert_linears(e) if self.specs[n] is not None]
+            pol = self.stats["experts"][e]["policy"]
+            by_input: dict[str, list[str]] = {}
+            for n in names:
+                by_input.setdefault("down" if n.endswith(".down_proj") else "in", []).append(n)
+            for kind, ns in by_input.items():
+                x = self._raw_x(ns[0])
+                ws = [self.w(n) for n in ns]
+                if pol == "rtn":
+                    for n, w in zip(ns, ws):
+                        qt = _to_cpu(quantize(w, self.specs[n], eng.convention, name=n))
+                        done[n] = qt
+                        self._gptq_stats(n, w, x, qt, _rel_mse(x[:: max(1, x.shape[0] // STAT_TOKENS)], w,
+                                                                dequantize(qt)), pol)
+                    continue
+                H = _hessian(x, self.dev)
+                xs = x[:: max(1, x.shape[0] // STAT_TOKENS)]
+                for n, w in zip(ns, ws):  # tokens and the RTN baseline while the input is at hand
+                    pending[n] = (int(x.shape[0]), _rel_mse(xs, w, pseudo_quantize(w, self.specs[n], eng.convention)),
+                                  pol)
+                same = len({(tuple(w.shape), self.specs[n]) for n, w in zip(ns, ws)}) == 1
+                parts = [(ns, ws)] if same else [([n], [w]) for n, w in zip(ns, ws)]
+                for gn, gws in parts:
+                    gw = torch.cat(gws) if len(gws) > 1 else gws[0]  # (sum N, K): rows are independent given H
+                    buckets.setdefault((tuple(gw.shape), self.specs[gn[0]]), []).append(
+                        (gn, [int(w.shape[0]) for w in gws], gw, H))
+                del x, ws, H
+            self._drop(self._expert_linears(e))
+        for key in list(buckets):
+            items = buckets.pop(key)
+            W = torch.stack([w for _, _, w, _ in items])  # (B, N, K)
+            Hs = torch.stack([h for _, _, _, h in items])  # (B, K, K)
+            res = gptq_quantize_batch(W, Hs, key[1], eng.convention, damp=eng.damp, act_order=eng.act_order,
+                                      static_groups=eng.act_order, names=[gn[0] for gn, _, _, _ in items])
+            del W, Hs
+            for (gn, rows, gw, h), qt in zip(items, res):
+                r0 = 0
+                for n, r in zip(gn, rows):
+                    part = _rows(qt, r0, r0 + r) if len(gn) > 1 else _to_cpu(qt)
+                    tokens, rtn_rel, pol = pending.pop(n)
+                    self.stats["linears"][n] = {
+                        "tokens": tokens, "rel_output_mse": output_error(gw[r0:r0 + r], dequantize(part), h),
+                        "rtn_rel_output_mse": rtn_rel, "calibration": pol}
+                    done[n] = part
+                    r0 += r
+            del items, res
+        self.quantized.put({n: done[n] for e in experts for n in self._expert_linears(e) if n in done})
+
+    def _gptq_stats(self, n: str, w: torch.Tensor, x: torch.Tensor, qt: QTensor, rel: float, pol: str) -> None:
+        xs = x[:: max(1, x.shape[0] // STAT_TOKENS)]
+        self.stats["linears"][n] = {
+            "tokens": int(x.shape[0]), "rel_output_mse": rel,
+            "rtn_rel_output_mse": _rel_mse(xs, w, pseudo_quantize(w, self.specs[n], self.eng.convention)),
+            "calibration": pol}
+
     # -- 3. propagate and free ------------------------------------------------------------------
-    def overrides(self) -> dict[str, torch.Tensor]:
-        """Tensors the quantized model uses for this layer: dequantized QTensors, replaced tensors, and
-        folded linears kept in float."""
-        out = {n + ".weight": dequantize(qt) for n, qt in self.quantized.items()}
+    def overrides(self) -> _Overrides:
+        """Tensors the quantized model uses for this layer: each quantized module dequantized when fetched,
+        replaced tensors, and folded linears kept in float."""
         for n, t in self.cur.items():  # folded, not quantized (policy None): float, written as replaced
             if n not in self.quantized:
                 self.replaced[n + ".weight"] = t.cpu()
-        out.update(self.replaced)
-        return out
+        return _Overrides(self.quantized, self.replaced)
 
     def release(self) -> None:
         self.cur.clear()
         self._f32.clear()
+        self._col_scale.clear()
         self._xe = None
         self.inputs.clear()
+        self.streamed.clear()
         self.attn_in.clear()
         self.in_scale.clear()
         self.x_mlp = None
         self.routes = {}
+
+
+class _StreamedHessian:
+    """A Linear's GPTQ Hessian accumulated from its input rows as the forward produces them, in the same
+    4096-row chunks of the concatenated input that :func:`_hessian` uses (so the same ``H`` bit for bit), plus
+    the statistic's token sample (every ``max(1, total // STAT_TOKENS)``-th row) and the row count; the input
+    itself is never cached (a real o_proj input is T x 16384 float32)."""
+
+    def __init__(self, k: int, total: int, device: torch.device):
+        self.acc = HessianAccumulator(k, device=device)
+        self.step = max(1, int(total) // STAT_TOKENS)
+        self.n = 0
+        self._buf: list[torch.Tensor] = []
+        self._nbuf = 0
+        self._sample: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        """Append rows ``x`` ``(n, K)`` float32 (in calibration order)."""
+        self._sample.append(x[(-self.n) % self.step:: self.step].clone())
+        self.n += int(x.shape[0])
+        self._buf.append(x)
+        self._nbuf += int(x.shape[0])
+        while self._nbuf >= 4096:
+            cat = torch.cat(self._buf) if len(self._buf) > 1 else self._buf[0]
+            self.acc.add(cat[:4096])
+            rest = cat[4096:]
+            self._buf, self._nbuf = ([rest] if rest.shape[0] else []), int(rest.shape[0])
+
+    def finish(self) -> None:
+        if self._nbuf:
+            self.acc.add(torch.cat(self._buf) if len(self._buf) > 1 else self._buf[0])
+        self._buf, self._nbuf = [], 0
+        self.sample = torch.cat(self._sample) if len(self._sample) > 1 else self._sample[0]
+        self._sample = []
+        self.H = self.acc.H
+
+
+def _hessian(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """GPTQ Hessian ``(K, K)`` float32 of the input rows ``x`` ``(n, K)``, accumulated 4096 rows at a time."""
+    acc = HessianAccumulator(x.shape[1], device=device)
+    for c0 in range(0, x.shape[0], 4096):
+        acc.add(x[c0:c0 + 4096])
+    return acc.H
+
+
+def _rows(qt: QTensor, r0: int, r1: int) -> QTensor:
+    """Rows ``r0:r1`` of a QTensor (a linear's part of a gate/up stack), as contiguous CPU copies."""
+    return QTensor(qt.q[r0:r1].cpu().clone(), qt.scale[r0:r1].cpu().clone(),
+                   None if qt.zero is None else qt.zero[r0:r1].cpu().clone(), qt.spec, qt.convention)
 
 
 def _to_cpu(qt: QTensor) -> QTensor:
@@ -699,21 +1133,67 @@ def _rel_mse(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
-def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, act_bytes: int = 4,
-                        weight_bytes: int = 2) -> int:
+#: Default calibration memory budget when ``--max-memory`` is not given: this share of physical RAM, at most
+#: :data:`DEFAULT_BUDGET_CAP` bytes (the expert group size and AWQ candidate chunk follow from it).
+DEFAULT_BUDGET_SHARE = 0.6
+DEFAULT_BUDGET_CAP = 8 * 2**30
+
+
+def default_budget() -> int:
+    """Bytes the calibration engine plans for without ``--max-memory``: ``min(0.6 x RAM, 8 GiB)``."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_BUDGET_CAP
+    return int(min(DEFAULT_BUDGET_SHARE * ram, DEFAULT_BUDGET_CAP))
+
+
+def plan_groups(cfg: ModelConfig, method: str, n_tokens: int, budget: int, expert_group: int | None = None
+                ) -> tuple[int, int]:
+    """``(expert_group, awq_candidates)``: the most routed experts in flight (at most
+    :data:`PROGRESS_EXPERTS`) and AWQ MoE-smoothing candidate outputs held at once (at most ``n_grid`` = 20)
+    whose :func:`estimate_peak_bytes` fits ``budget`` bytes; ``(1, 1)`` when nothing fits (the caller's
+    ``--max-memory`` check then refuses the run). ``expert_group`` fixes the first."""
+    E = max(1, cfg.n_routed_experts or 1)
+    groups = [expert_group] if expert_group else list(range(min(E, PROGRESS_EXPERTS), 0, -1))
+    for g in groups:
+        for c in range(20, 0, -1) if method == "awq" else [1]:
+            if estimate_peak_bytes(cfg, method, n_tokens, expert_group=g, awq_candidates=c) <= budget:
+                return g, c
+    return groups[-1], 1
+
+
+def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_group: int | None = None,
+                        awq_candidates: int | None = None, act_bytes: int = 4, weight_bytes: int = 2,
+                        spilled: bool = True) -> int:
     """Estimated peak memory (bytes, on top of the interpreter) of :meth:`CalibrationEngine.run_layer` over
-    every decoder layer kind of ``cfg``, for ``n_tokens`` calibration tokens in total. The terms follow the
-    engine's memory notes: the residual stream twice (old and new, ``act_bytes`` per value), the cached
-    activations (attention input, q_b/kv_b/o_proj inputs, MLP input, every routed expert's ``down_proj``
-    input: ``top_k`` rows per token), the layer's non-expert weights as the source returns them
-    (``weight_bytes``), one layer's results (int8 levels, one byte per weight), and the kernel's working
-    set: GPTQ one Hessian group and its Cholesky temporaries (about five ``(K, K)`` float32) plus the linear
-    in float32; AWQ two float32 copies (source and candidate, or source and folded) of every gate/up weight the MLP mapping
-    searches at once (for a MoE layer: all experts).
+    every decoder layer kind of ``cfg``, for ``n_tokens`` (T) calibration tokens in total: the largest of its
+    three stages, each the sum of what the engine holds then (``act_bytes`` per activation value,
+    ``weight_bytes`` per source weight, float32 working copies):
+
+    * capture: the residual stream; the attention linears' inputs (GPTQ: only their Hessians, accumulated
+      as the forward runs, and a 4096-row buffer each; AWQ: the cached inputs, the attention input twice),
+      a dense MLP's down input (GPTQ: its Hessian), the MLP input; the layer's non-expert weights.
+    * kernels: the residual stream, the MLP input, the non-expert weights and results (int8 levels), plus the
+      largest working set: a non-expert linear (GPTQ: four ``(K, K)`` and three ``(M, K)`` float32; AWQ
+      three ``(M, K)``), or the experts in flight (GPTQ: ``expert_group`` experts' routed rows, down inputs,
+      float32 weights, two Hessians each and the batched core's copies; AWQ: one expert's, with the folded
+      copies and the clip search's; both: the group's int8 results until spilled), or AWQ's MoE smoothing (``awq_candidates + 1`` output accumulators ``(T, hidden)``
+      and one expert's weights and candidates).
+    * propagate: the old and new residual stream, the post-attention stream, the MLP input and the MoE
+      output accumulator (4 x T x hidden) plus the non-expert weights and results.
+
+    Routed experts' results are spilled to disk (``spilled``); otherwise their int8 levels (one byte per
+    weight, all experts) are added. ``expert_group`` / ``awq_candidates`` None: as :func:`plan_groups` picks
+    them for :func:`default_budget` (what a run without ``--max-memory`` uses).
 
     Returns:
         bytes (int).
     """
+    if expert_group is None or awq_candidates is None:
+        g, c = plan_groups(cfg, method, n_tokens, default_budget(), expert_group)
+        expert_group = g
+        awq_candidates = c if awq_candidates is None else awq_candidates
     T, H = int(n_tokens), cfg.hidden_size
     heads = cfg.num_attention_heads
     q_in = cfg.q_lora_rank or 0
@@ -725,12 +1205,17 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, act_byt
                     (H, heads * cfg.v_head_dim)]
     attn_params = sum(m * n for m, n in attn_shapes)
     o_in = heads * cfg.v_head_dim
-    attn_acts = act_bytes * T * (2 * H + q_in + cfg.kv_lora_rank + o_in)  # attn_in twice (list + cat)
-    resid = 2 * act_bytes * T * H
+    a = act_bytes
+    kv = cfg.kv_lora_rank
+    if method == "gptq":  # Hessians streamed at capture: one 4096-row buffer and one (K, K) per linear
+        attn_acts = 4 * (4096 * (H + q_in + kv + o_in) + H * H + q_in * q_in + kv * kv + o_in * o_in)
+    else:  # cached inputs (the attention input also per sequence, for the attention search)
+        attn_acts = a * T * (3 * H + q_in + kv + o_in)
+    resid = a * T * H
 
-    def kernel(shapes: list[tuple[int, int]]) -> int:
-        if method == "gptq":
-            return max(4 * (5 * n * n + 3 * m * n) for m, n in shapes)
+    def linear_work(shapes: list[tuple[int, int]]) -> int:
+        if method == "gptq":  # the Hessian, the core's copy, Cholesky in and out; W, its copy, the levels
+            return max(4 * (4 * n * n + 3 * m * n) for m, n in shapes)
         return max(4 * 3 * m * n for m, n in shapes)
 
     peaks = []
@@ -739,21 +1224,43 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, act_byt
         if moe:
             E, I, k = cfg.n_routed_experts or 0, cfg.moe_intermediate_size, cfg.num_experts_per_tok or 0
             Is = I * (cfg.n_shared_experts or 0)
-            mlp_shapes = [(I, H)] * 2 + [(H, I)]
-            mlp_params = E * 3 * I * H + 3 * Is * H
-            mlp_acts = act_bytes * T * (H + k * I + Is)
-            dense_params = attn_params + 3 * Is * H + (E * H)
-            awq_mlp = 2 * 4 * 2 * (E * I + Is) * H  # every gate/up at once: float copy + candidate (or folded)
+            G = max(1, min(expert_group, E))
+            dense_params = attn_params + 3 * Is * H + E * H
+            n_e = T * k / max(E, 1)  # routed rows per expert, on average
+            shapes = attn_shapes + ([(Is, H)] * 2 + [(H, Is)] if Is else [])
+            mlp_cap = a * T * Is  # the shared experts' down input
+            if method == "gptq":
+                per_expert = 4 * (n_e * (H + I) + 3 * I * H + 2 * 3 * I * H + 4 * H * H + 4 * I * I)
+                smooth = 0
+            else:
+                per_expert = 4 * (n_e * (H + I) + 2 * 3 * I * H + 2 * I * H) + _clip_bytes(min(T, 512), H, I)
+                smooth = 4 * ((max(1, awq_candidates) + 1) * T * H + 5 * I * H + 2 * T * I)
+            # GPTQ holds the whole group's Hessians and weights for the batched core; AWQ takes the group's
+            # experts one after the other. Both hold the group's results (int8 levels) until it is spilled.
+            in_flight = (G if method == "gptq" else 1) * per_expert + G * 3 * I * H
+            work = max(linear_work(shapes), in_flight, smooth)
+            results = attn_params + 3 * Is * H + (0 if spilled else E * 3 * I * H)
         else:
             I = cfg.intermediate_size
-            mlp_shapes = [(I, H)] * 2 + [(H, I)]
-            mlp_params = 3 * I * H
-            mlp_acts = act_bytes * T * (H + I)
-            dense_params = attn_params + mlp_params
-            awq_mlp = 2 * 4 * 2 * I * H
-        work = kernel(attn_shapes + mlp_shapes)
-        if method == "awq":
-            work = max(work, awq_mlp)
-        results = attn_params + mlp_params  # int8 levels
-        peaks.append(resid + attn_acts + mlp_acts + weight_bytes * dense_params + results + work)
-    return max(peaks) if peaks else 0
+            dense_params = attn_params + 3 * I * H
+            # the dense MLP's down input (GPTQ: its streamed Hessian and buffer)
+            mlp_cap = 4 * (4096 * I + I * I) if method == "gptq" else a * T * I
+            work = linear_work(attn_shapes + [(I, H)] * 2 + [(H, I)])
+            if method == "awq":
+                work = max(work, 2 * 4 * 2 * I * H + 4 * 2 * T * I)
+            results = attn_params + 3 * I * H
+        wts = weight_bytes * dense_params
+        capture = resid + attn_acts + a * T * H + mlp_cap + wts
+        held = attn_acts if method == "gptq" else 0  # the streamed Hessians wait for their linears
+        kernels = resid + a * T * H + mlp_cap + wts + results + work + held
+        propagate = 4 * a * T * H + wts + results
+        peaks.append(max(capture, kernels, propagate))
+    return int(max(peaks)) if peaks else 0
+
+
+def _clip_bytes(n_tok: int, H: int, I: int) -> int:
+    """The AWQ clip search's float32 working set for the largest expert linear (see ``awq_search_clip``):
+    per-group partial outputs of a batch of output channels, twice."""
+    from ..quant.awq import OC_BATCH
+
+    return 4 * 2 * n_tok * max(H, I) * min(OC_BATCH, max(H, I)) // 128

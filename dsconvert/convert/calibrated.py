@@ -14,8 +14,8 @@ layers ``0..L`` restores it and continues at ``L + 1`` instead of recalibrating 
 
 from __future__ import annotations
 
-import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -23,54 +23,22 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import UsageError
 from ..formats.checkpoint import Checkpoint
 from ..formats.int_format import IntFormat
 from ..quant.rtn import QTensor, QuantSpec, quantize
-from .validate import BUNDLED_TEXT, tokenize
+from .calib_data import calibration_ids
+from .int_module import ModuleResult, read_float, rel_error
 from .weights import CheckpointWeightSource
 
 STATE_NAME = "calibration-state.safetensors"
+#: Folder of OUT holding the current layer's spilled expert results (removed when the run ends).
+SPILL_NAME = "calibration-spill"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def layer_of(name: str) -> int | None:
     m = _LAYER.match(name)
     return int(m.group(1)) if m else None
-
-
-def calibration_ids(ck: Checkpoint, calib_data: str | None, num_samples: int, seq_len: int) -> list[list[int]]:
-    """Calibration sequences: ``num_samples`` windows of ``seq_len`` tokens from a text file (tokenized with the
-    checkpoint's tokenizer.json), a JSON list of id lists (``.json``), or the bundled text by default.
-
-    Raises:
-        UsageError: unreadable file, or no complete sequence of at least 2 tokens.
-    """
-    if calib_data and calib_data.startswith("hf:") and not Path(calib_data).exists():
-        raise UsageError(f"--calib-data {calib_data}: Hugging Face datasets are not read (dsconvert never downloads)",
-                         hint="save the text to a file and pass its path, or a .json list of token-id lists")
-    path = Path(calib_data) if calib_data else BUNDLED_TEXT
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"--calib-data {path}: {e.strerror}") from e
-    if path.suffix == ".json":
-        try:
-            seqs = [[int(t) for t in s] for s in json.loads(raw)]
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--calib-data {path}: expected a JSON list of token-id lists ({e})") from e
-        seqs = seqs[:num_samples]
-    else:
-        ids = tokenize(ck.root, raw)
-        # the text is repeated if it is shorter than num_samples * seq_len (the bundled text is ~800 tokens)
-        need = num_samples * seq_len
-        if ids and len(ids) < need:
-            ids = (ids * (need // len(ids) + 1))[:need]
-        seqs = [ids[i: i + seq_len] for i in range(0, len(ids), seq_len)][:num_samples]
-    seqs = [s for s in seqs if len(s) >= 2]
-    if not seqs:
-        raise UsageError(f"--calib-data {path}: no calibration sequence of at least 2 tokens")
-    return seqs
 
 
 class CalibratedRun:
@@ -102,28 +70,36 @@ class CalibratedRun:
         print(f"layer {layer_idx + 1}/{self.n_layers if hasattr(self, 'n_layers') else '?'}: {stage}",
               file=sys.stderr, flush=True)
 
+    def fit_memory(self, budget: int | None) -> None:
+        """Size the engine's expert groups (and AWQ candidate chunks) to ``budget`` bytes (None: the default
+        budget); see :meth:`~dsconvert.convert.calibrate.CalibrationEngine.set_budget`."""
+        self.engine.set_budget(budget)
+
     def peak_memory_estimate(self) -> int:
         """Memory (bytes) calibration adds to the quantize pipeline's own peak:
-        :func:`~dsconvert.convert.calibrate.estimate_peak_bytes` for this checkpoint and calibration set."""
-        from .calibrate import estimate_peak_bytes
+        :meth:`~dsconvert.convert.calibrate.CalibrationEngine.peak_memory_estimate`."""
+        return self.engine.peak_memory_estimate(spilled=True)  # a writing run spills experts to OUT
 
-        return estimate_peak_bytes(self.engine.cfg, self.method, self.engine.num_tokens)
+    def close(self) -> None:
+        """Delete the spilled results and their folder (end of the run, or interrupted)."""
+        if self.result is not None:
+            self.result.close()
+        if self.out_dir is not None:
+            shutil.rmtree(self.out_dir / SPILL_NAME, ignore_errors=True)
 
     # -- pipeline hooks -----------------------------------------------------------------------------------
     def compute(self, module: str):
-        from .quantize import ModuleResult, _read_float, _rel_error
-
         lay = layer_of(module + ".weight")
         if lay is None or lay >= self.n_layers:  # MTP block: not part of the forward, RTN
-            w = _read_float(self.ck, module + ".weight").to(self.device)
+            w = read_float(self.ck, module + ".weight").to(self.device)
             qt = quantize(w, self.spec, self.fmt.convention, name=module)
             self.mtp_rtn.append(module)
             return ModuleResult({k: v.cpu() for k, v in self.fmt.encode_qtensor(module, qt).items()},
-                                _rel_error(w, qt))
+                                rel_error(w, qt))
         res = self._ensure(lay)
         qt: QTensor = res.quantized[module]
-        w = _read_float(self.ck, module + ".weight")
-        return ModuleResult(self.fmt.encode_qtensor(module, qt), _rel_error(w, qt))
+        w = read_float(self.ck, module + ".weight")
+        return ModuleResult(self.fmt.encode_qtensor(module, qt), rel_error(w, qt))
 
     def replaced(self, name: str) -> torch.Tensor | None:
         lay = layer_of(name)
@@ -138,6 +114,9 @@ class CalibratedRun:
         if lay < self.engine.next_layer:
             raise RuntimeError(f"calibration of layer {lay} requested after layer {self.engine.next_layer - 1}")
         while self.engine.next_layer <= lay:
+            if self.result is not None:
+                self.result.close()  # the previous layer is written: drop its spilled experts
+                self.result = None
             self.result = self.engine.run_layer(self.engine.next_layer)
             self.layer = self.result.layer
             self.layer_stats.append(self.result.stats)
@@ -162,6 +141,8 @@ class CalibratedRun:
     def resume(self, out_dir: Path, done: set[str], shards) -> None:
         """Skip recalibrating the layers whose shards are all finished, when a saved state covers them."""
         self.out_dir = out_dir
+        shutil.rmtree(out_dir / SPILL_NAME, ignore_errors=True)  # left by a killed run
+        self.engine.spill_dir = out_dir / SPILL_NAME
         last_done = -1
         for s in shards:
             layers = {layer_of(t.name) for t in s.tensors} - {None}

@@ -210,7 +210,7 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
         BadInputError / UnsupportedError (exit 3): the checkpoint fails pre-flight (as for every command), or the
             sums are not finite (NaN/Inf activations).
     """
-    from .calibrated import calibration_ids
+    from .calib_data import calibration_ids
     from .preflight import check_output_writable
     from .validate import _dtype
 

@@ -35,10 +35,11 @@ from ..formats.int_format import IntFormat
 from ..formats.kind import require_kind
 from ..formats.registry import FORMATS, describe_formats, get_format
 from ..formats.tokenizer_check import tokenizer_problems
-from ..quant.rtn import QTensor, QuantSpec, dequantize
+from ..quant.rtn import QuantSpec
 from ..quant.schemes import SCHEMES, Scheme, SchemeDescription, get_scheme
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields, count
+from .int_module import ModuleResult, read_weight
 from .files import REPORT_NAME, copy_files, extra_files
 from .preflight import check_free_disk, check_output_writable
 from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
@@ -47,6 +48,7 @@ from .pipeline import OutShard, OutTensor, check_max_memory, copy_producer, dequ
 from .policy import DEFAULT_IGNORE_PATTERNS, LayerPolicy, check_fused_groups, module_of
 from .progress import ByteProgress
 from .fp8_to_bf16 import BASE_RSS, resolve_device
+from .calibrated import STATE_NAME, calibrated_compute
 
 COMMAND = "quantize"
 _LAYER_PREFIX = "model.layers."
@@ -168,12 +170,6 @@ def bind_format(ck: Checkpoint, fmt: IntFormat, desc: SchemeDescription, opts: O
                   if not ck.is_scale(n) and not (opts.mtp == "drop" and ck.is_mtp(n))
                   and probe(n, ck.entry(n).shape) is not None), None)
     return fmt.bind(desc, first)
-
-
-@dataclass
-class ModuleResult:
-    tensors: dict[str, torch.Tensor]
-    rel_error: float
 
 
 @dataclass
@@ -474,39 +470,11 @@ def rtn_compute(ck: Checkpoint, fmt: IntFormat, scheme: Scheme, desc: SchemeDesc
 
     def compute(module: str) -> ModuleResult:
         name = module + ".weight"
-        w = _read_weight(ck, name).to(device)  # BF16 (FP8 dequantized), widened per chunk inside the kernel
+        w = read_weight(ck, name).to(device)  # BF16 (FP8 dequantized), widened per chunk inside the kernel
         payload, err = scheme.quantize_with_error(w, spec, storage, name=module)
         return ModuleResult({k: v.cpu() for k, v in fmt.encode_qtensor(module, payload).items()}, err)
 
     return compute
-
-
-def _read_weight(ck: Checkpoint, name: str) -> torch.Tensor:
-    """``[N, K]`` of a weight in its float form: FP8 dequantized to BF16 exactly as fp8-to-bf16, else as stored."""
-    from ..quant.fp8_block import dequant_fp8_block
-
-    t = ck.read(name)
-    if t.dtype == torch.float8_e4m3fn:
-        t = dequant_fp8_block(t, ck.read(ck.scale_of(name)), ck.fp8.block)
-    return t
-
-
-def _read_float(ck: Checkpoint, name: str) -> torch.Tensor:
-    """float32 ``[N, K]`` of a weight: FP8 dequantized to BF16 exactly as fp8-to-bf16, then widened."""
-    from ..quant.fp8_block import dequant_fp8_block
-
-    t = ck.read(name)
-    if t.dtype == torch.float8_e4m3fn:
-        t = dequant_fp8_block(t, ck.read(ck.scale_of(name)), ck.fp8.block)
-    return t.to(torch.float32)
-
-
-def _rel_error(w: torch.Tensor, qt: QTensor) -> float:
-    """Relative RMS error ``||w - deq(q)|| / ||w||`` (float64 norms)."""
-    d = dequantize(qt).to(w.device, torch.float64)
-    w64 = w.to(torch.float64)
-    n = float(torch.linalg.vector_norm(w64))
-    return float(torch.linalg.vector_norm(w64 - d)) / n if n > 0 else 0.0
 
 
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn magnitude
@@ -672,7 +640,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if opts.per_module:  # FP4 schemes and mixed recipes: a codec per module (convert/mixed.py)
         from .mixed import mixed_setup
 
-        assign, compute = mixed_setup(ck, opts, base_fmt, device, _read_weight)
+        assign, compute = mixed_setup(ck, opts, base_fmt, device, read_weight)
         fmt, spec = base_fmt, None
     else:
         fmt = bind_format(ck, base_fmt, desc, opts)
@@ -680,12 +648,11 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         if opts.method == "rtn":
             compute = rtn_compute(ck, fmt, scheme, desc, device)
         else:
-            from .calibrated import calibrated_compute
-
             compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None,
                             assign=assign)
     if engine is not None:  # calibration holds activations and a layer's working set, not one module
+        engine.fit_memory(None if opts.max_memory is None else opts.max_memory - plan.peak_memory)
         plan.peak_memory += engine.peak_memory_estimate()
     report = base_report(COMMAND)
     report.update({
@@ -722,7 +689,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if dry_run:
         return report
     if assign is not None and assign.needs_input_calibration():
-        from .calibrated import calibration_ids
+        from .calib_data import calibration_ids
         from .mixed import input_absmax
 
         seqs = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len)
@@ -745,16 +712,19 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
                               owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files,
                                               *fmt.sidecar_files(plan.config["quantization_config"])),
                               verify=verify, progress=progress)
-    from .calibrated import STATE_NAME
     if engine is not None:
         engine.resume(out, decision.done, plan.shards)
     written_now: list[str] = []
     if not decision.already_complete:
         todo = sum(s.nbytes for s in plan.shards if s.name not in decision.done)
-        with ByteProgress(todo, COMMAND, enabled=progress) as bar:
-            written_now = executor.write_shards(out, plan.shards, decision.manifest, bar,
-                                                job=Job(rebuild, (str(src.resolve()), opts)),
-                                                on_extras=cache.errors.update)
+        try:
+            with ByteProgress(todo, COMMAND, enabled=progress) as bar:
+                written_now = executor.write_shards(out, plan.shards, decision.manifest, bar,
+                                                    job=Job(rebuild, (str(src.resolve()), opts)),
+                                                    on_extras=cache.errors.update)
+        finally:
+            if engine is not None:
+                engine.close()  # spilled expert results, finished or interrupted
         write_atomic(out / INDEX_NAME, (json.dumps(_index(plan.shards), indent=2) + "\n").encode())
         write_atomic(out / "config.json", dump_config(plan.config))
         for name, doc in fmt.sidecar_files(plan.config["quantization_config"]).items():

@@ -13,7 +13,6 @@ release gives 0 and 1 exactly. INT4 candidates usually need looser, explicit thr
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -27,10 +26,10 @@ from ..model import ReferenceModel
 from ..model.metrics import compare_logits, layer_errors
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
+from .calib_data import BUNDLED_TEXT, tokenize
 from .progress import ByteProgress
 from .weights import CheckpointWeightSource
 
-BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "validation.txt"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -84,32 +83,6 @@ def _dtype(name: str) -> torch.dtype:
     if name not in table:
         raise UsageError(f"--dtype {name!r}", hint="use float32 or bfloat16")
     return table[name]
-
-
-def tokenize(model_dir: Path, text: str) -> list[int]:
-    """Token ids of ``text`` with ``model_dir/tokenizer.json`` (the ``tokenizers`` library, never remote code).
-    A BOS token is prepended when ``tokenizer_config.json`` says ``add_bos_token``.
-
-    Raises:
-        BadInputError: no tokenizer.json in ``model_dir``.
-    """
-    from tokenizers import Tokenizer
-
-    tj = model_dir / "tokenizer.json"
-    if not tj.is_file():
-        raise BadInputError(f"{model_dir}: no tokenizer.json to tokenize text", hint="pass --token-ids instead")
-    tok = Tokenizer.from_file(str(tj))
-    ids = tok.encode(text, add_special_tokens=False).ids
-    tc = model_dir / "tokenizer_config.json"
-    if tc.is_file():
-        cfg = json.loads(tc.read_text(encoding="utf-8"))
-        if cfg.get("add_bos_token"):
-            bos = cfg.get("bos_token")
-            bos = bos.get("content") if isinstance(bos, dict) else bos
-            bid = tok.token_to_id(bos) if bos else None
-            if bid is not None:
-                ids = [bid] + ids
-    return ids
 
 
 def sequences(model_dir: Path, opts: ValidateOptions, vocab_size: int) -> list[list[int]]:

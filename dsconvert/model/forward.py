@@ -29,7 +29,7 @@ from dsconvert.errors import UnsupportedError
 from dsconvert.model.config import ModelConfig, softmax_scale
 from dsconvert.model.layers import Getter, HeadHook, LinearHook, rms_norm, swiglu_mlp
 from dsconvert.model.mla import mla_attention
-from dsconvert.model.moe import moe_forward
+from dsconvert.model.moe import moe_forward, moe_forward_many
 from dsconvert.model.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from dsconvert.model.source import WeightSource
 
@@ -188,6 +188,74 @@ class ReferenceModel:
         else:
             y = swiglu_mlp(x, get, f"{prefix}.mlp", on_linear)
         return list((hidden + y).split([h.shape[0] for h in attn_out]))
+
+    def attention_blocks(
+        self,
+        layer_idx: int,
+        hiddens: list[torch.Tensor],
+        positions: list[torch.Tensor],
+        on_linear: LinearHook | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first half of :meth:`layer_forward` on each sequence, with the same operations:
+        ``h' = h + attn(input_layernorm(h))`` and the MLP input ``x = post_attention_layernorm(h')``. The
+        attention weights are fetched once for all sequences.
+
+        Args:
+            hiddens: ``[(T_s, hidden)]`` residual streams; positions: ``[(T_s,)]`` int64.
+
+        Returns:
+            ``[(h'_s, x_s)]``, each ``(T_s, hidden)`` in the compute dtype.
+        """
+        cfg = self.cfg
+        if not 0 <= layer_idx < cfg.num_hidden_layers:
+            raise IndexError(f"layer_idx {layer_idx} outside 0..{cfg.num_hidden_layers - 1} (the MTP layer is not run)")
+        prefix = f"model.layers.{layer_idx}"
+        get = _Cast(self.source, self.dtype)
+        out = []
+        for hidden, pos in zip(hiddens, positions):
+            self._check_len(hidden.shape[0])
+            hidden = hidden.to(self.dtype)
+            pos = pos.to(torch.long)
+            cos, sin = rope_cos_sin(self._inv_freq, pos, self._attn_factor)  # (T, dr/2) each
+            x = rms_norm(hidden, get(f"{prefix}.input_layernorm.weight"), cfg.rms_norm_eps)
+            hidden = hidden + mla_attention(cfg, x, pos, cos, sin, self.softmax_scale, get, f"{prefix}.self_attn",
+                                            on_linear)
+            out.append((hidden, rms_norm(hidden, get(f"{prefix}.post_attention_layernorm.weight"),
+                                         cfg.rms_norm_eps)))
+        return out
+
+    def layer_forward_seqwise(
+        self,
+        layer_idx: int,
+        hiddens: list[torch.Tensor],
+        positions: list[torch.Tensor],
+        on_linear: LinearHook | None = None,
+    ) -> list[torch.Tensor]:
+        """``[layer_forward(layer_idx, h, p, on_linear) for h, p in zip(hiddens, positions)]``, bit for bit, but
+        each routed expert is fetched once for all sequences (:func:`~dsconvert.model.moe.moe_forward_many`)
+        instead of once per sequence. The hook sees the same inputs, expert-major for the MoE.
+
+        Args:
+            hiddens: ``[(T_s, hidden)]`` residual streams; positions: ``[(T_s,)]`` int64.
+
+        Returns:
+            ``[(T_s, hidden)]`` in the compute dtype.
+        """
+        halves = self.attention_blocks(layer_idx, hiddens, positions, on_linear)
+        ys = self.mlp_block(layer_idx, [x for _, x in halves], on_linear)
+        return [h + y for (h, _), y in zip(halves, ys)]
+
+    def mlp_block(self, layer_idx: int, xs: list[torch.Tensor], on_linear: LinearHook | None = None
+                  ) -> list[torch.Tensor]:
+        """The second half of :meth:`layer_forward` (MoE or dense MLP, without the residual) on each sequence's
+        MLP input ``xs[s]`` ``(T_s, hidden)`` separately, with the same operations as per-sequence calls; routed
+        experts are fetched once for all sequences. Returns ``[(T_s, hidden)]``, compute dtype."""
+        prefix = f"model.layers.{layer_idx}"
+        get = _Cast(self.source, self.dtype)
+        if self.cfg.is_moe_layer(layer_idx):
+            return moe_forward_many(self.cfg, xs, get, self._expert_getter, self.source.has, f"{prefix}.mlp",
+                                    on_linear)
+        return [swiglu_mlp(x, get, f"{prefix}.mlp", on_linear) for x in xs]
 
     def head(self, hidden: torch.Tensor, on_linear: LinearHook | None = None) -> torch.Tensor:
         """Final RMSNorm then ``lm_head`` (``embed_tokens`` if tied): ``(T, hidden)`` -> ``(T, vocab)`` float32."""

@@ -112,3 +112,47 @@ def moe_forward(
     if cfg.n_shared_experts:
         out = out + swiglu_mlp(x, get, f"{prefix}.shared_experts", on_linear)
     return out
+
+
+def moe_forward_many(
+    cfg: ModelConfig,
+    xs: list[torch.Tensor],
+    get: Getter,
+    fetch_expert: Callable[[str], Getter],
+    has: Callable[[str], bool],
+    prefix: str,
+    on_linear: LinearHook | None = None,
+) -> list[torch.Tensor]:
+    """``[moe_forward(cfg, x, ...) for x in xs]`` with the same operations per sequence (routing, each
+    expert's matmuls on that sequence's tokens, accumulation in ascending expert order), so each result is
+    bit-identical to the per-sequence call, but every routed expert is fetched once for all sequences.
+
+    Args:
+        xs: ``[(T_s, hidden)]`` normalised inputs, compute dtype; others as :func:`moe_forward`.
+
+    Returns:
+        ``[(T_s, hidden)]`` in the compute dtype.
+    """
+    gate_w = get(f"{prefix}.gate.weight").to(torch.float32)  # (E, hidden)
+    bias_name = f"{prefix}.gate.e_score_correction_bias"
+    bias = get(bias_name) if has(bias_name) else None
+    routes = []
+    for x in xs:
+        if on_linear is not None:
+            on_linear(f"{prefix}.gate", x)
+        routes.append(route(cfg, F.linear(x.to(torch.float32), gate_w), bias))  # (T_s, k) each
+    outs = [torch.zeros_like(x) for x in xs]
+    eids = sorted(set().union(*(set(torch.unique(i).tolist()) for _, i in routes)))
+    for eid in eids:
+        eget = fetch_expert(f"{prefix}.experts.{eid}")
+        for x, out, (weights, indices) in zip(xs, outs, routes):
+            token_idx, k_pos = torch.where(indices == eid)  # (n,), (n,)
+            if token_idx.numel() == 0:
+                continue
+            y = swiglu_mlp(x[token_idx], eget, f"{prefix}.experts.{eid}", on_linear)  # (n, hidden)
+            y = y * weights[token_idx, k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        del eget
+    if cfg.n_shared_experts:
+        outs = [out + swiglu_mlp(x, get, f"{prefix}.shared_experts", on_linear) for x, out in zip(xs, outs)]
+    return outs

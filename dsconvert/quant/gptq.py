@@ -90,7 +90,7 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
     """
     b, k, _ = H.shape
     mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).to(torch.float64)  # (B,)
-    out = torch.empty_like(H)
+    out: torch.Tensor | None = None  # allocated only when some item needs a retry (saves a (B, K, K) copy)
     todo = torch.arange(b, device=H.device)
     d = torch.full((b,), float(damp), dtype=torch.float64, device=H.device)
     for _ in range(MAX_DAMP_RETRIES + 1):
@@ -104,6 +104,10 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
         U, info2 = torch.linalg.cholesky_ex(Hi, upper=True)
         del Hi
         good = ok & (info2 == 0) & torch.isfinite(U).flatten(1).all(dim=1)
+        if out is None:
+            if bool(good.all()):
+                return U
+            out = torch.empty_like(H)
         out[todo[good]] = U[good]
         del U
         todo = todo[~good]
