@@ -349,9 +349,12 @@ def quantize_cmd(
     mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")] = "5G",
     calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="awq/gptq: text file or token ids "
-                                                      "(default: bundled text)")] = None,
+                                                      "(default: the bundled calibration set)")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="awq/gptq: calibration sequences")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="awq/gptq: tokens per sequence")] = 128,
+    calib_seed: Annotated[int, typer.Option("--calib-seed", help="awq/gptq: which windows of the text")] = 0,
+    expert_policy: Annotated[str, typer.Option("--expert-policy", help="awq/gptq: experts with few tokens: "
+                                               "all-tokens | rtn | topk")] = "all-tokens",
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 1,
     max_memory: MaxMemOpt = None,
@@ -376,7 +379,7 @@ def quantize_cmd(
                           method=chosen[0] if chosen else method, ignore=list(ignore or []), strict=strict, mtp=mtp,
                           max_shard_size=_size(max_shard_size), device=device, workers=workers,
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
-                          seq_len=seq_len)
+                          seq_len=seq_len, calib_seed=calib_seed, expert_policy=expert_policy)
         rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                      progress=_progress_enabled(quiet))
         for w in rep.get("warnings", []):  # on stderr in every output mode (--json keeps stdout to the report)
@@ -496,7 +499,7 @@ def validate_cmd(
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="text file (default: bundled text)")] = None,
     token_ids: Annotated[Optional[str], typer.Option("--token-ids", help="comma-separated ids")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="tokens per sequence")] = 128,
-    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="sequences")] = 2,
+    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="sequences")] = 16,
     max_kld: Annotated[float, typer.Option("--max-kld", help="fail above this Mean KLD")] = 0.01,
     min_top1: Annotated[float, typer.Option("--min-top1", help="fail below this Same top p (0..1)")] = 0.97,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
@@ -511,6 +514,8 @@ def validate_cmd(
         opts = ValidateOptions(token_ids=_ids(token_ids), prompts=prompts, seq_len=seq_len, num_samples=num_samples,
                                max_kld=max_kld, min_top1=min_top1, dtype=dtype)
         rep = run_validate(candidate, reference, opts, progress=_progress_enabled(quiet))
+        for w in rep.get("warnings", []):  # on stderr in every output mode
+            err.print(f"warning: {w}", markup=False, highlight=False)
         if not rep["passed"]:
             rep["_exit_code"] = 4
         return rep

@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..formats.checkpoint import Checkpoint
 from ..formats.int_format import IntFormat
 from ..quant.rtn import QTensor, QuantSpec, quantize
-from .validate import BUNDLED_TEXT, tokenize
+from .validate import tokenize
 from .weights import CheckpointWeightSource
 
 STATE_NAME = "calibration-state.safetensors"
@@ -39,35 +39,30 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def calibration_ids(ck: Checkpoint, calib_data: str | None, num_samples: int, seq_len: int) -> list[list[int]]:
-    """Calibration sequences: ``num_samples`` windows of ``seq_len`` tokens from a text file (tokenized with the
-    checkpoint's tokenizer.json), a JSON list of id lists (``.json``), or the bundled text by default.
+def calibration_ids(ck: Checkpoint, calib_data: str | None, num_samples: int, seq_len: int, seed: int = 0
+                    ) -> tuple[list[list[int]], dict]:
+    """Calibration sequences and their record (:mod:`dsconvert.convert.calibration_data`): ``num_samples``
+    windows of ``seq_len`` tokens drawn with ``seed`` from a text file (tokenized with the checkpoint's
+    tokenizer.json; default: the bundled calibration set, never the evaluation text), or the first
+    ``num_samples`` lists of a JSON list of id lists (``.json``).
 
     Raises:
         UsageError: unreadable file, or no complete sequence of at least 2 tokens.
     """
-    path = Path(calib_data) if calib_data else BUNDLED_TEXT
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"--calib-data {path}: {e.strerror}") from e
-    if path.suffix == ".json":
-        try:
-            seqs = [[int(t) for t in s] for s in json.loads(raw)]
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--calib-data {path}: expected a JSON list of token-id lists ({e})") from e
+    from .calibration_data import (BUNDLED_CALIBRATION, BUNDLED_NAME, calibration_record, read_text_or_ids,
+                                   select_windows)
+
+    path = Path(calib_data) if calib_data else BUNDLED_CALIBRATION
+    text, seqs = read_text_or_ids(path)
+    if seqs is not None:
         seqs = seqs[:num_samples]
     else:
-        ids = tokenize(ck.root, raw)
-        # the text is repeated if it is shorter than num_samples * seq_len (the bundled text is ~800 tokens)
-        need = num_samples * seq_len
-        if ids and len(ids) < need:
-            ids = (ids * (need // len(ids) + 1))[:need]
-        seqs = [ids[i: i + seq_len] for i in range(0, len(ids), seq_len)][:num_samples]
+        seqs = select_windows(tokenize(ck.root, text), num_samples, seq_len, seed)
     seqs = [s for s in seqs if len(s) >= 2]
     if not seqs:
         raise UsageError(f"--calib-data {path}: no calibration sequence of at least 2 tokens")
-    return seqs
+    name = BUNDLED_NAME if calib_data is None else path.name
+    return seqs, calibration_record(name, seqs, seq_len, seed)
 
 
 class CalibratedRun:
@@ -83,10 +78,12 @@ class CalibratedRun:
         self.method = opts.method
         self.device = device
         policy = LayerPolicy(spec, list(opts.ignore))
-        self.ids = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len)
+        self.ids, self.record = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len,
+                                                opts.calib_seed)
         self.engine = CalibrationEngine(CheckpointWeightSource(ck.root, check_values=False),
                                         lambda mod, shape: policy(mod + ".weight", shape), opts.method,
-                                        fmt.convention, self.ids, device=device, progress=self._stage)
+                                        fmt.convention, self.ids, device=device, progress=self._stage,
+                                        expert_policy=opts.expert_policy)
         self.n_layers = self.engine.num_layers
         self.layer: int | None = None
         self.result = None
@@ -191,6 +188,8 @@ class CalibratedRun:
                           if e.get("policy") == "rtn")
         return {
             "method": self.method,
+            "data": self.record,
+            "expert_tokens": self.expert_tokens(),
             "sequences": len(self.ids),
             "tokens": sum(len(s) for s in self.ids),
             "layers_calibrated": len(self.layer_stats),
@@ -199,6 +198,18 @@ class CalibratedRun:
             "experts_rtn_fallback": experts_rtn,
             "layers": self.layer_stats,
         }
+
+
+    def sidecar(self) -> dict:
+        """``OUT/calibration.json``: the record plus the windows' span hashes (calibration_data)."""
+        from .calibration_data import ngram_fingerprint
+
+        return {**self.record, **ngram_fingerprint(self.ids)}
+
+    def expert_tokens(self) -> dict[str, dict[str, int]]:
+        """Calibration tokens each routed expert received, ``{layer: {eid: tokens}}`` (MoE layers only)."""
+        return {str(st["layer"]): {str(e): int(v["tokens_routed"]) for e, v in st["experts"].items()}
+                for st in self.layer_stats if st.get("experts")}
 
 
 def calibrated_compute(ck: Checkpoint, fmt: IntFormat, spec: QuantSpec, opts, device: torch.device

@@ -38,6 +38,7 @@ from .manifest import check_paths, fingerprint, prepare_output, source_fingerpri
 from .pipeline import (OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order,
                        write_shards)
 from .policy import DEFAULT_IGNORE_PATTERNS, LayerPolicy, check_fused_groups, module_of
+from .calibration_data import SIDECAR as CALIB_SIDECAR
 from .progress import ByteProgress
 from .fp8_to_bf16 import BASE_RSS, resolve_device
 
@@ -64,6 +65,8 @@ class Options:
     calib_data: str | None = None
     num_samples: int = 8
     seq_len: int = 128
+    calib_seed: int = 0  # which windows of the calibration text are drawn (calibration_data.select_windows)
+    expert_policy: str = "all-tokens"  # experts with few calibration tokens: all-tokens | rtn | topk
 
     def fingerprinted(self) -> dict:
         d = asdict(self)
@@ -445,6 +448,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
 
         compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None)
+    if engine is not None:  # which calibration data: in the output's config (docs/int-formats.md section 8)
+        plan.config["quantization_config"] = fmt.record_calibration(plan.config["quantization_config"],
+                                                                    engine.record)
     if engine is not None:  # calibration holds activations and a layer's working set, not one module
         plan.peak_memory += engine.peak_memory_estimate()
     report = base_report(COMMAND)
@@ -476,7 +482,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     fp = fingerprint({"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]),
                       "options": opts.fingerprinted(), "command": COMMAND})
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
-                              owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files,
+                              owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, CALIB_SIDECAR,
+                                              *plan.files,
                                               *fmt.sidecar_files(plan.config["quantization_config"])))
     from .calibrated import STATE_NAME
     if engine is not None:
@@ -491,6 +498,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         write_atomic(out / "config.json", dump_config(plan.config))
         for name, doc in fmt.sidecar_files(plan.config["quantization_config"]).items():
             write_atomic(out / name, (json.dumps(doc, indent=2) + "\n").encode())
+        if engine is not None:  # the calibration windows' span hashes, for validate's overlap check
+            write_atomic(out / CALIB_SIDECAR, (json.dumps(engine.sidecar()) + "\n").encode())
         copy_files(src, out, plan.files)
     seconds = time.perf_counter() - t0
     report.update({

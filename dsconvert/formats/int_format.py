@@ -85,6 +85,11 @@ class IntFormat(ABC):
             UsageError: it cannot, with a message naming the limit and a hint (e.g. AWQ is 4-bit only).
         """
 
+    def record_calibration(self, quantization_config: dict, record: dict) -> dict:
+        """``quantization_config`` with the calibration record (which data, hash of the windows) under
+        ``"calibration"``: compressed-tensors' and transformers' parsers ignore unknown keys."""
+        return {**quantization_config, "calibration": record}
+
     def sidecar_files(self, quantization_config: dict) -> dict[str, dict]:
         """JSON files this format writes beside ``config.json`` (file name -> content); none by default."""
         return {}
