@@ -3,8 +3,8 @@
 * **The bundled set** ``dsconvert/data/calibration.txt`` (about 24 kB: Python reference-manual prose with
   examples, then standard-library source code; PSF licence, built by :mod:`dsconvert.testing.trained`) is the
   default. It shares no text with ``dsconvert/data/validation.txt``, the default evaluation text, so the
-  documented workflow (``quantize --gptq`` then ``validate``) reports held-out quality (docs/known-failures.md
-  item 30).
+  documented workflow (``quantize --gptq`` then ``validate``) reports held-out quality
+  (docs/int-formats.md §8, docs/known-failures.md item 41).
 * **Windows.** The text is tokenized with the checkpoint's ``tokenizer.json`` and cut into consecutive
   ``seq_len``-token windows; ``num_samples`` of them are drawn without replacement by a seeded permutation
   (``--calib-seed``; seed 0 is the default). A text shorter than ``num_samples * seq_len`` is repeated, as before.

@@ -448,7 +448,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
 
         compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None)
-    if engine is not None:  # which calibration data: in the output's config (docs/int-formats.md section 8)
+    if engine is not None:  # which calibration data: in the output's config (docs/int-formats.md §8)
         plan.config["quantization_config"] = fmt.record_calibration(plan.config["quantization_config"],
                                                                     engine.record)
     if engine is not None:  # calibration holds activations and a layer's working set, not one module
