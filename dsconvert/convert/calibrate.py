@@ -297,7 +297,8 @@ class CalibrationEngine:
             quantized weight on those tokens (AWQ: up to 512 of them, against the folded float weight),
             and ``"routed"``/``"all-tokens"``/``"rtn"``/``"topk"``/``"dense"``), ``experts`` (MoE layers:
             ``{eid: {"tokens_routed", "policy"}}``, plus ``"tokens_topk"`` under the ``topk`` policy),
-            ``smoothing`` (AWQ: ``{prev op: {"best_ratio", "mse_best", "mse_grid", "linears"}}``) and ``clip`` (AWQ: ``{module: mean shrink of max|w|}``).
+            ``smoothing`` (AWQ: ``{prev op: {"best_ratio", "mse_best", "mse_grid", "linears"}}``) and ``clip``
+            (AWQ: ``{module: mean shrink of max|w|}``).
 
         Raises:
             UsageError: out-of-order call, or a layer index outside ``0..num_hidden_layers-1``.
