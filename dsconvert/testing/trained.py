@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -127,11 +128,6 @@ def _checkpoint_names(state: dict) -> dict:
     return out
 
 
-def _windows(ids: torch.Tensor, seq: int) -> torch.Tensor:
-    n = (ids.numel() - 1) // seq
-    return ids[: n * seq + 1]
-
-
 def train(out_dir: str | Path, steps: int = STEPS, log=print) -> dict:
     """Train the model on :func:`training_corpus` and write it to ``out_dir`` in the release layout.
 
@@ -201,12 +197,8 @@ def train(out_dir: str | Path, steps: int = STEPS, log=print) -> dict:
     if missing:
         raise RuntimeError(f"trained state lacks {missing[:5]}")
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     build_checkpoint(out, spec, values=values, tokenizer_text=corpus)
-    import shutil
-
     shutil.rmtree(tmp_tok)
     (out / "README.md").write_text(
         "# trained-tiny-v3\n\nA tiny DeepSeek-V3 (3 layers, 8 experts) trained by `python -m "
