@@ -201,3 +201,9 @@ def test_heldout_kld_guard(trained_src, tmp_path, method):
     kld, top1 = MEASURED[method]
     assert math.isfinite(rep["mean_kld"]) and rep["mean_kld"] <= kld * MARGIN[method], rep["mean_kld"]
     assert rep["same_top_p"] >= top1 - TOP1_MARGIN, rep["same_top_p"]
+
+
+def test_unknown_expert_policy_is_a_usage_error(trained_src, tmp_path):
+    r = run_cli("quantize", trained_src, "-o", tmp_path / "o", "--gptq", "--expert-policy", "zero")
+    assert r.rc == 2 and "expert policy" in r.stderr and "topk" in r.stderr, str(r)
+    assert not (tmp_path / "o").exists()
