@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_fp8_kernel.py", "bench_fp8_to_bf16.py", "bench_quantize.py", "bench_awq_gptq.py",
+SCRIPTS = ["bench_fp8_kernel.py", "bench_fp8_to_bf16.py", "bench_quantize.py", "bench_awq_gptq.py", "bench_quality.py",
            "bench_ggml_quants.py", "bench_gguf.py", "bench_forward_memory.py", "bench_inspect_671b.py",
            "bench_ray.py"]
 

@@ -460,9 +460,12 @@ def quantize_cmd(
     calib_data: Annotated[Optional[str], typer.Option(
         "--calib-data", metavar="FILE", help="awq/gptq: a UTF-8 text file (tokenized with SRC's tokenizer.json and "
         "cut into --num-samples windows of --seq-len tokens) or a .json file holding a list of token-id lists; "
-        "default: a bundled English text")] = None,
+        "default: the bundled calibration set (never the evaluation text)")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="awq/gptq: calibration sequences")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="awq/gptq: tokens per sequence")] = 128,
+    calib_seed: Annotated[int, typer.Option("--calib-seed", help="awq/gptq: which windows of the text")] = 0,
+    expert_policy: Annotated[str, typer.Option("--expert-policy", help="awq/gptq: experts with few tokens: "
+                                               "all-tokens | rtn | topk")] = "all-tokens",
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 1,
     max_memory: MaxMemOpt = None,
@@ -729,7 +732,7 @@ def validate_cmd(
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="text file (default: bundled text)")] = None,
     token_ids: Annotated[Optional[str], typer.Option("--token-ids", help="comma-separated ids")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="tokens per sequence")] = 128,
-    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="sequences")] = 2,
+    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="sequences")] = 16,
     max_kld: Annotated[float, typer.Option("--max-kld", help="fail above this Mean KLD")] = 0.01,
     min_top1: Annotated[float, typer.Option("--min-top1", help="fail below this Same top p (0..1)")] = 0.97,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
@@ -754,6 +757,8 @@ def validate_cmd(
                                emulate_activations=emulate_activations, device=device,
                                max_memory=_size(max_memory))
         rep = run_validate(candidate, reference, opts, progress=_progress_enabled(quiet), dry_run=dry_run)
+        for w in rep.get("warnings", []):  # on stderr in every output mode
+            err.print(f"warning: {w}", markup=False, highlight=False)
         if not rep.get("dry_run") and not rep["passed"]:
             rep["_exit_code"] = 4
         return rep

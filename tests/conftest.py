@@ -121,6 +121,17 @@ def tiny_src(tmp_path_factory) -> Path:
     return src
 
 
+@pytest.fixture(scope="session")
+def trained_src(tmp_path_factory) -> Path:
+    """A copy of the committed trained tiny DeepSeek-V3 (dsconvert.testing.trained): for tests about quality."""
+    from dsconvert.testing.trained import TRAINED_DIR
+
+    src = tmp_path_factory.mktemp("trained") / "src"
+    shutil.copytree(TRAINED_DIR, src)
+    guard_source(src)
+    return src
+
+
 _GUARDED_SOURCES: list[tuple[Path, dict[str, str]]] = []
 
 

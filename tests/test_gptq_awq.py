@@ -502,6 +502,41 @@ def test_experts_without_tokens(tmp_path_factory, method, expert_policy):
             assert r.stats["linears"][name]["tokens"] == (128 if e == 0 or expert_policy == "all-tokens" else 0)
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_topk_policy_uses_raised_routing(tmp_path_factory, method):
+    """``expert_policy="topk"``: with every token routed to expert 0 (top-1), a starved expert is calibrated on
+    the tokens that pick it when top-k is raised to 4 over all groups. Each token then fills 3 slots besides
+    expert 0 (bias +100), so the starved experts' raised counts sum to 3 x 128; an expert left under the
+    minimum falls back to all tokens."""
+    from dsconvert.convert.calibrate import MIN_EXPERT_TOKENS, TOPK_FACTOR
+    from dsconvert.convert.weights import CheckpointWeightSource
+    from dsconvert.testing.fixtures import build_checkpoint
+
+    assert TOPK_FACTOR == 4
+    d = build_checkpoint(tmp_path_factory.mktemp("route0k") / "ck", "tiny", num_hidden_layers=2, n_routed_experts=16,
+                         num_experts_per_tok=1, n_group=1, topk_group=1, tokenizer=False, extra_files=False)
+    inner = CheckpointWeightSource(d)
+    bias = torch.zeros(16)
+    bias[0] = 100.0
+    src = _Over(inner, {"model.layers.1.mlp.gate.e_score_correction_bias": bias})
+    calib = [list(range(2, 66)), list(range(100, 164))]
+    eng = CalibrationEngine(src, engine_policy, method, AUTOAWQ if method == "awq" else GPTQ, calib,
+                            expert_policy="topk", n_grid=10)
+    eng.run_layer(0)
+    r = eng.run_layer(1)
+    ex = r.stats["experts"]
+    assert ex[0]["policy"] == "routed"
+    assert sum(ex[e]["tokens_topk"] for e in range(1, 16)) == 3 * 128
+    for e in range(1, 16):
+        want = "topk" if ex[e]["tokens_topk"] >= MIN_EXPERT_TOKENS else "all-tokens"
+        assert ex[e]["tokens_routed"] == 0 and ex[e]["policy"] == want, ex[e]
+        for k in ("gate_proj", "up_proj", "down_proj"):
+            st = r.stats["linears"][f"model.layers.1.mlp.experts.{e}.{k}"]
+            assert st["calibration"] == want
+            assert st["tokens"] == (ex[e]["tokens_topk"] if want == "topk" else 128)
+    assert any(ex[e]["policy"] == "topk" for e in range(1, 16))
+
+
 def test_rss_flat_across_layers(tmp_path_factory):
     """docs/known-failures.md item 27: per-layer caches are freed; RSS after layer k ~ RSS after layer 1."""
     import psutil

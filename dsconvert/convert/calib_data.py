@@ -45,35 +45,30 @@ def tokenize(model_dir: Path, text: str) -> list[int]:
     return ids
 
 
-def calibration_ids(ck: Checkpoint, calib_data: str | None, num_samples: int, seq_len: int) -> list[list[int]]:
-    """Calibration sequences: ``num_samples`` windows of ``seq_len`` tokens from a text file (tokenized with the
-    checkpoint's tokenizer.json), a JSON list of id lists (``.json``), or the bundled text by default.
+def calibration_ids(ck: Checkpoint, calib_data: str | None, num_samples: int, seq_len: int, seed: int = 0
+                    ) -> tuple[list[list[int]], dict]:
+    """Calibration sequences and their record (:mod:`dsconvert.convert.calibration_data`): ``num_samples``
+    windows of ``seq_len`` tokens drawn with ``seed`` from a text file (tokenized with the checkpoint's
+    tokenizer.json; default: the bundled calibration set, never the evaluation text), or the first
+    ``num_samples`` lists of a JSON list of id lists (``.json``).
 
     Raises:
         UsageError: unreadable file, or no complete sequence of at least 2 tokens.
     """
+    from .calibration_data import (BUNDLED_CALIBRATION, BUNDLED_NAME, calibration_record, read_text_or_ids,
+                                   select_windows)
+
     if calib_data and calib_data.startswith("hf:") and not Path(calib_data).exists():
         raise UsageError(f"--calib-data {calib_data}: Hugging Face datasets are not read (dsconvert never downloads)",
                          hint="save the text to a file and pass its path, or a .json list of token-id lists")
-    path = Path(calib_data) if calib_data else BUNDLED_TEXT
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"--calib-data {path}: {e.strerror}") from e
-    if path.suffix == ".json":
-        try:
-            seqs = [[int(t) for t in s] for s in json.loads(raw)]
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--calib-data {path}: expected a JSON list of token-id lists ({e})") from e
+    path = Path(calib_data) if calib_data else BUNDLED_CALIBRATION
+    text, seqs = read_text_or_ids(path)
+    if seqs is not None:
         seqs = seqs[:num_samples]
     else:
-        ids = tokenize(ck.root, raw)
-        # the text is repeated if it is shorter than num_samples * seq_len (the bundled text is ~800 tokens)
-        need = num_samples * seq_len
-        if ids and len(ids) < need:
-            ids = (ids * (need // len(ids) + 1))[:need]
-        seqs = [ids[i: i + seq_len] for i in range(0, len(ids), seq_len)][:num_samples]
+        seqs = select_windows(tokenize(ck.root, text), num_samples, seq_len, seed)
     seqs = [s for s in seqs if len(s) >= 2]
     if not seqs:
         raise UsageError(f"--calib-data {path}: no calibration sequence of at least 2 tokens")
-    return seqs
+    name = BUNDLED_NAME if calib_data is None else path.name
+    return seqs, calibration_record(name, seqs, seq_len, seed)

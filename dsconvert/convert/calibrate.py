@@ -42,7 +42,10 @@ candidate's arithmetic is the same, and sums run in the same order).
 **Experts with few tokens** (fewer than ``min_expert_tokens`` routed tokens, docs/known-failures.md item 29):
 ``expert_policy="all-tokens"`` (default) calibrates that expert on every token of the layer
 (llm-compressor's ``moe_calibrate_all_experts``); ``"rtn"`` quantizes it with plain RTN (for AWQ: the
-shared gate/up scale is still folded in, no own up→down scale, no clip search). The choice is reported per
+shared gate/up scale is still folded in, no own up→down scale, no clip search); ``"topk"`` calibrates it on
+the tokens that would route to it with top-k raised to ``TOPK_FACTOR * k`` over all groups (GPTQModel's
+routing override; still all tokens if that leaves it under the minimum). The measured comparison is in
+docs/known-failures.md item 29. The choice is reported per
 expert in ``stats["experts"]``. No expert is ever zeroed or skipped.
 
 Memory (per layer, :func:`estimate_peak_bytes`): the residual stream, the cached attention inputs and MLP
@@ -102,7 +105,12 @@ __all__ = ["CalibrationEngine", "LayerResult", "Policy", "AWQ_MAPPINGS", "EXPERT
 Policy = Callable[[str, tuple[int, int]], "QuantSpec | None"]
 
 METHODS = ("awq", "gptq")
-EXPERT_POLICIES = ("all-tokens", "rtn")
+EXPERT_POLICIES = ("all-tokens", "rtn", "topk")
+
+#: ``expert_policy="topk"``: an expert with too few tokens is calibrated on the tokens that route to it when
+#: every token picks ``TOPK_FACTOR * num_experts_per_tok`` experts from all groups (GPTQModel's routing
+#: override, restricted to the starved experts; the propagated output keeps the model's own routing).
+TOPK_FACTOR = 4
 
 #: Default minimum routed tokens for an expert to be calibrated on its own tokens.
 MIN_EXPERT_TOKENS = 16
@@ -304,7 +312,7 @@ class CalibrationEngine:
         act_order: GPTQ act-order (with static groups, so no g_idx is needed).
         n_grid: AWQ grid points for the scale and clip searches.
         min_expert_tokens: experts routed fewer tokens use ``expert_policy``.
-        expert_policy: ``"all-tokens"`` (calibrate on every token of the layer) or ``"rtn"``.
+        expert_policy: ``"all-tokens"`` (calibrate on every token of the layer), ``"rtn"`` or ``"topk"``.
         progress: called as ``progress(layer_idx, stage)`` with stage ``capture``, ``search``,
             ``calibrating experts A-B`` (MoE layers, every :data:`PROGRESS_EXPERTS` experts), ``propagate``.
         device: where the kernels run (Hessians, GPTQ, AWQ searches); default CPU.
@@ -348,7 +356,7 @@ class CalibrationEngine:
         if method not in METHODS:
             raise UsageError(f"unknown calibration method {method!r}", hint="use 'awq' or 'gptq'")
         if expert_policy not in EXPERT_POLICIES:
-            raise UsageError(f"unknown expert policy {expert_policy!r}", hint="use 'all-tokens' or 'rtn'")
+            raise UsageError(f"unknown expert policy {expert_policy!r}", hint="use 'all-tokens', 'rtn' or 'topk'")
         seqs = [torch.as_tensor(list(s), dtype=torch.long) for s in calib_ids]
         seqs = [s for s in seqs if s.numel()]
         if not seqs:
@@ -436,9 +444,10 @@ class CalibrationEngine:
             tokens), ``linears`` (``{module: {"tokens", "rel_output_mse", "calibration"}}``: tokens the
             linear was calibrated on, the relative output MSE ``||XWᵀ - XŴᵀ||² / ||XWᵀ||²`` of the
             quantized weight on those tokens (AWQ: up to 512 of them, against the folded float weight),
-            and ``"routed"``/``"all-tokens"``/``"rtn"``/``"dense"``), ``experts`` (MoE layers:
-            ``{eid: {"tokens_routed", "policy"}}``), ``smoothing`` (AWQ: ``{prev op: {"best_ratio",
-            "mse_best", "mse_grid", "linears"}}``) and ``clip`` (AWQ: ``{module: mean shrink of max|w|}``).
+            and ``"routed"``/``"all-tokens"``/``"rtn"``/``"topk"``/``"dense"``), ``experts`` (MoE layers:
+            ``{eid: {"tokens_routed", "policy"}}``, plus ``"tokens_topk"`` under the ``topk`` policy),
+            ``smoothing`` (AWQ: ``{prev op: {"best_ratio", "mse_best", "mse_grid", "linears"}}``) and ``clip``
+            (AWQ: ``{module: mean shrink of max|w|}``).
 
         Raises:
             UsageError: out-of-order call, or a layer index outside ``0..num_hidden_layers-1``.
@@ -637,15 +646,39 @@ class _Layer:
             idx.append(i_s)
         weights, indices = torch.cat(ws).to(self.dev), torch.cat(idx).to(self.dev)  # (T, k)
         self.routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.calib_rows: dict[int, torch.Tensor] = {}  # "topk" experts: rows under the raised top-k
+        raised = None
         for e in range(cfg.n_routed_experts):
             tok, kpos = torch.where(indices == e)
             self.routes[e] = (tok, weights[tok, kpos])
             n = int(tok.numel())
+            entry = {"tokens_routed": n}
             if n >= self.eng.min_expert_tokens:
                 pol = "routed"
             else:
                 pol = self.eng.expert_policy
-            self.stats["experts"][e] = {"tokens_routed": n, "policy": pol}
+            if pol == "topk":
+                if raised is None:
+                    raised = self._raised_topk(gate_w, bias)
+                rows = torch.where((raised == e).any(dim=1))[0]
+                entry["tokens_topk"] = int(rows.numel())
+                if rows.numel() >= self.eng.min_expert_tokens:
+                    self.calib_rows[e] = rows
+                    self.inputs.pop(f"{self.p}.mlp.experts.{e}.down_proj", None)  # recomputed on those rows
+                else:
+                    pol = "all-tokens"
+            entry["policy"] = pol
+            self.stats["experts"][e] = entry
+
+    def _raised_topk(self, gate_w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Expert indices ``(T, TOPK_FACTOR * k)`` per token with top-k raised and no group limit."""
+        from dataclasses import replace
+
+        cfg = self.cfg
+        k = min(cfg.n_routed_experts, TOPK_FACTOR * cfg.num_experts_per_tok)
+        wide = replace(cfg, num_experts_per_tok=k, topk_group=cfg.n_group)
+        _, idx = route(wide, F.linear(self.x_mlp.cpu(), gate_w), bias)
+        return idx.to(self.dev)
 
     def _forward_down_input(self, pre: str, tok: torch.Tensor | None) -> torch.Tensor:
         """The ``down_proj`` input of MLP ``pre`` exactly as the per-sequence forward computes it:
@@ -716,7 +749,8 @@ class _Layer:
     def _expert_x(self, e: int) -> torch.Tensor:
         """The MLP input rows routed to expert ``e`` ``(n_e, hidden)`` (cached for one expert at a time)."""
         if self._xe is None or self._xe[0] != e:
-            self._xe = (e, self.x_mlp[self.routes[e][0]])
+            rows = self.calib_rows.get(e)
+            self._xe = (e, self.x_mlp[self.routes[e][0] if rows is None else rows])
         return self._xe[1]
 
     def _f32_of(self, module: str) -> torch.Tensor:
@@ -1067,6 +1101,7 @@ class _Layer:
         self.in_scale.clear()
         self.x_mlp = None
         self.routes = {}
+        self.calib_rows = {}
 
 
 class _StreamedHessian:

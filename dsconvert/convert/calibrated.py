@@ -54,10 +54,12 @@ class CalibratedRun:
         self.method = opts.method
         self.device = device
         policy = LayerPolicy(spec, list(opts.ignore))
-        self.ids = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len)
+        self.ids, self.record = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len,
+                                                opts.calib_seed)
         self.engine = CalibrationEngine(CheckpointWeightSource(ck.root, check_values=False),
                                         lambda mod, shape: policy(mod + ".weight", shape), opts.method,
-                                        fmt.convention, self.ids, device=device, progress=self._stage)
+                                        fmt.convention, self.ids, device=device, progress=self._stage,
+                                        expert_policy=opts.expert_policy)
         self.n_layers = self.engine.num_layers
         self.layer: int | None = None
         self.result = None
@@ -175,6 +177,8 @@ class CalibratedRun:
                           if e.get("policy") == "rtn")
         return {
             "method": self.method,
+            "data": self.record,
+            "expert_tokens": self.expert_tokens(),
             "sequences": len(self.ids),
             "tokens": sum(len(s) for s in self.ids),
             "layers_calibrated": len(self.layer_stats),
@@ -183,6 +187,18 @@ class CalibratedRun:
             "experts_rtn_fallback": experts_rtn,
             "layers": self.layer_stats,
         }
+
+
+    def sidecar(self) -> dict:
+        """``OUT/calibration.json``: the record plus the windows' span hashes (calibration_data)."""
+        from .calibration_data import ngram_fingerprint
+
+        return {**self.record, **ngram_fingerprint(self.ids)}
+
+    def expert_tokens(self) -> dict[str, dict[str, int]]:
+        """Calibration tokens each routed expert received, ``{layer: {eid: tokens}}`` (MoE layers only)."""
+        return {str(st["layer"]): {str(e): int(v["tokens_routed"]) for e, v in st["experts"].items()}
+                for st in self.layer_stats if st.get("experts")}
 
 
 def calibrated_compute(ck: Checkpoint, fmt: IntFormat, spec: QuantSpec, opts, device: torch.device

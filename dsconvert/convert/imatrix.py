@@ -224,7 +224,7 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
     dtype = _dtype(opts.dtype)
     source = CheckpointWeightSource(src)
     cfg = source.config
-    ids = calibration_ids(source.ck, opts.calib_data, opts.num_samples, opts.seq_len)
+    ids, _ = calibration_ids(source.ck, opts.calib_data, opts.num_samples, opts.seq_len)
     windows_sha = hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()
     dataset = str(opts.calib_data) if opts.calib_data else "dsconvert bundled calibration text"
     n_layer = int(cfg["num_hidden_layers"])

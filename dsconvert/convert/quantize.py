@@ -46,6 +46,7 @@ from .manifest import check_paths, fingerprint, prepare_output, source_fingerpri
 from .executor import Executor, Job, LocalExecutor, Rebuilt, shard_units
 from .pipeline import OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order
 from .policy import DEFAULT_IGNORE_PATTERNS, LayerPolicy, check_fused_groups, module_of
+from .calibration_data import SIDECAR as CALIB_SIDECAR
 from .progress import ByteProgress
 from .fp8_to_bf16 import BASE_RSS, resolve_device
 from .calibrated import STATE_NAME, calibrated_compute
@@ -85,6 +86,8 @@ class Options:
     calib_data: str | None = None
     num_samples: int = 8
     seq_len: int = 128
+    calib_seed: int = 0  # which windows of the calibration text are drawn (calibration_data.select_windows)
+    expert_policy: str = "all-tokens"  # experts with few calibration tokens: all-tokens | rtn | topk
 
     def fingerprinted(self) -> dict:
         d = asdict(self)
@@ -651,6 +654,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
             compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None,
                             assign=assign)
+    if engine is not None:  # which calibration data: in the output's config (docs/int-formats.md §16)
+        plan.config["quantization_config"] = fmt.record_calibration(plan.config["quantization_config"],
+                                                                    engine.record)
     if engine is not None:  # calibration holds activations and a layer's working set, not one module
         engine.fit_memory(None if opts.max_memory is None else opts.max_memory - plan.peak_memory)
         plan.peak_memory += engine.peak_memory_estimate()
@@ -692,7 +698,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         from .calib_data import calibration_ids
         from .mixed import input_absmax
 
-        seqs = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len)
+        seqs, _ = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len)
         targets = {m for m, c in assign.module_codec.items() if getattr(c, "layout", None) is not None
                    and c.layout.static_input_scale}
         assign.set_input_amax(input_absmax(ck, targets, seqs))
@@ -709,8 +715,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     fp = fingerprint(parts)
     decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
                               parts=parts,
-                              owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, *plan.files,
-                                              *fmt.sidecar_files(plan.config["quantization_config"])),
+                              owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, CALIB_SIDECAR,
+                                              *plan.files, *fmt.sidecar_files(plan.config["quantization_config"])),
                               verify=verify, progress=progress)
     if engine is not None:
         engine.resume(out, decision.done, plan.shards)
@@ -729,6 +735,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         write_atomic(out / "config.json", dump_config(plan.config))
         for name, doc in fmt.sidecar_files(plan.config["quantization_config"]).items():
             write_atomic(out / name, (json.dumps(doc, indent=2) + "\n").encode())
+        if engine is not None:  # the calibration windows' span hashes, for validate's overlap check
+            write_atomic(out / CALIB_SIDECAR, (json.dumps(engine.sidecar()) + "\n").encode())
         copy_files(src, out, plan.files)
     seconds = time.perf_counter() - t0
     report.update({

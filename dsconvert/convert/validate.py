@@ -13,6 +13,7 @@ release gives 0 and 1 exactly. INT4 candidates usually need looser, explicit thr
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +39,7 @@ class ValidateOptions:
     token_ids: list[int] | None = None
     prompts: Path | None = None  # text file; default: the bundled validation text
     seq_len: int = 128  # tokens per sequence cut from the text
-    num_samples: int = 2  # sequences
+    num_samples: int = 16  # sequences: the whole bundled text (~1.9k tokens with a 512-entry BPE; README noise floor)
     max_kld: float = 0.01
     min_top1: float = 0.97
     dtype: str = "float32"
@@ -412,6 +413,7 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         hook, emulation = activation_hook(cand_src) if opts.emulate_activations else (None, None)
         cand_logits, cand_hidden = forward_many(cand_src, seqs, dtype, return_hidden=True, progress=bar,
                                                 label="candidate", on_linear=hook, device=dev)
+    overlap = calibration_overlap(Path(candidate), seqs)
     metrics = _pool(ref_logits, cand_logits, seqs)
     layers = []
     for i in range(n_layers):
@@ -433,6 +435,8 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         "largest_error_jump_layer": largest_jump,
         "activation_emulation": ({**emulation, "modules_emulated": len(emulation["modules_emulated"])}
                                  if emulation else None),
+        "thresholds": {"max_kld": opts.max_kld, "min_top1": opts.min_top1},
+        **overlap,
         "passed": passed,
         "failed_checks": failed,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -442,6 +446,38 @@ def run_validate(candidate: Path, reference: Path, opts: ValidateOptions, *, pro
         rep["advice"] = ("non-finite logits: if the candidate was computed in float16, overflow is likely; "
                          "use bfloat16 activations")
     return rep
+
+
+def calibration_overlap(candidate: Path, seqs: list[list[int]]) -> dict:
+    """Whether the evaluation windows ``seqs`` overlap the candidate's calibration windows, from the
+    ``calibration.json`` that ``quantize --awq/--gptq`` writes (:mod:`dsconvert.convert.calibration_data`).
+
+    Returns ``{}`` for a candidate without one (RTN, BF16, GGUF, another tool's output), else
+    ``{"calibration": {dataset, windows_sha256, ...}, "calibration_overlap": bool,
+    "calibration_overlap_windows": n}`` plus ``"warnings"`` when ``n > 0``: metrics measured on text the
+    quantizer was fitted to are in-sample and flatter the calibrated method.
+
+    Raises:
+        BadInputError: ``calibration.json`` is not valid JSON.
+    """
+    from .calibration_data import SIDECAR, overlapping_windows
+
+    path = candidate / SIDECAR
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{path}: unreadable calibration record ({e})",
+                            hint=f"remove {SIDECAR} to validate without the overlap check") from e
+    n = overlapping_windows(seqs, doc)
+    out = {"calibration": {k: v for k, v in doc.items() if k not in ("hashes", "ngram", "stride")},
+           "calibration_overlap": n > 0, "calibration_overlap_windows": n}
+    if n:
+        out["warnings"] = [f"{n} of {len(seqs)} evaluation windows overlap the candidate's calibration data "
+                           f"({doc.get('dataset')}): these metrics are in-sample; evaluate on other text "
+                           "(--prompts) or calibrate on other text (--calib-data)"]
+    return out
 
 
 def _localize(rel: list[float]) -> tuple[int | None, int | None]:

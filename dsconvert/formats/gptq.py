@@ -137,6 +137,11 @@ class GPTQFormat(IntFormat):
             cfg["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in ignore}
         return cfg
 
+    def record_calibration(self, quantization_config: dict, record: dict) -> dict:
+        """The calibration record goes under GPTQModel's free-form ``meta`` dict (``meta.calibration``)."""
+        meta = dict(quantization_config.get("meta") or {}, calibration=record)
+        return {**quantization_config, "meta": meta}
+
     def sidecar_files(self, quantization_config: dict) -> dict[str, dict]:
         """``quantize_config.json``: the same keys as ``quantization_config``. AutoGPTQ-style loaders (and
         vLLM's fallback) read this file instead of the config.json entry."""

@@ -172,6 +172,11 @@ class IntFormat(ABC):
         """
         return self.quantization_config(spec, [*default_ignore, *kept])
 
+    def record_calibration(self, quantization_config: dict, record: dict) -> dict:
+        """``quantization_config`` with the calibration record (which data, hash of the windows) under
+        ``"calibration"``: compressed-tensors' and transformers' parsers ignore unknown keys."""
+        return {**quantization_config, "calibration": record}
+
     def sidecar_files(self, quantization_config: dict) -> dict[str, dict]:
         """JSON files this format writes beside ``config.json`` (file name -> content); none by default."""
         return {}

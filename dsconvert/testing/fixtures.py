@@ -273,11 +273,16 @@ def _shard_name(i: int, n: int) -> str:
     return f"model-{i:05d}-of-{n:06d}.safetensors"
 
 
-def build_checkpoint(out_dir: str | Path, spec: FixtureSpec | str = "tiny", **overrides) -> Path:
+def build_checkpoint(out_dir: str | Path, spec: FixtureSpec | str = "tiny", *, values: dict | None = None,
+                     tokenizer_text: str | None = None, **overrides) -> Path:
     """Write a DeepSeek-V3-layout checkpoint to ``out_dir`` (created; must not exist or be empty).
 
     Args:
         spec: a :class:`FixtureSpec` or a preset name (``tiny``, ``bench``, ``bench4x``).
+        values: ``{HF tensor name: float32 tensor}`` to write instead of the random initialisation (a trained
+            model, :mod:`dsconvert.testing.trained`); its FP8 linears are quantized with
+            :func:`dsconvert.quant.fp8_quant.quantize_fp8_block` (DeepSeek's rule). Shapes must match the table.
+        tokenizer_text: the text the BPE tokenizer is trained on (default: the bundled validation text).
         overrides: FixtureSpec fields to replace.
 
     Returns the directory. Memory use is one shard's tensors at a time.
@@ -319,9 +324,20 @@ def build_checkpoint(out_dir: str | Path, spec: FixtureSpec | str = "tiny", **ov
         for (name, shp, kind), sh in zip(table, assignment):
             if sh != shard:
                 continue
-            w = _init(name, shp, kind, spec, torch.Generator().manual_seed(_seed(spec.seed, name)))
+            if values is not None and name in values:
+                w = values[name].detach().float().cpu()
+                if tuple(w.shape) != tuple(shp):
+                    raise ValueError(f"{name}: value shape {tuple(w.shape)} != layout shape {tuple(shp)}")
+            else:
+                w = _init(name, shp, kind, spec, torch.Generator().manual_seed(_seed(spec.seed, name)))
             if kind == "fp8":
-                q, s = quantize_fp8_block(w.to(torch.bfloat16).float() if spec.bf16_masters else w)
+                if values is not None and name in values:
+                    from ..quant.fp8_quant import quantize_fp8_block as release_rule
+
+                    fp8 = release_rule(w, name=name)
+                    q, s = fp8.q, fp8.scale
+                else:
+                    q, s = quantize_fp8_block(w.to(torch.bfloat16).float() if spec.bf16_masters else w)
                 tensors[name] = q
                 (carry if moved_scale == name + "_scale_inv" else tensors)[name + "_scale_inv"] = s
             elif kind == "bias":
@@ -338,7 +354,7 @@ def build_checkpoint(out_dir: str | Path, spec: FixtureSpec | str = "tiny", **ov
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(make_config(spec), indent=2) + "\n")
     if spec.tokenizer:
-        write_tokenizer(out, spec.vocab_size)
+        write_tokenizer(out, spec.vocab_size, tokenizer_text)
     if spec.extra_files:
         _write_extra_files(out)
     return out
@@ -350,12 +366,13 @@ CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %
                  "{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
 
 
-def write_tokenizer(out: Path, vocab_size: int) -> None:
-    """A byte-level BPE ``tokenizer.json`` trained with the ``tokenizers`` library on the bundled text, with
-    DeepSeek's special tokens (bos id 0, eos id 1), plus ``tokenizer_config.json``."""
+def write_tokenizer(out: Path, vocab_size: int, text: str | None = None) -> None:
+    """A byte-level BPE ``tokenizer.json`` trained with the ``tokenizers`` library on ``text`` (default: the
+    bundled validation text), with DeepSeek's special tokens (bos id 0, eos id 1), plus ``tokenizer_config.json``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    text = (Path(__file__).resolve().parent.parent / "data" / "validation.txt").read_text(encoding="utf-8")
+    if text is None:
+        text = (Path(__file__).resolve().parent.parent / "data" / "validation.txt").read_text(encoding="utf-8")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

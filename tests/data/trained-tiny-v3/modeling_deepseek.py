@@ -1,0 +1,3 @@
+"""dsconvert test fixture stand-in for DeepSeek's modeling_deepseek.py. dsconvert must copy it and never run it."""
+import pathlib
+pathlib.Path(__file__).with_name('EXECUTED_modeling_deepseek').write_text('this file was executed')
