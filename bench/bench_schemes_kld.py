@@ -4,7 +4,8 @@ activation emulation of ``validate`` (docs/int-formats.md §13).
 Prints one row per configuration from one run each (no assertions): bits per weight of the quantized modules,
 Mean KLD and Same top p with the declared activations emulated, and with weights only
 (``--no-emulate-activations``). Default fixture: the ``tiny`` preset (random weights: absolute numbers only
-compare schemes with each other). Usage: python bench/bench_schemes_kld.py [--preset tiny] [--only NVFP4,...]
+compare schemes with each other); ``--src tests/data/trained-tiny-v3`` uses the trained test model (the README
+table). Usage: python bench/bench_schemes_kld.py [--preset tiny | --src DIR] [--only NVFP4,...]
 Outputs go under .bench/schemes-kld/.
 """
 
@@ -43,10 +44,11 @@ def cli(*args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--src", type=Path, default=None, help="an FP8 checkpoint instead of a generated fixture")
     ap.add_argument("--only", default="")
     a = ap.parse_args()
-    base = ROOT / ".bench" / "schemes-kld"
-    src = base / f"src-{a.preset}"
+    base = ROOT / ".bench" / "schemes-kld" / (a.src.name if a.src else a.preset)
+    src = a.src.resolve() if a.src else base / f"src-{a.preset}"
     if not src.is_dir():
         subprocess.run([sys.executable, "-m", "dsconvert.cli", "make-fixture", str(src), "--preset", a.preset],
                        cwd=ROOT, check=True, capture_output=True)

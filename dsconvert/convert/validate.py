@@ -340,9 +340,14 @@ def _loadability_checks(candidate: Path) -> list[dict]:
     ck = scan(candidate)
     qc = ck.config.get("quantization_config") or {}
     fmt = detect_format(qc) if qc and qc.get("quant_method") != "fp8" else None
-    if fmt is None or not hasattr(fmt, "spec_from_config"):
+    if fmt is None:
         return []
-    _, probs, _, _ = _int_summary(ck, fmt)
+    if hasattr(fmt, "inspect_summary"):  # per-config-group checkpoints (FP4, mixed recipes)
+        _, probs, _, _ = fmt.from_config(qc).inspect_summary(ck)
+    elif hasattr(fmt, "spec_from_config"):
+        _, probs, _, _ = _int_summary(ck, fmt)
+    else:
+        return []
     return [{"check": p["kind"], "value": False, "threshold": True, "message": f"candidate {candidate}: "
              + p["message"], "hint": p.get("hint")} for p in probs if p["kind"] == "fused_group_split"]
 
