@@ -500,7 +500,7 @@ def quantize_cmd(
                           method=chosen[0] if chosen else method, ignore=list(ignore or []), strict=strict, mtp=mtp,
                           max_shard_size=_size(max_shard_size), device=device, workers=workers,
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
-                          seq_len=seq_len)
+                          seq_len=seq_len, calib_seed=calib_seed, expert_policy=expert_policy)
         ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, workers)
         rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                      progress=_progress_enabled(quiet), verify=check_verify_mode(verify), executor=ex)

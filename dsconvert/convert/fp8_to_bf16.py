@@ -188,7 +188,9 @@ def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None)
     out_esz = dtype_size(st_dtype)
     per_worker = (2 + 2) * opts.chunk_bytes + 2 * opts.chunk_bytes * 4 // out_esz
     peak = BASE_RSS + max(1, opts.workers) * per_worker
-    mtp_layers = sorted({int(n.split(".")[2]) for n in ck.tensors if ck.is_mtp(n)})
+    # V3: model.layers.{N}.* with N >= num_hidden_layers; V4: mtp.{j}.* (layer num_hidden_layers + j)
+    mtp_layers = sorted({int(n.split(".")[1]) + ck.num_hidden_layers if n.startswith("mtp.") else int(n.split(".")[2])
+                         for n in ck.tensors if ck.is_mtp(n)})
     mtp = {"layers": mtp_layers, "kept": opts.mtp == "keep" and bool(mtp_layers),
            "tensors": sum(1 for s in shards for t in s.tensors if ck.is_mtp(t.name))}
     return Plan(shards, dropped, files, cfg, bytes_read, written, peak, counts, mtp)
