@@ -920,7 +920,7 @@ def verify_cmd(
         what = "sizes, manifest and index" if rep["mode"] == "quick" else "sizes, sha256, manifest and index"
         n = len(rep["problems"])
         verdict = "OK" if rep["ok"] else f"FAILED ({n} problem{'' if n == 1 else 's'})"
-        out.print(f"verify {rep['path']}: {verdict}; {rep['files_checked']} files, {what} checked"
+        out.print(f"verify {rep['path']}: {verdict}; {count(rep['files_checked'], 'file')}, {what} checked"
                   + (f", {rep['bytes_hashed'] / 1e9:.3f} GB hashed" if rep["mode"] == "full" else ""))
 
     _run(body, json_out=json_out, verbose=verbose, human=human)
