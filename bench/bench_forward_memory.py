@@ -15,7 +15,12 @@ Printed per run (no assertions):
   * peak RSS, and peak RSS minus the tiny-fixture baseline of the same command ("model-attributable"), as ratios
     of the two sizes above.
 
-Usage: python bench/bench_forward_memory.py [--with-bench] [--clean]
+``--estimate`` instead prints, for the 2-layer fixture (and its fp8-to-bf16 output), the ``--dry-run`` peak-RAM
+estimate of ``validate`` / ``logits`` next to the measured peak and their ratio (the accuracy figure the README
+quotes; the suite only guards a wide band, tests/test_forward_estimate.py), with the CPU count and thread setting
+that move the peak between machines.
+
+Usage: python bench/bench_forward_memory.py [--with-bench] [--estimate] [--clean]
 Fixtures are cached under .bench/forward-memory/ (about 0.5 GB; 1.8 GB with --with-bench); --clean deletes them.
 """
 
@@ -117,6 +122,31 @@ def run_measured(args: list[str]) -> tuple[int, int, dict | None, float]:
     return p.returncode, ru.ru_maxrss * 1024, rep, secs
 
 
+def estimate_vs_measured() -> None:
+    """Print estimate, measured peak (``ru_maxrss``) and their ratio for the cases of tests/test_forward_estimate.py."""
+    fp8 = fixture("medium-2L", "tiny", MEDIUM)
+    bf16 = CACHE / "medium-2L-bf16"
+    if not (bf16 / "config.json").is_file():
+        shutil.rmtree(bf16, ignore_errors=True)
+        code, _, _, _ = run_measured(["fp8-to-bf16", str(fp8), "-o", str(bf16), "-q"])
+    ids = ",".join(map(str, range(300)))
+    cases = {"validate": ["validate", str(bf16), "--reference", str(fp8)],
+             "validate_long": ["validate", str(bf16), "--reference", str(fp8), "--seq-len", "512",
+                               "--num-samples", "4"],
+             "validate_bf16": ["validate", str(bf16), "--reference", str(fp8), "--dtype", "bfloat16"],
+             "logits_fp8": ["logits", str(fp8), "--token-ids", ids],
+             "logits_bf16": ["logits", str(bf16), "--token-ids", ids]}
+    print(f"cpus {os.cpu_count()}  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}  "
+          f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}")
+    for name, args in cases.items():
+        _, _, plan, _ = run_measured([*args, "--dry-run", "--json"])
+        est = plan["plan"]["peak_memory_estimate"]["bytes"]
+        extra = ["--max-kld", "100", "--min-top1", "0", "-q"] if args[0] == "validate" else []
+        _, peak, _, secs = run_measured([*args, *extra, "--json"])
+        print(f"  {name:14s} estimate {mib(est)}  measured {mib(peak)}  measured/estimate {peak / est:5.2f}  "
+              f"{secs:6.1f} s", flush=True)
+
+
 def mib(b: float) -> str:
     return f"{b / 2**20:8.1f} MiB"
 
@@ -125,7 +155,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--with-bench", action="store_true", help="also the 1.3 GB 'bench' preset (slow)")
     ap.add_argument("--clean", action="store_true", help="delete the cached fixtures when done")
+    ap.add_argument("--estimate", action="store_true", help="dry-run estimate vs measured peak, per case")
     a = ap.parse_args()
+    if a.estimate:
+        estimate_vs_measured()
+        if a.clean:
+            shutil.rmtree(CACHE, ignore_errors=True)
+        return
     fixtures = dict(FIXTURES)
     if a.with_bench:
         fixtures["bench"] = ("bench", {})
