@@ -128,7 +128,7 @@ def estimate_vs_measured() -> None:
     bf16 = CACHE / "medium-2L-bf16"
     if not (bf16 / "config.json").is_file():
         shutil.rmtree(bf16, ignore_errors=True)
-        code, _, _, _ = run_measured(["fp8-to-bf16", str(fp8), "-o", str(bf16), "-q"])
+        run_measured(["fp8-to-bf16", str(fp8), "-o", str(bf16), "-q"])
     ids = ",".join(map(str, range(300)))
     cases = {"validate": ["validate", str(bf16), "--reference", str(fp8)],
              "validate_long": ["validate", str(bf16), "--reference", str(fp8), "--seq-len", "512",
