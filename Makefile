@@ -34,7 +34,7 @@ test: $(VENV)/.stamp
 	$(PY) -m pytest -q -ra
 
 test-fast: $(VENV)/.stamp
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m unit
 
 bench: $(VENV)/.stamp
 	$(PY) bench/run_all.py

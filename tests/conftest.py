@@ -240,3 +240,44 @@ def v4_odd_src(tmp_path_factory) -> Path:
     src = build_v4_checkpoint(tmp_path_factory.mktemp("v4odd") / "src", "tiny-odd")
     guard_source(src)
     return src
+
+
+# --- tiers ------------------------------------------------------------------------------------------------------
+# ``e2e``: the test, a fixture it uses, or a module-level helper either of them calls starts a process (the CLI, a
+# Ray cluster, llama.cpp in a child). ``unit``: everything else, in-process against an oracle. Both are assigned here
+# at collection from the code itself, so a new test is tiered without anyone remembering to mark it:
+# ``make test-fast`` runs ``-m unit``; ``slow`` tests are never ``unit``.
+_PROCESS_NAMES = frozenset({"run_cli", "run_many", "popen_cli", "cli_cmd", "subprocess", "Popen", "local_cluster",
+                            "start_cluster", "multiprocessing"})
+
+
+def _starts_process(fn, seen: set) -> bool:
+    """Whether ``fn`` (a function) names a process-starting helper, directly or through a function of its module."""
+    code = getattr(fn, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    names = set(code.co_names)
+    for c in code.co_consts:  # nested functions and lambdas
+        if hasattr(c, "co_names"):
+            names |= set(c.co_names)
+    if names & _PROCESS_NAMES:
+        return True
+    g = getattr(fn, "__globals__", {})
+    return any(callable(g.get(n)) and getattr(g.get(n), "__module__", None) == fn.__module__
+               and _starts_process(g[n], seen) for n in names)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("e2e") or item.get_closest_marker("unit"):
+            continue
+        seen: set = set()
+        fns = [getattr(item, "function", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None:
+            fns += [d.func for defs in info.name2fixturedefs.values() for d in defs]
+        if any(f is not None and _starts_process(f, seen) for f in fns):
+            item.add_marker(pytest.mark.e2e)
+        elif not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.unit)
