@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -23,6 +24,27 @@ def fp8_e4m3fn_table() -> torch.Tensor:
         else:
             vals.append(sign * math.ldexp(8 + mant, e - 10))  # (1 + m/8) * 2**(e-7)
     return torch.tensor(vals, dtype=torch.float32)
+
+
+def e4m3fn_decode(u8: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn bytes (any shape, uint8) -> float32 values through :func:`fp8_e4m3fn_table`."""
+    return fp8_e4m3fn_table().numpy()[np.asarray(u8, dtype=np.uint8)]
+
+
+def bf16_rne_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16) by integer round-to-nearest-even; a NaN keeps its sign and the top
+    of its payload and is forced quiet (bit 6), as torch's conversion does."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = x.view(np.uint32).astype(np.uint64)
+    r = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    nan = np.isnan(x)
+    r[nan] = (bits[nan] >> 16) | 0x0040
+    return r.astype(np.uint16)
+
+
+def bf16_rne(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 value (ties to even), returned as float32."""
+    return (bf16_rne_bits(x).astype(np.uint32) << 16).view(np.float32)
 
 
 def dequant_fp8_block_reference(

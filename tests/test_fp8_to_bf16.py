@@ -32,33 +32,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .conftest import INDEX, guard_source, read_index, read_tensors, run_cli, shard_files, tree_hashes
+from ._reference import bf16_rne_bits, e4m3fn_decode
 
 SCALE = "_scale_inv"
 
 
 # --- the independent oracle ------------------------------------------------------------------------------------
-
-def e4m3fn_decode(b: np.ndarray) -> np.ndarray:
-    """float8_e4m3fn bytes -> float32 values, by formula."""
-    b = b.astype(np.int64)
-    sign = np.where(b & 0x80, -1.0, 1.0)
-    e = (b >> 3) & 0xF
-    m = (b & 0x7).astype(np.float64)
-    mag = np.where(e == 0, (m / 8.0) * 2.0 ** -6, (1.0 + m / 8.0) * np.exp2(e - 7.0))
-    v = sign * mag
-    v[(e == 15) & (m == 7)] = np.nan
-    return v.astype(np.float32)  # every e4m3fn value is exact in float32
-
-
-def bf16_rne_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16) by integer round-to-nearest-even; NaN stays NaN."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    bits = x.view(np.uint32).astype(np.uint64)
-    r = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
-    nan = np.isnan(x)
-    r[nan] = (bits[nan] >> 16) | 0x0040  # keep sign and payload top, force a quiet NaN
-    return r.astype(np.uint16)
-
 
 def oracle_f32(w_bytes: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """fp32(W) * scale_inv[i // bm, j // bn], in numpy float32 (one multiply per element)."""

@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from ._reference import bf16_rne_bits
+
 from dsconvert.cli import app
 from dsconvert.convert import fp8_to_bf16 as f2b
 from dsconvert.convert import gguf_export as ge
@@ -150,8 +152,7 @@ def fp8_reference_bits(w: torch.Tensor, s: torch.Tensor) -> np.ndarray:
     x = w.to(torch.float32).numpy()
     m, n = x.shape
     sc = np.repeat(np.repeat(s.numpy(), 128, axis=0), 128, axis=1)[:m, :n]
-    u = (x * sc).astype(np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return bf16_rne_bits((x * sc).astype(np.float32))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from ._reference import bf16_rne, e4m3fn_decode
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 G = 32  # tiny fixture: K in {320, 96, 64, 128}; 32 divides all of them, 64 does not divide 96
@@ -114,30 +116,13 @@ def raw_bytes(t: torch.Tensor) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # independent oracles (numpy)
 # ---------------------------------------------------------------------------------------------
-def e4m3_decode(u8: np.ndarray) -> np.ndarray:
-    """float8_e4m3fn bytes -> float32 by formula: 1 sign, 4 exponent (bias 7), 3 mantissa; e=0 subnormal."""
-    u = u8.astype(np.int64)
-    sign = np.where(u & 0x80, -1.0, 1.0)
-    e, m = (u >> 3) & 0xF, u & 0x7
-    mag = np.where(e == 0, m * 2.0 ** -9, (8 + m) * np.exp2(e - 10.0))
-    mag = np.where((e == 0xF) & (m == 0x7), np.nan, mag)
-    return (sign * mag).astype(np.float32)  # exact: at most 4 significant bits
-
-
-def bf16_rne(x: np.ndarray) -> np.ndarray:
-    """float32 -> nearest bf16 (ties to even), returned as float32, by integer arithmetic on the bits."""
-    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-    return r.astype(np.uint32).view(np.float32)
-
-
 def fp16_rne(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)  # IEEE RNE conversion
 
 
 def fp8_dequant_oracle(w: torch.Tensor, scale_inv: torch.Tensor) -> np.ndarray:
     """DeepSeek block dequant: decode * the 128x128 block's float32 scale (one float32 multiply), then bf16 RNE."""
-    vals = e4m3_decode(w.view(torch.uint8).numpy())
+    vals = e4m3fn_decode(w.view(torch.uint8).numpy())
     m, n = vals.shape
     s = scale_inv.numpy().astype(np.float32)
     s_full = np.repeat(np.repeat(s, 128, axis=0), 128, axis=1)[:m, :n]
