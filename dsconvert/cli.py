@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import EXIT_INTERNAL, DsconvertError
+from .errors import EXIT_INTERNAL, DsconvertError, ProblemsFound, ReportedFailure, ValidationFailed
 from .units import count
 
 app = typer.Typer(
@@ -188,10 +188,12 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
     try:
         if report_path is not None:
             check_writable_file(report_path, "--report")
-        with _cancel_on_signals():
-            rep = fn()
-        # the exit code a finished command asks for is ours, not part of the report
-        code = rep.pop("_exit_code", None) if isinstance(rep, dict) else None
+        code = None
+        try:
+            with _cancel_on_signals():
+                rep = fn()
+        except ReportedFailure as e:  # finished, and failed: the report is the output, the exit code says so
+            rep, code = e.report, e.exit_code
         if rep is not None and report_path is not None:
             report_path.write_text(_dumps(rep) + "\n")
     except cancel.Cancelled as e:
@@ -373,7 +375,7 @@ def fp8_to_bf16_cmd(
         if validate and not dry_run:
             rep["validation"] = _validate_after(output, src, quiet)
             if not rep["validation"].get("passed", False):
-                rep["_exit_code"] = 4
+                raise ValidationFailed("the converted output failed validation", rep)
         return rep
 
     def human(rep):
@@ -661,7 +663,7 @@ def inspect_cmd(
             raise UsageError("missing SRC", hint="dsconvert inspect SRC, or one of --list-schemes/--list-formats/--list-types")
         rep = inspect_checkpoint(src)
         if not rep["ok"]:
-            rep["_exit_code"] = 3
+            raise ProblemsFound("inspect found problems", rep)
         return rep
 
     _run(body, json_out=json_out, verbose=verbose, human=human)
@@ -760,7 +762,7 @@ def validate_cmd(
         for w in rep.get("warnings", []):  # on stderr in every output mode
             err.print(f"warning: {w}", markup=False, highlight=False)
         if not rep.get("dry_run") and not rep["passed"]:
-            rep["_exit_code"] = 4
+            raise ValidationFailed("validation failed", rep)
         return rep
 
     def human(rep):
@@ -904,12 +906,11 @@ def verify_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     from .convert.verify import verify_output
-    from .errors import EXIT_BAD_INPUT
 
     def body():
         rep = verify_output(output, quick=quick, progress=_progress_enabled(quiet))
         if not rep["ok"]:
-            rep["_exit_code"] = EXIT_BAD_INPUT
+            raise ProblemsFound("verify found problems", rep)
         return rep
 
     def human(rep):

@@ -74,10 +74,25 @@ class DiskSpaceError(DsconvertError):
     exit_code = EXIT_INTERNAL
 
 
-class ValidationFailed(DsconvertError):
+class ReportedFailure(DsconvertError):
+    """The command ran to the end and its report says the result failed. The CLI prints ``report`` exactly as on
+    success (human or ``--json``, and ``--report PATH``), then exits with ``exit_code``."""
+
+    def __init__(self, message: str, report: dict, *, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.report = report
+
+
+class ValidationFailed(ReportedFailure):
     """Validation ran and the metrics are outside their thresholds. Exit 4."""
 
     exit_code = EXIT_VALIDATION
+
+
+class ProblemsFound(ReportedFailure):
+    """``inspect`` or ``verify`` finished and found problems in the checkpoint or output. Exit 3."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class WorkerFailed(DsconvertError):

@@ -14,6 +14,7 @@ are also checked on real subprocesses.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -528,7 +529,7 @@ class LiveTracker:
         return self.inner.has(name)
 
     def get(self, name):
-        m = val._LAYER.match(name)
+        m = re.match(r"model\.layers\.(\d+)\.", name)
         layer = int(m.group(1)) if m else -1
         others = {lay for lay, ref in self._alive if ref() is not None and lay != layer}
         if others:

@@ -77,9 +77,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UsageError
+from ..formats import deepseek_v3 as v3
 from ..model import ReferenceModel
 from ..model.config import ModelConfig
-from ..model.layers import rms_norm
 from ..model.mla import mla_attention
 from ..model.moe import route
 from ..model.source import WeightSource
@@ -510,7 +510,7 @@ class _Layer:
         self.eng = eng
         self.cfg = eng.cfg
         self.idx = idx
-        self.p = f"model.layers.{idx}"
+        self.p = f"{v3.LAYER_PREFIX}{idx}"
         self.moe = self.cfg.is_moe_layer(idx)
         self.dev = eng.device
         self.quantized = LayerResults(eng.spill_dir, f"layer{idx}")
@@ -535,22 +535,15 @@ class _Layer:
 
     # -- names and weights ------------------------------------------------------------------------
     def _linear_names(self) -> list[str]:
-        cfg, p = self.cfg, self.p
-        a = f"{p}.self_attn"
-        names = [f"{a}.q_proj"] if cfg.q_lora_rank is None else [f"{a}.q_a_proj", f"{a}.q_b_proj"]
-        names += [f"{a}.kv_a_proj_with_mqa", f"{a}.kv_b_proj", f"{a}.o_proj"]
-        for m in self._mlps():
-            names += [f"{m}.gate_proj", f"{m}.up_proj", f"{m}.down_proj"]
+        cfg = self.cfg
+        names = v3.layer_linears(self.idx, q_lora_rank=cfg.q_lora_rank, moe=self.moe,
+                                 n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts)
         return [n for n in names if self.eng._src.has(n + ".weight")]
 
     def _mlps(self) -> list[str]:
         """MLP prefixes: the experts then the shared experts (MoE), or the dense MLP."""
-        if not self.moe:
-            return [f"{self.p}.mlp"]
-        out = [f"{self.p}.mlp.experts.{e}" for e in range(self.cfg.n_routed_experts)]
-        if self.cfg.n_shared_experts:
-            out.append(f"{self.p}.mlp.shared_experts")
-        return out
+        return v3.mlp_prefixes(self.idx, moe=self.moe, n_routed_experts=self.cfg.n_routed_experts,
+                               n_shared_experts=self.cfg.n_shared_experts)
 
     def _src_weight(self, module: str) -> torch.Tensor:
         return self.eng._src.get(module + ".weight")

@@ -14,7 +14,6 @@ layers ``0..L`` restores it and continues at ``L + 1`` instead of recalibrating 
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..formats.checkpoint import Checkpoint
+from ..formats.deepseek_v3 import layer_index
 from ..formats.int_format import IntFormat
 from ..quant.rtn import QTensor, QuantSpec, quantize
 from .calib_data import calibration_ids
@@ -33,12 +33,6 @@ from .weights import CheckpointWeightSource
 STATE_NAME = "calibration-state.safetensors"
 #: Folder of OUT holding the current layer's spilled expert results (removed when the run ends).
 SPILL_NAME = "calibration-spill"
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
 
 
 class CalibratedRun:
@@ -91,7 +85,7 @@ class CalibratedRun:
 
     # -- pipeline hooks -----------------------------------------------------------------------------------
     def compute(self, module: str):
-        lay = layer_of(module + ".weight")
+        lay = layer_index(module + ".weight")
         if lay is None or lay >= self.n_layers:  # MTP block: not part of the forward, RTN
             w = read_float(self.ck, module + ".weight").to(self.device)
             qt = quantize(w, self.spec, self.fmt.convention, name=module)
@@ -104,7 +98,7 @@ class CalibratedRun:
         return ModuleResult(self.fmt.encode_qtensor(module, qt), rel_error(w, qt))
 
     def replaced(self, name: str) -> torch.Tensor | None:
-        lay = layer_of(name)
+        lay = layer_index(name)
         if lay is None or lay >= self.n_layers:
             return None
         return self._ensure(lay).replaced.get(name)
@@ -147,7 +141,7 @@ class CalibratedRun:
         self.engine.spill_dir = out_dir / SPILL_NAME
         last_done = -1
         for s in shards:
-            layers = {layer_of(t.name) for t in s.tensors} - {None}
+            layers = {layer_index(t.name) for t in s.tensors} - {None}
             if s.name not in done:
                 break
             if layers:

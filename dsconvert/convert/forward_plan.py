@@ -27,17 +27,16 @@ the measured peak RSS is tested (tests/test_forward_estimate.py) and stated in R
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..formats.deepseek_v3 import is_mtp
 from ..model.config import ModelConfig
 from ..model.forward import HEAD_CHUNK_ROWS
 from ..units import bytes_fields
 
 #: Interpreter + torch + dsconvert imported, before any tensor (measured 0.24-0.26 GiB on this project's machine).
 BASE_RSS = 256 * 2**20
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -96,8 +95,7 @@ def _header_bytes(path: Path, n_layers: int) -> tuple[int, int]:
     ck = scan(path)
     total = largest = 0
     for name, (_, e) in ck.tensors.items():
-        m = _LAYER.match(name)
-        if m and int(m.group(1)) >= n_layers:
+        if is_mtp(name, n_layers):
             continue
         total += e.nbytes
         if e.dtype == "F8_E4M3":

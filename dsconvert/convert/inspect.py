@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ..errors import DsconvertError
 from ..formats.checkpoint import scan
+from ..formats.deepseek_v3 import layer_index
 from ..formats.kind import checkpoint_kind
 from ..formats.hf_config import FAMILIES, version_label
 from ..report import base_report
 from ..units import bytes_fields, count
 from . import fp8_to_bf16
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def _module_shape(fmt, spec, prefix: str, heads: dict[str, tuple]) -> tuple[int, int] | None:
@@ -169,9 +168,8 @@ def inspect_checkpoint(src: Path) -> dict:
         d["elements"] += e.numel
         if not ck.is_scale(name):
             params += e.numel * (2 if ck.is_fp4_weight(name) else 1)  # FP4: two parameters per byte
-        m = _LAYER.match(name)
-        if m:
-            layers.add(int(m.group(1)))
+        if (i := layer_index(name)) is not None:
+            layers.add(i)
     # F8_E4M3 tensors of a compressed-tensors float-quantized checkpoint are not DeepSeek FP8 weights
     fp8_weights = [] if ck.quantized else [n for n, (_, e) in ck.tensors.items()
                                            if e.dtype == "F8_E4M3" or ck.is_fp4_weight(n)]

@@ -21,20 +21,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+from ..formats import deepseek_v3 as v3
+from ..formats.deepseek_v3 import fused_group
 from ..quant.rtn import QuantSpec
 
 log = logging.getLogger(__name__)
 
-_QUANTIZABLE = re.compile(
-    r"^model\.layers\.(?P<layer>\d+)\.(?:"
-    r"self_attn\.(?P<attn>q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-    r"|mlp\.(?P<dense>gate_proj|up_proj|down_proj)"
-    r"|mlp\.experts\.(?P<expert>\d+)\.(?P<eproj>gate_proj|up_proj|down_proj)"
-    r"|mlp\.shared_experts\.(?P<sproj>gate_proj|up_proj|down_proj)"
-    r")\.weight$")
-
 # What stays unquantized, as patterns for the formats' ignore lists (Linear modules only).
-DEFAULT_IGNORE_PATTERNS = ["lm_head", r"re:.*mlp\.gate$", r"re:.*eh_proj$", r"re:.*shared_head\.head$"]
+DEFAULT_IGNORE_PATTERNS = list(v3.KEPT_LINEARS)
 
 
 def module_of(weight_name: str) -> str:
@@ -46,23 +40,6 @@ def _matches(pattern: str, module: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], module) is not None
     return pattern == module or pattern + ".weight" == module
-
-
-def fused_group(weight_name: str) -> str | None:
-    """Key of the fused group a quantizable weight belongs to (members must share one precision)."""
-    m = _QUANTIZABLE.match(weight_name)
-    if not m:
-        return None
-    layer = m.group("layer")
-    if m.group("attn") in ("q_a_proj", "kv_a_proj_with_mqa"):
-        return f"layer {layer}: q_a_proj + kv_a_proj_with_mqa (fused_qkv_a_proj)"
-    if m.group("dense") in ("gate_proj", "up_proj"):
-        return f"layer {layer}: mlp gate_proj + up_proj (gate_up_proj)"
-    if m.group("sproj") in ("gate_proj", "up_proj"):
-        return f"layer {layer}: shared_experts gate_proj + up_proj (gate_up_proj)"
-    if m.group("expert") is not None:
-        return f"layer {layer}: all routed experts (FusedMoE)"
-    return None
 
 
 @dataclass
@@ -89,7 +66,7 @@ class LayerPolicy:
 
     @staticmethod
     def quantizable(name: str, shape: tuple[int, ...]) -> bool:
-        return len(shape) == 2 and _QUANTIZABLE.match(name) is not None
+        return len(shape) == 2 and v3.QUANTIZABLE.match(name) is not None
 
     def __call__(self, name: str, shape: tuple[int, ...]) -> QuantSpec | None:
         if not self.quantizable(name, shape):

@@ -14,7 +14,6 @@ release gives 0 and 1 exactly. INT4 candidates usually need looser, explicit thr
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError, UsageError
+from ..formats.deepseek_v3 import layer_index
 from ..model import ReferenceModel
 from ..model.metrics import compare_logits, layer_errors
 from ..report import base_report, peak_rss_bytes
@@ -31,7 +31,6 @@ from .calib_data import BUNDLED_TEXT, tokenize
 from .progress import ByteProgress
 from .weights import CheckpointWeightSource
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -65,8 +64,8 @@ class LayerCachedSource:
         return self.inner.has(name)
 
     def get(self, name: str) -> torch.Tensor:
-        m = _LAYER.match(name)
-        layer = int(m.group(1)) if m else -1
+        layer = layer_index(name)
+        layer = -1 if layer is None else layer
         if layer != self._layer:
             self._cache.clear()
             self._layer = layer

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError, UnsupportedError
+from . import deepseek_v3 as v3
 from . import deepseek_v4 as v4
 from .hf_config import FP8Scheme, family, fp8_scheme, load_config
 from .registry import detect_format
@@ -25,7 +26,6 @@ from .safetensors_io import SafetensorsHeader, TensorEntry, read_header, read_te
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -120,8 +120,7 @@ class Checkpoint:
         """True for tensors of the multi-token-prediction block(s): layers >= ``num_hidden_layers`` (V4: ``mtp.*``)."""
         if self.v4 is not None:
             return name.startswith("mtp.")
-        m = _LAYER_RE.match(name)
-        return bool(m) and int(m.group(1)) >= self.num_hidden_layers
+        return v3.is_mtp(name, self.num_hidden_layers)
 
     def refuse_v4(self, command: str) -> None:
         """Refuse a DeepSeek-V4 checkpoint in a command that does not handle its layout yet.

@@ -227,9 +227,10 @@ def plan_tensors(hf_tensors: Mapping[str, tuple[tuple[int, ...], str]], cfg: Map
         if t is T.ATTN_KV_B:
             n_head, nope, v, kv_lora = _mla_dims(cfg)
             if shape != (n_head * (nope + v), kv_lora):
-                raise ShapeError(
+                raise BadInputError(
                     f"{hf_name}: shape {shape} != (n_head*(qk_nope+v_head), kv_lora) = "
-                    f"({n_head}*({nope}+{v}), {kv_lora})")
+                    f"({n_head}*({nope}+{v}), {kv_lora}) from config.json",
+                    hint="config.json and the shards disagree: is config.json from another model?")
             half = _nbytes(shape, dtype) // 2
             add(GGUFTensorPlan(names[0], (n_head, kv_lora, nope), (hf_name,), "kv_b_k", False, bid,
                                dtype, half), KV_B_OUTPUTS[0])
@@ -262,7 +263,10 @@ def plan_tensors(hf_tensors: Mapping[str, tuple[tuple[int, ...], str]], cfg: Map
             shapes = {tuple(hf_tensors[s][0]) for s in srcs}
             dtypes = {hf_tensors[s][1] for s in srcs}
             if len(shapes) != 1 or len(dtypes) != 1:
-                raise ShapeError(f"layer {bid} {proj}: experts differ in shape/dtype: {sorted(shapes)} {sorted(dtypes)}")
+                raise BadInputError(f"layer {bid} mlp.experts.*.{proj}: experts differ in shape/dtype: {sorted(shapes)} "
+                                    f"{sorted(dtypes)}",
+                                    hint="the routed experts of a layer are stacked into one GGUF tensor and must "
+                                         "agree; the checkpoint is inconsistent (a wrong or mixed shard?)")
             (eshape,), (edtype,) = shapes, dtypes
             eshape = tuple(int(s) for s in eshape)
             name = tensor_name(t, bid)

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
 from dsconvert.errors import UnsupportedError
+from dsconvert.formats.deepseek_v3 import layer_index as layer_of  # re-exported: gguf_deepseek2 lists it
 
 ARCH = MODEL_ARCH.DEEPSEEK2
 ARCH_NAME: str = MODEL_ARCH_NAMES[ARCH]  # "deepseek2"
@@ -99,12 +100,6 @@ def _n_layer(cfg: Mapping[str, Any]) -> int:
         return int(cfg["num_hidden_layers"])
     except KeyError:
         raise UnsupportedError("config.json has no 'num_hidden_layers'") from None
-
-
-def layer_of(hf_name: str) -> int | None:
-    """Layer index ``bid`` of ``model.layers.{bid}.*`` names, else None."""
-    m = _LAYER_RE.match(hf_name)
-    return int(m.group(1)) if m else None
 
 
 def expert_of(hf_name: str) -> tuple[int, int, str] | None:
