@@ -54,6 +54,7 @@ from gguf.gguf_writer import WriterState
 from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageError
 from ..formats import gguf_deepseek2 as g2
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from ..formats.gguf_imatrix import read_imatrix as load_imatrix
 from ..formats.gguf_types import (FTYPE_NAMES, default_type, normalize_ftype, parse_tensor_type_override,
                                   requires_imatrix)
 from ..formats.hf_config import version_label
@@ -474,83 +475,6 @@ def _imatrix_plan(path: Path | None, plan: g2.GGUFPlan, types: dict[str, str]) -
     return {"used": bool(importance), "path": str(path), "entries": len(entries),
             "tensors_weighted": len(importance), "tensors_without_entry": without,
             "ignored_by_types": sorted(t for t, c in users.items() if c.ignores_imatrix)}, importance
-
-
-def load_imatrix(path: Path) -> dict[str, np.ndarray]:
-    """Read llama.cpp's importance matrix: ``imatrix.gguf`` or the legacy ``.dat`` format.
-
-    Returns ``{tensor name: float32 [n_mat, n_per_row]}`` of mean squared activations, as llama-quantize's
-    ``load_imatrix`` computes them (GGUF: ``in_sum2 / counts``, 1 where a matrix got no input; legacy:
-    ``values / ncall``).
-
-    Raises:
-        BadInputError: unreadable, truncated or inconsistent file.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise BadInputError(f"--imatrix {path}: {e.strerror}") from e
-    try:
-        if magic == b"GGUF":
-            return _imatrix_gguf(path)
-        return _imatrix_legacy(path)
-    except BadInputError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad input file
-        raise BadInputError(f"--imatrix {path}: not a llama.cpp imatrix ({type(e).__name__}: {e})",
-                            hint="pass the imatrix.gguf (or legacy .dat) written by llama-imatrix") from e
-
-
-def _imatrix_gguf(path: Path) -> dict[str, np.ndarray]:
-    r = gguf.GGUFReader(path)
-    tensors = {t.name: t for t in r.tensors}
-    out = {}
-    for name, t in tensors.items():
-        if not name.endswith(".in_sum2"):
-            continue
-        base = name[: -len(".in_sum2")]
-        c = tensors.get(base + ".counts")
-        if c is None:
-            raise BadInputError(f"--imatrix {path}: {name} has no matching {base}.counts")
-        sums = np.asarray(t.data, dtype=np.float32).reshape(-1, int(t.shape[0]))
-        counts = np.asarray(c.data, dtype=np.float32).reshape(-1)
-        if counts.size != sums.shape[0]:
-            raise BadInputError(f"--imatrix {path}: {base}: {counts.size} counts for {sums.shape[0]} matrices")
-        e = np.ones_like(sums)
-        ok = counts > 0
-        e[ok] = sums[ok] / counts[ok, None]
-        out[base] = e
-    if not out:
-        raise BadInputError(f"--imatrix {path}: a GGUF without any *.in_sum2 tensors is not an imatrix")
-    return out
-
-
-def _imatrix_legacy(path: Path) -> dict[str, np.ndarray]:
-    data = path.read_bytes()
-    pos = 0
-
-    def take(fmt_n: int, dtype) -> np.ndarray:
-        nonlocal pos
-        nb = np.dtype(dtype).itemsize * fmt_n
-        if pos + nb > len(data):
-            raise BadInputError(f"--imatrix {path}: truncated at byte {pos}")
-        a = np.frombuffer(data, dtype=dtype, count=fmt_n, offset=pos)
-        pos += nb
-        return a
-
-    n = int(take(1, "<i4")[0])
-    if n <= 0 or n > 1_000_000:
-        raise BadInputError(f"--imatrix {path}: implausible entry count {n} (neither GGUF nor legacy .dat)")
-    out = {}
-    for _ in range(n):
-        ln = int(take(1, "<i4")[0])
-        name = take(ln, np.uint8).tobytes().decode("utf-8")
-        ncall, nval = (int(v) for v in take(2, "<i4"))
-        vals = take(nval, "<f4").astype(np.float32)
-        out[name] = (vals / ncall if ncall > 0 else vals).reshape(1, -1)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------

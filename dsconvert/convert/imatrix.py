@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError, OutputExistsError, UsageError
+from ..formats import gguf_imatrix as imf
 from ..formats import gguf_names as gn
+from ..formats.gguf_imatrix import legacy_imatrix_bytes  # noqa: F401  (re-export)
 from ..model import ReferenceModel
 from ..report import base_report, peak_rss_bytes
 from .progress import ByteProgress
@@ -136,47 +138,13 @@ class ImatrixCollector:
 
 def write_gguf_imatrix(path: Path, entries: dict[str, tuple[np.ndarray, np.ndarray]], datasets: list[str],
                        chunk_count: int, chunk_size: int) -> None:
-    """Write ``entries`` as llama.cpp's GGUF imatrix (``<name>.in_sum2`` ``[n_mat, ne0]`` and ``<name>.counts``
-    ``[n_mat, 1]`` float32, sorted by name) to ``path`` atomically (``.tmp``, fsync, rename)."""
-    import gguf
-
+    """Write ``entries`` as llama.cpp's GGUF imatrix (:func:`~dsconvert.formats.gguf_imatrix.write_gguf`) to
+    ``path`` atomically (``.tmp``, fsync, rename)."""
     from .manifest import commit_tmp
 
     tmp = path.with_name(path.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), "imatrix")
-    w.add_type("imatrix")
-    w.add_array("imatrix.datasets", list(datasets))
-    w.add_uint32("imatrix.chunk_count", int(chunk_count))
-    w.add_uint32("imatrix.chunk_size", int(chunk_size))
-    for name, (v, c) in entries.items():
-        w.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(v, np.float32))
-        w.add_tensor(f"{name}.counts", np.ascontiguousarray(c.reshape(-1, 1), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    imf.write_gguf(tmp, entries, datasets, chunk_count, chunk_size)
     commit_tmp(tmp, path)
-
-
-def legacy_imatrix_bytes(entries: dict[str, tuple[np.ndarray, np.ndarray]], chunk_count: int, chunk_size: int,
-                         dataset: str) -> bytes:
-    """The legacy ``.dat`` imatrix: ``int32 n``, then per entry ``int32 len, name, int32 ncall, int32 nval,
-    float32[nval] (sum / count) * ncall`` (1 where a matrix has count 0), then ``int32 chunk_count, int32 len,
-    dataset``. Entries with every count 0 are left out (as llama-imatrix does)."""
-    parts, n = [], 0
-    for name, (v, c) in entries.items():
-        if not (c > 0).any():
-            continue
-        n += 1
-        ncall = int((int(c.max()) + chunk_size - 1) // chunk_size)
-        per = v.reshape(c.size, -1).astype(np.float32)
-        cnt = c.astype(np.float32)[:, None]
-        vals = np.where(cnt == 0, np.float32(1), per / np.where(cnt == 0, np.float32(1), cnt)) * np.float32(ncall)
-        b = name.encode()
-        parts += [np.int32(len(b)).tobytes(), b, np.array([ncall, per.size], np.int32).tobytes(),
-                  vals.astype(np.float32).tobytes()]
-    d = dataset.encode()
-    return b"".join([np.int32(n).tobytes(), *parts, np.int32(chunk_count).tobytes(), np.int32(len(d)).tobytes(), d])
 
 
 def estimate_peak_bytes(cfg: dict, num_samples: int, seq_len: int, bytes_per_value: int = 4) -> int:
