@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -49,7 +49,6 @@ from typing import Iterator
 import gguf
 import numpy as np
 import torch
-from gguf.gguf_writer import WriterState
 
 from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageError
 from ..formats import gguf_deepseek2 as g2
@@ -322,19 +321,15 @@ def file_names(output: Path, n: int) -> list[Path]:
 
 
 def _serialize_header(w: gguf.GGUFWriter) -> bytes:
-    """Header + KV + tensor infos exactly as ``GGUFWriter`` writes them, into memory.
-
-    Uses the writer's own state machine (gguf 0.19.0): ``open_output_file`` accepts an already-open
-    ``fout`` in state EMPTY.
-    """
-    buf = io.BytesIO()
-    w.fout = [buf]
-    w.state = WriterState.EMPTY
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.fout = None
-    return buf.getvalue()
+    """Header + KV + tensor infos exactly as ``GGUFWriter`` writes them (its public ``write_*_to_file`` calls,
+    into a scratch file in a private temporary directory), returned as bytes."""
+    with tempfile.TemporaryDirectory(prefix="dsconvert-gguf-header-") as d:
+        scratch = Path(d) / "header.gguf"
+        w.write_header_to_file(scratch)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        return scratch.read_bytes()
 
 
 def _writer_for(i: int, n: int, files: list[list[g2.GGUFTensorPlan]], types: dict[str, str],
