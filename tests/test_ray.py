@@ -272,7 +272,9 @@ def test_gguf_driver_killed_mid_file_resumes_from_appended_pieces(cluster, tiny_
     r0 = run_cli("gguf", tiny_src, "-o", tmp_path / "probe.gguf", "--type", "Q8_0", "--ray", cluster.address,
                  "--json", timeout=300)
     assert r0.rc == 0, str(r0)
-    units = [u["unit"].replace("probe.gguf", "m.gguf") for u in r0.json()["executor"]["units"]]
+    # the report lists units as they finished; stall the third piece in file order, so two have been appended
+    units = sorted((u["unit"].replace("probe.gguf", "m.gguf") for u in r0.json()["executor"]["units"]),
+                   key=lambda u: int(u.rsplit("@", 1)[1].split("-")[0]))
     p = popen_cli(*args, "-q", DSCONVERT_TEST_FAULT=f"stall:{units[2]}")
     side = out.with_name(out.name + ".dsconvert-partial.json")
     try:
