@@ -18,7 +18,6 @@ Output rules (docs/checkpoint-layout.md §6):
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,19 +26,18 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError, UsageError
-from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.kind import require_kind
-from ..formats.hf_config import dump_config, unquantized_config, version_label
+from ..formats.hf_config import unquantized_config, version_label
 from ..formats.safetensors_io import dtype_size
 from ..formats.tokenizer_check import tokenizer_problems
-from ..report import base_report, peak_rss_bytes
+from ..report import base_report
 from ..units import bytes_fields
-from .files import REPORT_NAME, copy_files, extra_files
-from .preflight import check_free_disk, check_output_writable
-from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
+from .files import extra_files
+from .job import NOT_FINGERPRINTED, DirectoryOutput, option_fingerprint, preflight, write_directory
+from .manifest import check_paths
 from .pipeline import OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order
 from .executor import Executor, Job, LocalExecutor, Rebuilt, shard_units
-from .progress import ByteProgress
 
 COMMAND = "fp8-to-bf16"
 OUT_DTYPES = {"bf16": ("BF16", torch.bfloat16, "bfloat16"), "f16": ("F16", torch.float16, "float16"),
@@ -62,13 +60,14 @@ class Options:
     mtp: str = "keep"  # keep | drop
     dtype: str = "bf16"  # bf16 | f16 | f32
     max_shard_size: int | None = None  # bytes; None keeps the source's shard boundaries
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    workers: int = 2  # shards in flight: overlaps one shard's hashing and fsync with the next one's dequant
-    chunk_bytes: int = 32 * 2**20  # output bytes per chunk
-    max_memory: int | None = None
+    device: str = field(default="auto", metadata=NOT_FINGERPRINTED)  # auto | cpu | cuda | cuda:N
+    # shards in flight: overlaps one shard's hashing and fsync with the next one's dequant
+    workers: int = field(default=2, metadata=NOT_FINGERPRINTED)
+    chunk_bytes: int = field(default=32 * 2**20, metadata=NOT_FINGERPRINTED)  # output bytes per chunk
+    max_memory: int | None = field(default=None, metadata=NOT_FINGERPRINTED)
 
     def fingerprinted(self) -> dict:
-        return {"mtp": self.mtp, "dtype": self.dtype, "max_shard_size": self.max_shard_size}
+        return option_fingerprint(self)
 
 
 def normalize_dtype(name: str) -> str:
@@ -196,11 +195,6 @@ def make_plan(ck: Checkpoint, opts: Options, device: torch.device | None = None)
     return Plan(shards, dropped, files, cfg, bytes_read, written, peak, counts, mtp)
 
 
-def _index(shards: list[OutShard]) -> dict:
-    wm = {t.name: s.name for s in shards for t in s.tensors}
-    return {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": dict(sorted(wm.items()))}
-
-
 def rebuild(src: str, opts: Options) -> Rebuilt:
     """The output shards of :func:`make_plan` for ``src``, rebuilt where a remote unit runs (a Ray worker: same
     SRC path, same options, hence the same plan; the driver has already pre-flighted SRC)."""
@@ -244,62 +238,24 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     })
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="lower --workers (each shard in flight holds a few 32 MiB chunks)")
-    if out is not None:  # pre-flight, also on --dry-run: before OUT/manifest.json exists
-        check_output_writable(Path(out))
-        report["disk"] = check_free_disk(Path(out), {s.name: s.nbytes for s in plan.shards}, refuse=not dry_run)
-        if "problem" in report["disk"]:
-            report.setdefault("warnings", []).append(report["disk"]["problem"])
+    preflight(out, plan.shards, report, dry_run=dry_run)  # also on --dry-run: before OUT/manifest.json exists
     if dry_run:
         report["output"] = {"path": str(out) if out else None}
         return report
     if out is None:
         raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT")
     out = Path(out)
-    parts = {"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]), "options": opts.fingerprinted(),
-             "command": COMMAND}
-    fp = fingerprint(parts)
-    decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
-                              parts=parts,
-                              owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME,
-                                              *plan.files), verify=verify, progress=progress)
-    todo_bytes = sum(s.nbytes for s in plan.shards if s.name not in decision.done)
-    written_now: list[str] = []
-    if not decision.already_complete:
-        with ByteProgress(todo_bytes, COMMAND, enabled=progress) as bar:
-            written_now = executor.write_shards(out, plan.shards, decision.manifest, bar,
-                                                job=Job(rebuild, (str(src.resolve()), opts)))
-        write_atomic(out / INDEX_NAME, (json.dumps(_index(plan.shards), indent=2) + "\n").encode())
-        write_atomic(out / "config.json", dump_config(plan.config))
-        copied = copy_files(src, out, plan.files)
-    else:
-        copied = [{"name": n} for n in plan.files]
-    report["self_check"] = verify_output(out, plan)
-    seconds = time.perf_counter() - t0
-    per_tensor = [{"name": t.name, "action": t.action, "dtype_out": t.dtype,
-                   "dtype_in": ck.entry(t.name).dtype, "bytes_in": t.source_bytes, "bytes_out": t.nbytes,
-                   "shard": s.name} for s in plan.shards for t in s.tensors]
-    report.update({
-        "output": {"path": str(out), "shards": len(plan.shards), "tensors": sum(len(s.tensors) for s in plan.shards),
-                   "total_size": plan.bytes_written, "files_copied": copied},
-        "resumed": decision.resumed,
-        "already_complete": decision.already_complete,
-        "shards_written": len(written_now),
-        "shards_reused": len(plan.shards) - len(written_now),
-        "seconds": round(seconds, 3),
-        "gb_per_s_written": round(sum(s.nbytes for s in plan.shards if s.name in written_now) / 1e9 / seconds, 4)
-        if seconds > 0 else None,
-        "peak_rss": bytes_fields(peak_rss_bytes()),
-        "executor": executor.report(),
-    })
-    full = dict(report, tensors=per_tensor)
-    write_atomic(out / REPORT_NAME, (json.dumps(full, indent=2) + "\n").encode())
-    if not decision.already_complete:
-        decision.manifest.record_complete(out, [INDEX_NAME, "config.json", *plan.files],
-                                          {t.name: (s.name, t.dtype, t.shape) for s in plan.shards for t in s.tensors})
-    decision.manifest.complete = True
-    decision.manifest.save(out)
-    report["report_path"] = str(out / REPORT_NAME)
-    return report
+
+    def per_tensor(report: dict) -> dict:
+        return {"tensors": [{"name": t.name, "action": t.action, "dtype_out": t.dtype,
+                             "dtype_in": ck.entry(t.name).dtype, "bytes_in": t.source_bytes, "bytes_out": t.nbytes,
+                             "shard": s.name} for s in plan.shards for t in s.tensors]}
+
+    return write_directory(COMMAND, src, out, DirectoryOutput(plan.shards, plan.config, plan.files),
+                           opts.fingerprinted(), report, executor=executor,
+                           job=Job(rebuild, (str(src.resolve()), opts)), t0=t0, overwrite=overwrite, resume=resume,
+                           verify=verify, progress=progress, self_check=lambda o: verify_output(o, plan),
+                           on_report=per_tensor)
 
 
 def verify_output(out: Path, plan: Plan) -> dict:

@@ -29,20 +29,20 @@ from typing import Callable
 import torch
 
 from ..errors import BadInputError, UsageError
-from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from ..formats.hf_config import dump_config, unquantized_config, version_label
+from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..formats.hf_config import unquantized_config, version_label
 from ..formats.int_format import IntFormat
 from ..formats.kind import require_kind
 from ..formats.registry import FORMATS, describe_formats, get_format
 from ..formats.tokenizer_check import tokenizer_problems
 from ..quant.rtn import QuantSpec
 from ..quant.schemes import SCHEMES, Scheme, SchemeDescription, get_scheme
-from ..report import base_report, peak_rss_bytes
+from ..report import base_report
 from ..units import bytes_fields, count
 from .int_module import ModuleResult, read_weight
-from .files import REPORT_NAME, copy_files, extra_files
-from .preflight import check_free_disk, check_output_writable
-from .manifest import check_paths, fingerprint, prepare_output, source_fingerprint_parts, write_atomic
+from .files import extra_files
+from .job import NOT_FINGERPRINTED, DirectoryOutput, option_fingerprint, preflight, write_directory
+from .manifest import check_paths
 from .executor import Executor, Job, LocalExecutor, Rebuilt, shard_units
 from .pipeline import OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order
 from .policy import DEFAULT_IGNORE_PATTERNS, LayerPolicy, check_fused_groups, module_of
@@ -75,13 +75,13 @@ class Options:
     checkpoint_format: str | None = None  # gptq only: gptq (v1, default) | gptq_v2
     method: str = "rtn"  # rtn | awq | gptq
     ignore: list[str] = field(default_factory=list)
-    strict: bool = False
+    strict: bool = field(default=False, metadata=NOT_FINGERPRINTED)  # warnings become errors: no byte changes
     mtp: str = "keep"
     max_shard_size: int = 5 * 10**9
-    device: str = "auto"
-    workers: int = 1
-    chunk_bytes: int = 32 * 2**20
-    max_memory: int | None = None
+    device: str = field(default="auto", metadata=NOT_FINGERPRINTED)
+    workers: int = field(default=1, metadata=NOT_FINGERPRINTED)
+    chunk_bytes: int = field(default=32 * 2**20, metadata=NOT_FINGERPRINTED)
+    max_memory: int | None = field(default=None, metadata=NOT_FINGERPRINTED)
     # calibration (awq/gptq)
     calib_data: str | None = None
     num_samples: int = 8
@@ -90,9 +90,7 @@ class Options:
     expert_policy: str = "all-tokens"  # experts with few calibration tokens: all-tokens | rtn | topk
 
     def fingerprinted(self) -> dict:
-        d = asdict(self)
-        for k in ("device", "workers", "chunk_bytes", "max_memory", "strict"):
-            d.pop(k)
+        d = option_fingerprint(self)
         if not (self.preset or self.recipe or self.scheme_for):  # unchanged fingerprint for single-scheme runs
             for k in ("preset", "recipe", "scheme_for", "scheme_given"):
                 d.pop(k)
@@ -572,11 +570,6 @@ def _ignore_patterns(module: str, modules: list[str]) -> list[str]:
     return [m for m in modules if fused_group(m + ".weight") == g]
 
 
-def _index(shards: list[OutShard]) -> dict:
-    wm = {t.name: s.name for s in shards for t in s.tensors}
-    return {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": dict(sorted(wm.items()))}
-
-
 def _error_summary(errors: dict[str, float]) -> dict:
     if not errors:
         return {}
@@ -687,11 +680,7 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     check_max_memory(plan.peak_memory, opts.max_memory,
                      hint="the largest module is quantized in float32 (calibrated methods: one layer's "
                           "activations and working set; lower --num-samples/--seq-len); raise --max-memory")
-    if out is not None:  # pre-flight, also on --dry-run: before OUT/manifest.json exists
-        check_output_writable(Path(out))
-        report["disk"] = check_free_disk(Path(out), {s.name: s.nbytes for s in plan.shards}, refuse=not dry_run)
-        if "problem" in report["disk"]:
-            report.setdefault("warnings", []).append(report["disk"]["problem"])
+    preflight(out, plan.shards, report, dry_run=dry_run)  # also on --dry-run: before OUT/manifest.json exists
     if dry_run:
         return report
     if assign is not None and assign.needs_input_calibration():
@@ -710,56 +699,24 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         raise UsageError("missing -o/--output", hint="dsconvert quantize SRC -o OUT --scheme W4A16")
     check_scale_overflow(ck, plan.quantized_modules, spec, fmt, progress=progress)  # before OUT/manifest.json
     out = Path(out)
-    parts = {"source": source_fingerprint_parts(src, [INDEX_NAME, "config.json"]), "options": opts.fingerprinted(),
-             "command": COMMAND}
-    fp = fingerprint(parts)
-    decision = prepare_output(out, COMMAND, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
-                              parts=parts,
-                              owned_patterns=("*.safetensors", INDEX_NAME, "config.json", REPORT_NAME, CALIB_SIDECAR,
-                                              *plan.files, *fmt.sidecar_files(plan.config["quantization_config"])),
-                              verify=verify, progress=progress)
-    if engine is not None:
-        engine.resume(out, decision.done, plan.shards)
-    written_now: list[str] = []
-    if not decision.already_complete:
-        todo = sum(s.nbytes for s in plan.shards if s.name not in decision.done)
-        try:
-            with ByteProgress(todo, COMMAND, enabled=progress) as bar:
-                written_now = executor.write_shards(out, plan.shards, decision.manifest, bar,
-                                                    job=Job(rebuild, (str(src.resolve()), opts)),
-                                                    on_extras=cache.errors.update)
-        finally:
-            if engine is not None:
-                engine.close()  # spilled expert results, finished or interrupted
-        write_atomic(out / INDEX_NAME, (json.dumps(_index(plan.shards), indent=2) + "\n").encode())
-        write_atomic(out / "config.json", dump_config(plan.config))
-        for name, doc in fmt.sidecar_files(plan.config["quantization_config"]).items():
-            write_atomic(out / name, (json.dumps(doc, indent=2) + "\n").encode())
-        if engine is not None:  # the calibration windows' span hashes, for validate's overlap check
-            write_atomic(out / CALIB_SIDECAR, (json.dumps(engine.sidecar()) + "\n").encode())
-        copy_files(src, out, plan.files)
-    seconds = time.perf_counter() - t0
-    report.update({
-        "output": {"path": str(out), "shards": len(plan.shards), "total_size": plan.bytes_written},
-        "resumed": decision.resumed,
-        "already_complete": decision.already_complete,
-        "shards_written": len(written_now),
-        "quantization_error": _error_summary(cache.errors),
-        "seconds": round(seconds, 3),
-        "peak_rss": bytes_fields(peak_rss_bytes()),
-        "executor": executor.report(),
-    })
-    if engine is not None:
-        report["calibration"] = engine.report()
-    full = dict(report, module_errors=dict(sorted(cache.errors.items(), key=lambda kv: _natural_key(kv[0]))))
-    write_atomic(out / REPORT_NAME, (json.dumps(full, indent=2, default=str) + "\n").encode())
-    if not decision.already_complete:
-        decision.manifest.record_complete(
-            out, [INDEX_NAME, "config.json", *plan.files, *fmt.sidecar_files(plan.config["quantization_config"])],
-            {t.name: (s.name, t.dtype, t.shape) for s in plan.shards for t in s.tensors})
-    decision.manifest.complete = True
-    decision.manifest.save(out)
+    qcfg = plan.config["quantization_config"]
+    sidecars = {name: (json.dumps(doc, indent=2) + "\n").encode() for name, doc in fmt.sidecar_files(qcfg).items()}
+    if engine is not None:  # the calibration windows' span hashes, for validate's overlap check
+        sidecars[CALIB_SIDECAR] = lambda: (json.dumps(engine.sidecar()) + "\n").encode()
+
+    def add_errors(report: dict) -> dict:
+        report["quantization_error"] = _error_summary(cache.errors)
+        if engine is not None:
+            report["calibration"] = engine.report()
+        return {"module_errors": dict(sorted(cache.errors.items(), key=lambda kv: _natural_key(kv[0])))}
+
+    report = write_directory(
+        COMMAND, src, out, DirectoryOutput(plan.shards, plan.config, plan.files, sidecars, owned=(CALIB_SIDECAR,)), opts.fingerprinted(),
+        report, executor=executor, job=Job(rebuild, (str(src.resolve()), opts)), t0=t0, overwrite=overwrite,
+        resume=resume, verify=verify, progress=progress, on_extras=cache.errors.update,
+        on_resume=None if engine is None else (lambda d: engine.resume(out, d.done, plan.shards)),
+        on_finally=None if engine is None else engine.close,  # spilled expert results, finished or interrupted
+        on_report=add_errors)
     (out / STATE_NAME).unlink(missing_ok=True)  # calibration resume state is only needed until completion
-    report["report_path"] = str(out / REPORT_NAME)
     return report
 
