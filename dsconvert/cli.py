@@ -82,6 +82,16 @@ def _registry_help() -> tuple[str, str, str]:
 _SCHEME_HELP, _FORMAT_HELP, _TYPE_HELP = _registry_help()
 
 
+def _gguf_recipe_help() -> str:
+    from .formats.gguf_recipes import RECIPES
+
+    return ("a named DeepSeek type recipe (its file type unless --type is given; --tensor-type rules win over its "
+            "own): " + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
+
+
+_GGUF_RECIPE_HELP = _gguf_recipe_help()
+
+
 RayOpt = Annotated[Optional[str], typer.Option(
     "--ray", metavar="ADDRESS", help="run the work units on a Ray cluster: the head's HOST:PORT (6379 unless "
                                      "changed), or auto (RAY_ADDRESS or the cluster `ray start` began here); SRC "
@@ -804,9 +814,14 @@ Examples:
 def gguf_cmd(
     src: SrcArg,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="the .gguf file to write")] = None,
-    type_: Annotated[str, typer.Option("--type", help=_TYPE_HELP)] = "BF16",
+    type_: Annotated[Optional[str], typer.Option("--type", help=_TYPE_HELP + " [default: BF16, or the recipe's]")
+                     ] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", metavar="NAME", help=_GGUF_RECIPE_HELP)] = None,
     tensor_type: Annotated[Optional[list[str]], typer.Option(
         "--tensor-type", metavar="PATTERN=TYPE", help="PATTERN=TYPE (regex on GGUF names, first match wins; repeatable)")] = None,
+    tensor_type_file: Annotated[Optional[Path], typer.Option(
+        "--tensor-type-file", metavar="FILE", help="PATTERN=TYPE rules, whitespace-separated (one per line; '#' "
+        "comments), applied after --tensor-type")] = None,
     output_tensor_type: Annotated[Optional[str], typer.Option("--output-tensor-type",
                                                               help="type of output.weight")] = None,
     token_embedding_type: Annotated[Optional[str], typer.Option("--token-embedding-type",
@@ -843,7 +858,10 @@ def gguf_cmd(
     from .convert.manifest import check_verify_mode
 
     def body():
-        opts = ge.GGUFOptions(type=type_, tensor_types=list(tensor_type or []), output_tensor_type=output_tensor_type,
+        from .formats.gguf_recipes import read_tensor_type_file
+
+        rules = list(tensor_type or []) + (read_tensor_type_file(tensor_type_file) if tensor_type_file else [])
+        opts = ge.GGUFOptions(type=type_, recipe=recipe, tensor_types=rules, output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
                               device=device, max_memory=_size(max_memory), state_dir=state_dir)

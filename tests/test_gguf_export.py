@@ -317,6 +317,65 @@ def test_type_options_and_unsupported_types(kq, work):
     assert res.exit_code == 2 and "unknown --type" in res.text
 
 
+def _bpw(t: str) -> float:
+    bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]]
+    return 8 * ts / bs
+
+
+def test_recipe_puts_bits_where_deepseek_needs_them_and_user_rules_win(kq, tmp_path):
+    from dsconvert.formats.gguf_recipes import RECIPES
+
+    ck = ge.open_checkpoint(kq)
+    p = ge.make_plan(ck, ge.GGUFOptions(recipe="deepseek-Q2_K_XL"), None)
+    assert p.ftype == "Q2_K"
+    for n, t in p.types.items():
+        if n.endswith("norm.weight") or "ffn_gate_inp" in n or "exp_probs_b" in n:
+            assert t == "F32", n
+        elif "_exps" in n:  # routed experts: the low-bit type, ffn_down one step higher
+            assert t == ("Q3_K" if "ffn_down" in n else "Q2_K"), (n, t)
+        else:  # attention, shared experts, dense FFN, embedding, output: >= 4 bits (after shape fallbacks)
+            assert _bpw(t) >= 4.5, (n, t)
+    for n, t in p.types.items():
+        if "ffn_down_exps" in n:
+            assert _bpw(t) > _bpw(p.types[n.replace("ffn_down", "ffn_gate")])
+    # the same rules from a --tensor-type-file (with comments) plan the same; a user rule wins over the recipe
+    rules = tmp_path / "rules.txt"
+    rules.write_text("# DeepSeek Q2_K_XL\n" + "\n".join(f"{r}   # rule {i}" for i, r in
+                                                         enumerate(RECIPES["deepseek-Q2_K_XL"].tensor_types)) + "\n")
+    a = cli("gguf", kq, "--recipe", "deepseek-q2_k_xl", "--dry-run", "--json")
+    b = cli("gguf", kq, "--type", "Q2_K", "--tensor-type-file", rules, "--dry-run", "--json")
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+    assert ja["plan"]["types"] == jb["plan"]["types"] and ja["plan"]["total_size"] == jb["plan"]["total_size"]
+    assert ja["options"]["recipe"]["name"] == "deepseek-Q2_K_XL"
+    p2 = ge.make_plan(ck, ge.GGUFOptions(recipe="deepseek-Q2_K_XL", type="Q3_K_M",
+                                         tensor_types=["ffn_down_exps=q4_k"]), None)
+    assert p2.ftype == "Q3_K_M" and all(t == "Q4_K" for n, t in p2.types.items() if "ffn_down_exps" in n)
+    # refusals name what to fix
+    rules.write_text("attn_=q8_0\nffn_down_exps q4_k\n")
+    res = cli("gguf", kq, "--tensor-type-file", rules, "--dry-run")
+    assert res.exit_code == 2 and f"{rules}, line 2: malformed rule 'ffn_down_exps'" in res.text, res.text
+    res = cli("gguf", kq, "--recipe", "nope", "--dry-run")
+    assert res.exit_code == 2 and "unknown --recipe 'nope'" in res.text and "deepseek-IQ1_S" in res.text
+
+
+@pytest.mark.llamacpp
+def test_recipe_file_reads_back_and_llama_cpp_runs_it(kq, work):
+    from dsconvert.model.metrics import compare_logits
+
+    llama_cpp = _llama_cpp()
+    path = work / "out" / "kq-recipe-Q2_K_XL.gguf"
+    rep = export(kq, path, recipe="deepseek-Q2_K_XL")
+    plan = ge.make_plan(ge.open_checkpoint(kq), ge.GGUFOptions(recipe="deepseek-Q2_K_XL"), path)
+    types = {n: gguf.GGMLQuantizationType(t.tensor_type).name for n, t in tensors(path).items()}
+    assert types == plan.types and {"Q2_K", "Q3_K", "Q6_K", "F32"} <= set(types.values())
+    assert fields(path)["general.file_type"] == 10  # LLAMA_FTYPE_MOSTLY_Q2_K
+    assert rep["options"]["recipe"]["name"] == "deepseek-Q2_K_XL"
+    got = llama_logits(llama_cpp, path)
+    b = compare_logits(ref_logits(GGUFWeightSource(path)), got, torch.tensor(TOKENS))
+    assert b["mean_kld"] <= KLD_BOUNDS["Q4_K_M"][1], b["mean_kld"]  # llama.cpp's arithmetic on our bytes
+
+
 # ------------------------------------------------------------------------------------------------
 # splits, resume, dry run
 # ------------------------------------------------------------------------------------------------

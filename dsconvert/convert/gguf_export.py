@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -54,6 +54,7 @@ from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageEr
 from ..formats import gguf_deepseek2 as g2
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.gguf_imatrix import read_imatrix as load_imatrix
+from ..formats.gguf_recipes import get_recipe
 from ..formats.gguf_types import (FTYPE_NAMES, default_type, normalize_ftype, parse_tensor_type_override,
                                   requires_imatrix)
 from ..formats.hf_config import version_label
@@ -95,7 +96,7 @@ INPUT_HINTS = {
 class GGUFOptions:
     """Options of one export; :meth:`fingerprinted` lists those that change the output bytes."""
 
-    type: str = "BF16"
+    type: str | None = None  # None: the recipe's file type, else BF16
     tensor_types: list[str] = field(default_factory=list)  # "PATTERN=TYPE", first match wins
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
@@ -107,6 +108,20 @@ class GGUFOptions:
     chunk_bytes: int = 32 * 2**20  # float32 input bytes quantized at once
     max_memory: int | None = None
     state_dir: Path | None = None  # where the manifest and report go (default: beside the .gguf); not fingerprinted
+    recipe: str | None = None  # a named recipe (formats/gguf_recipes.py), expanded by :meth:`resolved`
+
+    def resolved(self) -> "GGUFOptions":
+        """These options with the recipe spelled out (idempotent): its file type unless ``type`` is given, its
+        ``--tensor-type`` rules after the user's (so the user's win). What is fingerprinted and reported is the
+        expanded form.
+
+        Raises:
+            UsageError (exit 2): unknown recipe.
+        """
+        if self.recipe is None:
+            return self if self.type is not None else replace(self, type="BF16")
+        r = get_recipe(self.recipe)
+        return replace(self, recipe=None, type=self.type or r.type, tensor_types=[*self.tensor_types, *r.tensor_types])
 
     def fingerprinted(self) -> dict:
         return {"type": self.type, "tensor_types": list(self.tensor_types),
@@ -363,6 +378,7 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     """
     cfg = ck.config
     check_supported(cfg)
+    opts = opts.resolved()
     ftype, forced_pure = resolve_type(opts.type)
     pure = opts.pure or forced_pure
     overrides = [parse_tensor_type_override(s) for s in opts.tensor_types]
@@ -1006,6 +1022,8 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     """
     t0 = time.perf_counter()
     src = Path(src)
+    recipe = get_recipe(opts.recipe).to_dict() if opts.recipe else None
+    opts = opts.resolved()
     executor = executor or LocalExecutor(1)
     if output is None and not dry_run:
         raise UsageError("missing -o/--output", hint="dsconvert gguf SRC -o FILE.gguf --type Q4_K_M (or --dry-run)")
@@ -1028,7 +1046,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                    "shards": len(ck.shards), "tensors": len(ck.tensors),
                    **bytes_fields(sum(e.nbytes for _, e in ck.tensors.values()))},
         "options": {**asdict(opts), "imatrix": str(opts.imatrix) if opts.imatrix else None, "device": str(device),
-                    "state_dir": str(opts.state_dir) if opts.state_dir else None},
+                    "state_dir": str(opts.state_dir) if opts.state_dir else None, "recipe": recipe},
         "dry_run": dry_run,
         "plan": plan.summary(),
         "warnings": [p.to_dict() for p in ck.problems if not p.fatal]
