@@ -830,6 +830,10 @@ def gguf_cmd(
                                                       "type (shape fallbacks still apply)")] = False,
     imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="llama.cpp importance matrix "
                                                                       "(imatrix.gguf or legacy .dat)")] = None,
+    target_size: Annotated[Optional[str], typer.Option(
+        "--target-size", metavar="SIZE", help="choose each quantizable tensor's type (Q2_K..Q8_0) so the tensor "
+        "data fits SIZE (e.g. 180G = 180e9 bytes) with the least measured output error (samples of every tensor "
+        "quantized, weighted by --imatrix when given); --tensor-type rules stay fixed; --dry-run shows the choice")] = None,
     split_max_size: Annotated[Optional[str], typer.Option(
         "--split-max-size", help="split into files of at most this much tensor data (e.g. 50G = 50e9 bytes)")] = None,
     split_max_tensors: Annotated[Optional[int], typer.Option("--split-max-tensors", min=1,
@@ -864,7 +868,8 @@ def gguf_cmd(
         opts = ge.GGUFOptions(type=type_, recipe=recipe, tensor_types=rules, output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
-                              device=device, max_memory=_size(max_memory), state_dir=state_dir)
+                              device=device, max_memory=_size(max_memory), state_dir=state_dir,
+                              target_size=_size(target_size))
         ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, 1)
         rep = ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
@@ -884,6 +889,11 @@ def gguf_cmd(
                 out.print(f"  {t:6s} {v['tensors']:5d} tensors {v['bytes'] / 1e9:10.3f} GB")
             for f in p["files"]:
                 out.print(f"  file {f['name']}: {f['tensors']} tensors, {f['gb']:.3f} GB")
+            if "target_size" in p:
+                b = p["target_size"]
+                out.print(f"  --target-size {b['target']['gb']:.3f} GB: {b['tensors_chosen']} tensors chosen, "
+                          f"{b['planned']['gb']:.3f} GB of tensor data (possible {b['smallest']['gb']:.3f}-"
+                          f"{b['largest']['gb']:.3f} GB); per-tensor choices in --json")
             out.print(f"  peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB")
         else:
             o = rep["output"]

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import threading
 import time
@@ -63,7 +64,7 @@ from ..formats.safetensors_io import read_tensor, sha256_file
 from ..formats.tokenizer_check import tokenizer_problems
 from ..quant import ggml
 from ..report import base_report, peak_rss_bytes
-from ..units import bytes_fields
+from ..units import bytes_fields, fmt_bytes
 from .fp8_to_bf16 import resolve_device
 from .pipeline import check_max_memory, dequant_producer
 from . import cancel
@@ -109,6 +110,7 @@ class GGUFOptions:
     max_memory: int | None = None
     state_dir: Path | None = None  # where the manifest and report go (default: beside the .gguf); not fingerprinted
     recipe: str | None = None  # a named recipe (formats/gguf_recipes.py), expanded by :meth:`resolved`
+    target_size: int | None = None  # bytes of tensor data: per-tensor types chosen by sensitivity (_budget_types)
 
     def resolved(self) -> "GGUFOptions":
         """These options with the recipe spelled out (idempotent): its file type unless ``type`` is given, its
@@ -118,8 +120,8 @@ class GGUFOptions:
         Raises:
             UsageError (exit 2): unknown recipe.
         """
-        if self.recipe is None:
-            return self if self.type is not None else replace(self, type="BF16")
+        if self.recipe is None:  # --target-size alone: a Q4_K_M file (its general.file_type) of chosen types
+            return self if self.type is not None else replace(self, type="Q4_K_M" if self.target_size else "BF16")
         r = get_recipe(self.recipe)
         return replace(self, recipe=None, type=self.type or r.type, tensor_types=[*self.tensor_types, *r.tensor_types])
 
@@ -127,7 +129,8 @@ class GGUFOptions:
         return {"type": self.type, "tensor_types": list(self.tensor_types),
                 "output_tensor_type": self.output_tensor_type, "token_embedding_type": self.token_embedding_type,
                 "pure": self.pure, "imatrix": sha256_file(self.imatrix) if self.imatrix else None,
-                "split_max_size": self.split_max_size, "split_max_tensors": self.split_max_tensors}
+                "split_max_size": self.split_max_size, "split_max_tensors": self.split_max_tensors,
+                **({"target_size": self.target_size} if self.target_size is not None else {})}
 
 
 def type_names() -> dict[str, list[str]]:
@@ -232,6 +235,8 @@ class ExportPlan:
     peak_memory: int
     #: gguf name -> float32 ``[n_mat, n_per_row]`` importance weights for the tensors whose type uses them
     importance: dict = field(default_factory=dict, repr=False)
+    #: ``--target-size``: what was chosen and why (:func:`_budget_types`); None without it
+    budget: dict | None = None
 
     @property
     def tensor_bytes(self) -> int:
@@ -283,6 +288,7 @@ class ExportPlan:
             "imatrix": self.imatrix,
             "peak_memory_estimate": bytes_fields(self.peak_memory),
             "disk_needed": bytes_fields(self.total_size),
+            **({"target_size": self.budget} if self.budget is not None else {}),
         }
 
 
@@ -386,6 +392,9 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     types = g2.plan_types(plan, ftype, cfg, overrides=overrides, output_type=opts.output_tensor_type,
                           embd_type=opts.token_embedding_type, pure=pure, fallback_f16=True,
                           has_imatrix=opts.imatrix is not None)
+    budget = None
+    if opts.target_size is not None:
+        types, budget = _budget_types(ck, plan, types, opts)
     have = set(ggml.registered_types())
     missing = sorted({t for t in types.values() if t not in have})
     if missing:
@@ -429,12 +438,107 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     work = max(kv_b, opts.chunk_bytes // 2) * (1 + 2 + 8 * 2)
     peak = BASE_RSS + work + max(len(f.header) for f in files)
     return ExportPlan(ck, ftype, pure, plan, types, nbytes, files, vocab_holder["v"].summary(), imatrix, peak,
-                      importance)
+                      importance, budget)
 
 
 # --------------------------------------------------------------------------------------------------
 # imatrix
 # --------------------------------------------------------------------------------------------------
+
+
+#: the types ``--target-size`` chooses among, each with the tensor's shape fallback applied (llama.cpp's
+#: ``tensor_type_fallback``: ne0 = 128 makes Q4_K a Q5_0, ...)
+BUDGET_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+#: the sample a tensor's sensitivity is measured on: rows spread over one chunk of the first and the middle
+#: matrix (expert, or kv_b head)
+SAMPLE_ROWS = 32
+SAMPLE_CHUNK = 4 * 2**20
+
+
+def _sample(ck: Checkpoint, t: g2.GGUFTensorPlan) -> list[tuple[int, torch.Tensor]]:
+    """``[(matrix index, float32 rows [R, ne0])]`` of output tensor ``t``, as the file would hold them (the
+    dequantized source; kv_b halves split per head)."""
+    if t.kind in ("kv_b_k", "kv_b_v"):
+        kv = torch.cat(list(_rows(ck, t.sources[0], SAMPLE_CHUNK)))
+        built = g2.build_tensor(t, [kv], ck.config)
+        return [(h, built[h].to(torch.float32)) for h in sorted({0, built.shape[0] // 2})]
+    out = []
+    for i in sorted({0, len(t.sources) // 2}):
+        gen = _rows(ck, t.sources[i], SAMPLE_CHUNK)
+        x = next(gen)
+        gen.close()
+        x = x.reshape(-1, x.shape[-1])
+        out.append((i, x[:: max(1, x.shape[0] // SAMPLE_ROWS)][:SAMPLE_ROWS].to(torch.float32)))
+    return out
+
+
+def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts: GGUFOptions
+                  ) -> tuple[dict[str, str], dict]:
+    """``--target-size``: the type of every quantizable tensor chosen from :data:`BUDGET_LADDER` so the tensor
+    data fits ``opts.target_size`` bytes with the least summed relative output error
+    (:mod:`dsconvert.quant.bit_alloc`). Each candidate's error is measured by quantizing a sample of the tensor's
+    rows (:func:`_sample`: up to 2 x 32 rows of the dequantized FP8/BF16 source) with the same quantizer the export
+    runs, weighted by ``--imatrix`` when given (then the imatrix also weights the error: ``E[x_j^2]`` per input
+    column, from the reference forward on the original with ``dsconvert imatrix``). Tensors a user rule names
+    (``--tensor-type``, ``--output-tensor-type``, ``--token-embedding-type``) and those never quantized (norms,
+    router) keep their type and count against the budget. Reads the samples (about 0.5 MB per tensor); a
+    671B plan quantizes ~700 samples at 6 types.
+
+    Returns:
+        (types, report: target, planned bytes, the smallest and largest possible, per-tensor choice with its
+        measured relative error at each candidate).
+
+    Raises:
+        UsageError (exit 2): the target is below what the smallest types need (the message gives that size).
+    """
+    from ..quant.bit_alloc import Choice, allocate, weighted_rel_error
+
+    cfg = ck.config
+    ladder = {q: g2.plan_types(plan, "Q8_0", cfg, overrides=[(".", q)], pure=True, fallback_f16=True)
+              for q in BUDGET_LADDER}
+    fixed_pats = [parse_tensor_type_override(r)[0] for r in opts.tensor_types]
+
+    def fixed(n: str) -> bool:
+        return (any(re.search(p, n) for p in fixed_pats) or (opts.token_embedding_type and n == "token_embd.weight")
+                or (opts.output_tensor_type and n == "output.weight"))
+
+    entries = load_imatrix(opts.imatrix) if opts.imatrix is not None else {}
+    options: dict[str, list[Choice]] = {}
+    measured: dict[str, dict[str, float]] = {}
+    for t in plan:
+        if t.force_f32 or ladder["Q8_0"][t.name] in ("F32", "F16", "BF16") or fixed(t.name):
+            continue
+        cands = sorted({ladder[q][t.name] for q in BUDGET_LADDER}, key=lambda q: g2.tensor_nbytes(t.shape, q))
+        e = entries.get(t.name)
+        imp = None if e is None else np.asarray(e, np.float32).reshape(-1, t.shape[-1])
+        samples = _sample(ck, t)
+        errs = {}
+        for q in cands:
+            num = den = 0.0
+            for i, x in samples:
+                w = None if imp is None else imp[i]
+                xq = ggml.dequantize(torch.from_numpy(encode(x, q, torch.device("cpu"), w)), q, tuple(x.shape))
+                a, b = weighted_rel_error(x, xq, None if w is None else torch.from_numpy(w))
+                num, den = num + a, den + b
+            errs[q] = num / den if den > 0 else 0.0
+        measured[t.name] = errs
+        options[t.name] = [Choice(q, g2.tensor_nbytes(t.shape, q), errs[q]) for q in cands]
+    rest = sum(g2.tensor_nbytes(t.shape, types[t.name]) for t in plan if t.name not in options)
+    lo = rest + sum(min(c.nbytes for c in cs) for cs in options.values())
+    hi = rest + sum(max(c.nbytes for c in cs) for cs in options.values())
+    try:
+        chosen = allocate(options, opts.target_size - rest)
+    except ValueError:
+        raise UsageError(f"--target-size {fmt_bytes(opts.target_size)} is below the smallest this plan can be: "
+                         f"{fmt_bytes(lo)} of tensor data ({BUDGET_LADDER[0]} everywhere it applies)",
+                         hint=f"give at least --target-size {lo}") from None
+    out = dict(types)
+    out.update({n: c.type for n, c in chosen.items()})
+    planned = rest + sum(c.nbytes for c in chosen.values())
+    return out, {"target": bytes_fields(opts.target_size), "planned": bytes_fields(planned),
+                 "smallest": bytes_fields(lo), "largest": bytes_fields(hi), "tensors_chosen": len(chosen),
+                 "weighted_by_imatrix": bool(entries), "sum_rel_error": sum(c.rel_error for c in chosen.values()),
+                 "choices": {n: {"type": chosen[n].type, "rel_error": measured[n]} for n in chosen}}
 
 
 def _imatrix_plan(path: Path | None, plan: g2.GGUFPlan, types: dict[str, str]) -> tuple[dict, dict]:
@@ -788,6 +892,16 @@ def write_piece(plan: ExportPlan, file_idx: int, a: int, b: int, tmp: Path, sink
     return {"size": size, "sha256": h.hexdigest(), "records": records}
 
 
+def _as_rules(opts: GGUFOptions, plan: ExportPlan) -> GGUFOptions:
+    """``opts`` with a ``--target-size`` choice spelled out as one exact ``--tensor-type`` rule per chosen tensor
+    (a remote unit rebuilds the same plan without measuring again); unchanged without ``--target-size``."""
+    opts = opts.resolved()
+    if plan.budget is None:
+        return opts
+    rules = [f"^{re.escape(n)}$={c['type']}" for n, c in plan.budget["choices"].items()]
+    return replace(opts, target_size=None, tensor_types=[*rules, *opts.tensor_types])
+
+
 def rebuild(src: str, opts: GGUFOptions, output: str) -> Rebuilt:
     """The export plan for ``src`` rebuilt where a remote unit runs (same SRC path and options, same plan);
     a unit's payload is ``(file index, first tensor, end tensor)``, written by :func:`write_piece`."""
@@ -1085,7 +1199,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     if todo:
         with ByteProgress(sum(sum(plan.nbytes[t.name] for t in f.tensors) for f in todo), COMMAND,
                           enabled=progress) as bar:
-            job = Job(rebuild, (str(src.resolve()), opts, str(output.resolve())))
+            job = Job(rebuild, (str(src.resolve()), _as_rules(opts, plan), str(output.resolve())))
             for f in todo:
                 st: dict = {}
                 for stale in output.parent.glob(glob.escape(f.name) + "@*.tmp"):  # pieces of a killed run
