@@ -59,3 +59,36 @@ def test_v4_logits_match_transformers(v4_src, hf_v4, T):
     print(f"T={T} max|d|={(got - want).abs().max().item():.3g} scale={want.abs().max().item():.3g} rel={rel:.3g}")
     assert rel < 1e-6  # measured 0.0 (bit-exact) on CPU; one Sinkhorn round fewer gives 2.4e-6
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_v4_logits_and_validate_cli(v4_src, hf_v4, tmp_path):
+    """``dsconvert logits`` on the FP8/FP4 release checkpoint returns transformers' logits; ``validate`` of its
+    lossless BF16 conversion gives KLD 0, and a candidate with one attention output projection scaled by 1.5
+    (``layers.1.attn.wo_b``, a CSA layer) is measured as different."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_validate import cli
+
+    ids = [(i * 37 + 5) % 512 for i in range(48)]
+    rc, rep = cli("logits", v4_src, "--token-ids", ",".join(map(str, ids)), "-o", tmp_path / "l.npy", "--json")
+    assert rc == 0, rep
+    with torch.no_grad():
+        want = hf_v4(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+    got = torch.from_numpy(np.load(tmp_path / "l.npy"))
+    assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+
+    bf = tmp_path / "bf"
+    rc, rep = cli("fp8-to-bf16", v4_src, "-o", bf, "--json")
+    assert rc == 0, rep
+    rc, rep = cli("validate", bf, "--reference", v4_src, "--token-ids", ",".join(map(str, ids)), "--json")
+    assert rc == 0 and rep["passed"] and rep["mean_kld"] == 0.0 and rep["same_top_p"] == 1.0, rep
+
+    idx = json.loads((bf / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "layers.1.attn.wo_b.weight"
+    shard = bf / idx[name]
+    tensors = load_file(str(shard))
+    tensors[name] = (tensors[name].float() * 1.5).to(tensors[name].dtype)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    rc, rep = cli("validate", bf, "--reference", v4_src, "--token-ids", ",".join(map(str, ids)), "--json")
+    assert rep["mean_kld"] > 0 and rep["first_diverging_layer"] == 1, rep

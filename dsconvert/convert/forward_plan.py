@@ -30,8 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..formats import deepseek_v4 as v4
 from ..formats.deepseek_v3 import is_mtp
 from ..model.config import ModelConfig
+from ..model.registry import architecture
 from ..model.forward import HEAD_CHUNK_ROWS
 from ..units import bytes_fields
 
@@ -53,9 +55,58 @@ class ModelCost:
     source_esz: int  # bytes per element of what the source returns (BF16 2, GGUF float32 4)
 
 
+@dataclass(frozen=True)
+class _Dims:
+    """The activation-size numbers of one architecture: ``streams`` residual copies per token (V4's mHC: 4),
+    ``qk``/``v`` the attended key/value widths per head."""
+
+    hidden: int
+    vocab: int
+    heads: int
+    layers: int
+    inter: int
+    qk: int
+    v: int
+    streams: int
+
+
+def _v3_dims(config: dict) -> _Dims:
+    cfg = ModelConfig.from_hf(config)
+    return _Dims(cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads, cfg.num_hidden_layers,
+                 max(cfg.intermediate_size, (cfg.n_shared_experts or 0) * cfg.moe_intermediate_size),
+                 cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim, 1)
+
+
+def _v4_dims(config: dict) -> _Dims:
+    g = v4.geometry(config)
+    return _Dims(g.hidden, g.vocab, g.heads, g.layers, g.shared * g.inter, g.head_dim, g.head_dim, g.hc)
+
+
+def _v4_cost(config: dict, path: Path) -> ModelCost:
+    """V4 counts from the layout table (:func:`dsconvert.formats.deepseek_v4.expected_tensors`): a layer's dense
+    part is every non-expert tensor of ``layers.{i}.``; MTP (``mtp.*``) is not run."""
+    g = v4.geometry(config)
+    dense = [0] * g.layers
+    for e in v4.expected_tensors(g):
+        if 0 <= e.layer < g.layers and e.expert is None:
+            n = 1
+            for d in e.shape:
+                n *= d
+            dense[e.layer] += n
+    expert = 3 * g.hidden * g.inter
+    head = g.vocab * g.hidden
+    active = sum(dense) + g.layers * g.experts_per_tok * expert + head
+    bytes_read, largest_fp8 = _header_bytes(Path(path), g.layers, lambda n: n.startswith("mtp."))
+    return ModelCost(max(dense), expert, active, head, head, bytes_read, largest_fp8, 2)
+
+
 def model_cost(config: dict, path: Path) -> ModelCost:
     """Parameter and byte counts of the checkpoint at ``path`` (a directory or a ``.gguf`` file) from its config
-    and headers; MTP layers (index >= ``num_hidden_layers``) are never run and not counted."""
+    and headers; MTP layers are never run and not counted."""
+    return _COSTS[architecture(config).name](config, path)
+
+
+def _v3_cost(config: dict, path: Path) -> ModelCost:
     cfg = ModelConfig.from_hf(config)
     h, nh = cfg.hidden_size, cfg.num_attention_heads
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
@@ -84,7 +135,7 @@ def model_cost(config: dict, path: Path) -> ModelCost:
                      4 if str(path).endswith(".gguf") else 2)
 
 
-def _header_bytes(path: Path, n_layers: int) -> tuple[int, int]:
+def _header_bytes(path: Path, n_layers: int, skip=None) -> tuple[int, int]:
     """(bytes of every tensor the forward may read, elements of the largest FP8 weight) from the headers."""
     if str(path).endswith(".gguf"):
         from .gguf_source import gguf_files
@@ -95,7 +146,7 @@ def _header_bytes(path: Path, n_layers: int) -> tuple[int, int]:
     ck = scan(path)
     total = largest = 0
     for name, (_, e) in ck.tensors.items():
-        if is_mtp(name, n_layers):
+        if (skip(name) if skip is not None else is_mtp(name, n_layers)):
             continue
         total += e.nbytes
         if e.dtype == "F8_E4M3":
@@ -113,14 +164,15 @@ def estimate_forward(costs: list[ModelCost], config: dict, seq_lens: list[int], 
         (None on CPU), ``bytes_read``, ``tokens``, ``active_params``, ``tokens_x_active_params``, ``flops``, and
         the phase breakdown (``phases``).
     """
-    cfg = ModelConfig.from_hf(config)
+    d = _DIMS[architecture(config).name](config)
     t_all, t_max = sum(seq_lens), max(seq_lens)
-    h, v, nh, n_layers = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads, cfg.num_hidden_layers
+    h, v, nh, n_layers = d.hidden, d.vocab, d.heads, d.layers
     c = dtype_bytes
-    inter = max(cfg.intermediate_size, (cfg.n_shared_experts or 0) * cfg.moe_intermediate_size)
-    acts = t_all * h * c * 8 + t_all * inter * c * 3 + 3 * nh * t_max * t_max * 4
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    acts += t_max * nh * (qk + cfg.v_head_dim) * c * 4  # q, k, v and their concatenations
+    inter = d.inter
+    keys = t_max + (t_max // 4 if d.streams > 1 else 0)  # V4: sliding keys + CSA's compressed entries
+    acts = t_all * h * c * 8 * d.streams + t_all * inter * c * 3 + 3 * nh * t_max * keys * 4
+    qk = d.qk
+    acts += t_max * nh * (qk + d.v) * c * 4  # q, k, v and their concatenations
     host_phase, dev_phase = [], []
     for m in costs:
         src = m.source_esz
@@ -136,7 +188,7 @@ def estimate_forward(costs: list[ModelCost], config: dict, seq_lens: list[int], 
             dev_phase.append(max(layer_dev, HEAD_CHUNK_ROWS * h * c + t_all * v * 4))
         else:
             host_phase.append(max(layer_host + layer_dev, embed_host, head_host))
-    hidden = len(costs) * n_layers * t_all * h * 4 if validate else 0  # every layer's hidden states, both models
+    hidden = len(costs) * n_layers * t_all * h * d.streams * 4 if validate else 0  # every layer's hidden states, both models
     ref_logits = t_all * v * 4 if validate else 0  # kept while the candidate runs
     # Scoring (model/metrics.py, validate._pool): float64 log_softmax of both models' logits, their pooled copies,
     # exp, difference, product, zeros and where: 11 live (T, vocab) float64 tensors with several sequences, 9
@@ -146,7 +198,7 @@ def estimate_forward(costs: list[ModelCost], config: dict, seq_lens: list[int], 
     lasting = hidden + ref_logits
     peak_host = BASE_RSS + max(lasting + max(host_phase), hidden + len(costs) * t_all * v * 4 + score)
     tokens_x_active = sum(t_all * m.active_params_per_token for m in costs)
-    attn_flops = len(costs) * n_layers * sum(2 * nh * t * t * (qk + cfg.v_head_dim) for t in seq_lens)
+    attn_flops = len(costs) * n_layers * sum(2 * nh * t * t * (qk + d.v) for t in seq_lens)
     return {
         "peak_memory_estimate": bytes_fields(peak_host),
         "device_memory_estimate": bytes_fields(max(dev_phase) + lasting) if on_gpu else None,
@@ -161,3 +213,7 @@ def estimate_forward(costs: list[ModelCost], config: dict, seq_lens: list[int], 
                    "expert_params": max(m.expert_params for m in costs),
                    "activations_bytes": acts, "lasting_bytes": lasting, "scoring_bytes": score},
     }
+
+
+_COSTS = {"deepseek_v3": _v3_cost, "deepseek_v4": _v4_cost}
+_DIMS = {"deepseek_v3": _v3_dims, "deepseek_v4": _v4_dims}

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError, UsageError
-from ..formats.deepseek_v3 import layer_index
-from ..model import ReferenceModel
+from ..model.registry import architecture, reference_model
 from ..model.metrics import compare_logits, layer_errors
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
@@ -59,12 +58,14 @@ class LayerCachedSource:
         self.config = inner.config
         self._layer: int | None = None
         self._cache: dict[str, torch.Tensor] = {}
+        arch = architecture(inner.config)
+        self._layer_of, self._is_expert = arch.layer_of, arch.is_routed_expert
 
     def has(self, name: str) -> bool:
         return self.inner.has(name)
 
     def get(self, name: str) -> torch.Tensor:
-        layer = layer_index(name)
+        layer = self._layer_of(name)
         layer = -1 if layer is None else layer
         if layer != self._layer:
             self._cache.clear()
@@ -72,7 +73,7 @@ class LayerCachedSource:
         t = self._cache.get(name)
         if t is None:
             t = self.inner.get(name)
-            if ".mlp.experts." not in name:
+            if not self._is_expert(name):
                 self._cache[name] = t
         return t
 
@@ -171,7 +172,7 @@ def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hi
     on the CPU whatever ``device`` computed them.
 
     ``on_linear`` is the reference forward's Linear input hook (it may replace a Linear's input)."""
-    model = ReferenceModel(LayerCachedSource(source), dtype=dtype, device=device)
+    model = reference_model(LayerCachedSource(source), dtype=dtype, device=device)
     n = model.cfg.num_hidden_layers
     ids = [torch.tensor(s, dtype=torch.long) for s in seqs]
     pos = [torch.arange(len(s)) for s in seqs]
@@ -181,7 +182,7 @@ def forward_many(source, seqs: list[list[int]], dtype: torch.dtype, *, return_hi
         for layer in range(n):
             if progress is not None:
                 progress.describe(f"{label} layer ({layer + 1}/{n})")
-            hs = model.layer_forward_many(layer, hs, pos, on_linear)
+            hs = model.layer_forward_many(layer, hs, pos, on_linear, token_ids=ids)
             if return_hidden:
                 hidden.append([h.to("cpu", torch.float32, copy=True) for h in hs])
             if progress is not None:

@@ -350,3 +350,17 @@ def layer_schedule(g: V4Geometry) -> list[dict]:
     """Per layer (MTP included): ``{"layer", "name", "attention", "compress_ratio", "moe"}``."""
     return [{"layer": i, "name": g.layer_prefix(i).rstrip("."), "attention": g.attention_kind(i),
              "compress_ratio": g.ratios[i], "moe": g.moe_kind(i)} for i in range(g.layers + g.mtp)]
+
+
+_LAYER_RE = __import__("re").compile(r"^layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """``i`` of a main-layer tensor ``layers.{i}.*``, else None (globals, ``mtp.*``)."""
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def is_routed_expert(name: str) -> bool:
+    """True for a routed expert's tensor (``layers.{i}.ffn.experts.{e}.*``; the shared expert is not one)."""
+    return ".ffn.experts." in name

@@ -150,6 +150,7 @@ class ReferenceModel:
         positions: list[torch.Tensor],
         on_linear: LinearHook | None = None,
         on_heads: HeadHook | None = None,
+        token_ids: list[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """:meth:`layer_forward` for several independent sequences at once.
 
@@ -163,6 +164,8 @@ class ReferenceModel:
         Args:
             hiddens: ``[(T_s, hidden)]`` residual streams.
             positions: ``[(T_s,)]`` int64 rope positions.
+            token_ids: accepted so one driver serves every architecture (:mod:`dsconvert.model.registry`);
+                V2/V3 routing reads only hidden states, so the ids are not needed here.
 
         Returns:
             ``[(T_s, hidden)]`` in the compute dtype.
