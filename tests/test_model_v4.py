@@ -92,3 +92,22 @@ def test_v4_logits_and_validate_cli(v4_src, hf_v4, tmp_path):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     rc, rep = cli("validate", bf, "--reference", v4_src, "--token-ids", ",".join(map(str, ids)), "--json")
     assert rep["mean_kld"] > 0 and rep["first_diverging_layer"] == 1, rep
+
+
+@pytest.mark.parametrize("variant,topk", [("flash", 8), ("flash-base", 64)])
+def test_v4_indexer_selection_and_fp8_experts(tmp_path, variant, topk):
+    """``index_topk`` 8 below the 37 compressed entries of 150 tokens, so the Lightning Indexer's choice decides
+    which CSA entries each query sees (the default fixture's 64 keeps them all); and V4-Flash-Base's FP8 experts."""
+    pytest.importorskip("transformers.models.deepseek_v4")
+    from dsconvert.convert.weights import CheckpointWeightSource
+    from dsconvert.model.v4 import V4ReferenceModel
+    from dsconvert.testing.deepseek_v4 import build_v4_checkpoint
+
+    src = build_v4_checkpoint(tmp_path / "s", "tiny", variant=variant, index_topk=topk, tokenizer=False,
+                              extra_files=False)
+    hf = _hf_model(src)
+    ids = torch.randint(0, 512, (150,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(input_ids=ids[None], use_cache=False).logits[0].float()
+    got = V4ReferenceModel(CheckpointWeightSource(src)).forward(ids)
+    assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item()
