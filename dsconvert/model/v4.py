@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from dsconvert.formats import deepseek_v4 as v4fmt
 from dsconvert.model.config import RopeScaling
+from dsconvert.model.forward import ForwardOutput
 from dsconvert.model.layers import LinearHook
 from dsconvert.model.rope import rope_inv_freq
 from dsconvert.model.source import WeightSource
@@ -245,14 +246,23 @@ class V4ReferenceModel:
         return out.cpu()
 
     @torch.no_grad()
-    def forward(self, token_ids: torch.Tensor, on_linear: LinearHook | None = None) -> torch.Tensor:
-        """Whole model on one sequence at positions ``0..T-1``: ``(T, vocab)`` float32 logits."""
+    def forward(self, token_ids: torch.Tensor, return_hidden: bool = False,
+                on_linear: LinearHook | None = None) -> ForwardOutput:
+        """Whole model on one sequence at positions ``0..T-1``.
+
+        Returns:
+            :class:`~dsconvert.model.forward.ForwardOutput`: ``(T, vocab)`` float32 logits and, with
+            ``return_hidden``, the ``(T, hc, hidden)`` float32 streams after every layer.
+        """
         ids = self._check_ids(token_ids)
         pos = torch.arange(ids.shape[0])
         h = self.embed(ids)
+        hiddens: list[torch.Tensor] | None = [] if return_hidden else None
         for i in range(self.cfg.num_hidden_layers):
             h = self.layer_forward_many(i, [h], [pos], on_linear, token_ids=[ids])[0]
-        return self.head(h, on_linear)
+            if hiddens is not None:
+                hiddens.append(h.to("cpu", torch.float32, copy=True))
+        return ForwardOutput(self.head(h, on_linear), hiddens)
 
     __call__ = forward
 
