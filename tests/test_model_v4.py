@@ -53,8 +53,17 @@ def test_v4_logits_match_transformers(v4_src, hf_v4, T):
 
     ids = torch.randint(0, 512, (T,), generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
-        want = hf_v4(input_ids=ids[None], use_cache=False).logits[0].float()
-    got = V4ReferenceModel(CheckpointWeightSource(v4_src)).forward(ids).logits
+        o = hf_v4(input_ids=ids[None], use_cache=False, output_hidden_states=True)
+    want = o.logits[0].float()
+    out = V4ReferenceModel(CheckpointWeightSource(v4_src)).forward(ids, return_hidden=True)
+    got = out.logits
+    # transformers records the embedding streams, then each layer's output but the last (replaced by the normed
+    # final state): our streams after layers 0..L-2 must be its entries 1..L-1
+    L = len(out.hidden_states)
+    for i in range(L - 1):
+        ref = o.hidden_states[i + 1][0]
+        assert ref.shape == out.hidden_states[i].shape
+        assert (out.hidden_states[i] - ref).abs().max().item() <= 1e-6 * ref.abs().max().item(), i
     rel = (got - want).abs().max().item() / want.abs().max().item()
     print(f"T={T} max|d|={(got - want).abs().max().item():.3g} scale={want.abs().max().item():.3g} rel={rel:.3g}")
     assert rel < 1e-6  # measured 0.0 (bit-exact) on CPU; one Sinkhorn round fewer gives 2.4e-6
