@@ -120,3 +120,47 @@ def test_v4_indexer_selection_and_fp8_experts(tmp_path, variant, topk):
         want = hf(input_ids=ids[None], use_cache=False).logits[0].float()
     got = V4ReferenceModel(CheckpointWeightSource(src)).forward(ids).logits
     assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+
+
+def test_v4_streams_one_layer_and_one_expert(v4_src):
+    """Through validate's LayerCachedSource the V4 forward keeps one layer's non-expert tensors and never a routed
+    expert; each expert tensor is read at most once per layer (the registry picks V4 by model_type)."""
+    from collections import Counter
+
+    from dsconvert.convert.validate import LayerCachedSource
+    from dsconvert.convert.weights import CheckpointWeightSource
+    from dsconvert.model.registry import V3, V4, architecture, reference_model
+    from dsconvert.model.v4 import V4ReferenceModel
+
+    assert architecture({"model_type": "deepseek_v4"}) is V4 and architecture({"model_type": "deepseek_v3"}) is V3
+    inner = CheckpointWeightSource(v4_src)
+    reads: Counter = Counter()
+    layers_held: list[set] = []
+
+    class Counting:
+        config = inner.config
+
+        def has(self, n):
+            return inner.has(n)
+
+        def get(self, n):
+            reads[n] += 1
+            return inner.get(n)
+
+    src = LayerCachedSource(Counting())
+    real_get = src.get
+
+    def get(n):
+        t = real_get(n)
+        layers_held.append({v4.layer_index(k) for k in src._cache})
+        assert not any(v4.is_routed_expert(k) for k in src._cache)
+        return t
+
+    src.get = get
+    m = reference_model(src)
+    assert isinstance(m, V4ReferenceModel)
+    ids = torch.arange(40) * 7 % 512
+    m.forward(ids)
+    assert max(len(s) for s in layers_held) == 1
+    assert max(c for n, c in reads.items() if v4.is_routed_expert(n)) == 1
+    assert max(reads.values()) == 1
