@@ -36,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import BadInputError, OutputExistsError, UsageError
+from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageError
 from ..formats import gguf_imatrix as imf
 from ..formats import gguf_names as gn
 from ..formats.gguf_imatrix import legacy_imatrix_bytes  # noqa: F401  (re-export)
 from ..model import ReferenceModel
+from ..model.registry import V3, architecture
 from ..report import base_report, peak_rss_bytes
 from .progress import ByteProgress
 from .validate import LayerCachedSource
@@ -175,8 +176,8 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
     Raises:
         OutputExistsError (exit 2): ``out`` exists and ``overwrite`` is not set (checked before any work).
         UsageError (exit 2): unknown ``fmt``, unreadable calibration data.
-        BadInputError / UnsupportedError (exit 3): the checkpoint fails pre-flight (as for every command), or the
-            sums are not finite (NaN/Inf activations).
+        BadInputError / UnsupportedError (exit 3): the checkpoint fails pre-flight (as for every command), is not
+            DeepSeek V2/V3 (V4 has no imatrix names yet), or the sums are not finite (NaN/Inf activations).
     """
     from .calib_data import calibration_ids
     from .preflight import check_output_writable
@@ -192,6 +193,10 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
     dtype = _dtype(opts.dtype)
     source = CheckpointWeightSource(src)
     cfg = source.config
+    if architecture(cfg) is not V3:
+        raise UnsupportedError(f"{src}: imatrix supports DeepSeek V2/V3; model_type {cfg.get('model_type')!r} has a "
+                               "reference forward (logits, validate) but no llama.cpp tensor names here yet",
+                               hint="run imatrix on a DeepSeek V2/V3 checkpoint")
     ids, _ = calibration_ids(source.ck, opts.calib_data, opts.num_samples, opts.seq_len)
     windows_sha = hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()
     dataset = str(opts.calib_data) if opts.calib_data else "dsconvert bundled calibration text"
