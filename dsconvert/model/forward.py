@@ -47,6 +47,20 @@ class ForwardOutput(NamedTuple):
     hidden_states: list[torch.Tensor] | None
 
 
+def check_token_ids(token_ids, vocab_size: int) -> torch.Tensor:
+    """``token_ids`` as a 1-D int64 tensor, checked against the vocabulary.
+
+    Raises:
+        ValueError: empty or not 1-D, or an id outside ``0..vocab_size-1``.
+    """
+    token_ids = torch.as_tensor(token_ids, dtype=torch.long)
+    if token_ids.dim() != 1 or token_ids.numel() == 0:
+        raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
+    if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size:
+        raise ValueError(f"token id outside 0..{vocab_size - 1}")
+    return token_ids
+
+
 class _Cast:
     """A getter that fetches each name once from ``source`` and casts it to ``dtype``; drop it to free."""
 
@@ -320,11 +334,7 @@ class ReferenceModel:
         return _Cast(self.source, self.dtype, self._dev)
 
     def _check_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
-        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
-        if token_ids.dim() != 1 or token_ids.numel() == 0:
-            raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
-        if int(token_ids.min()) < 0 or int(token_ids.max()) >= self.cfg.vocab_size:
-            raise ValueError(f"token id outside 0..{self.cfg.vocab_size - 1}")
+        token_ids = check_token_ids(token_ids, self.cfg.vocab_size)
         self._check_len(token_ids.shape[0])
         return token_ids
 

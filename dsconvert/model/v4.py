@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dsconvert.formats import deepseek_v4 as v4fmt
 from dsconvert.model.config import RopeScaling
-from dsconvert.model.forward import ForwardOutput
+from dsconvert.model.forward import ForwardOutput, check_token_ids
 from dsconvert.model.layers import LinearHook
 from dsconvert.model.rope import rope_inv_freq
 from dsconvert.model.source import WeightSource
@@ -412,9 +412,4 @@ class V4ReferenceModel:
     # -- helpers ------------------------------------------------------------------------------------------------
 
     def _check_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
-        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
-        if token_ids.dim() != 1 or token_ids.numel() == 0:
-            raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
-        if int(token_ids.min()) < 0 or int(token_ids.max()) >= self.cfg.vocab_size:
-            raise ValueError(f"token id outside 0..{self.cfg.vocab_size - 1}")
-        return token_ids
+        return check_token_ids(token_ids, self.cfg.vocab_size)
