@@ -21,7 +21,8 @@ from dsconvert.testing import ggml_oracle
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 IQUANTS = ["IQ4_NL", "IQ4_XS"]
-GRID_IQ = ["IQ2_XXS"]  # lattice types: llama.cpp quantizes them only with an imatrix
+GRID_IQ = ["IQ2_XXS", "IQ1_S", "IQ1_M"]  # lattice types: llama.cpp quantizes them only with an imatrix (IQ1_M's
+#                                         kernel also runs without one)
 PLAIN = ["F32", "F16", "BF16"]
 ALL = PLAIN + LEGACY + KQUANTS + IQUANTS + GRID_IQ
 
@@ -227,6 +228,10 @@ def test_grid_iq_vs_llamacpp(oracle, name):
         dq = dequantize(torch.from_numpy(ref.reshape(rows, -1)), name, x.shape).numpy()
         np.testing.assert_array_equal(dq, oracle.dequantize(ref.reshape(-1), qt, x.shape))
         np.testing.assert_allclose(dq, gq.dequantize(ref.reshape(rows, -1), qt), rtol=1e-6, atol=0)
+    if name == "IQ1_M":  # the kernel's no-imatrix path: weights x*x
+        x = _rows(512, 16, 23)
+        np.testing.assert_array_equal(quantize(torch.from_numpy(x), name).numpy(), oracle.quantize(x, qt))
+        return
     with pytest.raises(ValueError, match="importance weights"):
         quantize(torch.randn(2, 256), name)
 
