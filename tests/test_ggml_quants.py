@@ -21,7 +21,8 @@ from dsconvert.testing import ggml_oracle
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 IQUANTS = ["IQ4_NL", "IQ4_XS"]
-GRID_IQ = ["IQ2_XXS"]  # lattice types: llama.cpp quantizes them only with an imatrix
+GRID_IQ = ["IQ2_XXS", "IQ1_S", "IQ1_M"]  # lattice types: llama.cpp quantizes them only with an imatrix (IQ1_M's
+#                                         kernel also runs without one)
 PLAIN = ["F32", "F16", "BF16"]
 ALL = PLAIN + LEGACY + KQUANTS + IQUANTS + GRID_IQ
 
@@ -227,6 +228,10 @@ def test_grid_iq_vs_llamacpp(oracle, name):
         dq = dequantize(torch.from_numpy(ref.reshape(rows, -1)), name, x.shape).numpy()
         np.testing.assert_array_equal(dq, oracle.dequantize(ref.reshape(-1), qt, x.shape))
         np.testing.assert_allclose(dq, gq.dequantize(ref.reshape(rows, -1), qt), rtol=1e-6, atol=0)
+    if name == "IQ1_M":  # the kernel's no-imatrix path: weights x*x
+        x = _rows(512, 16, 23)
+        np.testing.assert_array_equal(quantize(torch.from_numpy(x), name).numpy(), oracle.quantize(x, qt))
+        return
     with pytest.raises(ValueError, match="importance weights"):
         quantize(torch.randn(2, 256), name)
 
@@ -315,3 +320,32 @@ def test_cuda_matches_cpu(name, data):
     gpu = quantize(x.cuda(), name).cpu()
     assert torch.equal(cpu, gpu)
     assert torch.equal(dequantize(gpu.cuda(), name, x.shape).cpu(), dequantize(cpu, name, x.shape))
+
+
+def test_iq1_running_best_equals_the_c_loop():
+    """The near-best shortcut of the IQ1 partition search keeps the candidate C's float32 running test keeps, on
+    rows with exact ties, near ties (a few ulps apart), zero and tiny sums, and rows without a valid candidate."""
+    from dsconvert.quant.ggml.iq1 import _running_best
+    g = np.random.default_rng(5)
+    M, K = 400, 60
+    qx = g.standard_normal((M, K)).astype(np.float32)
+    q2 = np.abs(g.standard_normal((M, K))).astype(np.float32) + np.float32(0.1)
+    qx[:100, 30:] = qx[:100, :30]; q2[:100, 30:] = q2[:100, :30]            # exact ties
+    qx[100:200, 1::2] = np.nextafter(qx[100:200, ::2], np.float32(np.inf))   # ulp-close pairs
+    q2[100:200, 1::2] = q2[100:200, ::2]
+    qx[200:230] = 0                                                          # best score 0
+    qx[230:260] *= np.float32(1e-25); q2[230:260] *= np.float32(1e-25)       # tiny sums
+    q2[260:280] = 0                                                          # no valid candidate
+    q2[280:300, ::3] = 0
+    want = np.full(M, -1)
+    for r in range(M):
+        best = np.float32(-np.finfo(np.float32).max)
+        for k in range(K):
+            a, b = qx[r, k], q2[r, k]
+            with np.errstate(over="ignore"):   # -FLT_MAX * b -> -inf, as in C
+                take = b > 0 and a * a > best * b
+            if take:
+                best = np.float32(a / b) * a
+                want[r] = k
+    got = _running_best(torch.from_numpy(qx), torch.from_numpy(q2)).numpy()
+    np.testing.assert_array_equal(got, want)
