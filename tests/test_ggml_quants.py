@@ -21,7 +21,7 @@ from dsconvert.testing import ggml_oracle
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 IQUANTS = ["IQ4_NL", "IQ4_XS"]
-GRID_IQ = ["IQ2_XXS"]  # lattice types: llama.cpp quantizes them only with an imatrix
+GRID_IQ = ["IQ2_XXS", "IQ2_XS"]  # lattice types: llama.cpp quantizes them only with an imatrix
 PLAIN = ["F32", "F16", "BF16"]
 ALL = PLAIN + LEGACY + KQUANTS + IQUANTS + GRID_IQ
 

@@ -132,18 +132,56 @@ def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.
     return gi, levels
 
 
-class IQ2_XXS(GGMLType, qtype=T.IQ2_XXS):
+
+def _signs(xg: torch.Tensor, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitudes and 7 sign bits of 8-groups ``xg`` ``(..., 8)`` float32 with element weights ``wg``: an odd
+    number of negatives flips the element with the smallest ``w*x*x`` (first wins ties), so the 8th sign is the
+    parity. Returns ``(xval (..., 8) float32, signs (...) int64 in 0..127)``."""
+    neg = ~(xg >= 0)
+    xval = torch.where(neg, -xg, xg)
+    bitw = (1 << torch.arange(8, device=xg.device))
+    s = (neg.to(torch.int64) * bitw).sum(-1)
+    odd = (neg.sum(-1) % 2) == 1
+    ax = wg * xg * xg
+    imin = torch.zeros(ax.shape[:-1], dtype=torch.int64, device=xg.device)
+    mn = ax[..., 0].clone()
+    for i in range(1, 8):
+        lt = ax[..., i] < mn
+        mn = torch.where(lt, ax[..., i], mn)
+        imin = torch.where(lt, torch.full_like(imin, i), imin)
+    flip = odd[..., None] & (torch.arange(8, device=xg.device) == imin[..., None])
+    xval = torch.where(flip, -xval, xval)
+    s = torch.where(odd, s ^ (1 << imin), s)
+    return xval, s & 127
+
+
+def _on_grid(L: torch.Tensor, kmap: torch.Tensor) -> torch.Tensor:
+    """Whether each 8-group of levels ``L`` ``(..., 8)`` (0..2) is a grid point: ``(...)`` bool."""
+    u = (L.to(torch.int64) << torch.arange(0, 16, 2, device=L.device)).sum(-1)
+    return kmap[u] >= 0
+
+
+class _Lattice2:
+    """Grid tables of a 2-bit lattice type: ``grid_name`` (gguf-py class holding ``grid_hex``) and ``nwant`` (how
+    many distinct neighbour distances ``iq2xs_init_impl`` keeps: 2, or 1 for IQ2_S)."""
+
+    grid_name: str
+    nwant: int
+
+    @classmethod
+    def _tables(cls, device):
+        grid, kmap, neigh = _lattice(cls.grid_name, cls.nwant)
+        return (torch.from_numpy(grid).to(device), torch.from_numpy(kmap).to(device),
+                torch.from_numpy(neigh).to(device))
+
+
+class IQ2_XXS(_Lattice2, GGMLType, qtype=T.IQ2_XXS):
     """``quantize_iq2_xxs`` (importance weights required, as in llama.cpp)."""
 
     supports_imatrix = True
     chunk_elems = 1 << 17
     kmax = 3
-
-    @classmethod
-    def _tables(cls, device):
-        grid, kmap, neigh = _lattice("IQ2_XXS", 2)
-        return (torch.from_numpy(grid).to(device), torch.from_numpy(kmap).to(device),
-                torch.from_numpy(neigh).to(device))
+    grid_name, nwant = "IQ2_XXS", 2
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
@@ -157,24 +195,7 @@ class IQ2_XXS(GGMLType, qtype=T.IQ2_XXS):
         xb = blocks.reshape(NB, 32)
         w = (qw.reshape(NB, 32) * sqrtf(sig.repeat_interleave(8)[:, None] + xb * xb))
         waux = sqrtf(w)
-        # signs: 8 per group, an odd count flips the element with the smallest w*x*x
-        xg, wg = xb.view(NB, 4, 8), w.view(NB, 4, 8)
-        neg = ~(xg >= 0)
-        xval = torch.where(neg, -xg, xg)
-        bitw = (1 << torch.arange(8, device=blocks.device))
-        s = (neg.to(torch.int64) * bitw).sum(-1)                      # (NB, 4)
-        odd = (neg.sum(-1) % 2) == 1
-        ax = wg * xg * xg
-        imin = torch.zeros(NB, 4, dtype=torch.int64, device=blocks.device)
-        mn = ax[..., 0].clone()
-        for i in range(1, 8):
-            lt = ax[..., i] < mn
-            mn = torch.where(lt, ax[..., i], mn)
-            imin = torch.where(lt, torch.full_like(imin, i), imin)
-        flip = odd[..., None] & (torch.arange(8, device=blocks.device) == imin[..., None])
-        xval = torch.where(flip, -xval, xval)
-        s = torch.where(odd, s ^ (1 << imin), s)
-        signs = s & 127
+        xval, signs = _signs(xb.view(NB, 4, 8), w.view(NB, 4, 8))
         xv = xval.reshape(NB, 32)
         mx = xv[:, 0].clone()
         for i in range(1, 32):
@@ -246,6 +267,115 @@ class IQ2_XXS(GGMLType, qtype=T.IQ2_XXS):
         sgn = torch.cat([bits, parity], dim=-1)
         vals = torch.tensor(gq.IQ2_XXS.grid_map, dtype=torch.float32, device=blocks.device)[(grid[gi] - 1) // 2]
         ls = (u32[..., 1] >> 28).to(torch.float32)
+        db = (d[:, None] * (0.5 + ls)) * 0.25
+        y = db[..., None, None] * vals * torch.where(sgn.bool(), -1.0, 1.0)
+        return y.reshape(nb, 256)
+
+
+class IQ2_XS(_Lattice2, GGMLType, qtype=T.IQ2_XS):
+    """``quantize_iq2_xs``: 2.3125 bpw, 16-blocks of two 8-groups on the 512-point grid (importance weights
+    required, as in llama.cpp).
+
+    ``quantize_row_iq2_xs_impl``: per 16-block the same weights and sign trick as IQ2_XXS; start scale
+    ``max/5``, 19 trial scales ``id = (5 + 0.1*is)/max`` (``is`` in -9..9), each group snapped to the grid (off-grid
+    groups to their best listed neighbour), kept on a better ``sumqx^2/sumq2``; then only the groups that were off
+    the grid are requantized at the chosen scale, followed by a least-squares refit. ``d = max_scale/31`` (fp16),
+    4-bit block scales ``clamp(nearest_int((scale/d - 1)/2), 0, 15)``.
+
+    Block layout (``ggml-common.h``)::
+
+        IQ2_XS  d | qs: 32 x u16 (9-bit grid index | 7 sign bits << 9) | scales: 16 x 4 bits   74 B
+    """
+
+    supports_imatrix = True
+    chunk_elems = 1 << 17
+    kmax = 3
+    grid_name, nwant = "IQ2_XS", 2
+
+    @classmethod
+    def quantize_blocks(cls, blocks, qw=None, sigma2=None):
+        if qw is None:
+            raise ValueError("IQ2_XS: quantization needs importance weights (an imatrix), as in llama.cpp")
+        tabs = cls._tables(blocks.device)
+        dev = blocks.device
+        nb = blocks.shape[0]
+        NB = nb * 16
+        bt = blocks.t()
+        sig = div(seqsum(bt * bt), 256)
+        xb = blocks.reshape(NB, 16)
+        w = qw.reshape(NB, 16) * sqrtf(sig.repeat_interleave(16)[:, None] + xb * xb)
+        waux_g = sqrtf(w).view(NB, 2, 8)
+        xval, signs = _signs(xb.view(NB, 2, 8), w.view(NB, 2, 8))
+        xv = xval.reshape(NB, 16)
+        mx = xv[:, 0].clone()
+        for i in range(1, 16):
+            mx = torch.where(mx > xv[:, i], mx, xv[:, i])
+        skip = mx < GROUP_MAX_EPS
+        mxs = torch.where(skip, torch.ones_like(mx), mx)
+        wx = w * xv
+
+        def sums(Lg):
+            q = 2 * Lg.reshape(NB, 16) + 1
+            return seqsum((wx * q).t()), seqsum((w * q * q).t())
+
+        best = torch.zeros_like(mx)
+        scale = div(mxs, 2 * cls.kmax - 1)
+        L = torch.zeros(NB, 2, 8, dtype=torch.float32, device=dev)
+        ongrid = torch.ones(NB, 2, dtype=torch.bool, device=dev)
+        for step in range(-9, 10):
+            idv = div(np.float32(2 * cls.kmax - 1) + np.float32(step) * np.float32(0.1), mxs)
+            this_scale = div(1, idv)
+            Laux = nearest_int(np.float32(0.5) * (idv[:, None, None] * xval - 1)).clamp_(0, cls.kmax - 1)
+            og = _on_grid(Laux, tabs[1])
+            _, Laux = _snap(Laux, xval, waux_g, this_scale, tabs)
+            sqx, sq2 = sums(Laux)
+            upd = (sq2 > 0) & (sqx * sqx > best * sq2)
+            scale = torch.where(upd, div(sqx, sq2), scale)
+            best = torch.where(upd, scale * sqx, best)
+            L = torch.where(upd[:, None, None], Laux, L)
+            ongrid = torch.where(upd[:, None], og, ongrid)
+        redo = (~ongrid).any(1) & (scale > 0)
+        idv = div(1, torch.where(redo, scale, torch.ones_like(scale)))
+        Lf = nearest_int(np.float32(0.5) * (idv[:, None, None] * xval - 1)).clamp_(0, cls.kmax - 1)
+        _, Lf = _snap(Lf, xval, waux_g, torch.where(redo, scale, torch.ones_like(scale)), tabs)
+        L = torch.where((redo[:, None] & ~ongrid)[..., None], Lf, L)
+        sqx, sq2 = sums(L)
+        scale = torch.where(redo & (sq2 > 0), div(sqx, sq2), scale)
+        negs = scale < 0
+        scale = torch.where(negs, -scale, scale)
+        signs = torch.where(negs[:, None], (~signs) & 127, signs)
+        gi, _ = _snap(L, xval, waux_g, scale, tabs)                 # L is on the grid here: a plain lookup
+        q2 = gi | (signs << 9)
+        q2 = torch.where(skip[:, None], torch.zeros_like(q2), q2)
+        scale = torch.where(skip, torch.zeros_like(scale), scale)
+        sc = scale.view(nb, 16)
+        max_scale = sc.amax(1).clamp(min=0)
+        empty = max_scale == 0
+        d = div(torch.where(empty, torch.ones_like(max_scale), max_scale), 31.0)
+        idd = div(1, d)
+        ls = nearest_int(np.float32(0.5) * (idd[:, None] * sc - 1)).clamp_(0, 15).to(torch.int64).view(nb, 8, 2)
+        scb = ls[..., 0] | (ls[..., 1] << 4)
+        q2 = q2.view(nb, 32)
+        qs = torch.stack([q2 & 0xFF, q2 >> 8], dim=-1).view(nb, 64)
+        qs = torch.where(empty[:, None], torch.zeros_like(qs), qs).to(torch.uint8)
+        scb = torch.where(empty[:, None], torch.zeros_like(scb), scb).to(torch.uint8)
+        dd = torch.where(empty, torch.zeros_like(d), d)
+        return torch.cat([fp16_bytes(dd), qs, scb], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        grid = cls._tables(blocks.device)[0]
+        nb = blocks.shape[0]
+        d = bytes_fp16(blocks[:, :2])
+        qb = blocks[:, 2:66].to(torch.int64).view(nb, 32, 2)
+        q2 = (qb[..., 0] | (qb[..., 1] << 8)).view(nb, 16, 2)
+        gi = q2 & 511
+        s7 = q2 >> 9
+        bits = (s7.unsqueeze(-1) >> torch.arange(7, device=blocks.device)) & 1       # (nb, 16, 2, 7)
+        sgn = torch.cat([bits, bits.sum(-1, keepdim=True) & 1], dim=-1)
+        vals = torch.tensor(gq.IQ2_XS.grid_map, dtype=torch.float32, device=blocks.device)[(grid[gi] - 1) // 2]
+        scb = blocks[:, 66:74].to(torch.int64)
+        ls = torch.stack([scb & 15, scb >> 4], dim=-1).view(nb, 16).to(torch.float32)
         db = (d[:, None] * (0.5 + ls)) * 0.25
         y = db[..., None, None] * vals * torch.where(sgn.bool(), -1.0, 1.0)
         return y.reshape(nb, 256)
