@@ -272,45 +272,52 @@ class IQ2_XXS(_Lattice2, GGMLType, qtype=T.IQ2_XXS):
         return y.reshape(nb, 256)
 
 
-class IQ2_XS(_Lattice2, GGMLType, qtype=T.IQ2_XS):
-    """``quantize_iq2_xs``: 2.3125 bpw, 16-blocks of two 8-groups on the 512-point grid (importance weights
-    required, as in llama.cpp).
+class _Lattice16(_Lattice2):
+    """The 16-block search shared by IQ2_XS and IQ2_S (``quantize_row_iq2_xs_impl`` / ``quantize_row_iq2_s_impl``).
 
-    ``quantize_row_iq2_xs_impl``: per 16-block the same weights and sign trick as IQ2_XXS; start scale
-    ``max/5``, 19 trial scales ``id = (5 + 0.1*is)/max`` (``is`` in -9..9), each group snapped to the grid (off-grid
-    groups to their best listed neighbour), kept on a better ``sumqx^2/sumq2``; then only the groups that were off
-    the grid are requantized at the chosen scale, followed by a least-squares refit. ``d = max_scale/31`` (fp16),
-    4-bit block scales ``clamp(nearest_int((scale/d - 1)/2), 0, 15)``.
-
-    Block layout (``ggml-common.h``)::
-
-        IQ2_XS  d | qs: 32 x u16 (9-bit grid index | 7 sign bits << 9) | scales: 16 x 4 bits   74 B
+    Per 16-block: element weights, signs, start scale ``max/5``, 19 trial scales ``id = (5 + 0.1*is)/max`` (``is``
+    in -9..9), each 8-group snapped to the grid (off-grid groups to their best listed neighbour), kept on a better
+    ``sumqx^2/sumq2``; then only the groups that were off the grid are requantized at the chosen scale, followed by
+    a least-squares refit; a negative scale flips the signs. The types differ in ``sigma2`` (``sum(x^2)/256``
+    times ``sigma_mul``), the sign trick (``parity``: 7 bits + parity, or all 8 bits) and ``eps`` (skip a block whose
+    largest magnitude is below it).
     """
 
-    supports_imatrix = True
-    chunk_elems = 1 << 17
     kmax = 3
-    grid_name, nwant = "IQ2_XS", 2
+    sigma_mul: int
+    parity: bool
+    eps: float
 
     @classmethod
-    def quantize_blocks(cls, blocks, qw=None, sigma2=None):
-        if qw is None:
-            raise ValueError("IQ2_XS: quantization needs importance weights (an imatrix), as in llama.cpp")
+    def _search(cls, blocks, qw):
+        """``(grid index (nb*16, 2) int64, signs (nb*16, 2) int64, scale (nb, 16) float32 >= 0, 0 on skipped
+        blocks)`` for ``blocks`` ``(nb, 256)`` float32 and importance weights ``qw`` (same shape) or ``None``
+        (then ``w = sigma2/4 + x^2``)."""
         tabs = cls._tables(blocks.device)
         dev = blocks.device
         nb = blocks.shape[0]
         NB = nb * 16
         bt = blocks.t()
-        sig = div(seqsum(bt * bt), 256)
+        sig = div(cls.sigma_mul * seqsum(bt * bt), 256).repeat_interleave(16)[:, None]
         xb = blocks.reshape(NB, 16)
-        w = qw.reshape(NB, 16) * sqrtf(sig.repeat_interleave(16)[:, None] + xb * xb)
+        if qw is None:
+            w = np.float32(0.25) * sig + xb * xb
+        else:
+            w = qw.reshape(NB, 16) * sqrtf(sig + xb * xb)
         waux_g = sqrtf(w).view(NB, 2, 8)
-        xval, signs = _signs(xb.view(NB, 2, 8), w.view(NB, 2, 8))
+        xg = xb.view(NB, 2, 8)
+        if cls.parity:
+            xval, signs = _signs(xg, w.view(NB, 2, 8))
+        else:
+            neg = ~(xg >= 0)
+            xval = torch.where(neg, -xg, xg)
+            signs = (neg.to(torch.int64) << torch.arange(8, device=dev)).sum(-1)
+        mask = 127 if cls.parity else 255
         xv = xval.reshape(NB, 16)
         mx = xv[:, 0].clone()
         for i in range(1, 16):
             mx = torch.where(mx > xv[:, i], mx, xv[:, i])
-        skip = mx < GROUP_MAX_EPS
+        skip = mx < np.float32(cls.eps)
         mxs = torch.where(skip, torch.ones_like(mx), mx)
         wx = w * xv
 
@@ -335,32 +342,64 @@ class IQ2_XS(_Lattice2, GGMLType, qtype=T.IQ2_XS):
             L = torch.where(upd[:, None, None], Laux, L)
             ongrid = torch.where(upd[:, None], og, ongrid)
         redo = (~ongrid).any(1) & (scale > 0)
-        idv = div(1, torch.where(redo, scale, torch.ones_like(scale)))
-        Lf = nearest_int(np.float32(0.5) * (idv[:, None, None] * xval - 1)).clamp_(0, cls.kmax - 1)
-        _, Lf = _snap(Lf, xval, waux_g, torch.where(redo, scale, torch.ones_like(scale)), tabs)
+        rs = torch.where(redo, scale, torch.ones_like(scale))
+        Lf = nearest_int(np.float32(0.5) * (div(1, rs)[:, None, None] * xval - 1)).clamp_(0, cls.kmax - 1)
+        _, Lf = _snap(Lf, xval, waux_g, rs, tabs)
         L = torch.where((redo[:, None] & ~ongrid)[..., None], Lf, L)
         sqx, sq2 = sums(L)
         scale = torch.where(redo & (sq2 > 0), div(sqx, sq2), scale)
         negs = scale < 0
         scale = torch.where(negs, -scale, scale)
-        signs = torch.where(negs[:, None], (~signs) & 127, signs)
+        signs = torch.where(negs[:, None], (~signs) & mask, signs)
         gi, _ = _snap(L, xval, waux_g, scale, tabs)                 # L is on the grid here: a plain lookup
-        q2 = gi | (signs << 9)
-        q2 = torch.where(skip[:, None], torch.zeros_like(q2), q2)
+        gi = torch.where(skip[:, None], torch.zeros_like(gi), gi)
+        signs = torch.where(skip[:, None], torch.zeros_like(signs), signs)
         scale = torch.where(skip, torch.zeros_like(scale), scale)
-        sc = scale.view(nb, 16)
+        return gi, signs, scale.view(nb, 16)
+
+    @staticmethod
+    def _scales(sc, dmul=None):
+        """``(d fp16 bytes (nb, 2), 4-bit scales packed two a byte (nb, 8) uint8, empty (nb,) bool)``: ``d =
+        max_scale/31`` (stored times ``dmul`` when given), block scale ``clamp(nearest_int((scale/d - 1)/2), 0,
+        15)``; an all-zero super-block stores zeros."""
+        nb = sc.shape[0]
         max_scale = sc.amax(1).clamp(min=0)
         empty = max_scale == 0
         d = div(torch.where(empty, torch.ones_like(max_scale), max_scale), 31.0)
         idd = div(1, d)
         ls = nearest_int(np.float32(0.5) * (idd[:, None] * sc - 1)).clamp_(0, 15).to(torch.int64).view(nb, 8, 2)
         scb = ls[..., 0] | (ls[..., 1] << 4)
-        q2 = q2.view(nb, 32)
+        scb = torch.where(empty[:, None], torch.zeros_like(scb), scb).to(torch.uint8)
+        dst = d if dmul is None else d * np.float32(dmul)
+        dd = torch.where(empty, torch.zeros_like(d), dst)
+        return fp16_bytes(dd), scb, empty
+
+
+class IQ2_XS(_Lattice16, GGMLType, qtype=T.IQ2_XS):
+    """``quantize_iq2_xs``: 2.3125 bpw, 16-blocks of two 8-groups on the 512-point grid, signs with the IQ2_XXS
+    parity trick (importance weights required, as in llama.cpp). The search is :class:`_Lattice16`'s.
+
+    Block layout (``ggml-common.h``)::
+
+        IQ2_XS  d | qs: 32 x u16 (9-bit grid index | 7 sign bits << 9) | scales: 16 x 4 bits   74 B
+    """
+
+    supports_imatrix = True
+    chunk_elems = 1 << 17
+    grid_name, nwant = "IQ2_XS", 2
+    sigma_mul, parity, eps = 1, True, GROUP_MAX_EPS
+
+    @classmethod
+    def quantize_blocks(cls, blocks, qw=None, sigma2=None):
+        if qw is None:
+            raise ValueError("IQ2_XS: quantization needs importance weights (an imatrix), as in llama.cpp")
+        nb = blocks.shape[0]
+        gi, signs, sc = cls._search(blocks, qw)
+        dd, scb, empty = cls._scales(sc)
+        q2 = (gi | (signs << 9)).view(nb, 32)
         qs = torch.stack([q2 & 0xFF, q2 >> 8], dim=-1).view(nb, 64)
         qs = torch.where(empty[:, None], torch.zeros_like(qs), qs).to(torch.uint8)
-        scb = torch.where(empty[:, None], torch.zeros_like(scb), scb).to(torch.uint8)
-        dd = torch.where(empty, torch.zeros_like(d), d)
-        return torch.cat([fp16_bytes(dd), qs, scb], dim=1)
+        return torch.cat([dd, qs, scb], dim=1)
 
     @classmethod
     def dequantize_blocks(cls, blocks):
@@ -375,6 +414,50 @@ class IQ2_XS(_Lattice2, GGMLType, qtype=T.IQ2_XS):
         sgn = torch.cat([bits, bits.sum(-1, keepdim=True) & 1], dim=-1)
         vals = torch.tensor(gq.IQ2_XS.grid_map, dtype=torch.float32, device=blocks.device)[(grid[gi] - 1) // 2]
         scb = blocks[:, 66:74].to(torch.int64)
+        ls = torch.stack([scb & 15, scb >> 4], dim=-1).view(nb, 16).to(torch.float32)
+        db = (d[:, None] * (0.5 + ls)) * 0.25
+        y = db[..., None, None] * vals * torch.where(sgn.bool(), -1.0, 1.0)
+        return y.reshape(nb, 256)
+
+
+class IQ2_S(_Lattice16, GGMLType, qtype=T.IQ2_S):
+    """``quantize_iq2_s``: 2.5625 bpw, 16-blocks of two 8-groups on the 1024-point grid, all 8 signs stored
+    (no parity trick), ``sigma2 = 2*sum(x^2)/256``, neighbour lists of the single nearest distance, skip below
+    ``1e-8``, ``d`` stored times 0.9875. Without importance weights ``w = sigma2/4 + x^2``, as in llama.cpp.
+
+    Block layout (``ggml-common.h``)::
+
+        IQ2_S  d | qs: 32 low bytes of grid indices, 32 sign bytes | qh: 2 high index bits per group | scales  82 B
+    """
+
+    supports_imatrix = True
+    chunk_elems = 1 << 17
+    grid_name, nwant = "IQ2_S", 1
+    sigma_mul, parity, eps = 2, False, 1e-8
+
+    @classmethod
+    def quantize_blocks(cls, blocks, qw=None, sigma2=None):
+        nb = blocks.shape[0]
+        gi, signs, sc = cls._search(blocks, qw)
+        dd, scb, empty = cls._scales(sc, dmul=0.9875)
+        gi = gi.view(nb, 32)
+        qh = ((gi >> 8).view(nb, 8, 4) << torch.tensor([0, 2, 4, 6], device=blocks.device)).sum(-1)
+        body = torch.cat([gi & 0xFF, signs.view(nb, 32), qh], dim=1).to(torch.uint8)
+        return torch.cat([dd, body, scb], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        grid = cls._tables(blocks.device)[0]
+        nb = blocks.shape[0]
+        dev = blocks.device
+        d = bytes_fp16(blocks[:, :2])
+        b = blocks.to(torch.int64)
+        qh = b[:, 66:74]
+        hi = ((qh[..., None] >> torch.tensor([0, 2, 4, 6], device=dev)) & 3).view(nb, 32)
+        gi = (b[:, 2:34] | (hi << 8)).view(nb, 16, 2)
+        sgn = (b[:, 34:66].view(nb, 16, 2, 1) >> torch.arange(8, device=dev)) & 1
+        vals = torch.tensor(gq.IQ2_S.grid_map, dtype=torch.float32, device=dev)[(grid[gi] - 1) // 2]
+        scb = b[:, 74:82]
         ls = torch.stack([scb & 15, scb >> 4], dim=-1).view(nb, 16).to(torch.float32)
         db = (d[:, None] * (0.5 + ls)) * 0.25
         y = db[..., None, None] * vals * torch.where(sgn.bool(), -1.0, 1.0)
