@@ -87,7 +87,7 @@ def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.
     ties). Returns ``(grid index (B, 4) int64, levels (B, 4, 8) float32)``.
 
     The distance that decides is C's float32 one, summed in element order. It is evaluated only for the
-    neighbours that a float64 pre-filter cannot rule out: the float64 distances (three small matrix products)
+    neighbours that a float64 pre-filter cannot rule out: the float64 distances (over the listed pairs only)
     and a bound of the float32 rounding error (64 u times the sum of the magnitudes of the terms) leave one or two
     candidates per group; every other neighbour is provably farther in float32 too.
     """
@@ -99,22 +99,22 @@ def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.
     if bool(off.any()):
         cand = neigh[u[off]]                                       # (n, P)
         valid = cand >= 0
-        cc = cand.clamp(min=0)
         s = scale[:, None].expand_as(u)[off]                       # (n,)
         xo, wo = xval[off], waux[off]                              # (n, 8)
-        g = grid.to(torch.float64)                                 # (G, 8)
         s64, x64, w64 = s.double(), xo.double(), wo.double()
-        A = (w64 @ (g * g).t()).gather(1, cc)                      # sum w q^2
-        Bs = ((w64 * x64) @ g.t()).gather(1, cc)                   # sum w q x
-        Ba = ((w64 * x64.abs()) @ g.t()).gather(1, cc)
-        C0 = (w64 * x64 * x64).sum(1, keepdim=True)
-        s2 = (s64 * s64)[:, None]
-        d64 = s2 * A - 2 * s64[:, None] * Bs + C0
-        err = 64 * _U32 * (s2 * A + 2 * s64.abs()[:, None] * Ba + C0)
-        inf = torch.full_like(d64, float("inf"))
-        hi = torch.where(valid, d64 + err, inf).amin(1, keepdim=True)
-        live = valid & (d64 - err <= hi)
-        r, c = live.nonzero(as_tuple=True)
+        r0, c0 = valid.nonzero(as_tuple=True)                      # listed (group, neighbour) pairs, row-major
+        q64 = grid[cand[r0, c0]].to(torch.float64)                 # (k, 8)
+        xr, wr, sr = x64[r0], w64[r0], s64[r0]
+        A = (wr * q64 * q64).sum(1)                                # sum w q^2
+        Bs = (wr * xr * q64).sum(1)                                # sum w q x
+        Ba = (wr * xr.abs() * q64).sum(1)
+        C0 = (wr * xr * xr).sum(1)
+        d64 = sr * sr * A - 2 * sr * Bs + C0
+        err = 64 * _U32 * (sr * sr * A + 2 * sr.abs() * Ba + C0)
+        hi = torch.full((cand.shape[0],), float("inf"), dtype=torch.float64, device=L.device)
+        hi = hi.scatter_reduce(0, r0, d64 + err, reduce="amin")
+        live = d64 - err <= hi[r0]
+        r, c = r0[live], c0[live]
         q = grid[cand[r, c]].to(torch.float32)                     # (k, 8)
         diff = s[r, None] * q - xo[r]
         t = wo[r] * diff * diff
