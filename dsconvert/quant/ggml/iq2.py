@@ -1,4 +1,10 @@
-"""IQ2_XXS: 2.0625 bits per weight, 8-value groups snapped to a 256-point lattice (the "E8-like" grid).
+"""IQ2_XXS, IQ2_XS and IQ2_S: 2-bit lattice quantizers (2.0625, 2.3125 and 2.5625 bits per weight).
+
+IQ2_XS and IQ2_S (512- and 1024-point grids, 16-blocks) share :class:`_Lattice16`'s search
+(``quantize_row_iq2_xs_impl``, ``quantize_row_iq2_s_impl``) and the lattice/neighbour tables below; the rest of this
+note describes IQ2_XXS.
+
+IQ2_XXS: 8-value groups snapped to a 256-point lattice (the "E8-like" grid).
 
 Every group of 8 magnitudes is coded by one of 256 grid points (levels ``2l+1``, ``l`` in 0..2, per element),
 its 8 signs by 7 bits (the 8th is the parity: an odd number of negatives flips the least important element),
@@ -23,7 +29,8 @@ Block layout (``ggml-common.h``)::
 
 llama.cpp refuses this type without an importance matrix, and so does :meth:`IQ2_XXS.quantize_blocks`.
 Source: llama.cpp ``ggml/src/ggml-quants.c`` (``iq2xs_init_impl``, ``iq2_find_best_neighbour``,
-``quantize_row_iq2_xxs_impl``, ``dequantize_row_iq2_xxs``); docs/gguf-deepseek2.md §6.
+``quantize_row_iq2_xxs_impl``, ``quantize_row_iq2_xs_impl``, ``quantize_row_iq2_s_impl``, ``dequantize_row_iq2_xxs``,
+``dequantize_row_iq2_xs``, ``dequantize_row_iq2_s``); docs/gguf-deepseek2.md §6.
 """
 
 from __future__ import annotations
