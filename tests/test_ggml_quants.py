@@ -21,8 +21,8 @@ from dsconvert.testing import ggml_oracle
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 IQUANTS = ["IQ4_NL", "IQ4_XS"]
-GRID_IQ = ["IQ2_XXS", "IQ1_S", "IQ1_M"]  # lattice types: llama.cpp quantizes them only with an imatrix (IQ1_M's
-#                                         kernel also runs without one)
+# lattice types: llama.cpp quantizes all but IQ2_S only with an imatrix (IQ1_M's kernel also runs without one)
+GRID_IQ = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
 PLAIN = ["F32", "F16", "BF16"]
 ALL = PLAIN + LEGACY + KQUANTS + IQUANTS + GRID_IQ
 
@@ -215,7 +215,8 @@ def test_imatrix_quantization_vs_llamacpp(oracle, name, data):
 def test_grid_iq_vs_llamacpp(oracle, name):
     """Lattice types with importance weights: byte-identical to ``ggml_quantize_chunk`` (signs, parity flips,
     off-grid groups snapped to the listed neighbours, zero and degenerate rows), and our dequantizer equals
-    llama.cpp's and gguf-py's on llama.cpp's bytes. Without weights they refuse, as llama.cpp asserts."""
+    llama.cpp's and gguf-py's on llama.cpp's bytes. Without weights IQ2_S is byte-identical too; the others
+    refuse, as llama.cpp asserts."""
     t = get_type(name)
     qt = GGMLQuantizationType[name]
     for n, rows, seed in ((256, 24, 21), (4096, 10, 22)):
@@ -228,12 +229,19 @@ def test_grid_iq_vs_llamacpp(oracle, name):
         dq = dequantize(torch.from_numpy(ref.reshape(rows, -1)), name, x.shape).numpy()
         np.testing.assert_array_equal(dq, oracle.dequantize(ref.reshape(-1), qt, x.shape))
         np.testing.assert_allclose(dq, gq.dequantize(ref.reshape(rows, -1), qt), rtol=1e-6, atol=0)
+        if name == "IQ2_S":
+            ours = quantize(torch.from_numpy(x), name).numpy().reshape(-1, t.type_size)
+            plain = oracle.quantize(x, qt).reshape(-1, t.type_size)
+            bad = (ours != plain).any(1)
+            assert not bad.any(), f"{name} (no imatrix): {int(bad.sum())}/{bad.size} blocks differ"
+            assert (plain != ref).any(1).mean() > 0.5
     if name == "IQ1_M":  # the kernel's no-imatrix path: weights x*x
         x = _rows(512, 16, 23)
         np.testing.assert_array_equal(quantize(torch.from_numpy(x), name).numpy(), oracle.quantize(x, qt))
         return
-    with pytest.raises(ValueError, match="importance weights"):
-        quantize(torch.randn(2, 256), name)
+    if name != "IQ2_S":
+        with pytest.raises(ValueError, match="importance weights"):
+            quantize(torch.randn(2, 256), name)
 
 
 def test_sqrtf_is_correctly_rounded():

@@ -1,4 +1,10 @@
-"""IQ2_XXS: 2.0625 bits per weight, 8-value groups snapped to a 256-point lattice (the "E8-like" grid).
+"""IQ2_XXS, IQ2_XS and IQ2_S: 2-bit lattice quantizers (2.0625, 2.3125 and 2.5625 bits per weight).
+
+IQ2_XS and IQ2_S (512- and 1024-point grids, 16-blocks) share :class:`_Lattice16`'s search
+(``quantize_row_iq2_xs_impl``, ``quantize_row_iq2_s_impl``) and the lattice/neighbour tables below; the rest of this
+note describes IQ2_XXS.
+
+IQ2_XXS: 8-value groups snapped to a 256-point lattice (the "E8-like" grid).
 
 Every group of 8 magnitudes is coded by one of 256 grid points (levels ``2l+1``, ``l`` in 0..2, per element),
 its 8 signs by 7 bits (the 8th is the parity: an odd number of negatives flips the least important element),
@@ -23,7 +29,8 @@ Block layout (``ggml-common.h``)::
 
 llama.cpp refuses this type without an importance matrix, and so does :meth:`IQ2_XXS.quantize_blocks`.
 Source: llama.cpp ``ggml/src/ggml-quants.c`` (``iq2xs_init_impl``, ``iq2_find_best_neighbour``,
-``quantize_row_iq2_xxs_impl``, ``dequantize_row_iq2_xxs``); docs/gguf-deepseek2.md §6.
+``quantize_row_iq2_xxs_impl``, ``quantize_row_iq2_xs_impl``, ``quantize_row_iq2_s_impl``, ``dequantize_row_iq2_xxs``,
+``dequantize_row_iq2_xs``, ``dequantize_row_iq2_s``); docs/gguf-deepseek2.md §6.
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.
     ties). Returns ``(grid index (B, 4) int64, levels (B, 4, 8) float32)``.
 
     The distance that decides is C's float32 one, summed in element order. It is evaluated only for the
-    neighbours that a float64 pre-filter cannot rule out: the float64 distances (three small matrix products)
+    neighbours that a float64 pre-filter cannot rule out: the float64 distances (over the listed pairs only)
     and a bound of the float32 rounding error (64 u times the sum of the magnitudes of the terms) leave one or two
     candidates per group; every other neighbour is provably farther in float32 too.
     """
@@ -99,22 +106,22 @@ def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.
     if bool(off.any()):
         cand = neigh[u[off]]                                       # (n, P)
         valid = cand >= 0
-        cc = cand.clamp(min=0)
         s = scale[:, None].expand_as(u)[off]                       # (n,)
         xo, wo = xval[off], waux[off]                              # (n, 8)
-        g = grid.to(torch.float64)                                 # (G, 8)
         s64, x64, w64 = s.double(), xo.double(), wo.double()
-        A = (w64 @ (g * g).t()).gather(1, cc)                      # sum w q^2
-        Bs = ((w64 * x64) @ g.t()).gather(1, cc)                   # sum w q x
-        Ba = ((w64 * x64.abs()) @ g.t()).gather(1, cc)
-        C0 = (w64 * x64 * x64).sum(1, keepdim=True)
-        s2 = (s64 * s64)[:, None]
-        d64 = s2 * A - 2 * s64[:, None] * Bs + C0
-        err = 64 * _U32 * (s2 * A + 2 * s64.abs()[:, None] * Ba + C0)
-        inf = torch.full_like(d64, float("inf"))
-        hi = torch.where(valid, d64 + err, inf).amin(1, keepdim=True)
-        live = valid & (d64 - err <= hi)
-        r, c = live.nonzero(as_tuple=True)
+        r0, c0 = valid.nonzero(as_tuple=True)                      # listed (group, neighbour) pairs, row-major
+        q64 = grid[cand[r0, c0]].to(torch.float64)                 # (k, 8)
+        xr, wr, sr = x64[r0], w64[r0], s64[r0]
+        A = (wr * q64 * q64).sum(1)                                # sum w q^2
+        Bs = (wr * xr * q64).sum(1)                                # sum w q x
+        Ba = (wr * xr.abs() * q64).sum(1)
+        C0 = (wr * xr * xr).sum(1)
+        d64 = sr * sr * A - 2 * sr * Bs + C0
+        err = 64 * _U32 * (sr * sr * A + 2 * sr.abs() * Ba + C0)
+        hi = torch.full((cand.shape[0],), float("inf"), dtype=torch.float64, device=L.device)
+        hi = hi.scatter_reduce(0, r0, d64 + err, reduce="amin")
+        live = d64 - err <= hi[r0]
+        r, c = r0[live], c0[live]
         q = grid[cand[r, c]].to(torch.float32)                     # (k, 8)
         diff = s[r, None] * q - xo[r]
         t = wo[r] * diff * diff
@@ -132,18 +139,56 @@ def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.
     return gi, levels
 
 
-class IQ2_XXS(GGMLType, qtype=T.IQ2_XXS):
+
+def _signs(xg: torch.Tensor, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Magnitudes and 7 sign bits of 8-groups ``xg`` ``(..., 8)`` float32 with element weights ``wg``: an odd
+    number of negatives flips the element with the smallest ``w*x*x`` (first wins ties), so the 8th sign is the
+    parity. Returns ``(xval (..., 8) float32, signs (...) int64 in 0..127)``."""
+    neg = ~(xg >= 0)
+    xval = torch.where(neg, -xg, xg)
+    bitw = (1 << torch.arange(8, device=xg.device))
+    s = (neg.to(torch.int64) * bitw).sum(-1)
+    odd = (neg.sum(-1) % 2) == 1
+    ax = wg * xg * xg
+    imin = torch.zeros(ax.shape[:-1], dtype=torch.int64, device=xg.device)
+    mn = ax[..., 0].clone()
+    for i in range(1, 8):
+        lt = ax[..., i] < mn
+        mn = torch.where(lt, ax[..., i], mn)
+        imin = torch.where(lt, torch.full_like(imin, i), imin)
+    flip = odd[..., None] & (torch.arange(8, device=xg.device) == imin[..., None])
+    xval = torch.where(flip, -xval, xval)
+    s = torch.where(odd, s ^ (1 << imin), s)
+    return xval, s & 127
+
+
+def _on_grid(L: torch.Tensor, kmap: torch.Tensor) -> torch.Tensor:
+    """Whether each 8-group of levels ``L`` ``(..., 8)`` (0..2) is a grid point: ``(...)`` bool."""
+    u = (L.to(torch.int64) << torch.arange(0, 16, 2, device=L.device)).sum(-1)
+    return kmap[u] >= 0
+
+
+class _Lattice2:
+    """Grid tables of a 2-bit lattice type: ``grid_name`` (gguf-py class holding ``grid_hex``) and ``nwant`` (how
+    many distinct neighbour distances ``iq2xs_init_impl`` keeps: 2, or 1 for IQ2_S)."""
+
+    grid_name: str
+    nwant: int
+
+    @classmethod
+    def _tables(cls, device):
+        grid, kmap, neigh = _lattice(cls.grid_name, cls.nwant)
+        return (torch.from_numpy(grid).to(device), torch.from_numpy(kmap).to(device),
+                torch.from_numpy(neigh).to(device))
+
+
+class IQ2_XXS(_Lattice2, GGMLType, qtype=T.IQ2_XXS):
     """``quantize_iq2_xxs`` (importance weights required, as in llama.cpp)."""
 
     supports_imatrix = True
     chunk_elems = 1 << 17
     kmax = 3
-
-    @classmethod
-    def _tables(cls, device):
-        grid, kmap, neigh = _lattice("IQ2_XXS", 2)
-        return (torch.from_numpy(grid).to(device), torch.from_numpy(kmap).to(device),
-                torch.from_numpy(neigh).to(device))
+    grid_name, nwant = "IQ2_XXS", 2
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
@@ -157,24 +202,7 @@ class IQ2_XXS(GGMLType, qtype=T.IQ2_XXS):
         xb = blocks.reshape(NB, 32)
         w = (qw.reshape(NB, 32) * sqrtf(sig.repeat_interleave(8)[:, None] + xb * xb))
         waux = sqrtf(w)
-        # signs: 8 per group, an odd count flips the element with the smallest w*x*x
-        xg, wg = xb.view(NB, 4, 8), w.view(NB, 4, 8)
-        neg = ~(xg >= 0)
-        xval = torch.where(neg, -xg, xg)
-        bitw = (1 << torch.arange(8, device=blocks.device))
-        s = (neg.to(torch.int64) * bitw).sum(-1)                      # (NB, 4)
-        odd = (neg.sum(-1) % 2) == 1
-        ax = wg * xg * xg
-        imin = torch.zeros(NB, 4, dtype=torch.int64, device=blocks.device)
-        mn = ax[..., 0].clone()
-        for i in range(1, 8):
-            lt = ax[..., i] < mn
-            mn = torch.where(lt, ax[..., i], mn)
-            imin = torch.where(lt, torch.full_like(imin, i), imin)
-        flip = odd[..., None] & (torch.arange(8, device=blocks.device) == imin[..., None])
-        xval = torch.where(flip, -xval, xval)
-        s = torch.where(odd, s ^ (1 << imin), s)
-        signs = s & 127
+        xval, signs = _signs(xb.view(NB, 4, 8), w.view(NB, 4, 8))
         xv = xval.reshape(NB, 32)
         mx = xv[:, 0].clone()
         for i in range(1, 32):
@@ -246,6 +274,198 @@ class IQ2_XXS(GGMLType, qtype=T.IQ2_XXS):
         sgn = torch.cat([bits, parity], dim=-1)
         vals = torch.tensor(gq.IQ2_XXS.grid_map, dtype=torch.float32, device=blocks.device)[(grid[gi] - 1) // 2]
         ls = (u32[..., 1] >> 28).to(torch.float32)
+        db = (d[:, None] * (0.5 + ls)) * 0.25
+        y = db[..., None, None] * vals * torch.where(sgn.bool(), -1.0, 1.0)
+        return y.reshape(nb, 256)
+
+
+class _Lattice16(_Lattice2):
+    """The 16-block search shared by IQ2_XS and IQ2_S (``quantize_row_iq2_xs_impl`` / ``quantize_row_iq2_s_impl``).
+
+    Per 16-block: element weights, signs, start scale ``max/5``, 19 trial scales ``id = (5 + 0.1*is)/max`` (``is``
+    in -9..9), each 8-group snapped to the grid (off-grid groups to their best listed neighbour), kept on a better
+    ``sumqx^2/sumq2``; then only the groups that were off the grid are requantized at the chosen scale, followed by
+    a least-squares refit; a negative scale flips the signs. The types differ in ``sigma2`` (``sum(x^2)/256``
+    times ``sigma_mul``), the sign trick (``parity``: 7 bits + parity, or all 8 bits) and ``eps`` (skip a block whose
+    largest magnitude is below it).
+    """
+
+    kmax = 3
+    sigma_mul: int
+    parity: bool
+    eps: float
+
+    @classmethod
+    def _search(cls, blocks, qw):
+        """``(grid index (nb*16, 2) int64, signs (nb*16, 2) int64, scale (nb, 16) float32 >= 0, 0 on skipped
+        blocks)`` for ``blocks`` ``(nb, 256)`` float32 and importance weights ``qw`` (same shape) or ``None``
+        (then ``w = sigma2/4 + x^2``)."""
+        tabs = cls._tables(blocks.device)
+        dev = blocks.device
+        nb = blocks.shape[0]
+        NB = nb * 16
+        bt = blocks.t()
+        sig = div(cls.sigma_mul * seqsum(bt * bt), 256).repeat_interleave(16)[:, None]
+        xb = blocks.reshape(NB, 16)
+        if qw is None:
+            w = np.float32(0.25) * sig + xb * xb
+        else:
+            w = qw.reshape(NB, 16) * sqrtf(sig + xb * xb)
+        waux_g = sqrtf(w).view(NB, 2, 8)
+        xg = xb.view(NB, 2, 8)
+        if cls.parity:
+            xval, signs = _signs(xg, w.view(NB, 2, 8))
+        else:
+            neg = ~(xg >= 0)
+            xval = torch.where(neg, -xg, xg)
+            signs = (neg.to(torch.int64) << torch.arange(8, device=dev)).sum(-1)
+        mask = 127 if cls.parity else 255
+        xv = xval.reshape(NB, 16)
+        mx = xv[:, 0].clone()
+        for i in range(1, 16):
+            mx = torch.where(mx > xv[:, i], mx, xv[:, i])
+        skip = mx < np.float32(cls.eps)
+        mxs = torch.where(skip, torch.ones_like(mx), mx)
+        wx = w * xv
+
+        def sums(Lg):
+            q = 2 * Lg.reshape(NB, 16) + 1
+            return seqsum((wx * q).t()), seqsum((w * q * q).t())
+
+        best = torch.zeros_like(mx)
+        scale = div(mxs, 2 * cls.kmax - 1)
+        L = torch.zeros(NB, 2, 8, dtype=torch.float32, device=dev)
+        ongrid = torch.ones(NB, 2, dtype=torch.bool, device=dev)
+        for step in range(-9, 10):
+            idv = div(np.float32(2 * cls.kmax - 1) + np.float32(step) * np.float32(0.1), mxs)
+            this_scale = div(1, idv)
+            Laux = nearest_int(np.float32(0.5) * (idv[:, None, None] * xval - 1)).clamp_(0, cls.kmax - 1)
+            og = _on_grid(Laux, tabs[1])
+            _, Laux = _snap(Laux, xval, waux_g, this_scale, tabs)
+            sqx, sq2 = sums(Laux)
+            upd = (sq2 > 0) & (sqx * sqx > best * sq2)
+            scale = torch.where(upd, div(sqx, sq2), scale)
+            best = torch.where(upd, scale * sqx, best)
+            L = torch.where(upd[:, None, None], Laux, L)
+            ongrid = torch.where(upd[:, None], og, ongrid)
+        redo = (~ongrid).any(1) & (scale > 0)
+        rs = torch.where(redo, scale, torch.ones_like(scale))
+        Lf = nearest_int(np.float32(0.5) * (div(1, rs)[:, None, None] * xval - 1)).clamp_(0, cls.kmax - 1)
+        _, Lf = _snap(Lf, xval, waux_g, rs, tabs)
+        L = torch.where((redo[:, None] & ~ongrid)[..., None], Lf, L)
+        sqx, sq2 = sums(L)
+        scale = torch.where(redo & (sq2 > 0), div(sqx, sq2), scale)
+        negs = scale < 0
+        scale = torch.where(negs, -scale, scale)
+        signs = torch.where(negs[:, None], (~signs) & mask, signs)
+        gi, _ = _snap(L, xval, waux_g, scale, tabs)                 # L is on the grid here: a plain lookup
+        gi = torch.where(skip[:, None], torch.zeros_like(gi), gi)
+        signs = torch.where(skip[:, None], torch.zeros_like(signs), signs)
+        scale = torch.where(skip, torch.zeros_like(scale), scale)
+        return gi, signs, scale.view(nb, 16)
+
+    @staticmethod
+    def _scales(sc, dmul=None):
+        """``(d fp16 bytes (nb, 2), 4-bit scales packed two a byte (nb, 8) uint8, empty (nb,) bool)``: ``d =
+        max_scale/31`` (stored times ``dmul`` when given), block scale ``clamp(nearest_int((scale/d - 1)/2), 0,
+        15)``; an all-zero super-block stores zeros."""
+        nb = sc.shape[0]
+        max_scale = sc.amax(1).clamp(min=0)
+        empty = max_scale == 0
+        d = div(torch.where(empty, torch.ones_like(max_scale), max_scale), 31.0)
+        idd = div(1, d)
+        ls = nearest_int(np.float32(0.5) * (idd[:, None] * sc - 1)).clamp_(0, 15).to(torch.int64).view(nb, 8, 2)
+        scb = ls[..., 0] | (ls[..., 1] << 4)
+        scb = torch.where(empty[:, None], torch.zeros_like(scb), scb).to(torch.uint8)
+        dst = d if dmul is None else d * np.float32(dmul)
+        dd = torch.where(empty, torch.zeros_like(d), dst)
+        return fp16_bytes(dd), scb, empty
+
+
+class IQ2_XS(_Lattice16, GGMLType, qtype=T.IQ2_XS):
+    """``quantize_iq2_xs``: 2.3125 bpw, 16-blocks of two 8-groups on the 512-point grid, signs with the IQ2_XXS
+    parity trick (importance weights required, as in llama.cpp). The search is :class:`_Lattice16`'s.
+
+    Block layout (``ggml-common.h``)::
+
+        IQ2_XS  d | qs: 32 x u16 (9-bit grid index | 7 sign bits << 9) | scales: 16 x 4 bits   74 B
+    """
+
+    supports_imatrix = True
+    chunk_elems = 1 << 17
+    grid_name, nwant = "IQ2_XS", 2
+    sigma_mul, parity, eps = 1, True, GROUP_MAX_EPS
+
+    @classmethod
+    def quantize_blocks(cls, blocks, qw=None, sigma2=None):
+        if qw is None:
+            raise ValueError("IQ2_XS: quantization needs importance weights (an imatrix), as in llama.cpp")
+        nb = blocks.shape[0]
+        gi, signs, sc = cls._search(blocks, qw)
+        dd, scb, empty = cls._scales(sc)
+        q2 = (gi | (signs << 9)).view(nb, 32)
+        qs = torch.stack([q2 & 0xFF, q2 >> 8], dim=-1).view(nb, 64)
+        qs = torch.where(empty[:, None], torch.zeros_like(qs), qs).to(torch.uint8)
+        return torch.cat([dd, qs, scb], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        grid = cls._tables(blocks.device)[0]
+        nb = blocks.shape[0]
+        d = bytes_fp16(blocks[:, :2])
+        qb = blocks[:, 2:66].to(torch.int64).view(nb, 32, 2)
+        q2 = (qb[..., 0] | (qb[..., 1] << 8)).view(nb, 16, 2)
+        gi = q2 & 511
+        s7 = q2 >> 9
+        bits = (s7.unsqueeze(-1) >> torch.arange(7, device=blocks.device)) & 1       # (nb, 16, 2, 7)
+        sgn = torch.cat([bits, bits.sum(-1, keepdim=True) & 1], dim=-1)
+        vals = torch.tensor(gq.IQ2_XS.grid_map, dtype=torch.float32, device=blocks.device)[(grid[gi] - 1) // 2]
+        scb = blocks[:, 66:74].to(torch.int64)
+        ls = torch.stack([scb & 15, scb >> 4], dim=-1).view(nb, 16).to(torch.float32)
+        db = (d[:, None] * (0.5 + ls)) * 0.25
+        y = db[..., None, None] * vals * torch.where(sgn.bool(), -1.0, 1.0)
+        return y.reshape(nb, 256)
+
+
+class IQ2_S(_Lattice16, GGMLType, qtype=T.IQ2_S):
+    """``quantize_iq2_s``: 2.5625 bpw, 16-blocks of two 8-groups on the 1024-point grid, all 8 signs stored
+    (no parity trick), ``sigma2 = 2*sum(x^2)/256``, neighbour lists of the single nearest distance, skip below
+    ``1e-8``, ``d`` stored times 0.9875. Without importance weights ``w = sigma2/4 + x^2``, as in llama.cpp.
+
+    Block layout (``ggml-common.h``)::
+
+        IQ2_S  d | qs: 32 low bytes of grid indices, 32 sign bytes | qh: 2 high index bits per group | scales  82 B
+    """
+
+    supports_imatrix = True
+    chunk_elems = 1 << 17
+    grid_name, nwant = "IQ2_S", 1
+    sigma_mul, parity, eps = 2, False, 1e-8
+
+    @classmethod
+    def quantize_blocks(cls, blocks, qw=None, sigma2=None):
+        nb = blocks.shape[0]
+        gi, signs, sc = cls._search(blocks, qw)
+        dd, scb, empty = cls._scales(sc, dmul=0.9875)
+        gi = gi.view(nb, 32)
+        qh = ((gi >> 8).view(nb, 8, 4) << torch.tensor([0, 2, 4, 6], device=blocks.device)).sum(-1)
+        body = torch.cat([gi & 0xFF, signs.view(nb, 32), qh], dim=1).to(torch.uint8)
+        return torch.cat([dd, body, scb], dim=1)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        grid = cls._tables(blocks.device)[0]
+        nb = blocks.shape[0]
+        dev = blocks.device
+        d = bytes_fp16(blocks[:, :2])
+        b = blocks.to(torch.int64)
+        qh = b[:, 66:74]
+        hi = ((qh[..., None] >> torch.tensor([0, 2, 4, 6], device=dev)) & 3).view(nb, 32)
+        gi = (b[:, 2:34] | (hi << 8)).view(nb, 16, 2)
+        sgn = (b[:, 34:66].view(nb, 16, 2, 1) >> torch.arange(8, device=dev)) & 1
+        vals = torch.tensor(gq.IQ2_S.grid_map, dtype=torch.float32, device=dev)[(grid[gi] - 1) // 2]
+        scb = b[:, 74:82]
+        ls = torch.stack([scb & 15, scb >> 4], dim=-1).view(nb, 16).to(torch.float32)
         db = (d[:, None] * (0.5 + ls)) * 0.25
         y = db[..., None, None] * vals * torch.where(sgn.bool(), -1.0, 1.0)
         return y.reshape(nb, 256)
