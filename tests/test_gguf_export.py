@@ -310,8 +310,8 @@ def test_type_options_and_unsupported_types(kq, work):
                                         token_embedding_type="Q6_K"), None)
     assert p.pure and p.types["blk.1.attn_k_b.weight"] == "Q8_0" and p.types["output.weight"] == "Q8_0"
     assert p.types["token_embd.weight"] == "Q6_K" and p.types["blk.1.ffn_down_exps.weight"] == "Q4_K"
-    res = cli("gguf", kq, "--type", "IQ1_S", "--dry-run")
-    assert res.exit_code == 2 and "--type IQ1_S: IQ types" in res.text and "not supported yet" in res.text
+    res = cli("gguf", kq, "--type", "IQ3_S", "--dry-run")
+    assert res.exit_code == 2 and "--type IQ3_S: IQ types" in res.text and "not supported yet" in res.text
     assert "no quantizer for IQ4_NL" not in res.text
     res = cli("gguf", kq, "--type", "Q9_X", "--dry-run")
     assert res.exit_code == 2 and "unknown --type" in res.text

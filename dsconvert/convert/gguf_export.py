@@ -32,6 +32,7 @@ The MTP block (layers >= ``num_hidden_layers``) is dropped, as llama.cpp's conve
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -141,9 +142,41 @@ def type_names() -> dict[str, list[str]]:
     :mod:`dsconvert.formats.gguf_types` and :func:`dsconvert.quant.ggml.registered_types`."""
     have = ggml.registered_types()
     pure = pure_types()
-    return {"types": [t for t in have if t in FTYPE_NAMES or t in pure],
-            "mixes": [n for n in FTYPE_NAMES if n not in have and default_type(n) in have],
-            "unsupported": [n for n in FTYPE_NAMES if default_type(n) not in have]}
+    ok = {n for n in FTYPE_NAMES if default_type(n) in have and _mix_types(n) <= set(have)}
+    return {"types": [t for t in have if (t in ok if t in FTYPE_NAMES else t in pure)],
+            "mixes": [n for n in FTYPE_NAMES if n not in have and n in ok],
+            "unsupported": [n for n in FTYPE_NAMES if n not in ok]}
+
+
+def _v3_probe() -> list[tuple[str, tuple[int, ...]]]:
+    """One tensor of every kind a DeepSeek-V3 deepseek2 GGUF holds, at the real shapes, on the layers where
+    llama.cpp's mix rules differ (first, early, middle, late, last)."""
+    D, V, E, I, Id, H = 7168, 129280, 256, 2048, 18432, 128
+    out = [("token_embd.weight", (V, D)), ("output.weight", (V, D)), ("output_norm.weight", (D,))]
+    for b in (0, 1, 2, 3, 7, 30, 52, 59, 60):
+        p = f"blk.{b}."
+        out += [(p + "attn_norm.weight", (D,)), (p + "attn_q_a.weight", (1536, D)), (p + "attn_q_b.weight", (H * 192, 1536)),
+                (p + "attn_kv_a_mqa.weight", (576, D)), (p + "attn_k_b.weight", (H, 512, 128)),
+                (p + "attn_v_b.weight", (H, 128, 512)), (p + "attn_output.weight", (D, H * 128))]
+        if b < 3:
+            out += [(p + "ffn_gate.weight", (Id, D)), (p + "ffn_up.weight", (Id, D)), (p + "ffn_down.weight", (D, Id))]
+        else:
+            out += [(p + "ffn_gate_exps.weight", (E, I, D)), (p + "ffn_up_exps.weight", (E, I, D)),
+                    (p + "ffn_down_exps.weight", (E, D, I)), (p + "ffn_gate_shexp.weight", (I, D)),
+                    (p + "ffn_up_shexp.weight", (I, D)), (p + "ffn_down_shexp.weight", (D, I))]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _mix_types(ftype: str) -> frozenset[str]:
+    """Every ggml type llama.cpp's rules give a DeepSeek-V3 tensor in an ``ftype`` file, with or without an
+    imatrix (:func:`_v3_probe`): a mix is writable only when dsconvert has a quantizer for all of them (IQ2_M puts
+    IQ3_S on some tensors)."""
+    got: set[str] = set()
+    for imx in (False, True):
+        got |= set(g2.plan_types(_v3_probe(), ftype, n_layer=61, n_expert=256, n_gqa=128, fallback_f16=True,
+                                 has_imatrix=imx).values())
+    return frozenset(got)
 
 
 def pure_types() -> dict[str, str]:
@@ -192,8 +225,9 @@ def resolve_type(name: str) -> tuple[str, bool]:
         imx = " --imatrix FILE" if family == "IQ" else ""
         have = [t for t in n["types"] if t.startswith(family)]
         which = f"{family} types other than {', '.join(have)}" if have else f"{family} types"
+        lacking = sorted(t for t in _mix_types(ftype) | {default_type(ftype)} if t not in ggml.registered_types())
         raise UsageError(f"--type {ftype}: {which} are not supported yet (dsconvert has no "
-                         f"{default_type(ftype)} quantizer)",
+                         f"{', '.join(lacking)} quantizer)",
                          hint=f"write a BF16 or Q8_0 GGUF with dsconvert, then `llama-quantize{imx} IN.gguf OUT.gguf "
                               f"{ftype}`; dsconvert writes {choices}")
     return ftype, False
