@@ -426,9 +426,10 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     types = g2.plan_types(plan, ftype, cfg, overrides=overrides, output_type=opts.output_tensor_type,
                           embd_type=opts.token_embedding_type, pure=pure, fallback_f16=True,
                           has_imatrix=opts.imatrix is not None)
+    entries = load_imatrix(opts.imatrix) if opts.imatrix is not None else None  # read once, used twice
     budget = None
     if opts.target_size is not None:
-        types, budget = _budget_types(ck, plan, types, opts)
+        types, budget = _budget_types(ck, plan, types, opts, overrides, entries or {})
     have = set(ggml.registered_types())
     missing = sorted({t for t in types.values() if t not in have})
     if missing:
@@ -445,7 +446,7 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
                              hint="compute one on the original with `dsconvert imatrix SRC -o imatrix.gguf`, then "
                                   "add --imatrix imatrix.gguf")
     nbytes = {t.name: g2.tensor_nbytes(t.shape, types[t.name]) for t in plan}
-    imatrix, importance = _imatrix_plan(opts.imatrix, plan, types)
+    imatrix, importance = _imatrix_plan(opts.imatrix, entries, plan, types)
 
     if not (ck.root / "tokenizer.json").is_file():
         raise BadInputError(f"{ck.root}: no tokenizer.json; a deepseek2 GGUF needs the tokenizer to load",
@@ -506,8 +507,8 @@ def _sample(ck: Checkpoint, t: g2.GGUFTensorPlan) -> list[tuple[int, torch.Tenso
     return out
 
 
-def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts: GGUFOptions
-                  ) -> tuple[dict[str, str], dict]:
+def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts: GGUFOptions,
+                  overrides: list[tuple[str, str]], entries: dict) -> tuple[dict[str, str], dict]:
     """``--target-size``: the type of every quantizable tensor chosen from :data:`BUDGET_LADDER` so the tensor
     data fits ``opts.target_size`` bytes with the least summed relative output error
     (:mod:`dsconvert.quant.bit_alloc`). Each candidate's error is measured by quantizing a sample of the tensor's
@@ -517,6 +518,10 @@ def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts
     (``--tensor-type``, ``--output-tensor-type``, ``--token-embedding-type``) and those never quantized (norms,
     router) keep their type and count against the budget. Reads the samples (about 0.5 MB per tensor); a
     671B plan quantizes ~700 samples at 6 types.
+
+    Args:
+        overrides: the parsed ``--tensor-type`` rules (the tensors they match stay fixed).
+        entries: the ``--imatrix`` file's entries (:func:`~dsconvert.formats.gguf_imatrix.read_imatrix`), or ``{}``.
 
     Returns:
         (types, report: target, planned bytes, the smallest and largest possible, per-tensor choice with its
@@ -530,13 +535,10 @@ def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts
     cfg = ck.config
     ladder = {q: g2.plan_types(plan, "Q8_0", cfg, overrides=[(".", q)], pure=True, fallback_f16=True)
               for q in BUDGET_LADDER}
-    fixed_pats = [parse_tensor_type_override(r)[0] for r in opts.tensor_types]
-
     def fixed(n: str) -> bool:
-        return (any(re.search(p, n) for p in fixed_pats) or (opts.token_embedding_type and n == "token_embd.weight")
+        return (any(re.search(p, n) for p, _ in overrides) or (opts.token_embedding_type and n == "token_embd.weight")
                 or (opts.output_tensor_type and n == "output.weight"))
 
-    entries = load_imatrix(opts.imatrix) if opts.imatrix is not None else {}
     options: dict[str, list[Choice]] = {}
     measured: dict[str, dict[str, float]] = {}
     for t in plan:
@@ -575,8 +577,11 @@ def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts
                  "choices": {n: {"type": chosen[n].type, "rel_error": measured[n]} for n in chosen}}
 
 
-def _imatrix_plan(path: Path | None, plan: g2.GGUFPlan, types: dict[str, str]) -> tuple[dict, dict]:
+def _imatrix_plan(path: Path | None, entries: dict | None, plan: g2.GGUFPlan, types: dict[str, str]
+                  ) -> tuple[dict, dict]:
     """Check ``--imatrix`` against the planned tensors, as ``llama_model_quantize`` does.
+
+    ``entries`` is ``path`` as read by :func:`~dsconvert.formats.gguf_imatrix.read_imatrix`.
 
     llama.cpp ignores importance weights for F32/F16/BF16/Q8_0 (accepted and ignored here too); every other
     type uses them (``quantize_row_*_impl``). Each tensor that uses them needs an entry of ``ne0 * n_mat``
@@ -593,7 +598,6 @@ def _imatrix_plan(path: Path | None, plan: g2.GGUFPlan, types: dict[str, str]) -
     """
     if path is None:
         return {"used": False}, {}
-    entries = load_imatrix(path)
     users = {t: ggml.get_type(t) for t in set(types.values())}
     need = sorted(t for t, c in users.items() if not c.ignores_imatrix)
     importance, missing, wrong, without = {}, [], [], []
