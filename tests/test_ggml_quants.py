@@ -21,8 +21,10 @@ from dsconvert.testing import ggml_oracle
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 IQUANTS = ["IQ4_NL", "IQ4_XS"]
-# lattice types: llama.cpp quantizes all but IQ2_S only with an imatrix (IQ1_M's kernel also runs without one)
-GRID_IQ = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
+# lattice types: llama.cpp quantizes IQ2_XXS, IQ2_XS, IQ1_S, IQ1_M only with an imatrix (IQ1_M's kernel also runs
+# without one); IQ2_S, IQ3_XXS and IQ3_S take one optionally
+GRID_IQ = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "IQ3_XXS", "IQ3_S"]
+GRID_NO_IMATRIX = ["IQ2_S", "IQ3_XXS", "IQ3_S"]
 PLAIN = ["F32", "F16", "BF16"]
 ALL = PLAIN + LEGACY + KQUANTS + IQUANTS + GRID_IQ
 
@@ -215,8 +217,8 @@ def test_imatrix_quantization_vs_llamacpp(oracle, name, data):
 def test_grid_iq_vs_llamacpp(oracle, name):
     """Lattice types with importance weights: byte-identical to ``ggml_quantize_chunk`` (signs, parity flips,
     off-grid groups snapped to the listed neighbours, zero and degenerate rows), and our dequantizer equals
-    llama.cpp's and gguf-py's on llama.cpp's bytes. Without weights IQ2_S is byte-identical too; the others
-    refuse, as llama.cpp asserts."""
+    llama.cpp's and gguf-py's on llama.cpp's bytes. Without weights IQ2_S, IQ3_XXS and IQ3_S are byte-identical
+    too; the others refuse, as llama.cpp asserts."""
     t = get_type(name)
     qt = GGMLQuantizationType[name]
     for n, rows, seed in ((256, 24, 21), (4096, 10, 22)):
@@ -229,7 +231,7 @@ def test_grid_iq_vs_llamacpp(oracle, name):
         dq = dequantize(torch.from_numpy(ref.reshape(rows, -1)), name, x.shape).numpy()
         np.testing.assert_array_equal(dq, oracle.dequantize(ref.reshape(-1), qt, x.shape))
         np.testing.assert_allclose(dq, gq.dequantize(ref.reshape(rows, -1), qt), rtol=1e-6, atol=0)
-        if name == "IQ2_S":
+        if name in GRID_NO_IMATRIX:
             ours = quantize(torch.from_numpy(x), name).numpy().reshape(-1, t.type_size)
             plain = oracle.quantize(x, qt).reshape(-1, t.type_size)
             bad = (ours != plain).any(1)
@@ -239,7 +241,7 @@ def test_grid_iq_vs_llamacpp(oracle, name):
         x = _rows(512, 16, 23)
         np.testing.assert_array_equal(quantize(torch.from_numpy(x), name).numpy(), oracle.quantize(x, qt))
         return
-    if name != "IQ2_S":
+    if name not in GRID_NO_IMATRIX:
         with pytest.raises(ValueError, match="importance weights"):
             quantize(torch.randn(2, 256), name)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType
 
-from . import iq1, iq2, iquants, kquants, legacy, plain  # noqa: F401  (registration)
+from . import iq1, iq2, iq3, iquants, kquants, legacy, plain  # noqa: F401  (registration)
 from .base import MAX_CHUNK_BYTES, GGMLType, get_type, registered_types
 
 __all__ = ["GGMLType", "MAX_CHUNK_BYTES", "dequantize", "get_type", "quantize", "registered_types"]

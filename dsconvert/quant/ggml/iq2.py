@@ -46,25 +46,33 @@ from ._ops import GROUP_MAX_EPS, bytes_fp16, div, fp16_bytes, nearest_int, seqsu
 from .base import GGMLType
 from .kquants import make_qp_quants
 
-_KMAP_SIZE = 43692  # 1 + the largest 16-bit index of 8 two-bit levels in 0..2 (llama.cpp's kmap_size)
-
-
 @functools.lru_cache(maxsize=None)
 def _lattice(gguf_cls_name: str, nwant: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(grid (G, 8) int levels 2l+1, kmap (43692,) int64 grid index or -1, neighbours (43692, P) int64, -1 padded)``.
+    """``(grid (G, n) int levels 2l+1, kmap (K,) int64 grid index or -1, neighbours (K, P) int64, -1 padded)`` for a
+    grid of ``n``-tuples (gguf-py class ``gguf_cls_name``), built like ``iq2xs_init_impl`` / ``iq3xs_init_impl``.
 
-    ``kgrid`` is read from gguf-py's ``grid_hex`` (little-endian u16 per grid point: 2 bits per element).
+    gguf-py's ``grid_hex`` holds one little-endian u16 per grid point, ``16/n`` bits per element (2 for the 8-tuples
+    of IQ2, 4 for the 4-tuples of IQ3). The kmap key packs the levels ``l`` with ``b`` bits each (``b = 2`` for 3
+    levels, 3 for 8 levels; :func:`_key_bits`), as llama.cpp's ``kgrid`` does; ``K`` is one more than the largest key
+    of levels in range. Each key not on the grid lists every grid point at the ``nwant`` smallest squared distances,
+    in (distance, index) order.
     """
     cls = getattr(gq, gguf_cls_name)
+    n = cls.grid_shape[1]
+    hb = 16 // n
     raw = bytes.fromhex(cls.grid_hex.decode())
-    kgrid = np.frombuffer(raw, dtype="<u2").astype(np.int64)
-    shifts = 2 * np.arange(8)
-    levels = (kgrid[:, None] >> shifts) & 3                       # (G, 8)
+    packed = np.frombuffer(raw, dtype="<u2").astype(np.int64)
+    levels = (packed[:, None] >> (hb * np.arange(n))) & ((1 << hb) - 1)          # (G, n)
+    nlev = len(cls.grid_map)
+    b = _key_bits(gguf_cls_name)
+    shifts = b * np.arange(n)
+    kgrid = (levels << shifts).sum(1)
+    size = int(((nlev - 1) << shifts).sum()) + 1
     grid = 2 * levels + 1
-    kmap = np.full(_KMAP_SIZE, -1, dtype=np.int64)
+    kmap = np.full(size, -1, dtype=np.int64)
     kmap[kgrid] = np.arange(kgrid.size)
-    idx = np.arange(_KMAP_SIZE)
-    pos = 2 * ((idx[:, None] >> shifts) & 3) + 1                  # (K, 8)
+    idx = np.arange(size)
+    pos = 2 * ((idx[:, None] >> shifts) & ((1 << b) - 1)) + 1                # (K, n)
     off = np.nonzero(kmap < 0)[0]
     # squared distances between small integer vectors, exact in float64: |g|^2 + |p|^2 - 2 p.g
     g64, p64 = grid.astype(np.float64), pos[off].astype(np.float64)
@@ -76,22 +84,28 @@ def _lattice(gguf_cls_name: str, nwant: int) -> tuple[np.ndarray, np.ndarray, np
     rank = np.cumsum(new, axis=1)
     keep = rank <= nwant
     width = int(keep.sum(1).max())
-    neigh = np.full((_KMAP_SIZE, width), -1, dtype=np.int64)
+    neigh = np.full((size, width), -1, dtype=np.int64)
     cols = np.where(keep, order, -1)
     # keep is a prefix of each row (distances are sorted), so the first `width` columns hold every kept entry
     neigh[off] = cols[:, :width]
     return grid, kmap, neigh
 
 
+def _key_bits(gguf_cls_name: str) -> int:
+    """Bits per level in a kmap key: enough for the type's number of levels (2 for IQ2's 3, 3 for IQ3's 8)."""
+    return max(1, (len(getattr(gq, gguf_cls_name).grid_map) - 1).bit_length())
+
+
 #: unit roundoff of float32; the float64 pre-filter keeps every neighbour whose float32 distance could be the minimum
 _U32 = 2.0 ** -24
 
 
-def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.Tensor, tabs) -> tuple[torch.Tensor,
-                                                                                                        torch.Tensor]:
-    """Grid index of each 8-group of levels ``L`` ``(B, 4, 8)`` (float32 0..2), off-grid groups replaced by the
-    neighbour minimising ``sum waux*(scale*q - xval)^2`` (``iq2_find_best_neighbour``; first in list order wins
-    ties). Returns ``(grid index (B, 4) int64, levels (B, 4, 8) float32)``.
+def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.Tensor, tabs,
+          bits: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid index of each n-group of levels ``L`` ``(B, g, n)`` (float32, keys of ``bits`` bits per level), off-grid
+    groups replaced by the neighbour minimising ``sum waux*(scale*q - xval)^2`` (``iq2_find_best_neighbour`` /
+    ``iq3_find_best_neighbour``; first in list order wins ties). Returns ``(grid index (B, g) int64, levels
+    (B, g, n) float32)``.
 
     The distance that decides is C's float32 one, summed in element order. It is evaluated only for the
     neighbours that a float64 pre-filter cannot rule out: the float64 distances (over the listed pairs only)
@@ -99,8 +113,7 @@ def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.
     candidates per group; every other neighbour is provably farther in float32 too.
     """
     grid, kmap, neigh = tabs
-    Li = L.to(torch.int64)
-    u = (Li << torch.arange(0, 16, 2, device=L.device)).sum(-1)   # (B, 4)
+    u = _key(L, bits)                                              # (B, g)
     gi = kmap[u]
     off = gi < 0
     if bool(off.any()):
@@ -126,7 +139,7 @@ def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.
         diff = s[r, None] * q - xo[r]
         t = wo[r] * diff * diff
         d2 = t[:, 0].clone()
-        for i in range(1, 8):
+        for i in range(1, t.shape[1]):
             d2 += t[:, i]
         n = cand.shape[0]
         best = torch.full((n,), float("inf"), dtype=torch.float32, device=L.device)
@@ -162,10 +175,14 @@ def _signs(xg: torch.Tensor, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return xval, s & 127
 
 
-def _on_grid(L: torch.Tensor, kmap: torch.Tensor) -> torch.Tensor:
-    """Whether each 8-group of levels ``L`` ``(..., 8)`` (0..2) is a grid point: ``(...)`` bool."""
-    u = (L.to(torch.int64) << torch.arange(0, 16, 2, device=L.device)).sum(-1)
-    return kmap[u] >= 0
+def _key(L: torch.Tensor, bits: int) -> torch.Tensor:
+    """kmap key of each group of levels ``L`` ``(..., n)`` (float32 integers): ``sum l_i << bits*i``, int64 ``(...)``."""
+    return (L.to(torch.int64) << torch.arange(0, bits * L.shape[-1], bits, device=L.device)).sum(-1)
+
+
+def _on_grid(L: torch.Tensor, kmap: torch.Tensor, bits: int = 2) -> torch.Tensor:
+    """Whether each group of levels ``L`` ``(..., n)`` is a grid point: ``(...)`` bool."""
+    return kmap[_key(L, bits)] >= 0
 
 
 class _Lattice2:
@@ -280,68 +297,91 @@ class IQ2_XXS(_Lattice2, GGMLType, qtype=T.IQ2_XXS):
 
 
 class _Lattice16(_Lattice2):
-    """The 16-block search shared by IQ2_XS and IQ2_S (``quantize_row_iq2_xs_impl`` / ``quantize_row_iq2_s_impl``).
+    """The block search shared by IQ2_XS, IQ2_S (16-blocks of two 8-groups, ``quantize_row_iq2_xs_impl`` /
+    ``quantize_row_iq2_s_impl``) and IQ3_XXS, IQ3_S (32-blocks of eight 4-groups, ``quantize_row_iq3_xxs_impl`` /
+    ``quantize_row_iq3_s_impl``, see :mod:`.iq3`).
 
-    Per 16-block: element weights, signs, start scale ``max/5``, 19 trial scales ``id = (5 + 0.1*is)/max`` (``is``
-    in -9..9), each 8-group snapped to the grid (off-grid groups to their best listed neighbour), kept on a better
-    ``sumqx^2/sumq2``; then only the groups that were off the grid are requantized at the chosen scale, followed by
-    a least-squares refit; a negative scale flips the signs. The types differ in ``sigma2`` (``sum(x^2)/256``
-    times ``sigma_mul``), the sign trick (``parity``: 7 bits + parity, or all 8 bits) and ``eps`` (skip a block whose
-    largest magnitude is below it).
+    Per block: element weights, signs, start scale ``max/(2*kmax-1)``, ``2*ntrial+1`` trial scales ``id = (2*kmax-1
+    + tstep*is)/max`` (``is`` in -ntrial..ntrial), each group snapped to the grid (off-grid groups to their best
+    listed neighbour), kept on a better ``sumqx^2/sumq2``; then the groups that were off the grid (all groups when
+    ``redo_all``, IQ3_S, whose on-grid flags also start false) are requantized at the chosen scale, followed by a
+    least-squares refit; a negative scale flips the signs. The types differ further in ``sigma2``
+    (``sum(x^2)/256`` times ``sigma_mul``), the sign trick (``parity``: 7 bits + parity, or all 8 bits), ``eps``
+    (skip a block whose largest magnitude is below it) and the weights without an imatrix (``plain_sigma``:
+    ``sigma2/4 + x^2``, else ``x^2``).
     """
 
     kmax = 3
+    bsize = 16
+    ntrial, tstep = 9, 0.1
+    redo_all = False
+    plain_sigma = True
     sigma_mul: int
     parity: bool
     eps: float
 
     @classmethod
     def _search(cls, blocks, qw):
-        """``(grid index (nb*16, 2) int64, signs (nb*16, 2) int64, scale (nb, 16) float32 >= 0, 0 on skipped
-        blocks)`` for ``blocks`` ``(nb, 256)`` float32 and importance weights ``qw`` (same shape) or ``None``
-        (then ``w = sigma2/4 + x^2``)."""
+        """``(grid index (nb*nblk, g) int64, signs (nb*nblk, bsize/8) int64, scale (nb, nblk) float32 >= 0, 0 on
+        skipped blocks, skip (nb, nblk) bool)`` for ``blocks`` ``(nb, 256)`` float32 and importance weights ``qw``
+        (same shape) or ``None``; ``nblk = 256/bsize``, ``g = bsize/n`` groups of ``n`` elements a block."""
         tabs = cls._tables(blocks.device)
+        bits = _key_bits(cls.grid_name)
+        n = tabs[0].shape[1]
         dev = blocks.device
         nb = blocks.shape[0]
-        NB = nb * 16
+        bs = cls.bsize
+        nblk = 256 // bs
+        NB = nb * nblk
+        ng, n8 = bs // n, bs // 8
         bt = blocks.t()
-        sig = div(cls.sigma_mul * seqsum(bt * bt), 256).repeat_interleave(16)[:, None]
-        xb = blocks.reshape(NB, 16)
-        if qw is None:
+        sig = div(cls.sigma_mul * seqsum(bt * bt), 256).repeat_interleave(nblk)[:, None]
+        xb = blocks.reshape(NB, bs)
+        if qw is not None:
+            w = qw.reshape(NB, bs) * sqrtf(sig + xb * xb)
+        elif cls.plain_sigma:
             w = np.float32(0.25) * sig + xb * xb
         else:
-            w = qw.reshape(NB, 16) * sqrtf(sig + xb * xb)
-        waux_g = sqrtf(w).view(NB, 2, 8)
-        xg = xb.view(NB, 2, 8)
+            w = xb * xb
+        waux_g = sqrtf(w).view(NB, ng, n)
+        xg = xb.view(NB, n8, 8)
         if cls.parity:
-            xval, signs = _signs(xg, w.view(NB, 2, 8))
+            xval, signs = _signs(xg, w.view(NB, n8, 8))
         else:
             neg = ~(xg >= 0)
             xval = torch.where(neg, -xg, xg)
             signs = (neg.to(torch.int64) << torch.arange(8, device=dev)).sum(-1)
         mask = 127 if cls.parity else 255
-        xv = xval.reshape(NB, 16)
+        xv = xval.reshape(NB, bs)
+        xval = xval.reshape(NB, ng, n)
         mx = xv[:, 0].clone()
-        for i in range(1, 16):
+        for i in range(1, bs):
             mx = torch.where(mx > xv[:, i], mx, xv[:, i])
         skip = mx < np.float32(cls.eps)
         mxs = torch.where(skip, torch.ones_like(mx), mx)
         wx = w * xv
+        top = cls.kmax - 1
+
+        def levels(idv):
+            # nearest_int's float trick maps +-inf and NaN (a subnormal max) to -4194304: level 0
+            v = np.float32(0.5) * (idv[:, None, None] * xval - 1)
+            r = torch.where(torch.isfinite(v), nearest_int(v), torch.zeros_like(v))
+            return r.clamp_(0, top)
 
         def sums(Lg):
-            q = 2 * Lg.reshape(NB, 16) + 1
+            q = 2 * Lg.reshape(NB, bs) + 1
             return seqsum((wx * q).t()), seqsum((w * q * q).t())
 
         best = torch.zeros_like(mx)
         scale = div(mxs, 2 * cls.kmax - 1)
-        L = torch.zeros(NB, 2, 8, dtype=torch.float32, device=dev)
-        ongrid = torch.ones(NB, 2, dtype=torch.bool, device=dev)
-        for step in range(-9, 10):
-            idv = div(np.float32(2 * cls.kmax - 1) + np.float32(step) * np.float32(0.1), mxs)
+        L = torch.zeros(NB, ng, n, dtype=torch.float32, device=dev)
+        ongrid = torch.full((NB, ng), not cls.redo_all, dtype=torch.bool, device=dev)
+        for step in range(-cls.ntrial, cls.ntrial + 1):
+            idv = div(np.float32(2 * cls.kmax - 1) + np.float32(step) * np.float32(cls.tstep), mxs)
             this_scale = div(1, idv)
-            Laux = nearest_int(np.float32(0.5) * (idv[:, None, None] * xval - 1)).clamp_(0, cls.kmax - 1)
-            og = _on_grid(Laux, tabs[1])
-            _, Laux = _snap(Laux, xval, waux_g, this_scale, tabs)
+            Laux = levels(idv)
+            og = _on_grid(Laux, tabs[1], bits)
+            _, Laux = _snap(Laux, xval, waux_g, this_scale, tabs, bits)
             sqx, sq2 = sums(Laux)
             upd = (sq2 > 0) & (sqx * sqx > best * sq2)
             scale = torch.where(upd, div(sqx, sq2), scale)
@@ -350,36 +390,41 @@ class _Lattice16(_Lattice2):
             ongrid = torch.where(upd[:, None], og, ongrid)
         redo = (~ongrid).any(1) & (scale > 0)
         rs = torch.where(redo, scale, torch.ones_like(scale))
-        Lf = nearest_int(np.float32(0.5) * (div(1, rs)[:, None, None] * xval - 1)).clamp_(0, cls.kmax - 1)
-        _, Lf = _snap(Lf, xval, waux_g, rs, tabs)
-        L = torch.where((redo[:, None] & ~ongrid)[..., None], Lf, L)
+        Lf = levels(div(1, rs))
+        _, Lf = _snap(Lf, xval, waux_g, rs, tabs, bits)
+        which = ~ongrid | cls.redo_all
+        L = torch.where((redo[:, None] & which)[..., None], Lf, L)
         sqx, sq2 = sums(L)
         scale = torch.where(redo & (sq2 > 0), div(sqx, sq2), scale)
         negs = scale < 0
         scale = torch.where(negs, -scale, scale)
         signs = torch.where(negs[:, None], (~signs) & mask, signs)
-        gi, _ = _snap(L, xval, waux_g, scale, tabs)                 # L is on the grid here: a plain lookup
+        gi, _ = _snap(L, xval, waux_g, scale, tabs, bits)           # L is on the grid here: a plain lookup
         gi = torch.where(skip[:, None], torch.zeros_like(gi), gi)
         signs = torch.where(skip[:, None], torch.zeros_like(signs), signs)
         scale = torch.where(skip, torch.zeros_like(scale), scale)
-        return gi, signs, scale.view(nb, 16)
+        return gi, signs, scale.view(nb, nblk), skip.view(nb, nblk)
 
     @staticmethod
     def _scales(sc, dmul=None):
-        """``(d fp16 bytes (nb, 2), 4-bit scales packed two a byte (nb, 8) uint8, empty (nb,) bool)``: ``d =
-        max_scale/31`` (stored times ``dmul`` when given), block scale ``clamp(nearest_int((scale/d - 1)/2), 0,
-        15)``; an all-zero super-block stores zeros."""
-        nb = sc.shape[0]
+        """``(d fp16 bytes (nb, 2), block scales (nb, nblk) int64 in 0..15, empty (nb,) bool)``: ``d = max_scale/31``
+        (stored times ``dmul`` when given), block scale ``clamp(nearest_int((scale/d - 1)/2), 0, 15)``; an all-zero
+        super-block stores ``d = 0`` and zero scales."""
         max_scale = sc.amax(1).clamp(min=0)
         empty = max_scale == 0
         d = div(torch.where(empty, torch.ones_like(max_scale), max_scale), 31.0)
         idd = div(1, d)
-        ls = nearest_int(np.float32(0.5) * (idd[:, None] * sc - 1)).clamp_(0, 15).to(torch.int64).view(nb, 8, 2)
-        scb = ls[..., 0] | (ls[..., 1] << 4)
-        scb = torch.where(empty[:, None], torch.zeros_like(scb), scb).to(torch.uint8)
+        ls = nearest_int(np.float32(0.5) * (idd[:, None] * sc - 1)).clamp_(0, 15).to(torch.int64)
+        ls = torch.where(empty[:, None], torch.zeros_like(ls), ls)
         dst = d if dmul is None else d * np.float32(dmul)
         dd = torch.where(empty, torch.zeros_like(d), dst)
-        return fp16_bytes(dd), scb, empty
+        return fp16_bytes(dd), ls, empty
+
+    @staticmethod
+    def _nibbles(ls):
+        """Block scales ``(nb, nblk)`` packed two a byte, low nibble first: ``(nb, nblk/2)`` uint8."""
+        ls = ls.view(ls.shape[0], -1, 2)
+        return (ls[..., 0] | (ls[..., 1] << 4)).to(torch.uint8)
 
 
 class IQ2_XS(_Lattice16, GGMLType, qtype=T.IQ2_XS):
@@ -401,8 +446,9 @@ class IQ2_XS(_Lattice16, GGMLType, qtype=T.IQ2_XS):
         if qw is None:
             raise ValueError("IQ2_XS: quantization needs importance weights (an imatrix), as in llama.cpp")
         nb = blocks.shape[0]
-        gi, signs, sc = cls._search(blocks, qw)
-        dd, scb, empty = cls._scales(sc)
+        gi, signs, sc, _ = cls._search(blocks, qw)
+        dd, ls, empty = cls._scales(sc)
+        scb = cls._nibbles(ls)
         q2 = (gi | (signs << 9)).view(nb, 32)
         qs = torch.stack([q2 & 0xFF, q2 >> 8], dim=-1).view(nb, 64)
         qs = torch.where(empty[:, None], torch.zeros_like(qs), qs).to(torch.uint8)
@@ -445,8 +491,9 @@ class IQ2_S(_Lattice16, GGMLType, qtype=T.IQ2_S):
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         nb = blocks.shape[0]
-        gi, signs, sc = cls._search(blocks, qw)
-        dd, scb, empty = cls._scales(sc, dmul=0.9875)
+        gi, signs, sc, _ = cls._search(blocks, qw)
+        dd, ls, empty = cls._scales(sc, dmul=0.9875)
+        scb = cls._nibbles(ls)
         gi = gi.view(nb, 32)
         qh = ((gi >> 8).view(nb, 8, 4) << torch.tensor([0, 2, 4, 6], device=blocks.device)).sum(-1)
         body = torch.cat([gi & 0xFF, signs.view(nb, 32), qh], dim=1).to(torch.uint8)
