@@ -310,9 +310,18 @@ def test_type_options_and_unsupported_types(kq, work):
                                         token_embedding_type="Q6_K"), None)
     assert p.pure and p.types["blk.1.attn_k_b.weight"] == "Q8_0" and p.types["output.weight"] == "Q8_0"
     assert p.types["token_embd.weight"] == "Q6_K" and p.types["blk.1.ffn_down_exps.weight"] == "Q4_K"
-    res = cli("gguf", kq, "--type", "IQ3_S", "--dry-run")
-    assert res.exit_code == 2 and "--type IQ3_S: IQ types" in res.text and "not supported yet" in res.text
-    assert "no quantizer for IQ4_NL" not in res.text
+    res = cli("gguf", kq, "--type", "TQ1_0", "--dry-run")
+    assert res.exit_code == 2 and "--type TQ1_0: TQ types" in res.text and "not supported yet" in res.text
+    assert "(dsconvert has no TQ1_0 quantizer)" in res.text
+    # with IQ3_XXS and IQ3_S registered, the IQ3 mixes and IQ2_S/IQ2_M (IQ3_S on some tensors) are writable
+    n = ge.type_names()
+    assert {"IQ2_M", "IQ3_XS", "IQ3_M"} <= set(n["mixes"]) and {"IQ3_XXS", "IQ3_S", "IQ2_S"} <= set(n["types"])
+    for f in ("IQ3_S", "IQ3_M"):
+        res = cli("gguf", kq, "--type", f, "--dry-run")
+        assert res.exit_code == 0, res.text
+    for f in ("IQ3_XXS", "IQ2_M"):   # past the quantizer check; llama.cpp wants an imatrix for these
+        res = cli("gguf", kq, "--type", f, "--dry-run")
+        assert res.exit_code == 2 and "need an importance matrix" in res.text and "not supported yet" not in res.text
     res = cli("gguf", kq, "--type", "Q9_X", "--dry-run")
     assert res.exit_code == 2 and "unknown --type" in res.text
 
