@@ -712,7 +712,9 @@ def _random_imatrix(kq: Path, seed: int = 0) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q4_0", "IQ4_XS", "Q2_K_S",
                                    pytest.param("IQ2_XXS", marks=pytest.mark.slow),
                                    pytest.param("IQ2_XS", marks=pytest.mark.slow),
-                                   pytest.param("IQ1_S", marks=pytest.mark.slow)])
+                                   pytest.param("IQ1_S", marks=pytest.mark.slow),
+                                   pytest.param("IQ3_XXS", marks=pytest.mark.slow),
+                                   pytest.param("IQ2_M", marks=pytest.mark.slow)])
 def test_imatrix_blocks_identical_to_llama_model_quantize(kq, work, ftype, tmp_path):
     """With an importance matrix, every block equals what ``llama_model_quantize`` writes from our F32 file
     given the same weights (its ``params.imatrix``): tensor types, per-expert and per-head slicing, bytes."""
@@ -746,10 +748,11 @@ def test_imatrix_blocks_identical_to_llama_model_quantize(kq, work, ftype, tmp_p
     for t, (same, n) in shares.items():
         assert same == n, (ftype, t, same, n)
     # and the weights matter: the same type without them differs (Q2_K_S and the IQ1/IQ2 lattice types cannot be
-    # made without them; IQ2_S and IQ2_M files also need IQ3_S, which has no quantizer here)
-    if ftype in ("Q2_K_S", "IQ2_XXS", "IQ2_XS", "IQ1_S"):
+    # made without them, nor IQ3_XXS and the IQ2_S of an IQ2_M file)
+    if ftype in ("Q2_K_S", "IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ3_XXS", "IQ2_M"):
         # the file type's base lattice type (llama_ftype_get_default_type) is among the identical blocks
-        base = {"Q2_K_S": "Q2_K", "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ1_S": "IQ1_S"}
+        base = {"Q2_K_S": "Q2_K", "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ1_S": "IQ1_S", "IQ3_XXS": "IQ3_XXS",
+                "IQ2_M": "IQ2_S"}
         assert base[ftype] in shares
         return
     plain = work / "out" / f"kq-{ftype}.gguf"
