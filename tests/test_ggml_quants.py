@@ -246,6 +246,27 @@ def test_grid_iq_vs_llamacpp(oracle, name):
             quantize(torch.randn(2, 256), name)
 
 
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", GRID_NO_IMATRIX)
+def test_grid_iq_zero_blocks_and_subnormals(oracle, name):
+    """All-zero 32-blocks inside non-zero super-blocks (IQ3_S then writes the later blocks' qs/signs earlier),
+    subnormal rows (an infinite ``1/max`` and ``1/d``: C's ``nearest_int(inf)`` is -4194304) and single subnormal
+    elements: byte-identical to ``ggml_quantize_chunk`` with and without an imatrix."""
+    t = get_type(name)
+    x = _rows(1024, 12, 31)
+    z = np.random.default_rng(5).random((12, 32)) < 0.3
+    x.reshape(12, 32, 32)[z] = 0
+    x[5] *= np.float32(1e-39)
+    x[6, :32] = np.float32(1e-45)
+    x[6, 40] = -np.float32(3e-45)
+    im = _imatrix(1024, 31)
+    for w in (im, None):
+        ours = quantize(torch.from_numpy(x), name, None if w is None else torch.from_numpy(w)).numpy()
+        ref = oracle.quantize(x, GGMLQuantizationType[name], w)
+        bad = (ours.reshape(-1, t.type_size) != ref.reshape(-1, t.type_size)).any(1)
+        assert not bad.any(), f"{name} (imatrix: {w is not None}): blocks {np.nonzero(bad)[0].tolist()} differ"
+
+
 def test_sqrtf_is_correctly_rounded():
     """``sqrtf`` equals numpy's IEEE float32 square root; torch's float32 ``sqrt`` is not on every CPU."""
     from dsconvert.quant.ggml._ops import sqrtf

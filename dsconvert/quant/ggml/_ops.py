@@ -67,6 +67,13 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
     return torch.round(v)
 
 
+def nearest_int_c(v: torch.Tensor) -> torch.Tensor:
+    """:func:`nearest_int` that also follows C's float trick on non-finite input: ``+-inf`` and NaN give
+    ``-4194304`` (the mantissa of ``inf + 12582912.f`` is 0), e.g. ``nearest_int(1/d * scale)`` with a subnormal
+    ``d``. Float32 integers out."""
+    return torch.where(torch.isfinite(v), torch.round(v), torch.full_like(v, -4194304.0))
+
+
 def roundf(v: torch.Tensor) -> torch.Tensor:
     """C ``roundf``: round half away from zero (float32 in, float32 integers out)."""
     t = torch.trunc(v)

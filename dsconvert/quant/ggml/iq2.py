@@ -42,7 +42,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from ._ops import GROUP_MAX_EPS, bytes_fp16, div, fp16_bytes, nearest_int, seqsum, sqrtf
+from ._ops import GROUP_MAX_EPS, bytes_fp16, div, fp16_bytes, nearest_int, nearest_int_c, seqsum, sqrtf
 from .base import GGMLType
 from .kquants import make_qp_quants
 
@@ -363,10 +363,8 @@ class _Lattice16(_Lattice2):
         top = cls.kmax - 1
 
         def levels(idv):
-            # nearest_int's float trick maps +-inf and NaN (a subnormal max) to -4194304: level 0
-            v = np.float32(0.5) * (idv[:, None, None] * xval - 1)
-            r = torch.where(torch.isfinite(v), nearest_int(v), torch.zeros_like(v))
-            return r.clamp_(0, top)
+            # a subnormal max makes id infinite: C's nearest_int gives -4194304 there, level 0
+            return nearest_int_c(np.float32(0.5) * (idv[:, None, None] * xval - 1)).clamp_(0, top)
 
         def sums(Lg):
             q = 2 * Lg.reshape(NB, bs) + 1
@@ -414,7 +412,7 @@ class _Lattice16(_Lattice2):
         empty = max_scale == 0
         d = div(torch.where(empty, torch.ones_like(max_scale), max_scale), 31.0)
         idd = div(1, d)
-        ls = nearest_int(np.float32(0.5) * (idd[:, None] * sc - 1)).clamp_(0, 15).to(torch.int64)
+        ls = nearest_int_c(np.float32(0.5) * (idd[:, None] * sc - 1)).clamp_(0, 15).to(torch.int64)
         ls = torch.where(empty[:, None], torch.zeros_like(ls), ls)
         dst = d if dmul is None else d * np.float32(dmul)
         dd = torch.where(empty, torch.zeros_like(d), dst)
