@@ -138,7 +138,7 @@ def type_names() -> dict[str, list[str]]:
     """The ``--type`` values, from the registries: ``types`` (ggml types dsconvert has a quantizer for and that
     ``--type`` takes alone), ``mixes`` (llama-quantize file-type mixes whose default type dsconvert can write:
     Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M), ``unsupported`` (file types llama-quantize
-    knows but dsconvert has no quantizer for yet, e.g. IQ2_XXS, TQ1_0, MXFP4_MOE). Sources: ``FTYPE_NAMES`` of
+    knows but dsconvert has no quantizer for yet: TQ1_0, TQ2_0, MXFP4_MOE). Sources: ``FTYPE_NAMES`` of
     :mod:`dsconvert.formats.gguf_types` and :func:`dsconvert.quant.ggml.registered_types`."""
     have = ggml.registered_types()
     pure = pure_types()

@@ -11,7 +11,8 @@ API::
 
 Types: F32, F16, BF16 (passthrough), Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (legacy, byte-identical),
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (K-quants; see :mod:`.kquants` for exactness notes), IQ4_NL and IQ4_XS
-(:mod:`.iquants`).
+(:mod:`.iquants`), the lattice types IQ1_S, IQ1_M (:mod:`.iq1`), IQ2_XXS, IQ2_XS, IQ2_S (:mod:`.iq2`), IQ3_XXS and
+IQ3_S (:mod:`.iq3`).
 """
 
 from __future__ import annotations
