@@ -17,6 +17,7 @@ from dsconvert.formats.checkpoint import open_checkpoint
 
 
 K_MIXES = ["Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"]  # llama-quantize
+IQ_MIXES = ["IQ2_M", "IQ3_XS", "IQ3_M"]                      # llama-quantize IQ file types that are not ggml types
 IQ = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ3_M", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS"]
 
 
@@ -74,13 +75,13 @@ def test_list_types_and_help_show_the_mixes():
     r = _invoke("inspect", "--list-types", "--list-formats", "--list-schemes", "--json")
     assert r.exit_code == 0, r.output
     reg = json.loads(r.stdout)["registries"]
-    assert reg["gguf_mixes"] == K_MIXES
-    assert set(IQ) <= set(reg["gguf_unsupported"]) | set(reg["gguf_types"])
+    assert reg["gguf_mixes"] == K_MIXES + IQ_MIXES   # the IQ mixes once IQ3_S/IQ3_XXS have quantizers
+    assert set(IQ) <= set(reg["gguf_mixes"]) | set(reg["gguf_types"]) and not set(IQ) & set(reg["gguf_unsupported"])
     assert reg["formats"]["autoawq"] == ["awq", "awq-gemm"] and "gptq_v2" in reg["formats"]
     human = _invoke("inspect", "--list-types")
     assert all(m in human.stdout for m in K_MIXES) and "not supported yet" in human.stdout
     h = _invoke("gguf", "--help").stdout
-    assert all(m in h for m in K_MIXES)
+    assert all(m in h for m in K_MIXES + IQ_MIXES)
     q = _invoke("quantize", "--help").stdout
     for name, aliases in reg["formats"].items():
         assert name in q and all(a in q for a in aliases), name
