@@ -157,7 +157,7 @@ def _signs(xg: torch.Tensor, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _key(L: torch.Tensor, bits: int) -> torch.Tensor:
-    """kmap key of each group of levels ``L`` ``(..., n)`` (float32 integers): ``sum l_i << bits*i``, int64 ``(...)``."""
+    """kmap key of each group of levels ``L`` ``(..., n)`` (float32 integers): ``sum l_i << bits*i``, int64."""
     return (L.to(torch.int64) << torch.arange(0, bits * L.shape[-1], bits, device=L.device)).sum(-1)
 
 
@@ -168,7 +168,7 @@ def _on_grid(L: torch.Tensor, kmap: torch.Tensor, bits: int = 2) -> torch.Tensor
 
 class _Lattice2:
     """Grid tables of a 2-bit lattice type: ``grid_name`` (gguf-py class holding ``grid_hex``) and ``nwant`` (how
-    many distinct neighbour distances ``iq2xs_init_impl`` keeps: 2, or 1 for IQ2_S)."""
+    many distinct neighbour distances ``iq2xs_init_impl`` / ``iq3xs_init_impl`` keep: 2, 1 for IQ2_S, 3 for IQ3_S)."""
 
     grid_name: str
     nwant: int
