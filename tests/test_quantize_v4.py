@@ -1,0 +1,158 @@
+"""``dsconvert quantize`` of a DeepSeek-V4 release checkpoint (tiny ``v4_src`` fixture: FP8 dense linears with
+E8M0 scales, FP4 e2m1 routed experts) to compressed-tensors ``pack-quantized`` W4A16 / W8A16 (RTN, group 128).
+
+Oracles, all independent of the code under test:
+
+* the exact BF16 weights come from ``dsconvert fp8-to-bf16`` of the same source (itself proven against a numpy
+  decoder in tests/test_deepseek_v4.py); each packed module is unpacked by the slow numpy unpacker and compared
+  with a numpy min-max RTN of those BF16 weights (tests/test_quantize.py ``rtn_oracle`` / ``unpack_ct``);
+* every kept tensor is byte-identical to the fp8-to-bf16 output;
+* the ``compressed_tensors`` library's own dequantizer reads the output and its ``ignore`` list names every kept
+  Linear by its release name;
+* ``dsconvert validate OUT --reference V4SRC`` runs the V4 reference forward on both: mean KLD bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import read_tensors, run_cli, run_many
+from tests.test_quantize import read_all, rtn_oracle, unpack_ct
+
+SCHEMES = {"W4A16": 4, "W8A16": 8}
+# measured on the tiny fixture (random weights): W4A16 0.080, W8A16 0.0022
+KLD_BOUND = {"W4A16": 0.2, "W8A16": 0.01}
+# The quantized families, spelled out here (not taken from the policy under test).
+QUANTIZED = re.compile(r"^(layers|mtp)\.\d+\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)"
+                       r"|ffn\.experts\.\d+\.w[123]|ffn\.shared_experts\.w[123])$")
+
+
+@pytest.fixture(scope="module")
+def outs(v4_src, tmp_path_factory):
+    d = tmp_path_factory.mktemp("q4")
+    jobs = {"bf16": ("fp8-to-bf16", v4_src, "-o", d / "bf16", "-q")}
+    jobs |= {s: ("quantize", v4_src, "-o", d / s, "--scheme", s, "--json", "-q") for s in SCHEMES}
+    res = run_many(jobs, parallel=2)
+    for k, r in res.items():
+        assert r.rc == 0, r
+    return {k: d / k for k in jobs} | {"reports": {s: json.loads(res[s].stdout) for s in SCHEMES}}
+
+
+@pytest.fixture(scope="module")
+def bf16(outs):
+    return read_all(outs["bf16"])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_packed_modules_are_rtn_of_exact_bf16(scheme, outs, bf16):
+    """Every FP8 and FP4 linear: dequantized exactly (fp8-to-bf16's bytes), then symmetric RTN, group 128."""
+    bits = SCHEMES[scheme]
+    got = read_all(outs[scheme])
+    mods = sorted({n.rsplit(".", 1)[0] for n in got if n.endswith(".weight_packed")})
+    want_mods = sorted(n[: -len(".weight")] for n in bf16 if QUANTIZED.match(n[: -len(".weight")] if
+                                                                              n.endswith(".weight") else ""))
+    assert mods == want_mods and any(".ffn.experts." in m for m in mods) and any("indexer.wq_b" in m for m in mods)
+    for m in mods:
+        w = bf16[m + ".weight"].float().numpy()
+        o = rtn_oracle(w, bits, 128, True, "ct")
+        assert got[m + ".weight_shape"].tolist() == list(w.shape), m
+        q = unpack_ct(got[m + ".weight_packed"], bits, w.shape[1], dim=1)
+        assert np.array_equal(q, o["q"]), m
+        assert got[m + ".weight_scale"].dtype == torch.bfloat16
+        assert np.array_equal(got[m + ".weight_scale"].float().numpy(), o["scale"]), m
+        assert m + ".weight" not in got
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_kept_tensors_byte_identical_to_fp8_to_bf16(scheme, outs):
+    ref, got = read_tensors(outs["bf16"]), read_tensors(outs[scheme])
+    kept = [n for n in ref if n not in got]
+    assert all(QUANTIZED.match(n[: -len(".weight")]) for n in kept), kept[:5]
+    for n in got:
+        if n in ref:
+            assert got[n][:3] == ref[n][:3], n  # dtype, shape, bytes
+    for n in ("layers.0.ffn.gate.tid2eid", "layers.1.hc_attn_fn", "layers.0.attn.attn_sink", "embed.weight",
+              "head.weight", "layers.2.attn.compressor.wkv.weight", "mtp.0.e_proj.weight"):
+        assert n in got, n
+    cfg = json.loads((outs[scheme] / "config.json").read_text())
+    assert "expert_dtype" not in cfg and cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_compressed_tensors_library_reads_output(scheme, outs, bf16):
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+    from compressed_tensors.utils.match import match_name
+
+    out = outs[scheme]
+    deq = CompressedTensorsDequantizer(str(out), dtype=torch.bfloat16)
+    tensors = read_all(out)
+    result = deq.validate(dict(tensors))
+    mods = sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".weight_packed")})
+    for m in mods[:: max(1, len(mods) // 25)]:
+        want = torch.from_numpy(rtn_oracle(bf16[m + ".weight"].float().numpy(), SCHEMES[scheme], 128, True,
+                                           "ct")["deq_loader"]).to(torch.bfloat16)
+        assert torch.equal(result[m + ".weight"], want), m
+    ignore = deq.quant_config.ignore
+    kept_linears = [n[: -len(".weight")] for n in bf16 if n.endswith(".weight") and len(bf16[n].shape) == 2
+                    and not QUANTIZED.match(n[: -len(".weight")]) and n not in ("embed.weight",)]
+    assert "head" in kept_linears and "layers.1.ffn.gate" in kept_linears and "mtp.0.h_proj" in kept_linears
+    for m in kept_linears:
+        assert any(match_name(m, p) for p in ignore), m
+    for m in mods:
+        assert not any(match_name(m, p) for p in ignore), m
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_validate_against_v4_release(scheme, outs, v4_src):
+    r = run_cli("validate", outs[scheme], "--reference", v4_src, "--json", "-q")
+    assert r.rc in (0, 4), r  # 4: the default thresholds are for real models, not random tiny weights
+    rep = json.loads(r.stdout)
+    assert 0 < rep["mean_kld"] < KLD_BOUND[scheme], rep["mean_kld"]
+
+
+def test_dry_run_sizes_match_output(outs, v4_src, tmp_path):
+    r = run_cli("quantize", v4_src, "-o", tmp_path / "dry", "--scheme", "W4A16", "--dry-run", "--json")
+    assert r.rc == 0, r
+    plan = json.loads(r.stdout)["plan"]
+    assert not (tmp_path / "dry").exists()
+    real = outs["reports"]["W4A16"]["plan"]
+    assert plan["bytes_written"] == real["bytes_written"] and plan["quantized_modules"] == real["quantized_modules"]
+    tensor_bytes = sum(len(v[2]) for v in read_tensors(outs["W4A16"]).values())
+    assert plan["bytes_written"]["bytes"] == tensor_bytes
+    n_q = sum(1 for n in read_all(outs["bf16"]) if n.endswith(".weight") and QUANTIZED.match(n[:-7]))
+    assert plan["quantized_modules"] == n_q
+
+
+def test_resume_rewrites_only_the_missing_shard(outs, v4_src, tmp_path):
+    """The V3 job runner: a shard lost after a run is rewritten on rerun, the others reused, bytes identical to
+    the one-shard run's tensors."""
+    out = tmp_path / "o"
+    args = ("quantize", v4_src, "-o", out, "--scheme", "W8A16", "--max-shard-size", "400KB", "--json", "-q")
+    assert run_cli(*args).rc == 0
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3, shards
+    before = {p.name: p.read_bytes() for p in shards}
+    shards[1].unlink()
+    r = run_cli(*args)
+    assert r.rc == 0, r
+    rep = json.loads(r.stdout)
+    assert rep["resumed"] is True and rep["shards_written"] == 1 and rep["shards_reused"] == len(shards) - 1
+    assert {p.name: p.read_bytes() for p in out.glob("model-*.safetensors")} == before
+    one = {k: v[:3] for k, v in read_tensors(outs["W8A16"]).items()}
+    assert {k: v[:3] for k, v in read_tensors(out).items()} == one
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--gptq",), "--gptq on a DeepSeek-V4"),
+    (("--awq",), "--awq on a DeepSeek-V4"),
+    (("--format", "autoawq"), "--format autoawq on a DeepSeek-V4"),
+])
+def test_v4_refusals_name_what_works(args, needle, v4_src, tmp_path):
+    r = run_cli("quantize", v4_src, "-o", tmp_path / "o", "--scheme", "W4A16", *args)
+    assert r.rc == 2 and needle in r.stderr and "RTN" in r.stderr and "Traceback" not in r.stderr, r
+    assert not (tmp_path / "o").exists()
