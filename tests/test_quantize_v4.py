@@ -156,3 +156,15 @@ def test_v4_refusals_name_what_works(args, needle, v4_src, tmp_path):
     r = run_cli("quantize", v4_src, "-o", tmp_path / "o", "--scheme", "W4A16", *args)
     assert r.rc == 2 and needle in r.stderr and "RTN" in r.stderr and "Traceback" not in r.stderr, r
     assert not (tmp_path / "o").exists()
+
+
+def test_inspect_plans_and_reads_v4_quantize(outs, v4_src):
+    real = outs["reports"]["W4A16"]["plan"]["quantized_modules"]
+    src = json.loads(run_cli("inspect", v4_src, "--json").stdout)
+    assert src["deepseek_v4"]["conversions"]["quantize"].startswith(f"{real} linears")
+    r = run_cli("inspect", outs["W4A16"], "--json")
+    assert r.rc == 0, r
+    rep = json.loads(r.stdout)
+    assert rep["ok"] and rep["format"] == "compressed-tensors" and rep["deepseek_v4"]["schedule"]
+    q = rep["quantization"]
+    assert (q["scheme"], q["bits"], q["group_size"], q["quantized_modules"]) == ("W4A16", 4, 128, real)
