@@ -151,10 +151,12 @@ def test_resume_rewrites_only_the_missing_shard(outs, v4_src, tmp_path):
     (("--gptq",), "--gptq on a DeepSeek-V4"),
     (("--awq",), "--awq on a DeepSeek-V4"),
     (("--format", "autoawq"), "--format autoawq on a DeepSeek-V4"),
+    (("--scheme", "NVFP4"), "NVFP4 W4A4 on a DeepSeek-V4"),
 ])
 def test_v4_refusals_name_what_works(args, needle, v4_src, tmp_path):
     r = run_cli("quantize", v4_src, "-o", tmp_path / "o", "--scheme", "W4A16", *args)
-    assert r.rc == 2 and needle in r.stderr and "RTN" in r.stderr and "Traceback" not in r.stderr, r
+    assert r.rc == 2 and needle in r.stderr and "Traceback" not in r.stderr, r
+    assert ("MXFP4" if "NVFP4" in needle else "RTN") in r.stderr, r
     assert not (tmp_path / "o").exists()
 
 
@@ -168,3 +170,61 @@ def test_inspect_plans_and_reads_v4_quantize(outs, v4_src):
     assert rep["ok"] and rep["format"] == "compressed-tensors" and rep["deepseek_v4"]["schedule"]
     q = rep["quantization"]
     assert (q["scheme"], q["bits"], q["group_size"], q["quantized_modules"]) == ("W4A16", 4, 128, real)
+
+
+# -- mixed: the release's FP4 routed experts as compressed-tensors MXFP4, unchanged ---------------------------------
+@pytest.fixture(scope="module")
+def mixed(v4_src, tmp_path_factory):
+    d = tmp_path_factory.mktemp("q4mix")
+    jobs = {"bf16": ("quantize", v4_src, "-o", d / "bf16", "--preset", "experts-mxfp4", "--json", "-q"),
+            "w4": ("quantize", v4_src, "-o", d / "w4", "--preset", "experts-mxfp4", "--scheme", "W4A16", "--json",
+                   "-q")}
+    res = run_many(jobs, parallel=2)
+    for r in res.values():
+        assert r.rc == 0, r
+    return {k: d / k for k in jobs}
+
+
+@pytest.mark.parametrize("rest", ["bf16", "w4"])
+def test_mxfp4_experts_pass_through_byte_for_byte(rest, mixed, v4_src, outs, bf16):
+    src, got = read_tensors(v4_src), read_tensors(mixed[rest])
+    experts = sorted(n[: -len(".weight")] for n in src if re.match(r"^(layers|mtp)\.\d+\.ffn\.experts\.\d+\.w[123]"
+                                                                   r"\.weight$", n))
+    assert experts
+    for m in experts:
+        assert got[m + ".weight_packed"][0] == "uint8" and got[m + ".weight_scale"][0] == "uint8", m
+        assert got[m + ".weight_packed"][1:3] == src[m + ".weight"][1:3], m  # shape, raw bytes
+        assert got[m + ".weight_scale"][1:3] == src[m + ".scale"][1:3], m
+    ref = read_tensors(outs["bf16"])
+    others = [n for n in got if not n.startswith(tuple(m + "." for m in experts))]
+    if rest == "bf16":  # everything else exactly as fp8-to-bf16 writes it
+        assert sorted(others) == sorted(n for n in ref if n[: -len(".weight")] not in experts)
+        assert all(got[n][:3] == ref[n][:3] for n in others)
+    else:  # the other quantizable linears are the W4A16 RTN of their exact BF16
+        t = read_all(mixed[rest])
+        for m in ("layers.0.attn.wq_a", "layers.3.ffn.shared_experts.w2", "layers.1.attn.indexer.wq_b"):
+            o = rtn_oracle(bf16[m + ".weight"].float().numpy(), 4, 128, True, "ct")
+            assert np.array_equal(unpack_ct(t[m + ".weight_packed"], 4, o["q"].shape[1], dim=1), o["q"]), m
+
+
+@pytest.mark.parametrize("rest", ["bf16", "w4"])
+def test_compressed_tensors_decodes_passed_through_experts_exactly(rest, mixed, bf16):
+    """compressed-tensors' own MXFP4 decoder (its nibble order and e8m0 rule) gives fp8-to-bf16's exact BF16."""
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+
+    deq = CompressedTensorsDequantizer(str(mixed[rest]), dtype=torch.bfloat16)
+    result = deq.validate(dict(read_all(mixed[rest])))
+    experts = [n for n in bf16 if ".ffn.experts." in n]
+    for n in experts[:: max(1, len(experts) // 40)]:
+        assert torch.equal(result[n], bf16[n]), n
+    groups = deq.quant_config.config_groups
+    mx = [g for g in groups.values() if g.format == "mxfp4-pack-quantized"]
+    assert len(mx) == 1 and mx[0].targets == [r"re:.*ffn\.experts\.\d+\.w[123]$"]  # release names
+
+
+def test_mxfp4_passthrough_validates_with_zero_kld(mixed, v4_src):
+    """Weights only (no MX activation emulation): the passthrough output is the release, KLD exactly 0."""
+    r = run_cli("validate", mixed["bf16"], "--reference", v4_src, "--json", "-q", "--no-emulate-activations")
+    assert r.rc == 0, r
+    rep = json.loads(r.stdout)
+    assert rep["mean_kld"] == 0.0 and rep["same_top_p"] == 1.0

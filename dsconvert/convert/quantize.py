@@ -619,20 +619,18 @@ def rebuild(src: str, opts: Options) -> Rebuilt:
 
 
 def _refuse_v4_options(ck: Checkpoint, opts: Options) -> None:
-    """What ``quantize`` does not do for a DeepSeek-V4 release yet: calibrated methods, per-module recipes and
-    FP4 schemes, formats other than compressed-tensors.
+    """What ``quantize`` does not do for a DeepSeek-V4 release yet: calibrated methods, formats other than
+    compressed-tensors (and, checked after the recipe is built, NVFP4 W4A4's input calibration).
 
     Raises:
         UsageError (exit 2): naming what works for V4 (RTN W4A16/W8A16 and the other single schemes in
             compressed-tensors).
     """
-    works = "V4 quantizes with RTN to one --scheme (W4A16, W8A16, ...) in --format compressed-tensors"
+    works = ("V4 quantizes with RTN to one --scheme (W4A16, W8A16, ...) or a recipe (--preset experts-mxfp4 "
+             "keeps the release's FP4 experts as MXFP4 byte for byte) in --format compressed-tensors")
     if opts.method != "rtn":
         raise UsageError(f"--{opts.method} on a DeepSeek-V4 checkpoint: calibration runs on DeepSeek-V3 only",
                          hint=works + " (drop --" + opts.method + ")")
-    if opts.per_module:
-        raise UsageError("mixed recipes and FP4 schemes on a DeepSeek-V4 checkpoint are not supported yet",
-                         hint=works)
     if FORMATS.canonical(opts.format) != "compressed-tensors":
         raise UsageError(f"--format {opts.format} on a DeepSeek-V4 checkpoint is not supported", hint=works)
 
@@ -690,6 +688,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
             compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None,
                             assign=assign)
+    if ck.v4 is not None and assign is not None and assign.needs_input_calibration():  # codecs exist from here
+        raise UsageError("NVFP4 W4A4 on a DeepSeek-V4 checkpoint: its input scales are calibrated with the "
+                         "DeepSeek-V3 forward only", hint="use NVFP4A16, MXFP4 or an integer scheme for V4")
     if engine is not None:  # which calibration data: in the output's config (docs/int-formats.md §16)
         plan.config["quantization_config"] = fmt.record_calibration(plan.config["quantization_config"],
                                                                     engine.record)
