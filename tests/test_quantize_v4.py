@@ -228,3 +228,15 @@ def test_mxfp4_passthrough_validates_with_zero_kld(mixed, v4_src):
     assert r.rc == 0, r
     rep = json.loads(r.stdout)
     assert rep["mean_kld"] == 0.0 and rep["same_top_p"] == 1.0
+
+
+def test_v41_still_refused(v4_src, tmp_path):
+    import shutil
+
+    d = tmp_path / "src"
+    shutil.copytree(v4_src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "deepseek_v41"
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("quantize", d, "-o", tmp_path / "o", "--scheme", "W4A16")
+    assert r.rc == 3 and "V4.1" in r.stderr and not (tmp_path / "o").exists(), r
