@@ -240,3 +240,15 @@ def test_v41_still_refused(v4_src, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     r = run_cli("quantize", d, "-o", tmp_path / "o", "--scheme", "W4A16")
     assert r.rc == 3 and "V4.1" in r.stderr and not (tmp_path / "o").exists(), r
+
+
+def test_flash_base_fp8_experts_quantize_from_exact_bf16(v4_base_src, tmp_path):
+    """V4-Flash-Base (FP8 experts, F32 scales): the experts too are the RTN of fp8-to-bf16's exact BF16."""
+    res = run_many({"bf16": ("fp8-to-bf16", v4_base_src, "-o", tmp_path / "bf16", "-q"),
+                    "q": ("quantize", v4_base_src, "-o", tmp_path / "q", "--scheme", "W4A16", "-q")}, parallel=2)
+    assert all(r.rc == 0 for r in res.values()), res
+    ref, got = read_all(tmp_path / "bf16"), read_all(tmp_path / "q")
+    for m in ("layers.0.ffn.experts.0.w1", "layers.2.ffn.experts.5.w2", "mtp.0.ffn.experts.7.w3", "layers.3.attn.wo_a"):
+        o = rtn_oracle(ref[m + ".weight"].float().numpy(), 4, 128, True, "ct")
+        assert np.array_equal(unpack_ct(got[m + ".weight_packed"], 4, o["q"].shape[1], dim=1), o["q"]), m
+        assert np.array_equal(got[m + ".weight_scale"].float().numpy(), o["scale"]), m
