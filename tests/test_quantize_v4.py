@@ -168,6 +168,7 @@ def test_inspect_plans_and_reads_v4_quantize(outs, v4_src):
     assert r.rc == 0, r
     rep = json.loads(r.stdout)
     assert rep["ok"] and rep["format"] == "compressed-tensors" and rep["deepseek_v4"]["schedule"]
+    assert rep["deepseek_v4"]["conversions"]["quantize"] == "already quantized"
     q = rep["quantization"]
     assert (q["scheme"], q["bits"], q["group_size"], q["quantized_modules"]) == ("W4A16", 4, 128, real)
 

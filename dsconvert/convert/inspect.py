@@ -140,7 +140,8 @@ def _v4_summary(ck) -> dict:
         "moe_kinds": tally("moe"),
         "quantized": counts,
         "conversions": {
-            "fp8-to-bf16": "nothing to dequantize (already unquantized)" if not g.quantized else
+            "fp8-to-bf16": ("a quantized output: dequantize it with the engine, or convert the release" if ck.quantized
+                            else "nothing to dequantize (already unquantized)") if not g.quantized else
                            f"{counts['fp8']['weights']} FP8 and {counts['fp4']['weights']} FP4 weights -> BF16 "
                            f"exactly ({counts['fp8']['scale_bytes'] + counts['fp4']['scale_bytes']:,} scale bytes "
                            f"consumed); {counts['other']['tensors']} other tensors copied byte for byte; release "
