@@ -106,6 +106,10 @@ def _v4_summary(ck) -> dict:
 
     g = ck.v4
     sched = v4.layer_schedule(g)
+    from .policy import LayerPolicy
+    from .quantize import logical_shape
+
+    quantizable = sum(1 for n in ck.tensors if not ck.is_scale(n) and LayerPolicy.quantizable(n, logical_shape(ck, n)))
     counts = {"fp8": {"weights": 0, "bytes": 0, "scale_bytes": 0, "bf16_bytes": 0},
               "fp4": {"weights": 0, "bytes": 0, "scale_bytes": 0, "bf16_bytes": 0},
               "other": {"tensors": 0, "bytes": 0}}
@@ -136,12 +140,16 @@ def _v4_summary(ck) -> dict:
         "moe_kinds": tally("moe"),
         "quantized": counts,
         "conversions": {
-            "fp8-to-bf16": "nothing to dequantize (already unquantized)" if not g.quantized else
+            "fp8-to-bf16": ("a quantized output: dequantize it with the engine, or convert the release" if ck.quantized
+                            else "nothing to dequantize (already unquantized)") if not g.quantized else
                            f"{counts['fp8']['weights']} FP8 and {counts['fp4']['weights']} FP4 weights -> BF16 "
                            f"exactly ({counts['fp8']['scale_bytes'] + counts['fp4']['scale_bytes']:,} scale bytes "
                            f"consumed); {counts['other']['tensors']} other tensors copied byte for byte; release "
                            "names kept",
-            "quantize": "not supported for DeepSeek-V4 yet (exit 3)",
+            "quantize": f"{quantizable} linears (attention, indexer wq_b, shared and routed experts) dequantized "
+                        "exactly, then RTN to one --scheme (W4A16, W8A16, ...) in compressed-tensors; the rest "
+                        "as fp8-to-bf16 writes it; --gptq/--awq and mixed recipes refused (exit 2)"
+                        if ck.quantized is False else "already quantized",
             "gguf": "not supported for DeepSeek-V4 yet (exit 3)",
         },
     }
@@ -195,7 +203,8 @@ def inspect_checkpoint(src: Path) -> dict:
         problems += int_problems
         params = q_params + sum(e.numel for n, (_, e) in ck.tensors.items() if n not in q_names and not ck.is_scale(n))
     # a BF16 directory whose config still claims fp8 is reported below (stale_quantization_config), not as FP8_BLOCK
-    elif fmt is not None and hasattr(fmt, "spec_from_config") and (ck.fp8 is None or fp8_weights) and ck.v4 is None:
+    elif fmt is not None and hasattr(fmt, "spec_from_config") and (ck.fp8 is None or fp8_weights) \
+            and (ck.v4 is None or ck.quantized):
         int_info, int_problems, q_params, q_names = _int_summary(ck, fmt)
         problems += int_problems
         params = q_params + sum(e.numel for n, (_, e) in ck.tensors.items() if n not in q_names and not ck.is_scale(n))
@@ -230,7 +239,7 @@ def inspect_checkpoint(src: Path) -> dict:
         "ok": not any(p.get("fatal", True) for p in problems),
     })
     if ck.v4 is not None:
-        rep["format"] = "deepseek-v4-fp8-fp4" if fp8_weights else "unquantized"
+        rep["format"] = "deepseek-v4-fp8-fp4" if fp8_weights else (int_info["format"] if int_info else "unquantized")
         rep["deepseek_v4"] = _v4_summary(ck)
     if fp8_weights and not ck.fatal_problems():
         try:

@@ -28,11 +28,17 @@ class ModuleResult:
 
 
 def read_weight(ck: Checkpoint, name: str) -> torch.Tensor:
-    """``(N, K)`` of a weight in its float form: FP8 dequantized to BF16 exactly as fp8-to-bf16, else as stored.
+    """``(N, K)`` of a weight in its float form: FP8 (and DeepSeek-V4 FP4 e2m1 experts, ``K`` = twice the stored
+    bytes per row) dequantized to BF16 exactly as fp8-to-bf16, else as stored.
 
     Raises:
         BadInputError: the tensor or its scale cannot be read (see :meth:`Checkpoint.read`).
     """
+    if ck.v4 is not None and (ck.is_fp8_weight(name) or ck.is_fp4_weight(name)):
+        # DeepSeek-V4 FP8 (E8M0/F32 ``.scale``) and FP4 e2m1 experts: the very producer fp8-to-bf16 writes with
+        from .pipeline import dequant_producer
+
+        return torch.cat(list(dequant_producer(ck, name, torch.bfloat16, torch.device("cpu"), 2**62)()))
     t = ck.read(name)
     if t.dtype == torch.float8_e4m3fn:
         t = dequant_fp8_block(t, ck.read(ck.scale_of(name)), ck.fp8.block)

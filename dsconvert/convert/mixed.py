@@ -315,6 +315,10 @@ def mixed_setup(ck: Checkpoint, opts, fmt, device: torch.device, read_weight: Ca
                          hint="use RTN (no --awq/--gptq) for these, or a single integer scheme with calibration")
     recipe = build_recipe(opts.scheme if opts.scheme_given else None, opts.preset,
                           opts.recipe, opts.scheme_for)
+    if ck.v4 is not None:
+        from .recipe import for_v4
+
+        recipe = for_v4(recipe)
     amax_cache: dict[str, torch.Tensor] = {}
     lock = threading.Lock()
 
@@ -331,6 +335,9 @@ def mixed_setup(ck: Checkpoint, opts, fmt, device: torch.device, read_weight: Ca
     assign = Assignment(recipe, list(opts.ignore), fmt, opts.group_size, amax_of)
 
     def compute(module: str):
+        codec = assign.module_codec[module]
+        if ck.is_fp4_weight(module + ".weight") and isinstance(codec, FP4Codec) and codec.layout.kind == "mxfp4":
+            return ModuleResult(mxfp4_passthrough(ck, module, codec.layout), 0.0)
         w = read_weight(ck, module + ".weight").to(device)
         with lock:
             amax_cache.setdefault(module, w.abs().max().cpu() if w.numel() else torch.zeros((), dtype=w.dtype))
@@ -338,3 +345,19 @@ def mixed_setup(ck: Checkpoint, opts, fmt, device: torch.device, read_weight: Ca
         return ModuleResult({k: v.cpu() for k, v in tensors.items()}, err)
 
     return assign, compute
+
+
+def mxfp4_passthrough(ck: Checkpoint, module: str, layout: FP4Layout) -> dict[str, torch.Tensor]:
+    """A DeepSeek-V4 FP4 routed expert written as compressed-tensors MXFP4 without requantizing: the release's
+    e2m1 codes (``I8 [M, N/2]``, element ``2j`` in the low nibble) and E8M0 scales (``[M, N/32]``, one per 32
+    inputs) are MXFP4's ``weight_packed`` (``U8``, same nibble order) and ``weight_scale`` (``U8`` e8m0 exponent,
+    bias 127) byte for byte: only the dtype label changes (docs/int-formats.md §12, docs/checkpoint-layout.md §13).
+
+    Returns:
+        ``{module.weight_packed: uint8 [M, N/2], module.weight_scale: uint8 [M, N/32]}`` in ``layout.plan`` order.
+    """
+    packed = ck.read(module + ".weight").contiguous().view(torch.uint8)
+    scale = ck.read(ck.scale_of(module + ".weight")).contiguous().view(torch.uint8)
+    names = [p.name for p in layout.plan(module, (packed.shape[0], 2 * packed.shape[1]))]
+    assert len(names) == 2, names  # MXFP4 weights carry no global or input scale
+    return {names[0]: packed, names[1]: scale}

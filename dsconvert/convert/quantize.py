@@ -19,6 +19,7 @@ to ``--max-shard-size``), so calibrated methods can write layer ``i`` as soon as
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -45,7 +46,7 @@ from .job import NOT_FINGERPRINTED, DirectoryOutput, option_fingerprint, preflig
 from .manifest import check_paths
 from .executor import Executor, Job, LocalExecutor, Rebuilt, shard_units
 from .pipeline import OutShard, OutTensor, check_max_memory, copy_producer, dequant_producer, source_order
-from .policy import DEFAULT_IGNORE_PATTERNS, LayerPolicy, check_fused_groups, module_of
+from .policy import LayerPolicy, check_fused_groups, default_ignore, module_of
 from .calibration_data import SIDECAR as CALIB_SIDECAR
 from .progress import ByteProgress
 from .fp8_to_bf16 import BASE_RSS, resolve_device
@@ -169,7 +170,7 @@ def bind_format(ck: Checkpoint, fmt: IntFormat, desc: SchemeDescription, opts: O
     probe = LayerPolicy(desc.spec, list(opts.ignore))
     first = next((module_of(n) for n in source_order(ck)
                   if not ck.is_scale(n) and not (opts.mtp == "drop" and ck.is_mtp(n))
-                  and probe(n, ck.entry(n).shape) is not None), None)
+                  and probe(n, logical_shape(ck, n)) is not None), None)
     return fmt.bind(desc, first)
 
 
@@ -219,11 +220,29 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
-def _layer_key(name: str) -> int:
-    """Grouping key: -1 for embeddings and other non-layer tensors, else the layer index."""
+def _layer_key(name: str, ck: Checkpoint | None = None) -> int:
+    """Grouping key: -1 for embeddings and other non-layer tensors, else the layer index (DeepSeek-V4 release
+    names: ``layers.{i}.`` is ``i``, the MTP block ``mtp.{j}.`` is ``num_hidden_layers + j``)."""
     if name.startswith(_LAYER_PREFIX):
         return int(name[len(_LAYER_PREFIX):].split(".", 1)[0])
+    if ck is not None and ck.v4 is not None:
+        head, _, rest = name.partition(".")
+        idx = rest.split(".", 1)[0]
+        if head in ("layers", "mtp") and idx.isdigit():
+            return int(idx) + (ck.v4.layers if head == "mtp" else 0)
     return -1
+
+
+def logical_shape(ck: Checkpoint, name: str) -> tuple[int, ...]:
+    """The shape of ``name`` as a float tensor: a DeepSeek-V4 FP4 e2m1 weight stores ``[M, N/2]`` bytes
+    (two codes per byte) for a logical ``[M, N]``; every other tensor is its stored shape."""
+    shape = tuple(ck.entry(name).shape)
+    return (shape[0], 2 * shape[1]) if ck.is_fp4_weight(name) else shape
+
+
+def _is_quantized_source(ck: Checkpoint, name: str) -> bool:
+    """FP8 (any family) or V4 FP4: a tensor read with its scale partner and dequantized."""
+    return ck.entry(name).dtype == "F8_E4M3" or ck.is_fp4_weight(name)
 
 
 class _ModuleCache:
@@ -323,25 +342,26 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         if opts.mtp == "drop" and ck.is_mtp(name):
             dropped.append({"name": name, "reason": "--mtp drop: multi-token-prediction layer", "bytes": ent.nbytes})
             continue
-        total_params += ent.numel
-        src_bytes = ent.nbytes + (ck.entry(ck.scale_of(name)).nbytes if ent.dtype == "F8_E4M3" else 0)
+        shape = logical_shape(ck, name)
+        total_params += ent.numel * (2 if ck.is_fp4_weight(name) else 1)
+        src_bytes = ent.nbytes + (ck.entry(ck.scale_of(name)).nbytes if _is_quantized_source(ck, name) else 0)
         bytes_read += src_bytes
-        s = policy(name, ent.shape) if assign is None else assign(name, ent.shape)
-        if LayerPolicy.quantizable(name, ent.shape):
+        s = policy(name, shape) if assign is None else assign(name, shape)
+        if LayerPolicy.quantizable(name, shape):
             decisions[name] = s is not None
         outs: list[OutTensor]
         if s is not None:
             mod = module_of(name)
             # raises ShapeError with the module name
-            plans = fmt.plan(mod, tuple(ent.shape), spec) if assign is None else s.plan(mod, tuple(ent.shape))
+            plans = fmt.plan(mod, shape, spec) if assign is None else s.plan(mod, shape)
             outs = [OutTensor(p.name, p.safetensors_dtype, tuple(p.shape),
                               (lambda mod=mod, tn=p.name: iter([cache.take(mod, tn)])), "quantize", [name],
                               src_bytes if i == 0 else 0) for i, p in enumerate(plans)]
             quantized.append(mod)
-            q_params += ent.numel
+            q_params += math.prod(shape)
             q_bytes += sum(p.nbytes for p in plans)
-        elif ent.dtype == "F8_E4M3":
-            outs = [OutTensor(name, "BF16", ent.shape,
+        elif _is_quantized_source(ck, name):
+            outs = [OutTensor(name, "BF16", shape,
                               dequant_producer(ck, name, torch.bfloat16, device, opts.chunk_bytes), "dequant",
                               [name, ck.scale_of(name)], src_bytes)]
             kept.append(name)
@@ -351,7 +371,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
             kept.append(name)
         if replaced is not None and s is None:
             outs[0].produce = _with_override(name, outs[0].produce, replaced, outs[0].dtype)
-        units.setdefault(_layer_key(name), []).append((name, outs))
+        units.setdefault(_layer_key(name, ck), []).append((name, outs))
     if assign is None:
         check_fused_groups(decisions)
     else:
@@ -370,6 +390,9 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
                               "model.safetensors.index.json); or drop --strict")
     shards = _layer_aligned_shards(groups, opts.max_shard_size)
     cfg = unquantized_config(ck.config, "bfloat16")
+    if ck.v4 is not None:
+        cfg.pop("expert_dtype", None)  # the FP4/FP8 expert storage of the release, as fp8-to-bf16 drops it
+    ignore_default = default_ignore(ck.v4 is not None)
     if opts.mtp == "drop":
         cfg["num_nextn_predict_layers"] = 0
     if assign is not None:
@@ -379,13 +402,13 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
             raise UsageError("the recipe quantizes no module (every quantizable module would stay BF16)",
                              hint="check the --preset / --recipe / --scheme-for patterns against the module names")
         cfg["quantization_config"] = mixed_quantization_config(
-            assign.groups(), DEFAULT_IGNORE_PATTERNS + sorted({module_of(n) for n, q in decisions.items() if not q}))
+            assign.groups(), ignore_default + sorted({module_of(n) for n, q in decisions.items() if not q}))
     else:
         cfg["quantization_config"] = fmt.model_quantization_config(
-            spec, default_ignore=DEFAULT_IGNORE_PATTERNS, kept=sorted({module_of(n) for n, q in decisions.items() if not q}),
+            spec, default_ignore=ignore_default, kept=sorted({module_of(n) for n, q in decisions.items() if not q}),
             modules=[module_of(n) for n in decisions])
     written = sum(s.nbytes for s in shards)
-    largest = max((ck.entry(n).numel for n in decisions), default=0)
+    largest = max((math.prod(logical_shape(ck, n)) for n in decisions), default=0)
     # one module in fp32 plus its quantized form and temporaries (~4x), plus the write queue
     peak = BASE_RSS + 4 * 4 * largest + 4 * opts.chunk_bytes
     plan = Plan(shards, dropped, extra_files(ck.root), cfg, quantized, kept, bytes_read, written, q_params, q_bytes,
@@ -393,7 +416,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     if assign is not None:
         from .mixed import describe_groups
 
-        numel = {module_of(n): ck.entry(n).numel for n in decisions}
+        numel = {module_of(n): math.prod(logical_shape(ck, n)) for n in decisions}
         mbytes: dict[str, int] = {}
         for outs in units.values():
             for _, ts in outs:
@@ -422,9 +445,9 @@ def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
     probe = LayerPolicy(spec, list(opts.ignore))
     ks: dict[str, int] = {}
     for name in source_order(ck):
-        ent = ck.entry(name)
-        if not ck.is_scale(name) and not (opts.mtp == "drop" and ck.is_mtp(name)) and probe(name, ent.shape):
-            ks[module_of(name)] = int(ent.shape[1])
+        if not ck.is_scale(name) and not (opts.mtp == "drop" and ck.is_mtp(name)) \
+                and probe(name, logical_shape(ck, name)):
+            ks[module_of(name)] = int(logical_shape(ck, name)[1])
     bad = [(m, k) for m, k in ks.items() if k % g]
     if not bad:
         return
@@ -595,6 +618,23 @@ def rebuild(src: str, opts: Options) -> Rebuilt:
     return shard_units(plan.shards, extras)
 
 
+def _refuse_v4_options(ck: Checkpoint, opts: Options) -> None:
+    """What ``quantize`` does not do for a DeepSeek-V4 release yet: calibrated methods, formats other than
+    compressed-tensors (and, checked after the recipe is built, NVFP4 W4A4's input calibration).
+
+    Raises:
+        UsageError (exit 2): naming what works for V4 (RTN W4A16/W8A16 and the other single schemes in
+            compressed-tensors).
+    """
+    works = ("V4 quantizes with RTN to one --scheme (W4A16, W8A16, ...) or a recipe (--preset experts-mxfp4 "
+             "keeps the release's FP4 experts as MXFP4 byte for byte) in --format compressed-tensors")
+    if opts.method != "rtn":
+        raise UsageError(f"--{opts.method} on a DeepSeek-V4 checkpoint: calibration runs on DeepSeek-V3 only",
+                         hint=works + " (drop --" + opts.method + ")")
+    if FORMATS.canonical(opts.format) != "compressed-tensors":
+        raise UsageError(f"--format {opts.format} on a DeepSeek-V4 checkpoint is not supported", hint=works)
+
+
 def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, overwrite: bool = False,
         resume: bool = True, progress: bool | None = None, verify: str = "full",
         executor: Executor | None = None) -> dict:
@@ -631,7 +671,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     require_kind(src, COMMAND, ("fp8", "float"), "DeepSeek's FP8 release or an unquantized (BF16) checkpoint",
                  INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
-    ck.refuse_v4("quantize")
+    if ck.v4 is not None:
+        _refuse_v4_options(ck, opts)
     engine = assign = None
     if opts.per_module:  # FP4 schemes and mixed recipes: a codec per module (convert/mixed.py)
         from .mixed import mixed_setup
@@ -647,6 +688,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
             compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None,
                             assign=assign)
+    if ck.v4 is not None and assign is not None and assign.needs_input_calibration():  # codecs exist from here
+        raise UsageError("NVFP4 W4A4 on a DeepSeek-V4 checkpoint: its input scales are calibrated with the "
+                         "DeepSeek-V3 forward only", hint="use NVFP4A16, MXFP4 or an integer scheme for V4")
     if engine is not None:  # which calibration data: in the output's config (docs/int-formats.md §16)
         plan.config["quantization_config"] = fmt.record_calibration(plan.config["quantization_config"],
                                                                     engine.record)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import UsageError
@@ -32,6 +32,9 @@ KEEP = ("BF16", "NONE", "KEEP")
 
 ROUTED_EXPERTS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 ATTENTION = r"re:.*self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)$"
+# the same families by DeepSeek-V4 release names: presets name V3's, :func:`for_v4` swaps them
+V4_FAMILIES = {ROUTED_EXPERTS: r"re:.*ffn\.experts\.\d+\.w[123]$",
+               ATTENTION: r"re:.*attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)$"}
 
 
 @dataclass(frozen=True)
@@ -227,3 +230,10 @@ def check_fused_schemes(decisions: dict[str, str | None]) -> None:
                              f"{s2 or 'BF16'} ({counts})",
                              hint="serving engines fuse these layers: give every member the same scheme "
                                   "(widen or narrow the --scheme-for / recipe pattern)")
+
+
+def for_v4(recipe: Recipe) -> Recipe:
+    """``recipe`` with the presets' V3 family patterns (:data:`ROUTED_EXPERTS`, :data:`ATTENTION`) replaced by
+    their DeepSeek-V4 release-name equivalents (:data:`V4_FAMILIES`); user patterns are kept as given."""
+    return replace(recipe, rules=[replace(r, targets=tuple(V4_FAMILIES.get(t, t) for t in r.targets))
+                                  for r in recipe.rules])

@@ -357,12 +357,18 @@ def _check_v4(ck: Checkpoint) -> None:
     """Header-level checks of a DeepSeek-V4 checkpoint against the layout table (docs/checkpoint-layout.md §12-13):
     every expected tensor present with its shape; quantized families stored as the config declares (F8_E4M3 /
     FP4 ``I8`` with a ``.scale`` of the exact grid, E8M0 or F32); float families in a float dtype; ``tid2eid``
-    integer; no tensor the table does not know (a hash layer's unused ``ffn.gate.bias`` is tolerated)."""
+    integer; no tensor the table does not know (a hash layer's unused ``ffn.gate.bias`` is tolerated). In a
+    ``dsconvert quantize`` output a quantized module's ``<name>.weight_*`` tensors stand for its ``.weight``."""
     g = ck.v4
     seen: set[str] = set()
     floats = ("BF16", "F16", "F32")
     for e in v4.expected_tensors(g):
         where = ck.tensors.get(e.name)
+        if where is None and ck.quantized:  # `dsconvert quantize` output: the module's packed form replaces it
+            packed = [n for n in ck.tensors if n.startswith(e.name + "_")]
+            if packed:
+                seen.update(packed)  # checked by the codec that reads them (convert/quantized_reader.py)
+                continue
         if where is None:
             ck.problems.append(Problem("missing_tensor", f"DeepSeek-V4 tensor {e.name!r} ({e.family.role}, "
                                        f"{list(e.shape)}) is absent", INDEX_NAME, e.name,

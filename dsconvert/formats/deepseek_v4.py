@@ -121,6 +121,8 @@ def geometry(cfg: dict, source: str = "config.json") -> V4Geometry:
         raise UnsupportedError(f"{source}: compress_ratios {ratios!r} must list one of 0/4/128 for each of the "
                                f"{L} layers and {n_mtp} MTP layers", hint="restore the release's config.json")
     qc = cfg.get("quantization_config") or {}
+    if qc and qc.get("quant_method") not in (None, "fp8"):
+        qc = {}  # written by `dsconvert quantize` (compressed-tensors): no release FP8/FP4 storage left
     ed = qc.get("expert_dtype", cfg.get("expert_dtype", "fp8" if qc else "fp4"))
     if ed not in EXPERT_DTYPES:
         raise UnsupportedError(f"{source}: expert_dtype {ed!r} is unknown", hint="expected fp4 or fp8")
