@@ -142,3 +142,36 @@ def test_v4_gguf_refuses_kquants(v4_src, tmp_path):
     rc, txt = cli("gguf", v4_src, "-o", tmp_path / "x.gguf", "--type", "Q4_K_M")
     assert rc == 2 and "BF16 or Q8_0" in txt
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_v4_gguf_dry_run_sizes_match_the_file(v4_src, v4_gguf):
+    import json
+
+    r = CliRunner().invoke(app, ["gguf", str(v4_src), "--dry-run", "--type", "Q8_0", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)["plan"]
+    written = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(v4_gguf["Q8_0"]).tensors}
+    assert plan["tensors"] == len(written)
+    assert plan["tensor_bytes"]["bytes"] == sum(written.values())
+    assert all(d.startswith("mtp.") or d.endswith("ffn.gate.bias") for d in plan["dropped"]["list"])
+
+
+def test_v4_gguf_refuses_options_it_does_not_apply(v4_src, tmp_path):
+    rc, txt = cli("gguf", v4_src, "-o", tmp_path / "x.gguf", "--tensor-type", "attn_q_a=Q4_K")
+    assert rc == 2 and "not supported yet" in txt and not (tmp_path / "x.gguf").exists()
+
+
+def test_v4_gguf_refuses_fp8_experts(v4_base_src, tmp_path):
+    rc, txt = cli("gguf", v4_base_src, "-o", tmp_path / "x.gguf", "--type", "Q8_0")
+    assert rc == 3 and "routed experts" in txt and not (tmp_path / "x.gguf").exists()
+
+
+def test_check_config_refuses_what_the_loader_rejects():
+    from dsconvert.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="sqrtsoftplus"):
+        g4.check_config({"scoring_func": "softmax", "compress_ratios": [0], "num_hidden_layers": 1})
+    with pytest.raises(UnsupportedError, match="0/4/128"):
+        g4.check_config({"compress_ratios": [0, 8], "num_hidden_layers": 2})
+    with pytest.raises(UnsupportedError, match="0/4/128"):
+        g4.check_config({"compress_ratios": [0], "num_hidden_layers": 2})

@@ -30,6 +30,7 @@ from ..report import base_report
 from ..units import bytes_fields
 from .pipeline import dequant_producer
 
+_DROP_REASON = "mtp.* (no MTP head exported) and the hash layers' unused ffn.gate.bias, as llama.cpp's converter"
 _ADD = {"UINT32": "add_uint32", "FLOAT32": "add_float32", "BOOL": "add_bool", "STRING": "add_string"}
 
 
@@ -96,7 +97,7 @@ def run(ck: Checkpoint, output: Path | None, ftype: str, device: torch.device, *
                       "tensors": len(plans), "elements": n_el, "types": dict(sorted(summary.items())),
                       "tensor_bytes": bytes_fields(sum(nbytes.values())),
                       "bpw": round(8 * sum(nbytes.values()) / n_el, 4),
-                      "dropped": {"tensors": len(dropped), "reason": "mtp.* (no MTP head exported)"}}
+                      "dropped": {"tensors": len(dropped), "reason": _DROP_REASON, "list": dropped}}
     report["dry_run"] = dry_run
     report["source"] = {"path": str(ck.root), "family": "DeepSeek-V4", "tensors": len(ck.tensors)}
     if dry_run:
