@@ -94,7 +94,8 @@ def test_v4_gguf_tensors_equal_llama_cpp_converter(v4_src, v4_gguf, tmp_path):
     code = (f"import sys, runpy; sys.path[:0] = [{str(VENDOR)!r}, {str(VENDOR / 'gguf-py')!r}]\n"
             "from conversion.base import TextModel\n"
             "TextModel.get_vocab_base_pre = lambda self, tok: 'deepseek-v3'\n"
-            f"sys.argv = ['convert_hf_to_gguf.py', {str(v4_src)!r}, '--outfile', {str(theirs)!r}, '--outtype', 'bf16']\n"
+            f"sys.argv = ['convert_hf_to_gguf.py', {str(v4_src)!r}, '--outfile', {str(theirs)!r},"
+            " '--outtype', 'bf16']\n"
             f"runpy.run_path({str(VENDOR / 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
