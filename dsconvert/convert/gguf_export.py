@@ -68,7 +68,7 @@ from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields, fmt_bytes
 from .fp8_to_bf16 import resolve_device
 from .pipeline import check_max_memory, dequant_producer
-from . import cancel
+from . import cancel, gguf_v4
 from .preflight import check_free_disk, check_output_writable
 from .manifest import (Manifest, check_paths, commit_tmp, fingerprint, mismatch_detail, source_fingerprint_parts,
                        verify_files,
@@ -1159,6 +1159,16 @@ def _source_fingerprint(ck: Checkpoint) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+def prepare_v4_output(output: Path, overwrite: bool) -> None:
+    """Refuse an existing V4 output unless ``overwrite`` (a V4 export is written whole, without resume).
+
+    Raises:
+        OutputExistsError (exit 2): ``output`` exists and ``overwrite`` is False.
+    """
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} exists", hint="pass --overwrite to replace it")
+
+
 def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = False, overwrite: bool = False,
         resume: bool = True, progress: bool | None = None, verify: str = "full",
         executor: Executor | None = None) -> dict:
@@ -1189,7 +1199,13 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     require_kind(src, COMMAND, ("fp8", "float"), "DeepSeek's FP8 release or an unquantized (BF16) checkpoint",
                  INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
-    ck.refuse_v4("gguf")
+    if ck.v4 is not None:
+        if opts.tensor_types or opts.imatrix or opts.split_max_size or opts.split_max_tensors or opts.target_size:
+            raise UsageError("DeepSeek-V4: --tensor-type, --imatrix, --split-* and --target-size are not "
+                             "supported yet", hint="dsconvert gguf V4SRC -o out.gguf --type BF16 (or Q8_0)")
+        if output is not None and not dry_run:
+            prepare_v4_output(output, overwrite)
+        return gguf_v4.run(ck, output, resolve_type(opts.type or "BF16")[0], device, dry_run=dry_run)
     check_supported(ck.config)
     plan = make_plan(ck, opts, output)
     report = base_report(COMMAND)

@@ -122,17 +122,6 @@ class Checkpoint:
             return name.startswith("mtp.")
         return v3.is_mtp(name, self.num_hidden_layers)
 
-    def refuse_v4(self, command: str) -> None:
-        """Refuse a DeepSeek-V4 checkpoint in a command that does not handle its layout yet.
-
-        Raises:
-            UnsupportedError (exit 3): naming the command and what does work for V4.
-        """
-        if self.v4 is not None:
-            raise UnsupportedError(f"{self.root}: DeepSeek-V4 checkpoints are not supported by `{command}` yet",
-                                   hint="V4 supports `dsconvert inspect` and `dsconvert fp8-to-bf16` (to a BF16 "
-                                        "checkpoint in the release layout)")
-
     def fatal_problems(self) -> list[Problem]:
         return [p for p in self.problems if p.fatal]
 
