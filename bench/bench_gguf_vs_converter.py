@@ -14,7 +14,7 @@ committed trained test model, measured through llama.cpp on held-out text (``dsc
 Needs the llama.cpp source of the installed llama-cpp-python (``--llama-cpp DIR``; get it with
 ``pip download llama-cpp-python==0.3.36 --no-binary :all: --no-deps`` and unpack ``vendor/llama.cpp``).
 
-Usage: python bench/bench_gguf_vs_converter.py --llama-cpp DIR [--work DIR] [--seeds 5]
+Usage: python bench/bench_gguf_vs_converter.py --llama-cpp DIR [--work DIR] [--seeds 5] [--noise-exp 9] [--only-noise]
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--llama-cpp", type=Path, required=True, help="vendor/llama.cpp of the llama-cpp-python sdist")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--noise-exp", type=int, default=9, help="perturbation size 2^-E (9: BF16 rounding)")
+    ap.add_argument("--only-noise", action="store_true", help="skip the pipeline comparison")
     a = ap.parse_args()
     import gguf
     import llama_cpp
@@ -114,7 +116,7 @@ def main() -> None:
                 for k in ta if k in tb)
     print(f"{len(seqs)} windows x {WINDOW} tokens; F32 files: tensors only in one: "
           f"{sorted(set(ta) ^ set(tb))}; largest |ours - theirs| {worst:.3g}")
-    for name, ft in FTYPES.items():
+    for name, ft in ({} if a.only_noise else FTYPES).items():
         row = {}
         for who, f32 in (("ours", ours), ("theirs", theirs)):
             q = work / f"{who}-{name}.gguf"
@@ -136,11 +138,11 @@ def main() -> None:
         g = np.random.default_rng(seed)
         for t in lin:
             w = mm[t.data_offset:t.data_offset + t.n_bytes].view(np.float32)
-            w[:] = w * (1 + g.uniform(-2.0 ** -9, 2.0 ** -9, w.shape).astype(np.float32))
+            w[:] = w * (1 + g.uniform(-2.0 ** -a.noise_exp, 2.0 ** -a.noise_exp, w.shape).astype(np.float32))
         mm.flush()
         del mm
         _llama_quantize(llama_cpp, f, work / f"noise{seed}-Q4_K_M.gguf", FTYPES["Q4_K_M"])
-        print(f"Q4_K_M  Mean KLD ours x (1 + U(+-2^-9)), seed {seed}: {kld(work / f'noise{seed}-Q4_K_M.gguf'):.4g}",
+        print(f"Q4_K_M  Mean KLD ours x (1 + U(+-2^-{a.noise_exp})), seed {seed}: {kld(work / f'noise{seed}-Q4_K_M.gguf'):.4g}",
               flush=True)
 
 
