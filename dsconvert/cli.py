@@ -537,7 +537,9 @@ def _scheme_label(sch: dict) -> str:
 def _print_quantize(rep: dict) -> None:
     p = rep["plan"]
     groups = p.get("config_groups")
-    what = (" + ".join(f"{g['scheme']} x{g['modules']}" for g in groups) if groups
+    what = (" + ".join(f"{g['scheme']} x{g['modules']}"
+                       + (f" ({g['passed_through']} copied unchanged)" if g.get("passed_through") else "")
+                       for g in groups) if groups
             else _scheme_label(rep["scheme"]))
     head = (f"{rep['options']['method'].upper()} {what} -> {rep['format']}: "
             f"{p['quantized_modules']} modules quantized, {p['kept_tensors']} tensors kept; "

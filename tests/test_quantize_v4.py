@@ -196,6 +196,9 @@ def test_mxfp4_experts_pass_through_byte_for_byte(rest, mixed, v4_src, outs, bf1
         assert got[m + ".weight_packed"][0] == "uint8" and got[m + ".weight_scale"][0] == "uint8", m
         assert got[m + ".weight_packed"][1:3] == src[m + ".weight"][1:3], m  # shape, raw bytes
         assert got[m + ".weight_scale"][1:3] == src[m + ".scale"][1:3], m
+    groups = {g["scheme"]: g for g in json.loads((mixed[rest] / "report.json").read_text())["plan"]["config_groups"]}
+    assert groups["MXFP4"]["passed_through"] == groups["MXFP4"]["modules"] == len(experts)  # the report says so
+    assert all(g["passed_through"] == 0 for k, g in groups.items() if k != "MXFP4")
     ref = read_tensors(outs["bf16"])
     others = [n for n in got if not n.startswith(tuple(m + "." for m in experts))]
     if rest == "bf16":  # everything else exactly as fp8-to-bf16 writes it

@@ -288,15 +288,18 @@ def input_absmax(ck: Checkpoint, modules: set[str], seqs: list[list[int]]) -> di
 
 
 def describe_groups(groups: list[_Group], param_of: Callable[[str], int],
-                    bytes_of: Callable[[str], int]) -> list[dict]:
-    """Per config group: scheme, format, targets, modules, parameters, bytes and bits per weight."""
+                    bytes_of: Callable[[str], int], passed_through: Callable[[str], bool] = lambda m: False
+                    ) -> list[dict]:
+    """Per config group: scheme, format, targets, modules, parameters, bytes, bits per weight, and how many of
+    its modules are copied unchanged from the source (``passed_through``: DeepSeek-V4's FP4 experts to MXFP4)."""
     out = []
     for i, g in enumerate(groups):
         p = sum(param_of(m) for m in g.modules)
         b = sum(bytes_of(m) for m in g.modules)
         out.append({"group": f"group_{i}", "scheme": g.codec.scheme, "format": g.codec.format,
                     "targets": g.targets, "modules": len(g.modules), "parameters": p, "bytes": b,
-                    "bits_per_weight": round(8 * b / p, 4) if p else None})
+                    "bits_per_weight": round(8 * b / p, 4) if p else None,
+                    "passed_through": sum(1 for m in g.modules if passed_through(m))})
     return out
 
 
@@ -336,7 +339,7 @@ def mixed_setup(ck: Checkpoint, opts, fmt, device: torch.device, read_weight: Ca
 
     def compute(module: str):
         codec = assign.module_codec[module]
-        if ck.is_fp4_weight(module + ".weight") and isinstance(codec, FP4Codec) and codec.layout.kind == "mxfp4":
+        if passes_through(ck, module, codec):
             return ModuleResult(mxfp4_passthrough(ck, module, codec.layout), 0.0)
         w = read_weight(ck, module + ".weight").to(device)
         with lock:
@@ -345,6 +348,13 @@ def mixed_setup(ck: Checkpoint, opts, fmt, device: torch.device, read_weight: Ca
         return ModuleResult({k: v.cpu() for k, v in tensors.items()}, err)
 
     return assign, compute
+
+
+def passes_through(ck: Checkpoint, module: str, codec) -> bool:
+    """True when ``module``'s stored weight is already what ``codec`` writes: a release FP4 (e2m1, E8M0 per 32)
+    weight going to compressed-tensors MXFP4, whose bytes are copied (:func:`mxfp4_passthrough`)."""
+    return (ck.is_fp4_weight(module + ".weight") and isinstance(codec, FP4Codec)
+            and codec.layout.kind == "mxfp4")
 
 
 def mxfp4_passthrough(ck: Checkpoint, module: str, layout: FP4Layout) -> dict[str, torch.Tensor]:

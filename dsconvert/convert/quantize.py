@@ -414,7 +414,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     plan = Plan(shards, dropped, extra_files(ck.root), cfg, quantized, kept, bytes_read, written, q_params, q_bytes,
                 total_params, peak, unmatched)
     if assign is not None:
-        from .mixed import describe_groups
+        from .mixed import describe_groups, passes_through
 
         numel = {module_of(n): math.prod(logical_shape(ck, n)) for n in decisions}
         mbytes: dict[str, int] = {}
@@ -424,7 +424,8 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
                     if t.action == "quantize":
                         m = t.name.rsplit(".", 1)[0]
                         mbytes[m] = mbytes.get(m, 0) + t.nbytes
-        plan.groups = describe_groups(assign.groups(), numel.__getitem__, lambda m: mbytes.get(m, 0))
+        plan.groups = describe_groups(assign.groups(), numel.__getitem__, lambda m: mbytes.get(m, 0),
+                                      lambda m: passes_through(ck, m, assign.module_codec[m]))
     return plan, cache
 
 
