@@ -157,9 +157,12 @@ def test_v4_gguf_dry_run_sizes_match_the_file(v4_src, v4_gguf):
     assert all(d.startswith("mtp.") or d.endswith("ffn.gate.bias") for d in plan["dropped"]["list"])
 
 
-def test_v4_gguf_refuses_options_it_does_not_apply(v4_src, tmp_path):
-    rc, txt = cli("gguf", v4_src, "-o", tmp_path / "x.gguf", "--tensor-type", "attn_q_a=Q4_K")
-    assert rc == 2 and "not supported yet" in txt and not (tmp_path / "x.gguf").exists()
+@pytest.mark.parametrize("opt", [("--tensor-type", "attn_q_a=Q4_K"), ("--output-tensor-type", "Q4_K"),
+                                 ("--token-embedding-type", "Q4_K"), ("--recipe", "deepseek-Q2_K_XL"),
+                                 ("--target-size", "1M")])
+def test_v4_gguf_refuses_options_it_does_not_apply(v4_src, tmp_path, opt):
+    rc, txt = cli("gguf", v4_src, "-o", tmp_path / "x.gguf", *opt)
+    assert rc == 2 and "not supported yet" in txt and not (tmp_path / "x.gguf").exists(), (opt, txt)
 
 
 def test_v4_gguf_refuses_fp8_experts(v4_base_src, tmp_path):

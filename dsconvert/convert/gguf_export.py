@@ -1200,9 +1200,11 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                  INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
     if ck.v4 is not None:
-        if opts.tensor_types or opts.imatrix or opts.split_max_size or opts.split_max_tensors or opts.target_size:
-            raise UsageError("DeepSeek-V4: --tensor-type, --imatrix, --split-* and --target-size are not "
-                             "supported yet", hint="dsconvert gguf V4SRC -o out.gguf --type BF16 (or Q8_0)")
+        if (opts.tensor_types or opts.imatrix or opts.split_max_size or opts.split_max_tensors or opts.target_size
+                or opts.output_tensor_type or opts.token_embedding_type or executor.remote):
+            raise UsageError("DeepSeek-V4: --tensor-type, --recipe, --output-tensor-type, --token-embedding-type, "
+                             "--imatrix, --split-*, --target-size and --ray are not supported yet",
+                             hint="dsconvert gguf V4SRC -o out.gguf --type BF16 (or Q8_0)")
         if output is not None and not dry_run:
             prepare_v4_output(output, overwrite)
         return gguf_v4.run(ck, output, resolve_type(opts.type or "BF16")[0], device, dry_run=dry_run)
