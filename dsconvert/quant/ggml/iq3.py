@@ -55,6 +55,18 @@ class _Lattice3(_Lattice16):
         vals = torch.tensor(getattr(gq, cls.grid_name).grid_map, dtype=torch.float32, device=dev)
         return vals[(grid[gi] - 1) // 2]
 
+    @classmethod
+    def _unpack(cls, blocks):
+        """``(d, b)``: the fp16 super-block scales ``(nb,)`` float32 and the block bytes as int64 ``(nb, size)``."""
+        return bytes_fp16(blocks[:, :2]), blocks.to(torch.int64)
+
+    @classmethod
+    def _signed(cls, db, gi, sgn):
+        """Dequantized ``(nb, 256)`` float32: block scales ``db (nb, 8)`` x grid values of ``gi (nb, 8, 8)`` with
+        the sign bits ``sgn (nb, 8, 8, 4)`` (1 = negative)."""
+        y = db[..., None, None] * cls._values(gi, db.device) * torch.where(sgn.bool(), -1.0, 1.0)
+        return y.reshape(db.shape[0], 256)
+
 
 class IQ3_XXS(_Lattice3, GGMLType, qtype=T.IQ3_XXS):
     """``quantize_iq3_xxs``: 3.0625 bpw, importance weights optional."""
@@ -80,18 +92,14 @@ class IQ3_XXS(_Lattice3, GGMLType, qtype=T.IQ3_XXS):
     def dequantize_blocks(cls, blocks):
         dev = blocks.device
         nb = blocks.shape[0]
-        d = bytes_fp16(blocks[:, :2])
-        b = blocks.to(torch.int64)
+        d, b = cls._unpack(blocks)
         gi = b[:, 2:66].view(nb, 8, 8)
         u32 = (b[:, 66:98].view(nb, 8, 4) << torch.tensor([0, 8, 16, 24], device=dev)).sum(-1)      # (nb, 8)
         s7 = (u32[..., None] >> torch.tensor([0, 7, 14, 21], device=dev)) & 127                   # (nb, 8, 4)
         bits = (s7.unsqueeze(-1) >> torch.arange(7, device=dev)) & 1                              # (nb, 8, 4, 7)
         sgn = torch.cat([bits, bits.sum(-1, keepdim=True) & 1], dim=-1).view(nb, 8, 8, 4)
-        vals = cls._values(gi, dev)                                                               # (nb, 8, 8, 4)
         ls = (u32 >> 28).to(torch.float32)
-        db = (d[:, None] * (0.5 + ls)) * 0.5
-        y = db[..., None, None] * vals * torch.where(sgn.bool(), -1.0, 1.0)
-        return y.reshape(nb, 256)
+        return cls._signed((d[:, None] * (0.5 + ls)) * 0.5, gi, sgn)
 
 
 class IQ3_S(_Lattice3, GGMLType, qtype=T.IQ3_S):
@@ -122,14 +130,10 @@ class IQ3_S(_Lattice3, GGMLType, qtype=T.IQ3_S):
     def dequantize_blocks(cls, blocks):
         dev = blocks.device
         nb = blocks.shape[0]
-        d = bytes_fp16(blocks[:, :2])
-        b = blocks.to(torch.int64)
+        d, b = cls._unpack(blocks)
         hi = (b[:, 66:74, None] >> torch.arange(8, device=dev)) & 1                               # (nb, 8, 8)
         gi = b[:, 2:66].view(nb, 8, 8) | (hi << 8)
         sgn = ((b[:, 74:106].view(nb, 8, 4, 1) >> torch.arange(8, device=dev)) & 1).view(nb, 8, 8, 4)
-        vals = cls._values(gi, dev)
         scb = b[:, 106:110]
         ls = torch.stack([scb & 15, scb >> 4], dim=-1).view(nb, 8).to(torch.float32)
-        db = d[:, None] * (1 + 2 * ls)
-        y = db[..., None, None] * vals * torch.where(sgn.bool(), -1.0, 1.0)
-        return y.reshape(nb, 256)
+        return cls._signed(d[:, None] * (1 + 2 * ls), gi, sgn)
