@@ -179,3 +179,23 @@ def test_check_config_refuses_what_the_loader_rejects():
         g4.check_config({"compress_ratios": [0, 8], "num_hidden_layers": 2})
     with pytest.raises(UnsupportedError, match="0/4/128"):
         g4.check_config({"compress_ratios": [0], "num_hidden_layers": 2})
+
+
+def test_v4_gguf_failure_mid_write_keeps_the_old_file(v4_src, tmp_path, monkeypatch):
+    """An --overwrite run that fails after the first tensor leaves the existing output whole and no ``.tmp``."""
+    from dsconvert.convert import gguf_export, gguf_v4
+
+    out = tmp_path / "x.gguf"
+    out.write_bytes(b"previous output")
+    real, calls = gguf_v4.tensor_bytes, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError("disk full (test)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(gguf_v4, "tensor_bytes", failing)
+    with pytest.raises(OSError, match="disk full"):
+        gguf_export.run(v4_src, out, gguf_export.GGUFOptions(type="Q8_0"), overwrite=True)
+    assert out.read_bytes() == b"previous output" and sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]

@@ -28,6 +28,8 @@ from ..formats.gguf_vocab import write_vocab
 from ..quant import ggml
 from ..report import base_report
 from ..units import bytes_fields
+from . import cancel
+from .manifest import commit_tmp
 from .pipeline import dequant_producer
 
 _DROP_REASON = "mtp.* (no MTP head exported) and the hash layers' unused ffn.gate.bias, as llama.cpp's converter"
@@ -102,7 +104,25 @@ def run(ck: Checkpoint, output: Path | None, ftype: str, device: torch.device, *
     report["source"] = {"path": str(ck.root), "family": "DeepSeek-V4", "tensors": len(ck.tensors)}
     if dry_run:
         return report
-    w = gguf.GGUFWriter(output, g4.ARCH_NAME)
+    tmp = Path(output).with_name(Path(output).name + ".tmp")  # an existing output stays whole until the rename
+    try:
+        vocab = _write(ck, tmp, plans, types, nbytes, device)
+        commit_tmp(tmp, Path(output))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    report["vocab"] = vocab.summary()
+    report["output"] = {"path": str(output), **bytes_fields(Path(output).stat().st_size)}
+    report["types_written"] = dict(Counter(types.values()))
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _write(ck: Checkpoint, tmp: Path, plans: list[g4.V4TensorPlan], types: dict[str, str], nbytes: dict[str, int],
+           device: torch.device):
+    """Write the whole GGUF to ``tmp`` (header, KV, tensor infos, data, one tensor at a time); returns the vocab
+    written. Raises :class:`~dsconvert.convert.cancel.Cancelled` between tensors on SIGINT/SIGTERM."""
+    w = gguf.GGUFWriter(tmp, g4.ARCH_NAME)
     w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # re-added from the data, in its place
     for key, typ, val in g4.metadata_items(ck.config, g4.FILE_TYPE_MXFP4_MOE):
         if typ == "ARRAY_FLOAT32":
@@ -121,13 +141,10 @@ def run(ck: Checkpoint, output: Path | None, ftype: str, device: torch.device, *
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for p in plans:
+        cancel.check()
         b = tensor_bytes(ck, p, types[p.name], device)
         if b.size != nbytes[p.name]:
             raise AssertionError(f"{p.name}: {b.size} bytes made, {nbytes[p.name]} planned")
         w.write_tensor_data(b)
     w.close()
-    report["vocab"] = vocab.summary()
-    report["output"] = {"path": str(output), **bytes_fields(Path(output).stat().st_size)}
-    report["types_written"] = dict(Counter(types.values()))
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    return report
+    return vocab
