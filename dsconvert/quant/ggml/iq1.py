@@ -225,6 +225,18 @@ def _weights(blocks: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     return qw * sqrtf(sigma2[:, None] + blocks * blocks)
 
 
+def _sub_blocks(blocks: torch.Tensor, qw, size: int):
+    """The common start of both searches for ``blocks (nb, 256)`` float32 split into sub-blocks of ``size``
+    values: ``(device, tables, nb, NB, w, xb, amax, order)`` with ``NB = nb * 256 / size`` sub-blocks, their
+    weights ``w`` and values ``xb`` ``(NB, size)``, largest magnitude ``amax (NB,)`` and :func:`_sorted_order`."""
+    dev = blocks.device
+    nb = blocks.shape[0]
+    NB = nb * (256 // size)
+    xb = blocks.reshape(NB, size)
+    return (dev, _tables(dev), nb, NB, _weights(blocks, qw).reshape(NB, size), xb, xb.abs().amax(1),
+            _sorted_order(xb))
+
+
 def _sorted_order(xb: torch.Tensor) -> torch.Tensor:
     """``qsort`` of ``(x, index)`` pairs on ``x``: glibc's merge sort is stable, so equal values keep index order."""
     return torch.sort(xb, dim=1, stable=True).indices
@@ -254,14 +266,7 @@ class IQ1_S(GGMLType, qtype=T.IQ1_S):
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
         if qw is None:
             raise ValueError("IQ1_S: quantization needs importance weights (an imatrix), as in llama.cpp")
-        dev = blocks.device
-        tabs = _tables(dev)
-        nb = blocks.shape[0]
-        NB = nb * 8
-        w = _weights(blocks, qw).reshape(NB, 32)
-        xb = blocks.reshape(NB, 32)
-        amax = xb.abs().amax(1)
-        order = _sorted_order(xb)
+        dev, tabs, nb, NB, w, xb, amax, order = _sub_blocks(blocks, qw, 32)
         sx = _prefix(w.gather(1, order) * xb.gather(1, order))
         sw = _prefix(w.gather(1, order))
         i1, i2 = _pairs(32, dev)
@@ -332,14 +337,7 @@ class IQ1_M(GGMLType, qtype=T.IQ1_M):
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
-        dev = blocks.device
-        tabs = _tables(dev)
-        nb = blocks.shape[0]
-        NB = nb * 16
-        w = _weights(blocks, qw).reshape(NB, 16)
-        xb = blocks.reshape(NB, 16)
-        amax = xb.abs().amax(1)
-        order = _sorted_order(xb)
+        dev, tabs, nb, NB, w, xb, amax, order = _sub_blocks(blocks, qw, 16)
         half = (order >= 8)                                                          # (NB, 16) in sorted order
         t = w.gather(1, order) * xb.gather(1, order)
         ws = w.gather(1, order)
