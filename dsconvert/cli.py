@@ -193,6 +193,7 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
     removed or, for GGUF, kept with its resume state) and exit 130 / 143.
     """
     from .convert import cancel
+    from .convert.remedies import add_hint
 
     debug = verbose or os.environ.get("DSCONVERT_DEBUG") == "1"
     try:
@@ -211,6 +212,7 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
     except DsconvertError as e:
         if debug:
             traceback.print_exc()
+        add_hint(e)
         err.print(f"[bold red]error:[/bold red] {e.message}", markup=True, highlight=False)
         if e.hint:
             err.print(f"[bold]hint:[/bold] {e.hint}", markup=True, highlight=False)

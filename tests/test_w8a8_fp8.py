@@ -241,7 +241,7 @@ def test_validate_reads_new_outputs(ct_outputs, tiny_src, key, max_kld):
     (["--scheme", "W8A8", "--awq"], "cannot be produced with --awq"),
     (["--scheme", "W8A8", "--group-size", "64"], "per output channel"),
     (["--scheme", "FP8_BLOCK", "--group-size", "64"], "128x128 blocks"),
-    (["--scheme", "W4A16", "--scale-fmt", "ue8m0"], "no --scale-fmt"),
+    (["--scheme", "W4A16", "--scale-fmt", "ue8m0"], "no scale_fmt option"),
     (["--scheme", "FP8_BLOCK", "--format", "deepseek-fp8", "--scale-fmt", "e5m2"], "not a scale format"),
 ])
 def test_unstorable_scheme_exits_2_before_writing(tiny_src, tmp_path, args, needle):

@@ -123,7 +123,7 @@ class IntFormat(ABC):
         except UsageError as e:
             if not module:
                 raise
-            raise UsageError(f"{e.message} (module {module})", hint=e.hint) from None
+            raise UsageError(f"{e.message} (module {module})", hint=e.hint, remedy=e.remedy, **e.facts) from None
 
     def bind(self, scheme, module: str | None = None) -> "IntFormat":
         """The codec that stores ``scheme`` (a :class:`~dsconvert.quant.schemes.SchemeDescription`): this format

@@ -149,7 +149,7 @@ def _groups(w: torch.Tensor, g: int, name: str | None) -> torch.Tensor:
     m, n = w.shape
     if n % g:
         raise ShapeError(f"tensor {name or '?'!r}: in_features N={n} is not a multiple of the FP4 group size {g}",
-                         hint="--ignore this module (keep it BF16) or choose an integer scheme for it")
+                         remedy="keep-module")
     return w.unflatten(-1, (n // g, g))  # (M, N/g, g)
 
 

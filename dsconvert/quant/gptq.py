@@ -116,7 +116,7 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
         d[todo] *= 10.0
     raise BadInputError(
         f"GPTQ: Hessian ({k}x{k}) is not positive definite even with damp {float(d[todo[0]]) / 10:g}",
-        hint="the calibration activations likely hold NaN/inf: check --calib-data, or --ignore this module",
+        remedy="check-calibration",
     )
 
 
@@ -169,7 +169,7 @@ def gptq_quantize(
     g = spec.effective_group_size(k, name)
     if act_order and not static_groups and g != k:
         raise UsageError("GPTQ act_order with dynamic groups needs a g_idx, which dsconvert does not write",
-                         hint="pass static_groups=True (llm-compressor actorder 'static')")
+                         remedy="static-groups")
     return gptq_quantize_batch(w[None], H[None], spec, convention, damp=damp, block_size=block_size,
                                act_order=act_order, static_groups=static_groups, names=[name])[0]
 
@@ -215,13 +215,13 @@ def gptq_quantize_batch(
     g = spec.effective_group_size(k, names[0])
     if act_order and not static_groups and g != k:
         raise UsageError("GPTQ act_order with dynamic groups needs a g_idx, which dsconvert does not write",
-                         hint="pass static_groups=True (llm-compressor actorder 'static')")
+                         remedy="static-groups")
     for b in range(bsz):
         if not torch.isfinite(w[b]).all():
             raise BadInputError(f"GPTQ: weight {names[b] or ''} holds NaN or inf".replace("  ", " "))
         if not torch.isfinite(H[b]).all():
             raise BadInputError(f"GPTQ: Hessian of {names[b] or 'a linear'} holds NaN or inf",
-                                hint="the calibration activations overflowed; calibrate in float32")
+                                remedy="calibrate-fp32")
     out: list[QTensor | None] = [None] * bsz
     live = []
     for b in range(bsz):

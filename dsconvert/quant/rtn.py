@@ -85,10 +85,9 @@ class QuantSpec:
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
-            raise UsageError(f"unsupported bit width {self.bits}", hint="use 4 or 8 bits")
+            raise UsageError(f"unsupported bit width {self.bits}", remedy="bits")
         if not (self.group_size == -1 or self.group_size > 0):
-            raise UsageError(f"invalid group size {self.group_size}",
-                             hint="use a positive group size, or -1 for per-channel")
+            raise UsageError(f"invalid group size {self.group_size}", remedy="positive-group")
 
     @property
     def per_channel(self) -> bool:
@@ -105,11 +104,10 @@ class QuantSpec:
         if k % self.group_size:
             what = f"tensor {name!r}" if name else "tensor"
             smaller = [g for g in (256, 128, 64, 32, 16) if g < self.group_size and k % g == 0]
-            fix = f"use --group-size {smaller[0]}" if smaller else "use per-channel (--group-size -1)"
             raise ShapeError(
                 f"group size {self.group_size} does not divide in_features K={k} of {what} "
                 f"(K % {self.group_size} = {k % self.group_size})",
-                hint=f"{fix}, or --ignore this layer to keep it unquantized",
+                **({"remedy": "smaller-group", "group_size": smaller[0]} if smaller else {"remedy": "per-channel"}),
             )
         return self.group_size
 
