@@ -68,7 +68,7 @@ class UnsupportedError(BadInputError):
 
 
 class ShapeError(UsageError):
-    """A requested quantization does not fit a tensor's shape (e.g. group size not dividing K). Exit 2."""
+    """A requested quantization does not fit a tensor's shape (e.g. group size not dividing in_features N). Exit 2."""
 
 
 class OutputExistsError(UsageError):

@@ -595,7 +595,7 @@ REFUSALS = {
     "gate-without-up": (["--group-size", G, "--ignore", "model.layers.0.mlp.gate_proj"], ["gate_proj + up_proj"]),
     "strict-unmatched": (["--group-size", G, "--ignore", "model.layers.9.self_attn.q_a_proj", "--strict"],
                          ["model.layers.9.self_attn.q_a_proj", "matched no"]),
-    "group-not-dividing-K": (["--group-size", 64], ["model.layers.0.self_attn.q_b_proj", "K=96", "--group-size 32"]),
+    "group-not-dividing-N": (["--group-size", 64], ["model.layers.0.self_attn.q_b_proj", "N=96", "--group-size 32"]),
     "unknown-scheme": (["--scheme", "W3A16"], ["W4A16", "W4A16_ASYM", "W8A16"]),
     "unknown-format": (["--format", "exl2"], ["compressed-tensors", "awq", "gptq"]),
     "awq-8bit": (["--format", "awq", "--scheme", "W8A16", "--group-size", G], ["4-bit"]),

@@ -430,7 +430,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
 
 
 def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
-    """Refuse a group size that does not divide the in_features K of every tensor to quantize, naming the first
+    """Refuse a group size that does not divide the in_features N of every tensor to quantize, naming the first
     such tensor and the largest group size that divides them all.
 
     Raises:
@@ -454,9 +454,9 @@ def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
         return
     fits = [c for c in (256, 128, 64, 32, 16, 8) if all(k % c == 0 for k in ks.values())]
     hint = (f"--group-size {fits[0]} divides the in_features of every tensor to quantize" if fits
-            else "--group-size -1 (per channel)") + "; or --ignore the tensors whose K does not divide"
+            else "--group-size -1 (per channel)") + "; or --ignore the tensors whose N it does not divide"
     m, k = bad[0]
-    raise ShapeError(f"group size {g} does not divide in_features K={k} of tensor {m!r} "
+    raise ShapeError(f"group size {g} does not divide in_features N={k} of tensor {m!r} "
                      f"({count(len(bad), 'tensor')} affected)", hint=hint)
 
 

@@ -7,15 +7,15 @@ format, registered in :data:`CT_COMPRESSORS` (``@register_ct_compressor("int-qua
 ``pack-quantized`` codec (weight-only INT4/INT8); ``int-quantized`` (W8A8) is
 :mod:`dsconvert.formats.ct_int_quantized`, ``float-quantized`` (FP8_BLOCK) :mod:`dsconvert.formats.ct_float_quantized`.
 
-Per module, N = out_features, K = in_features, g = group size (K for per-channel), b = bits:
+Per module, M = out_features, N = in_features, g = group size (N for per-channel), b = bits:
 
 =====================  =======  ==========================  =========================================
 tensor                 dtype    shape                       content
 =====================  =======  ==========================  =========================================
-``weight_packed``      int32    [N, ceil(K*b/32)]           signed q + 2^(b-1), LSB first along K
-``weight_scale``       bf16     [N, K/g]                    multiplier (model dtype)
-``weight_shape``       int64    [2]                         (N, K)
-``weight_zero_point``  int32    [ceil(N*b/32), K/g]         asymmetric only; signed zp packed along dim 0
+``weight_packed``      int32    [M, ceil(N*b/32)]           signed q + 2^(b-1), LSB first along N
+``weight_scale``       bf16     [M, N/g]                    multiplier (model dtype)
+``weight_shape``       int64    [2]                         (M, N)
+``weight_zero_point``  int32    [ceil(M*b/32), N/g]         asymmetric only; signed zp packed along dim 0
 =====================  =======  ==========================  =========================================
 
 Dequant: ``w = (q - zp) * scale`` computed in the scale dtype.
