@@ -1,4 +1,8 @@
-"""``dsconvert gguf``: a DeepSeek-V3/R1 checkpoint (FP8 release or BF16) -> llama.cpp ``deepseek2`` GGUF.
+"""``dsconvert gguf``: a DeepSeek-V3/R1 checkpoint (FP8 release or BF16) -> llama.cpp ``deepseek2`` GGUF, a
+DeepSeek-V4 release -> ``deepseek4`` GGUF.
+
+The architecture is a registry entry (:mod:`dsconvert.formats.gguf_arch`: tensor plan, types, KV pairs, file
+type, refused options); everything below is shared by both.
 
 Plan (headers only: GGUF tensor plan, per-tensor ggml type, bytes, splits, header bytes) -> pre-flight ->
 stream one output tensor at a time, one row chunk at a time -> ``*.tmp`` + fsync + rename per file.
@@ -54,6 +58,8 @@ import torch
 
 from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageError
 from ..formats import gguf_deepseek2 as g2
+from ..formats import gguf_deepseek4 as g4
+from ..formats.gguf_arch import DEEPSEEK2, GGUFArch, arch_for
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.gguf_imatrix import read_imatrix as load_imatrix
 from ..formats.gguf_recipes import get_recipe
@@ -68,7 +74,8 @@ from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields, fmt_bytes
 from .fp8_to_bf16 import resolve_device
 from .pipeline import check_max_memory, dequant_producer
-from . import cancel, gguf_v4
+from ..quant.fp4_decode import dequant_fp4
+from . import cancel
 from .preflight import check_free_disk, check_output_writable
 from .manifest import (Manifest, check_paths, commit_tmp, fingerprint, mismatch_detail, source_fingerprint_parts,
                        verify_files,
@@ -79,7 +86,7 @@ from .progress import ByteProgress
 log = logging.getLogger(__name__)
 
 COMMAND = "gguf"
-LAYOUT = "mainline MLA (attn_k_b/attn_v_b), llama.cpp >= PR #12801"
+LAYOUT = DEEPSEEK2.layout
 MANIFEST_SUFFIX = ".dsconvert-manifest.json"
 REPORT_SUFFIX = ".dsconvert-report.json"
 SPLIT_NAME = "{stem}-{i:05d}-of-{n:05d}.gguf"  # gguf-py SHARD_NAME_FORMAT / llama_split_path
@@ -271,6 +278,7 @@ class ExportPlan:
     importance: dict = field(default_factory=dict, repr=False)
     #: ``--target-size``: what was chosen and why (:func:`_budget_types`); None without it
     budget: dict | None = None
+    arch: GGUFArch = DEEPSEEK2
 
     @property
     def tensor_bytes(self) -> int:
@@ -305,10 +313,10 @@ class ExportPlan:
     def summary(self) -> dict:
         n_el = self.gguf_plan.n_elements
         return {
-            "layout": LAYOUT,
-            "architecture": g2.ARCH_NAME,
+            "layout": self.arch.layout,
+            "architecture": self.arch.name,
             "type": self.ftype + (" (pure)" if self.pure else ""),
-            "file_type": g2.file_type_id(self.ftype),
+            "file_type": self.arch.file_type(self.ftype),
             "tensors": len(self.gguf_plan),
             "elements": n_el,
             "types": self.type_summary(),
@@ -332,11 +340,6 @@ def _pad(n: int, align: int) -> int:
 
 def _source_format(ck: Checkpoint) -> str:
     return "FP8" if ck.fp8 is not None and any(e.dtype == "F8_E4M3" for _, e in ck.tensors.values()) else "BF16"
-
-
-def _hf_tensors(ck: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, dtype)}`` of the dequantized view (``*_scale_inv`` consumed by their weights)."""
-    return {n: (tuple(e.shape), e.dtype) for n, (_, e) in ck.tensors.items() if not ck.is_scale(n)}
 
 
 def check_supported(cfg: dict) -> None:
@@ -388,10 +391,10 @@ def _serialize_header(w: gguf.GGUFWriter) -> bytes:
 
 
 def _writer_for(i: int, n: int, files: list[list[g2.GGUFTensorPlan]], types: dict[str, str],
-                nbytes: dict[str, int], meta_fn) -> gguf.GGUFWriter:
+                nbytes: dict[str, int], meta_fn, arch: str = g2.ARCH_NAME) -> gguf.GGUFWriter:
     """A GGUFWriter holding file ``i``'s KV pairs and tensor infos (split keys as gguf-py's
     ``add_shard_kv_data``: the model KV only in the first file)."""
-    w = gguf.GGUFWriter(None, g2.ARCH_NAME)
+    w = gguf.GGUFWriter(None, arch)
     if i == 0:
         meta_fn(w)
     else:
@@ -417,21 +420,23 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
         UsageError (exit 2): unknown types, types dsconvert cannot quantize.
     """
     cfg = ck.config
-    check_supported(cfg)
+    arch = arch_for(ck)
+    if arch is DEEPSEEK2:
+        check_supported(cfg)
+    arch.check(cfg)
     opts = opts.resolved()
     ftype, forced_pure = resolve_type(opts.type)
     pure = opts.pure or forced_pure
     overrides = [parse_tensor_type_override(s) for s in opts.tensor_types]
-    plan = g2.plan_tensors(_hf_tensors(ck), cfg)
-    types = g2.plan_types(plan, ftype, cfg, overrides=overrides, output_type=opts.output_tensor_type,
-                          embd_type=opts.token_embedding_type, pure=pure, fallback_f16=True,
-                          has_imatrix=opts.imatrix is not None)
+    plan = arch.plan(ck)
+    types = arch.types(plan, ftype, cfg, overrides=overrides, output_type=opts.output_tensor_type,
+                       embd_type=opts.token_embedding_type, pure=pure, has_imatrix=opts.imatrix is not None)
     entries = load_imatrix(opts.imatrix) if opts.imatrix is not None else None  # read once, used twice
     budget = None
     if opts.target_size is not None:
         types, budget = _budget_types(ck, plan, types, opts, overrides, entries or {})
     have = set(ggml.registered_types())
-    missing = sorted({t for t in types.values() if t not in have})
+    missing = sorted({types[t.name] for t in plan if types[t.name] not in have and not _stored_as_is(t, types[t.name])})
     if missing:
         who = sorted(n for n, t in types.items() if t in missing)
         raise UsageError(f"dsconvert has no quantizer for {', '.join(missing)} (needed by {len(who)} tensors, "
@@ -449,19 +454,19 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     imatrix, importance = _imatrix_plan(opts.imatrix, entries, plan, types)
 
     if not (ck.root / "tokenizer.json").is_file():
-        raise BadInputError(f"{ck.root}: no tokenizer.json; a deepseek2 GGUF needs the tokenizer to load",
+        raise BadInputError(f"{ck.root}: no tokenizer.json; a {arch.name} GGUF needs the tokenizer to load",
                             hint="copy the release's tokenizer.json and tokenizer_config.json into SRC")
     vocab_holder: dict = {}
 
     def meta(w: gguf.GGUFWriter) -> None:
-        g2.write_metadata(w, cfg, g2.file_type_id(ftype))
+        arch.write_metadata(w, cfg, arch.file_type(ftype))
         vocab_holder["v"] = g2.write_vocab(w, ck.root, cfg)
 
     groups = _split(plan.tensors, nbytes, opts.split_max_size, opts.split_max_tensors)
     paths = file_names(output or Path("model.gguf"), len(groups))
     files = []
     for i, g in enumerate(groups):
-        w = _writer_for(i, len(groups), groups, types, nbytes, meta)
+        w = _writer_for(i, len(groups), groups, types, nbytes, meta, arch.name)
         header = _serialize_header(w)
         align = w.data_alignment
         size = _pad(len(header), align) + sum(_pad(nbytes[t.name], align) for t in g)
@@ -473,7 +478,13 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     work = max(kv_b, opts.chunk_bytes // 2) * (1 + 2 + 8 * 2)
     peak = BASE_RSS + work + max(len(f.header) for f in files)
     return ExportPlan(ck, ftype, pure, plan, types, nbytes, files, vocab_holder["v"].summary(), imatrix, peak,
-                      importance, budget)
+                      importance, budget, arch)
+
+
+def _stored_as_is(t: g2.GGUFTensorPlan, qtype: str) -> bool:
+    """Whether tensor ``t`` is written as ``qtype`` without a quantizer: deepseek4's FP4 experts as MXFP4 (a
+    repack) and its tid2eid table as I32."""
+    return (t.kind, qtype) in (("experts_mxfp4", "MXFP4"), ("tid2eid", "I32"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -672,7 +683,9 @@ def encode(x: torch.Tensor, qtype: str, device: torch.device, importance: np.nda
 
 def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torch.device,
                   chunk_bytes: int, importance: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """Bytes of output tensor ``t`` in file order: experts in id order, each in row chunks; kv_b halves whole.
+    """Bytes of output tensor ``t`` in file order: experts in id order, each in row chunks; kv_b halves whole;
+    deepseek4's FP4 experts one expert at a time (MXFP4: the release bytes repacked, :func:`repack_mxfp4`; another
+    type: decoded exactly to float32, then quantized), its tid2eid as I32.
 
     ``importance`` (float32 ``[n_mat, ne0]``) weights matrix ``i`` (expert ``i``, or head ``i`` of a kv_b half)
     with row ``i``, as ``llama_tensor_quantize_impl`` slices the imatrix per expert.
@@ -680,6 +693,17 @@ def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torc
     def w(i: int) -> np.ndarray | None:
         return None if importance is None else importance[i]
 
+    if t.kind == "experts_mxfp4":  # deepseek4: per expert, repacked as released, or decoded and quantized
+        for i, src in enumerate(t.sources):
+            packed, scale = ck.read(src), ck.read(ck.scale_of(src))
+            if qtype == "MXFP4":
+                yield g4.repack_mxfp4(packed, scale).numpy().reshape(-1)
+            else:
+                yield encode(dequant_fp4(packed, scale, torch.float32), qtype, device, w(i))
+        return
+    if t.kind == "tid2eid":
+        yield ck.read(t.sources[0]).to(torch.int32).contiguous().view(torch.uint8).numpy().reshape(-1)
+        return
     if t.kind in ("kv_b_k", "kv_b_v"):
         kv = torch.cat(list(_rows(ck, t.sources[0], chunk_bytes)))
         built = g2.build_tensor(t, [kv], ck.config)
@@ -1092,7 +1116,9 @@ def _owned(output: Path, state_dir: Path | None = None) -> list[Path]:
 def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *, overwrite: bool,
                    resume: bool, state_dir: Path | None = None, parts: dict | None = None, verify: str = "full",
                    progress: bool | None = False) -> Resume:
-    """Fresh start, resume (matching manifest: keep verified files), already complete, or refuse. ``verify``
+    """Fresh start, resume (matching manifest: keep verified files), already complete, or refuse. A fresh start
+    (``overwrite``) deletes what an earlier export left except the files this one plans: each stays whole until
+    its replacement is renamed over it, so a failed ``--overwrite`` run leaves them as they were. ``verify``
     (``full``: size + sha256 with progress on stderr; ``size``: sizes only) is how finished files are checked.
 
     The manifest lives beside ``output`` or in ``state_dir``; ``parts`` (what ``fp`` hashes) is stored in it so
@@ -1136,8 +1162,10 @@ def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *
         man.complete = False
         man.save_file(mpath)
         return Resume(man, done, True, False)
+    planned = {f.path.resolve() for f in files}
     for p in _owned(output, state_dir):
-        p.unlink()
+        if p.resolve() not in planned:  # a planned file is kept whole until its replacement is renamed over it
+            p.unlink()
     man = Manifest(COMMAND, fp, options, parts=parts)
     man.save_file(mpath)
     return Resume(man, set(), False, False)
@@ -1157,16 +1185,6 @@ def _source_fingerprint(ck: Checkpoint) -> dict:
 # --------------------------------------------------------------------------------------------------
 # run
 # --------------------------------------------------------------------------------------------------
-
-
-def prepare_v4_output(output: Path, overwrite: bool) -> None:
-    """Refuse an existing V4 output unless ``overwrite`` (a V4 export is written whole, without resume).
-
-    Raises:
-        OutputExistsError (exit 2): ``output`` exists and ``overwrite`` is False.
-    """
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} exists", hint="pass --overwrite to replace it")
 
 
 def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = False, overwrite: bool = False,
@@ -1199,16 +1217,12 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     require_kind(src, COMMAND, ("fp8", "float"), "DeepSeek's FP8 release or an unquantized (BF16) checkpoint",
                  INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
-    if ck.v4 is not None:
-        if (opts.tensor_types or opts.imatrix or opts.split_max_size or opts.split_max_tensors or opts.target_size
-                or opts.output_tensor_type or opts.token_embedding_type or executor.remote):
-            raise UsageError("DeepSeek-V4: --tensor-type, --recipe, --output-tensor-type, --token-embedding-type, "
-                             "--imatrix, --split-*, --target-size and --ray are not supported yet",
-                             hint="dsconvert gguf V4SRC -o out.gguf --type BF16 (or Q8_0)")
-        if output is not None and not dry_run:
-            prepare_v4_output(output, overwrite)
-        return gguf_v4.run(ck, output, resolve_type(opts.type or "BF16")[0], device, dry_run=dry_run)
-    check_supported(ck.config)
+    arch = arch_for(ck)
+    given = [cli for f, cli in arch.refused if (recipe if f == "recipe" else getattr(opts, f))]
+    if given:
+        raise UsageError(f"{arch.name} GGUF: {', '.join(given)} not supported yet",
+                         hint="dsconvert gguf SRC -o out.gguf --type Q4_K_M (--tensor-type, --output-tensor-type, "
+                              "--token-embedding-type, --split-* and --ray apply)")
     plan = make_plan(ck, opts, output)
     report = base_report(COMMAND)
     report.update({
