@@ -201,3 +201,107 @@ def test_v4_gguf_failure_mid_write_keeps_the_old_file(v4_src, v4_gguf, tmp_path,
     assert rep["resumed"] and rep["tensors_reused"] == {"x.gguf": 1}
     assert out.read_bytes() == v4_gguf["Q8_0"].read_bytes()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# --- llama-quantize mixes: our file against llama_model_quantize run on our BF16 file ---------------------------
+# The BF16 file holds every FP8 weight exactly (e4m3 x 2^k is a BF16 value), the F32 tensors as stored and the
+# experts as MXFP4, so llama.cpp's quantizer starts from the same values ours does: types and bytes must be equal.
+# It would requantize the MXFP4 experts (refused without allow_requantize); the rule EXPERTS_PATTERN=MXFP4 makes
+# it copy them, which is what ours does by default.
+
+
+def _theirs(v4_gguf, tmp_path, ftype, *, overrides=(), requantize=False, **kw) -> Path:
+    from tests.test_gguf_layout import _llama_cpp, _quantize
+
+    dst = tmp_path / f"theirs-{ftype}.gguf"
+    rules = [*overrides] + ([] if requantize else [(g4.EXPERTS_PATTERN, "MXFP4")])
+    _quantize(_llama_cpp(), v4_gguf["BF16"], dst, ftype, overrides=rules, allow_requantize=requantize, **kw)
+    return dst
+
+
+def _same_tensors(ours: Path, theirs: Path) -> dict[str, str]:
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert set(a) == set(b)  # llama.cpp writes them in its loader's order
+    diff = {n: (a[n].tensor_type.name, b[n].tensor_type.name) for n in a if a[n].tensor_type != b[n].tensor_type}
+    assert not diff, f"(ours, llama.cpp) types differ for {len(diff)} tensors: {diff}"
+    bad = [n for n in a if a[n].data.tobytes() != b[n].data.tobytes()]
+    assert not bad, f"bytes differ for {len(bad)} tensors: {bad[:6]}"
+    return {n: t.tensor_type.name for n, t in a.items()}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q3_K_M", "Q4_0", "Q5_K_S", "Q6_K", "IQ4_XS"])
+def test_v4_mix_equals_llama_model_quantize(v4_src, v4_gguf, tmp_path, ftype):
+    ours = tmp_path / f"ours-{ftype}.gguf"
+    rc, txt = cli("gguf", v4_src, "-o", ours, "--type", ftype, "-q")
+    assert rc == 0, txt
+    types = _same_tensors(ours, _theirs(v4_gguf, tmp_path, ftype))
+    assert gguf.GGUFReader(ours).fields["general.file_type"].contents() == g4.file_type(ftype)
+    assert {t for n, t in types.items() if "_exps" in n} == {"MXFP4"}
+    assert types["blk.0.ffn_gate_tid2eid.weight"] == "I32" and types["blk.0.ffn_gate_inp.weight"] == "BF16"
+    assert types["blk.0.hc_attn_fn.weight"] not in ("F32", "BF16")  # llama-quantize quantizes the F32 hc_*_fn
+
+
+@pytest.mark.llamacpp
+def test_v4_mix_overrides_equal_llama_model_quantize(v4_src, v4_gguf, tmp_path):
+    """--tensor-type on the experts (decoded from FP4 and quantized: llama.cpp requantizes its MXFP4 copy, the
+    same values), --output-tensor-type and --token-embedding-type, and --type Q4_K (= Q4_K_M --pure)."""
+    ours = tmp_path / "ours.gguf"
+    rc, txt = cli("gguf", v4_src, "-o", ours, "--type", "Q4_K_M", "--tensor-type", "_exps=Q4_K",
+                  "--tensor-type", "attn_q_b=Q8_0", "--output-tensor-type", "Q5_K", "--token-embedding-type", "Q6_K",
+                  "-q")
+    assert rc == 0, txt
+    types = _same_tensors(ours, _theirs(v4_gguf, tmp_path, "Q4_K_M", overrides=[("_exps", "Q4_K"),
+                                                                               ("attn_q_b", "Q8_0")],
+                                        requantize=True, output_type="Q5_K", embd_type="Q6_K"))
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q4_K" and types["blk.0.ffn_down_exps.weight"] == "Q5_0"
+    assert (types["output.weight"], types["token_embd.weight"], types["blk.1.attn_q_b.weight"]) == ("Q5_K", "Q6_K",
+                                                                                                    "Q8_0")
+    pure = tmp_path / "pure.gguf"
+    rc, txt = cli("gguf", v4_src, "-o", pure, "--type", "Q4_K", "-q")
+    assert rc == 0, txt
+    tmp2 = tmp_path / "p"
+    tmp2.mkdir()
+    _same_tensors(pure, _theirs(v4_gguf, tmp2, "Q4_K_M", pure=True))
+
+
+@pytest.mark.llamacpp
+def test_v4_converter_types_take_overrides(v4_src, v4_gguf, tmp_path):
+    """--type Q8_0 with --tensor-type: the named tensors change, every other tensor keeps the converter's type and
+    bytes; the changed ones equal llama_model_quantize's Q4_K_M blocks of the same tensors."""
+    ours = tmp_path / "ours.gguf"
+    rc, txt = cli("gguf", v4_src, "-o", ours, "--type", "Q8_0", "--tensor-type", "attn_q_a=Q4_K", "-q")
+    assert rc == 0, txt
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    base = {t.name: t for t in gguf.GGUFReader(v4_gguf["Q8_0"]).tensors}
+    q4 = {t.name: t for t in gguf.GGUFReader(_theirs(v4_gguf, tmp_path, "Q4_K_M")).tensors}
+    changed = [n for n in a if "attn_q_a.weight" in n]
+    assert len(changed) == 4
+    for n, t in a.items():
+        ref = q4[n] if n in changed else base[n]
+        assert (t.tensor_type, t.data.tobytes()) == (ref.tensor_type, ref.data.tobytes()), n
+    assert gguf.GGUFReader(ours).fields["general.file_type"].contents() == g4.FILE_TYPE_MXFP4_MOE
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_v4_mix_loads_in_llama_cpp(v4_src, v4_gguf, tmp_path):
+    """llama.cpp runs our Q4_K_M file and gives the logits it gives on llama_model_quantize's own file."""
+    from tests.test_gguf_export import _llama_cpp, llama_logits
+
+    ours = tmp_path / "ours.gguf"
+    rc, txt = cli("gguf", v4_src, "-o", ours, "--type", "Q4_K_M", "-q")
+    assert rc == 0, txt
+    lc = _llama_cpp()
+    ids = list(range(3, 40))
+    got = llama_logits(lc, ours, ids)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, llama_logits(lc, _theirs(v4_gguf, tmp_path, "Q4_K_M"), ids))
+
+
+def test_v4_chat_template_from_tokenizer_config(v4_src, v4_gguf):
+    import json
+
+    want = json.loads((v4_src / "tokenizer_config.json").read_text())["chat_template"]
+    assert gguf.GGUFReader(v4_gguf["BF16"]).fields["tokenizer.chat_template"].contents() == want
