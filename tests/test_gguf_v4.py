@@ -305,3 +305,73 @@ def test_v4_chat_template_from_tokenizer_config(v4_src, v4_gguf):
 
     want = json.loads((v4_src / "tokenizer_config.json").read_text())["chat_template"]
     assert gguf.GGUFReader(v4_gguf["BF16"]).fields["tokenizer.chat_template"].contents() == want
+
+
+# --- splits, resume, --ray: the exporter's shared machinery on a deepseek4 plan ---------------------------------
+
+_KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from dsconvert.convert import gguf_export as ge
+orig_write, orig_chunks = ge.write_file, ge.tensor_chunks
+state = {"files": 0, "tensors": 0}
+ge.CHECKPOINT_BYTES = 1  # a resume point after every tensor
+def chunks(*a, **k):
+    if state["files"] == 2:
+        state["tensors"] += 1
+        if state["tensors"] == 4:
+            os.kill(os.getpid(), signal.SIGKILL)  # at the 4th tensor of file 2
+    yield from orig_chunks(*a, **k)
+def write_file(*a, **k):
+    state["files"] += 1
+    return orig_write(*a, **k)
+ge.write_file, ge.tensor_chunks = write_file, chunks
+ge.run(Path(sys.argv[1]), Path(sys.argv[2]), ge.GGUFOptions(type="Q4_K_M", split_max_size=1_000_000), progress=False)
+"""
+
+
+def test_v4_splits_resume_after_sigkill_is_byte_identical(v4_src, tmp_path):
+    """--split-max-size on a V4 plan; a run SIGKILLed inside file 2 resumes after file 1 and after file 2's last
+    recorded tensor, and ends byte-identical to an uninterrupted run; split tensors equal the single file's."""
+    import json
+
+    from dsconvert.convert import gguf_export as ge
+
+    opts = dict(type="Q4_K_M", split_max_size=1_000_000)
+    ref = ge.run(v4_src, tmp_path / "ref" / "m.gguf", ge.GGUFOptions(**opts), progress=False)
+    files = [Path(f) for f in ref["output"]["files"]]
+    assert len(files) >= 3 and files[0].name == "m-00001-of-%05d.gguf" % len(files)
+    one = ge.run(v4_src, tmp_path / "one" / "m.gguf", ge.GGUFOptions(type="Q4_K_M"), progress=False)
+    whole = {t.name: (t.tensor_type, t.data.tobytes()) for t in gguf.GGUFReader(one["output"]["path"]).tensors}
+    split = {t.name: (t.tensor_type, t.data.tobytes()) for f in files for t in gguf.GGUFReader(f).tensors}
+    assert split == whole
+    assert gguf.GGUFReader(files[1]).fields["split.count"].contents() == len(files)
+
+    out = tmp_path / "run" / "m.gguf"
+    out.parent.mkdir()
+    p = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(v4_src), str(out)], cwd=Path(__file__).parent.parent,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, p.stderr[-2000:]
+    man = json.loads(ge.manifest_path(out).read_text())
+    assert len(man["files"]) == 1 and not man["complete"]
+    rep = ge.run(v4_src, out, ge.GGUFOptions(**opts), progress=False)
+    assert rep["resumed"] and rep["files_reused"] == 1 and rep["tensors_reused"] == {files[1].name: 3}
+    for a, b in zip(files, rep["output"]["files"]):
+        assert a.read_bytes() == Path(b).read_bytes()
+    assert not list(out.parent.glob("*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_v4_splits_load_in_llama_cpp(v4_src, tmp_path):
+    from tests.test_gguf_export import _llama_cpp, llama_logits
+
+    from dsconvert.convert import gguf_export as ge
+
+    lc = _llama_cpp()
+    split = ge.run(v4_src, tmp_path / "s" / "m.gguf", ge.GGUFOptions(type="Q8_0", split_max_size=2_000_000),
+                   progress=False)["output"]["files"]
+    whole = ge.run(v4_src, tmp_path / "w" / "m.gguf", ge.GGUFOptions(type="Q8_0"), progress=False)["output"]["path"]
+    assert len(split) > 1
+    ids = list(range(3, 30))
+    assert torch.equal(llama_logits(lc, Path(split[0]), ids), llama_logits(lc, Path(whole), ids))
