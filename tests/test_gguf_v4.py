@@ -1,7 +1,8 @@
 """`dsconvert gguf` on DeepSeek-V4 release checkpoints (architecture ``deepseek4``).
 
 Oracles: llama.cpp's own converter (the vendored ``convert_hf_to_gguf.py``, run on the same fixture; its
-tensors must equal ours byte for byte), llama.cpp's loader (llama-cpp-python runs our file) against our V4
+tensors must equal ours byte for byte), llama.cpp's quantizer (``llama_model_quantize`` on our BF16 file: the
+types and bytes of every llama-quantize mix and override), llama.cpp's loader (llama-cpp-python runs our file) against our V4
 reference forward, and an independent numpy decode of ggml's ``block_mxfp4`` layout.
 """
 

@@ -436,7 +436,8 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     if opts.target_size is not None:
         types, budget = _budget_types(ck, plan, types, opts, overrides, entries or {})
     have = set(ggml.registered_types())
-    missing = sorted({types[t.name] for t in plan if types[t.name] not in have and not _stored_as_is(t, types[t.name])})
+    missing = sorted({types[t.name] for t in plan
+                      if types[t.name] not in have and not _stored_as_is(t, types[t.name])})
     if missing:
         who = sorted(n for n, t in types.items() if t in missing)
         raise UsageError(f"dsconvert has no quantizer for {', '.join(missing)} (needed by {len(who)} tensors, "
@@ -1218,9 +1219,10 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                  INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
     arch = arch_for(ck)
-    given = [cli for f, cli in arch.refused if (recipe if f == "recipe" else getattr(opts, f))]
+    given = [f"{cli} is not supported yet ({why})" for f, cli, why in arch.refused
+             if (recipe if f == "recipe" else getattr(opts, f))]
     if given:
-        raise UsageError(f"{arch.name} GGUF: {', '.join(given)} not supported yet",
+        raise UsageError(f"{arch.name} GGUF: {'; '.join(given)}",
                          hint="dsconvert gguf SRC -o out.gguf --type Q4_K_M (--tensor-type, --output-tensor-type, "
                               "--token-embedding-type, --split-* and --ray apply)")
     plan = make_plan(ck, opts, output)

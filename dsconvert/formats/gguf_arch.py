@@ -37,8 +37,7 @@ class GGUFArch:
             -> ``{name: ggml type}``.
         file_type: ``--type`` mix -> ``general.file_type``.
         write_metadata: ``write_metadata(writer, config, file_type)``: the model KV pairs (the vocab is shared).
-        refused: option names (:class:`~dsconvert.convert.gguf_export.GGUFOptions` fields) it does not take,
-            with the CLI spelling.
+        refused: ``(GGUFOptions field, CLI spelling, why)`` for each option it does not take.
     """
 
     name: str
@@ -48,7 +47,7 @@ class GGUFArch:
     types: Callable[..., dict[str, str]]
     file_type: Callable[[str], int]
     write_metadata: Callable[[gguf.GGUFWriter, Mapping[str, Any], int], None]
-    refused: tuple[tuple[str, str], ...] = ()
+    refused: tuple[tuple[str, str, str], ...] = ()
 
 
 def _v3_plan(ck: Checkpoint) -> g2.GGUFPlan:
@@ -85,7 +84,9 @@ DEEPSEEK4 = GGUFArch(
     name=g4.ARCH_NAME, layout="deepseek4 (hyper-connections, compressed attention, MXFP4 routed experts)",
     check=g4.check_config, plan=_v4_plan, types=g4.plan_types, file_type=g4.file_type,
     write_metadata=_v4_metadata,
-    refused=(("recipe", "--recipe"), ("imatrix", "--imatrix"), ("target_size", "--target-size")))
+    refused=(("recipe", "--recipe", "the named recipes are deepseek2 tensor rules"),
+             ("imatrix", "--imatrix", "no V4 importance matrix exists yet: `dsconvert imatrix` does not take V4"),
+             ("target_size", "--target-size", "its sensitivity samples do not read the FP4 experts yet")))
 
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (DEEPSEEK2, DEEPSEEK4)}
 

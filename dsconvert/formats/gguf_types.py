@@ -550,7 +550,8 @@ def plan_types(
         out[name] = choose_type(
             name, shape, ftype, n_layer=n_layer, n_expert=n_expert, n_gqa=n_gqa, overrides=ovr,
             output_type=output_type, embd_type=embd_type, pure=pure, tied_embeddings=tied,
-            src_type=(src_types or {}).get(name) or ("F32" if forced else src_type), fallback_f16=fallback_f16, has_imatrix=has_imatrix, state=st)
+            src_type=(src_types or {}).get(name) or ("F32" if forced else src_type), fallback_f16=fallback_f16,
+            has_imatrix=has_imatrix, state=st)
     return {n: out[n] for n in names}
 
 
