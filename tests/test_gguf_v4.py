@@ -245,6 +245,17 @@ def test_v4_mix_equals_llama_model_quantize(v4_src, v4_gguf, tmp_path, ftype):
 
 
 @pytest.mark.llamacpp
+def test_v4_f16_equals_llama_model_quantize(v4_src, v4_gguf, tmp_path):
+    """--type F16: llama-quantize's float file types take no rules, so it converts every tensor it quantizes,
+    the MXFP4 experts included (decoded); ours decodes the FP4 release values, the same numbers."""
+    ours = tmp_path / "ours.gguf"
+    rc, txt = cli("gguf", v4_src, "-o", ours, "--type", "F16", "-q")
+    assert rc == 0, txt
+    types = _same_tensors(ours, _theirs(v4_gguf, tmp_path, "F16", requantize=True))
+    assert types["blk.0.ffn_gate_exps.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+
+
+@pytest.mark.llamacpp
 def test_v4_mix_overrides_equal_llama_model_quantize(v4_src, v4_gguf, tmp_path):
     """--tensor-type on the experts (decoded from FP4 and quantized: llama.cpp requantizes its MXFP4 copy, the
     same values), --output-tensor-type and --token-embedding-type, and --type Q4_K (= Q4_K_M --pure)."""
@@ -339,8 +350,10 @@ def test_v4_splits_resume_after_sigkill_is_byte_identical(v4_src, tmp_path):
     from dsconvert.convert import gguf_export as ge
 
     opts = dict(type="Q4_K_M", split_max_size=1_000_000)
+    dry = ge.run(v4_src, tmp_path / "ref" / "m.gguf", ge.GGUFOptions(**opts), dry_run=True)
     ref = ge.run(v4_src, tmp_path / "ref" / "m.gguf", ge.GGUFOptions(**opts), progress=False)
     files = [Path(f) for f in ref["output"]["files"]]
+    assert [(f["name"], f["bytes"]) for f in dry["plan"]["files"]] == [(f.name, f.stat().st_size) for f in files]
     assert len(files) >= 3 and files[0].name == "m-00001-of-%05d.gguf" % len(files)
     one = ge.run(v4_src, tmp_path / "one" / "m.gguf", ge.GGUFOptions(type="Q4_K_M"), progress=False)
     whole = {t.name: (t.tensor_type, t.data.tobytes()) for t in gguf.GGUFReader(one["output"]["path"]).tensors}

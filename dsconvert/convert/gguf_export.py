@@ -342,19 +342,6 @@ def _source_format(ck: Checkpoint) -> str:
     return "FP8" if ck.fp8 is not None and any(e.dtype == "F8_E4M3" for _, e in ck.tensors.values()) else "BF16"
 
 
-def check_supported(cfg: dict) -> None:
-    """Refuse configs the deepseek2 layout cannot express (V3.2's indexer needs llama.cpp's deepseek32).
-
-    Raises:
-        UnsupportedError: ``model_type`` deepseek_v32.
-    """
-    if cfg.get("model_type") == "deepseek_v32":
-        raise UnsupportedError("DeepSeek-V3.2 (model_type deepseek_v32) is not supported by `dsconvert gguf`: its "
-                               "lightning indexer has no deepseek2 tensors",
-                               hint="V3.2 needs llama.cpp's deepseek32 architecture, which dsconvert does not "
-                                    "write yet")
-
-
 def _split(tensors: list[g2.GGUFTensorPlan], nbytes: dict[str, int], max_size: int | None,
            max_tensors: int | None) -> list[list[g2.GGUFTensorPlan]]:
     """GGUFWriter.add_tensor_info's rule: a new file when the current one is non-empty and adding the next
@@ -421,8 +408,6 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     """
     cfg = ck.config
     arch = arch_for(ck)
-    if arch is DEEPSEEK2:
-        check_supported(cfg)
     arch.check(cfg)
     opts = opts.resolved()
     ftype, forced_pure = resolve_type(opts.type)
@@ -447,9 +432,12 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     if opts.imatrix is None:
         need = [n for n, t in types.items() if requires_imatrix(n, t, ftype)]
         if need:
+            no_imatrix = any(f == "imatrix" for f, _, _ in arch.refused)
             raise UsageError(f"--type {opts.type}: {len(need)} tensors (e.g. {need[0]} as {types[need[0]]}) need an "
                              "importance matrix, as llama-quantize requires for this type",
-                             hint="compute one on the original with `dsconvert imatrix SRC -o imatrix.gguf`, then "
+                             hint=f"a {arch.name} GGUF takes no --imatrix yet; choose a type that needs none "
+                                  "(Q4_K_M, IQ4_XS, ...)" if no_imatrix else
+                                  "compute one on the original with `dsconvert imatrix SRC -o imatrix.gguf`, then "
                                   "add --imatrix imatrix.gguf")
     nbytes = {t.name: g2.tensor_nbytes(t.shape, types[t.name]) for t in plan}
     imatrix, importance = _imatrix_plan(opts.imatrix, entries, plan, types)

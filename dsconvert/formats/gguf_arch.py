@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import gguf
 
+from dsconvert.errors import UnsupportedError
 from dsconvert.formats import gguf_deepseek2 as g2
 from dsconvert.formats import gguf_deepseek4 as g4
 from dsconvert.formats.checkpoint import Checkpoint
@@ -50,6 +51,19 @@ class GGUFArch:
     refused: tuple[tuple[str, str, str], ...] = ()
 
 
+def _v3_check(cfg: Mapping[str, Any]) -> None:
+    """Refuse configs the deepseek2 layout cannot express (V3.2's indexer needs llama.cpp's deepseek32).
+
+    Raises:
+        UnsupportedError: ``model_type`` deepseek_v32.
+    """
+    if cfg.get("model_type") == "deepseek_v32":
+        raise UnsupportedError("DeepSeek-V3.2 (model_type deepseek_v32) is not supported by `dsconvert gguf`: its "
+                               "lightning indexer has no deepseek2 tensors",
+                               hint="V3.2 needs llama.cpp's deepseek32 architecture, which dsconvert does not "
+                                    "write yet")
+
+
 def _v3_plan(ck: Checkpoint) -> g2.GGUFPlan:
     return g2.plan_tensors({n: (tuple(e.shape), e.dtype) for n, (_, e) in ck.tensors.items() if not ck.is_scale(n)},
                            ck.config)
@@ -77,7 +91,7 @@ def _v4_metadata(w: gguf.GGUFWriter, cfg: Mapping[str, Any], file_type: int) -> 
 
 DEEPSEEK2 = GGUFArch(
     name=g2.ARCH_NAME, layout="mainline MLA (attn_k_b/attn_v_b), llama.cpp >= PR #12801",
-    check=lambda cfg: None, plan=_v3_plan, types=_v3_types, file_type=g2.file_type_id,
+    check=_v3_check, plan=_v3_plan, types=_v3_types, file_type=g2.file_type_id,
     write_metadata=g2.write_metadata)
 
 DEEPSEEK4 = GGUFArch(
