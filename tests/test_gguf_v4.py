@@ -279,6 +279,18 @@ def test_v4_mix_overrides_equal_llama_model_quantize(v4_src, v4_gguf, tmp_path):
 
 
 @pytest.mark.llamacpp
+def test_v4_requantized_experts_in_row_chunks(v4_src, v4_gguf, tmp_path):
+    """FP4 experts quantized to another type are decoded a row chunk at a time (8 rows here): same bytes as
+    llama.cpp's requantization of the whole MXFP4 tensor."""
+    from dsconvert.convert import gguf_export as ge
+
+    ours = tmp_path / "ours.gguf"
+    ge.run(v4_src, ours, ge.GGUFOptions(type="Q4_0", tensor_types=["_exps=Q8_0"], chunk_bytes=4096), progress=False)
+    types = _same_tensors(ours, _theirs(v4_gguf, tmp_path, "Q4_0", overrides=[("_exps", "Q8_0")], requantize=True))
+    assert {t for n, t in types.items() if "_exps" in n} == {"Q8_0"}
+
+
+@pytest.mark.llamacpp
 def test_v4_converter_types_take_overrides(v4_src, v4_gguf, tmp_path):
     """--type Q8_0 with --tensor-type: the named tensors change, every other tensor keeps the converter's type and
     bytes; the changed ones equal llama_model_quantize's Q4_K_M blocks of the same tensors."""

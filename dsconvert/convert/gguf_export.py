@@ -687,8 +687,11 @@ def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torc
             packed, scale = ck.read(src), ck.read(ck.scale_of(src))
             if qtype == "MXFP4":
                 yield g4.repack_mxfp4(packed, scale).numpy().reshape(-1)
-            else:
-                yield encode(dequant_fp4(packed, scale, torch.float32), qtype, device, w(i))
+                continue
+            rows = max(1, chunk_bytes // (4 * 2 * packed.shape[1]))  # float32 rows of one chunk
+            for r0 in range(0, packed.shape[0], rows):
+                x = dequant_fp4(packed[r0:r0 + rows], scale[r0:r0 + rows], torch.float32)
+                yield encode(x, qtype, device, w(i))
         return
     if t.kind == "tid2eid":
         yield ck.read(t.sources[0]).to(torch.int32).contiguous().view(torch.uint8).numpy().reshape(-1)
