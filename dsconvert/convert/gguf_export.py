@@ -64,7 +64,7 @@ from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.gguf_imatrix import read_imatrix as load_imatrix
 from ..formats.gguf_recipes import get_recipe
 from ..formats.gguf_types import (FTYPE_NAMES, default_type, normalize_ftype, parse_tensor_type_override,
-                                  requires_imatrix)
+                                  requires_imatrix, tensor_allows_quantization)
 from ..formats.hf_config import version_label
 from ..formats.kind import require_kind
 from ..formats.safetensors_io import read_tensor, sha256_file
@@ -492,16 +492,21 @@ SAMPLE_CHUNK = 4 * 2**20
 
 def _sample(ck: Checkpoint, t: g2.GGUFTensorPlan) -> list[tuple[int, torch.Tensor]]:
     """``[(matrix index, float32 rows [R, ne0])]`` of output tensor ``t``, as the file would hold them (the
-    dequantized source; kv_b halves split per head)."""
+    dequantized source; kv_b halves split per head; deepseek4's FP4 experts decoded exactly)."""
     if t.kind in ("kv_b_k", "kv_b_v"):
         kv = torch.cat(list(_rows(ck, t.sources[0], SAMPLE_CHUNK)))
         built = g2.build_tensor(t, [kv], ck.config)
         return [(h, built[h].to(torch.float32)) for h in sorted({0, built.shape[0] // 2})]
     out = []
     for i in sorted({0, len(t.sources) // 2}):
-        gen = _rows(ck, t.sources[i], SAMPLE_CHUNK)
-        x = next(gen)
-        gen.close()
+        if t.kind == "experts_mxfp4":
+            packed, scale = ck.read(t.sources[i]), ck.read(ck.scale_of(t.sources[i]))
+            n = max(1, SAMPLE_CHUNK // (8 * packed.shape[1]))  # the rows of one float32 chunk
+            x = dequant_fp4(packed[:n], scale[:n], torch.float32)
+        else:
+            gen = _rows(ck, t.sources[i], SAMPLE_CHUNK)
+            x = next(gen)
+            gen.close()
         x = x.reshape(-1, x.shape[-1])
         out.append((i, x[:: max(1, x.shape[0] // SAMPLE_ROWS)][:SAMPLE_ROWS].to(torch.float32)))
     return out
@@ -533,8 +538,8 @@ def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts
     from ..quant.bit_alloc import Choice, allocate, weighted_rel_error
 
     cfg = ck.config
-    ladder = {q: g2.plan_types(plan, "Q8_0", cfg, overrides=[(".", q)], pure=True, fallback_f16=True)
-              for q in BUDGET_LADDER}
+    arch = arch_for(ck)
+    ladder = {q: arch.types(plan, "Q8_0", cfg, overrides=[(".", q)], pure=True) for q in BUDGET_LADDER}
     def fixed(n: str) -> bool:
         return (any(re.search(p, n) for p, _ in overrides) or (opts.token_embedding_type and n == "token_embd.weight")
                 or (opts.output_tensor_type and n == "output.weight"))
@@ -542,14 +547,17 @@ def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts
     options: dict[str, list[Choice]] = {}
     measured: dict[str, dict[str, float]] = {}
     for t in plan:
-        if t.force_f32 or ladder["Q8_0"][t.name] in ("F32", "F16", "BF16") or fixed(t.name):
+        if (not tensor_allows_quantization(t.name, t.shape) or ladder["Q8_0"][t.name] in ("F32", "F16", "BF16")
+                or fixed(t.name)):
             continue
-        cands = sorted({ladder[q][t.name] for q in BUDGET_LADDER}, key=lambda q: g2.tensor_nbytes(t.shape, q))
+        cands = {ladder[q][t.name] for q in BUDGET_LADDER}
+        exact = {"MXFP4"} if t.kind == "experts_mxfp4" else set()  # the released FP4 values: no error
+        cands = sorted(cands | exact, key=lambda q: g2.tensor_nbytes(t.shape, q))
         e = entries.get(t.name)
         imp = None if e is None else np.asarray(e, np.float32).reshape(-1, t.shape[-1])
         samples = _sample(ck, t)
-        errs = {}
-        for q in cands:
+        errs = {q: 0.0 for q in exact}
+        for q in (c for c in cands if c not in exact):
             num = den = 0.0
             for i, x in samples:
                 w = None if imp is None else imp[i]
