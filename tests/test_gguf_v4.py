@@ -2,8 +2,8 @@
 
 Oracles: llama.cpp's own converter (the vendored ``convert_hf_to_gguf.py``, run on the same fixture; its
 tensors must equal ours byte for byte), llama.cpp's quantizer (``llama_model_quantize`` on our BF16 file: the
-types and bytes of every llama-quantize mix and override), llama.cpp's loader (llama-cpp-python runs our file) against our V4
-reference forward, and an independent numpy decode of ggml's ``block_mxfp4`` layout.
+types and bytes of every llama-quantize mix and override), llama.cpp's loader (llama-cpp-python runs our file)
+against our V4 reference forward, and an independent numpy decode of ggml's ``block_mxfp4`` layout.
 """
 
 from __future__ import annotations
@@ -426,3 +426,7 @@ def test_v4_target_size(v4_src, tmp_path):
     assert all(types[n] == c["type"] for n, c in chosen.items())
     assert {types[n] for n in chosen if "gate_exps" in n or "up_exps" in n} & {"Q2_K", "Q3_K"}
     assert torch.isfinite(llama_logits(_llama_cpp(), out, list(range(3, 20)))).all()
+    # a --ray unit rebuilds the plan from the choice spelled out as rules: the same types, no measuring
+    plan = ge.make_plan(ge.open_checkpoint(v4_src), ge.GGUFOptions(target_size=target), None)
+    again = ge.make_plan(plan.ck, ge._as_rules(ge.GGUFOptions(target_size=target), plan), None)
+    assert again.budget is None and again.types == plan.types == types
