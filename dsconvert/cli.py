@@ -884,12 +884,6 @@ def gguf_cmd(
     def human(rep):
         p = rep["plan"]
         d = p["dropped"]
-        if p["architecture"] == "deepseek4":
-            where = "plan" if rep["dry_run"] else f"wrote {rep['output']['path']} ({rep['output']['gb']:.3f} GB)"
-            out.print(f"{where}: deepseek4 GGUF, {p['type']}, {p['tensors']} tensors, {p['bpw']} bpw; dropped "
-                      f"{d['tensors']} ({d['reason']})")
-            out.print("  types: " + ", ".join(f"{t} x{v['tensors']}" for t, v in p["types"].items()))
-            return
         if rep["dry_run"]:
             out.print(f"plan for {rep['source']['path']} ({rep['source']['family']}, {rep['source']['format']}) -> "
                       f"{p['architecture']} GGUF, {p['type']}, layout {p['layout']}:")

@@ -615,13 +615,14 @@ LLAMA_FTYPES = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q2_K", "Q3_K_M", "I
 
 
 def _quantize(llama_cpp, src: Path, dst: Path, ftype: str, *, overrides=(), output_type=None, embd_type=None,
-              pure=False, imatrix: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+              pure=False, imatrix: dict[str, np.ndarray] | None = None, allow_requantize=False) -> dict[str, str]:
     import ctypes
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = file_type_id(ftype)
     params.nthread = 2
     params.pure = pure
+    params.allow_requantize = allow_requantize
     if output_type:
         params.output_tensor_type = int(gguf.GGMLQuantizationType[output_type])
     if embd_type:

@@ -328,3 +328,26 @@ def test_a_signal_on_the_driver_cancels_the_tasks_and_leaves_no_piece(cluster, t
     r = run_cli(*args[:-1], "--json", timeout=300)
     assert r.rc == 0 and r.json()["shards_reused"] == 1, str(r)
     assert model_hashes(out) == model_hashes(local_ref)
+
+
+@pytest.mark.slow
+def test_gguf_v4_on_ray_is_byte_identical_with_a_worker_killed(cluster, v4_src, tmp_path):
+    """A deepseek4 plan through the same per-layer units: a K-quant mix with the FP4 experts repacked, a worker
+    killed in its first try of layer 0's unit; the file equals the local run's."""
+    from dsconvert.convert import gguf_export as ge
+    from dsconvert.formats.checkpoint import open_checkpoint
+
+    ref = run_cli("gguf", v4_src, "-o", tmp_path / "ref" / "m.gguf", "--type", "Q4_K_M", "--json", timeout=300)
+    assert ref.rc == 0, str(ref)
+    out = tmp_path / "m.gguf"
+    plan = ge.make_plan(open_checkpoint(v4_src, check_values=False), ge.GGUFOptions(type="Q4_K_M"), out)
+    ranges = ge.piece_ranges(plan.files[0], 0)
+    unit = ge.PIECE_NAME.format(file="m.gguf", a=ranges[1][0], b=ranges[1][1])
+    r = run_cli("gguf", v4_src, "-o", out, "--type", "Q4_K_M", "--ray", cluster.address, "--json", timeout=300,
+                DSCONVERT_TEST_FAULT=f"kill:{unit}:1")
+    assert r.rc == 0, str(r)
+    rep = r.json()
+    assert rep["output"]["sha256"]["m.gguf"] == ref.json()["output"]["sha256"]["m.gguf"]
+    assert len(rep["executor"]["units"]) == len(ranges) == 1 + int(plan.ck.config["num_hidden_layers"]) + 1
+    assert [x["unit"] for x in rep["executor"]["retries"]] == [unit]
+    assert not list(tmp_path.glob("*.tmp"))
