@@ -502,7 +502,7 @@ def _sample(ck: Checkpoint, t: g2.GGUFTensorPlan) -> list[tuple[int, torch.Tenso
         if t.kind == "experts_mxfp4":
             packed, scale = ck.read(t.sources[i]), ck.read(ck.scale_of(t.sources[i]))
             n = max(1, SAMPLE_CHUNK // (8 * packed.shape[1]))  # the rows of one float32 chunk
-            x = dequant_fp4(packed[:n], scale[:n], torch.float32)
+            x = _mxfp4_as_ggml(packed[:n], scale[:n])
         else:
             gen = _rows(ck, t.sources[i], SAMPLE_CHUNK)
             x = next(gen)
@@ -678,6 +678,13 @@ def encode(x: torch.Tensor, qtype: str, device: torch.device, importance: np.nda
     return q.cpu().numpy().reshape(-1)
 
 
+def _mxfp4_as_ggml(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float32 ``[M, N]`` values of FP4 e2m1 ``packed`` ``[M, N/2]`` with e8m0 ``scale`` ``[M, N/32]`` as ggml
+    dequantizes MXFP4 (``dequantize_row_mxfp4``): exact, except that code 8 (e2m1 -0) is +0, because ggml's
+    ``kvalues_mxfp4`` table is integers. Matters for the F16/BF16/F32 bytes only (a quantizer sees 0 either way)."""
+    return dequant_fp4(packed, scale, torch.float32).add_(0.0)
+
+
 def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torch.device,
                   chunk_bytes: int, importance: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """Bytes of output tensor ``t`` in file order: experts in id order, each in row chunks; kv_b halves whole;
@@ -698,8 +705,7 @@ def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torc
                 continue
             rows = max(1, chunk_bytes // (4 * 2 * packed.shape[1]))  # float32 rows of one chunk
             for r0 in range(0, packed.shape[0], rows):
-                x = dequant_fp4(packed[r0:r0 + rows], scale[r0:r0 + rows], torch.float32)
-                yield encode(x, qtype, device, w(i))
+                yield encode(_mxfp4_as_ggml(packed[r0:r0 + rows], scale[r0:r0 + rows]), qtype, device, w(i))
         return
     if t.kind == "tid2eid":
         yield ck.read(t.sources[0]).to(torch.int32).contiguous().view(torch.uint8).numpy().reshape(-1)
