@@ -21,7 +21,7 @@ tensor                 dtype    shape                       content
 Dequant: ``w = (q - zp) * scale`` computed in the scale dtype.
 Sources: compressed-tensors 0.20.1 ``compressors/pack_quantized/{base,helpers}.py``,
 ``quantization/quant_config.py``, ``compressors/model_compressors/model_compressor.py::update_config``.
-The layout and the config dict are verified against the installed library in tests/test_int_formats.py
+The layout and the config dict are verified against the installed library in tests/formats/test_int_formats.py
 (its ``PackedQuantizationCompressor.decompress`` reads our tensors bit-exactly).
 """
 

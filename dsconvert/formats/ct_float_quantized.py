@@ -15,7 +15,7 @@ This is DeepSeek's own layout with ``weight_scale_inv`` renamed and the scale in
 
 Source: compressed-tensors 0.20.1 ``compressors/naive_quantized/base.py`` (``FloatQuantizationCompressor``,
 padding for block strategies), ``quantization/quant_scheme.py::FP8_BLOCK``; docs/int-formats.md §10. Verified
-against the installed library in tests/test_w8a8_fp8.py.
+against the installed library in tests/convert/test_w8a8_fp8.py.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ input activations per token at run time (``input_activations: {strategy: token, 
 Source: compressed-tensors 0.20.1 ``compressors/naive_quantized/base.py`` (``IntQuantizationCompressor``: the
 ``naive`` layout, selected when input activations are quantized and the weights are ``int``) and
 ``quantization/quant_scheme.py::INT8_W8A8``; docs/int-formats.md §9. Verified against the installed library in
-tests/test_w8a8_fp8.py.
+tests/convert/test_w8a8_fp8.py.
 """
 
 from __future__ import annotations

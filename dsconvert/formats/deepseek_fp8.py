@@ -15,7 +15,7 @@ Everything else (embeddings, ``lm_head``, norms, the router and its F32 ``e_scor
 ``scale_fmt: ue8m0`` when the scales are powers of two (as DeepSeek-V3.1's config declares it), plus
 ``modules_to_not_convert`` (transformers' ``FineGrainedFP8Config`` key) when ``--ignore`` kept quantizable
 modules in BF16. The output reads back in dsconvert as an FP8 release (``fp8-to-bf16``, ``validate``,
-``quantize``) and in transformers through its fine-grained FP8 loader (tests/test_w8a8_fp8.py).
+``quantize``) and in transformers through its fine-grained FP8 loader (tests/convert/test_w8a8_fp8.py).
 
 Sources: DeepSeek-V3 ``config.json`` and ``README_WEIGHTS.md``; docs/checkpoint-layout.md; docs/int-formats.md §11.
 """

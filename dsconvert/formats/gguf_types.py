@@ -4,7 +4,7 @@ Reproduces, for one tensor name + shape, what ``llama_model_quantize`` (``llama-
 for a file-type mix (``Q4_K_M``, ``Q5_K_M``, ``Q6_K``, ``Q8_0``, ``Q4_0``, ``Q2_K``, ``Q3_K_M``, ...),
 including ``--tensor-type PATTERN=TYPE`` overrides, ``--output-tensor-type``,
 ``--token-embedding-type``, ``--pure`` and the shape fallbacks. Checked tensor-by-tensor against
-the real ``llama_model_quantize`` of llama-cpp-python 0.3.36 in ``tests/test_gguf_layout.py``.
+the real ``llama_model_quantize`` of llama-cpp-python 0.3.36 in ``tests/formats/test_gguf_layout.py``.
 
 Source: ggml-org/llama.cpp ``src/llama-quant.cpp``: ``tensor_allows_quantization``,
 ``tensor_get_category``, ``llama_tensor_get_type_impl``, ``llama_tensor_get_type``,

@@ -26,7 +26,7 @@ bytes are identical. Sources: compressed-tensors 0.20.1 ``quantization/utils/hel
 (``calculate_qparams``, ``generate_gparam``), ``quantization/utils/{fp4,mxfp}_utils.py``,
 ``quantization/lifecycle/forward_helpers.py``, ``compressors/{nvfp4,mxfp4}/``; llm-compressor
 ``observers/{base,min_max,helpers}.py`` (group min/max, fused global scale). Verified byte for byte against
-the installed library in tests/test_fp4.py.
+the installed library in tests/quant/test_fp4.py.
 """
 
 from __future__ import annotations

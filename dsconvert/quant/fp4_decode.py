@@ -120,7 +120,7 @@ def _dequant_fp4_bf16_bits(u8: torch.Tensor, sb: torch.Tensor, out: torch.Tensor
     """BF16 result built from bits, for scale bytes in [2, 250] where the rule's result is exact: the BF16 pattern
     of the code (a table) with ``b - 127`` added to its exponent field (non-zero magnitudes only; each resulting
     exponent field stays within 1..254, so no lane overflows). Bit-identical to the float32 multiply + RNE cast
-    there (tests/test_deepseek_v4.py checks both paths against numpy)."""
+    there (tests/formats/test_deepseek_v4.py checks both paths against numpy)."""
     m, half = u8.shape
     n = 2 * half
     dev = u8.device
