@@ -77,9 +77,8 @@ from .pipeline import check_max_memory, dequant_producer
 from ..quant.fp4_decode import dequant_fp4
 from . import cancel
 from .preflight import check_free_disk, check_output_writable
-from .manifest import (Manifest, check_paths, commit_tmp, fingerprint, mismatch_detail, source_fingerprint_parts,
-                       verify_files,
-                       write_atomic)
+from .manifest import (Manifest, OutputLocation, ResumeDecision, check_paths, commit_tmp, decide_resume,
+                       fingerprint, source_fingerprint_parts, write_atomic)
 from .executor import Executor, Job, LocalExecutor, Rebuilt
 from .progress import ByteProgress
 
@@ -1088,14 +1087,6 @@ def write_file_remote(f_plan: OutFile, file_idx: int, plan: ExportPlan, executor
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Resume:
-    manifest: Manifest
-    done: set[str]
-    resumed: bool
-    already_complete: bool
-
-
 def manifest_path(output: Path, state_dir: Path | None = None) -> Path:
     """``FILE.gguf.dsconvert-manifest.json``, beside ``output`` or in ``state_dir`` (``--state-dir``)."""
     return (Path(state_dir) if state_dir else output.parent) / (output.name + MANIFEST_SUFFIX)
@@ -1119,62 +1110,82 @@ def _owned(output: Path, state_dir: Path | None = None) -> list[Path]:
     return sorted(x for x in found if x.is_file() or x.is_symlink())
 
 
-def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *, overwrite: bool,
-                   resume: bool, state_dir: Path | None = None, parts: dict | None = None, verify: str = "full",
-                   progress: bool | None = False) -> Resume:
-    """Fresh start, resume (matching manifest: keep verified files), already complete, or refuse. A fresh start
-    (``overwrite``) deletes what an earlier export left except the files this one plans: each stays whole until
-    its replacement is renamed over it, so a failed ``--overwrite`` run leaves them as they were. ``verify``
-    (``full``: size + sha256 with progress on stderr; ``size``: sizes only) is how finished files are checked.
+@dataclass
+class _GGUFLocation(OutputLocation):
+    """A ``.gguf`` file or its splits, the manifest beside them or in ``state_dir``; ``planned`` the files this
+    export writes (a fresh start keeps each whole until its replacement is renamed over it)."""
 
-    The manifest lives beside ``output`` or in ``state_dir``; ``parts`` (what ``fp`` hashes) is stored in it so
-    that a refusal can list what differs (:func:`~dsconvert.convert.manifest.fingerprint_diff`).
+    output: Path
+    planned: list[OutFile]
+    state_dir: Path | None
 
-    Raises:
-        OutputExistsError (exit 2): output files exist without a dsconvert manifest, or with a manifest for
-            another source or other options, and ``overwrite`` is not set.
-    """
-    mpath = manifest_path(output, state_dir)
-    man = Manifest.load_file(mpath)
-    existing = [p for p in _owned(output, state_dir) if not p.name.endswith((".tmp", PARTIAL_SUFFIX))]
-    if output.is_dir():
-        raise UsageError(f"-o {output} is a directory", hint="give the .gguf file to write, e.g. -o model.gguf")
-    if man is None and existing and not overwrite:
-        raise OutputExistsError(f"{existing[0]} exists and no dsconvert manifest ({mpath}) vouches for it",
-                                hint="if an earlier run used --state-dir, pass the same --state-dir; otherwise "
-                                     "pass --overwrite to replace it, or choose another -o")
-    if man is not None and (man.fingerprint != fp or man.command != COMMAND) and not overwrite:
-        detail = mismatch_detail(man, parts) if man.command == COMMAND else ""
-        raise OutputExistsError(f"{output}: the existing output ({mpath.name}) was made from a different source "
-                                f"or with different options{detail}; refusing to resume it",
-                                hint="rerun with the same SRC and options, pass --overwrite to start over, or "
-                                     "choose another -o")
-    if man is not None and man.fingerprint == fp and man.command == COMMAND and resume and not overwrite:
-        man.parts = man.parts or parts  # a manifest from before fingerprint parts were stored gains them
-        names = {f.name for f in files}
-        done = verify_files(output.parent, {n: m for n, m in man.files.items() if n in names}, verify, progress,
-                            f"{COMMAND}: verifying")
-        man.files = {n: m for n, m in man.files.items() if n in done}
-        for p in output.parent.glob("*.gguf.tmp"):  # a partial file with its sidecar is resumed by write_file
+    @property
+    def base(self) -> Path:
+        return self.output.parent
+
+    @property
+    def mpath(self) -> Path:
+        return manifest_path(self.output, self.state_dir)
+
+    def load(self) -> Manifest | None:
+        return Manifest.load_file(self.mpath)
+
+    def save(self, man: Manifest) -> None:
+        man.save_file(self.mpath)
+
+    def existing(self) -> list[Path]:
+        return [p for p in _owned(self.output, self.state_dir) if not p.name.endswith((".tmp", PARTIAL_SUFFIX))]
+
+    def unvouched_error(self, existing: list[Path]) -> OutputExistsError:
+        return OutputExistsError(f"{existing[0]} exists and no dsconvert manifest ({self.mpath}) vouches for it",
+                                 hint="if an earlier run used --state-dir, pass the same --state-dir; otherwise "
+                                      "pass --overwrite to replace it, or choose another -o")
+
+    def mismatch_error(self, man: Manifest, command: str, detail: str) -> OutputExistsError:
+        return OutputExistsError(f"{self.output}: the existing output ({self.mpath.name}) was made from a different "
+                                 f"source or with different options{detail}; refusing to resume it",
+                                 hint="rerun with the same SRC and options, pass --overwrite to start over, or "
+                                      "choose another -o")
+
+    def tidy_resumed(self, man: Manifest, done: set[str]) -> None:
+        """Keep a partial file only with its sidecar (:func:`write_file` resumes it), a sidecar only with its
+        unfinished partial file; record the manifest."""
+        names = {f.name for f in self.planned}
+        for p in self.base.glob("*.gguf.tmp"):
             final = p.with_name(p.name[: -len(".tmp")])
             if final.name in names and not partial_path(final).is_file():
                 p.unlink()
-        for p in output.parent.glob("*.gguf" + PARTIAL_SUFFIX):
+        for p in self.base.glob("*.gguf" + PARTIAL_SUFFIX):
             final = p.with_name(p.name[: -len(PARTIAL_SUFFIX)])
             if final.name in names and (final.name in done or not final.with_name(final.name + ".tmp").is_file()):
                 p.unlink()
-        if man.complete and done == names:
-            return Resume(man, done, True, True)
-        man.complete = False
-        man.save_file(mpath)
-        return Resume(man, done, True, False)
-    planned = {f.path.resolve() for f in files}
-    for p in _owned(output, state_dir):
-        if p.resolve() not in planned:  # a planned file is kept whole until its replacement is renamed over it
-            p.unlink()
-    man = Manifest(COMMAND, fp, options, parts=parts)
-    man.save_file(mpath)
-    return Resume(man, set(), False, False)
+        self.save(man)
+
+    def clear(self) -> None:
+        planned = {f.path.resolve() for f in self.planned}
+        for p in _owned(self.output, self.state_dir):
+            if p.resolve() not in planned:  # a planned file is kept whole until its replacement is renamed over it
+                p.unlink()
+
+
+def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *, overwrite: bool,
+                   resume: bool, state_dir: Path | None = None, parts: dict | None = None, verify: str = "full",
+                   progress: bool | None = False) -> ResumeDecision:
+    """:func:`~dsconvert.convert.manifest.decide_resume` for the GGUF file(s) ``files`` of ``output``: fresh
+    start, resume (matching manifest: keep verified files), already complete, or refuse. A fresh start
+    (``overwrite``) deletes what an earlier export left except the files this one plans: each stays whole until
+    its replacement is renamed over it, so a failed ``--overwrite`` run leaves them as they were.
+
+    Raises:
+        UsageError (exit 2): ``output`` is a directory.
+        OutputExistsError (exit 2): output files exist without a dsconvert manifest, or with a manifest for
+            another source or options, and ``overwrite`` is not set.
+    """
+    if output.is_dir():
+        raise UsageError(f"-o {output} is a directory", hint="give the .gguf file to write, e.g. -o model.gguf")
+    return decide_resume(_GGUFLocation(output, files, state_dir), COMMAND, fp, options, overwrite=overwrite,
+                         resume=resume, planned={f.name for f in files}, verify=verify, progress=progress,
+                         parts=parts)
 
 
 def _source_fingerprint(ck: Checkpoint) -> dict:
