@@ -107,9 +107,8 @@ def _v4_summary(ck) -> dict:
     g = ck.v4
     sched = v4.layer_schedule(g)
     from .policy import LayerPolicy
-    from .quantize import logical_shape
 
-    quantizable = sum(1 for n in ck.tensors if not ck.is_scale(n) and LayerPolicy.quantizable(n, logical_shape(ck, n)))
+    quantizable = sum(1 for n in ck.tensors if not ck.is_scale(n) and LayerPolicy.quantizable(n, ck.logical_shape(n)))
     counts = {"fp8": {"weights": 0, "bytes": 0, "scale_bytes": 0, "bf16_bytes": 0},
               "fp4": {"weights": 0, "bytes": 0, "scale_bytes": 0, "bf16_bytes": 0},
               "other": {"tensors": 0, "bytes": 0}}

@@ -260,7 +260,8 @@ def input_absmax(ck: Checkpoint, modules: set[str], seqs: list[list[int]]) -> di
     ``input_global_scale`` becomes 1.0, compressed-tensors' value for an unobserved input). llm-compressor by
     default runs every token through every expert during calibration, so its expert scales can differ.
     """
-    from .validate import CheckpointWeightSource, forward_many
+    from .validate import forward_many
+    from .weights import CheckpointWeightSource
 
     seen: dict[str, float] = {}
     lock = threading.Lock()
@@ -299,7 +300,7 @@ def mixed_setup(ck: Checkpoint, opts, fmt, device: torch.device, read_weight: Ca
     Raises:
         UsageError: ``--awq``/``--gptq`` with per-module schemes (not supported), recipe errors.
     """
-    from .quantize import ModuleResult
+    from .int_module import ModuleResult
     from .recipe import build_recipe
 
     if opts.method != "rtn":

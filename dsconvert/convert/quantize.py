@@ -170,7 +170,7 @@ def bind_format(ck: Checkpoint, fmt: IntFormat, desc: SchemeDescription, opts: O
     probe = LayerPolicy(desc.spec, list(opts.ignore))
     first = next((module_of(n) for n in source_order(ck)
                   if not ck.is_scale(n) and not (opts.mtp == "drop" and ck.is_mtp(n))
-                  and probe(n, logical_shape(ck, n)) is not None), None)
+                  and probe(n, ck.logical_shape(n)) is not None), None)
     return fmt.bind(desc, first)
 
 
@@ -226,13 +226,6 @@ def _layer_key(name: str, ck: Checkpoint | None = None) -> int:
     :meth:`~dsconvert.formats.deepseek_v4.V4Geometry.block_of`)."""
     i = ck.v4.block_of(name) if ck is not None and ck.v4 is not None else layer_index(name)
     return -1 if i is None else i
-
-
-def logical_shape(ck: Checkpoint, name: str) -> tuple[int, ...]:
-    """The shape of ``name`` as a float tensor: a DeepSeek-V4 FP4 e2m1 weight stores ``[M, N/2]`` bytes
-    (two codes per byte) for a logical ``[M, N]``; every other tensor is its stored shape."""
-    shape = tuple(ck.entry(name).shape)
-    return (shape[0], 2 * shape[1]) if ck.is_fp4_weight(name) else shape
 
 
 def _is_quantized_source(ck: Checkpoint, name: str) -> bool:
@@ -337,7 +330,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
         if opts.mtp == "drop" and ck.is_mtp(name):
             dropped.append({"name": name, "reason": "--mtp drop: multi-token-prediction layer", "bytes": ent.nbytes})
             continue
-        shape = logical_shape(ck, name)
+        shape = ck.logical_shape(name)
         total_params += ent.numel * (2 if ck.is_fp4_weight(name) else 1)
         src_bytes = ent.nbytes + (ck.entry(ck.scale_of(name)).nbytes if _is_quantized_source(ck, name) else 0)
         bytes_read += src_bytes
@@ -403,7 +396,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
             spec, default_ignore=ignore_default, kept=sorted({module_of(n) for n, q in decisions.items() if not q}),
             modules=[module_of(n) for n in decisions])
     written = sum(s.nbytes for s in shards)
-    largest = max((math.prod(logical_shape(ck, n)) for n in decisions), default=0)
+    largest = max((math.prod(ck.logical_shape(n)) for n in decisions), default=0)
     # one module in fp32 plus its quantized form and temporaries (~4x), plus the write queue
     peak = BASE_RSS + 4 * 4 * largest + 4 * opts.chunk_bytes
     plan = Plan(shards, dropped, extra_files(ck.root), cfg, quantized, kept, bytes_read, written, q_params, q_bytes,
@@ -411,7 +404,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
     if assign is not None:
         from .mixed import describe_groups, passes_through
 
-        numel = {module_of(n): math.prod(logical_shape(ck, n)) for n in decisions}
+        numel = {module_of(n): math.prod(ck.logical_shape(n)) for n in decisions}
         mbytes: dict[str, int] = {}
         for outs in units.values():
             for _, ts in outs:
@@ -442,8 +435,8 @@ def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
     ks: dict[str, int] = {}
     for name in source_order(ck):
         if not ck.is_scale(name) and not (opts.mtp == "drop" and ck.is_mtp(name)) \
-                and probe(name, logical_shape(ck, name)):
-            ks[module_of(name)] = int(logical_shape(ck, name)[1])
+                and probe(name, ck.logical_shape(name)):
+            ks[module_of(name)] = int(ck.logical_shape(name)[1])
     bad = [(m, k) for m, k in ks.items() if k % g]
     if not bad:
         return

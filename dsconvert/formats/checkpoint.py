@@ -88,6 +88,12 @@ class Checkpoint:
         """A DeepSeek-V4 FP4 e2m1 weight (``I8``, two codes per byte) with its ``.scale`` partner."""
         return self.v4 is not None and self.tensors[name][1].dtype == "I8" and self.scale_of(name) in self.tensors
 
+    def logical_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of ``name`` as a float tensor: a DeepSeek-V4 FP4 e2m1 weight stores ``[M, N/2]`` bytes
+        (two codes per byte) for a logical ``[M, N]``; every other tensor is its stored shape."""
+        shape = tuple(self.entry(name).shape)
+        return (shape[0], 2 * shape[1]) if self.is_fp4_weight(name) else shape
+
     def scale_of(self, name: str) -> str:
         """Name of the scale partner of quantized tensor ``name``: ``<name>_scale_inv`` (V3) or, for V4,
         ``<stem>.scale`` of ``<stem>.weight``."""

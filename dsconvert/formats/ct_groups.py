@@ -122,7 +122,10 @@ class CompressedTensorsGroupsReader:
 
         Returns ``(summary, problems, logical parameters of the quantized modules, their tensor names)``.
         """
-        from dsconvert.convert.policy import fused_group  # data table only
+        from dsconvert.formats import deepseek_v3, deepseek_v4
+
+        def fused_group(weight_name: str) -> str | None:
+            return deepseek_v3.fused_group(weight_name) or deepseek_v4.fused_group(weight_name)
 
         qc = self.qc
         names = {n: e for n, (_, e) in ck.tensors.items()}
