@@ -22,26 +22,27 @@ def hf_v4(v4_src):
     return _hf_model(v4_src)
 
 
-def _hf_names(src) -> dict[str, str]:
-    """transformers module name -> release module name, for the quantizable dense linears."""
+def _hf_names(src, every: bool = False) -> dict[str, str]:
+    """transformers module name -> release module name: the quantizable dense linears (``every``: all 2-D
+    layer weights, the kept compressor / indexer projections and the router included)."""
     from dsconvert.convert.calibrate_v4 import is_quantizable
 
     g = v4.geometry(json.loads((src / "config.json").read_text()))
     out = {}
     for e in v4.expected_tensors(g):
-        if e.hf is None or not e.name.endswith(".weight") or e.layer >= g.layers:
+        if e.hf is None or not e.name.endswith(".weight") or not 0 <= e.layer < g.layers or len(e.shape) != 2:
             continue
         mod = e.name[: -len(".weight")]
-        if is_quantizable(mod):
+        if every or is_quantizable(mod):
             hf = e.hf if e.hf.startswith("model.") else f"model.layers.{e.layer}.{e.hf}"
             out[hf[: -len(".weight")]] = mod
     return out
 
 
-def hf_inputs(model, src, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{release module: (n, K) float32}`` inputs of every quantizable linear in transformers' forward of
-    one sequence ``ids`` (routed experts: their routed tokens in ascending order)."""
-    names = _hf_names(src)
+def hf_inputs(model, src, ids: torch.Tensor, every: bool = False) -> dict[str, torch.Tensor]:
+    """``{release module: (n, K) float32}`` inputs of every quantizable linear (``every``: every linear) in
+    transformers' forward of one sequence ``ids`` (routed experts: their routed tokens in ascending order)."""
+    names = _hf_names(src, every)
     got: dict[str, list[torch.Tensor]] = {}
     hooks = []
 
@@ -110,3 +111,71 @@ def test_capture_matches_transformers_hooks(v4_src, hf_v4, T):
         assert ours[n].shape == x.shape, n
         scale = x.abs().max().item()
         assert (ours[n] - x).abs().max().item() <= 1e-6 * scale, n
+
+
+def test_imatrix_v4_equals_transformers_hooks(v4_src, hf_v4, tmp_path):
+    """``dsconvert imatrix`` on the V4 release: llama.cpp's GGUF imatrix under the deepseek4 names, the sums of
+    squared inputs and counts of transformers' forward on the same windows (experts: per expert, routed tokens)."""
+    import gguf
+    import numpy as np
+
+    from dsconvert.convert import gguf_export as ge
+    from dsconvert.formats import gguf_deepseek4 as g4
+    from tests.conftest import run_cli
+
+    cfg = json.loads((v4_src / "config.json").read_text())
+    g = v4.geometry(cfg)
+    gen = torch.Generator().manual_seed(11)
+    wins = [torch.randint(0, 512, (T,), generator=gen) for T in (40, 150)]
+    (tmp_path / "calib.json").write_text(json.dumps([w.tolist() for w in wins]))
+    out = tmp_path / "im.gguf"
+    r = run_cli("imatrix", v4_src, "-o", out, "--calib-data", tmp_path / "calib.json", "--num-samples", 2,
+                "--seq-len", 150, "--json")
+    assert r.rc == 0, r.stderr
+    assert r.json()["calibration"]["tokens"] == 190
+    ref: dict[str, list] = {}
+    for w in wins:
+        for mod, x in hf_inputs(hf_v4, v4_src, w, every=True).items():
+            parts = mod.split(".")
+            if ".ffn.experts." in mod:
+                name, n_mat, mat = f"blk.{parts[1]}.{g4.EXPERT_NAMES[parts[5]]}", g.experts, int(parts[4])
+            else:
+                name, n_mat, mat = g4.gguf_name(mod + ".weight"), 1, 0
+            v = ref.setdefault(name, [np.zeros((n_mat, x.shape[1])), np.zeros(n_mat)])
+            v[0][mat] += (x.double() ** 2).sum(0).numpy()
+            v[1][mat] += x.shape[0]
+    rd = gguf.GGUFReader(str(out))
+    t = {x.name: np.asarray(x.data, np.float32) for x in rd.tensors}
+    ours = {n[: -len(".in_sum2")]: (v, t[n[: -len(".in_sum2")] + ".counts"].reshape(-1))
+            for n, v in t.items() if n.endswith(".in_sum2")}
+    assert set(ours) == set(ref)
+    assert {f"blk.{i}.{k}" for i in range(g.layers) for k in ("attn_output_a.weight", "ffn_gate_inp.weight",
+                                                              "ffn_down_exps.weight")} <= set(ours)
+    assert "blk.1.indexer.attn_q_b.weight" in ours and "blk.2.attn_compressor_kv.weight" in ours
+    for name, (v, c) in ref.items():
+        ov, oc = ours[name]
+        np.testing.assert_array_equal(oc, c, err_msg=name)
+        np.testing.assert_allclose(ov.reshape(v.shape), v, rtol=2e-5, atol=1e-6, err_msg=name)
+    assert ours["blk.0.ffn_gate_exps.weight"][1].sum() == 190 * g.experts_per_tok
+    assert ours["blk.0.attn_output_a.weight"][0].shape == (1, g.heads * g.head_dim)  # o_groups x K_g, one count
+    assert rd.fields["general.type"].contents() == "imatrix"
+    loaded = ge.load_imatrix(out)  # the gguf command's reader takes it
+    assert loaded["blk.3.ffn_up_exps.weight"].shape == (g.experts, g.hidden)
+
+
+def test_imatrix_v4_process_output_and_dry_run(v4_src, tmp_path):
+    """``--process-output`` adds ``output.weight`` (the head's input: every token, one count); ``--dry-run``
+    estimates and writes nothing."""
+    import gguf
+
+    from tests.conftest import run_cli
+
+    (tmp_path / "c.json").write_text(json.dumps([list(range(30)), list(range(5, 25))]))
+    args = ("--calib-data", tmp_path / "c.json", "--num-samples", 2, "--seq-len", 30)
+    r = run_cli("imatrix", v4_src, "-o", tmp_path / "d.gguf", "--dry-run", "--json", *args)
+    assert r.rc == 0 and r.json()["estimated_peak_memory_bytes"] > 0 and not (tmp_path / "d.gguf").exists()
+    r = run_cli("imatrix", v4_src, "-o", tmp_path / "o.gguf", "--process-output", "-q", *args)
+    assert r.rc == 0, r.stderr
+    t = {x.name: x.data for x in gguf.GGUFReader(str(tmp_path / "o.gguf")).tensors}
+    assert t["output.weight.counts"].reshape(-1).tolist() == [50.0]
+    assert t["output.weight.in_sum2"].size == 256 and (t["output.weight.in_sum2"] > 0).all()
