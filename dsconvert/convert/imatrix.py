@@ -189,8 +189,9 @@ def write_gguf_imatrix(path: Path, entries: dict[str, tuple[np.ndarray, np.ndarr
 def estimate_peak_bytes(cfg: dict, num_samples: int, seq_len: int, bytes_per_value: int = 4, streams: int = 1
                         ) -> int:
     """Peak RAM of the run in bytes (GB = 1e9): the residual stream of every window (twice, in and out of a
-    layer; ``streams`` copies of it: V4's ``hc_mult`` mHC streams), one layer's dense weights in the compute dtype plus one routed expert, the attention scores of one
-    window ``(n_head, T, T)`` float32 times three, and the float64 sums of one layer's entries."""
+    layer; ``streams`` copies of it: V4's ``hc_mult`` mHC streams), one layer's dense weights in the compute
+    dtype plus one routed expert, the attention scores of one window ``(n_head, T, T)`` float32 times three, and
+    the float64 sums of one layer's entries."""
     h, T = int(cfg["hidden_size"]), int(seq_len)
     heads = int(cfg.get("num_attention_heads", 1))
     inter = int(cfg.get("intermediate_size", 0))
