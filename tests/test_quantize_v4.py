@@ -148,7 +148,7 @@ def test_resume_rewrites_only_the_missing_shard(outs, v4_src, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (("--gptq",), "--gptq on a DeepSeek-V4"),
+    (("--gptq", "--preset", "experts-mxfp4"), "--gptq on a DeepSeek-V4 checkpoint takes one integer"),
     (("--awq",), "--awq on a DeepSeek-V4"),
     (("--format", "autoawq"), "--format autoawq on a DeepSeek-V4"),
     (("--scheme", "NVFP4"), "NVFP4 W4A4 on a DeepSeek-V4"),
