@@ -398,3 +398,49 @@ def test_gptq_kld_below_rtn(v4_src, cli_outs):
         kld[k] = json.loads(r.stdout)["mean_kld"]
     print(f"mean KLD vs release: GPTQ {kld['gptq']:.4f}, RTN {kld['rtn']:.4f}")
     assert 0 < kld["gptq"] < kld["rtn"], kld
+
+
+@pytest.mark.parametrize("expert_policy", ["all-tokens", "rtn"])
+def test_starved_experts_fallback(v4_src, expert_policy):
+    """Experts under ``min_expert_tokens``: ``all-tokens`` calibrates them on every token of the layer (GPTQ on
+    the Hessian of the whole MoE input, as transformers' router input), ``rtn`` quantizes them by plain RTN;
+    none is zeroed. ``topk`` and AWQ are refused on V4."""
+    from dsconvert.convert.calibrate_v4 import V4CalibrationEngine
+    from dsconvert.convert.weights import CheckpointWeightSource
+    from dsconvert.errors import UsageError
+    from dsconvert.quant.gptq import HessianAccumulator, gptq_quantize
+    from dsconvert.quant.rtn import COMPRESSED_TENSORS, QuantSpec, dequantize, quantize
+    from dsconvert.testing.deepseek_v4 import decoded_state_dict
+
+    src = CheckpointWeightSource(v4_src)
+    eng = V4CalibrationEngine(src, _policy(), "gptq", COMPRESSED_TENSORS, CALIB[:1], min_expert_tokens=10**6,
+                              expert_policy=expert_policy)
+    res = eng.run_layer(0)
+    T = len(CALIB[0])
+    assert {e["policy"] for e in res.stats["experts"].values()} == {expert_policy}
+    dec = decoded_state_dict(v4_src)
+    spec = QuantSpec(4, 128, True)
+    m = "layers.0.ffn.experts.3.w1"
+    w = dec[m + ".weight"].float()
+    if expert_policy == "rtn":
+        want = dequantize(quantize(w, spec, COMPRESSED_TENSORS))
+    else:
+        model = _hf_model(v4_src)
+        x = {}
+        h = model.model.layers[0].mlp.gate.register_forward_pre_hook(lambda mod, a: x.update(x=a[0][0]))
+        with torch.no_grad():
+            model(input_ids=torch.tensor(CALIB[0])[None], use_cache=False)
+        h.remove()
+        acc = HessianAccumulator(w.shape[1])
+        acc.add(x["x"].float())
+        want = dequantize(gptq_quantize(w, acc.H, spec, COMPRESSED_TENSORS))
+        assert res.stats["linears"][m]["tokens"] == T
+    got = dequantize(res.quantized[m])
+    assert float((got != want).float().mean()) < 0.01
+    assert all(float(dequantize(res.quantized[n]).abs().sum()) > 0 for n in res.quantized)
+    for kw in ({"expert_policy": "topk"}, {"method": "awq"}):
+        args = {"method": "gptq", **kw}
+        with pytest.raises(UsageError):
+            V4CalibrationEngine(src, _policy(), args.pop("method"), COMPRESSED_TENSORS, CALIB[:1], **args)
+    with pytest.raises(UsageError):
+        eng.run_layer(2)  # out of order
