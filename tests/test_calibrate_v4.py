@@ -141,9 +141,25 @@ def test_imatrix_v4_equals_transformers_hooks(v4_src, hf_v4, tmp_path):
                 name, n_mat, mat = f"blk.{parts[1]}.{g4.EXPERT_NAMES[parts[5]]}", g.experts, int(parts[4])
             else:
                 name, n_mat, mat = g4.gguf_name(mod + ".weight"), 1, 0
+            if mod.endswith("attn.wo_a"):  # one K_g-vector for the 2-D file tensor: every group's rows
+                x = x.reshape(-1, x.shape[1] // g.o_groups)
             v = ref.setdefault(name, [np.zeros((n_mat, x.shape[1])), np.zeros(n_mat)])
             v[0][mat] += (x.double() ** 2).sum(0).numpy()
             v[1][mat] += x.shape[0]
+    for w in wins:  # the mHC matrices' input: transformers' input_norm output (flattened, normed streams)
+        got, hooks = {}, []
+        for i, layer in enumerate(hf_v4.model.layers):
+            for hc, k in ((layer.attn_hc, "hc_attn_fn"), (layer.ffn_hc, "hc_ffn_fn")):
+                hooks.append(hc.input_norm.register_forward_hook(
+                    lambda m, a, o, n=f"blk.{i}.{k}.weight": got.__setitem__(n, o[0].double())))
+        with torch.no_grad():
+            hf_v4(input_ids=w[None], use_cache=False)
+        for h in hooks:
+            h.remove()
+        for n, x in got.items():
+            v = ref.setdefault(n, [np.zeros((1, x.shape[1])), np.zeros(1)])
+            v[0][0] += (x ** 2).sum(0).numpy()
+            v[1][0] += x.shape[0]
     rd = gguf.GGUFReader(str(out))
     t = {x.name: np.asarray(x.data, np.float32) for x in rd.tensors}
     ours = {n[: -len(".in_sum2")]: (v, t[n[: -len(".in_sum2")] + ".counts"].reshape(-1))
@@ -157,7 +173,8 @@ def test_imatrix_v4_equals_transformers_hooks(v4_src, hf_v4, tmp_path):
         np.testing.assert_array_equal(oc, c, err_msg=name)
         np.testing.assert_allclose(ov.reshape(v.shape), v, rtol=2e-5, atol=1e-6, err_msg=name)
     assert ours["blk.0.ffn_gate_exps.weight"][1].sum() == 190 * g.experts_per_tok
-    assert ours["blk.0.attn_output_a.weight"][0].shape == (1, g.heads * g.head_dim)  # o_groups x K_g, one count
+    assert ours["blk.0.attn_output_a.weight"][0].shape == (1, g.heads * g.head_dim // g.o_groups)
+    assert ours["blk.0.attn_output_a.weight"][1].tolist() == [190 * g.o_groups]
     assert rd.fields["general.type"].contents() == "imatrix"
     loaded = ge.load_imatrix(out)  # the gguf command's reader takes it
     assert loaded["blk.3.ffn_up_exps.weight"].shape == (g.experts, g.hidden)
@@ -444,3 +461,51 @@ def test_starved_experts_fallback(v4_src, expert_policy):
             V4CalibrationEngine(src, _policy(), args.pop("method"), COMPRESSED_TENSORS, CALIB[:1], **args)
     with pytest.raises(UsageError):
         eng.run_layer(2)  # out of order
+
+
+@pytest.mark.llamacpp
+def test_imatrix_v4_taken_by_llama_model_quantize(v4_src, tmp_path):
+    """llama.cpp's quantizer (``llama_model_quantize`` with ``params.imatrix``) takes our V4 imatrix for our
+    ``deepseek4`` GGUF: every 2-D ``blk.*`` matrix it multiplies has an entry of the size it checks, and the
+    weights change the Q4_K_M bytes. The per-group ``attn_output_a`` layout (``o_groups * K_g`` values) is refused
+    by it, which is why the entry is one ``K_g`` vector."""
+    import ctypes
+
+    import gguf
+    import numpy as np
+
+    from dsconvert.convert import gguf_export as ge
+    from tests.conftest import run_cli
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the GGUF oracle) is not installed")
+    f, im = tmp_path / "v4.gguf", tmp_path / "im.gguf"
+    assert run_cli("gguf", v4_src, "-o", f, "--type", "BF16", "-q").rc == 0
+    assert run_cli("imatrix", v4_src, "-o", im, "--num-samples", 4, "--seq-len", 64, "-q").rc == 0
+    loaded = ge.load_imatrix(im)
+    mats = {t.name for t in gguf.GGUFReader(str(f)).tensors if t.name.startswith("blk.") and len(t.shape) >= 2
+            and t.tensor_type != gguf.GGMLQuantizationType.I32 and not t.name.endswith("_ape.weight")}
+    assert set(loaded) == mats
+
+    def quantize(entries, out):
+        names = list(entries)
+        arrs = [np.ascontiguousarray(entries[n].reshape(-1), np.float32) for n in names]
+        data = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+        keep = [n.encode() for n in names]
+        for i, (n, a) in enumerate(zip(keep, arrs)):
+            data[i].name, data[i].data, data[i].size = n, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size
+        data[len(names)].name = None
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype, p.nthread, p.allow_requantize = 15, 2, True  # Q4_K_M; the MXFP4 experts are requantized
+        if names:
+            p.imatrix = ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        return llama_cpp.llama_model_quantize(str(f).encode(), str(out).encode(), ctypes.byref(p))
+
+    assert quantize(loaded, tmp_path / "w.gguf") == 0
+    assert quantize({}, tmp_path / "plain.gguf") == 0
+    a = {t.name: bytes(t.data) for t in gguf.GGUFReader(str(tmp_path / "w.gguf")).tensors}
+    b = {t.name: bytes(t.data) for t in gguf.GGUFReader(str(tmp_path / "plain.gguf")).tensors}
+    assert a["blk.0.attn_q_a.weight"] != b["blk.0.attn_q_a.weight"]
+    assert a["blk.2.attn_output_a.weight"] != b["blk.2.attn_output_a.weight"]
+    groups = json.loads((v4_src / "config.json").read_text())["o_groups"]
+    per_group = dict(loaded, **{"blk.0.attn_output_a.weight": np.tile(loaded["blk.0.attn_output_a.weight"], groups)})
+    assert quantize(per_group, tmp_path / "x.gguf") != 0

@@ -17,8 +17,8 @@ gguf`` writes (docs/gguf-deepseek2.md §3 and §6):
 
 DeepSeek-V4 release checkpoints (:class:`V4ImatrixCollector`, the ``deepseek4`` names of
 :mod:`dsconvert.formats.gguf_deepseek4`): the same per-linear and per-expert sums for every linear the V4 forward
-runs; not collected: the mHC mixing matrices (``hc_attn_fn``, ``hc_ffn_fn``, ``output_hc_fn``), which the V4
-forward multiplies without a linear hook.
+runs and the layers' mHC mixing matrices (``hc_attn_fn``, ``hc_ffn_fn``; not ``output_hc_fn``, which is outside
+``blk.*`` and llama-imatrix does not collect either); ``attn_output_a`` in the 2-D layout llama-quantize reads.
 
 The file is the GGUF imatrix format current llama.cpp writes (``<name>.in_sum2`` float32 ``[n_mat, ne0]`` and
 ``<name>.counts`` float32 ``[n_mat, 1]``, keys ``general.type = imatrix``, ``imatrix.datasets``,
@@ -144,14 +144,17 @@ class ImatrixCollector:
 class V4ImatrixCollector(ImatrixCollector):
     """The same sums for a DeepSeek-V4 release checkpoint, fed by :class:`~dsconvert.model.v4.V4ReferenceModel`'s
     ``on_linear`` hook (release module names), under the ``deepseek4`` GGUF names that ``dsconvert gguf`` writes
-    (:mod:`dsconvert.formats.gguf_deepseek4`): every linear the forward runs, one matrix each (``attn_q_a``,
+    (:mod:`dsconvert.formats.gguf_deepseek4`): every linear the forward runs and each layer's two mHC mixing
+    matrices (``hc_attn_fn``, ``hc_ffn_fn``: the normed flattened streams), one matrix each (``attn_q_a``,
     ``attn_q_b``, ``attn_kv``, ``attn_output_a``, ``attn_output_b``, the compressors' ``kv``/``gate``, the indexer's
     ``attn_q_b``/``proj``, ``ffn_gate_inp``, ``ffn_*_shexp``), the routed experts one matrix per expert over its
     routed tokens (``ffn_{gate,up,down}_exps``, ``counts`` per expert), ``output.weight`` with ``process_output``.
 
-    ``attn_output_a`` (``wo_a``, block diagonal over ``o_groups``): llama.cpp multiplies it as ``o_groups``
-    matrices of ``K_g`` inputs, so llama-imatrix stores ``o_groups * K_g`` values with one count; the sums of
-    squares of the flattened ``(T, o_groups * K_g)`` input are exactly those values in that order.
+    ``attn_output_a`` (``wo_a``, block diagonal over ``o_groups``): the file stores it 2-D ``[o_groups * o_lora,
+    K_g]`` and llama-quantize takes exactly ``K_g`` importance values for it (it refuses ``o_groups * K_g``, the
+    per-group layout llama.cpp's graph would give llama-imatrix: "imatrix size 512 is different from tensor size
+    256" on the tiny fixture), so its input is summed as ``T * o_groups`` rows of ``K_g`` (every group's input
+    against the one importance vector all its rows share), ``counts`` = ``T * o_groups``.
     """
 
     def __init__(self, cfg: dict, n_expert: int):
@@ -159,6 +162,12 @@ class V4ImatrixCollector(ImatrixCollector):
         from ..formats import gguf_deepseek4 as g4
 
         self._g4 = g4
+
+    def on_mix(self, name: str, x: torch.Tensor) -> None:
+        """``on_mix`` of the V4 forward: ``x`` ``(T, hc * hidden)``, the input of mHC matrix ``name``
+        (``layers.{i}.hc_attn_fn`` / ``hc_ffn_fn``: GGUF ``blk.{i}.hc_attn_fn.weight``, which llama.cpp multiplies
+        with ``MUL_MAT`` and llama-quantize quantizes)."""
+        self._acc(self._g4.gguf_name(name), 1, 0, x, x.shape[0])
 
     def on_linear(self, module: str, x: torch.Tensor) -> None:
         """:data:`~dsconvert.model.layers.LinearHook`: ``x`` ``(T, in_features)`` of release module ``module``."""
@@ -171,6 +180,8 @@ class V4ImatrixCollector(ImatrixCollector):
                       x.shape[0])
             return
         name = self._g4.gguf_name(module + ".weight")
+        if module.endswith("attn.wo_a"):
+            x = x.reshape(-1, x.shape[1] // int(self.cfg["o_groups"]))
         if name is not None:
             self._acc(name, 1, 0, x, x.shape[0])
 
@@ -262,7 +273,8 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
         for layer in range(n_layer):
             prog.describe(f"layer {layer + 1}/{n_layer}", boundary=True)
             if v4:  # hash-routed layers need the token ids; no absorbed per-head matrices
-                hs = model.layer_forward_many(layer, hs, pos, on_linear=col.on_linear, token_ids=seqs)
+                hs = model.layer_forward_many(layer, hs, pos, on_linear=col.on_linear, token_ids=seqs,
+                                              on_mix=col.on_mix)
             else:
                 hs = model.layer_forward_many(layer, hs, pos, on_linear=col.on_linear, on_heads=col.on_heads)
             prog.advance(1)
