@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dsconvert.formats import deepseek_v4 as v4
+from tests.test_gguf_export import _llama_cpp
 from tests.test_model_v4 import _hf_model
 
 
@@ -477,7 +478,7 @@ def test_imatrix_v4_taken_by_llama_model_quantize(v4_src, tmp_path):
     from dsconvert.convert import gguf_export as ge
     from tests.conftest import run_cli
 
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the GGUF oracle) is not installed")
+    llama_cpp = _llama_cpp()  # skips without llama-cpp-python; silences its logger
     f, im = tmp_path / "v4.gguf", tmp_path / "im.gguf"
     assert run_cli("gguf", v4_src, "-o", f, "--type", "BF16", "-q").rc == 0
     assert run_cli("imatrix", v4_src, "-o", im, "--num-samples", 4, "--seq-len", 64, "-q").rc == 0
@@ -509,3 +510,45 @@ def test_imatrix_v4_taken_by_llama_model_quantize(v4_src, tmp_path):
     groups = json.loads((v4_src / "config.json").read_text())["o_groups"]
     per_group = dict(loaded, **{"blk.0.attn_output_a.weight": np.tile(loaded["blk.0.attn_output_a.weight"], groups)})
     assert quantize(per_group, tmp_path / "x.gguf") != 0
+
+
+@pytest.mark.llamacpp
+def test_imatrix_v4_equals_llama_cpp_collection(v4_src, tmp_path):
+    """Oracle: llama.cpp's own collection (llama-imatrix's eval callback, dsconvert/testing/llama_imatrix.py) on
+    our ``deepseek4`` GGUF, widened to F32 by ``llama_model_quantize`` so its graph computes in float32: the same
+    tensor names, counts (per expert: the same routing) and sums of squares, to float32 arithmetic. The one
+    layout difference: llama-imatrix keeps ``attn_output_a`` per group, ours is the sum over the groups (the
+    size llama-quantize checks; see the test above)."""
+    import ctypes
+
+    import gguf
+    import numpy as np
+
+    from dsconvert.testing.llama_imatrix import llama_imatrix
+    from tests.conftest import run_cli
+
+    llama_cpp = _llama_cpp()  # skips without llama-cpp-python; silences its logger
+    bf16, f32, im = tmp_path / "v4.gguf", tmp_path / "v4-f32.gguf", tmp_path / "im.gguf"
+    assert run_cli("gguf", v4_src, "-o", bf16, "--type", "BF16", "-q").rc == 0
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread, p.allow_requantize = 0, 2, True  # LLAMA_FTYPE_ALL_F32 (MXFP4 experts decoded exactly)
+    assert llama_cpp.llama_model_quantize(str(bf16).encode(), str(f32).encode(), ctypes.byref(p)) == 0
+    gen = torch.Generator().manual_seed(3)
+    wins = [torch.randint(0, 512, (T,), generator=gen).tolist() for T in (40, 150)]
+    (tmp_path / "w.json").write_text(json.dumps(wins))
+    assert run_cli("imatrix", v4_src, "-o", im, "--calib-data", tmp_path / "w.json", "--num-samples", 2,
+                   "--seq-len", 150, "-q").rc == 0
+    ref = llama_imatrix(f32, wins)
+    t = {x.name: np.asarray(x.data, np.float64) for x in gguf.GGUFReader(str(im)).tensors}
+    assert {n[: -len(".in_sum2")] for n in t if n.endswith(".in_sum2")} == set(ref)
+    groups = json.loads((v4_src / "config.json").read_text())["o_groups"]
+    worst = 0.0
+    for n, (v, c) in ref.items():
+        if n.endswith("attn_output_a.weight"):
+            assert v.shape[0] == groups
+            v, c = v.sum(0, keepdims=True), c * groups
+        np.testing.assert_array_equal(t[n + ".counts"].reshape(-1), c, err_msg=n)
+        rel = float(np.abs(t[n + ".in_sum2"].reshape(v.shape) - v).max() / np.abs(v).max())
+        worst = max(worst, rel)
+        assert rel < 2e-3, (n, rel)  # measured worst 3.4e-4 (llama.cpp's float32 graph vs ours)
+    print(f"imatrix vs llama.cpp's collection: {len(ref)} tensors, worst max-relative difference {worst:.2e}")
