@@ -552,3 +552,64 @@ def test_imatrix_v4_equals_llama_cpp_collection(v4_src, tmp_path):
         worst = max(worst, rel)
         assert rel < 2e-3, (n, rel)  # measured worst 3.4e-4 (llama.cpp's float32 graph vs ours)
     print(f"imatrix vs llama.cpp's collection: {len(ref)} tensors, worst max-relative difference {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_gptq_resume_after_kill_is_byte_identical(v4_src, tmp_path):
+    """A V4 --gptq run killed between shards (layers split over several shards) resumes and writes the bytes of
+    an uninterrupted run. (Before the fix in calibrated.resume, a layer split over a finished and an unfinished
+    shard counted as done: 'calibration of layer 1 requested after layer 1'.)"""
+    import signal
+    import time
+
+    from tests.conftest import popen_cli, run_cli
+
+    args = ("--scheme", "W4A16", "--gptq", "--num-samples", 4, "--seq-len", 64, "--max-shard-size", "400KB", "-q")
+    clean = tmp_path / "clean"
+    assert run_cli("quantize", v4_src, "-o", clean, *args).rc == 0
+    n_shards = len(list(clean.glob("model-*.safetensors")))
+    out = tmp_path / "killed"
+    p = popen_cli("quantize", str(v4_src), "-o", str(out), *map(str, args))
+    t0 = time.time()
+    while time.time() - t0 < 300 and p.poll() is None and len(list(out.glob("model-*.safetensors"))) < 8:
+        time.sleep(0.02)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(list(out.glob("model-*.safetensors"))) < n_shards
+    r = run_cli("quantize", v4_src, "-o", out, *args, "--json")
+    assert r.rc == 0, r
+    rep = json.loads(r.stdout)
+    assert rep["resumed"]  # finished shards reused; calibration restarts where the saved state matches, else at 0
+    for f in sorted(clean.glob("model-*.safetensors")) + [clean / "config.json", clean / "model.safetensors.index.json"]:
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_resume_never_skips_a_layer_split_over_shards(v4_src, tmp_path):
+    """Resume: a saved state is used only when every shard of the layers before it is finished; a layer whose
+    tensors continue in an unfinished shard is calibrated again (from layer 0 when the state is ahead)."""
+    from types import SimpleNamespace as NS
+
+    from safetensors.torch import save_file
+
+    from dsconvert.convert.calibrated import STATE_NAME, CalibratedRun
+    from dsconvert.convert.quantize import Options, bind_format, resolve_format, resolve_scheme
+    from dsconvert.formats.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(v4_src)
+    opts = Options(scheme="W4A16", method="gptq", num_samples=2, seq_len=16)
+    _, desc = resolve_scheme(opts)
+    run = CalibratedRun(ck, bind_format(ck, resolve_format(opts), desc, opts), desc.spec, opts,
+                        torch.device("cpu"))
+    hidden = {f"hidden.{i}": h.float().contiguous() for i, h in enumerate(run.engine.hidden_states)}
+    shards = [NS(name=f"s{i}", tensors=[NS(name=n) for n in names]) for i, names in enumerate(
+        [["embed.weight"], ["layers.0.attn.wq_a.weight_packed"], ["layers.0.ffn.experts.0.w1.weight_packed",
+                                                                   "layers.1.attn.wq_a.weight_packed"],
+         ["layers.1.ffn.experts.0.w1.weight_packed"], ["layers.2.attn.wq_a.weight_packed"]])]
+    for done, state_next, want in (({"s0", "s1", "s2"}, 2, 0),  # layer 1 continues in s3: not done
+                                   ({"s0", "s1", "s2"}, 1, 1),  # the state after layer 0: used
+                                   ({"s0", "s1", "s2", "s3"}, 2, 2)):
+        save_file(hidden, str(tmp_path / STATE_NAME), metadata={"next_layer": str(state_next)})
+        run.engine.next_layer = 0
+        run.resume(tmp_path, done, shards)
+        assert run.engine.next_layer == want, (done, state_next)

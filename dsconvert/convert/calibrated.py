@@ -146,6 +146,8 @@ class CalibratedRun:
         for s in shards:
             layers = {self.layer_index(t.name) for t in s.tensors} - {None}
             if s.name not in done:
+                if layers:  # a layer split over shards is done only when all of its shards are
+                    last_done = min(layers) - 1
                 break
             if layers:
                 last_done = max(last_done, max(layers))
