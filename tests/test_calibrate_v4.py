@@ -581,7 +581,8 @@ def test_gptq_resume_after_kill_is_byte_identical(v4_src, tmp_path):
     assert r.rc == 0, r
     rep = json.loads(r.stdout)
     assert rep["resumed"]  # finished shards reused; calibration restarts where the saved state matches, else at 0
-    for f in sorted(clean.glob("model-*.safetensors")) + [clean / "config.json", clean / "model.safetensors.index.json"]:
+    for f in sorted(clean.glob("model-*.safetensors")) + [clean / n for n in ("config.json",
+                                                                           "model.safetensors.index.json")]:
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
