@@ -614,3 +614,19 @@ def test_resume_never_skips_a_layer_split_over_shards(v4_src, tmp_path):
         run.engine.next_layer = 0
         run.resume(tmp_path, done, shards)
         assert run.engine.next_layer == want, (done, state_next)
+
+
+def test_gptq_flash_base_fp8_experts(v4_base_src):
+    """V4-Flash-Base (FP8 experts, F32 power-of-two scales): the experts are dequantized exactly first; layer 0
+    equals GPTQ on transformers' inputs with the exactly decoded weights."""
+    from dsconvert.convert.calibrate_v4 import V4CalibrationEngine
+    from dsconvert.convert.weights import CheckpointWeightSource
+    from dsconvert.quant.rtn import COMPRESSED_TENSORS, dequantize
+    from dsconvert.testing.deepseek_v4 import decoded_state_dict
+
+    eng = V4CalibrationEngine(CheckpointWeightSource(v4_base_src), _policy(), "gptq", COMPRESSED_TENSORS, CALIB)
+    res = eng.run_layer(0)
+    want = _hf_hessian_gptq(_hf_model(v4_base_src), v4_base_src, 0, decoded_state_dict(v4_base_src))
+    assert set(want) == set(res.quantized) and any(".ffn.experts." in m for m in want)
+    flips = [float((dequantize(res.quantized[m]) != w).float().mean()) for m, w in want.items()]
+    assert sum(flips) / len(flips) < 2e-3 and max(flips) < 0.02, max(flips)
