@@ -620,9 +620,9 @@ def rebuild(src: str, opts: Options) -> Rebuilt:
 
 
 def _refuse_v4_options(ck: Checkpoint, opts: Options) -> None:
-    """What ``quantize`` does not do for a DeepSeek-V4 release yet: AWQ, GPTQ with a recipe or FP4 scheme,
+    """What ``quantize`` does not do for a DeepSeek-V4 release yet: AWQ/GPTQ with a recipe or FP4 scheme,
     formats other than compressed-tensors (and, checked after the recipe is built, NVFP4 W4A4's input
-    calibration). ``--gptq`` with one integer scheme runs :class:`~.calibrate_v4.V4CalibrationEngine`.
+    calibration). ``--gptq`` / ``--awq`` with one integer scheme run :class:`~.calibrate_v4.V4CalibrationEngine`.
 
     Raises:
         UsageError (exit 2): naming what works for V4 (RTN or GPTQ W4A16/W8A16 and the other single schemes in
@@ -630,13 +630,9 @@ def _refuse_v4_options(ck: Checkpoint, opts: Options) -> None:
     """
     works = ("V4 quantizes with RTN to one --scheme (W4A16, W8A16, ...) or a recipe (--preset experts-mxfp4 "
              "keeps the release's FP4 experts as MXFP4 byte for byte) in --format compressed-tensors")
-    if opts.method == "awq":
-        raise UsageError("--awq on a DeepSeek-V4 checkpoint: AWQ's smoothing mappings are DeepSeek-V3's (V4's "
-                         "norms feed mHC-collapsed inputs and grouped wo_a); not implemented for V4",
-                         hint="use --gptq (W4A16/W8A16) or RTN (drop --awq); " + works)
-    if opts.method == "gptq" and opts.per_module:
-        raise UsageError("--gptq on a DeepSeek-V4 checkpoint takes one integer --scheme (W4A16, W8A16)",
-                         hint="drop the recipe / FP4 scheme, or drop --gptq for RTN")
+    if opts.method != "rtn" and opts.per_module:
+        raise UsageError(f"--{opts.method} on a DeepSeek-V4 checkpoint takes one integer --scheme (W4A16, W8A16)",
+                         hint=f"drop the recipe / FP4 scheme, or drop --{opts.method} for RTN")
     if FORMATS.canonical(opts.format) != "compressed-tensors":
         raise UsageError(f"--format {opts.format} on a DeepSeek-V4 checkpoint is not supported", hint=works)
 
