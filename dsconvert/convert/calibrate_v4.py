@@ -225,8 +225,9 @@ class V4CalibrationEngine:
     def peak_memory_estimate(self, spilled: bool | None = None) -> int:
         """Estimated peak bytes of :meth:`run_layer` on top of the interpreter: the mHC streams (in and out),
         the kept MoE input and routed expert rows (``T * top_k * (hidden + inter)``), the layer's non-expert
-        weights in float32, the non-expert Hessians (accumulated at capture), and the expert group's
-        Hessians and float32 weights; plus every expert's int8 levels when results are not ``spilled``."""
+        weights in float32, the non-expert Hessians (accumulated at capture; AWQ: the cached inputs), and the
+        expert group's Hessians and float32 weights (AWQ: the larger of that and every expert's ``w1``/``w3``
+        twice, for the ``ffn_norm`` search); plus every expert's int8 levels when results are not ``spilled``."""
         g = self.cfg.geo
         T, D, I, E, k = self.num_tokens, g.hidden, g.inter, g.experts, g.experts_per_tok
         hd, heads, kg = g.head_dim, g.heads, g.heads * g.head_dim // g.o_groups
@@ -239,6 +240,9 @@ class V4CalibrationEngine:
         group = self.expert_group * 4 * (D * D + I * I + 3 * I * D)
         spilled = self.spill_dir is not None if spilled is None else spilled
         results = dense + (0 if spilled else E * 3 * I * D)
+        if self.method == "awq":  # cached inputs instead of Hessians; the ffn_norm search's expert weights
+            hess = 4 * T * (2 * D + g.q_lora + heads * hd + g.o_groups * g.o_lora + g.shared * I)
+            group = max(group, 2 * 4 * (E + g.shared) * 2 * I * D)
         return int(streams + moe_rows + 4 * dense + hess + group + results)
 
     def report_stage(self, layer_idx: int, stage: str) -> None:
