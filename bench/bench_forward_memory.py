@@ -17,7 +17,7 @@ Printed per run (no assertions):
 
 ``--estimate`` instead prints, for the 2-layer fixture (and its fp8-to-bf16 output), the ``--dry-run`` peak-RAM
 estimate of ``validate`` / ``logits`` next to the measured peak and their ratio (the accuracy figure the README
-quotes; the suite only guards a wide band, tests/test_forward_estimate.py), with the CPU count and thread setting
+quotes; the suite only guards a wide band, tests/model/test_forward_estimate.py), with the CPU count and thread setting
 that move the peak between machines.
 
 Usage: python bench/bench_forward_memory.py [--with-bench] [--estimate] [--clean]
@@ -123,7 +123,7 @@ def run_measured(args: list[str]) -> tuple[int, int, dict | None, float]:
 
 
 def estimate_vs_measured() -> None:
-    """Print estimate, measured peak (``ru_maxrss``) and their ratio for the cases of tests/test_forward_estimate.py."""
+    """Print estimate, measured peak (``ru_maxrss``) and their ratio for the cases of tests/model/test_forward_estimate.py."""
     fp8 = fixture("medium-2L", "tiny", MEDIUM)
     bf16 = CACHE / "medium-2L-bf16"
     if not (bf16 / "config.json").is_file():

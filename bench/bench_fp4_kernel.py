@@ -15,24 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench this checkout's dsconvert
+from _common import best_of  # noqa: E402
 from dsconvert.quant.fp4_decode import dequant_fp4, e8m0_grid_to_float32, quantize_fp4, quantize_fp8_e8m0  # noqa: E402
 from dsconvert.quant.fp8_block import dequant_fp8_block  # noqa: E402
-
-
-def best_of(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench this checkout's dsconvert
+from _common import best_of  # noqa: E402
 from dsconvert.quant.fp8_block import dequant_fp8_block, scale_grid  # noqa: E402
 
 
@@ -26,16 +26,6 @@ def naive(weight: torch.Tensor, s: torch.Tensor, block=(128, 128)) -> torch.Tens
     wf[:m, :n] = weight.to(torch.float32)
     wf = wf.view(gm, bm, gn, bn) * s[:, None, :, None]
     return wf.view(gm * bm, gn * bn)[:m, :n].to(torch.bfloat16)
-
-
-def best_of(fn, repeat: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

@@ -13,15 +13,14 @@ Fixtures are cached under .bench/ (about 1.3 GB and 5 GB of FP8, plus the output
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, run_json
+
 sys.path.insert(0, str(ROOT))
 
 from dsconvert.formats.checkpoint import scan  # noqa: E402
@@ -64,16 +63,7 @@ def io_floor(src: Path, out_bytes_per_shard: list[int], tmp: Path) -> float:
 
 def run_ours(src: Path, out: Path, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "dsconvert.cli", "fp8-to-bf16", str(src), "-o", str(out), "--json", "-q",
-           "--workers", str(workers)]
-    t = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if res.returncode != 0:
-        raise SystemExit(f"conversion failed: {res.stderr}")
-    rep = json.loads(res.stdout)
-    rep["wall"] = wall
-    return rep
+    return run_json(["fp8-to-bf16", str(src), "-o", str(out), "--workers", str(workers)])
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ committed trained test model, measured through llama.cpp on held-out text (``dsc
   the two F32 files: the converter rounds the dequantized FP8 weights to BF16 even for ``--outtype f32``, we keep
   the exact float32 product;
 * Mean KLD of both pipelines for Q8_0, Q4_K_M, Q3_K_M and Q2_K (both quantized by ``llama_model_quantize`` from
-  their F32 file; dsconvert's own quantizers are byte-identical to that, tests/test_gguf_export.py);
+  their F32 file; dsconvert's own quantizers are byte-identical to that, tests/convert/test_gguf_export.py);
 * Mean KLD of Q4_K_M made from our exact weights multiplied by ``1 + u``, ``u`` uniform in +-2^-9 (a BF16
   rounding-sized perturbation), for a few seeds: how much of a difference between the pipelines is the
   sensitivity of the K-quant rounding to the input at that scale.

@@ -20,17 +20,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, cached_fixture, run_json as run
 
-# This process imports neither torch nor dsconvert and builds the fixture in a child: Linux carries a parent's
-# ru_maxrss high-water mark into forked children, so a fat parent would inflate every report's peak_rss.
+# This process imports neither torch nor dsconvert and builds the fixture in a child (see _common).
 BUILD = """
-import sys
 from dataclasses import replace
 from dsconvert.testing.fixtures import PRESETS, build_checkpoint
 layers = int(sys.argv[2])
@@ -40,13 +35,7 @@ build_checkpoint(sys.argv[1], replace(PRESETS["bench"], num_hidden_layers=layers
 
 
 def fixture(layers: int) -> Path:
-    d = ROOT / ".bench" / f"bench-{layers}L-nomtp-fp8"
-    if not (d / "config.json").is_file():
-        shutil.rmtree(d, ignore_errors=True)
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", BUILD, str(d), str(layers)], cwd=ROOT, check=True)
-        print(f"built bench fixture ({layers} layers, no MTP) in {time.perf_counter() - t:.1f} s", flush=True)
-    return d
+    return cached_fixture(f"bench-{layers}L-nomtp-fp8", BUILD, str(layers))
 
 
 def source_params(src: Path) -> int:
@@ -62,18 +51,6 @@ def source_params(src: Path) -> int:
                     k *= d
                 n += k
     return n
-
-
-def run(args: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "dsconvert.cli", *args, "--json", "-q"]
-    t = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if res.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:1])} failed ({res.returncode}): {res.stderr[-2000:]}")
-    rep = json.loads(res.stdout)
-    rep["wall"] = wall
-    return rep
 
 
 def main() -> None:

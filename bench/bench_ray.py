@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, cached_fixture, run_json
+
 sys.path.insert(0, str(ROOT))
 
 BUILD = """
@@ -40,22 +38,11 @@ build_checkpoint(sys.argv[1], "tiny", hidden_size=1024, intermediate_size=2048, 
 
 
 def fixture(shards: int) -> Path:
-    d = ROOT / ".bench" / f"ray-h1024-{shards}sh-fp8"
-    if not (d / "config.json").is_file():
-        shutil.rmtree(d, ignore_errors=True)
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", BUILD, str(d), str(shards)], cwd=ROOT, check=True)
-        print(f"built fixture ({shards} shards) in {time.perf_counter() - t:.1f} s", flush=True)
-    return d
+    return cached_fixture(f"ray-h1024-{shards}sh-fp8", BUILD, str(shards))
 
 
 def run(args: list[str]) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")
-    p = subprocess.run([sys.executable, "-m", "dsconvert.cli", *args, "--json", "-q"], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
-    if p.returncode:
-        sys.exit(f"dsconvert {' '.join(args)} -> {p.returncode}\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout)
+    return run_json(args, env={"PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"})
 
 
 def digest(path: Path) -> str:

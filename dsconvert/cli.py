@@ -193,6 +193,7 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
     removed or, for GGUF, kept with its resume state) and exit 130 / 143.
     """
     from .convert import cancel
+    from .convert.remedies import add_hint
 
     debug = verbose or os.environ.get("DSCONVERT_DEBUG") == "1"
     try:
@@ -211,6 +212,7 @@ def _run(fn: Callable[[], dict | None], *, json_out: bool, verbose: bool, human:
     except DsconvertError as e:
         if debug:
             traceback.print_exc()
+        add_hint(e)
         err.print(f"[bold red]error:[/bold red] {e.message}", markup=True, highlight=False)
         if e.hint:
             err.print(f"[bold]hint:[/bold] {e.hint}", markup=True, highlight=False)
@@ -882,12 +884,6 @@ def gguf_cmd(
     def human(rep):
         p = rep["plan"]
         d = p["dropped"]
-        if p["architecture"] == "deepseek4":
-            where = "plan" if rep["dry_run"] else f"wrote {rep['output']['path']} ({rep['output']['gb']:.3f} GB)"
-            out.print(f"{where}: deepseek4 GGUF, {p['type']}, {p['tensors']} tensors, {p['bpw']} bpw; dropped "
-                      f"{d['tensors']} ({d['reason']})")
-            out.print("  types: " + ", ".join(f"{t} x{v['tensors']}" for t, v in p["types"].items()))
-            return
         if rep["dry_run"]:
             out.print(f"plan for {rep['source']['path']} ({rep['source']['family']}, {rep['source']['format']}) -> "
                       f"{p['architecture']} GGUF, {p['type']}, layout {p['layout']}:")

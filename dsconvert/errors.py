@@ -12,6 +12,10 @@ Exit codes (documented in README.md and ``dsconvert --help``):
 
 Library code raises these; only :mod:`dsconvert.cli` turns them into messages and exit codes.
 No layer calls ``sys.exit``.
+
+The tensor kernels (:mod:`dsconvert.quant`) state facts in their own terms (parameter names such as
+``group_size``, never a command-line flag) and name the caller-side fix as a ``remedy`` key with its
+parameters; :mod:`dsconvert.convert.remedies` turns the key into the command-line hint.
 """
 
 from __future__ import annotations
@@ -24,14 +28,18 @@ EXIT_VALIDATION = 4
 
 
 class DsconvertError(Exception):
-    """Base class. ``hint`` is a one-line remedy printed under the message."""
+    """Base class. ``hint`` is a one-line remedy printed under the message; ``remedy`` (a key of
+    :data:`dsconvert.convert.remedies.HINTS`) and ``facts`` (its parameters) let a layer that knows no
+    command-line flags name the fix, which the convert layer words as ``hint``."""
 
     exit_code = EXIT_INTERNAL
 
-    def __init__(self, message: str, *, hint: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, remedy: str | None = None, **facts):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.remedy = remedy
+        self.facts = facts
 
     def to_dict(self) -> dict:
         """JSON-serialisable form used by ``--json`` error reports."""
@@ -60,7 +68,7 @@ class UnsupportedError(BadInputError):
 
 
 class ShapeError(UsageError):
-    """A requested quantization does not fit a tensor's shape (e.g. group size not dividing K). Exit 2."""
+    """A requested quantization does not fit a tensor's shape (e.g. group size not dividing in_features N). Exit 2."""
 
 
 class OutputExistsError(UsageError):

@@ -3,7 +3,7 @@
 The V4 forward (:class:`~dsconvert.model.v4.V4ReferenceModel`) calls its ``on_linear`` hook with the input of
 every Linear it runs; routed experts are run only on the tokens routed to them, so an expert's hook sees exactly
 those rows. :func:`capture_hook` narrows that hook to the linears ``quantize`` quantizes on V4
-(:data:`~dsconvert.convert.policy.V4_QUANTIZABLE`: ``attn.wq_a``, ``attn.wq_b``, ``attn.wkv``, ``attn.wo_a``,
+(:data:`~dsconvert.formats.deepseek_v4.QUANTIZABLE`: ``attn.wq_a``, ``attn.wq_b``, ``attn.wkv``, ``attn.wo_a``,
 ``attn.wo_b``, ``attn.indexer.wq_b``, shared and routed ``w1``/``w2``/``w3``) and hands each input on as a
 float32 ``(n, K)`` matrix. ``wo_a`` is block diagonal over ``o_groups``: its hook input is the flattened
 ``(n, o_groups * K_g)`` attention output, group ``g``'s rows of the weight read columns ``g*K_g:(g+1)*K_g``.
@@ -80,7 +80,7 @@ from .calibrate import (
     _to_cpu,
     default_budget,
 )
-from .policy import V4_QUANTIZABLE
+from ..formats.deepseek_v4 import QUANTIZABLE as V4_QUANTIZABLE
 
 __all__ = ["capture_hook", "is_quantizable", "V4CalibrationEngine", "V4_EXPERT_POLICIES"]
 
@@ -91,7 +91,7 @@ _EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])$")
 
 def is_quantizable(module: str) -> bool:
     """Whether release module ``module`` (``layers.3.attn.wq_a``, no ``.weight``) is a linear V4 quantize
-    quantizes (:data:`~dsconvert.convert.policy.V4_QUANTIZABLE`)."""
+    quantizes (:data:`~dsconvert.formats.deepseek_v4.QUANTIZABLE`)."""
     return V4_QUANTIZABLE.match(module + ".weight") is not None
 
 

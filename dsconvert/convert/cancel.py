@@ -64,3 +64,23 @@ def reset() -> None:
     """Clear the token (tests running several commands in one process)."""
     _event.clear()
     _signum.clear()
+
+
+def wait_all(futures: list, poll_s: float = 0.25) -> None:
+    """Wait for every future, raising the first failure as soon as it happens and :class:`Cancelled` within
+    ``poll_s`` seconds of a request (the futures left running are the caller's to cancel).
+
+    Raises:
+        Cancelled: a cancellation was requested while waiting.
+        BaseException: the first exception a future raised.
+    """
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    while True:
+        done, not_done = wait(futures, timeout=poll_s, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if not f.cancelled() and f.exception() is not None:
+                raise f.exception()
+        if not not_done:
+            return
+        check()

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -445,14 +445,7 @@ class RayExecutor(Executor):
         try:
             futs = [pool.submit(self._run_unit, remote, run_id, job, u, out_dir, progress, fault, stop, in_flight)
                     for u in units]
-            while True:
-                done, not_done = wait(futs, timeout=0.25, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    if not f.cancelled() and f.exception() is not None:
-                        raise f.exception()
-                if not not_done:
-                    break
-                cancel.check()
+            cancel.wait_all(futs)
         except BaseException:
             stop.set()
             raise

@@ -22,7 +22,7 @@ Work: every decoder layer is read once per model (bytes from the headers; routed
 are skipped in practice, so this is an upper bound), and the forward performs ``2 x tokens x active parameters``
 FLOPs in its matrix products (active: attention, dense or shared MLP, ``num_experts_per_tok`` experts, the head)
 plus ``2 x H x T^2 x (qk_head_dim + v_head_dim)`` per sequence in attention. How close the peak estimate comes to
-the measured peak RSS is tested (tests/test_forward_estimate.py) and stated in README.md.
+the measured peak RSS is tested (tests/model/test_forward_estimate.py) and stated in README.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""``dsconvert gguf``: a DeepSeek-V3/R1 checkpoint (FP8 release or BF16) -> llama.cpp ``deepseek2`` GGUF.
+"""``dsconvert gguf``: a DeepSeek-V3/R1 checkpoint (FP8 release or BF16) -> llama.cpp ``deepseek2`` GGUF, a
+DeepSeek-V4 release -> ``deepseek4`` GGUF.
+
+The architecture is a registry entry (:mod:`dsconvert.formats.gguf_arch`: tensor plan, types, KV pairs, file
+type, refused options); everything below is shared by both.
 
 Plan (headers only: GGUF tensor plan, per-tensor ggml type, bytes, splits, header bytes) -> pre-flight ->
 stream one output tensor at a time, one row chunk at a time -> ``*.tmp`` + fsync + rename per file.
@@ -54,11 +58,13 @@ import torch
 
 from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageError
 from ..formats import gguf_deepseek2 as g2
+from ..formats import gguf_deepseek4 as g4
+from ..formats.gguf_arch import DEEPSEEK2, GGUFArch, arch_for
 from ..formats.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from ..formats.gguf_imatrix import read_imatrix as load_imatrix
 from ..formats.gguf_recipes import get_recipe
 from ..formats.gguf_types import (FTYPE_NAMES, default_type, normalize_ftype, parse_tensor_type_override,
-                                  requires_imatrix)
+                                  requires_imatrix, tensor_allows_quantization)
 from ..formats.hf_config import version_label
 from ..formats.kind import require_kind
 from ..formats.safetensors_io import read_tensor, sha256_file
@@ -68,18 +74,18 @@ from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields, fmt_bytes
 from .fp8_to_bf16 import resolve_device
 from .pipeline import check_max_memory, dequant_producer
-from . import cancel, gguf_v4
+from ..quant.fp4_decode import dequant_fp4
+from . import cancel
 from .preflight import check_free_disk, check_output_writable
-from .manifest import (Manifest, check_paths, commit_tmp, fingerprint, mismatch_detail, source_fingerprint_parts,
-                       verify_files,
-                       write_atomic)
+from .manifest import (Manifest, OutputLocation, ResumeDecision, check_paths, commit_tmp, decide_resume,
+                       fingerprint, source_fingerprint_parts, write_atomic)
 from .executor import Executor, Job, LocalExecutor, Rebuilt
 from .progress import ByteProgress
 
 log = logging.getLogger(__name__)
 
 COMMAND = "gguf"
-LAYOUT = "mainline MLA (attn_k_b/attn_v_b), llama.cpp >= PR #12801"
+LAYOUT = DEEPSEEK2.layout
 MANIFEST_SUFFIX = ".dsconvert-manifest.json"
 REPORT_SUFFIX = ".dsconvert-report.json"
 SPLIT_NAME = "{stem}-{i:05d}-of-{n:05d}.gguf"  # gguf-py SHARD_NAME_FORMAT / llama_split_path
@@ -271,6 +277,7 @@ class ExportPlan:
     importance: dict = field(default_factory=dict, repr=False)
     #: ``--target-size``: what was chosen and why (:func:`_budget_types`); None without it
     budget: dict | None = None
+    arch: GGUFArch = DEEPSEEK2
 
     @property
     def tensor_bytes(self) -> int:
@@ -305,10 +312,10 @@ class ExportPlan:
     def summary(self) -> dict:
         n_el = self.gguf_plan.n_elements
         return {
-            "layout": LAYOUT,
-            "architecture": g2.ARCH_NAME,
+            "layout": self.arch.layout,
+            "architecture": self.arch.name,
             "type": self.ftype + (" (pure)" if self.pure else ""),
-            "file_type": g2.file_type_id(self.ftype),
+            "file_type": self.arch.file_type(self.ftype),
             "tensors": len(self.gguf_plan),
             "elements": n_el,
             "types": self.type_summary(),
@@ -332,24 +339,6 @@ def _pad(n: int, align: int) -> int:
 
 def _source_format(ck: Checkpoint) -> str:
     return "FP8" if ck.fp8 is not None and any(e.dtype == "F8_E4M3" for _, e in ck.tensors.values()) else "BF16"
-
-
-def _hf_tensors(ck: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, dtype)}`` of the dequantized view (``*_scale_inv`` consumed by their weights)."""
-    return {n: (tuple(e.shape), e.dtype) for n, (_, e) in ck.tensors.items() if not ck.is_scale(n)}
-
-
-def check_supported(cfg: dict) -> None:
-    """Refuse configs the deepseek2 layout cannot express (V3.2's indexer needs llama.cpp's deepseek32).
-
-    Raises:
-        UnsupportedError: ``model_type`` deepseek_v32.
-    """
-    if cfg.get("model_type") == "deepseek_v32":
-        raise UnsupportedError("DeepSeek-V3.2 (model_type deepseek_v32) is not supported by `dsconvert gguf`: its "
-                               "lightning indexer has no deepseek2 tensors",
-                               hint="V3.2 needs llama.cpp's deepseek32 architecture, which dsconvert does not "
-                                    "write yet")
 
 
 def _split(tensors: list[g2.GGUFTensorPlan], nbytes: dict[str, int], max_size: int | None,
@@ -388,10 +377,10 @@ def _serialize_header(w: gguf.GGUFWriter) -> bytes:
 
 
 def _writer_for(i: int, n: int, files: list[list[g2.GGUFTensorPlan]], types: dict[str, str],
-                nbytes: dict[str, int], meta_fn) -> gguf.GGUFWriter:
+                nbytes: dict[str, int], meta_fn, arch: str = g2.ARCH_NAME) -> gguf.GGUFWriter:
     """A GGUFWriter holding file ``i``'s KV pairs and tensor infos (split keys as gguf-py's
     ``add_shard_kv_data``: the model KV only in the first file)."""
-    w = gguf.GGUFWriter(None, g2.ARCH_NAME)
+    w = gguf.GGUFWriter(None, arch)
     if i == 0:
         meta_fn(w)
     else:
@@ -417,21 +406,22 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
         UsageError (exit 2): unknown types, types dsconvert cannot quantize.
     """
     cfg = ck.config
-    check_supported(cfg)
+    arch = arch_for(ck)
+    arch.check(cfg)
     opts = opts.resolved()
     ftype, forced_pure = resolve_type(opts.type)
     pure = opts.pure or forced_pure
     overrides = [parse_tensor_type_override(s) for s in opts.tensor_types]
-    plan = g2.plan_tensors(_hf_tensors(ck), cfg)
-    types = g2.plan_types(plan, ftype, cfg, overrides=overrides, output_type=opts.output_tensor_type,
-                          embd_type=opts.token_embedding_type, pure=pure, fallback_f16=True,
-                          has_imatrix=opts.imatrix is not None)
+    plan = arch.plan(ck)
+    types = arch.types(plan, ftype, cfg, overrides=overrides, output_type=opts.output_tensor_type,
+                       embd_type=opts.token_embedding_type, pure=pure, has_imatrix=opts.imatrix is not None)
     entries = load_imatrix(opts.imatrix) if opts.imatrix is not None else None  # read once, used twice
     budget = None
     if opts.target_size is not None:
         types, budget = _budget_types(ck, plan, types, opts, overrides, entries or {})
     have = set(ggml.registered_types())
-    missing = sorted({t for t in types.values() if t not in have})
+    missing = sorted({types[t.name] for t in plan
+                      if types[t.name] not in have and not _stored_as_is(t, types[t.name])})
     if missing:
         who = sorted(n for n, t in types.items() if t in missing)
         raise UsageError(f"dsconvert has no quantizer for {', '.join(missing)} (needed by {len(who)} tensors, "
@@ -441,27 +431,30 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     if opts.imatrix is None:
         need = [n for n, t in types.items() if requires_imatrix(n, t, ftype)]
         if need:
+            no_imatrix = any(f == "imatrix" for f, _, _ in arch.refused)
             raise UsageError(f"--type {opts.type}: {len(need)} tensors (e.g. {need[0]} as {types[need[0]]}) need an "
                              "importance matrix, as llama-quantize requires for this type",
-                             hint="compute one on the original with `dsconvert imatrix SRC -o imatrix.gguf`, then "
+                             hint=f"a {arch.name} GGUF takes no --imatrix yet; choose a type that needs none "
+                                  "(Q4_K_M, IQ4_XS, ...)" if no_imatrix else
+                                  "compute one on the original with `dsconvert imatrix SRC -o imatrix.gguf`, then "
                                   "add --imatrix imatrix.gguf")
     nbytes = {t.name: g2.tensor_nbytes(t.shape, types[t.name]) for t in plan}
     imatrix, importance = _imatrix_plan(opts.imatrix, entries, plan, types)
 
     if not (ck.root / "tokenizer.json").is_file():
-        raise BadInputError(f"{ck.root}: no tokenizer.json; a deepseek2 GGUF needs the tokenizer to load",
+        raise BadInputError(f"{ck.root}: no tokenizer.json; a {arch.name} GGUF needs the tokenizer to load",
                             hint="copy the release's tokenizer.json and tokenizer_config.json into SRC")
     vocab_holder: dict = {}
 
     def meta(w: gguf.GGUFWriter) -> None:
-        g2.write_metadata(w, cfg, g2.file_type_id(ftype))
+        arch.write_metadata(w, cfg, arch.file_type(ftype))
         vocab_holder["v"] = g2.write_vocab(w, ck.root, cfg)
 
     groups = _split(plan.tensors, nbytes, opts.split_max_size, opts.split_max_tensors)
     paths = file_names(output or Path("model.gguf"), len(groups))
     files = []
     for i, g in enumerate(groups):
-        w = _writer_for(i, len(groups), groups, types, nbytes, meta)
+        w = _writer_for(i, len(groups), groups, types, nbytes, meta, arch.name)
         header = _serialize_header(w)
         align = w.data_alignment
         size = _pad(len(header), align) + sum(_pad(nbytes[t.name], align) for t in g)
@@ -473,7 +466,13 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     work = max(kv_b, opts.chunk_bytes // 2) * (1 + 2 + 8 * 2)
     peak = BASE_RSS + work + max(len(f.header) for f in files)
     return ExportPlan(ck, ftype, pure, plan, types, nbytes, files, vocab_holder["v"].summary(), imatrix, peak,
-                      importance, budget)
+                      importance, budget, arch)
+
+
+def _stored_as_is(t: g2.GGUFTensorPlan, qtype: str) -> bool:
+    """Whether tensor ``t`` is written as ``qtype`` without a quantizer: deepseek4's FP4 experts as MXFP4 (a
+    repack) and its tid2eid table as I32."""
+    return (t.kind, qtype) in (("experts_mxfp4", "MXFP4"), ("tid2eid", "I32"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,16 +491,21 @@ SAMPLE_CHUNK = 4 * 2**20
 
 def _sample(ck: Checkpoint, t: g2.GGUFTensorPlan) -> list[tuple[int, torch.Tensor]]:
     """``[(matrix index, float32 rows [R, ne0])]`` of output tensor ``t``, as the file would hold them (the
-    dequantized source; kv_b halves split per head)."""
+    dequantized source; kv_b halves split per head; deepseek4's FP4 experts decoded exactly)."""
     if t.kind in ("kv_b_k", "kv_b_v"):
         kv = torch.cat(list(_rows(ck, t.sources[0], SAMPLE_CHUNK)))
         built = g2.build_tensor(t, [kv], ck.config)
         return [(h, built[h].to(torch.float32)) for h in sorted({0, built.shape[0] // 2})]
     out = []
     for i in sorted({0, len(t.sources) // 2}):
-        gen = _rows(ck, t.sources[i], SAMPLE_CHUNK)
-        x = next(gen)
-        gen.close()
+        if t.kind == "experts_mxfp4":
+            packed, scale = ck.read(t.sources[i]), ck.read(ck.scale_of(t.sources[i]))
+            n = max(1, SAMPLE_CHUNK // (8 * packed.shape[1]))  # the rows of one float32 chunk
+            x = _mxfp4_as_ggml(packed[:n], scale[:n])
+        else:
+            gen = _rows(ck, t.sources[i], SAMPLE_CHUNK)
+            x = next(gen)
+            gen.close()
         x = x.reshape(-1, x.shape[-1])
         out.append((i, x[:: max(1, x.shape[0] // SAMPLE_ROWS)][:SAMPLE_ROWS].to(torch.float32)))
     return out
@@ -533,8 +537,8 @@ def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts
     from ..quant.bit_alloc import Choice, allocate, weighted_rel_error
 
     cfg = ck.config
-    ladder = {q: g2.plan_types(plan, "Q8_0", cfg, overrides=[(".", q)], pure=True, fallback_f16=True)
-              for q in BUDGET_LADDER}
+    arch = arch_for(ck)
+    ladder = {q: arch.types(plan, "Q8_0", cfg, overrides=[(".", q)], pure=True) for q in BUDGET_LADDER}
     def fixed(n: str) -> bool:
         return (any(re.search(p, n) for p, _ in overrides) or (opts.token_embedding_type and n == "token_embd.weight")
                 or (opts.output_tensor_type and n == "output.weight"))
@@ -542,14 +546,17 @@ def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts
     options: dict[str, list[Choice]] = {}
     measured: dict[str, dict[str, float]] = {}
     for t in plan:
-        if t.force_f32 or ladder["Q8_0"][t.name] in ("F32", "F16", "BF16") or fixed(t.name):
+        if (not tensor_allows_quantization(t.name, t.shape) or ladder["Q8_0"][t.name] in ("F32", "F16", "BF16")
+                or fixed(t.name)):
             continue
-        cands = sorted({ladder[q][t.name] for q in BUDGET_LADDER}, key=lambda q: g2.tensor_nbytes(t.shape, q))
+        cands = {ladder[q][t.name] for q in BUDGET_LADDER}
+        exact = {"MXFP4"} if t.kind == "experts_mxfp4" else set()  # the released FP4 values: no error
+        cands = sorted(cands | exact, key=lambda q: g2.tensor_nbytes(t.shape, q))
         e = entries.get(t.name)
         imp = None if e is None else np.asarray(e, np.float32).reshape(-1, t.shape[-1])
         samples = _sample(ck, t)
-        errs = {}
-        for q in cands:
+        errs = {q: 0.0 for q in exact}
+        for q in (c for c in cands if c not in exact):
             num = den = 0.0
             for i, x in samples:
                 w = None if imp is None else imp[i]
@@ -670,9 +677,18 @@ def encode(x: torch.Tensor, qtype: str, device: torch.device, importance: np.nda
     return q.cpu().numpy().reshape(-1)
 
 
+def _mxfp4_as_ggml(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float32 ``[M, N]`` values of FP4 e2m1 ``packed`` ``[M, N/2]`` with e8m0 ``scale`` ``[M, N/32]`` as ggml
+    dequantizes MXFP4 (``dequantize_row_mxfp4``): exact, except that code 8 (e2m1 -0) is +0, because ggml's
+    ``kvalues_mxfp4`` table is integers. Matters for the F16/BF16/F32 bytes only (a quantizer sees 0 either way)."""
+    return dequant_fp4(packed, scale, torch.float32).add_(0.0)
+
+
 def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torch.device,
                   chunk_bytes: int, importance: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """Bytes of output tensor ``t`` in file order: experts in id order, each in row chunks; kv_b halves whole.
+    """Bytes of output tensor ``t`` in file order: experts in id order, each in row chunks; kv_b halves whole;
+    deepseek4's FP4 experts one expert at a time (MXFP4: the release bytes repacked, :func:`repack_mxfp4`; another
+    type: decoded exactly to float32, then quantized), its tid2eid as I32.
 
     ``importance`` (float32 ``[n_mat, ne0]``) weights matrix ``i`` (expert ``i``, or head ``i`` of a kv_b half)
     with row ``i``, as ``llama_tensor_quantize_impl`` slices the imatrix per expert.
@@ -680,6 +696,19 @@ def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torc
     def w(i: int) -> np.ndarray | None:
         return None if importance is None else importance[i]
 
+    if t.kind == "experts_mxfp4":  # deepseek4: per expert, repacked as released, or decoded and quantized
+        for i, src in enumerate(t.sources):
+            packed, scale = ck.read(src), ck.read(ck.scale_of(src))
+            if qtype == "MXFP4":
+                yield g4.repack_mxfp4(packed, scale).numpy().reshape(-1)
+                continue
+            rows = max(1, chunk_bytes // (4 * 2 * packed.shape[1]))  # float32 rows of one chunk
+            for r0 in range(0, packed.shape[0], rows):
+                yield encode(_mxfp4_as_ggml(packed[r0:r0 + rows], scale[r0:r0 + rows]), qtype, device, w(i))
+        return
+    if t.kind == "tid2eid":
+        yield ck.read(t.sources[0]).to(torch.int32).contiguous().view(torch.uint8).numpy().reshape(-1)
+        return
     if t.kind in ("kv_b_k", "kv_b_v"):
         kv = torch.cat(list(_rows(ck, t.sources[0], chunk_bytes)))
         built = g2.build_tensor(t, [kv], ck.config)
@@ -1058,14 +1087,6 @@ def write_file_remote(f_plan: OutFile, file_idx: int, plan: ExportPlan, executor
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Resume:
-    manifest: Manifest
-    done: set[str]
-    resumed: bool
-    already_complete: bool
-
-
 def manifest_path(output: Path, state_dir: Path | None = None) -> Path:
     """``FILE.gguf.dsconvert-manifest.json``, beside ``output`` or in ``state_dir`` (``--state-dir``)."""
     return (Path(state_dir) if state_dir else output.parent) / (output.name + MANIFEST_SUFFIX)
@@ -1089,58 +1110,82 @@ def _owned(output: Path, state_dir: Path | None = None) -> list[Path]:
     return sorted(x for x in found if x.is_file() or x.is_symlink())
 
 
-def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *, overwrite: bool,
-                   resume: bool, state_dir: Path | None = None, parts: dict | None = None, verify: str = "full",
-                   progress: bool | None = False) -> Resume:
-    """Fresh start, resume (matching manifest: keep verified files), already complete, or refuse. ``verify``
-    (``full``: size + sha256 with progress on stderr; ``size``: sizes only) is how finished files are checked.
+@dataclass
+class _GGUFLocation(OutputLocation):
+    """A ``.gguf`` file or its splits, the manifest beside them or in ``state_dir``; ``planned`` the files this
+    export writes (a fresh start keeps each whole until its replacement is renamed over it)."""
 
-    The manifest lives beside ``output`` or in ``state_dir``; ``parts`` (what ``fp`` hashes) is stored in it so
-    that a refusal can list what differs (:func:`~dsconvert.convert.manifest.fingerprint_diff`).
+    output: Path
+    planned: list[OutFile]
+    state_dir: Path | None
 
-    Raises:
-        OutputExistsError (exit 2): output files exist without a dsconvert manifest, or with a manifest for
-            another source or other options, and ``overwrite`` is not set.
-    """
-    mpath = manifest_path(output, state_dir)
-    man = Manifest.load_file(mpath)
-    existing = [p for p in _owned(output, state_dir) if not p.name.endswith((".tmp", PARTIAL_SUFFIX))]
-    if output.is_dir():
-        raise UsageError(f"-o {output} is a directory", hint="give the .gguf file to write, e.g. -o model.gguf")
-    if man is None and existing and not overwrite:
-        raise OutputExistsError(f"{existing[0]} exists and no dsconvert manifest ({mpath}) vouches for it",
-                                hint="if an earlier run used --state-dir, pass the same --state-dir; otherwise "
-                                     "pass --overwrite to replace it, or choose another -o")
-    if man is not None and (man.fingerprint != fp or man.command != COMMAND) and not overwrite:
-        detail = mismatch_detail(man, parts) if man.command == COMMAND else ""
-        raise OutputExistsError(f"{output}: the existing output ({mpath.name}) was made from a different source "
-                                f"or with different options{detail}; refusing to resume it",
-                                hint="rerun with the same SRC and options, pass --overwrite to start over, or "
-                                     "choose another -o")
-    if man is not None and man.fingerprint == fp and man.command == COMMAND and resume and not overwrite:
-        man.parts = man.parts or parts  # a manifest from before fingerprint parts were stored gains them
-        names = {f.name for f in files}
-        done = verify_files(output.parent, {n: m for n, m in man.files.items() if n in names}, verify, progress,
-                            f"{COMMAND}: verifying")
-        man.files = {n: m for n, m in man.files.items() if n in done}
-        for p in output.parent.glob("*.gguf.tmp"):  # a partial file with its sidecar is resumed by write_file
+    @property
+    def base(self) -> Path:
+        return self.output.parent
+
+    @property
+    def mpath(self) -> Path:
+        return manifest_path(self.output, self.state_dir)
+
+    def load(self) -> Manifest | None:
+        return Manifest.load_file(self.mpath)
+
+    def save(self, man: Manifest) -> None:
+        man.save_file(self.mpath)
+
+    def existing(self) -> list[Path]:
+        return [p for p in _owned(self.output, self.state_dir) if not p.name.endswith((".tmp", PARTIAL_SUFFIX))]
+
+    def unvouched_error(self, existing: list[Path]) -> OutputExistsError:
+        return OutputExistsError(f"{existing[0]} exists and no dsconvert manifest ({self.mpath}) vouches for it",
+                                 hint="if an earlier run used --state-dir, pass the same --state-dir; otherwise "
+                                      "pass --overwrite to replace it, or choose another -o")
+
+    def mismatch_error(self, man: Manifest, command: str, detail: str) -> OutputExistsError:
+        return OutputExistsError(f"{self.output}: the existing output ({self.mpath.name}) was made from a different "
+                                 f"source or with different options{detail}; refusing to resume it",
+                                 hint="rerun with the same SRC and options, pass --overwrite to start over, or "
+                                      "choose another -o")
+
+    def tidy_resumed(self, man: Manifest, done: set[str]) -> None:
+        """Keep a partial file only with its sidecar (:func:`write_file` resumes it), a sidecar only with its
+        unfinished partial file; record the manifest."""
+        names = {f.name for f in self.planned}
+        for p in self.base.glob("*.gguf.tmp"):
             final = p.with_name(p.name[: -len(".tmp")])
             if final.name in names and not partial_path(final).is_file():
                 p.unlink()
-        for p in output.parent.glob("*.gguf" + PARTIAL_SUFFIX):
+        for p in self.base.glob("*.gguf" + PARTIAL_SUFFIX):
             final = p.with_name(p.name[: -len(PARTIAL_SUFFIX)])
             if final.name in names and (final.name in done or not final.with_name(final.name + ".tmp").is_file()):
                 p.unlink()
-        if man.complete and done == names:
-            return Resume(man, done, True, True)
-        man.complete = False
-        man.save_file(mpath)
-        return Resume(man, done, True, False)
-    for p in _owned(output, state_dir):
-        p.unlink()
-    man = Manifest(COMMAND, fp, options, parts=parts)
-    man.save_file(mpath)
-    return Resume(man, set(), False, False)
+        self.save(man)
+
+    def clear(self) -> None:
+        planned = {f.path.resolve() for f in self.planned}
+        for p in _owned(self.output, self.state_dir):
+            if p.resolve() not in planned:  # a planned file is kept whole until its replacement is renamed over it
+                p.unlink()
+
+
+def prepare_output(output: Path, files: list[OutFile], fp: str, options: dict, *, overwrite: bool,
+                   resume: bool, state_dir: Path | None = None, parts: dict | None = None, verify: str = "full",
+                   progress: bool | None = False) -> ResumeDecision:
+    """:func:`~dsconvert.convert.manifest.decide_resume` for the GGUF file(s) ``files`` of ``output``: fresh
+    start, resume (matching manifest: keep verified files), already complete, or refuse. A fresh start
+    (``overwrite``) deletes what an earlier export left except the files this one plans: each stays whole until
+    its replacement is renamed over it, so a failed ``--overwrite`` run leaves them as they were.
+
+    Raises:
+        UsageError (exit 2): ``output`` is a directory.
+        OutputExistsError (exit 2): output files exist without a dsconvert manifest, or with a manifest for
+            another source or options, and ``overwrite`` is not set.
+    """
+    if output.is_dir():
+        raise UsageError(f"-o {output} is a directory", hint="give the .gguf file to write, e.g. -o model.gguf")
+    return decide_resume(_GGUFLocation(output, files, state_dir), COMMAND, fp, options, overwrite=overwrite,
+                         resume=resume, planned={f.name for f in files}, verify=verify, progress=progress,
+                         parts=parts)
 
 
 def _source_fingerprint(ck: Checkpoint) -> dict:
@@ -1157,16 +1202,6 @@ def _source_fingerprint(ck: Checkpoint) -> dict:
 # --------------------------------------------------------------------------------------------------
 # run
 # --------------------------------------------------------------------------------------------------
-
-
-def prepare_v4_output(output: Path, overwrite: bool) -> None:
-    """Refuse an existing V4 output unless ``overwrite`` (a V4 export is written whole, without resume).
-
-    Raises:
-        OutputExistsError (exit 2): ``output`` exists and ``overwrite`` is False.
-    """
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} exists", hint="pass --overwrite to replace it")
 
 
 def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = False, overwrite: bool = False,
@@ -1199,16 +1234,13 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
     require_kind(src, COMMAND, ("fp8", "float"), "DeepSeek's FP8 release or an unquantized (BF16) checkpoint",
                  INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
-    if ck.v4 is not None:
-        if (opts.tensor_types or opts.imatrix or opts.split_max_size or opts.split_max_tensors or opts.target_size
-                or opts.output_tensor_type or opts.token_embedding_type or executor.remote):
-            raise UsageError("DeepSeek-V4: --tensor-type, --recipe, --output-tensor-type, --token-embedding-type, "
-                             "--imatrix, --split-*, --target-size and --ray are not supported yet",
-                             hint="dsconvert gguf V4SRC -o out.gguf --type BF16 (or Q8_0)")
-        if output is not None and not dry_run:
-            prepare_v4_output(output, overwrite)
-        return gguf_v4.run(ck, output, resolve_type(opts.type or "BF16")[0], device, dry_run=dry_run)
-    check_supported(ck.config)
+    arch = arch_for(ck)
+    given = [f"{cli} is not supported yet ({why})" for f, cli, why in arch.refused
+             if (recipe if f == "recipe" else getattr(opts, f))]
+    if given:
+        raise UsageError(f"{arch.name} GGUF: {'; '.join(given)}",
+                         hint="dsconvert gguf SRC -o out.gguf --type Q4_K_M (--tensor-type, --output-tensor-type, "
+                              "--token-embedding-type, --split-* and --ray apply)")
     plan = make_plan(ck, opts, output)
     report = base_report(COMMAND)
     report.update({

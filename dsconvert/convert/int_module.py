@@ -28,7 +28,7 @@ class ModuleResult:
 
 
 def read_weight(ck: Checkpoint, name: str) -> torch.Tensor:
-    """``(N, K)`` of a weight in its float form: FP8 (and DeepSeek-V4 FP4 e2m1 experts, ``K`` = twice the stored
+    """``(M, N)`` of a weight in its float form: FP8 (and DeepSeek-V4 FP4 e2m1 experts, ``N`` = twice the stored
     bytes per row) dequantized to BF16 exactly as fp8-to-bf16, else as stored.
 
     Raises:
@@ -46,7 +46,7 @@ def read_weight(ck: Checkpoint, name: str) -> torch.Tensor:
 
 
 def read_float(ck: Checkpoint, name: str) -> torch.Tensor:
-    """float32 ``(N, K)`` of a weight: :func:`read_weight`, then widened."""
+    """float32 ``(M, N)`` of a weight: :func:`read_weight`, then widened."""
     return read_weight(ck, name).to(torch.float32)
 
 

@@ -354,21 +354,129 @@ def verify_files(base: Path, files: dict[str, dict], mode: str, progress: bool |
     return ok
 
 
+class OutputLocation:
+    """Where an output lives, for :func:`decide_resume`: the manifest's home, the files it may vouch for and
+    how to clear or tidy them. :class:`DirectoryLocation` is a model folder; the GGUF exporter has a file
+    location (one ``.gguf`` or its splits, manifest beside it or in ``--state-dir``)."""
+
+    base: Path  # the folder the manifest's file names are relative to
+
+    def load(self) -> Manifest | None:
+        raise NotImplementedError
+
+    def save(self, man: Manifest) -> None:
+        raise NotImplementedError
+
+    def existing(self) -> list[Path]:
+        """Finished-looking output files present now (temporaries excluded)."""
+        raise NotImplementedError
+
+    def unvouched_error(self, existing: list[Path]) -> OutputExistsError:
+        raise NotImplementedError
+
+    def mismatch_error(self, man: Manifest, command: str, detail: str) -> OutputExistsError:
+        raise NotImplementedError
+
+    def tidy_resumed(self, man: Manifest, done: set[str]) -> None:
+        """After a resume decision: drop what cannot be reused (temporaries of unfinished files)."""
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """A fresh start: remove what an earlier run of this command left (never anything else)."""
+        raise NotImplementedError
+
+
+def decide_resume(loc: OutputLocation, command: str, fp: str, options: dict, *, overwrite: bool, resume: bool,
+                  planned: set[str] | None = None, verify: str = "full", progress: bool | None = False,
+                  parts: dict | None = None) -> ResumeDecision:
+    """The one resume rule of every writing command: fresh start, resume (a manifest for the same command and
+    fingerprint ``fp``: keep the files it lists that verify), already complete, or refuse.
+
+    ``planned`` (names relative to ``loc.base``) limits the reusable files to those this run writes (default:
+    every file the manifest lists). ``verify`` (``full``: size + sha256, with progress; ``size``: sizes only) is
+    how finished files are checked before they are trusted. ``parts`` (what ``fp`` hashes) is stored in the
+    manifest; a refusal of another source or other options lists what differs (:func:`fingerprint_diff`).
+
+    Raises:
+        OutputExistsError (exit 2): output files exist without a dsconvert manifest, or with a manifest for
+            another command, source or options, and ``overwrite`` is not set.
+        UsageError (exit 2): an unknown ``verify`` mode.
+    """
+    check_verify_mode(verify)
+    man = loc.load()
+    existing = loc.existing()
+    if man is None and existing and not overwrite:
+        raise loc.unvouched_error(existing)
+    same = man is not None and man.fingerprint == fp and man.command == command
+    if man is not None and not same and not overwrite:
+        raise loc.mismatch_error(man, command, mismatch_detail(man, parts) if man.command == command else "")
+    if same and resume and not overwrite:
+        man.parts = man.parts or parts  # a manifest from before fingerprint parts were stored gains them
+        names = set(man.files) if planned is None else set(planned)
+        done = verify_files(loc.base, {n: m for n, m in man.files.items() if n in names}, verify, progress,
+                            f"{command}: verifying")
+        aux_ok = not man.aux or verify_files(loc.base, man.aux, verify, False, "") == set(man.aux)
+        if man.complete and done == names and aux_ok:
+            return ResumeDecision(man, done, True, True)
+        man.files = {n: m for n, m in man.files.items() if n in done}
+        man.complete = False
+        loc.tidy_resumed(man, done)
+        return ResumeDecision(man, done, True, False)
+    loc.clear()
+    man = Manifest(command, fp, options, parts=parts)
+    loc.save(man)
+    return ResumeDecision(man, set(), False, False)
+
+
+@dataclass
+class DirectoryLocation(OutputLocation):
+    """A model folder ``out`` with ``MANIFEST_NAME`` inside; ``owned_patterns`` are the globs of the files the
+    command writes (a fresh start removes only those, leftover ``*.tmp`` files and the manifest)."""
+
+    out: Path
+    owned_patterns: tuple[str, ...]
+
+    @property
+    def base(self) -> Path:
+        return self.out
+
+    def load(self) -> Manifest | None:
+        return Manifest.load(self.out)
+
+    def save(self, man: Manifest) -> None:
+        man.save(self.out)
+
+    def existing(self) -> list[Path]:
+        return list(self.out.iterdir())
+
+    def unvouched_error(self, existing: list[Path]) -> OutputExistsError:
+        return OutputExistsError(f"output directory {self.out} is not empty and holds no dsconvert manifest",
+                                 hint="choose an empty or new -o, or pass --overwrite to replace its model files")
+
+    def mismatch_error(self, man: Manifest, command: str, detail: str) -> OutputExistsError:
+        what = "another command" if man.command != command else "a different source or different options"
+        return OutputExistsError(f"output directory {self.out} holds a {man.command} output made from {what}{detail}",
+                                 hint="rerun with the same SRC and options to resume, pass --overwrite to start "
+                                      "over there, or choose another -o")
+
+    def tidy_resumed(self, man: Manifest, done: set[str]) -> None:
+        man.aux, man.tensors = {}, {}
+        _remove(self.out, ("*.tmp",))
+
+    def clear(self) -> None:
+        _remove(self.out, self.owned_patterns + ("*.tmp", MANIFEST_NAME))
+
+
 def prepare_output(out: Path, command: str, fp: str, options: dict, *, overwrite: bool, resume: bool,
                    owned_patterns: tuple[str, ...], verify: str = "full", progress: bool | None = False,
                    parts: dict | None = None) -> ResumeDecision:
-    """Decide how to use ``out``: fresh, resume (matching manifest), already complete, or refuse.
-
-    ``owned_patterns`` are the globs of files this command writes; with ``overwrite`` (or ``resume=False`` on
-    a matching manifest) only those, the manifest and leftover ``*.tmp`` files are removed — never anything else.
-    ``parts`` (what ``fp`` hashes) is stored in the manifest; a refusal of another source or other options lists
-    what differs from the stored parts (:func:`fingerprint_diff`).
-    On a rerun, ``verify`` (``full``: size + sha256, with progress; ``size``: sizes only) decides how finished
-    files are checked before they are trusted.
+    """:func:`decide_resume` for the model folder ``out`` (created if missing; a file there is replaced only
+    with ``overwrite``). ``owned_patterns`` are the globs of files this command writes; with ``overwrite`` (or
+    ``resume=False`` on a matching manifest) only those, the manifest and leftover ``*.tmp`` files are removed.
 
     Raises:
-        OutputExistsError: ``out`` holds files but no dsconvert manifest, or a manifest for a different source
-            or options, and ``overwrite`` is not set.
+        OutputExistsError: ``out`` is a file, or holds files but no dsconvert manifest, or a manifest for a
+            different command, source or options, and ``overwrite`` is not set.
         UsageError: an unknown ``verify`` mode.
     """
     check_verify_mode(verify)
@@ -377,33 +485,8 @@ def prepare_output(out: Path, command: str, fp: str, options: dict, *, overwrite
             raise OutputExistsError(f"output {out} exists and is not a directory", hint="pass --overwrite or another -o")
         out.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    man = Manifest.load(out)
-    entries = [p for p in out.iterdir()]
-    if man is None and entries and not overwrite:
-        raise OutputExistsError(f"output directory {out} is not empty and holds no dsconvert manifest",
-                                hint="choose an empty or new -o, or pass --overwrite to replace its model files")
-    if man is not None and (man.fingerprint != fp or man.command != command) and not overwrite:
-        what = "another command" if man.command != command else "a different source or different options"
-        detail = mismatch_detail(man, parts) if man.command == command else ""
-        raise OutputExistsError(f"output directory {out} holds a {man.command} output made from {what}{detail}",
-                                hint="rerun with the same SRC and options to resume, pass --overwrite to start over "
-                                     "there, or choose another -o")
-    if man is not None and man.fingerprint == fp and man.command == command and not overwrite and resume:
-        man.parts = man.parts or parts  # a manifest from before fingerprint parts were stored gains them
-        done = verify_files(out, man.files, verify, progress, f"{command}: verifying")
-        aux_ok = not man.aux or verify_files(out, man.aux, verify, False, "") == set(man.aux)
-        if man.complete and done == set(man.files) and aux_ok:
-            return ResumeDecision(man, done, True, True)
-        for n in set(man.files) - done:
-            del man.files[n]
-        man.complete = False
-        man.aux, man.tensors = {}, {}
-        _remove(out, ("*.tmp",))
-        return ResumeDecision(man, done, True, False)
-    _remove(out, owned_patterns + ("*.tmp", MANIFEST_NAME))
-    man = Manifest(command, fp, options, parts=parts)
-    man.save(out)
-    return ResumeDecision(man, set(), False, False)
+    return decide_resume(DirectoryLocation(out, owned_patterns), command, fp, options, overwrite=overwrite,
+                         resume=resume, verify=verify, progress=progress, parts=parts)
 
 
 def _remove(out: Path, patterns: tuple[str, ...]) -> None:

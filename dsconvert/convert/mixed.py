@@ -27,7 +27,7 @@ import torch
 
 from ..errors import UsageError
 from ..formats.checkpoint import Checkpoint
-from ..formats.compressed_tensors import CT_LAYOUT_VERSION
+from ..formats.compressed_tensors import ct_quantization_config
 from ..formats.ct_fp4 import FP4_LAYOUTS, FP4Layout
 from ..formats.int_format import TensorPlan
 from ..quant.fp4_schemes import FP4Scheme
@@ -249,19 +249,8 @@ class Assignment:
 def mixed_quantization_config(groups: list[_Group], ignore: list[str]) -> dict:
     """``quantization_config`` with one config group per scheme, as compressed-tensors 0.20.1 writes it."""
     formats = {g.codec.format for g in groups}
-    return {
-        "config_groups": {f"group_{i}": g.codec.config_group(g.targets) for i, g in enumerate(groups)},
-        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-        "global_compression_ratio": None,
-        "ignore": list(ignore),
-        "kv_cache_scheme": None,
-        "moe_sparsity_config": None,
-        "quant_method": "compressed-tensors",
-        "quantization_status": "compressed",
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": CT_LAYOUT_VERSION,
-    }
+    return ct_quantization_config({f"group_{i}": g.codec.config_group(g.targets) for i, g in enumerate(groups)},
+                                  formats.pop() if len(formats) == 1 else "mixed-precision", ignore)
 
 
 def input_absmax(ck: Checkpoint, modules: set[str], seqs: list[list[int]]) -> dict[str, float]:

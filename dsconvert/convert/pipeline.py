@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -284,15 +284,7 @@ def write_shards(out_dir: Path, shards: list[OutShard], manifest: Manifest, prog
                 for f in [f for f in pending if f.done()]:
                     f.result()  # surface a failed commit early
         else:
-            futs = [pool.submit(run, s) for s in todo]
-            while True:
-                done, not_done = wait(futs, timeout=0.25, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    if not f.cancelled() and f.exception() is not None:
-                        raise f.exception()
-                if not not_done:
-                    break
-                cancel.check()
+            cancel.wait_all([pool.submit(run, s) for s in todo])
         for f in list(pending):
             f.result()
     except BaseException:

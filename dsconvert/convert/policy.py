@@ -22,48 +22,21 @@ from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..formats import deepseek_v3 as v3
+from ..formats import deepseek_v4 as v4_layout
 from ..quant.rtn import QuantSpec
 
 log = logging.getLogger(__name__)
 
-# What stays unquantized, as patterns for the formats' ignore lists (Linear modules only).
-DEFAULT_IGNORE_PATTERNS = list(v3.KEPT_LINEARS)
-
-# DeepSeek-V4 release names (no ``model.`` prefix; ``layers.{i}.`` and the MTP block ``mtp.{j}.``). Quantized:
-# the FP8 attention linears, the CSA indexer's FP8 query projection, the shared and routed experts (FP4 or FP8).
-# Kept (as the release and the engines keep them): the BF16 compressor / indexer projections (no scale in the
-# release), the router ``ffn.gate``, the MTP ``e_proj``/``h_proj`` (as V3's ``eh_proj``), embed and head.
-V4_QUANTIZABLE = re.compile(
-    r"^(?:layers|mtp)\.(?P<layer>\d+)\.(?:"
-    r"attn\.(?P<attn>wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)"
-    r"|ffn\.experts\.(?P<expert>\d+)\.(?P<eproj>w1|w2|w3)"
-    r"|ffn\.shared_experts\.(?P<sproj>w1|w2|w3)"
-    r")\.weight$")
-V4_KEPT_LINEARS = ["head", r"re:.*ffn\.gate$", r"re:.*attn\.compressor\.(wkv|wgate)$",
-                   r"re:.*attn\.indexer\.(weights_proj|compressor\.wkv|compressor\.wgate)$",
-                   r"re:^mtp\.\d+\.(e_proj|h_proj)$"]
-
-
 def fused_group(weight_name: str) -> str | None:
-    """The fused group of a quantizable weight (its members share one precision), else None: V3's groups
-    (:func:`dsconvert.formats.deepseek_v3.fused_group`), and for DeepSeek-V4 each MLP's {w1, w3} (gate/up,
-    fused by the engines) and all routed experts of a layer (one FusedMoE)."""
-    g = v3.fused_group(weight_name)
-    m = None if g is not None else V4_QUANTIZABLE.match(weight_name)
-    if m is None:
-        return g
-    where = weight_name.split(".", 2)
-    layer = f"{where[0]}.{where[1]}"
-    if m.group("expert") is not None:
-        return f"{layer}: all routed experts (FusedMoE)"
-    if m.group("sproj") in ("w1", "w3"):
-        return f"{layer}: shared_experts w1 + w3 (gate_up_proj)"
-    return None
+    """The fused group of a quantizable weight (its members share one precision), else None: V3's
+    (:func:`dsconvert.formats.deepseek_v3.fused_group`) or DeepSeek-V4's
+    (:func:`dsconvert.formats.deepseek_v4.fused_group`)."""
+    return v3.fused_group(weight_name) or v4_layout.fused_group(weight_name)
 
 
 def default_ignore(v4: bool) -> list[str]:
     """The formats' ignore patterns for what the policy never quantizes: V3 or DeepSeek-V4 release names."""
-    return list(V4_KEPT_LINEARS) if v4 else list(DEFAULT_IGNORE_PATTERNS)
+    return list(v4_layout.KEPT_LINEARS if v4 else v3.KEPT_LINEARS)
 
 
 def module_of(weight_name: str) -> str:
@@ -102,7 +75,7 @@ class LayerPolicy:
     @staticmethod
     def quantizable(name: str, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and (v3.QUANTIZABLE.match(name) is not None
-                                    or V4_QUANTIZABLE.match(name) is not None)
+                                    or v4_layout.QUANTIZABLE.match(name) is not None)
 
     def __call__(self, name: str, shape: tuple[int, ...]) -> QuantSpec | None:
         if not self.quantizable(name, shape):

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import BadInputError, UsageError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..formats.deepseek_v3 import layer_index
 from ..formats.hf_config import unquantized_config, version_label
 from ..formats.int_format import IntFormat
 from ..formats.kind import require_kind
@@ -53,7 +54,6 @@ from .fp8_to_bf16 import BASE_RSS, resolve_device
 from .calibrated import STATE_NAME, calibrated_compute
 
 COMMAND = "quantize"
-_LAYER_PREFIX = "model.layers."
 #: What to do instead, by the kind of checkpoint given (:func:`dsconvert.formats.kind.require_kind`).
 INPUT_HINTS = {
     "int": "it is already quantized; quantize the FP8 release (or its BF16 copy) it was made from",
@@ -221,16 +221,11 @@ def _natural_key(name: str) -> tuple:
 
 
 def _layer_key(name: str, ck: Checkpoint | None = None) -> int:
-    """Grouping key: -1 for embeddings and other non-layer tensors, else the layer index (DeepSeek-V4 release
-    names: ``layers.{i}.`` is ``i``, the MTP block ``mtp.{j}.`` is ``num_hidden_layers + j``)."""
-    if name.startswith(_LAYER_PREFIX):
-        return int(name[len(_LAYER_PREFIX):].split(".", 1)[0])
-    if ck is not None and ck.v4 is not None:
-        head, _, rest = name.partition(".")
-        idx = rest.split(".", 1)[0]
-        if head in ("layers", "mtp") and idx.isdigit():
-            return int(idx) + (ck.v4.layers if head == "mtp" else 0)
-    return -1
+    """Grouping key: -1 for embeddings and other non-layer tensors, else the block index, MTP blocks numbered
+    after the main layers (V3: :func:`~dsconvert.formats.deepseek_v3.layer_index`; V4:
+    :meth:`~dsconvert.formats.deepseek_v4.V4Geometry.block_of`)."""
+    i = ck.v4.block_of(name) if ck is not None and ck.v4 is not None else layer_index(name)
+    return -1 if i is None else i
 
 
 def logical_shape(ck: Checkpoint, name: str) -> tuple[int, ...]:
@@ -430,7 +425,7 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
 
 
 def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
-    """Refuse a group size that does not divide the in_features K of every tensor to quantize, naming the first
+    """Refuse a group size that does not divide the in_features N of every tensor to quantize, naming the first
     such tensor and the largest group size that divides them all.
 
     Raises:
@@ -454,9 +449,9 @@ def _check_group_size(ck: Checkpoint, spec, opts: Options) -> None:
         return
     fits = [c for c in (256, 128, 64, 32, 16, 8) if all(k % c == 0 for k in ks.values())]
     hint = (f"--group-size {fits[0]} divides the in_features of every tensor to quantize" if fits
-            else "--group-size -1 (per channel)") + "; or --ignore the tensors whose K does not divide"
+            else "--group-size -1 (per channel)") + "; or --ignore the tensors whose N it does not divide"
     m, k = bad[0]
-    raise ShapeError(f"group size {g} does not divide in_features K={k} of tensor {m!r} "
+    raise ShapeError(f"group size {g} does not divide in_features N={k} of tensor {m!r} "
                      f"({count(len(bad), 'tensor')} affected)", hint=hint)
 
 

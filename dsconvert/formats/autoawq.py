@@ -1,13 +1,13 @@
 """AutoAWQ GEMM layout (``quant_method: "awq"``, ``version: "gemm"``), 4-bit only.
 
-Per module (N = out_features, K = in_features, g = group size, K for per-channel):
+Per module (M = out_features, N = in_features, g = group size, N for per-channel):
 
 ==========  =======  ============  ========================================================
 tensor      dtype    shape         content
 ==========  =======  ============  ========================================================
-``qweight``  int32   [K, N/8]      unsigned q, packed along N in AWQ order [0,2,4,6,1,3,5,7]
-``qzeros``   int32   [K/g, N/8]    unsigned zero points, same packing, stored as-is
-``scales``   fp16    [K/g, N]      multipliers
+``qweight``  int32   [N, M/8]      unsigned q, packed along M in AWQ order [0,2,4,6,1,3,5,7]
+``qzeros``   int32   [N/g, M/8]    unsigned zero points, same packing, stored as-is
+``scales``   fp16    [N/g, M]      multipliers
 ==========  =======  ============  ========================================================
 
 Dequant: ``w[n, k] = (q[k, n] - z[k // g, n]) * s[k // g, n]`` in fp16. There is no ``.weight``.
@@ -85,7 +85,7 @@ class AutoAWQFormat(IntFormat):
         n, k = self._check_2d(shape, prefix)
         groups = spec.num_groups(k, prefix or None)
         if n % 8:
-            raise ShapeError(f"AutoAWQ GEMM packs 8 output columns per int32; out_features N={n} of "
+            raise ShapeError(f"AutoAWQ GEMM packs 8 output columns per int32; out_features M={n} of "
                              f"{prefix!r} is not a multiple of 8",
                              hint="--ignore this layer or use --format compressed-tensors")
         return [
@@ -102,18 +102,18 @@ class AutoAWQFormat(IntFormat):
         n, k = qt.shape
         self.plan(prefix, (n, k), qt.spec)
         return {
-            join_name(prefix, "qweight"): pack_awq_gemm(qt.q.t()),  # (N, K) -> (K, N) -> (K, N/8)
-            join_name(prefix, "qzeros"): pack_awq_gemm(qt.zero.t()),  # (N, G) -> (G, N) -> (G, N/8)
-            join_name(prefix, "scales"): qt.scale.t().to(torch.float16).contiguous(),  # (G, N)
+            join_name(prefix, "qweight"): pack_awq_gemm(qt.q.t()),  # (M, N) -> (N, M) -> (N, M/8)
+            join_name(prefix, "qzeros"): pack_awq_gemm(qt.zero.t()),  # (M, G) -> (G, M) -> (G, M/8)
+            join_name(prefix, "scales"): qt.scale.t().to(torch.float16).contiguous(),  # (G, M)
         }
 
     def to_qtensor(self, tensors: Mapping[str, torch.Tensor], spec_or_config: QuantSpec | dict) -> QTensor:
-        """Unpack into an unsigned :class:`QTensor` (``q`` ``[N, K]``)."""
+        """Unpack into an unsigned :class:`QTensor` (``q`` ``[M, N]``)."""
         spec = self._spec(spec_or_config)
         t = by_suffix(tensors)
         _require(t, _NAMES, "AutoAWQ")
-        q = unpack_awq_gemm(t["qweight"]).t()  # (K, N) -> (N, K)
-        z = unpack_awq_gemm(t["qzeros"]).t()  # (G, N) -> (N, G)
+        q = unpack_awq_gemm(t["qweight"]).t()  # (N, M) -> (M, N)
+        z = unpack_awq_gemm(t["qzeros"]).t()  # (G, M) -> (M, G)
         s = t["scales"]
         k, n = q.shape[1], q.shape[0]
         if tuple(s.shape) != (spec.num_groups(k), n) or tuple(z.shape) != (n, s.shape[0]):

@@ -7,21 +7,21 @@ format, registered in :data:`CT_COMPRESSORS` (``@register_ct_compressor("int-qua
 ``pack-quantized`` codec (weight-only INT4/INT8); ``int-quantized`` (W8A8) is
 :mod:`dsconvert.formats.ct_int_quantized`, ``float-quantized`` (FP8_BLOCK) :mod:`dsconvert.formats.ct_float_quantized`.
 
-Per module, N = out_features, K = in_features, g = group size (K for per-channel), b = bits:
+Per module, M = out_features, N = in_features, g = group size (N for per-channel), b = bits:
 
 =====================  =======  ==========================  =========================================
 tensor                 dtype    shape                       content
 =====================  =======  ==========================  =========================================
-``weight_packed``      int32    [N, ceil(K*b/32)]           signed q + 2^(b-1), LSB first along K
-``weight_scale``       bf16     [N, K/g]                    multiplier (model dtype)
-``weight_shape``       int64    [2]                         (N, K)
-``weight_zero_point``  int32    [ceil(N*b/32), K/g]         asymmetric only; signed zp packed along dim 0
+``weight_packed``      int32    [M, ceil(N*b/32)]           signed q + 2^(b-1), LSB first along N
+``weight_scale``       bf16     [M, N/g]                    multiplier (model dtype)
+``weight_shape``       int64    [2]                         (M, N)
+``weight_zero_point``  int32    [ceil(M*b/32), N/g]         asymmetric only; signed zp packed along dim 0
 =====================  =======  ==========================  =========================================
 
 Dequant: ``w = (q - zp) * scale`` computed in the scale dtype.
 Sources: compressed-tensors 0.20.1 ``compressors/pack_quantized/{base,helpers}.py``,
 ``quantization/quant_config.py``, ``compressors/model_compressors/model_compressor.py::update_config``.
-The layout and the config dict are verified against the installed library in tests/test_int_formats.py
+The layout and the config dict are verified against the installed library in tests/formats/test_int_formats.py
 (its ``PackedQuantizationCompressor.decompress`` reads our tensors bit-exactly).
 """
 
@@ -38,7 +38,9 @@ from dsconvert.quant.pack import pack_int32_rows_lsb, unpack_int32_rows_lsb
 from dsconvert.quant.registry import Registry
 from dsconvert.quant.rtn import COMPRESSED_TENSORS, QTensor, QuantSpec, dequantize
 
-__all__ = ["CompressedTensorsFormat", "CT_LAYOUT_VERSION", "CT_COMPRESSORS", "register_ct_compressor"]
+__all__ = ["CompressedTensorsFormat", "CT_LAYOUT_VERSION", "ct_quantization_config", "CT_COMPRESSORS",
+           "register_ct_compressor"]
+
 
 #: compression format name (the ``format`` written in ``quantization_config``) -> codec class.
 CT_COMPRESSORS: Registry[type] = Registry("compressed-tensors compression format")
@@ -64,6 +66,26 @@ def _load_compressors() -> None:
 #: compressed-tensors release whose on-disk layout and config this module reproduces (written as
 #: ``quantization_config.version``, as ``ModelCompressor.update_config`` writes its own version).
 CT_LAYOUT_VERSION = "0.20.1"
+
+
+def ct_quantization_config(config_groups: dict[str, dict], fmt: str, ignore: Iterable[str] = ()) -> dict:
+    """A compressed-tensors ``quantization_config`` around ``config_groups``, with the keys and nesting of
+    compressed-tensors 0.20.1's ``ModelCompressor.update_config``; ``fmt`` is the top-level ``format`` (one
+    compressor's name, or ``mixed-precision``)."""
+    return {
+        "config_groups": config_groups,
+        "format": fmt,
+        "global_compression_ratio": None,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "moe_sparsity_config": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": CT_LAYOUT_VERSION,
+    }
+
 
 _WEIGHT = ("weight_packed", "weight_scale", "weight_shape")
 _ZP = "weight_zero_point"
@@ -262,27 +284,9 @@ class CompressedTensorsFormat(IntFormat):
         is the caller's choice). Keys and nesting match ``ModelCompressor.update_config``.
         """
         weights, acts = self.group_args(spec)
-        return {
-            "config_groups": {
-                "group_0": {
-                    "format": self.compression_format,
-                    "input_activations": acts,
-                    "output_activations": None,
-                    "targets": ["Linear"],
-                    "weights": weights,
-                }
-            },
-            "format": self.compression_format,
-            "global_compression_ratio": None,
-            "ignore": list(ignore),
-            "kv_cache_scheme": None,
-            "moe_sparsity_config": None,
-            "quant_method": "compressed-tensors",
-            "quantization_status": "compressed",
-            "sparsity_config": {},
-            "transform_config": {},
-            "version": CT_LAYOUT_VERSION,
-        }
+        group = {"format": self.compression_format, "input_activations": acts, "output_activations": None,
+                 "targets": ["Linear"], "weights": weights}
+        return ct_quantization_config({"group_0": group}, self.compression_format, ignore)
 
     @classmethod
     def detect(cls, quantization_config: dict) -> bool:

@@ -15,7 +15,7 @@ This is DeepSeek's own layout with ``weight_scale_inv`` renamed and the scale in
 
 Source: compressed-tensors 0.20.1 ``compressors/naive_quantized/base.py`` (``FloatQuantizationCompressor``,
 padding for block strategies), ``quantization/quant_scheme.py::FP8_BLOCK``; docs/int-formats.md §10. Verified
-against the installed library in tests/test_w8a8_fp8.py.
+against the installed library in tests/convert/test_w8a8_fp8.py.
 """
 
 from __future__ import annotations
@@ -26,17 +26,16 @@ import torch
 
 from dsconvert.errors import UnsupportedError, UsageError
 from dsconvert.formats.compressed_tensors import CompressedTensorsFormat, register_ct_compressor
-from dsconvert.formats.int_format import TensorPlan, _require, by_suffix, join_name
-from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block, quantize_fp8_block
+from dsconvert.formats.fp8_block_tensors import FP8BlockTensors
+from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block
 
 __all__ = ["CTFloatQuantized"]
 
-_NAMES = ("weight", "weight_scale")
-
-
 @register_ct_compressor("float-quantized")
-class CTFloatQuantized(CompressedTensorsFormat):
+class CTFloatQuantized(FP8BlockTensors, CompressedTensorsFormat):
     """float8_e4m3fn block-scaled weights with dynamic fp8 activations (FP8_BLOCK)."""
+
+    scale_name = "weight_scale"
 
     @classmethod
     def accepts(cls, scheme) -> bool:
@@ -68,31 +67,6 @@ class CTFloatQuantized(CompressedTensorsFormat):
         """FP8 block scales are stored in the model dtype (bf16)."""
         return self.scale_dtype
 
-    @property
-    def marker_suffix(self) -> str:
-        return "weight_scale"
-
-    def tensor_names(self, prefix: str, spec=None) -> list[str]:
-        return [join_name(prefix, s) for s in _NAMES]
-
-    def plan(self, prefix: str, shape: tuple[int, int], spec: FP8BlockSpec) -> list[TensorPlan]:
-        self.supports(spec)
-        m, n = self._check_2d(shape, prefix)
-        return [TensorPlan(join_name(prefix, "weight"), torch.float8_e4m3fn, (m, n)),
-                TensorPlan(join_name(prefix, "weight_scale"), self.scale_dtype, spec.grid((m, n), prefix))]
-
-    def encode(self, prefix: str, w: torch.Tensor, spec: FP8BlockSpec) -> dict[str, torch.Tensor]:
-        """Block-FP8 quantize ``w`` ``[M, N]`` (DeepSeek's rule, scales in this format's dtype) and store it."""
-        self.plan(prefix, tuple(w.shape), spec)
-        return self.encode_qtensor(prefix, quantize_fp8_block(w, spec, scale_dtype=self.scale_dtype,
-                                                              name=prefix or None))
-
-    def encode_qtensor(self, prefix: str, qt: FP8BlockTensor) -> dict[str, torch.Tensor]:
-        """Store an :class:`FP8BlockTensor` whose scales are already in this writer's dtype."""
-        if not isinstance(qt, FP8BlockTensor) or qt.scale.dtype != self.scale_dtype:
-            raise ValueError(f"float-quantized packs an FP8BlockTensor with {self.scale_dtype} scales")
-        return {join_name(prefix, "weight"): qt.q.contiguous(), join_name(prefix, "weight_scale"): qt.scale.contiguous()}
-
     def decode(self, tensors: Mapping[str, torch.Tensor], spec_or_config) -> torch.Tensor:
         """``q.to(bf16) * scale`` per block (one rounding to the scale dtype) as float32 ``[M, N]``.
 
@@ -100,9 +74,7 @@ class CTFloatQuantized(CompressedTensorsFormat):
             BadInputError: a tensor is missing. UnsupportedError: the scale grid does not match the weight.
         """
         spec = spec_or_config if isinstance(spec_or_config, FP8BlockSpec) else self.spec_from_config(spec_or_config)
-        t = by_suffix(tensors)
-        _require(t, _NAMES, "compressed-tensors float-quantized")
-        q, scale = t["weight"], t["weight_scale"]
+        q, scale = self.block_tensors(tensors)
         grid = spec.grid(tuple(q.shape))
         if q.dtype != torch.float8_e4m3fn or tuple(scale.shape) != grid:
             raise UnsupportedError(f"float-quantized module: weight {q.dtype} {tuple(q.shape)} with weight_scale "

@@ -15,7 +15,7 @@ tensor                     dtype       shape        content
 The math is :mod:`dsconvert.quant.fp4`; this module only names, plans and describes. The config-group dicts
 are what compressed-tensors 0.20.1 serialises for its ``NVFP4``, ``NVFP4A16``, ``MXFP4`` and ``MXFP4A16``
 presets (``quantization/quant_scheme.py``), checked against ``ModelCompressor.update_config`` in
-tests/test_quantize_fp4.py.
+tests/convert/test_quantize_fp4.py.
 """
 
 from __future__ import annotations

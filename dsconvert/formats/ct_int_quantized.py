@@ -1,12 +1,12 @@
 """compressed-tensors ``int-quantized``: int8 weights stored unpacked, for W8A8 (dynamic int8 activations).
 
-Per module (N = out_features, K = in_features), per-output-channel symmetric scales:
+Per module (M = out_features, N = in_features), per-output-channel symmetric scales:
 
 =================  =======  ========  ==============================================
 tensor             dtype    shape     content
 =================  =======  ========  ==============================================
-``weight``         int8     [N, K]    signed q in [-128, 127]
-``weight_scale``   bf16     [N, 1]    multiplier (model dtype), absmax / 127.5
+``weight``         int8     [M, N]    signed q in [-128, 127]
+``weight_scale``   bf16     [M, 1]    multiplier (model dtype), absmax / 127.5
 =================  =======  ========  ==============================================
 
 No zero point (symmetric). Dequant: ``w = q * scale`` computed in the scale dtype. The engine quantizes the
@@ -15,7 +15,7 @@ input activations per token at run time (``input_activations: {strategy: token, 
 Source: compressed-tensors 0.20.1 ``compressors/naive_quantized/base.py`` (``IntQuantizationCompressor``: the
 ``naive`` layout, selected when input activations are quantized and the weights are ``int``) and
 ``quantization/quant_scheme.py::INT8_W8A8``; docs/int-formats.md §9. Verified against the installed library in
-tests/test_w8a8_fp8.py.
+tests/convert/test_w8a8_fp8.py.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class CTIntQuantized(CompressedTensorsFormat):
                 TensorPlan(join_name(prefix, "weight_scale"), self.scale_dtype, (n, 1))]
 
     def encode_qtensor(self, prefix: str, qt: QTensor) -> dict[str, torch.Tensor]:
-        """Store a signed per-channel 8-bit :class:`QTensor` (scale ``[N, 1]`` in this writer's dtype)."""
+        """Store a signed per-channel 8-bit :class:`QTensor` (scale ``[M, 1]`` in this writer's dtype)."""
         if qt.convention.scale_dtype != self.scale_dtype:
             raise ValueError(f"QTensor scales are {qt.convention.scale_dtype}, this writer stores {self.scale_dtype}")
         self.supports(qt.spec)
@@ -87,7 +87,7 @@ class CTIntQuantized(CompressedTensorsFormat):
         """One module's tensors as a signed :class:`QTensor` (scale dtype as stored).
 
         Raises:
-            BadInputError: a tensor is missing. UnsupportedError: the scale is not ``[N, 1]``.
+            BadInputError: a tensor is missing. UnsupportedError: the scale is not ``[M, 1]``.
         """
         spec = self._spec(spec_or_config)
         t = by_suffix(tensors)
@@ -95,7 +95,7 @@ class CTIntQuantized(CompressedTensorsFormat):
         q, scale = t["weight"], t["weight_scale"]
         if q.dtype != torch.int8 or tuple(scale.shape) != (q.shape[0], 1):
             raise UnsupportedError(f"int-quantized module: weight {q.dtype} {tuple(q.shape)} with weight_scale "
-                                   f"{tuple(scale.shape)} (expected int8 [N, K] and [N, 1])")
+                                   f"{tuple(scale.shape)} (expected int8 [M, N] and [M, 1])")
         conv = COMPRESSED_TENSORS.with_scale_dtype(scale.dtype)
         return QTensor(q=q, scale=scale.to(torch.float32), zero=None, spec=spec, convention=conv)
 

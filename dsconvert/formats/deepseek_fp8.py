@@ -15,7 +15,7 @@ Everything else (embeddings, ``lm_head``, norms, the router and its F32 ``e_scor
 ``scale_fmt: ue8m0`` when the scales are powers of two (as DeepSeek-V3.1's config declares it), plus
 ``modules_to_not_convert`` (transformers' ``FineGrainedFP8Config`` key) when ``--ignore`` kept quantizable
 modules in BF16. The output reads back in dsconvert as an FP8 release (``fp8-to-bf16``, ``validate``,
-``quantize``) and in transformers through its fine-grained FP8 loader (tests/test_w8a8_fp8.py).
+``quantize``) and in transformers through its fine-grained FP8 loader (tests/convert/test_w8a8_fp8.py).
 
 Sources: DeepSeek-V3 ``config.json`` and ``README_WEIGHTS.md``; docs/checkpoint-layout.md; docs/int-formats.md §11.
 """
@@ -27,21 +27,20 @@ from typing import Iterable, Mapping
 import torch
 
 from dsconvert.errors import UnsupportedError, UsageError
-from dsconvert.formats.int_format import IntFormat, TensorPlan, _require, by_suffix, join_name
+from dsconvert.formats.fp8_block_tensors import FP8BlockTensors
+from dsconvert.formats.int_format import IntFormat
 from dsconvert.formats.registry import register_format
-from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block, quantize_fp8_block
+from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block
 
 __all__ = ["DeepSeekFP8Format"]
 
-_NAMES = ("weight", "weight_scale_inv")
-
-
 @register_format("deepseek-fp8", aliases=["fp8-native"])
-class DeepSeekFP8Format(IntFormat):
+class DeepSeekFP8Format(FP8BlockTensors, IntFormat):
     """Writer/reader of DeepSeek's ``weight`` + ``weight_scale_inv`` layout (float32 scales)."""
 
     convention = None  # no integer convention: this format stores FP8 blocks only
     scale_dtype = torch.float32
+    scale_name = "weight_scale_inv"
 
     def supports(self, spec) -> bool:
         """True for an :class:`FP8BlockSpec`.
@@ -75,38 +74,11 @@ class DeepSeekFP8Format(IntFormat):
         """Scales are stored as float32 (``weight_scale_inv``)."""
         return self.scale_dtype
 
-    @property
-    def marker_suffix(self) -> str:
-        return "weight_scale_inv"
-
-    def tensor_names(self, prefix: str, spec=None) -> list[str]:
-        return [join_name(prefix, s) for s in _NAMES]
-
-    def plan(self, prefix: str, shape: tuple[int, int], spec: FP8BlockSpec) -> list[TensorPlan]:
-        self.supports(spec)
-        m, n = self._check_2d(shape, prefix)
-        return [TensorPlan(join_name(prefix, "weight"), torch.float8_e4m3fn, (m, n)),
-                TensorPlan(join_name(prefix, "weight_scale_inv"), torch.float32, spec.grid((m, n), prefix))]
-
-    def encode(self, prefix: str, w: torch.Tensor, spec: FP8BlockSpec) -> dict[str, torch.Tensor]:
-        """Block-FP8 quantize ``w`` ``[M, N]`` (DeepSeek's rule, scales in this format's dtype) and store it."""
-        self.plan(prefix, tuple(w.shape), spec)
-        return self.encode_qtensor(prefix, quantize_fp8_block(w, spec, scale_dtype=self.scale_dtype,
-                                                              name=prefix or None))
-
-    def encode_qtensor(self, prefix: str, qt: FP8BlockTensor) -> dict[str, torch.Tensor]:
-        """Store an :class:`FP8BlockTensor` with float32 scales."""
-        if not isinstance(qt, FP8BlockTensor) or qt.scale.dtype != torch.float32:
-            raise ValueError("deepseek-fp8 packs an FP8BlockTensor with float32 scales")
-        return {join_name(prefix, "weight"): qt.q.contiguous(),
-                join_name(prefix, "weight_scale_inv"): qt.scale.contiguous()}
-
     def decode(self, tensors: Mapping[str, torch.Tensor], spec_or_config) -> torch.Tensor:
         """``bf16(float32(weight) * weight_scale_inv)`` (DeepSeek's ``weight_dequant``) as float32 ``[M, N]``."""
         spec = spec_or_config if isinstance(spec_or_config, FP8BlockSpec) else self.spec_from_config(spec_or_config)
-        t = by_suffix(tensors)
-        _require(t, _NAMES, "deepseek-fp8")
-        return dequantize_fp8_block(FP8BlockTensor(t["weight"], t["weight_scale_inv"], spec)).to(torch.float32)
+        q, scale_inv = self.block_tensors(tensors)
+        return dequantize_fp8_block(FP8BlockTensor(q, scale_inv, spec)).to(torch.float32)
 
     def quantization_config(self, spec: FP8BlockSpec, ignore: Iterable[str] = ()) -> dict:
         """The release's ``quantization_config``; ``ignore`` (quantizable modules kept in BF16) becomes

@@ -18,6 +18,7 @@ Storage kinds:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,6 +61,14 @@ class V4Geometry:
     def layer_prefix(self, i: int) -> str:
         """``layers.{i}.`` for main layers, ``mtp.{i - L}.`` for the MTP block(s)."""
         return f"layers.{i}." if i < self.layers else f"mtp.{i - self.layers}."
+
+    def block_of(self, name: str) -> int | None:
+        """The block index of a tensor, the inverse of :meth:`layer_prefix`: ``i`` for ``layers.{i}.*``,
+        ``L + j`` for ``mtp.{j}.*`` (the numbering DeepSeek-V3 uses on disk for its MTP layer), else None."""
+        m = _BLOCK_RE.match(name)
+        if m is None:
+            return None
+        return int(m.group(2)) + (self.layers if m.group(1) == "mtp" else 0)
 
     def attention_kind(self, i: int) -> str:
         return RATIO_KIND[self.ratios[i]]
@@ -354,13 +363,47 @@ def layer_schedule(g: V4Geometry) -> list[dict]:
              "compress_ratio": g.ratios[i], "moe": g.moe_kind(i)} for i in range(g.layers + g.mtp)]
 
 
-_LAYER_RE = __import__("re").compile(r"^layers\.(\d+)\.")
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+_BLOCK_RE = re.compile(r"^(layers|mtp)\.(\d+)\.")
 
 
 def layer_index(name: str) -> int | None:
     """``i`` of a main-layer tensor ``layers.{i}.*``, else None (globals, ``mtp.*``)."""
     m = _LAYER_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+#: The 2-D weights ``quantize`` may quantize (release names: ``layers.{i}.`` and the MTP block ``mtp.{j}.``):
+#: the FP8 attention linears, the CSA indexer's FP8 query projection, the shared and routed experts (FP4 or
+#: FP8).
+QUANTIZABLE = re.compile(
+    r"^(?:layers|mtp)\.(?P<layer>\d+)\.(?:"
+    r"attn\.(?P<attn>wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)"
+    r"|ffn\.experts\.(?P<expert>\d+)\.(?P<eproj>w1|w2|w3)"
+    r"|ffn\.shared_experts\.(?P<sproj>w1|w2|w3)"
+    r")\.weight$")
+
+#: The linears kept in their float dtype, as the release and the engines keep them (ignore-list patterns): the
+#: head, the router ``ffn.gate``, the BF16 compressor / indexer projections (no scale in the release), the MTP
+#: ``e_proj``/``h_proj`` (as V3's ``eh_proj``).
+KEPT_LINEARS = ("head", r"re:.*ffn\.gate$", r"re:.*attn\.compressor\.(wkv|wgate)$",
+                r"re:.*attn\.indexer\.(weights_proj|compressor\.wkv|compressor\.wgate)$",
+                r"re:^mtp\.\d+\.(e_proj|h_proj)$")
+
+
+def fused_group(weight_name: str) -> str | None:
+    """The fused group of a quantizable weight (its members share one precision), else None: each shared
+    expert's {w1, w3} (gate/up, fused by the engines) and all routed experts of a layer (one FusedMoE)."""
+    m = QUANTIZABLE.match(weight_name)
+    if m is None:
+        return None
+    where = weight_name.split(".", 2)
+    layer = f"{where[0]}.{where[1]}"
+    if m.group("expert") is not None:
+        return f"{layer}: all routed experts (FusedMoE)"
+    if m.group("sproj") in ("w1", "w3"):
+        return f"{layer}: shared_experts w1 + w3 (gate_up_proj)"
+    return None
 
 
 def is_routed_expert(name: str) -> bool:

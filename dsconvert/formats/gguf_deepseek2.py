@@ -59,7 +59,8 @@ __all__ = [
     "choose_type", "plan_types", "file_type_id", "tensor_nbytes",
 ]
 
-PlanKind = Literal["copy", "stack_experts", "kv_b_k", "kv_b_v"]
+#: ``experts_mxfp4`` / ``tid2eid``: deepseek4 only (:mod:`dsconvert.formats.gguf_deepseek4`)
+PlanKind = Literal["copy", "stack_experts", "kv_b_k", "kv_b_v", "experts_mxfp4", "tid2eid"]
 
 # Bytes per element of safetensors dtypes (names as in the safetensors header).
 DTYPE_BYTES: dict[str, int] = {
@@ -87,7 +88,8 @@ class GGUFTensorPlan:
         shape: numpy-order shape it is written with (ggml ``ne`` is the reverse).
         sources: HF tensor names it is built from, in order (experts in expert-id order).
         kind: ``copy`` (1 source, unchanged), ``stack_experts`` (``torch.stack(sources, 0)``),
-            ``kv_b_k`` / ``kv_b_v`` (``split_kv_b(source)[0]`` / ``[1]``).
+            ``kv_b_k`` / ``kv_b_v`` (``split_kv_b(source)[0]`` / ``[1]``); deepseek4 adds ``experts_mxfp4``
+            (FP4 experts stacked, as MXFP4 blocks) and ``tid2eid`` (an int table written as I32).
         force_f32: stored as F32 whatever the output type (1-D, ``*_norm``, ``ffn_gate_inp``,
             ``exp_probs_b``); llama-quantize leaves these alone too.
         bid: layer index, None for global tensors.

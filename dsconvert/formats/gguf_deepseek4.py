@@ -3,8 +3,9 @@
 The installed ``gguf`` package has no DEEPSEEK4 architecture, so the tensor names and KV keys that
 llama.cpp's loader reads for ``deepseek4`` (``src/llama-model.cpp``, ``gguf-py/gguf/constants.py``
 ``MODEL_ARCH.DEEPSEEK4``) are written out here. Pure functions on config dicts, shapes and tensors;
-no file I/O. The exporter (``convert/gguf_v4.py``) reads the release tensors each
-:class:`V4TensorPlan` names and writes them.
+no file I/O. It is the ``deepseek4`` entry of the exporter's architecture registry
+(:mod:`dsconvert.formats.gguf_arch`): ``convert/gguf_export.py`` writes, splits, resumes and reports a V4
+file with the same machinery as a V3 one.
 
 Tensor rules (llama.cpp's DeepSeek-V4 converter, ``conversion/deepseek.py`` ``DeepseekV4Model``):
 
@@ -18,18 +19,22 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from dsconvert.errors import UnsupportedError
+from dsconvert.formats import gguf_deepseek2 as g2
+from dsconvert.formats import gguf_types as gt
 
 ARCH_NAME = "deepseek4"
 #: llama.cpp ``LLAMA_FTYPE_MOSTLY_MXFP4_MOE``: the file type its converter writes for V4
 FILE_TYPE_MXFP4_MOE = 38
 #: ``LLAMA_EXPERT_GATING_FUNC_TYPE_SQRTSOFTPLUS``
 GATING_SQRTSOFTPLUS = 4
+
+#: why the release tensors left out are left out (reported with each)
+DROP_REASON = "mtp.* (no MTP head exported) and the hash layers' unused ffn.gate.bias, as llama.cpp's converter"
 
 #: release root tensor -> GGUF name
 ROOT_NAMES: dict[str, str] = {
@@ -84,33 +89,6 @@ EXPERT_NAMES: dict[str, str] = {"w1": "ffn_gate_exps.weight", "w2": "ffn_down_ex
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
-
-V4Kind = Literal["copy", "fp8", "experts_mxfp4", "tid2eid"]
-
-
-@dataclass(frozen=True)
-class V4TensorPlan:
-    """One output tensor of a ``deepseek4`` GGUF.
-
-    Attributes:
-        name: GGUF name (``blk.0.ffn_gate_exps.weight``).
-        shape: numpy-order shape (ggml ``ne`` reversed), in elements.
-        sources: release tensor names (experts: ``w`` weights in expert-id order).
-        kind: ``copy`` (BF16/F32 as stored), ``fp8`` (e4m3 + E8M0 ``.scale``, dequantized to float32),
-            ``experts_mxfp4`` (FP4 experts repacked to MXFP4), ``tid2eid`` (int -> I32).
-        src_dtype: safetensors dtype of the (first) source.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    sources: tuple[str, ...]
-    kind: V4Kind
-    src_dtype: str
-
-    @property
-    def n_elements(self) -> int:
-        return math.prod(self.shape)
-
 
 def _req(cfg: Mapping[str, Any], key: str) -> Any:
     if key not in cfg:
@@ -213,20 +191,28 @@ def gguf_name(release_name: str) -> str | None:
     raise UnsupportedError(f"{release_name}: no deepseek4 GGUF tensor for it")
 
 
-def plan_tensors(tensors: Mapping[str, tuple[tuple[int, ...], str]], cfg: Mapping[str, Any]
-                 ) -> tuple[list[V4TensorPlan], list[str]]:
+def plan_tensors(tensors: Mapping[str, tuple[tuple[int, ...], str]], cfg: Mapping[str, Any]) -> g2.GGUFPlan:
     """Plan every output tensor from release names, shapes and dtypes (``.scale`` partners included).
 
+    Kinds (:class:`~dsconvert.formats.gguf_deepseek2.GGUFTensorPlan`): ``copy`` (BF16/F16/F32 as stored, or an
+    FP8 e4m3 weight with its E8M0 ``.scale``: ``src_dtype`` ``F8_E4M3``, dequantized exactly), ``experts_mxfp4``
+    (the FP4 experts of one projection, in expert-id order) and ``tid2eid`` (int -> I32). ``force_f32``: the
+    converter stores it F32 (1-D, F32 sources); ``bid``: the layer.
+
     Returns:
-        (plans in file order: globals, then per layer; dropped release names).
+        the plan (globals, then per layer, in llama.cpp's converter order) and the dropped release tensors.
     Raises:
         UnsupportedError: unmappable tensors, FP8 routed experts (V4 Flash-Base), incomplete experts.
     """
     n_hash = int(cfg.get("num_hash_layers", 0))
     n_exp = int(_req(cfg, "n_routed_experts"))
-    plans: list[V4TensorPlan] = []
-    dropped: list[str] = []
+    plans: list[g2.GGUFTensorPlan] = []
+    dropped: list[g2.DroppedTensor] = []
     experts: dict[tuple[int, str], dict[int, str]] = {}
+
+    def nbytes(shape, dtype) -> int:
+        return math.prod(shape) * g2.DTYPE_BYTES[dtype]
+
     for name, (shape, dtype) in tensors.items():
         if name.endswith(".scale") and name[:-len(".scale")] + ".weight" in tensors:
             continue  # consumed with its weight
@@ -240,53 +226,103 @@ def plan_tensors(tensors: Mapping[str, tuple[tuple[int, ...], str]], cfg: Mappin
         gname = gguf_name(name)
         m = _LAYER_RE.match(name)
         if gname is None or (m and m.group(2) == "ffn.gate.bias" and int(m.group(1)) < n_hash):
-            dropped.append(name)
+            dropped.append(g2.DroppedTensor(name, tuple(shape), dtype, nbytes(shape, dtype), DROP_REASON))
             continue
         if name.endswith("ffn.gate.tid2eid"):
-            kind: V4Kind = "tid2eid"
-        elif dtype == "F8_E4M3":
-            kind = "fp8"
-        elif dtype in ("BF16", "F16", "F32"):
+            kind = "tid2eid"
+        elif dtype in ("F8_E4M3", "BF16", "F16", "F32"):
             kind = "copy"
         else:
             raise UnsupportedError(f"{name}: dtype {dtype} cannot go into a deepseek4 GGUF")
-        plans.append(V4TensorPlan(gname, tuple(shape), (name,), kind, dtype))
+        plans.append(g2.GGUFTensorPlan(gname, tuple(shape), (name,), kind, len(shape) < 2 or dtype == "F32",
+                                       int(m.group(1)) if m else None, dtype, nbytes(shape, dtype)))
     for (layer, proj), ids in sorted(experts.items()):
         if sorted(ids) != list(range(n_exp)):
             raise UnsupportedError(f"layer {layer} {proj}: experts {sorted(ids)} present, {n_exp} expected")
         srcs = tuple(ids[i] for i in range(n_exp))
         m_rows, half = tensors[srcs[0]][0]
-        plans.append(V4TensorPlan(f"blk.{layer}.{EXPERT_NAMES[proj]}", (n_exp, m_rows, 2 * half), srcs,
-                                  "experts_mxfp4", "I8"))
+        plans.append(g2.GGUFTensorPlan(f"blk.{layer}.{EXPERT_NAMES[proj]}", (n_exp, m_rows, 2 * half), srcs,
+                                       "experts_mxfp4", False, layer, "I8", n_exp * m_rows * half))
 
-    def key(p: V4TensorPlan):
-        b = re.match(r"^blk\.(\d+)\.", p.name)
-        return (0 if p.name.startswith("token_embd") else 2 if b is None else 1, int(b.group(1)) if b else 0)
+    def key(p: g2.GGUFTensorPlan):
+        return (0 if p.name.startswith("token_embd") else 2 if p.bid is None else 1, p.bid or 0)
     plans.sort(key=key)
-    return plans, dropped
+    return g2.GGUFPlan(plans, dropped)
 
 
-def default_type(p: V4TensorPlan, ftype: str) -> str:
-    """ggml type of ``p`` in a ``--type ftype`` (``BF16`` | ``Q8_0``) file.
+#: the routed experts (``--tensor-type`` rules for a mix end with ``EXPERTS_PATTERN=MXFP4``: as released)
+EXPERTS_PATTERN = r"ffn_(gate|up|down)_exps\.weight$"
+#: ``--type`` values written as llama.cpp's converter writes them (file type MXFP4_MOE)
+CONVERTER_TYPES = ("BF16", "Q8_0")
 
-    1-D and F32 sources stay F32, tid2eid I32, experts MXFP4 (as released), BF16 sources BF16.
-    FP8-sourced 2-D tensors: ``BF16`` keeps them exactly (e4m3 times a power of two is a BF16 value);
-    ``Q8_0`` stores them Q8_0, as llama.cpp's converter forces them (whatever its ``--outtype``).
+
+def default_type(p: g2.GGUFTensorPlan, ftype: str) -> str:
+    """ggml type of ``p`` in a ``--type ftype`` (``BF16`` | ``Q8_0``) file, as llama.cpp's converter writes it.
+
+    F32-stored tensors (``force_f32``: 1-D, F32 sources) stay F32, tid2eid I32, experts MXFP4 (as released),
+    BF16 sources BF16. FP8-sourced 2-D tensors: ``BF16`` keeps them exactly (e4m3 times a power of two is a
+    BF16 value); ``Q8_0`` stores them Q8_0, as llama.cpp's converter forces them (whatever its ``--outtype``).
 
     Raises:
         UnsupportedError: another ``ftype``.
     """
-    if ftype not in ("BF16", "Q8_0"):
-        raise UnsupportedError(f"--type {ftype}: a deepseek4 GGUF is written as BF16 or Q8_0")
+    if ftype not in CONVERTER_TYPES:
+        raise UnsupportedError(f"--type {ftype}: the converter's deepseek4 types are BF16 or Q8_0")
     if p.kind == "experts_mxfp4":
         return "MXFP4"
     if p.kind == "tid2eid":
         return "I32"
-    if len(p.shape) < 2 or p.src_dtype == "F32":
+    if p.force_f32:
         return "F32"
-    if p.kind == "fp8" and ftype == "Q8_0":
+    if p.src_dtype == "F8_E4M3" and ftype == "Q8_0":
         return "Q8_0"
     return "BF16"
+
+
+def file_type(ftype: str) -> int:
+    """``general.file_type``: MXFP4_MOE (38) for the converter's BF16/Q8_0 files, as llama.cpp's converter
+    writes it; the llama-quantize mix's id otherwise (Q4_K_M 15), as ``llama_model_quantize`` writes it."""
+    return FILE_TYPE_MXFP4_MOE if ftype in CONVERTER_TYPES else gt.file_type_id(ftype)
+
+
+def plan_types(plan: g2.GGUFPlan, ftype: str, cfg: Mapping[str, Any], *, overrides=(), output_type=None,
+               embd_type=None, pure: bool = False, has_imatrix: bool = False) -> dict[str, str]:
+    """``{gguf name: ggml type}`` of a deepseek4 file of ``--type ftype``.
+
+    ``BF16`` / ``Q8_0``: the converter's types (:func:`default_type`); ``--tensor-type`` rules (first match),
+    ``--output-tensor-type`` and ``--token-embedding-type`` then replace the type of the tensors llama-quantize
+    would quantize (:func:`~dsconvert.formats.gguf_types.tensor_allows_quantization`), with its shape fallback.
+
+    A llama-quantize mix (``Q4_K_M``, ``Q2_K``, ``Q4_0``, ...): exactly the types ``llama_model_quantize`` gives
+    the ``--type BF16`` file (:func:`~dsconvert.formats.gguf_types.plan_types` on it: F32-stored tensors count as
+    F32 inputs, ``ffn_gate_inp`` stays BF16, tid2eid I32), with the rule ``EXPERTS_PATTERN=MXFP4`` after the
+    user's: the FP4 experts stay MXFP4 byte for byte unless a user rule names them (source: llama.cpp
+    ``src/llama-quant.cpp`` ``llama_tensor_get_type``; a rule whose type equals the tensor's is a copy there).
+
+    Raises:
+        ShapeError / UsageError: see :func:`~dsconvert.formats.gguf_types.choose_type`.
+    """
+    native = {t.name: default_type(t, "BF16") for t in plan}
+    ovr = [gt.parse_tensor_type_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
+    n_layer = int(_req(cfg, "num_hidden_layers"))
+    n_expert = int(_req(cfg, "n_routed_experts"))
+    n_gqa = int(_req(cfg, "num_attention_heads")) // max(1, int(cfg.get("num_key_value_heads", 1)))
+    if ftype not in CONVERTER_TYPES:
+        return gt.plan_types(plan, ftype, n_layer=n_layer, n_expert=n_expert, n_gqa=n_gqa,
+                             overrides=[*ovr, (EXPERTS_PATTERN, "MXFP4")], output_type=output_type,
+                             embd_type=embd_type, pure=pure, src_types=native, fallback_f16=True,
+                             has_imatrix=has_imatrix)
+    out = {t.name: default_type(t, ftype) for t in plan}
+    st = gt.QuantState()
+    for t in plan:
+        if not gt.tensor_allows_quantization(t.name, t.shape):
+            continue
+        cat = gt.tensor_category(t.name)
+        want = (embd_type if cat == "TOKEN_EMBD" and embd_type else output_type if cat == "OUTPUT" and output_type
+                else next((typ for pat, typ in ovr if re.search(pat, t.name)), None))
+        if want is not None:
+            out[t.name] = gt.tensor_type_fallback(t.name, t.shape[-1], gt.ggml_type(want).name, st)
+    return out
 
 
 def repack_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

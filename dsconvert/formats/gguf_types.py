@@ -4,7 +4,7 @@ Reproduces, for one tensor name + shape, what ``llama_model_quantize`` (``llama-
 for a file-type mix (``Q4_K_M``, ``Q5_K_M``, ``Q6_K``, ``Q8_0``, ``Q4_0``, ``Q2_K``, ``Q3_K_M``, ...),
 including ``--tensor-type PATTERN=TYPE`` overrides, ``--output-tensor-type``,
 ``--token-embedding-type``, ``--pure`` and the shape fallbacks. Checked tensor-by-tensor against
-the real ``llama_model_quantize`` of llama-cpp-python 0.3.36 in ``tests/test_gguf_layout.py``.
+the real ``llama_model_quantize`` of llama-cpp-python 0.3.36 in ``tests/formats/test_gguf_layout.py``.
 
 Source: ggml-org/llama.cpp ``src/llama-quant.cpp``: ``tensor_allows_quantization``,
 ``tensor_get_category``, ``llama_tensor_get_type_impl``, ``llama_tensor_get_type``,
@@ -163,13 +163,15 @@ def ggml_n_dims(shape: Sequence[int]) -> int:
 
 
 def tensor_allows_quantization(name: str, shape: Sequence[int]) -> bool:
-    """llama-quant ``tensor_allows_quantization`` restricted to what deepseek2 files contain."""
+    """llama-quant ``tensor_allows_quantization`` restricted to what deepseek2 and deepseek4 files contain
+    (deepseek4: the I32 ``ffn_gate_tid2eid`` routing table is never quantized)."""
     if ggml_n_dims(shape) < 2:
         return False
     return (
         name.endswith("weight")
         and "_norm.weight" not in name
         and "ffn_gate_inp.weight" not in name
+        and "ffn_gate_tid2eid.weight" not in name
     )
 
 
@@ -257,6 +259,15 @@ def _fallback(name: str, ne0: int, t: Q, st: QuantState, *, fallback_f16: bool) 
     if ne0 % GGML_QUANT_SIZES[r][0] != 0:
         r = Q.F16  # "must use F16 due to unusual shape"
     return r
+
+
+def tensor_type_fallback(name: str, ne0: int, qtype: str, state: QuantState | None = None) -> str:
+    """:func:`_fallback` by type name (llama-quant ``tensor_type_fallback``; F16 where llama.cpp has none).
+    Not block-quantized types are returned unchanged."""
+    t = ggml_type(qtype)
+    if t in _FLOAT_TYPES:
+        return t.name
+    return _fallback(name, int(ne0), t, state or QuantState(), fallback_f16=True).name
 
 
 def _impl(name: str, shape: Sequence[int], new: Q, ftype: str, cat: str, st: QuantState, *,
@@ -497,6 +508,7 @@ def plan_types(
     src_type: str = "F32",
     fallback_f16: bool = False,
     has_imatrix: bool = False,
+    src_types: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """``{gguf_name: ggml type}`` for a whole file, with llama.cpp's counters and tensor order.
 
@@ -507,6 +519,8 @@ def plan_types(
             and ``n_gqa`` (num_attention_heads, since head_count_kv = 1) unless given explicitly.
         overrides: ``(pattern, TYPE)`` pairs or ``"PATTERN=TYPE"`` strings.
         src_type: type of the quantizable tensors in the source (forced-F32 tensors are F32).
+        src_types: ``{name: type}`` per tensor in the source (wins over ``src_type`` / ``force_f32``): what a
+            tensor llama.cpp does not quantize keeps.
         has_imatrix: an importance matrix is given (llama.cpp's ``qs.has_imatrix``; it changes some choices,
             e.g. the first ``n_layer/8`` ffn_down of Q4_0/Q5_0 files become Q4_1/Q5_1).
 
@@ -536,7 +550,8 @@ def plan_types(
         out[name] = choose_type(
             name, shape, ftype, n_layer=n_layer, n_expert=n_expert, n_gqa=n_gqa, overrides=ovr,
             output_type=output_type, embd_type=embd_type, pure=pure, tied_embeddings=tied,
-            src_type="F32" if forced else src_type, fallback_f16=fallback_f16, has_imatrix=has_imatrix, state=st)
+            src_type=(src_types or {}).get(name) or ("F32" if forced else src_type), fallback_f16=fallback_f16,
+            has_imatrix=has_imatrix, state=st)
     return {n: out[n] for n in names}
 
 

@@ -1,14 +1,14 @@
 """GPTQ layouts: v1 (``checkpoint_format: "gptq"``, AutoGPTQ) and v2 (``"gptq_v2"``, GPTQModel).
 
-Per module (N = out_features, K = in_features, g = group size, K for per-channel, b = bits):
+Per module (M = out_features, N = in_features, g = group size, N for per-channel, b = bits):
 
 ==========  =======  ================  =======================================================
 tensor      dtype    shape             content
 ==========  =======  ================  =======================================================
-``qweight``  int32   [K*b/32, N]       unsigned q, packed along K, sequential LSB first
-``qzeros``   int32   [K/g, N*b/32]     unsigned zeros along N, sequential; v1 stores zero - 1
-``scales``   fp16    [K/g, N]          multipliers
-``g_idx``    int32   [K]               group of each input channel (``k // g``; no act-order)
+``qweight``  int32   [N*b/32, M]       unsigned q, packed along N, sequential LSB first
+``qzeros``   int32   [N/g, M*b/32]     unsigned zeros along M, sequential; v1 stores zero - 1
+``scales``   fp16    [N/g, M]          multipliers
+``g_idx``    int32   [N]               group of each input channel (``k // g``; no act-order)
 ==========  =======  ================  =======================================================
 
 Dequant (loader): ``w[n, k] = (q[k, n] - zero[g_idx[k], n]) * s[g_idx[k], n]`` in fp16, where
@@ -64,7 +64,7 @@ class GPTQFormat(IntFormat):
         n, k = self._check_2d(shape, prefix)
         groups = spec.num_groups(k, prefix or None)
         b = spec.bits
-        for dim, what in ((k, "in_features K"), (n, "out_features N")):
+        for dim, what in ((k, "in_features N"), (n, "out_features M")):
             if (dim * b) % 32:
                 raise ShapeError(f"GPTQ packs {32 // b} values per int32; {what}={dim} of {prefix!r} "
                                  f"is not a multiple of {32 // b}",
@@ -85,21 +85,21 @@ class GPTQFormat(IntFormat):
         b = qt.spec.bits
         g = qt.group_size
         return {
-            join_name(prefix, "qweight"): pack_gptq_qweight(qt.q.t(), b),  # (N, K) -> (K, N) -> (K*b/32, N)
-            join_name(prefix, "qzeros"): pack_gptq_qzeros(qt.zero.t(), b, self.checkpoint_format),  # (G, N*b/32)
-            join_name(prefix, "scales"): qt.scale.t().to(torch.float16).contiguous(),  # (G, N)
+            join_name(prefix, "qweight"): pack_gptq_qweight(qt.q.t(), b),  # (M, N) -> (N, M) -> (N*b/32, M)
+            join_name(prefix, "qzeros"): pack_gptq_qzeros(qt.zero.t(), b, self.checkpoint_format),  # (G, M*b/32)
+            join_name(prefix, "scales"): qt.scale.t().to(torch.float16).contiguous(),  # (G, M)
             join_name(prefix, "g_idx"): (torch.arange(k, device=qt.q.device, dtype=torch.int32) // g),
         }
 
     def decode(self, tensors: Mapping[str, torch.Tensor], spec_or_config: QuantSpec | dict) -> torch.Tensor:
-        """Loader dequant honouring ``g_idx`` (so act-order checkpoints decode too); float32 ``[N, K]``."""
+        """Loader dequant honouring ``g_idx`` (so act-order checkpoints decode too); float32 ``[M, N]``."""
         spec = self._spec(spec_or_config)
         t = by_suffix(tensors)
         _require(t, ("qweight", "qzeros", "scales"), "GPTQ")
         b = spec.bits
-        q = unpack_gptq_qweight(t["qweight"], b)  # (K, N)
-        z = unpack_gptq_qzeros(t["qzeros"], b, self.checkpoint_format)  # (G, N) true zeros
-        s = t["scales"]  # (G, N)
+        q = unpack_gptq_qweight(t["qweight"], b)  # (N, M)
+        z = unpack_gptq_qzeros(t["qzeros"], b, self.checkpoint_format)  # (G, M) true zeros
+        s = t["scales"]  # (G, M)
         k, n = q.shape
         if "g_idx" in t:
             g_idx = t["g_idx"].to(torch.int64)
@@ -109,8 +109,8 @@ class GPTQFormat(IntFormat):
                 (k and int(g_idx.max()) >= s.shape[0]):
             raise UnsupportedError(f"GPTQ tensors disagree: qweight {tuple(t['qweight'].shape)}, qzeros "
                                    f"{tuple(t['qzeros'].shape)}, scales {tuple(s.shape)}, g_idx {tuple(g_idx.shape)}")
-        w = (q.to(torch.float32) - z[g_idx].to(torch.float32)) * s[g_idx].to(torch.float32)  # (K, N)
-        return w.to(s.dtype).to(torch.float32).t().contiguous()  # (N, K)
+        w = (q.to(torch.float32) - z[g_idx].to(torch.float32)) * s[g_idx].to(torch.float32)  # (N, M)
+        return w.to(s.dtype).to(torch.float32).t().contiguous()  # (M, N)
 
     def quantization_config(self, spec: QuantSpec, ignore: Iterable[str] = ()) -> dict:
         """GPTQ ``quantization_config`` (GPTQModel/optimum keys; ``checkpoint_format`` explicit).

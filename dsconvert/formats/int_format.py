@@ -18,7 +18,7 @@ The scheme/format contract (docs/int-formats.md §8):
 
 The pipeline only calls these; it never branches on a format's name.
 
-Weights are ``[N, K]``: N = out_features, K = in_features. ``prefix`` is the module name
+Weights are ``[M, N]``: M = out_features, N = in_features. ``prefix`` is the module name
 (``model.layers.3.mlp.experts.7.down_proj``); tensor names are ``f"{prefix}.{suffix}"`` (just
 ``suffix`` when ``prefix`` is empty).
 """
@@ -123,7 +123,7 @@ class IntFormat(ABC):
         except UsageError as e:
             if not module:
                 raise
-            raise UsageError(f"{e.message} (module {module})", hint=e.hint) from None
+            raise UsageError(f"{e.message} (module {module})", hint=e.hint, remedy=e.remedy, **e.facts) from None
 
     def bind(self, scheme, module: str | None = None) -> "IntFormat":
         """The codec that stores ``scheme`` (a :class:`~dsconvert.quant.schemes.SchemeDescription`): this format
@@ -188,7 +188,7 @@ class IntFormat(ABC):
 
     @abstractmethod
     def plan(self, prefix: str, shape: tuple[int, int], spec: QuantSpec) -> list[TensorPlan]:
-        """``[(name, dtype, shape), ...]`` for a ``[N, K]`` weight, from shapes only.
+        """``[(name, dtype, shape), ...]`` for a ``[M, N]`` weight, from shapes only.
 
         Raises:
             ShapeError: the shape cannot be stored with ``spec`` (group size, packing multiples).
@@ -197,7 +197,7 @@ class IntFormat(ABC):
 
     # --- encode -----------------------------------------------------------------------------
     def encode(self, prefix: str, w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-        """RTN-quantize ``w`` ``[N, K]`` with this format's convention and pack it.
+        """RTN-quantize ``w`` ``[M, N]`` with this format's convention and pack it.
 
         Returns:
             ``{name: tensor}`` exactly as :meth:`plan` lists them (names, dtypes, shapes), on ``w``'s device.
@@ -217,7 +217,7 @@ class IntFormat(ABC):
     @abstractmethod
     def decode(self, tensors: Mapping[str, torch.Tensor],
                spec_or_config: QuantSpec | dict) -> torch.Tensor:
-        """Dequantize one module's tensors as the loader does; returns float32 ``[N, K]``.
+        """Dequantize one module's tensors as the loader does; returns float32 ``[M, N]``.
 
         ``tensors`` is keyed by suffix (``qweight``) or full name. The loader's product
         ``(q - z) * scale`` is rounded once to the stored scale dtype (bf16/fp16), as

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dsconvert.model.config import ModelConfig
-from dsconvert.model.layers import Getter, LinearHook, linear, swiglu_mlp
+from dsconvert.model.layers import Getter, LinearHook, swiglu_mlp
 
 
 def route(

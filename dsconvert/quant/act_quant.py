@@ -116,10 +116,10 @@ def activation_quantizer(args: dict | None) -> Callable[[torch.Tensor, dict], to
         def nv(x, tensors):
             if "input_global_scale" not in tensors:
                 raise UnsupportedError("NVFP4 activations need the module's input_global_scale tensor",
-                                       hint="the candidate checkpoint is incomplete; re-run dsconvert quantize")
+                                       remedy="requantize")
             return nvfp4_activation(x, tensors["input_global_scale"])
         return nv
     if typ == "float" and bits == 4 and strat == "group" and dyn is True and g == 32:
         return lambda x, _t: mxfp4_activation(x)
     raise UnsupportedError(f"input_activations {args} are not emulated (dynamic int8 per token, fp8 per token "
-                           "group, NVFP4 and MXFP4 are)", hint="validate the weights alone with a weight-only scheme")
+                           "group, NVFP4 and MXFP4 are)", remedy="weight-only")

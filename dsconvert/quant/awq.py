@@ -8,12 +8,12 @@ Acceleration" (arXiv 2306.00978); AutoAWQ ``awq/quantize/quantizer.py`` (``_sear
 ``scale_ln_fcs``, ``scale_fc_fc``); docs/int-formats.md §5.
 
 Pure tensor code (no file I/O, no module names); runs on the inputs' device in float32. Notation:
-``W`` is ``(N, K)``, ``x`` is ``(n_tokens, K)``, ``g`` the group length along K.
+``W`` is ``(M, N)``, ``x`` is ``(n_tokens, N)``, ``g`` the group length along N.
 
 Pseudo-quantization uses :func:`dsconvert.quant.rtn.quantize` / :func:`~dsconvert.quant.rtn.dequantize`
 with the target convention (scales rounded to the storage dtype), so the search optimises the weights
 that are actually written. Deviations from AutoAWQ: its clip search batches output channels by 256 or 64
-and asserts one divides N; here any N works (batches of ``OC_BATCH`` plus a remainder), and the group
+and asserts one divides M; here any M works (batches of ``OC_BATCH`` plus a remainder), and the group
 partial outputs are batched matmuls rather than broadcast products (same numbers up to summation order).
 """
 
@@ -40,29 +40,29 @@ __all__ = [
 ]
 
 #: Output channels per batch in the clip search (AutoAWQ uses 256 or 64). The working set is
-#: ``(K/g) x n_tok x OC_BATCH`` float32 (about 115 MB for K = 7168, g = 128, 1023 tokens).
+#: ``(N/g) x n_tok x OC_BATCH`` float32 (about 115 MB for N = 7168, g = 128, 1023 tokens).
 OC_BATCH = 512
 
 
 def pseudo_quantize(w: torch.Tensor, spec: QuantSpec, convention: Convention) -> torch.Tensor:
-    """``dequantize(quantize(w))``: ``(N, K)`` float32 weights on the quantization grid."""
+    """``dequantize(quantize(w))``: ``(M, N)`` float32 weights on the quantization grid."""
     return dequantize(quantize(w, spec, convention))
 
 
 def awq_weight_sums(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
-    """The part of AWQ's ``w_mean`` one ``(N, K)`` weight contributes: ``(Σ_rows |w| / (max|w| of its group
-    + 1e-6)`` ``(K,)`` float32, ``N``). Summed over weights and divided by the total rows it is ``w_mean``, so
+    """The part of AWQ's ``w_mean`` one ``(M, N)`` weight contributes: ``(Σ_rows |w| / (max|w| of its group
+    + 1e-6)`` ``(N,)`` float32, ``M``). Summed over weights and divided by the total rows it is ``w_mean``, so
     the statistic can be accumulated over experts streamed in groups (AutoAWQ computes it on the
     concatenated weights: the same sum, in another order)."""
     k = w.shape[1]
     g = spec.effective_group_size(k)
-    a = w.to(torch.float32).abs().view(w.shape[0], k // g, g)  # (N, K/g, g)
+    a = w.to(torch.float32).abs().view(w.shape[0], k // g, g)  # (M, N/g, g)
     a = a / (a.amax(dim=-1, keepdim=True) + 1e-6)
     return a.view(w.shape[0], k).sum(dim=0), int(w.shape[0])
 
 
 def _w_mean(weights: Sequence[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
-    """Mean over all rows of all ``weights`` of ``|w| / (max|w| of its group + 1e-6)``: ``(K,)`` float32."""
+    """Mean over all rows of all ``weights`` of ``|w| / (max|w| of its group + 1e-6)``: ``(N,)`` float32."""
     k = weights[0].shape[1]
     total = torch.zeros(k, dtype=torch.float32, device=weights[0].device)
     rows = 0
@@ -78,7 +78,7 @@ def awq_scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int
     """AutoAWQ's grid of smoothing scales: for ``r = i / n_grid`` (``i < n_grid``) yields ``(r, s)`` with
     ``s = x_mean^r / (w_mean^(1-r) + 1e-4)`` (``duo_scaling``; else ``x_mean^r``) clamped ``≥ 1e-4``,
     divided by ``sqrt(max(s)·min(s))``, non-finite entries set to 1. ``x_mean``, ``w_mean``, ``s``:
-    ``(K,)`` float32."""
+    ``(N,)`` float32."""
     for i in range(n_grid):
         r = i / n_grid
         if duo_scaling:
@@ -101,7 +101,7 @@ def awq_search_scale_streamed(
     (``loss_fn(s) -> MSE`` against the float output, e.g. streaming a MoE's experts in groups).
 
     Returns:
-        ``(s (K,) float32, best_ratio, errors)``, as :func:`awq_search_scale`.
+        ``(s (N,) float32, best_ratio, errors)``, as :func:`awq_search_scale`.
 
     Raises:
         RuntimeError: every candidate gave a non-finite error.
@@ -127,7 +127,7 @@ def awq_search_scale(
     n_grid: int = 20,
     duo_scaling: bool = True,
 ) -> tuple[torch.Tensor, float, list[float]]:
-    """Grid-search the smoothing scale ``s`` ``(K,)`` for linears sharing the input ``x`` (AutoAWQ
+    """Grid-search the smoothing scale ``s`` ``(N,)`` for linears sharing the input ``x`` (AutoAWQ
     ``_search_best_scale`` / ``_compute_best_scale``).
 
     ``w_mean`` = per-channel mean of group-normalised ``|w|`` over all ``weights``; ``x_mean`` = mean
@@ -138,30 +138,30 @@ def awq_search_scale(
     ``forward_fn(weights)`` wins.
 
     Args:
-        x: ``(n, K)`` input of the linears (any float dtype).
-        weights: the ``(N_i, K)`` float weights that share ``x`` and will be quantized.
-        forward_fn: ``forward_fn(list of (N_i, K) weights) -> output`` of the inspected module (the
+        x: ``(n, N)`` input of the linears (any float dtype).
+        weights: the ``(M_i, N)`` float weights that share ``x`` and will be quantized.
+        forward_fn: ``forward_fn(list of (M_i, N) weights) -> output`` of the inspected module (the
             linears themselves, or a whole attention/MoE block) computed from ``x``.
         spec, convention: the quantization the weights will get.
         n_grid: grid points (20 in AutoAWQ).
         duo_scaling: use ``w_mean`` as well as ``x_mean``.
 
     Returns:
-        ``(s (K,) float32, best_ratio, errors)``: ``errors[i]`` is the MSE at ratio ``i / n_grid``.
+        ``(s (N,) float32, best_ratio, errors)``: ``errors[i]`` is the MSE at ratio ``i / n_grid``.
 
     Raises:
-        ShapeError: the weights disagree with ``x`` on K.
+        ShapeError: the weights disagree with ``x`` on N.
         RuntimeError: every candidate gave a non-finite error.
     """
     if x.dim() != 2:
-        raise ShapeError(f"AWQ input must be (n_tokens, K), got {tuple(x.shape)}")
+        raise ShapeError(f"AWQ input must be (n_tokens, N), got {tuple(x.shape)}")
     k = x.shape[1]
     for w in weights:
         if w.dim() != 2 or w.shape[1] != k:
             raise ShapeError(f"AWQ weight {tuple(w.shape)} does not take inputs of width {k}")
     ws = [w.to(torch.float32) for w in weights]
-    x_mean = x.to(torch.float32).abs().mean(dim=0) if x.shape[0] else torch.ones(k, device=x.device)  # (K,)
-    w_mean = _w_mean(ws, spec)  # (K,)
+    x_mean = x.to(torch.float32).abs().mean(dim=0) if x.shape[0] else torch.ones(k, device=x.device)  # (N,)
+    w_mean = _w_mean(ws, spec)  # (N,)
     ref = forward_fn(ws).to(torch.float32)
 
     def loss(s: torch.Tensor) -> float:
@@ -189,11 +189,11 @@ def awq_search_clip(
     ``mean_t (Σ_{c∈j} x_tc (q_c - w_c))²``.
 
     Args:
-        w: ``(N, K)`` float weight (already scaled by AWQ's ``s``).
-        x: ``(n, K)`` its input (already divided by ``s``).
+        w: ``(M, N)`` float weight (already scaled by AWQ's ``s``).
+        x: ``(n, N)`` its input (already divided by ``s``).
 
     Returns:
-        ``max_val`` ``(N, K // g, 1)`` float32 (``apply_clip``'s argument). With no tokens, ``max|w|``
+        ``max_val`` ``(M, N // g, 1)`` float32 (``apply_clip``'s argument). With no tokens, ``max|w|``
         per group (no clipping).
     """
     n_out, k = w.shape
@@ -202,27 +202,27 @@ def awq_search_clip(
         raise ShapeError(f"clip search input {tuple(x.shape)} does not match weight {n_out}x{k}")
     step = max(1, x.shape[0] // n_sample_token)
     groups = k // g
-    xs = x[::step].to(device=w.device, dtype=torch.float32)  # (n_tok, K)
-    wg_all = w.to(torch.float32).reshape(n_out, groups, g)  # (N, K/g, g)
+    xs = x[::step].to(device=w.device, dtype=torch.float32)  # (n_tok, N)
+    wg_all = w.to(torch.float32).reshape(n_out, groups, g)  # (M, N/g, g)
     if xs.shape[0] == 0:
         return wg_all.abs().amax(dim=-1, keepdim=True)
-    xg = xs.reshape(-1, groups, g).permute(1, 0, 2)  # (K/g, n_tok, g)
+    xg = xs.reshape(-1, groups, g).permute(1, 0, 2)  # (N/g, n_tok, g)
     out = []
     for b0 in range(0, n_out, OC_BATCH):
-        wg = wg_all[b0:b0 + OC_BATCH]  # (B, K/g, g)
-        org_max = wg.abs().amax(dim=-1, keepdim=True)  # (B, K/g, 1)
+        wg = wg_all[b0:b0 + OC_BATCH]  # (B, N/g, g)
+        org_max = wg.abs().amax(dim=-1, keepdim=True)  # (B, N/g, 1)
         best_max = org_max.clone()
         min_err = torch.full_like(org_max, float("inf"))
-        org_out = torch.bmm(xg, wg.permute(1, 2, 0))  # (K/g, n_tok, B): per-group partial outputs
+        org_out = torch.bmm(xg, wg.permute(1, 2, 0))  # (N/g, n_tok, B): per-group partial outputs
         for i_s in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i_s / n_grid)
-            cur = torch.maximum(torch.minimum(wg, max_val), -max_val)  # (B, K/g, g)
-            scale, zero = compute_qparams(cur, spec, convention)  # (B, K/g) each
+            cur = torch.maximum(torch.minimum(wg, max_val), -max_val)  # (B, N/g, g)
+            scale, zero = compute_qparams(cur, spec, convention)  # (B, N/g) each
             z = None if zero is None else zero[..., None].to(torch.float32)
             q = round_to_grid(cur, scale[..., None], z, spec.bits, convention.signed)
             deq = (q - z) * scale[..., None] if z is not None else q * scale[..., None]
-            cur_out = torch.bmm(xg, deq.permute(1, 2, 0))  # (K/g, n_tok, B)
-            err = (cur_out - org_out).pow_(2).mean(dim=1).t()[..., None]  # (B, K/g, 1)
+            cur_out = torch.bmm(xg, deq.permute(1, 2, 0))  # (N/g, n_tok, B)
+            err = (cur_out - org_out).pow_(2).mean(dim=1).t()[..., None]  # (B, N/g, 1)
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best_max = torch.where(better, max_val, best_max)
@@ -231,11 +231,11 @@ def awq_search_clip(
 
 
 def apply_clip(w: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
-    """``clamp(w, -max_val, max_val)`` per group: ``w`` ``(N, K)``, ``max_val`` ``(N, K // g, 1)`` →
-    ``(N, K)`` float32 (AutoAWQ ``scale.py::apply_clip``)."""
+    """``clamp(w, -max_val, max_val)`` per group: ``w`` ``(M, N)``, ``max_val`` ``(M, N // g, 1)`` →
+    ``(M, N)`` float32 (AutoAWQ ``scale.py::apply_clip``)."""
     n, k = w.shape
     mv = max_val.to(device=w.device, dtype=torch.float32)
-    wg = w.to(torch.float32).reshape(n, mv.shape[1], -1)  # (N, K/g, g)
+    wg = w.to(torch.float32).reshape(n, mv.shape[1], -1)  # (M, N/g, g)
     return torch.maximum(torch.minimum(wg, mv), -mv).reshape(n, k)
 
 
@@ -246,11 +246,12 @@ def fold_norm(norm_weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def scale_columns(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``W·diag(s)``: a linear ``(N, K)`` whose input was divided by ``s`` (its columns ``*= s``), float32."""
+    """``W·diag(s)``: a linear ``(M, N)`` whose input was divided by ``s`` (its columns ``*= s``), float32."""
     return w.to(torch.float32) * s.to(w.device, torch.float32)[None, :]
 
 
 def fold_linear_rows(w_prev: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """The previous linear of a linear→linear fold (``scale_fc_fc``): its output rows ``/= s``,
-    ``(K, M)`` float32 (e.g. ``up_proj`` before ``down_proj``, through the gate product)."""
+    ``(N, P)`` float32: N = the next linear's in_features, P = its own (e.g. ``up_proj`` before ``down_proj``,
+    through the gate product)."""
     return w_prev.to(torch.float32) / s.to(w_prev.device, torch.float32)[:, None]

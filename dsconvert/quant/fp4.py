@@ -26,7 +26,7 @@ bytes are identical. Sources: compressed-tensors 0.20.1 ``quantization/utils/hel
 (``calculate_qparams``, ``generate_gparam``), ``quantization/utils/{fp4,mxfp}_utils.py``,
 ``quantization/lifecycle/forward_helpers.py``, ``compressors/{nvfp4,mxfp4}/``; llm-compressor
 ``observers/{base,min_max,helpers}.py`` (group min/max, fused global scale). Verified byte for byte against
-the installed library in tests/test_fp4.py.
+the installed library in tests/quant/test_fp4.py.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def _groups(w: torch.Tensor, g: int, name: str | None) -> torch.Tensor:
     m, n = w.shape
     if n % g:
         raise ShapeError(f"tensor {name or '?'!r}: in_features N={n} is not a multiple of the FP4 group size {g}",
-                         hint="--ignore this module (keep it BF16) or choose an integer scheme for it")
+                         remedy="keep-module")
     return w.unflatten(-1, (n // g, g))  # (M, N/g, g)
 
 

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import torch
 
+from dsconvert.quant.fp4 import E2M1_VALUES as _MAGNITUDES, MXFP4_GROUP, e2m1_encode, pack_fp4
+
 __all__ = ["E2M1_VALUES", "e8m0_to_float32", "dequant_fp4", "quantize_fp4", "quantize_fp8_e8m0",
            "e8m0_grid_to_float32", "FP4_GROUP"]
 
-FP4_GROUP = 32
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_GROUP = MXFP4_GROUP
+#: value of each e2m1 code 0..15 (bit 3 = sign), from :data:`dsconvert.quant.fp4.E2M1_VALUES`
+E2M1_VALUES = _MAGNITUDES + tuple(-v for v in _MAGNITUDES)
 _E2M1 = torch.tensor(E2M1_VALUES, dtype=torch.float32)
 # byte -> (value of the low nibble, value of the high nibble): one gather decodes a packed byte
 _E2M1_PAIRS = torch.stack([_E2M1[torch.arange(256) & 0xF], _E2M1[torch.arange(256) >> 4]], dim=-1)  # [256, 2]
@@ -117,7 +120,7 @@ def _dequant_fp4_bf16_bits(u8: torch.Tensor, sb: torch.Tensor, out: torch.Tensor
     """BF16 result built from bits, for scale bytes in [2, 250] where the rule's result is exact: the BF16 pattern
     of the code (a table) with ``b - 127`` added to its exponent field (non-zero magnitudes only; each resulting
     exponent field stays within 1..254, so no lane overflows). Bit-identical to the float32 multiply + RNE cast
-    there (tests/test_deepseek_v4.py checks both paths against numpy)."""
+    there (tests/formats/test_deepseek_v4.py checks both paths against numpy)."""
     m, half = u8.shape
     n = 2 * half
     dev = u8.device
@@ -146,8 +149,9 @@ def _e8m0_for(amax: torch.Tensor, qmax: float) -> torch.Tensor:
 def quantize_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``[M, N]`` float weights (N a multiple of 32) to FP4 e2m1 + per-32 e8m0 scales.
 
-    Scale: per row per 32 inputs, the smallest power of two with ``amax / scale <= 6``; each value is rounded
-    to the nearest e2m1 level (a tie goes to the smaller magnitude; fixtures only need a valid encoding).
+    Scale: per row per 32 inputs, the smallest power of two with ``amax / scale <= 6`` (so nothing clips, unlike
+    OCP MX's ``2**(floor(log2 amax) - 2)`` in :func:`dsconvert.quant.fp4.mxfp4_quantize`); each value is rounded
+    to the nearest e2m1 level, ties to the even code (:func:`~dsconvert.quant.fp4.e2m1_encode`).
 
     Returns:
         ``(packed int8 [M, N/2], scale float8_e8m0fnu [M, N/32])`` in DeepSeek-V4's release layout.
@@ -158,12 +162,7 @@ def quantize_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = w.float().view(m, n // FP4_GROUP, FP4_GROUP)
     sb = _e8m0_for(x.abs().amax(-1), 6.0)  # [M, N/32]
     y = (x / e8m0_to_float32(sb).unsqueeze(-1)).view(m, n)
-    mags = _E2M1[:8]
-    idx = (y.abs().unsqueeze(-1) - mags).abs().argmin(-1)  # nearest magnitude
-    code = idx | ((y < 0) & (idx > 0)).to(torch.int64) << 3
-    code = code.to(torch.uint8).view(m, n // 2, 2)
-    packed = (code[..., 0] | (code[..., 1] << 4)).view(torch.int8)
-    return packed, sb.view(torch.float8_e8m0fnu)
+    return pack_fp4(e2m1_encode(y)).view(torch.int8), sb.view(torch.float8_e8m0fnu)
 
 
 def quantize_fp8_e8m0(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,8 +34,8 @@ class FP4Scheme:
         Raises:
             UsageError: always (a caller asked an FP4 scheme for an integer layout; e.g. --format awq).
         """
-        raise UsageError(f"scheme {self.name} stores e2m1 floats, which only --format compressed-tensors holds",
-                         hint="use --format compressed-tensors, or an integer scheme (W4A16, W8A16) for awq/gptq")
+        raise UsageError(f"scheme {self.name} stores e2m1 floats, which only the compressed-tensors format holds",
+                         remedy="float-format")
 
     def describe(self, group_size: int | None = None, *, scale_fmt: str | None = None) -> SchemeDescription:
         """The scheme as data.
@@ -44,10 +44,10 @@ class FP4Scheme:
             UsageError: a ``group_size`` other than the scheme's own, or any ``scale_fmt`` (FP4 scales are fixed).
         """
         if group_size is not None and group_size != self.group_size:
-            raise UsageError(f"scheme {self.name} groups {self.group_size} inputs per scale; --group-size "
-                             f"{group_size} does not apply", hint="drop --group-size")
+            raise UsageError(f"scheme {self.name} groups {self.group_size} inputs per scale; group_size "
+                             f"{group_size} does not apply", remedy="drop-group-size")
         if scale_fmt is not None:
-            raise UsageError(f"scheme {self.name} has no --scale-fmt option", hint="drop --scale-fmt")
+            raise UsageError(f"scheme {self.name} has no scale_fmt option", remedy="drop-scale-fmt")
         w = WeightArgs(type="float", bits=4, strategy="tensor_group" if self.kind == "nvfp4" else "group",
                        group_size=self.group_size,
                        scale_dtype="float8_e4m3fn" if self.kind == "nvfp4" else "uint8",

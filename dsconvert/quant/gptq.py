@@ -7,8 +7,8 @@ Transformers" (arXiv 2210.17323), Algorithm 1; AutoGPTQ ``auto_gptq/quantization
 
 Pure tensor code (no file I/O); runs wherever its inputs live (CPU or CUDA), in float32.
 
-Notation: ``W`` is ``(N, K)`` (N = out_features, K = in_features), ``H`` is ``(K, K)``, ``g`` the group
-length along K.
+Notation: ``W`` is ``(M, N)`` (M = out_features, N = in_features), ``H`` is ``(N, N)``, ``g`` the group
+length along N.
 
 Deviations from AutoGPTQ ``fasterquant`` (each keeps the result exactly representable as a
 :class:`~dsconvert.quant.rtn.QTensor`):
@@ -40,14 +40,14 @@ MAX_DAMP_RETRIES = 6
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n Σ_t x_t x_tᵀ`` over calibration tokens, ``(K, K)`` float32 (AutoGPTQ ``add_batch``).
+    """Running ``H = 2/n Σ_t x_t x_tᵀ`` over calibration tokens, ``(N, N)`` float32 (AutoGPTQ ``add_batch``).
 
     Args:
         k: in_features.
         device: where ``H`` lives (default: the device of the first batch, CPU before).
 
     Attributes:
-        H: ``(K, K)`` float32.
+        H: ``(N, N)`` float32.
         n: tokens seen so far.
     """
 
@@ -57,10 +57,10 @@ class HessianAccumulator:
         self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        """Add ``x`` ``(n, K)`` (any float dtype): ``H ← H·n_old/n_new + (2/n_new)·xᵀx`` in float32.
+        """Add ``x`` ``(n, N)`` (any float dtype): ``H ← H·n_old/n_new + (2/n_new)·xᵀx`` in float32.
 
         Raises:
-            ShapeError: ``x`` is not ``(n, K)``.
+            ShapeError: ``x`` is not ``(n, N)``.
         """
         if x.dim() != 2 or x.shape[1] != self.k:
             raise ShapeError(f"Hessian input must be (n_tokens, {self.k}), got {tuple(x.shape)}")
@@ -71,7 +71,7 @@ class HessianAccumulator:
         self.H.mul_(self.n / (self.n + t))
         self.n += t
         xf = xf * (2.0 / self.n) ** 0.5
-        self.H.addmm_(xf.t(), xf)  # (K, n) @ (n, K)
+        self.H.addmm_(xf.t(), xf)  # (N, n) @ (n, N)
 
 
 def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -79,10 +79,10 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
     item whose factorisation fails (retried alone).
 
     Args:
-        H: ``(B, K, K)`` float32 Hessians; not modified.
+        H: ``(B, N, N)`` float32 Hessians; not modified.
 
     Returns:
-        ``(B, K, K)`` upper-triangular float32.
+        ``(B, N, N)`` upper-triangular float32.
 
     Raises:
         BadInputError: an item is still not positive definite after ``MAX_DAMP_RETRIES`` retries
@@ -90,7 +90,7 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
     """
     b, k, _ = H.shape
     mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).to(torch.float64)  # (B,)
-    out: torch.Tensor | None = None  # allocated only when some item needs a retry (saves a (B, K, K) copy)
+    out: torch.Tensor | None = None  # allocated only when some item needs a retry (saves a (B, N, N) copy)
     todo = torch.arange(b, device=H.device)
     d = torch.full((b,), float(damp), dtype=torch.float64, device=H.device)
     for _ in range(MAX_DAMP_RETRIES + 1):
@@ -116,7 +116,7 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
         d[todo] *= 10.0
     raise BadInputError(
         f"GPTQ: Hessian ({k}x{k}) is not positive definite even with damp {float(d[todo[0]]) / 10:g}",
-        hint="the calibration activations likely hold NaN/inf: check --calib-data, or --ignore this module",
+        remedy="check-calibration",
     )
 
 
@@ -132,7 +132,7 @@ def gptq_quantize(
     static_groups: bool = False,
     name: str | None = None,
 ) -> QTensor:
-    """GPTQ-quantize ``w`` ``(N, K)`` given the input Hessian ``H`` ``(K, K)`` (AutoGPTQ ``fasterquant``).
+    """GPTQ-quantize ``w`` ``(M, N)`` given the input Hessian ``H`` ``(N, N)`` (AutoGPTQ ``fasterquant``).
 
     Steps: dead channels (``H_ii = 0``) get ``H_ii = 1`` and ``W[:, i] = 0``; ``H += λI`` with
     ``λ = damp·mean(diag H)`` (×10 and retry if Cholesky fails); ``Hinv`` = upper Cholesky of ``H⁻¹``;
@@ -143,8 +143,8 @@ def gptq_quantize(
     later columns with one matmul.
 
     Args:
-        w: ``(N, K)`` float weight (any float dtype; computed in float32 on its device).
-        H: ``(K, K)`` Hessian (e.g. :class:`HessianAccumulator` ``.H``); not modified.
+        w: ``(M, N)`` float weight (any float dtype; computed in float32 on its device).
+        H: ``(N, N)`` Hessian (e.g. :class:`HessianAccumulator` ``.H``); not modified.
         spec: bits / group size (-1 = per-channel) / symmetric.
         convention: storage convention (signedness, scale dtype).
         damp: relative dampening (AutoGPTQ ``damp_percent``).
@@ -157,7 +157,7 @@ def gptq_quantize(
         :class:`QTensor` whose :func:`~dsconvert.quant.rtn.dequantize` equals the GPTQ-quantized weights.
 
     Raises:
-        ShapeError: shapes disagree or the group size does not divide K.
+        ShapeError: shapes disagree or the group size does not divide N.
         UsageError: ``act_order`` without ``static_groups`` on a grouped spec.
         BadInputError: non-finite weights or Hessian.
     """
@@ -169,7 +169,7 @@ def gptq_quantize(
     g = spec.effective_group_size(k, name)
     if act_order and not static_groups and g != k:
         raise UsageError("GPTQ act_order with dynamic groups needs a g_idx, which dsconvert does not write",
-                         hint="pass static_groups=True (llm-compressor actorder 'static')")
+                         remedy="static-groups")
     return gptq_quantize_batch(w[None], H[None], spec, convention, damp=damp, block_size=block_size,
                                act_order=act_order, static_groups=static_groups, names=[name])[0]
 
@@ -192,21 +192,21 @@ def gptq_quantize_batch(
     Item ``b`` gets exactly the algorithm of :func:`gptq_quantize` on ``(w[b], H[b])``; the batched matmuls
     can round differently in the last bit. With ``act_order`` (a column order per item) the items run one
     by one. Rows of one weight are independent given its Hessian, so linears sharing an input (gate/up)
-    can be stacked along N.
+    can be stacked along M.
 
     Args:
-        w: ``(B, N, K)`` float weights; H: ``(B, K, K)`` Hessians (not modified).
+        w: ``(B, M, N)`` float weights; H: ``(B, N, N)`` Hessians (not modified).
         names: ``B`` tensor names for error messages.
         others: as :func:`gptq_quantize`.
 
     Returns:
-        ``B`` :class:`QTensor` of shape ``(N, K)``.
+        ``B`` :class:`QTensor` of shape ``(M, N)``.
 
     Raises:
         as :func:`gptq_quantize`.
     """
     if w.dim() != 3 or H.dim() != 3 or H.shape[0] != w.shape[0]:
-        raise ShapeError(f"batched GPTQ needs (B, N, K) weights and (B, K, K) Hessians, got {tuple(w.shape)} "
+        raise ShapeError(f"batched GPTQ needs (B, M, N) weights and (B, N, N) Hessians, got {tuple(w.shape)} "
                          f"and {tuple(H.shape)}")
     bsz, n, k = w.shape
     names = list(names) if names is not None else [None] * bsz
@@ -215,13 +215,13 @@ def gptq_quantize_batch(
     g = spec.effective_group_size(k, names[0])
     if act_order and not static_groups and g != k:
         raise UsageError("GPTQ act_order with dynamic groups needs a g_idx, which dsconvert does not write",
-                         hint="pass static_groups=True (llm-compressor actorder 'static')")
+                         remedy="static-groups")
     for b in range(bsz):
         if not torch.isfinite(w[b]).all():
             raise BadInputError(f"GPTQ: weight {names[b] or ''} holds NaN or inf".replace("  ", " "))
         if not torch.isfinite(H[b]).all():
             raise BadInputError(f"GPTQ: Hessian of {names[b] or 'a linear'} holds NaN or inf",
-                                hint="the calibration activations overflowed; calibrate in float32")
+                                remedy="calibrate-fp32")
     out: list[QTensor | None] = [None] * bsz
     live = []
     for b in range(bsz):
@@ -242,11 +242,11 @@ def gptq_quantize_batch(
 
 def _gptq_core(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, convention: Convention, g: int, damp: float,
                block_size: int, act_order: bool, static_groups: bool) -> list[QTensor]:
-    """The batched column loop: ``w`` ``(B, N, K)``, ``H`` ``(B, K, K)``; ``act_order`` only with ``B == 1``."""
+    """The batched column loop: ``w`` ``(B, M, N)``, ``H`` ``(B, N, N)``; ``act_order`` only with ``B == 1``."""
     W = w.to(torch.float32).clone()
     bsz, n, k = W.shape
     H = H.to(device=W.device, dtype=torch.float32).clone()
-    diag = torch.diagonal(H, dim1=-2, dim2=-1)  # (B, K) view
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)  # (B, N) view
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
     W.masked_fill_(dead[:, None, :], 0.0)
@@ -257,7 +257,7 @@ def _gptq_core(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, convention: Co
     zero = None if (convention.signed and spec.symmetric) else torch.empty(bsz, n, groups, dtype=levels_dtype,
                                                                           device=W.device)
     if static_groups or g == k:
-        s0, z0 = compute_qparams(W.view(bsz, n, groups, g), spec, convention)  # (B, N, K/g) each
+        s0, z0 = compute_qparams(W.view(bsz, n, groups, g), spec, convention)  # (B, M, N/g) each
         scale.copy_(s0)
         if zero is not None:
             zero.copy_(z0)
@@ -267,14 +267,14 @@ def _gptq_core(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, convention: Co
         perm = torch.argsort(torch.diagonal(H[0]), descending=True)
         W = W[:, :, perm]
         H = H[:, perm][:, :, perm]
-    Hinv = _inverse_cholesky_upper(H, damp)  # (B, K, K)
+    Hinv = _inverse_cholesky_upper(H, damp)  # (B, N, N)
     del H, diag
 
-    qint = torch.zeros_like(W)  # integer levels, (B, N, K) in processing order
+    qint = torch.zeros_like(W)  # integer levels, (B, M, N) in processing order
     dynamic = not (static_groups or g == k)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, :, i1:i2].clone()  # (B, N, bw)
+        W1 = W[:, :, i1:i2].clone()  # (B, M, bw)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[:, i1:i2, i1:i2]  # (B, bw, bw)
         for i in range(i2 - i1):
@@ -287,22 +287,22 @@ def _gptq_core(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, convention: Co
                 end = col + g
                 cur = W1[:, :, i:min(end, i2) - i1]
                 if end > i2:
-                    beyond = W[:, :, i2:end] - Err1[:, :, :i] @ Hinv[:, i1:i1 + i, i2:end]  # (B, N, end - i2)
+                    beyond = W[:, :, i2:end] - Err1[:, :, :i] @ Hinv[:, i1:i1 + i, i2:end]  # (B, M, end - i2)
                     cur = torch.cat([cur, beyond], dim=2)
-                sg, zg = compute_qparams(cur[:, :, None, :], spec, convention)  # (B, N, 1) each
+                sg, zg = compute_qparams(cur[:, :, None, :], spec, convention)  # (B, M, 1) each
                 scale[:, :, gi] = sg[..., 0]
                 if zero is not None:
                     zero[:, :, gi] = zg[..., 0]
-            s = scale[:, :, gi]  # (B, N)
+            s = scale[:, :, gi]  # (B, M)
             z = None if zero is None else zero[:, :, gi].to(torch.float32)
             wcol = W1[:, :, i]
-            q = round_to_grid(wcol, s, z, spec.bits, convention.signed)  # (B, N)
+            q = round_to_grid(wcol, s, z, spec.bits, convention.signed)  # (B, M)
             deq = (q - z) * s if z is not None else q * s
             qint[:, :, col] = q
-            err = (wcol - deq) / Hinv1[:, i, i][:, None]  # (B, N)
-            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]  # (B, N, 1) x (B, 1, bw - i)
+            err = (wcol - deq) / Hinv1[:, i, i][:, None]  # (B, M)
+            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]  # (B, M, 1) x (B, 1, bw - i)
             Err1[:, :, i] = err
-        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]  # (B, N, bw) @ (B, bw, K - i2)
+        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]  # (B, M, bw) @ (B, bw, N - i2)
     del W, Hinv
 
     if perm is not None:
@@ -318,7 +318,7 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
     mean square (0 when ``W H Wᵀ`` has zero trace and ``D`` does too).
 
     Args:
-        w, w_hat: ``(N, K)``; H: ``(K, K)``.
+        w, w_hat: ``(M, N)``; H: ``(N, N)``.
     """
     H = H.to(torch.float64)
     W = w.to(device=H.device, dtype=torch.float64)

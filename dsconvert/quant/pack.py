@@ -4,16 +4,16 @@ All packers here are LSB-first: element ``i`` of a word occupies bits ``[i*b, (i
 widths dividing 32 are supported (4 and 8 in practice), so no value straddles a word and the
 compressed-tensors "dense" packing of #715 coincides with the word-aligned one.
 
-Layouts (``q`` is ``[N, K]``, N = out_features, K = in_features; on-disk orientation noted):
+Layouts (``q`` is ``[M, N]``, M = out_features, N = in_features; on-disk orientation noted):
 
 ======================  ==========================  ===============================================
 function                 packs                      order inside a word
 ======================  ==========================  ===============================================
 pack_int32_rows_lsb     along ``packed_dim``        sequential; signed values offset by +2^(b-1)
                         (compressed-tensors)        (``weight_packed`` dim 1, ``weight_zero_point`` dim 0)
-pack_awq_gemm           ``[K, N]`` along N          AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-pack_gptq_qweight       ``[K, N]`` along K          sequential: word r, slot j = q[r * 32/b + j, n]
-pack_gptq_qzeros        ``[G, N]`` along N          sequential; v1 stores zero - 1, v2 stores zero
+pack_awq_gemm           ``[N, M]`` along M          AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+pack_gptq_qweight       ``[N, M]`` along N          sequential: word r, slot j = q[r * 32/b + j, n]
+pack_gptq_qzeros        ``[G, M]`` along M          sequential; v1 stores zero - 1, v2 stores zero
 ======================  ==========================  ===============================================
 
 Words are assembled as their four little-endian bytes (4-bit: two values per byte, ``lo | hi << 4``; 8-bit:
@@ -166,13 +166,13 @@ def unpack_int32_rows_lsb(packed: torch.Tensor, bits: int, size: int, packed_dim
 
 
 def pack_awq_gemm(q_kn: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """AutoAWQ GEMM: unsigned ``[K, N]`` (``qweight``) or ``[G, N]`` (``qzeros``) -> int32 ``[.., N / 8]``.
+    """AutoAWQ GEMM: unsigned ``[N, M]`` (``qweight``) or ``[G, M]`` (``qzeros``) -> int32 ``[.., M / 8]``.
 
-    Packs along the output dim N; nibble i of word j holds column ``8 j + AWQ_PACK_ORDER[i]``.
+    Packs along the output dim M; nibble i of word j holds column ``8 j + AWQ_PACK_ORDER[i]``.
     Zeros are stored as-is (no offset). Source: AutoAWQ ``WQLinear_GEMM.from_linear``.
 
     Raises:
-        ValueError: bits != 4 or N not a multiple of 8.
+        ValueError: bits != 4 or M not a multiple of 8.
     """
     if bits != 4:
         raise ValueError(f"AutoAWQ GEMM packing is 4-bit only, got {bits}")
@@ -180,28 +180,28 @@ def pack_awq_gemm(q_kn: torch.Tensor, bits: int = 4) -> torch.Tensor:
 
 
 def unpack_awq_gemm(packed: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Inverse of :func:`pack_awq_gemm`: int32 ``[.., N / 8]`` -> unsigned int32 ``[.., N]``."""
+    """Inverse of :func:`pack_awq_gemm`: int32 ``[.., M / 8]`` -> unsigned int32 ``[.., M]``."""
     if bits != 4:
         raise ValueError(f"AutoAWQ GEMM packing is 4-bit only, got {bits}")
     return unpack_int32_lsb(packed, 4, AWQ_PACK_ORDER)
 
 
 def pack_gptq_qweight(q_kn: torch.Tensor, bits: int) -> torch.Tensor:
-    """GPTQ ``qweight``: unsigned ``[K, N]`` -> int32 ``[K * bits / 32, N]``, packed along K, sequential.
+    """GPTQ ``qweight``: unsigned ``[N, M]`` -> int32 ``[N * bits / 32, M]``, packed along N, sequential.
 
     Word ``r`` of column ``n``, slot ``j`` holds ``q[r * 32/bits + j, n]``.
     Source: AutoGPTQ ``nn_modules/qlinear/qlinear_cuda_old.py::QuantLinear.pack``.
     """
-    return pack_int32_lsb(q_kn.t(), bits).t().contiguous()  # (N, K) -> (N, K*b/32) -> (K*b/32, N)
+    return pack_int32_lsb(q_kn.t(), bits).t().contiguous()  # (M, N) -> (M, N*b/32) -> (N*b/32, M)
 
 
 def unpack_gptq_qweight(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_gptq_qweight`: int32 ``[K * bits / 32, N]`` -> unsigned int32 ``[K, N]``."""
+    """Inverse of :func:`pack_gptq_qweight`: int32 ``[N * bits / 32, M]`` -> unsigned int32 ``[N, M]``."""
     return unpack_int32_lsb(packed.t().contiguous(), bits).t().contiguous()
 
 
 def pack_gptq_qzeros(zeros_gn: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
-    """GPTQ ``qzeros``: unsigned zeros ``[G, N]`` -> int32 ``[G, N * bits / 32]``, along N, sequential.
+    """GPTQ ``qzeros``: unsigned zeros ``[G, M]`` -> int32 ``[G, M * bits / 32]``, along M, sequential.
 
     ``checkpoint_format="gptq"`` (v1) stores ``zero - 1`` (wrapped to ``bits`` bits, so a zero of 0
     is stored as ``2^b - 1``: the v1 defect GPTQ v2 fixes); ``"gptq_v2"`` stores ``zero``.
@@ -220,7 +220,7 @@ def pack_gptq_qzeros(zeros_gn: torch.Tensor, bits: int, checkpoint_format: str =
 def unpack_gptq_qzeros(packed: torch.Tensor, bits: int, checkpoint_format: str = "gptq") -> torch.Tensor:
     """Zeros as a loader computes them: v1 ``stored + 1`` (unmasked, as AutoGPTQ/vLLM do), v2 ``stored``.
 
-    Returns int32 ``[G, N]``. For v1 a stored ``2^b - 1`` comes back as ``2^b`` (not 0), faithfully.
+    Returns int32 ``[G, M]``. For v1 a stored ``2^b - 1`` comes back as ``2^b`` (not 0), faithfully.
     """
     z = unpack_int32_lsb(packed, bits)
     if checkpoint_format == "gptq":

@@ -1,8 +1,8 @@
 """Group-wise round-to-nearest (RTN) integer quantization: ``q = clamp(round(w / s) + z, qmin, qmax)``.
 
-Weights are ``[N, K]`` (N = out_features, K = in_features). A group is ``group_size`` consecutive
-input channels of one output row, so ``scale`` and ``zero`` are ``[N, K // g]`` (``group_size = -1``
-means one group spanning K, i.e. per-channel: ``[N, 1]``).
+Weights are ``[M, N]`` (M = out_features, N = in_features). A group is ``group_size`` consecutive
+input channels of one output row, so ``scale`` and ``zero`` are ``[M, N // g]`` (``group_size = -1``
+means one group spanning N, i.e. per-channel: ``[M, 1]``).
 
 The maths is shared by every on-disk family; a :class:`Convention` only fixes what differs:
 
@@ -85,17 +85,16 @@ class QuantSpec:
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
-            raise UsageError(f"unsupported bit width {self.bits}", hint="use 4 or 8 bits")
+            raise UsageError(f"unsupported bit width {self.bits}", remedy="bits")
         if not (self.group_size == -1 or self.group_size > 0):
-            raise UsageError(f"invalid group size {self.group_size}",
-                             hint="use a positive group size, or -1 for per-channel")
+            raise UsageError(f"invalid group size {self.group_size}", remedy="positive-group")
 
     @property
     def per_channel(self) -> bool:
         return self.group_size == -1
 
     def effective_group_size(self, k: int, name: str | None = None) -> int:
-        """Group length along K: ``group_size``, or K for per-channel.
+        """Group length along N: ``group_size``, or N for per-channel.
 
         Raises:
             ShapeError: ``group_size`` does not divide ``k``.
@@ -105,16 +104,15 @@ class QuantSpec:
         if k % self.group_size:
             what = f"tensor {name!r}" if name else "tensor"
             smaller = [g for g in (256, 128, 64, 32, 16) if g < self.group_size and k % g == 0]
-            fix = f"use --group-size {smaller[0]}" if smaller else "use per-channel (--group-size -1)"
             raise ShapeError(
-                f"group size {self.group_size} does not divide in_features K={k} of {what} "
-                f"(K % {self.group_size} = {k % self.group_size})",
-                hint=f"{fix}, or --ignore this layer to keep it unquantized",
+                f"group size {self.group_size} does not divide in_features N={k} of {what} "
+                f"(N % {self.group_size} = {k % self.group_size})",
+                **({"remedy": "smaller-group", "group_size": smaller[0]} if smaller else {"remedy": "per-channel"}),
             )
         return self.group_size
 
     def num_groups(self, k: int, name: str | None = None) -> int:
-        """``K // g`` (1 for per-channel). Raises ShapeError like :meth:`effective_group_size`."""
+        """``N // g`` (1 for per-channel). Raises ShapeError like :meth:`effective_group_size`."""
         return k // self.effective_group_size(k, name)
 
 
@@ -155,13 +153,13 @@ def _q_dtype(bits: int, signed: bool) -> torch.dtype:
 
 @dataclass
 class QTensor:
-    """A quantized ``[N, K]`` weight.
+    """A quantized ``[M, N]`` weight.
 
     Attributes:
-        q: ``[N, K]`` int8 (signed convention) or uint8 (unsigned convention).
-        scale: ``[N, K // g]`` float32 whose values are exactly representable in
+        q: ``[M, N]`` int8 (signed convention) or uint8 (unsigned convention).
+        scale: ``[M, N // g]`` float32 whose values are exactly representable in
             ``convention.scale_dtype``.
-        zero: ``[N, K // g]`` same dtype as ``q``, or None (symmetric signed convention: zero = 0).
+        zero: ``[M, N // g]`` same dtype as ``q``, or None (symmetric signed convention: zero = 0).
         spec: the :class:`QuantSpec`.
         convention: the :class:`Convention` q/zero/scale follow.
     """
@@ -178,7 +176,7 @@ class QTensor:
 
     @property
     def group_size(self) -> int:
-        """Effective group length along K (K for per-channel)."""
+        """Effective group length along N (N for per-channel)."""
         return self.q.shape[1] // self.scale.shape[1]
 
     def to_convention(self, convention: Convention) -> "QTensor":
@@ -221,23 +219,23 @@ def _round_scale(scale: torch.Tensor, dtype: torch.dtype, name: str | None = Non
 
 
 def raw_group_scales(w: torch.Tensor, spec: QuantSpec, convention: Convention = COMPRESSED_TENSORS) -> torch.Tensor:
-    """The min-max scale of every group of ``w`` ``[N, K]`` before it is rounded to the storage dtype: the value
+    """The min-max scale of every group of ``w`` ``[M, N]`` before it is rounded to the storage dtype: the value
     :func:`compute_qparams` rounds. Symmetric ``amax / ((2^b - 1) / 2)``; asymmetric ``(hi - lo) / (2^b - 1)``
     with ``lo = min(w, 0)``, ``hi = max(w, 0)`` (and the convention's range floor). Both are at most
     ``amax / ((2^b - 1) / 2)``, the bound :func:`scale_bound` uses.
 
     Returns:
-        float32 ``[N, K // g]`` (``g = K`` for ``group_size -1``).
+        float32 ``[M, N // g]`` (``g = N`` for ``group_size -1``).
     Raises:
-        ShapeError: ``group_size`` does not divide K.
+        ShapeError: ``group_size`` does not divide N.
     """
     if w.dim() != 2:
-        raise ShapeError(f"expected a 2-D [N, K] weight, got shape {tuple(w.shape)}")
+        raise ShapeError(f"expected a 2-D [M, N] weight, got shape {tuple(w.shape)}")
     n, k = w.shape
     g = k if spec.group_size <= 0 else spec.group_size
     if k % g:
-        raise ShapeError(f"group size {g} does not divide K={k}")
-    x = w.reshape(n, k // g, g).to(torch.float32)  # (N, K/g, g)
+        raise ShapeError(f"group size {g} does not divide N={k}")
+    x = w.reshape(n, k // g, g).to(torch.float32)  # (M, N/g, g)
     levels = (1 << spec.bits) - 1
     if spec.symmetric:
         return x.abs().amax(dim=-1) / (levels / 2)
@@ -264,7 +262,7 @@ def compute_qparams(
     """Min-max scale and zero point per group (rules in the module docstring).
 
     Args:
-        w_groups: ``[..., g]`` float; the last dim is one group (e.g. ``[N, K // g, g]``).
+        w_groups: ``[..., g]`` float; the last dim is one group (e.g. ``[M, N // g, g]``).
         spec: bits / symmetric (``group_size`` is not used: the grouping is already done).
         convention: storage convention (signedness, scale dtype, AWQ range floor).
 
@@ -316,19 +314,19 @@ def _check_2d(w: torch.Tensor) -> tuple[int, int]:
 def quantize(
     w: torch.Tensor, spec: QuantSpec, convention: Convention = COMPRESSED_TENSORS, *, name: str | None = None
 ) -> QTensor:
-    """RTN-quantize ``w`` ``[N, K]`` (any float dtype) group-wise with min-max scales.
+    """RTN-quantize ``w`` ``[M, N]`` (any float dtype) group-wise with min-max scales.
 
     Args:
-        w: ``[N, K]`` weight.
+        w: ``[M, N]`` weight.
         spec: bits, group size (-1 = per-channel), symmetric.
         convention: storage convention; fixes signedness and the scale dtype (rounded first).
         name: tensor name for error messages.
 
     Returns:
-        :class:`QTensor` with q ``[N, K]``, scale/zero ``[N, K // g]``.
+        :class:`QTensor` with q ``[M, N]``, scale/zero ``[M, N // g]``.
 
     Raises:
-        ShapeError: ``w`` not 2-D, or ``group_size`` does not divide K.
+        ShapeError: ``w`` not 2-D, or ``group_size`` does not divide N.
         BadInputError: ``w`` holds NaN/inf, or a scale overflows the storage dtype.
     """
     return quantize_with_error(w, spec, convention, name=name, error=False)[0]
@@ -355,7 +353,7 @@ def quantize_with_error(
     result agrees with a float64 evaluation to ~1e-7 relative).
 
     Args:
-        w: ``[N, K]`` weight, any float dtype, any device.
+        w: ``[M, N]`` weight, any float dtype, any device.
         spec, convention, name: as :func:`quantize`.
         error: also compute the relative RMS error (else None is returned for it).
 
@@ -392,8 +390,8 @@ def quantize_with_error(
             x = w[r0:r1]
             if xbuf is not None:
                 x = xbuf[:r].copy_(x)
-            xg = x.view(r, gcount, g)  # (rows, K/g, g)
-            lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)  # (rows, K/g); aminmax(dim=) is 10x slower on CPU
+            xg = x.view(r, gcount, g)  # (rows, N/g, g)
+            lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)  # (rows, N/g); aminmax(dim=) is 10x slower on CPU
             if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
                 raise BadInputError(f"tensor {name or ''} holds NaN or inf values".replace("  ", " "),
                                     hint="check the source checkpoint; dsconvert will not quantize non-finite weights")
@@ -440,13 +438,13 @@ def quantize_with_params(
     *,
     name: str | None = None,
 ) -> QTensor:
-    """Quantize ``w`` ``[N, K]`` with a given ``scale`` (and ``zero``) ``[N, K // g]``.
+    """Quantize ``w`` ``[M, N]`` with a given ``scale`` (and ``zero``) ``[M, N // g]``.
 
     ``scale`` is rounded to ``convention.scale_dtype`` here too (a no-op for scales from
     :func:`compute_qparams`), so the stored scale is the one q was computed with.
 
     Raises:
-        ShapeError: shapes disagree, or ``group_size`` does not divide K.
+        ShapeError: shapes disagree, or ``group_size`` does not divide N.
         ValueError: ``zero`` is missing for an unsigned or asymmetric convention.
     """
     n, k = _check_2d(w)
@@ -466,7 +464,7 @@ def quantize_with_params(
     qdt = _q_dtype(spec.bits, convention.signed)
     z = None if zero is None else zero.to(qdt)
     q = round_to_grid(
-        w.to(torch.float32).view(n, k // g, g),  # (N, K/g, g)
+        w.to(torch.float32).view(n, k // g, g),  # (M, N/g, g)
         s[..., None],
         None if z is None else z[..., None],
         spec.bits,
@@ -484,12 +482,12 @@ def dequantize(qt: QTensor, out_dtype: torch.dtype = torch.float32) -> torch.Ten
     ``dequantize`` or vLLM's fp16/bf16 kernels.
 
     Returns:
-        ``[N, K]`` tensor of ``out_dtype``.
+        ``[M, N]`` tensor of ``out_dtype``.
     """
     n, k = qt.q.shape
     gcount = qt.scale.shape[1]
     g = k // gcount
-    x = qt.q.to(torch.float32).view(n, gcount, g)  # (N, K/g, g)
+    x = qt.q.to(torch.float32).view(n, gcount, g)  # (M, N/g, g)
     if qt.zero is not None:
         x = x - qt.zero.to(torch.float32)[..., None]
     return (x * qt.scale.to(torch.float32)[..., None]).view(n, k).to(out_dtype)

@@ -218,15 +218,14 @@ class Scheme:
                 per-channel-only scheme, or ``scale_fmt`` on an integer scheme.
         """
         if scale_fmt is not None:
-            raise UsageError(f"scheme {self.name} has no --scale-fmt option",
-                             hint="--scale-fmt ue8m0 applies to FP8_BLOCK (power-of-two FP8 block scales)")
+            raise UsageError(f"scheme {self.name} has no scale_fmt option", remedy="drop-scale-fmt")
         g = self.group_size if group_size is None else group_size
         if g == -1 and not self.allow_per_channel:
-            raise UsageError(f"scheme {self.name} does not support per-channel (--group-size -1)",
-                             hint="use a positive group size, e.g. 128, or scheme W8A16")
+            raise UsageError(f"scheme {self.name} does not support per-channel (group_size -1)",
+                             remedy="group-or-w8a16")
         if g != -1 and not self.allow_group:
-            raise UsageError(f"scheme {self.name} is per output channel; --group-size {g} does not apply",
-                             hint=f"drop --group-size (or pass -1), or use a group-wise scheme such as W8A16")
+            raise UsageError(f"scheme {self.name} is per output channel; group_size {g} does not apply",
+                             remedy="drop-group-size-or-grouped")
         sp = QuantSpec(bits=self.bits, group_size=g, symmetric=self.symmetric)
         w = WeightArgs(type="int", bits=sp.bits, strategy="channel" if sp.per_channel else "group",
                        symmetric=sp.symmetric, group_size=None if sp.per_channel else sp.group_size)
@@ -331,11 +330,10 @@ class FP8Block(Scheme):
             UsageError: a ``group_size`` (blocks are fixed at 128 x 128), or a ``scale_fmt`` other than ue8m0.
         """
         if group_size is not None:
-            raise UsageError(f"scheme {self.name} uses 128x128 blocks; --group-size {group_size} does not apply",
-                             hint="drop --group-size")
+            raise UsageError(f"scheme {self.name} uses 128x128 blocks; group_size {group_size} does not apply",
+                             remedy="drop-group-size")
         if scale_fmt is not None and scale_fmt not in SCALE_FORMATS:
-            raise UsageError(f"--scale-fmt {scale_fmt!r} is not a scale format",
-                             hint="use --scale-fmt ue8m0 (power-of-two scales), or leave it out (amax / 448)")
+            raise UsageError(f"scale_fmt {scale_fmt!r} is not a scale format", remedy="scale-fmt-values")
         w = WeightArgs(type="float", bits=8, strategy="block", symmetric=True, block=self.block,
                        scale_rule="pow2" if scale_fmt == "ue8m0" else "amax")
         return SchemeDescription(self.name, w, self.input_activations)

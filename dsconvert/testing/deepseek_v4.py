@@ -18,7 +18,7 @@ ships them:
   ``quantization_config {quant_method fp8, fmt e4m3, scale_fmt ue8m0, weight_block_size [128, 128]}``.
 
 Because transformers loads the result with its own FP8/FP4 decoder, ``from_pretrained(fixture)`` reproducing
-:func:`decoded_state_dict` is an independent check of this writer (tests/test_deepseek_v4.py). Dimensions are
+:func:`decoded_state_dict` is an independent check of this writer (tests/formats/test_deepseek_v4.py). Dimensions are
 multiples of 128 in the presets compared against transformers (it infers the FP8 block from the scale grid);
 ``tiny-odd`` has partial blocks for dsconvert's own checks.
 
