@@ -960,7 +960,7 @@ def verify_cmd(
 
 
 @app.command("imatrix", short_help="llama.cpp importance matrix for gguf --imatrix.",
-             help="Compute llama.cpp's importance matrix on the original FP8 (or BF16) checkpoint with the "
+             help="Compute llama.cpp's importance matrix on the original FP8 (or BF16) checkpoint (DeepSeek V2/V3/V4) with the "
                              "reference forward, layer by layer, for `dsconvert gguf --imatrix` or llama-quantize "
                              "--imatrix. Writes the GGUF imatrix format (or the legacy .dat).")
 def imatrix_cmd(

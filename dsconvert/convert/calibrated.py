@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..formats.checkpoint import Checkpoint
-from ..formats.deepseek_v3 import layer_index
 from ..formats.int_format import IntFormat
 from ..quant.rtn import QTensor, QuantSpec, quantize
 from .calib_data import calibration_ids
@@ -39,7 +38,9 @@ class CalibratedRun:
     """Adapter between the pipeline (asks by tensor name, in file order) and the engine (layer by layer)."""
 
     def __init__(self, ck: Checkpoint, fmt: IntFormat, spec: QuantSpec, opts, device: torch.device):
+        from ..model.registry import architecture
         from .calibrate import CalibrationEngine
+        from .calibrate_v4 import V4CalibrationEngine
         from .policy import LayerPolicy
 
         self.ck = ck
@@ -50,10 +51,12 @@ class CalibratedRun:
         policy = LayerPolicy(spec, list(opts.ignore))
         self.ids, self.record = calibration_ids(ck, opts.calib_data, opts.num_samples, opts.seq_len,
                                                 opts.calib_seed)
-        self.engine = CalibrationEngine(CheckpointWeightSource(ck.root, check_values=False),
-                                        lambda mod, shape: policy(mod + ".weight", shape), opts.method,
-                                        fmt.convention, self.ids, device=device, progress=self._stage,
-                                        expert_policy=opts.expert_policy)
+        self.layer_index = architecture(ck.config).layer_of  # V4 release names: layers.{i}., MTP None
+        engine = V4CalibrationEngine if ck.v4 is not None else CalibrationEngine
+        self.engine = engine(CheckpointWeightSource(ck.root, check_values=False),
+                             lambda mod, shape: policy(mod + ".weight", shape), opts.method,
+                             fmt.convention, self.ids, device=device, progress=self._stage,
+                             expert_policy=opts.expert_policy)
         self.n_layers = self.engine.num_layers
         self.layer: int | None = None
         self.result = None
@@ -85,7 +88,7 @@ class CalibratedRun:
 
     # -- pipeline hooks -----------------------------------------------------------------------------------
     def compute(self, module: str):
-        lay = layer_index(module + ".weight")
+        lay = self.layer_index(module + ".weight")
         if lay is None or lay >= self.n_layers:  # MTP block: not part of the forward, RTN
             w = read_float(self.ck, module + ".weight").to(self.device)
             qt = quantize(w, self.spec, self.fmt.convention, name=module)
@@ -98,7 +101,7 @@ class CalibratedRun:
         return ModuleResult(self.fmt.encode_qtensor(module, qt), rel_error(w, qt))
 
     def replaced(self, name: str) -> torch.Tensor | None:
-        lay = layer_index(name)
+        lay = self.layer_index(name)
         if lay is None or lay >= self.n_layers:
             return None
         return self._ensure(lay).replaced.get(name)
@@ -141,8 +144,10 @@ class CalibratedRun:
         self.engine.spill_dir = out_dir / SPILL_NAME
         last_done = -1
         for s in shards:
-            layers = {layer_index(t.name) for t in s.tensors} - {None}
+            layers = {self.layer_index(t.name) for t in s.tensors} - {None}
             if s.name not in done:
+                if layers:  # a layer split over shards is done only when all of its shards are
+                    last_done = min(layers) - 1
                 break
             if layers:
                 last_done = max(last_done, max(layers))

@@ -15,6 +15,11 @@ gguf`` writes (docs/gguf-deepseek2.md §3 and §6):
   records a 3-D ``MUL_MAT``;
 * ``output.weight`` only with ``process_output`` (llama-imatrix's ``--process-output``; off by default there too).
 
+DeepSeek-V4 release checkpoints (:class:`V4ImatrixCollector`, the ``deepseek4`` names of
+:mod:`dsconvert.formats.gguf_deepseek4`): the same per-linear and per-expert sums for every linear the V4 forward
+runs and the layers' mHC mixing matrices (``hc_attn_fn``, ``hc_ffn_fn``; not ``output_hc_fn``, which is outside
+``blk.*`` and llama-imatrix does not collect either); ``attn_output_a`` in the 2-D layout llama-quantize reads.
+
 The file is the GGUF imatrix format current llama.cpp writes (``<name>.in_sum2`` float32 ``[n_mat, ne0]`` and
 ``<name>.counts`` float32 ``[n_mat, 1]``, keys ``general.type = imatrix``, ``imatrix.datasets``,
 ``imatrix.chunk_count``, ``imatrix.chunk_size``), or the legacy ``.dat`` on request (per entry
@@ -40,8 +45,7 @@ from ..errors import BadInputError, OutputExistsError, UnsupportedError, UsageEr
 from ..formats import gguf_imatrix as imf
 from ..formats import gguf_names as gn
 from ..formats.gguf_imatrix import legacy_imatrix_bytes  # noqa: F401  (re-export)
-from ..model import ReferenceModel
-from ..model.registry import V3, architecture
+from ..model.registry import V3, V4, architecture
 from ..report import base_report, peak_rss_bytes
 from .progress import ByteProgress
 from .validate import LayerCachedSource
@@ -137,6 +141,51 @@ class ImatrixCollector:
         return out
 
 
+class V4ImatrixCollector(ImatrixCollector):
+    """The same sums for a DeepSeek-V4 release checkpoint, fed by :class:`~dsconvert.model.v4.V4ReferenceModel`'s
+    ``on_linear`` hook (release module names), under the ``deepseek4`` GGUF names that ``dsconvert gguf`` writes
+    (:mod:`dsconvert.formats.gguf_deepseek4`): every linear the forward runs and each layer's two mHC mixing
+    matrices (``hc_attn_fn``, ``hc_ffn_fn``: the normed flattened streams), one matrix each (``attn_q_a``,
+    ``attn_q_b``, ``attn_kv``, ``attn_output_a``, ``attn_output_b``, the compressors' ``kv``/``gate``, the indexer's
+    ``attn_q_b``/``proj``, ``ffn_gate_inp``, ``ffn_*_shexp``), the routed experts one matrix per expert over its
+    routed tokens (``ffn_{gate,up,down}_exps``, ``counts`` per expert), ``output.weight`` with ``process_output``.
+
+    ``attn_output_a`` (``wo_a``, block diagonal over ``o_groups``): the file stores it 2-D ``[o_groups * o_lora,
+    K_g]`` and llama-quantize takes exactly ``K_g`` importance values for it (it refuses ``o_groups * K_g``, the
+    per-group layout llama.cpp's graph would give llama-imatrix: "imatrix size 512 is different from tensor size
+    256" on the tiny fixture), so its input is summed as ``T * o_groups`` rows of ``K_g`` (every group's input
+    against the one importance vector all its rows share), ``counts`` = ``T * o_groups``.
+    """
+
+    def __init__(self, cfg: dict, n_expert: int):
+        super().__init__(cfg, n_expert)
+        from ..formats import gguf_deepseek4 as g4
+
+        self._g4 = g4
+
+    def on_mix(self, name: str, x: torch.Tensor) -> None:
+        """``on_mix`` of the V4 forward: ``x`` ``(T, hc * hidden)``, the input of mHC matrix ``name``
+        (``layers.{i}.hc_attn_fn`` / ``hc_ffn_fn``: GGUF ``blk.{i}.hc_attn_fn.weight``, which llama.cpp multiplies
+        with ``MUL_MAT`` and llama-quantize quantizes)."""
+        self._acc(self._g4.gguf_name(name), 1, 0, x, x.shape[0])
+
+    def on_linear(self, module: str, x: torch.Tensor) -> None:
+        """:data:`~dsconvert.model.layers.LinearHook`: ``x`` ``(T, in_features)`` of release module ``module``."""
+        if module == "head":
+            self._acc("output.weight", 1, 0, x, x.shape[0])
+            return
+        parts = module.split(".")
+        if len(parts) == 6 and parts[2:4] == ["ffn", "experts"]:  # layers.L.ffn.experts.E.wK
+            self._acc(f"blk.{parts[1]}.{self._g4.EXPERT_NAMES[parts[5]]}", self.n_expert, int(parts[4]), x,
+                      x.shape[0])
+            return
+        name = self._g4.gguf_name(module + ".weight")
+        if module.endswith("attn.wo_a"):
+            x = x.reshape(-1, x.shape[1] // int(self.cfg["o_groups"]))
+        if name is not None:
+            self._acc(name, 1, 0, x, x.shape[0])
+
+
 def write_gguf_imatrix(path: Path, entries: dict[str, tuple[np.ndarray, np.ndarray]], datasets: list[str],
                        chunk_count: int, chunk_size: int) -> None:
     """Write ``entries`` as llama.cpp's GGUF imatrix (:func:`~dsconvert.formats.gguf_imatrix.write_gguf`) to
@@ -148,10 +197,12 @@ def write_gguf_imatrix(path: Path, entries: dict[str, tuple[np.ndarray, np.ndarr
     commit_tmp(tmp, path)
 
 
-def estimate_peak_bytes(cfg: dict, num_samples: int, seq_len: int, bytes_per_value: int = 4) -> int:
+def estimate_peak_bytes(cfg: dict, num_samples: int, seq_len: int, bytes_per_value: int = 4, streams: int = 1
+                        ) -> int:
     """Peak RAM of the run in bytes (GB = 1e9): the residual stream of every window (twice, in and out of a
-    layer), one layer's dense weights in the compute dtype plus one routed expert, the attention scores of one
-    window ``(n_head, T, T)`` float32 times three, and the float64 sums of one layer's entries."""
+    layer; ``streams`` copies of it: V4's ``hc_mult`` mHC streams), one layer's dense weights in the compute
+    dtype plus one routed expert, the attention scores of one window ``(n_head, T, T)`` float32 times three, and
+    the float64 sums of one layer's entries."""
     h, T = int(cfg["hidden_size"]), int(seq_len)
     heads = int(cfg.get("num_attention_heads", 1))
     inter = int(cfg.get("intermediate_size", 0))
@@ -163,7 +214,7 @@ def estimate_peak_bytes(cfg: dict, num_samples: int, seq_len: int, bytes_per_val
     attn = h * q_lora + q_lora * heads * (dn + dr) + h * (kv + dr) + kv * heads * (dn + dv) + heads * dv * h
     mlp = max(3 * h * inter, 3 * h * moe_i * (int(cfg.get("n_shared_experts", 0) or 0) + 1))
     weights = (attn + mlp) * bytes_per_value
-    stream = 2 * num_samples * T * h * bytes_per_value
+    stream = 2 * streams * num_samples * T * h * bytes_per_value
     scores = 3 * heads * T * T * 4
     sums = 8 * (n_exp * (2 * h + moe_i) + 8 * h + heads * (dn + kv))
     return int(weights + stream + scores + sums + 0.5e9)
@@ -177,7 +228,7 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
         OutputExistsError (exit 2): ``out`` exists and ``overwrite`` is not set (checked before any work).
         UsageError (exit 2): unknown ``fmt``, unreadable calibration data.
         BadInputError / UnsupportedError (exit 3): the checkpoint fails pre-flight (as for every command), is not
-            DeepSeek V2/V3 (V4 has no imatrix names yet), or the sums are not finite (NaN/Inf activations).
+            DeepSeek V2/V3/V4, or the sums are not finite (NaN/Inf activations).
     """
     from .calib_data import calibration_ids
     from .preflight import check_output_writable
@@ -193,15 +244,17 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
     dtype = _dtype(opts.dtype)
     source = CheckpointWeightSource(src)
     cfg = source.config
-    if architecture(cfg) is not V3:
-        raise UnsupportedError(f"{src}: imatrix supports DeepSeek V2/V3; model_type {cfg.get('model_type')!r} has a "
-                               "reference forward (logits, validate) but no llama.cpp tensor names here yet",
-                               hint="run imatrix on a DeepSeek V2/V3 checkpoint")
+    arch = architecture(cfg)
+    if arch not in (V3, V4):
+        raise UnsupportedError(f"{src}: imatrix supports DeepSeek V2/V3/V4; model_type {cfg.get('model_type')!r} "
+                               "has no llama.cpp tensor names here", hint="run imatrix on a DeepSeek checkpoint")
+    v4 = arch is V4
     ids, _ = calibration_ids(source.ck, opts.calib_data, opts.num_samples, opts.seq_len)
     windows_sha = hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()
     dataset = str(opts.calib_data) if opts.calib_data else "dsconvert bundled calibration text"
     n_layer = int(cfg["num_hidden_layers"])
-    peak = estimate_peak_bytes(cfg, len(ids), max(len(s) for s in ids), 2 if dtype == torch.bfloat16 else 4)
+    peak = estimate_peak_bytes(cfg, len(ids), max(len(s) for s in ids), 2 if dtype == torch.bfloat16 else 4,
+                               streams=int(cfg.get("hc_mult", 1)) if v4 else 1)
     rep = base_report("imatrix")
     rep.update({"source": str(src), "output": str(out), "format": opts.fmt, "options": asdict(opts),
                 "calibration": {"name": dataset, "windows": len(ids), "tokens": sum(len(s) for s in ids),
@@ -211,15 +264,19 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
         return rep
 
     n_expert = int(cfg.get("n_routed_experts", 0) or 0)
-    col = ImatrixCollector(cfg, n_expert)
-    model = ReferenceModel(LayerCachedSource(source), dtype=dtype)
+    col = (V4ImatrixCollector if v4 else ImatrixCollector)(cfg, n_expert)
+    model = arch.model()(LayerCachedSource(source), dtype=dtype)
     seqs = [torch.tensor(s, dtype=torch.long) for s in ids]
     pos = [torch.arange(len(s)) for s in ids]
     with ByteProgress(n_layer, "imatrix", unit="layers", enabled=progress) as prog, torch.no_grad():
         hs = [model.embed(i) for i in seqs]
         for layer in range(n_layer):
             prog.describe(f"layer {layer + 1}/{n_layer}", boundary=True)
-            hs = model.layer_forward_many(layer, hs, pos, on_linear=col.on_linear, on_heads=col.on_heads)
+            if v4:  # hash-routed layers need the token ids; no absorbed per-head matrices
+                hs = model.layer_forward_many(layer, hs, pos, on_linear=col.on_linear, token_ids=seqs,
+                                              on_mix=col.on_mix)
+            else:
+                hs = model.layer_forward_many(layer, hs, pos, on_linear=col.on_linear, on_heads=col.on_heads)
             prog.advance(1)
         if opts.process_output:
             for h in hs:

@@ -146,8 +146,9 @@ def _v4_summary(ck) -> dict:
                            f"consumed); {counts['other']['tensors']} other tensors copied byte for byte; release "
                            "names kept",
             "quantize": f"{quantizable} linears (attention, indexer wq_b, shared and routed experts) dequantized "
-                        "exactly, then RTN to one --scheme (W4A16, W8A16, ...) in compressed-tensors; the rest "
-                        "as fp8-to-bf16 writes it; --gptq/--awq and mixed recipes refused (exit 2)"
+                        "exactly, then RTN, --gptq or --awq to one --scheme (W4A16, W8A16, ...) in "
+                        "compressed-tensors; the rest as fp8-to-bf16 writes it; --gptq/--awq with mixed recipes "
+                        "refused (exit 2)"
                         if ck.quantized is False else "already quantized",
             "gguf": "not supported for DeepSeek-V4 yet (exit 3)",
         },

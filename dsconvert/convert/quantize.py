@@ -608,18 +608,19 @@ def rebuild(src: str, opts: Options) -> Rebuilt:
 
 
 def _refuse_v4_options(ck: Checkpoint, opts: Options) -> None:
-    """What ``quantize`` does not do for a DeepSeek-V4 release yet: calibrated methods, formats other than
-    compressed-tensors (and, checked after the recipe is built, NVFP4 W4A4's input calibration).
+    """What ``quantize`` does not do for a DeepSeek-V4 release yet: AWQ/GPTQ with a recipe or FP4 scheme,
+    formats other than compressed-tensors (and, checked after the recipe is built, NVFP4 W4A4's input
+    calibration). ``--gptq`` / ``--awq`` with one integer scheme run :class:`~.calibrate_v4.V4CalibrationEngine`.
 
     Raises:
-        UsageError (exit 2): naming what works for V4 (RTN W4A16/W8A16 and the other single schemes in
+        UsageError (exit 2): naming what works for V4 (RTN or GPTQ W4A16/W8A16 and the other single schemes in
             compressed-tensors).
     """
     works = ("V4 quantizes with RTN to one --scheme (W4A16, W8A16, ...) or a recipe (--preset experts-mxfp4 "
              "keeps the release's FP4 experts as MXFP4 byte for byte) in --format compressed-tensors")
-    if opts.method != "rtn":
-        raise UsageError(f"--{opts.method} on a DeepSeek-V4 checkpoint: calibration runs on DeepSeek-V3 only",
-                         hint=works + " (drop --" + opts.method + ")")
+    if opts.method != "rtn" and opts.per_module:
+        raise UsageError(f"--{opts.method} on a DeepSeek-V4 checkpoint takes one integer --scheme (W4A16, W8A16)",
+                         hint=f"drop the recipe / FP4 scheme, or drop --{opts.method} for RTN")
     if FORMATS.canonical(opts.format) != "compressed-tensors":
         raise UsageError(f"--format {opts.format} on a DeepSeek-V4 checkpoint is not supported", hint=works)
 

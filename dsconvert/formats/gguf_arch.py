@@ -99,7 +99,8 @@ DEEPSEEK4 = GGUFArch(
     check=g4.check_config, plan=_v4_plan, types=g4.plan_types, file_type=g4.file_type,
     write_metadata=_v4_metadata,
     refused=(("recipe", "--recipe", "the named recipes are deepseek2 tensor rules"),
-             ("imatrix", "--imatrix", "no V4 importance matrix exists yet: `dsconvert imatrix` does not take V4")))
+             ("imatrix", "--imatrix", "the V4 exporter does not read an importance matrix yet (`dsconvert "
+              "imatrix` writes one that llama-quantize takes)")))
 
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (DEEPSEEK2, DEEPSEEK4)}
 

@@ -190,7 +190,8 @@ class V4ReferenceModel:
         return e[:, None, :].expand(-1, self.cfg.geo.hc, -1).contiguous()
 
     def layer_forward_many(self, layer_idx: int, hiddens: list[torch.Tensor], positions: list[torch.Tensor],
-                           on_linear: LinearHook | None = None, *, token_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+                           on_linear: LinearHook | None = None, *, token_ids: list[torch.Tensor],
+                           on_mix: LinearHook | None = None) -> list[torch.Tensor]:
         """Decoder layer ``layer_idx`` on several independent sequences (attention per sequence, MoE on all
         tokens at once, each routed expert fetched once).
 
@@ -198,6 +199,9 @@ class V4ReferenceModel:
             hiddens: ``[(T_s, hc, hidden)]``; positions: ``[(T_s,)]`` int64 (``0..T_s-1``: the compressors pool
                 windows from the sequence start); token_ids: ``[(T_s,)]`` int64 (hash routing).
             on_linear: sees (and may replace) the input of every dense Linear and routed expert, as in V3.
+            on_mix: sees (never replaces) the input of the two mHC mixing matrices, ``on_mix(name, flat)`` with
+                ``name`` ``layers.{i}.hc_attn_fn`` / ``hc_ffn_fn`` and ``flat`` the RMS-normed flattened streams
+                ``(T, hc * hidden)`` float32 (imatrix).
 
         Returns:
             ``[(T_s, hc, hidden)]`` in the compute dtype.
@@ -214,11 +218,11 @@ class V4ReferenceModel:
         for h, pos in zip(hiddens, positions):
             h = h.to(self.device, self.dtype)
             pos = pos.to(self.device, torch.long)
-            post, comb, x = self._hc(h, get, p + "hc_attn")
+            post, comb, x = self._hc(h, get, p + "hc_attn", on_mix)
             a = self._attention(layer_idx, _rms(x, get(p + "attn_norm.weight"), cfg.rms_norm_eps), pos, get,
                                 on_linear)
             h = post.to(h.dtype)[..., None] * a[:, None, :] + torch.matmul(comb.to(h.dtype).transpose(-1, -2), h)
-            post, comb, x = self._hc(h, get, p + "hc_ffn")
+            post, comb, x = self._hc(h, get, p + "hc_ffn", on_mix)
             mids.append((h, post, comb))
             xs.append(_rms(x, get(p + "ffn_norm.weight"), cfg.rms_norm_eps))
         ids = torch.cat([t.to(self.device, torch.long) for t in token_ids])
@@ -268,12 +272,15 @@ class V4ReferenceModel:
 
     # -- mHC ----------------------------------------------------------------------------------------------------
 
-    def _hc(self, h: torch.Tensor, get: _Get, p: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _hc(self, h: torch.Tensor, get: _Get, p: str, on_mix: LinearHook | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """mHC weights of one sub-block from the streams ``h`` ``(T, hc, D)``: ``post`` ``(T, hc)``, ``comb``
         ``(T, hc, hc)`` (softmax, then Sinkhorn column/row normalisation, ``hc_sinkhorn_iters`` rounds) and the
         collapsed input ``sum_k pre_k h_k`` ``(T, D)``; all mixing in float32."""
         cfg, n = self.cfg, self.cfg.geo.hc
         flat = _rms(h.flatten(1).float(), None, cfg.rms_norm_eps)
+        if on_mix is not None:
+            on_mix(p + "_fn", flat)
         mix = F.linear(flat, get(p + "_fn"))  # (T, (2+n)n)
         base, scale = get(p + "_base"), get(p + "_scale")
         pre = torch.sigmoid(mix[:, :n] * scale[0] + base[:n]) + cfg.hc_eps

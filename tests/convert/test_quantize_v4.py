@@ -148,8 +148,8 @@ def test_resume_rewrites_only_the_missing_shard(outs, v4_src, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (("--gptq",), "--gptq on a DeepSeek-V4"),
-    (("--awq",), "--awq on a DeepSeek-V4"),
+    (("--gptq", "--preset", "experts-mxfp4"), "--gptq on a DeepSeek-V4 checkpoint takes one integer"),
+    (("--awq", "--preset", "experts-mxfp4"), "--awq on a DeepSeek-V4 checkpoint takes one integer"),
     (("--format", "autoawq"), "--format autoawq on a DeepSeek-V4"),
     (("--scheme", "NVFP4"), "NVFP4 W4A4 on a DeepSeek-V4"),
 ])

@@ -527,16 +527,6 @@ def test_v4_inspect_schedule_bytes_and_conversions(v4_src):
     assert "S C H C | MTP S" in human.stdout and "fp4 e2m1" in human.stdout, human
 
 
-def test_v4_imatrix_refused_before_writing(v4_src, tmp_path):
-    """imatrix has no deepseek4 tensor names yet: exit 3 naming the model type, nothing written."""
-    from tests.conftest import run_cli
-
-    out = tmp_path / "imatrix.gguf"
-    r = run_cli("imatrix", v4_src, "-o", out)
-    assert r.rc == 3 and "deepseek_v4" in r.stderr and "imatrix" in r.stderr, r
-    assert not out.exists()
-
-
 def test_v4_weight_source_serves_exact_bf16(v4_src, tmp_path):
     """The reference forward's weight source decodes V4 FP8/FP4 by the same rule as fp8-to-bf16."""
     from dsconvert.convert.weights import CheckpointWeightSource

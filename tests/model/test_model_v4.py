@@ -164,11 +164,3 @@ def test_v4_streams_one_layer_and_one_expert(v4_src):
     assert max(len(s) for s in layers_held) == 1
     assert max(c for n, c in reads.items() if v4.is_routed_expert(n)) == 1
     assert max(reads.values()) == 1
-
-
-def test_v4_imatrix_refused(v4_src, tmp_path):
-    """imatrix has no V4 tensor names: exit 3 with the reason, before any forward."""
-    from tests.convert.test_validate import cli
-
-    rc, out = cli("imatrix", v4_src, "-o", tmp_path / "im.gguf")
-    assert rc == 3 and not (tmp_path / "im.gguf").exists()
