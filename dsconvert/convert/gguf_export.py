@@ -439,7 +439,7 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
                                   "compute one on the original with `dsconvert imatrix SRC -o imatrix.gguf`, then "
                                   "add --imatrix imatrix.gguf")
     nbytes = {t.name: g2.tensor_nbytes(t.shape, types[t.name]) for t in plan}
-    imatrix, importance = _imatrix_plan(opts.imatrix, entries, plan, types)
+    imatrix, importance = _imatrix_plan(opts.imatrix, entries, plan, types, arch.imatrix_optional, ftype)
 
     if not (ck.root / "tokenizer.json").is_file():
         raise BadInputError(f"{ck.root}: no tokenizer.json; a {arch.name} GGUF needs the tokenizer to load",
@@ -584,17 +584,20 @@ def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts
                  "choices": {n: {"type": chosen[n].type, "rel_error": measured[n]} for n in chosen}}
 
 
-def _imatrix_plan(path: Path | None, entries: dict | None, plan: g2.GGUFPlan, types: dict[str, str]
-                  ) -> tuple[dict, dict]:
+def _imatrix_plan(path: Path | None, entries: dict | None, plan: g2.GGUFPlan, types: dict[str, str],
+                  optional: tuple[str, ...], ftype: str) -> tuple[dict, dict]:
     """Check ``--imatrix`` against the planned tensors, as ``llama_model_quantize`` does.
 
     ``entries`` is ``path`` as read by :func:`~dsconvert.formats.gguf_imatrix.read_imatrix`.
 
-    llama.cpp ignores importance weights for F32/F16/BF16/Q8_0 (accepted and ignored here too); every other
-    type uses them (``quantize_row_*_impl``). Each tensor that uses them needs an entry of ``ne0 * n_mat``
-    values (``n_mat`` = experts, or heads of ``attn_k_b``/``attn_v_b``). ``token_embd`` (a lookup, never a matmul
-    input) and ``output`` (collected only with llama-imatrix ``--process-output``) may lack one: llama.cpp
-    quantizes them without weights, and so does this export (the report lists them).
+    llama.cpp ignores importance weights for F32/F16/BF16/Q8_0 (accepted and ignored here too) and for what is
+    copied (deepseek4's MXFP4 experts, its I32 ``tid2eid``); every other type uses them (``quantize_row_*_impl``).
+    Each tensor that uses them needs an entry of ``ne0 * n_mat`` values (``n_mat`` = experts, or heads of
+    ``attn_k_b``/``attn_v_b``). The names matching ``optional`` (the architecture's
+    :attr:`~dsconvert.formats.gguf_arch.GGUFArch.imatrix_optional`: ``token_embd``, a lookup; ``output``,
+    collected only with llama-imatrix ``--process-output``; deepseek4's ``*_ape`` and ``output_hc_fn``) may lack
+    one: llama.cpp quantizes them without weights, and so does this export (the report lists them), unless their
+    type needs weights (:func:`~dsconvert.formats.gguf_types.requires_imatrix`), where llama-quantize bails out.
 
     Returns:
         (report dict, ``{gguf name: float32 [n_mat, ne0]}`` for the tensors that use the weights).
@@ -605,7 +608,8 @@ def _imatrix_plan(path: Path | None, entries: dict | None, plan: g2.GGUFPlan, ty
     """
     if path is None:
         return {"used": False}, {}
-    users = {t: ggml.get_type(t) for t in set(types.values())}
+    quantizers = set(ggml.registered_types())  # not MXFP4 / I32: deepseek4's experts and tid2eid pass through
+    users = {t: ggml.get_type(t) for t in set(types.values()) if t in quantizers}
     need = sorted(t for t, c in users.items() if not c.ignores_imatrix)
     importance, missing, wrong, without = {}, [], [], []
     for t in plan:
@@ -613,7 +617,7 @@ def _imatrix_plan(path: Path | None, entries: dict | None, plan: g2.GGUFPlan, ty
             continue
         e = entries.get(t.name)
         if e is None:
-            (without if t.name in ("token_embd.weight", "output.weight") else missing).append(t.name)
+            (without if any(re.search(p, t.name) for p in optional) else missing).append(t.name)
             continue
         n_mat = t.shape[0] if len(t.shape) == 3 else 1
         if e.size != t.shape[-1] * n_mat:
@@ -623,6 +627,13 @@ def _imatrix_plan(path: Path | None, entries: dict | None, plan: g2.GGUFPlan, ty
             raise BadInputError(f"--imatrix {path}: {t.name} holds non-finite values",
                                 hint="recompute the imatrix (llama.cpp refuses such a file too)")
         importance[t.name] = e.reshape(n_mat, t.shape[-1])
+    bare = [n for n in without if requires_imatrix(n, types[n], ftype)]
+    if bare:
+        raise UsageError(f"--imatrix {path} has no entry for {', '.join(bare)} (an imatrix never has one), and "
+                         f"{types[bare[0]]} needs importance weights: llama-quantize bails out here too",
+                         hint="give them a type that needs none: " + " ".join(
+                             f"--tensor-type {f}=q4_k" for f in sorted({re.sub(r"^blk\.\d+\.|\.weight$", "", n)
+                                                                        for n in bare})))
     if missing:
         raise BadInputError(f"--imatrix {path}: no entries for {len(missing)} tensors that need them: "
                             + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""),

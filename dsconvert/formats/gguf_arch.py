@@ -39,6 +39,8 @@ class GGUFArch:
         file_type: ``--type`` mix -> ``general.file_type``.
         write_metadata: ``write_metadata(writer, config, file_type)``: the model KV pairs (the vocab is shared).
         refused: ``(GGUFOptions field, CLI spelling, why)`` for each option it does not take.
+        imatrix_optional: regexes of the tensor names an imatrix has no entry for by construction (never a
+            matmul input, or collected only on request): llama.cpp quantizes them without weights.
     """
 
     name: str
@@ -49,6 +51,7 @@ class GGUFArch:
     file_type: Callable[[str], int]
     write_metadata: Callable[[gguf.GGUFWriter, Mapping[str, Any], int], None]
     refused: tuple[tuple[str, str, str], ...] = ()
+    imatrix_optional: tuple[str, ...] = (r"token_embd\.weight$", r"output\.weight$")
 
 
 def _v3_check(cfg: Mapping[str, Any]) -> None:
@@ -98,9 +101,9 @@ DEEPSEEK4 = GGUFArch(
     name=g4.ARCH_NAME, layout="deepseek4 (hyper-connections, compressed attention, MXFP4 routed experts)",
     check=g4.check_config, plan=_v4_plan, types=g4.plan_types, file_type=g4.file_type,
     write_metadata=_v4_metadata,
-    refused=(("recipe", "--recipe", "the named recipes are deepseek2 tensor rules"),
-             ("imatrix", "--imatrix", "the V4 exporter does not read an importance matrix yet (`dsconvert "
-              "imatrix` writes one that llama-quantize takes)")))
+    refused=(("recipe", "--recipe", "the named recipes are deepseek2 tensor rules"),),
+    # the compressors' ape is added to the pooled keys; the head's mHC mix runs only with --process-output
+    imatrix_optional=(r"token_embd\.weight$", r"output\.weight$", r"_ape\.weight$", r"output_hc_fn\.weight$"))
 
 ARCHS: dict[str, GGUFArch] = {a.name: a for a in (DEEPSEEK2, DEEPSEEK4)}
 

@@ -152,7 +152,7 @@ def test_v4_gguf_dry_run_sizes_match_the_file(v4_src, v4_gguf):
     assert all(d["name"].startswith("mtp.") or d["name"].endswith("ffn.gate.bias") for d in plan["dropped"]["list"])
 
 
-@pytest.mark.parametrize("opt", [("--recipe", "deepseek-Q2_K_XL"), ("--imatrix", "x.imatrix.gguf")])
+@pytest.mark.parametrize("opt", [("--recipe", "deepseek-Q2_K_XL")])
 def test_v4_gguf_refuses_options_it_does_not_apply(v4_src, tmp_path, opt):
     rc, txt = cli("gguf", v4_src, "-o", tmp_path / "x.gguf", *opt)
     assert rc == 2 and "not supported yet" in txt and not (tmp_path / "x.gguf").exists(), (opt, txt)
@@ -241,6 +241,41 @@ def test_v4_mix_equals_llama_model_quantize(v4_src, v4_gguf, tmp_path, ftype):
     assert {t for n, t in types.items() if "_exps" in n} == {"MXFP4"}
     assert types["blk.0.ffn_gate_tid2eid.weight"] == "I32" and types["blk.0.ffn_gate_inp.weight"] == "BF16"
     assert types["blk.0.hc_attn_fn.weight"] not in ("F32", "BF16")  # llama-quantize quantizes the F32 hc_*_fn
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("ftype", ["Q4_K_M", pytest.param("IQ2_XXS", marks=pytest.mark.slow)])
+def test_v4_imatrix_mix_equals_llama_model_quantize(v4_src, v4_gguf, tmp_path, ftype):
+    """--imatrix on V4: our ``dsconvert imatrix`` file weights the same tensors, with the same slices per expert,
+    as llama_model_quantize given the same entries on our BF16 file: every type and byte equal (the compressors'
+    ``*_ape`` and the head's ``output_hc_fn`` have no entry there either and are quantized unweighted). IQ2_XXS
+    needs the imatrix (refused without it, as llama-quantize refuses)."""
+    from dsconvert.formats.gguf_imatrix import read_imatrix
+
+    im = tmp_path / "im.gguf"
+    rc, txt = cli("imatrix", v4_src, "-o", im, "--num-samples", 4, "--seq-len", 64, "-q")
+    assert rc == 0, txt
+    ours = tmp_path / f"ours-{ftype}.gguf"
+    rules = ()
+    if ftype == "IQ2_XXS":
+        rc, txt = cli("gguf", v4_src, "-o", ours, "--type", ftype)
+        assert rc == 2 and "importance matrix" in txt, txt
+        # no imatrix has entries for the compressors' ape or the head's mHC mix: refused as llama-quantize
+        # bails out ("Missing importance matrix for tensor output_hc_fn.weight"), until they get another type
+        rc, txt = cli("gguf", v4_src, "-o", ours, "--type", ftype, "--imatrix", im)
+        assert rc == 2 and "output_hc_fn.weight" in txt and "--tensor-type output_hc_fn=q4_k" in txt, txt
+        rules = (("attn_compressor_ape", "Q4_K"), ("indexer_compressor_ape", "Q4_K"), ("output_hc_fn", "Q4_K"))
+    rc, txt = cli("gguf", v4_src, "-o", ours, "--type", ftype, "--imatrix", im, "-q",
+                  *[a for p, t in rules for a in ("--tensor-type", f"{p}={t.lower()}")])
+    assert rc == 0, txt
+    entries = {n: v.reshape(-1) for n, v in read_imatrix(im).items()}
+    theirs = _theirs(v4_gguf, tmp_path, ftype, imatrix=entries, overrides=rules)
+    _same_tensors(ours, theirs)
+    plain = tmp_path / "plain.gguf"
+    assert cli("gguf", v4_src, "-o", plain, "--type", "Q4_K_M", "-q")[0] == 0
+    a = {t.name: t.data.tobytes() for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t.data.tobytes() for t in gguf.GGUFReader(plain).tensors}
+    assert a["blk.0.attn_q_a.weight"] != b["blk.0.attn_q_a.weight"]  # the weights were used
 
 
 @pytest.mark.llamacpp
