@@ -60,6 +60,13 @@ class CalibratedRun:
         self.layer_stats: list[dict] = []
         self.mtp_rtn: list[str] = []
         self.out_dir: Path | None = None
+        self._ray: tuple | None = None  # (RayExecutor, SRC path): expert groups on the cluster
+
+    def use_ray(self, executor, src: str) -> None:
+        """Run each MoE layer's routed expert groups as units on ``executor``'s cluster
+        (:class:`~.calib_ray.RayExpertGroups`, set up when OUT is known: :meth:`resume`); ``src`` is SRC's
+        absolute path, the same on every node."""
+        self._ray = (executor, src)
 
     def _stage(self, layer_idx: int, stage: str) -> None:
         """One plain stderr line per calibration stage ("layer 12/61: calibrating experts 64-95")."""
@@ -139,6 +146,10 @@ class CalibratedRun:
         self.out_dir = out_dir
         shutil.rmtree(out_dir / SPILL_NAME, ignore_errors=True)  # left by a killed run
         self.engine.spill_dir = out_dir / SPILL_NAME
+        if self._ray is not None:
+            from .calib_ray import RayExpertGroups
+
+            self.engine.expert_dispatch = RayExpertGroups(*self._ray, self.engine.spill_dir)
         last_done = -1
         for s in shards:
             layers = {layer_index(t.name) for t in s.tensors} - {None}

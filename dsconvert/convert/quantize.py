@@ -18,6 +18,7 @@ to ``--max-shard-size``), so calibrated methods can write layer ``i`` as soon as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -642,8 +643,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     """Quantize ``src`` into ``out``; returns the JSON report (also ``out/report.json``). ``verify`` (``full`` |
     ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md, Resume).
 
-    ``executor`` runs the shard units (default: ``opts.workers`` threads here; :mod:`.executor` for Ray, RTN
-    only: calibrated methods quantize layer after layer on the driver).
+    ``executor`` runs the shard units (default: ``opts.workers`` threads here; :mod:`.executor` for Ray). A
+    calibrated method quantizes layer after layer on the driver and writes the shards there; with a Ray
+    executor each MoE layer's routed expert groups run as units on the cluster (:mod:`.calib_ray`).
 
     Raises:
         BadInputError / UnsupportedError (exit 3), UsageError / ShapeError / OutputExistsError (exit 2).
@@ -656,10 +658,10 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if executor.remote and opts.per_module:
         raise UsageError("--ray with a per-module recipe: mixed schemes run on one machine for now",
                          hint="drop --ray, or quantize with one --scheme on the cluster")
+    calib_remote = None  # calibrated on Ray: the expert groups are the units, the shards are written here
     if opts.method != "rtn":
         if executor.remote:
-            raise UsageError(f"--{opts.method} with --ray: calibrated methods run on one machine for now",
-                             hint="drop --ray, or use RTN (no --awq/--gptq) on the cluster")
+            calib_remote = executor
         executor = LocalExecutor(1)  # layer by layer: one shard at a time
     if out is not None:
         check_paths(src, Path(out))
@@ -753,15 +755,20 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         report["quantization_error"] = _error_summary(cache.errors)
         if engine is not None:
             report["calibration"] = engine.report()
+        if calib_remote is not None:  # where the expert groups ran (the shards were written here)
+            report["executor"] = {**calib_remote.report(), "shards_written_by": "driver"}
         return {"module_errors": dict(sorted(cache.errors.items(), key=lambda kv: _natural_key(kv[0])))}
 
-    report = write_directory(
-        COMMAND, src, out, DirectoryOutput(plan.shards, plan.config, plan.files, sidecars, owned=(CALIB_SIDECAR,)), opts.fingerprinted(),
-        report, executor=executor, job=Job(rebuild, (str(src.resolve()), opts)), t0=t0, overwrite=overwrite,
-        resume=resume, verify=verify, progress=progress, on_extras=cache.errors.update,
-        on_resume=None if engine is None else (lambda d: engine.resume(out, d.done, plan.shards)),
-        on_finally=None if engine is None else engine.close,  # spilled expert results, finished or interrupted
-        on_report=add_errors)
+    if calib_remote is not None:
+        engine.use_ray(calib_remote, str(src.resolve()))
+    with calib_remote.session() if calib_remote is not None else contextlib.nullcontext():
+        report = write_directory(
+            COMMAND, src, out, DirectoryOutput(plan.shards, plan.config, plan.files, sidecars, owned=(CALIB_SIDECAR,)), opts.fingerprinted(),
+            report, executor=executor, job=Job(rebuild, (str(src.resolve()), opts)), t0=t0, overwrite=overwrite,
+            resume=resume, verify=verify, progress=progress, on_extras=cache.errors.update,
+            on_resume=None if engine is None else (lambda d: engine.resume(out, d.done, plan.shards)),
+            on_finally=None if engine is None else engine.close,  # spilled expert results, finished or interrupted
+            on_report=add_errors)
     (out / STATE_NAME).unlink(missing_ok=True)  # calibration resume state is only needed until completion
     return report
 
