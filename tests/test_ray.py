@@ -222,6 +222,23 @@ def test_quantize_rtn_on_ray_is_byte_identical_with_the_same_errors(cluster, tin
     assert full(tmp_path / "ray") == full(tmp_path / "local")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ("--scheme", "W8A16", "--group-size", "32", "--scheme-for", r".*mlp\.experts\..*=NVFP4A16",
+     "--scheme-for", r".*kv_b_proj$=BF16"),
+    ("--scheme", "NVFP4", "--num-samples", "2", "--seq-len", "32"),  # W4A4: the driver's input calibration shipped
+], ids=["mixed-recipe", "nvfp4-w4a4"])
+def test_quantize_per_module_schemes_on_ray_are_byte_identical(cluster, tiny_src, tmp_path, args):
+    common = ("quantize", tiny_src, *args, "--max-shard-size", "1M", "--json")
+    loc = run_cli(*common, "-o", tmp_path / "local", timeout=300)
+    assert loc.rc == 0, str(loc)
+    r = run_cli(*common, "-o", tmp_path / "ray", "--ray", cluster.address, timeout=300)
+    assert r.rc == 0, str(r)
+    assert model_hashes(tmp_path / "ray") == model_hashes(tmp_path / "local")
+    assert len(r.json()["executor"]["units"]) == len(manifest_files(tmp_path / "local")) > 1
+    assert r.json()["quantization_error"] == loc.json()["quantization_error"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # calibrated quantize: the routed expert groups of each MoE layer are the units (dsconvert.convert.calib_ray)
 # ----------------------------------------------------------------------------------------------------------
