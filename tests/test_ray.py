@@ -410,3 +410,25 @@ def test_a_signal_on_the_driver_cancels_the_tasks_and_leaves_no_piece(cluster, t
     r = run_cli(*args[:-1], "--json", timeout=300)
     assert r.rc == 0 and r.json()["shards_reused"] == 1, str(r)
     assert model_hashes(out) == model_hashes(local_ref)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# imatrix: each MoE layer's routed experts (forward + importance sums) as units
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_imatrix_on_ray_is_byte_identical_with_a_worker_killed(cluster, tiny_src, tmp_path):
+    common = ("imatrix", tiny_src, "--num-samples", "4", "--seq-len", "64", "--json")
+    loc = run_cli(*common, "-o", tmp_path / "local.gguf", timeout=300)
+    assert loc.rc == 0, str(loc)
+    unit = "layer2-experts4-5"
+    r = run_cli(*common, "-o", tmp_path / "ray.gguf", "--ray", cluster.address, timeout=300,
+                DSCONVERT_TEST_FAULT=f"kill:{unit}:1")
+    assert r.rc == 0, str(r)
+    assert (tmp_path / "ray.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+    ex = r.json()["executor"]
+    assert sorted(u["unit"] for u in ex["units"]) == sorted(f"layer{L}-experts{e}-{e + 1}" for L in (1, 2)
+                                                            for e in (0, 2, 4, 6))
+    assert [x["unit"] for x in ex["retries"]] == [unit]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.gguf", "ray.gguf"]  # no scratch left

@@ -175,3 +175,132 @@ def expert_worker(src: str) -> Rebuilt:
                 "stats": stats, "replaced": sorted(_REPLACED + k for k in replaced)}
 
     return Rebuilt(write)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# imatrix --ray: a MoE layer's routed experts (their forward and their importance sums) as units
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Describe:
+    """Unit progress on the imatrix driver: the group in flight as the current item (layers are the count)."""
+
+    def __init__(self, prog):
+        self.prog = prog
+
+    def describe(self, text: str, boundary: bool = True) -> None:
+        self.prog.describe(text, boundary=False)
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class RayImatrixExperts:
+    """``imatrix --ray``: each MoE layer's routed experts, a group per Ray unit, as the ``moe_experts`` of
+    :meth:`~dsconvert.model.forward.ReferenceModel.layer_forward_many`.
+
+    Per layer the driver writes the MoE input ``x`` ``(T, hidden)`` (compute dtype) and the routing
+    (``weights``, ``indices`` ``(T, k)``) once to ``SCRATCH/layerL-stage.safetensors`` (SCRATCH is
+    ``FILE.dsconvert-ray`` next to the output, on the shared filesystem). A worker runs
+    :func:`~dsconvert.model.moe.routed_expert_output` (the function the local forward calls) for each expert of
+    its group that has tokens, with an :class:`~.imatrix.ImatrixCollector` hooked in, and writes to its piece each
+    expert's weighted output and its three ``in_sum2`` rows and counts (float64). The driver yields the outputs
+    in ascending expert order to ``moe_forward`` (which adds them as locally) and adds the sums to its collector
+    (:meth:`~.imatrix.ImatrixCollector.add_matrix`): the file is byte-identical to a local run's.
+    """
+
+    def __init__(self, executor: RayExecutor, src: str, dtype: torch.dtype, col, prog, scratch: Path):
+        self.executor, self.src, self.dtype, self.col, self.prog = executor, src, dtype, col, prog
+        self.scratch = Path(scratch)
+
+    def __enter__(self) -> "RayImatrixExperts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def layer(self, idx: int):
+        """The ``experts(x, weights, indices, eids)`` callable of layer ``idx``."""
+        def experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, eids: list[int]):
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            stage = self.scratch / f"layer{idx}-stage.safetensors"
+            tmp = stage.with_name(stage.name + ".tmp")
+            save_file({"x": x.cpu().contiguous(), "weights": weights.cpu().contiguous(),
+                       "indices": indices.cpu().contiguous()}, str(tmp))
+            commit_tmp(tmp, stage)
+            slots = self.executor._cap or 1
+            size = max(1, math.ceil(len(eids) / (UNITS_PER_SLOT * slots)))
+            groups = [eids[i:i + size] for i in range(0, len(eids), size)]
+            pieces: dict[int, Path] = {}
+            lock = threading.Lock()
+
+            def unit(j: int, group: list[int]) -> Unit:
+                def on_result(result: dict, piece: Path) -> None:
+                    with lock:
+                        pieces[j] = piece
+                return Unit(f"layer{idx}-experts{group[0]}-{group[-1]}",
+                            (str(stage), idx, group, torch.get_num_threads()), on_result)
+
+            try:
+                self.executor.run_units(self.scratch, [unit(j, g) for j, g in enumerate(groups)],
+                                        _Describe(self.prog), Job(imatrix_worker, (self.src, self.dtype)))
+                for j, group in enumerate(groups):  # ascending expert order, as the local loop
+                    with safe_open(str(pieces[j]), "pt") as f:
+                        for e in group:
+                            for name in sorted({k.split("::")[1] for k in f.keys() if k.startswith("sum::")}):
+                                self.col.add_matrix(name, e, f.get_tensor(f"sum::{name}::{e}"),
+                                                    float(f.get_tensor(f"count::{name}::{e}")))
+                            yield torch.where(indices == e)[0], f.get_tensor(f"y::{e}").to(x.device)
+                    pieces.pop(j).unlink(missing_ok=True)
+            finally:
+                for p in pieces.values():
+                    p.unlink(missing_ok=True)
+                stage.unlink(missing_ok=True)
+        return experts
+
+
+def imatrix_worker(src: str, dtype: torch.dtype) -> Rebuilt:
+    """The :class:`~.executor.Job` build of an ``imatrix --ray`` unit: ``write(unit, (stage, layer, eids,
+    threads), tmp, sink)`` computes the experts ``eids`` of ``layer`` from the stage file and SRC (see
+    :class:`RayImatrixExperts`) with the driver's torch thread count, and writes ``y::E``, ``sum::NAME::E`` and
+    ``count::NAME::E`` to ``tmp`` (fsynced)."""
+    from ..model import ReferenceModel
+    from ..model.moe import routed_expert_output
+    from .imatrix import ImatrixCollector
+    from .weights import CheckpointWeightSource
+
+    source = CheckpointWeightSource(Path(src), check_values=False)
+    model = ReferenceModel(source, dtype=dtype)
+
+    def write(unit: str, payload, tmp: Path, sink) -> dict:
+        stage, layer, eids, threads = payload
+        st = _stage_tensors(stage)
+        col = ImatrixCollector(source.config, int(source.config.get("n_routed_experts", 0) or 0))
+        prefix = f"model.layers.{layer}.mlp"
+        out: dict[str, torch.Tensor] = {}
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                for e in eids:
+                    _, y = routed_expert_output(st["x"], st["weights"], st["indices"], e,
+                                                model._expert_getter(f"{prefix}.experts.{e}"), prefix, col.on_linear)
+                    out[f"y::{e}"] = y.contiguous()
+        finally:
+            torch.set_num_threads(old)
+        for name, v in col.values.items():
+            for e in eids:
+                out[f"sum::{name}::{e}"] = v[e].contiguous()
+                out[f"count::{name}::{e}"] = col.counts[name][e].reshape(1)
+        save_file(out, str(tmp))
+        sink.advance(sum(t.numel() * t.element_size() for t in out.values()))
+        h = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            os.fsync(f.fileno())
+        return {"size": tmp.stat().st_size, "sha256": h.hexdigest()}
+
+    return Rebuilt(write)
