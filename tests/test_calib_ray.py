@@ -64,3 +64,19 @@ def test_shipped_expert_groups_equal_the_local_loop(moe16, tmp_path, method, exp
     bad = [k for k in a if not _same(a[k], b[k])]
     assert not bad, bad[:5]
     assert sorted(p.name for p in spill.iterdir()) == []  # pieces adopted then closed, stage files removed
+
+
+def test_cuda_calibration_on_ray_needs_gpus_per_task():
+    """The expert groups run on the driver's device kind: a CUDA run whose units reserve no GPU is refused."""
+    from types import SimpleNamespace
+
+    from dsconvert.convert.calibrated import CalibratedRun
+    from dsconvert.convert.executor import ExecOptions
+    from dsconvert.errors import UsageError
+
+    run = SimpleNamespace(device=torch.device("cuda"), method="gptq", _ray=None)
+    with pytest.raises(UsageError, match="reserve no GPU") as e:
+        CalibratedRun.use_ray(run, SimpleNamespace(opts=ExecOptions(ray="auto")), "/src")
+    assert "--ray-gpus-per-task" in e.value.hint
+    CalibratedRun.use_ray(run, SimpleNamespace(opts=ExecOptions(ray="auto", gpus_per_task=1)), "/src")
+    assert run._ray[1] == "/src"

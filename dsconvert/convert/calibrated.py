@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import UsageError
 from ..formats.checkpoint import Checkpoint
 from ..formats.deepseek_v3 import layer_index
 from ..formats.int_format import IntFormat
@@ -65,7 +66,16 @@ class CalibratedRun:
     def use_ray(self, executor, src: str) -> None:
         """Run each MoE layer's routed expert groups as units on ``executor``'s cluster
         (:class:`~.calib_ray.RayExpertGroups`, set up when OUT is known: :meth:`resume`); ``src`` is SRC's
-        absolute path, the same on every node."""
+        absolute path, the same on every node. The groups run on the driver's kernel device kind (a CPU
+        matmul and a CUDA one round differently, and the output must match the local run's bytes).
+
+        Raises:
+            UsageError: the driver calibrates on CUDA but the units reserve no GPU (``--ray-gpus-per-task``).
+        """
+        if self.device.type == "cuda" and executor.opts.gpus_per_task <= 0:
+            raise UsageError(f"--{self.method} on {self.device} with --ray: the expert groups run on the same "
+                             "device kind, and the units reserve no GPU",
+                             hint="add --ray-gpus-per-task 1, or --device cpu")
         self._ray = (executor, src)
 
     def _stage(self, layer_idx: int, stage: str) -> None:

@@ -697,6 +697,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
             compute = rtn_compute(ck, fmt, scheme, desc, device)
         else:
             compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
+            if calib_remote is not None:  # the MoE layers' expert groups as units (convert/calib_ray.py)
+                engine.use_ray(calib_remote, str(src.resolve()))
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None,
                             assign=assign)
     if ck.v4 is not None and assign is not None and assign.needs_input_calibration():  # codecs exist from here
@@ -767,8 +769,6 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
             report["executor"] = {**calib_remote.report(), "shards_written_by": "driver"}
         return {"module_errors": dict(sorted(cache.errors.items(), key=lambda kv: _natural_key(kv[0])))}
 
-    if calib_remote is not None:
-        engine.use_ray(calib_remote, str(src.resolve()))
     with calib_remote.session() if calib_remote is not None else contextlib.nullcontext():
         report = write_directory(
             COMMAND, src, out, DirectoryOutput(plan.shards, plan.config, plan.files, sidecars, owned=(CALIB_SIDECAR,)), opts.fingerprinted(),
