@@ -29,7 +29,7 @@ def _one_thread():
 class InProcess:
     """The part of RayExecutor that RayExpertGroups calls, running each unit here through its Job."""
 
-    _cap = 2
+    slots = 2
 
     def __init__(self):
         self.units: list[str] = []

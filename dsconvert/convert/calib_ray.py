@@ -93,7 +93,7 @@ class RayExpertGroups:
         save_file(tensors, str(tmp))
         commit_tmp(tmp, stage)
         del tensors
-        slots = self.executor._cap or 1
+        slots = self.executor.slots or 1
         results: dict[tuple[int, int], tuple[Path, dict]] = {}
         lock = threading.Lock()
 
@@ -230,7 +230,7 @@ class RayImatrixExperts:
             save_file({"x": x.cpu().contiguous(), "weights": weights.cpu().contiguous(),
                        "indices": indices.cpu().contiguous()}, str(tmp))
             commit_tmp(tmp, stage)
-            slots = self.executor._cap or 1
+            slots = self.executor.slots or 1
             size = max(1, math.ceil(len(eids) / (UNITS_PER_SLOT * slots)))
             groups = [eids[i:i + size] for i in range(0, len(eids), size)]
             pieces: dict[int, Path] = {}

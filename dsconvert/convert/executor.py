@@ -300,6 +300,11 @@ class RayExecutor(Executor):
         self._cap: int | None = None  # set while a :meth:`session` holds the connection
         self._lock = threading.Lock()
 
+    @property
+    def slots(self) -> int | None:
+        """The cap on units in flight while a :meth:`session` holds the connection (None outside one)."""
+        return self._cap
+
     # -- connection ----------------------------------------------------------------------------------------
     def _connect(self) -> int:
         """Connect to the cluster; return the cap on units in flight."""
