@@ -161,11 +161,9 @@ def moe_forward_many(
     for eid in eids:
         eget = fetch_expert(f"{prefix}.experts.{eid}")
         for x, out, (weights, indices) in zip(xs, outs, routes):
-            token_idx, k_pos = torch.where(indices == eid)  # (n,), (n,)
-            if token_idx.numel() == 0:
+            if not bool((indices == eid).any()):
                 continue
-            y = swiglu_mlp(x[token_idx], eget, f"{prefix}.experts.{eid}", on_linear)  # (n, hidden)
-            y = y * weights[token_idx, k_pos, None]
+            token_idx, y = routed_expert_output(x, weights, indices, eid, eget, prefix, on_linear)
             out.index_add_(0, token_idx, y.to(out.dtype))
         del eget
     if cfg.n_shared_experts:
