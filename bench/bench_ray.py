@@ -11,7 +11,10 @@ Ray 1 node / local, the units per node, and checks that every output is byte-ide
 No assertions on time. On a machine with fewer cores than nodes x CPUs the nodes share cores and the
 speed-up says so; on a real cluster each node brings its own disks and cores.
 
-Usage: python bench/bench_ray.py [--command fp8-to-bf16|gguf] [--cpus 1] [--shards 8]
+For ``gptq``/``awq``/``imatrix`` the units are each MoE layer's routed expert groups; the rest of every layer runs
+on the driver, so the speed-up is bounded by that share (Amdahl).
+
+Usage: python bench/bench_ray.py [--command fp8-to-bf16|gguf|gptq|awq|imatrix] [--cpus 1] [--shards 8]
 Fixtures are cached under .bench/.
 """
 
@@ -55,7 +58,8 @@ def digest(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--command", default="fp8-to-bf16", choices=["fp8-to-bf16", "gguf"])
+    ap.add_argument("--command", default="fp8-to-bf16", choices=["fp8-to-bf16", "gguf", "gptq", "awq", "imatrix"],
+                    help="gptq/awq: quantize --gptq/--awq (expert groups as units); imatrix: imatrix")
     ap.add_argument("--cpus", type=int, default=1, help="CPUs per worker node")
     ap.add_argument("--shards", type=int, default=8)
     a = ap.parse_args()
@@ -76,11 +80,21 @@ def main() -> None:
             out = work / name / "m.gguf"
             out.parent.mkdir()
             return ["gguf", str(src), "-o", str(out), "--type", "Q8_0"], out
+        if a.command in ("gptq", "awq"):
+            out = work / name
+            return ["quantize", str(src), "-o", str(out), f"--{a.command}", "--group-size", "32", "--num-samples", "8", "--seq-len",
+                    "128"], out
+        if a.command == "imatrix":
+            out = work / name / "imatrix.gguf"
+            out.parent.mkdir()
+            return ["imatrix", str(src), "-o", str(out), "--num-samples", "8", "--seq-len", "128"], out
         out = work / name
         return ["fp8-to-bf16", str(src), "-o", str(out), "--workers", "1"], out
 
     args, out_local = cmd("local")
+    t0 = time.perf_counter()
     local = run(args)
+    local.setdefault("seconds", round(time.perf_counter() - t0, 3))
     print(f"{a.command} local: {local['seconds']:.2f} s", flush=True)
     results = {}
     with LocalCluster(workers=1, cpus=a.cpus, head_cpus=0) as c:

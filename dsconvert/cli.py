@@ -977,6 +977,11 @@ def imatrix_cmd(
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
     dry_run: DryOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
+    ray: RayOpt = None,
+    ray_cpus_per_task: RayCpusOpt = 1.0,
+    ray_gpus_per_task: RayGpusOpt = 0.0,
+    ray_max_in_flight: RayInFlightOpt = None,
+    ray_max_retries: RayRetriesOpt = 3,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
@@ -987,8 +992,9 @@ def imatrix_cmd(
     def body():
         opts = ImatrixOptions(calib_data=calib_data, num_samples=num_samples, seq_len=seq_len,
                               process_output=process_output, fmt=output_format, dtype=dtype)
+        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, 1)
         return run_imatrix(src, output, opts, overwrite=overwrite, dry_run=dry_run,
-                           progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()))
+                           progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()), executor=ex)
 
     def human(rep):
         c = rep["calibration"]
@@ -1004,6 +1010,7 @@ def imatrix_cmd(
             n = sum(rep["experts_without_tokens"].values())
             out.print(f"  {n} expert matrices received no token (llama-quantize uses weights of 1 for them); "
                       "more or longer windows cover more experts")
+        _print_executor(rep.get("executor") or {})
 
     _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
 

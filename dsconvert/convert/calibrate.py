@@ -211,6 +211,18 @@ class _LayerSource:
         return t
 
 
+def spill_tensors(items: Mapping[str, QTensor]) -> dict[str, torch.Tensor]:
+    """The spill file layout of ``{module: QTensor}``: ``MODULE.q``, ``MODULE.scale`` and ``MODULE.zero`` (when
+    the tensor has zero points), contiguous."""
+    tensors = {}
+    for m, qt in items.items():
+        tensors[m + ".q"] = qt.q.contiguous()
+        tensors[m + ".scale"] = qt.scale.contiguous()
+        if qt.zero is not None:
+            tensors[m + ".zero"] = qt.zero.contiguous()
+    return tensors
+
+
 class LayerResults(Mapping):
     """``{module name: QTensor}`` of one layer. Non-expert linears are held in memory; the routed experts'
     results are spilled, one safetensors file per expert group, to ``spill_dir`` when it is set (so a MoE
@@ -236,17 +248,20 @@ class LayerResults(Mapping):
         else:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             path = self.spill_dir / f"{self.tag}-{len(self._files)}.safetensors"
-            tensors = {}
-            for m, qt in items.items():
-                tensors[m + ".q"] = qt.q.contiguous()
-                tensors[m + ".scale"] = qt.scale.contiguous()
-                if qt.zero is not None:
-                    tensors[m + ".zero"] = qt.zero.contiguous()
             self._files.append(path)
-            save_file(tensors, str(path))
+            save_file(spill_tensors(items), str(path))
             for m, qt in items.items():
                 self._spilled[m] = (path, qt.spec, qt.convention, qt.zero is not None)
         self._order += new
+
+    def adopt(self, path: Path, modules: list[tuple[str, QuantSpec, Convention, bool]]) -> None:
+        """Register a spill file written elsewhere (another process, same layout as :meth:`put`): ``modules``
+        lists ``(module, spec, convention, has_zero)`` of what it holds, in order; :meth:`close` deletes it."""
+        self._files.append(path)
+        for m, spec, conv, has_zero in modules:
+            self._spilled[m] = (path, spec, conv, has_zero)
+            if m not in self._mem:
+                self._order.append(m)
 
     def __getitem__(self, module: str) -> QTensor:
         qt = self._mem.get(module)
@@ -379,6 +394,9 @@ class CalibrationEngine:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.keep_folded = keep_folded
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        #: ``dispatch(layer, groups)``: runs a MoE layer's routed expert groups ``[(e0, e1), ...]`` elsewhere
+        #: and merges them into the layer (:mod:`.calib_ray`); None: here, one group after the other.
+        self.expert_dispatch: Callable[[_Layer, list[tuple[int, int]]], None] | None = None
         self._positions = [torch.arange(s.numel()) for s in seqs]
         with torch.no_grad():
             self._hidden: list[torch.Tensor] = [self.model.embed(s) for s in seqs]  # (T_s, hidden) each
@@ -755,6 +773,63 @@ class _Layer:
         E, G = self.cfg.n_routed_experts or 0, max(1, self.eng.expert_group)
         return [(e0, min(e0 + G, E)) for e0 in range(0, E, G)]
 
+    def _expert_groups(self, run_group: Callable[[range], None]) -> None:
+        """Run ``run_group`` (:meth:`_gptq_experts` or :meth:`_awq_experts`) on each routed expert group of a
+        MoE layer here, or hand the groups to the engine's :attr:`CalibrationEngine.expert_dispatch`, which
+        runs the same method elsewhere (:meth:`expert_stage`, :func:`run_expert_group`) and merges the
+        results with :meth:`adopt_group`."""
+        groups = self._groups() if self.moe else []
+        if groups and self.eng.expert_dispatch is not None:
+            self.eng.expert_dispatch(self, groups)
+            return
+        for e0, e1 in groups:
+            self.report_group(e0, e1)
+            run_group(range(e0, e1))
+
+    def expert_stage(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What the routed expert groups of this MoE layer read from the driver's state, once the layer's
+        input and routing are known and the non-expert linears are done: ``(meta, tensors)``.
+
+        ``tensors`` (CPU, safetensors-ready): ``x_mlp`` the post-attention normed MLP input ``(T, hidden)``
+        float32; ``tok.E`` the routed token rows of expert ``E`` (int64, ascending); ``rows.E`` the raised-top-k
+        rows of a ``topk`` expert; ``scale.J`` (AWQ) the distinct MoE smoothing scales ``(hidden,)``.
+        ``meta`` (plain data): ``layer``, ``method``, the expert ``policies``, the routed linears' ``specs``,
+        sequence ``bounds``, the kernel settings, and which module's columns/input take which ``scale.J``.
+        """
+        eng = self.eng
+        routed = {n for n in self.specs if self._expert_of(n) is not None}
+        if any(n in routed for n in (*self.cur, *self.inputs)) or eng.keep_folded:
+            raise RuntimeError("expert groups can only be shipped before any routed expert is processed")
+        tensors: dict[str, torch.Tensor] = {"x_mlp": self.x_mlp.to("cpu", torch.float32).contiguous()}
+        for e, (tok, _) in self.routes.items():
+            tensors[f"tok.{e}"] = tok.cpu().contiguous()
+        for e, rows in self.calib_rows.items():
+            tensors[f"rows.{e}"] = rows.cpu().contiguous()
+        scales: dict[int, int] = {}  # id(tensor) -> J
+        refs: dict[str, dict[str, int]] = {"col": {}, "in": {}}
+        for kind, table in (("col", self._col_scale), ("in", self.in_scale)):
+            for n, s in table.items():
+                if n in routed:
+                    j = scales.setdefault(id(s), len(scales))
+                    tensors.setdefault(f"scale.{j}", s.cpu().contiguous())
+                    refs[kind][n] = j
+        meta = {"layer": self.idx, "method": eng.method, "convention": eng.convention, "damp": eng.damp,
+                "act_order": eng.act_order, "n_grid": eng.n_grid, "dtype": eng.model.dtype, "tokens": eng.num_tokens,
+                "device": str(self.dev), "bounds": list(self.bounds),
+                "policies": {e: v["policy"] for e, v in self.stats["experts"].items()},
+                "specs": {n: self.specs[n] for n in self.specs if n in routed}, "scales": refs}
+        return meta, tensors
+
+    def adopt_group(self, path: Path, modules: list[tuple[str, QuantSpec, Convention, bool]], stats: dict,
+                    replaced: dict[str, torch.Tensor]) -> None:
+        """Merge one expert group run elsewhere (:func:`run_expert_group`): its results, spilled in ``path``
+        (the spill layout of :class:`LayerResults`), its ``stats`` (``linears``, ``smoothing``, ``clip``) and
+        the folded float tensors it ``replaced``."""
+        self.quantized.adopt(path, modules)
+        for k in ("linears", "smoothing", "clip"):
+            self.stats[k].update(stats.get(k, {}))
+        self.replaced.update(replaced)
+
     def _expert_linears(self, e: int) -> list[str]:
         pre = f"{self.p}.mlp.experts.{e}"
         return [n for n in (f"{pre}.gate_proj", f"{pre}.up_proj", f"{pre}.down_proj") if n in self.specs]
@@ -780,22 +855,25 @@ class _Layer:
             if self._expert_of(n) is None:
                 self._awq_quantize(n)
         self._drop_dense_inputs()
-        for e0, e1 in (self._groups() if self.moe else []):
-            self.report_group(e0, e1)
-            done: dict[str, QTensor] = {}
-            for e in range(e0, e1):
-                pre = f"{p}.mlp.experts.{e}"
-                if self.stats["experts"][e]["policy"] != "rtn":
-                    self._smooth(f"{pre}.up_proj", "linear", [f"{pre}.down_proj"], None)
-                names = self._expert_linears(e)
-                for n in names:
-                    qt = self._awq_quantize(n, store=False)
-                    if qt is not None:
-                        done[n] = qt
-                    elif n in self.cur:  # folded, kept in float: written as replaced
-                        self.replaced[n + ".weight"] = self.cur[n].cpu()
-                self._drop(names)
-            self.quantized.put(done)
+        self._expert_groups(self._awq_experts)
+
+    def _awq_experts(self, experts: range) -> None:
+        """AWQ of a group of routed experts (their MoE scale is already folded lazily): each expert's up->down
+        smoothing, clip search and RTN; the group's results are spilled as one file."""
+        done: dict[str, QTensor] = {}
+        for e in experts:
+            pre = f"{self.p}.mlp.experts.{e}"
+            if self.stats["experts"][e]["policy"] != "rtn":
+                self._smooth(f"{pre}.up_proj", "linear", [f"{pre}.down_proj"], None)
+            names = self._expert_linears(e)
+            for n in names:
+                qt = self._awq_quantize(n, store=False)
+                if qt is not None:
+                    done[n] = qt
+                elif n in self.cur:  # folded, kept in float: written as replaced
+                    self.replaced[n + ".weight"] = self.cur[n].cpu()
+            self._drop(names)
+        self.quantized.put(done)
 
     def _awq_quantize(self, n: str, store: bool = True) -> QTensor | None:
         """Clip-search (unless skipped) and RTN-quantize the folded weight of ``n``; record its stats."""
@@ -1005,9 +1083,7 @@ class _Layer:
                 h_cache = None
         del h_cache
         self._drop_dense_inputs()
-        for e0, e1 in (self._groups() if self.moe else []):
-            self.report_group(e0, e1)
-            self._gptq_experts(range(e0, e1))
+        self._expert_groups(self._gptq_experts)
         self.stats["gptq"] = {"damp": eng.damp, "act_order": eng.act_order}
 
     def _gptq_experts(self, experts: range) -> None:
@@ -1095,6 +1171,66 @@ class _Layer:
         self.x_mlp = None
         self.routes = {}
         self.calib_rows = {}
+
+
+class _StageEngine:
+    """The engine settings an expert group reads (:meth:`_Layer.expert_stage`'s ``meta``), in a process that
+    runs only expert groups (a Ray worker): no calibration sequences, no forward."""
+
+    def __init__(self, source: WeightSource, meta: dict):
+        self._src = _LayerSource(source)
+        self.cfg = ModelConfig.from_hf(source.config)
+        self.model = type("_Dtype", (), {"dtype": meta["dtype"]})()
+        self.method = meta["method"]
+        self.convention = meta["convention"]
+        self.damp = meta["damp"]
+        self.act_order = meta["act_order"]
+        self.n_grid = meta["n_grid"]
+        self.num_tokens = meta["tokens"]
+        self.device = torch.device(meta["device"])
+        self.keep_folded = False
+        self.spill_dir = None
+        self.expert_dispatch = None
+
+    def report_stage(self, layer_idx: int, stage: str) -> None:
+        pass
+
+
+@torch.no_grad()
+def run_expert_group(source: WeightSource, meta: dict, tensors: Mapping[str, torch.Tensor], e0: int, e1: int
+                     ) -> tuple[dict[str, QTensor], dict, dict[str, torch.Tensor]]:
+    """Routed experts ``e0..e1-1`` of the MoE layer described by ``(meta, tensors)`` (:meth:`_Layer.expert_stage`),
+    through the same :meth:`_Layer._gptq_experts` / :meth:`_Layer._awq_experts` a local run calls; the experts'
+    weights are read from ``source`` (the same SRC).
+
+    Returns:
+        ``(quantized, stats, replaced)``: ``{module: QTensor}`` in the local run's order, the group's
+        ``stats`` entries (``linears``, ``smoothing``, ``clip``), and folded float tensors kept unquantized.
+    """
+    eng = _StageEngine(source, meta)
+    lay = _Layer.__new__(_Layer)
+    lay.eng, lay.cfg, lay.idx, lay.dev = eng, eng.cfg, meta["layer"], eng.device
+    lay.p = f"{v3.LAYER_PREFIX}{lay.idx}"
+    lay.moe = True
+    lay.quantized = LayerResults(None, f"layer{lay.idx}")
+    lay.replaced, lay.folded = {}, {}
+    lay.stats = {"layer": lay.idx, "method": eng.method, "tokens": eng.num_tokens, "linears": {},
+                 "experts": {e: {"policy": pol} for e, pol in meta["policies"].items()}, "smoothing": {}, "clip": {}}
+    lay.cur, lay._f32, lay.inputs, lay.streamed, lay.attn_in = {}, {}, {}, {}, []
+    lay._xe = None
+    lay.specs = dict(meta["specs"])
+    lay.linears = list(lay.specs)
+    lay.bounds = [tuple(b) for b in meta["bounds"]]
+    dev = lay.dev
+    lay.x_mlp = tensors["x_mlp"].to(dev)
+    lay.routes = {e: (tensors[f"tok.{e}"].to(dev), None) for e in meta["policies"]}
+    lay.calib_rows = {e: tensors[f"rows.{e}"].to(dev) for e in meta["policies"] if f"rows.{e}" in tensors}
+    sc = {int(k.split(".", 1)[1]): t.to(dev) for k, t in tensors.items() if k.startswith("scale.")}
+    lay._col_scale = {n: sc[j] for n, j in meta["scales"]["col"].items()}
+    lay.in_scale = {n: sc[j] for n, j in meta["scales"]["in"].items()}
+    (lay._gptq_experts if eng.method == "gptq" else lay._awq_experts)(range(e0, e1))
+    stats = {k: lay.stats[k] for k in ("linears", "smoothing", "clip")}
+    return {m: lay.quantized[m] for m in lay.quantized}, stats, lay.replaced
 
 
 class _StreamedHessian:

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import UsageError
 from ..formats.checkpoint import Checkpoint
 from ..formats.int_format import IntFormat
 from ..quant.rtn import QTensor, QuantSpec, quantize
@@ -63,6 +64,22 @@ class CalibratedRun:
         self.layer_stats: list[dict] = []
         self.mtp_rtn: list[str] = []
         self.out_dir: Path | None = None
+        self._ray: tuple | None = None  # (RayExecutor, SRC path): expert groups on the cluster
+
+    def use_ray(self, executor, src: str) -> None:
+        """Run each MoE layer's routed expert groups as units on ``executor``'s cluster
+        (:class:`~.calib_ray.RayExpertGroups`, set up when OUT is known: :meth:`resume`); ``src`` is SRC's
+        absolute path, the same on every node. The groups run on the driver's kernel device kind (a CPU
+        matmul and a CUDA one round differently, and the output must match the local run's bytes).
+
+        Raises:
+            UsageError: the driver calibrates on CUDA but the units reserve no GPU (``--ray-gpus-per-task``).
+        """
+        if self.device.type == "cuda" and executor.opts.gpus_per_task <= 0:
+            raise UsageError(f"--{self.method} on {self.device} with --ray: the expert groups run on the same "
+                             "device kind, and the units reserve no GPU",
+                             hint="add --ray-gpus-per-task 1, or --device cpu")
+        self._ray = (executor, src)
 
     def _stage(self, layer_idx: int, stage: str) -> None:
         """One plain stderr line per calibration stage ("layer 12/61: calibrating experts 64-95")."""
@@ -142,6 +159,10 @@ class CalibratedRun:
         self.out_dir = out_dir
         shutil.rmtree(out_dir / SPILL_NAME, ignore_errors=True)  # left by a killed run
         self.engine.spill_dir = out_dir / SPILL_NAME
+        if self._ray is not None:
+            from .calib_ray import RayExpertGroups
+
+            self.engine.expert_dispatch = RayExpertGroups(*self._ray, self.engine.spill_dir)
         last_done = -1
         for s in shards:
             layers = {self.layer_index(t.name) for t in s.tensors} - {None}

@@ -297,7 +297,13 @@ class RayExecutor(Executor):
         self.in_flight_max = 0
         self.cluster: dict = {}
         self._connected_here = False
+        self._cap: int | None = None  # set while a :meth:`session` holds the connection
         self._lock = threading.Lock()
+
+    @property
+    def slots(self) -> int | None:
+        """The cap on units in flight while a :meth:`session` holds the connection (None outside one)."""
+        return self._cap
 
     # -- connection ----------------------------------------------------------------------------------------
     def _connect(self) -> int:
@@ -421,19 +427,36 @@ class RayExecutor(Executor):
         """
         if not units:
             return
-        # Ray's driver prints the raylet's error messages (a worker died, ...) on sys.stdout, which belongs to
-        # the --json report: send them to stderr while connected, and disconnect when done (unless the caller
-        # had connected).
+        if self._cap is not None:  # inside a session: connected already
+            self._run(Path(out_dir), units, progress, job, self._cap)
+            return
+        with self.session() as cap:
+            self._run(Path(out_dir), units, progress, job, cap)
+
+    @contextlib.contextmanager
+    def session(self):
+        """Stay connected to the cluster across several :meth:`run_units` calls (calibration runs one call
+        per MoE layer); yields the cap on units in flight. Ray's driver prints the raylet's error messages (a
+        worker died, ...) on sys.stdout, which belongs to the --json report: they go to stderr while connected;
+        the connection is closed at the end (unless the caller had connected).
+
+        Raises:
+            UsageError: no cluster at the address, or resources it cannot give (see :meth:`_connect`).
+        """
+        if self._cap is not None:
+            yield self._cap
+            return
         with contextlib.redirect_stdout(sys.stderr):
             try:
-                self._run(Path(out_dir), units, progress, job)
+                self._cap = self._connect()
+                self.cluster["max_in_flight"] = self._cap
+                yield self._cap
             finally:
+                self._cap = None
                 if self._connected_here:
                     self.ray.shutdown()
 
-    def _run(self, out_dir: Path, units: list["Unit"], progress: ByteProgress, job: Job) -> None:
-        cap = self._connect()
-        self.cluster["max_in_flight"] = cap
+    def _run(self, out_dir: Path, units: list["Unit"], progress: ByteProgress, job: Job, cap: int) -> None:
         remote = self.ray.remote(unit_task).options(num_cpus=self.opts.cpus_per_task,
                                                     num_gpus=self.opts.gpus_per_task, max_retries=0,
                                                     num_returns="streaming")

@@ -32,6 +32,7 @@ Sums are accumulated in float64 and stored as float32 (llama-imatrix accumulates
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -128,6 +129,16 @@ class ImatrixCollector:
         k_name, v_name = gn.gguf_outputs(hf_module + ".weight", self.cfg)
         self._acc(k_name if part == "k_b" else v_name, x.shape[0], 0, x, x.shape[1])
 
+    def add_matrix(self, name: str, mat: int, row: torch.Tensor, count: float) -> None:
+        """Add one routed expert's sums ``row`` ``(ne0,)`` float64 and token ``count``, collected by another
+        process's collector (``imatrix --ray``): exactly what :meth:`on_linear` adds for that expert here."""
+        v = self.values.get(name)
+        if v is None:
+            v = self.values[name] = torch.zeros(self.n_expert, row.shape[0], dtype=torch.float64)
+            self.counts[name] = torch.zeros(self.n_expert, dtype=torch.float64)
+        v[mat] += row
+        self.counts[name][mat] += count
+
     def entries(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{name: (in_sum2 float32 [n_mat, ne0], counts float32 [n_mat])}`` in sorted name order. Tensors with
         several matrices and one count (``attn_k_b``/``attn_v_b``) are flattened to ``[1, n_mat * ne0]``, the shape
@@ -221,12 +232,15 @@ def estimate_peak_bytes(cfg: dict, num_samples: int, seq_len: int, bytes_per_val
 
 
 def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool = False, dry_run: bool = False,
-                progress: bool | None = None) -> dict:
+                progress: bool | None = None, executor=None) -> dict:
     """``dsconvert imatrix SRC -o FILE``: compute and write the importance matrix (see the module notes).
+
+    ``executor``: a :class:`~.executor.RayExecutor` runs each MoE layer's routed experts, a group per unit, on
+    the cluster (:class:`~.calib_ray.RayImatrixExperts`); None or a local executor: all here. Same bytes.
 
     Raises:
         OutputExistsError (exit 2): ``out`` exists and ``overwrite`` is not set (checked before any work).
-        UsageError (exit 2): unknown ``fmt``, unreadable calibration data.
+        UsageError (exit 2): unknown ``fmt``, unreadable calibration data, ``--ray`` on a DeepSeek-V4 source.
         BadInputError / UnsupportedError (exit 3): the checkpoint fails pre-flight (as for every command), is not
             DeepSeek V2/V3/V4, or the sums are not finite (NaN/Inf activations).
     """
@@ -249,6 +263,9 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
         raise UnsupportedError(f"{src}: imatrix supports DeepSeek V2/V3/V4; model_type {cfg.get('model_type')!r} "
                                "has no llama.cpp tensor names here", hint="run imatrix on a DeepSeek checkpoint")
     v4 = arch is V4
+    if v4 and executor is not None and executor.remote:
+        raise UsageError("imatrix --ray: DeepSeek-V4 sources run on one machine for now (the Ray expert units "
+                         "replay V3's MoE)", hint="drop --ray (the V4 imatrix streams one layer at a time)")
     ids, _ = calibration_ids(source.ck, opts.calib_data, opts.num_samples, opts.seq_len)
     windows_sha = hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()
     dataset = str(opts.calib_data) if opts.calib_data else "dsconvert bundled calibration text"
@@ -268,7 +285,16 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
     model = arch.model()(LayerCachedSource(source), dtype=dtype)
     seqs = [torch.tensor(s, dtype=torch.long) for s in ids]
     pos = [torch.arange(len(s)) for s in ids]
-    with ByteProgress(n_layer, "imatrix", unit="layers", enabled=progress) as prog, torch.no_grad():
+    remote = executor is not None and executor.remote
+    with ByteProgress(n_layer, "imatrix", unit="layers", enabled=progress) as prog, torch.no_grad(), \
+            contextlib.ExitStack() as stack:
+        experts = None
+        if remote:
+            from .calib_ray import RayImatrixExperts
+
+            stack.enter_context(executor.session())
+            experts = stack.enter_context(RayImatrixExperts(executor, str(Path(src).resolve()), dtype, col, prog,
+                                                            out.with_name(out.name + ".dsconvert-ray")))
         hs = [model.embed(i) for i in seqs]
         for layer in range(n_layer):
             prog.describe(f"layer {layer + 1}/{n_layer}", boundary=True)
@@ -276,7 +302,8 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
                 hs = model.layer_forward_many(layer, hs, pos, on_linear=col.on_linear, token_ids=seqs,
                                               on_mix=col.on_mix)
             else:
-                hs = model.layer_forward_many(layer, hs, pos, on_linear=col.on_linear, on_heads=col.on_heads)
+                hs = model.layer_forward_many(layer, hs, pos, on_linear=col.on_linear, on_heads=col.on_heads,
+                                              moe_experts=None if experts is None else experts.layer(layer))
             prog.advance(1)
         if opts.process_output:
             for h in hs:
@@ -302,4 +329,6 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
                 "expert_tokens": {n: {"min": int(c.min()), "max": int(c.max())} for n, (_, c) in entries.items()
                                   if c.size > 1},
                 "peak_rss": peak_rss_bytes(), "seconds": round(time.perf_counter() - t0, 3)})
+    if remote:
+        rep["executor"] = executor.report()
     return rep

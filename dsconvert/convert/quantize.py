@@ -18,6 +18,7 @@ to ``--max-shard-size``), so calibrated methods can write layer ``i`` as soon as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -591,14 +592,25 @@ def _error_summary(errors: dict[str, float]) -> dict:
             "worst": [{"module": m, "rel_rms_error": e} for m, e in worst]}
 
 
-def rebuild(src: str, opts: Options) -> Rebuilt:
+def rebuild(src: str, opts: Options, input_amax: dict[str, float] | None = None) -> Rebuilt:
     """The RTN plan's output shards for ``src``, rebuilt where a remote unit runs (a Ray worker: same SRC path,
-    same options, hence the same plan), with each shard's per-module relative RMS errors as its extras."""
+    same options, hence the same plan), with each shard's per-module relative RMS errors as its extras.
+    Per-module schemes (a recipe, FP4) rebuild the same :mod:`.mixed` assignment; ``input_amax`` is the
+    driver's NVFP4 W4A4 input calibration (module -> absmax), which workers do not recompute."""
     ck = open_checkpoint(Path(src), check_values=False)
     device = resolve_device(opts.device)
-    scheme, desc = resolve_scheme(opts)
-    fmt = bind_format(ck, resolve_format(opts), desc, opts)
-    plan, cache = make_plan(ck, opts, fmt, rtn_compute(ck, fmt, scheme, desc, device), device)
+    if opts.per_module:
+        from .mixed import mixed_setup
+
+        fmt = resolve_format(opts)
+        assign, compute = mixed_setup(ck, opts, fmt, device, read_weight)
+        plan, cache = make_plan(ck, opts, fmt, compute, device, assign=assign)  # makes the codecs
+        if input_amax is not None:
+            assign.set_input_amax(input_amax)
+    else:
+        scheme, desc = resolve_scheme(opts)
+        fmt = bind_format(ck, resolve_format(opts), desc, opts)
+        plan, cache = make_plan(ck, opts, fmt, rtn_compute(ck, fmt, scheme, desc, device), device)
 
     def extras(shard: OutShard) -> dict:
         mods = {module_of(t.sources[0]) for t in shard.tensors if t.action == "quantize"}
@@ -631,8 +643,9 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     """Quantize ``src`` into ``out``; returns the JSON report (also ``out/report.json``). ``verify`` (``full`` |
     ``size``) is how a rerun checks the files already finished (docs/cli-conventions.md, Resume).
 
-    ``executor`` runs the shard units (default: ``opts.workers`` threads here; :mod:`.executor` for Ray, RTN
-    only: calibrated methods quantize layer after layer on the driver).
+    ``executor`` runs the shard units (default: ``opts.workers`` threads here; :mod:`.executor` for Ray). A
+    calibrated method quantizes layer after layer on the driver and writes the shards there; with a Ray
+    executor each MoE layer's routed expert groups run as units on the cluster (:mod:`.calib_ray`).
 
     Raises:
         BadInputError / UnsupportedError (exit 3), UsageError / ShapeError / OutputExistsError (exit 2).
@@ -642,13 +655,10 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     if opts.method not in ("rtn", "awq", "gptq"):
         raise UsageError(f"--method {opts.method!r}", hint="use rtn, awq or gptq")
     executor = executor or LocalExecutor(opts.workers)
-    if executor.remote and opts.per_module:
-        raise UsageError("--ray with a per-module recipe: mixed schemes run on one machine for now",
-                         hint="drop --ray, or quantize with one --scheme on the cluster")
+    calib_remote = None  # calibrated on Ray: the expert groups are the units, the shards are written here
     if opts.method != "rtn":
         if executor.remote:
-            raise UsageError(f"--{opts.method} with --ray: calibrated methods run on one machine for now",
-                             hint="drop --ray, or use RTN (no --awq/--gptq) on the cluster")
+            calib_remote = executor
         executor = LocalExecutor(1)  # layer by layer: one shard at a time
     if out is not None:
         check_paths(src, Path(out))
@@ -676,6 +686,8 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
             compute = rtn_compute(ck, fmt, scheme, desc, device)
         else:
             compute, engine = calibrated_compute(ck, fmt, spec, opts, device)
+            if calib_remote is not None:  # the MoE layers' expert groups as units (convert/calib_ray.py)
+                engine.use_ray(calib_remote, str(src.resolve()))
     plan, cache = make_plan(ck, opts, fmt, compute, device, engine.replaced if engine is not None else None,
                             assign=assign)
     if ck.v4 is not None and assign is not None and assign.needs_input_calibration():  # codecs exist from here
@@ -742,15 +754,18 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
         report["quantization_error"] = _error_summary(cache.errors)
         if engine is not None:
             report["calibration"] = engine.report()
+        if calib_remote is not None:  # where the expert groups ran (the shards were written here)
+            report["executor"] = {**calib_remote.report(), "shards_written_by": "driver"}
         return {"module_errors": dict(sorted(cache.errors.items(), key=lambda kv: _natural_key(kv[0])))}
 
-    report = write_directory(
-        COMMAND, src, out, DirectoryOutput(plan.shards, plan.config, plan.files, sidecars, owned=(CALIB_SIDECAR,)), opts.fingerprinted(),
-        report, executor=executor, job=Job(rebuild, (str(src.resolve()), opts)), t0=t0, overwrite=overwrite,
-        resume=resume, verify=verify, progress=progress, on_extras=cache.errors.update,
-        on_resume=None if engine is None else (lambda d: engine.resume(out, d.done, plan.shards)),
-        on_finally=None if engine is None else engine.close,  # spilled expert results, finished or interrupted
-        on_report=add_errors)
+    with calib_remote.session() if calib_remote is not None else contextlib.nullcontext():
+        report = write_directory(
+            COMMAND, src, out, DirectoryOutput(plan.shards, plan.config, plan.files, sidecars, owned=(CALIB_SIDECAR,)), opts.fingerprinted(),
+            report, executor=executor, job=Job(rebuild, (str(src.resolve()), opts, assign.input_amax if assign is not None else None)), t0=t0, overwrite=overwrite,
+            resume=resume, verify=verify, progress=progress, on_extras=cache.errors.update,
+            on_resume=None if engine is None else (lambda d: engine.resume(out, d.done, plan.shards)),
+            on_finally=None if engine is None else engine.close,  # spilled expert results, finished or interrupted
+            on_report=add_errors)
     (out / STATE_NAME).unlink(missing_ok=True)  # calibration resume state is only needed until completion
     return report
 

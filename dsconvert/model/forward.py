@@ -165,6 +165,7 @@ class ReferenceModel:
         on_linear: LinearHook | None = None,
         on_heads: HeadHook | None = None,
         token_ids: list[torch.Tensor] | None = None,
+        moe_experts=None,
     ) -> list[torch.Tensor]:
         """:meth:`layer_forward` for several independent sequences at once.
 
@@ -180,6 +181,7 @@ class ReferenceModel:
             positions: ``[(T_s,)]`` int64 rope positions.
             token_ids: accepted so one driver serves every architecture (:mod:`dsconvert.model.registry`);
                 V2/V3 routing reads only hidden states, so the ids are not needed here.
+            moe_experts: a MoE layer's routed experts computed elsewhere (:func:`~.moe.moe_forward`'s ``experts``).
 
         Returns:
             ``[(T_s, hidden)]`` in the compute dtype.
@@ -201,7 +203,8 @@ class ReferenceModel:
         hidden = torch.cat(attn_out)  # (sum T_s, hidden)
         x = rms_norm(hidden, get(f"{prefix}.post_attention_layernorm.weight"), cfg.rms_norm_eps)
         if cfg.is_moe_layer(layer_idx):
-            y = moe_forward(cfg, x, get, self._expert_getter, self.source.has, f"{prefix}.mlp", on_linear)
+            y = moe_forward(cfg, x, get, self._expert_getter, self.source.has, f"{prefix}.mlp", on_linear,
+                            moe_experts)
         else:
             y = swiglu_mlp(x, get, f"{prefix}.mlp", on_linear)
         return list((hidden + y).split([h.shape[0] for h in attn_out]))

@@ -70,6 +70,16 @@ def route(
     return weights, indices
 
 
+def routed_expert_output(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, eid: int, eget: Getter,
+                         prefix: str, on_linear: LinearHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routed expert ``eid``'s weighted contribution: ``(token_idx (n,) int64, w * expert(x[token_idx]))``, the
+    product ``(n, hidden)`` in float32 weights' promotion (transformers' order); ``x`` ``(T, hidden)``,
+    ``weights``/``indices`` ``(T, k)`` from :func:`route`, ``eget`` the expert's weight getter."""
+    token_idx, k_pos = torch.where(indices == eid)  # (n,), (n,)
+    y = swiglu_mlp(x[token_idx], eget, f"{prefix}.experts.{eid}", on_linear)  # (n, hidden)
+    return token_idx, y * weights[token_idx, k_pos, None]  # float32 weights, as transformers
+
+
 def moe_forward(
     cfg: ModelConfig,
     x: torch.Tensor,
@@ -78,6 +88,7 @@ def moe_forward(
     has: Callable[[str], bool],
     prefix: str,
     on_linear: LinearHook | None = None,
+    experts: Callable | None = None,
 ) -> torch.Tensor:
     """``sum_i w_i * expert_i(x) + shared_experts(x)`` for every token.
 
@@ -89,6 +100,9 @@ def moe_forward(
             weights are dropped before the next expert is fetched.
         has: whether the source holds a tensor (the router bias is optional).
         prefix: ``model.layers.{i}.mlp``.
+        experts: ``experts(x, weights, indices, eids)`` yields :func:`routed_expert_output`'s
+            ``(token_idx, y)`` for each expert id of ``eids`` in that (ascending) order, computed elsewhere
+            (``imatrix --ray``); None: here, each expert fetched with ``fetch_expert``. The sum is the same.
 
     Returns:
         ``(T, hidden)`` in the compute dtype.
@@ -102,12 +116,13 @@ def moe_forward(
     weights, indices = route(cfg, router_logits, bias)
 
     out = torch.zeros_like(x)
-    for eid in torch.unique(indices).tolist():  # ascending: only experts with >= 1 token
-        token_idx, k_pos = torch.where(indices == eid)  # (n,), (n,)
-        eget = fetch_expert(f"{prefix}.experts.{eid}")
-        y = swiglu_mlp(x[token_idx], eget, f"{prefix}.experts.{eid}", on_linear)  # (n, hidden)
-        del eget
-        y = y * weights[token_idx, k_pos, None]  # float32 weights, as transformers
+    eids = torch.unique(indices).tolist()  # ascending: only experts with >= 1 token
+    if experts is not None:
+        ys = experts(x, weights, indices, eids)
+    else:
+        ys = (routed_expert_output(x, weights, indices, eid, fetch_expert(f"{prefix}.experts.{eid}"), prefix,
+                                   on_linear) for eid in eids)
+    for token_idx, y in ys:
         out.index_add_(0, token_idx, y.to(out.dtype))
     if cfg.n_shared_experts:
         out = out + swiglu_mlp(x, get, f"{prefix}.shared_experts", on_linear)
@@ -146,11 +161,9 @@ def moe_forward_many(
     for eid in eids:
         eget = fetch_expert(f"{prefix}.experts.{eid}")
         for x, out, (weights, indices) in zip(xs, outs, routes):
-            token_idx, k_pos = torch.where(indices == eid)  # (n,), (n,)
-            if token_idx.numel() == 0:
+            if not bool((indices == eid).any()):
                 continue
-            y = swiglu_mlp(x[token_idx], eget, f"{prefix}.experts.{eid}", on_linear)  # (n, hidden)
-            y = y * weights[token_idx, k_pos, None]
+            token_idx, y = routed_expert_output(x, weights, indices, eid, eget, prefix, on_linear)
             out.index_add_(0, token_idx, y.to(out.dtype))
         del eget
     if cfg.n_shared_experts:

@@ -44,8 +44,11 @@ def _run(src, method, **kw):
     g = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (48, 48, 40, 7)]
     awq_candidates = kw.pop("awq_candidates", None)
+    dispatch = kw.pop("_dispatch", None)
     eng = CalibrationEngine(src, _policy, method, AUTOAWQ if method == "awq" else GPTQ, calib, n_grid=6,
                             min_expert_tokens=24, **kw)
+    if dispatch is not None:
+        eng.expert_dispatch = dispatch(eng)
     if awq_candidates is not None:
         eng.awq_candidates = awq_candidates
     out = {}

@@ -222,12 +222,94 @@ def test_quantize_rtn_on_ray_is_byte_identical_with_the_same_errors(cluster, tin
     assert full(tmp_path / "ray") == full(tmp_path / "local")
 
 
-def test_calibrated_quantize_refuses_ray_before_writing(tiny_src, tmp_path):
-    pytest.importorskip("ray")
-    out = tmp_path / "out"
-    r = run_cli("quantize", tiny_src, "-o", out, "--gptq", "--group-size", "32", "--ray", "auto")
-    assert r.rc == 2, str(r)
-    assert "--ray" in r.stderr and not out.exists()
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ("--scheme", "W8A16", "--group-size", "32", "--scheme-for", r".*mlp\.experts\..*=NVFP4A16",
+     "--scheme-for", r".*kv_b_proj$=BF16"),
+    ("--scheme", "NVFP4", "--num-samples", "2", "--seq-len", "32"),  # W4A4: the driver's input calibration shipped
+], ids=["mixed-recipe", "nvfp4-w4a4"])
+def test_quantize_per_module_schemes_on_ray_are_byte_identical(cluster, tiny_src, tmp_path, args):
+    common = ("quantize", tiny_src, *args, "--max-shard-size", "1M", "--json")
+    loc = run_cli(*common, "-o", tmp_path / "local", timeout=300)
+    assert loc.rc == 0, str(loc)
+    r = run_cli(*common, "-o", tmp_path / "ray", "--ray", cluster.address, timeout=300)
+    assert r.rc == 0, str(r)
+    assert model_hashes(tmp_path / "ray") == model_hashes(tmp_path / "local")
+    assert len(r.json()["executor"]["units"]) == len(manifest_files(tmp_path / "local")) > 1
+    assert r.json()["quantization_error"] == loc.json()["quantization_error"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# calibrated quantize: the routed expert groups of each MoE layer are the units (dsconvert.convert.calib_ray)
+# ----------------------------------------------------------------------------------------------------------
+
+CALIB = ("--group-size", "32", "--num-samples", "4", "--seq-len", "96", "--max-shard-size", "1M")
+
+
+def _calib_local(tiny_src, out: Path, method: str):
+    r = run_cli("quantize", tiny_src, "-o", out, f"--{method}", *CALIB, "--json", timeout=300)
+    assert r.rc == 0, str(r)
+    return r.json()
+
+
+def _linear_stats(rep: dict) -> list[dict]:
+    return [layer["linears"] for layer in rep["calibration"]["layers"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_quantize_on_ray_is_byte_identical_with_a_worker_killed(cluster, tiny_src, tmp_path, method):
+    """The tiny fixture's two MoE layers x 8 experts, cut into groups of 2 for the 2 slots: 8 units; the worker
+    running layer 1's experts 2-3 is SIGKILLed once after writing its piece. Same bytes and per-linear stats
+    as the local run (which never imports ray)."""
+    loc = _calib_local(tiny_src, tmp_path / "local", method)
+    out = tmp_path / "ray"
+    unit = "layer1-experts2-3"
+    r = run_cli("quantize", tiny_src, "-o", out, f"--{method}", *CALIB, "--ray", cluster.address, "--json",
+                timeout=300, DSCONVERT_TEST_FAULT=f"kill:{unit}:1")
+    assert r.rc == 0, str(r)
+    assert model_hashes(out) == model_hashes(tmp_path / "local")
+    rep = r.json()
+    ex = rep["executor"]
+    assert ex["backend"] == "ray" and ex["shards_written_by"] == "driver"
+    assert sorted(u["unit"] for u in ex["units"]) == sorted(f"layer{L}-experts{e}-{e + 1}" for L in (1, 2)
+                                                            for e in (0, 2, 4, 6))
+    assert [x["unit"] for x in ex["retries"]] == [unit], ex["retries"]
+    assert 1 <= ex["in_flight_max_seen"] <= 2
+    assert _linear_stats(rep) == _linear_stats(loc)  # the workers' per-expert stats, merged in order
+    assert "layer 2/3: calibrating experts 6-7" in r.stderr  # the local run's stage lines, on the driver
+    assert not (out / "calibration-spill").exists() and leftovers(out) == []
+
+
+@pytest.mark.slow
+def test_calibrated_driver_killed_mid_layer_then_rerun_resumes_byte_identical(cluster, tiny_src, tmp_path):
+    loc = tmp_path / "local"
+    _calib_local(tiny_src, loc, "gptq")
+    out = tmp_path / "ray"
+    args = ("quantize", tiny_src, "-o", out, "--gptq", *CALIB, "--ray", cluster.address, "--ray-max-in-flight", "1")
+    unit = "layer2-experts0-3"  # 1 slot: groups of 4; stalls after writing its piece, the layer half done
+    p = popen_cli(*args, "-q", DSCONVERT_TEST_FAULT=f"stall:{unit}")
+    spill = out / "calibration-spill"
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 240:
+            if manifest_files(out) and list(spill.glob(f"{unit}.*.tmp")):
+                break
+            if p.poll() is not None:
+                pytest.fail(f"driver exited early: {p.communicate()}")
+            time.sleep(0.2)
+        else:
+            pytest.fail("the stalled unit never started")
+        assert len(manifest_files(out)) < len(manifest_files(loc))
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=30)
+    r = run_cli(*args, "--json", timeout=300)
+    assert r.rc == 0, str(r)
+    rep = r.json()
+    assert rep["resumed"] is True and rep["shards_reused"] >= 1
+    assert model_hashes(out) == model_hashes(loc)
+    assert not spill.exists() and leftovers(out) == []
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,3 +433,25 @@ def test_gguf_v4_on_ray_is_byte_identical_with_a_worker_killed(cluster, v4_src, 
     assert len(rep["executor"]["units"]) == len(ranges) == 1 + int(plan.ck.config["num_hidden_layers"]) + 1
     assert [x["unit"] for x in rep["executor"]["retries"]] == [unit]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# imatrix: each MoE layer's routed experts (forward + importance sums) as units
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_imatrix_on_ray_is_byte_identical_with_a_worker_killed(cluster, tiny_src, tmp_path):
+    common = ("imatrix", tiny_src, "--num-samples", "4", "--seq-len", "64", "--json")
+    loc = run_cli(*common, "-o", tmp_path / "local.gguf", timeout=300)
+    assert loc.rc == 0, str(loc)
+    unit = "layer2-experts4-5"
+    r = run_cli(*common, "-o", tmp_path / "ray.gguf", "--ray", cluster.address, timeout=300,
+                DSCONVERT_TEST_FAULT=f"kill:{unit}:1")
+    assert r.rc == 0, str(r)
+    assert (tmp_path / "ray.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+    ex = r.json()["executor"]
+    assert sorted(u["unit"] for u in ex["units"]) == sorted(f"layer{L}-experts{e}-{e + 1}" for L in (1, 2)
+                                                            for e in (0, 2, 4, 6))
+    assert [x["unit"] for x in ex["retries"]] == [unit]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.gguf", "ray.gguf"]  # no scratch left
