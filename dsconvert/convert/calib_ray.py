@@ -203,10 +203,10 @@ class RayImatrixExperts:
     (``weights``, ``indices`` ``(T, k)``) once to ``SCRATCH/layerL-stage.safetensors`` (SCRATCH is
     ``FILE.dsconvert-ray`` next to the output, on the shared filesystem). A worker runs
     :func:`~dsconvert.model.moe.routed_expert_output` (the function the local forward calls) for each expert of
-    its group that has tokens, with an :class:`~.imatrix.ImatrixCollector` hooked in, and writes to its piece each
+    its group that has tokens, with an :class:`~.imatrix_sums.ImatrixCollector` hooked in, and writes to its piece each
     expert's weighted output and its three ``in_sum2`` rows and counts (float64). The driver yields the outputs
     in ascending expert order to ``moe_forward`` (which adds them as locally) and adds the sums to its collector
-    (:meth:`~.imatrix.ImatrixCollector.add_matrix`): the file is byte-identical to a local run's.
+    (:meth:`~.imatrix_sums.ImatrixCollector.add_matrix`): the file is byte-identical to a local run's.
     """
 
     def __init__(self, executor: RayExecutor, src: str, dtype: torch.dtype, col, prog, scratch: Path):
@@ -268,7 +268,7 @@ def imatrix_worker(src: str, dtype: torch.dtype) -> Rebuilt:
     ``count::NAME::E`` to ``tmp`` (fsynced)."""
     from ..model import ReferenceModel
     from ..model.moe import routed_expert_output
-    from .imatrix import ImatrixCollector
+    from .imatrix_sums import ImatrixCollector
     from .weights import CheckpointWeightSource
 
     source = CheckpointWeightSource(Path(src), check_values=False)
