@@ -49,7 +49,7 @@ from .deepseek_v4 import V4Spec, _init, _seed, _shard_name, _write_extra_files, 
 from .realsize import (CHUNK_BYTES, RELEASE_SHARD_BYTES, _bf16_chunks, _byte_chunks, _fp8_chunks, _Pools, _Row,
                        plan_rows, write_constructed_tokenizer, write_rows)
 
-__all__ = ["RealV4Options", "real_v4_spec", "plan_real_v4", "write_real_v4_checkpoint"]
+__all__ = ["RealV4Options", "real_v4_spec", "plan_real_v4", "write_real_v4_checkpoint", "flash_release_bytes"]
 
 _FP4_POOL_BYTES = 4 * 2**20  # 8M e2m1 codes
 _FP4_ALIGN = v4.FP4_GROUP // 2  # bytes per 32-code group
@@ -114,6 +114,13 @@ def plan_real_v4(opts: RealV4Options, shard_bytes: int = RELEASE_SHARD_BYTES) ->
     """The V4 tensors of ``opts`` (release order) split into shards by :func:`realsize.plan_rows`."""
     cfg = release_config(real_v4_spec(opts))
     return plan_rows(_rows(v4.geometry(cfg))[0], shard_bytes)
+
+
+def flash_release_bytes() -> int:
+    """Tensor bytes of V4-Flash's full layout (43 layers with its own schedule, 3 hash layers, MTP, 256 experts)
+    as this writer stores them: what a real-size figure extrapolates to."""
+    g = v4.geometry(release_config(flash_spec()))
+    return sum(r.nbytes for r in _rows(g)[0])
 
 
 def _fp8_release(x: torch.Tensor) -> torch.Tensor:
