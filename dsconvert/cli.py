@@ -1078,8 +1078,8 @@ def make_fixture_cmd(
                 write_real_v4_checkpoint(output, opts, shard_bytes=_size(shard_size) or RELEASE_SHARD_BYTES,
                                          on_shard=lambda n, size, secs: err.print(
                                              f"{n}: {size / 1e9:.2f} GB in {secs:.1f} s"))
-                err.print(f"wrote real DeepSeek-V4-Flash fixture ({opts.layers} layers, {opts.hash_layers} hash-routed, "
-                          f"{opts.experts} experts, MTP {'yes' if opts.mtp else 'no'}) to {output} "
+                err.print(f"wrote real DeepSeek-V4-Flash fixture ({opts.layers} layers, {opts.hash_layers} "
+                          f"hash-routed, {opts.experts} experts, MTP {'yes' if opts.mtp else 'no'}) to {output} "
                           f"in {time.perf_counter() - t0:.1f} s")
                 return None
             over = {"seed": seed, "variant": variant or "flash"}

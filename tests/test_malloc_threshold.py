@@ -1,6 +1,6 @@
 """Importing dsconvert fixes glibc's mmap threshold: chunk-sized buffers freed below a live allocation go back to
-the system instead of staying resident (the real-size V4 fixture's fp8-to-bf16 peak grew with the expert count
-before: 0.56 GiB with 32 experts, 1.08 GiB with 256; 0.50 GiB after)."""
+the system instead of staying resident (fp8-to-bf16 on the real-size V4 fixture with 256 experts peaked at
+0.49-1.08 GiB over three runs before, 0.48-0.50 GiB after)."""
 
 from __future__ import annotations
 
