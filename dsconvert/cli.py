@@ -1030,7 +1030,8 @@ def env_cmd(json_out: JsonOpt = False) -> None:
 @app.command("make-fixture", short_help="Write a synthetic checkpoint in the release layout.",
              help="Write a synthetic checkpoint in DeepSeek's exact release layout (tiny | bench | bench4x | real). "
                   "'real' has the release's tensor dimensions and is written streaming (default: layer 0 dense + "
-                  "layer 1 MoE with 256 experts, no MTP, 15.8 GB).")
+                  "layer 1 MoE with 256 experts, no MTP, 15.8 GB; --arch v4: layer 0 sliding + hash-routed, "
+                  "layer 1 CSA + routed, 256 FP4 experts each, V4-Flash dimensions, 9.0 GB).")
 def make_fixture_cmd(
     output: Annotated[Path, typer.Argument(metavar="DIR", help="directory to create")],
     preset: Annotated[str, typer.Option("--preset", help="tiny (seconds, tests) | bench (1.5 GB) | bench4x (5 GB) | "
@@ -1055,12 +1056,33 @@ def make_fixture_cmd(
         if arch == "v4":
             from .testing.deepseek_v4 import V4_PRESETS, build_v4_checkpoint
 
-            if preset not in V4_PRESETS:
-                raise UsageError(f"--arch v4: unknown preset {preset!r}", hint=", ".join(V4_PRESETS))
-            if any(v is not None for v in (layers, dense_layers, experts, shard_size)):
-                raise UsageError("--layers/--dense-layers/--experts/--shard-size apply to --arch v3 only")
+            if preset not in (*V4_PRESETS, "real"):
+                raise UsageError(f"--arch v4: unknown preset {preset!r}", hint=", ".join((*V4_PRESETS, "real")))
+            if dense_layers is not None:
+                raise UsageError("--dense-layers applies to --arch v3 only (every V4 layer is MoE)")
+            if preset != "real" and any(v is not None for v in (layers, experts, shard_size)):
+                raise UsageError("--layers/--experts/--shard-size apply to --preset real only")
+            if preset == "real" and variant not in (None, "flash"):
+                raise UsageError("--arch v4 --preset real writes V4-Flash (FP4 experts) only")
             if output.exists() and any(output.iterdir()):
                 raise OutputExistsError(f"{output} exists and is not empty")
+            if preset == "real":
+                from .testing.realsize import RELEASE_SHARD_BYTES
+                from .testing.realsize_v4 import RealV4Options, real_v4_spec, write_real_v4_checkpoint
+
+                d = RealV4Options()
+                opts = RealV4Options(layers=d.layers if layers is None else layers,
+                                     hash_layers=d.hash_layers if layers is None else min(d.hash_layers, layers),
+                                     mtp=bool(mtp), experts=d.experts if experts is None else experts, seed=seed)
+                real_v4_spec(opts)  # UsageError before anything is written
+                t0 = time.perf_counter()
+                write_real_v4_checkpoint(output, opts, shard_bytes=_size(shard_size) or RELEASE_SHARD_BYTES,
+                                         on_shard=lambda n, size, secs: err.print(
+                                             f"{n}: {size / 1e9:.2f} GB in {secs:.1f} s"))
+                err.print(f"wrote real DeepSeek-V4-Flash fixture ({opts.layers} layers, {opts.hash_layers} "
+                          f"hash-routed, {opts.experts} experts, MTP {'yes' if opts.mtp else 'no'}) to {output} "
+                          f"in {time.perf_counter() - t0:.1f} s")
+                return None
             over = {"seed": seed, "variant": variant or "flash"}
             if mtp is not None:
                 over["num_nextn_predict_layers"] = 1 if mtp else 0

@@ -38,7 +38,8 @@ def read_weight(ck: Checkpoint, name: str) -> torch.Tensor:
         # DeepSeek-V4 FP8 (E8M0/F32 ``.scale``) and FP4 e2m1 experts: the very producer fp8-to-bf16 writes with
         from .pipeline import dequant_producer
 
-        return torch.cat(list(dequant_producer(ck, name, torch.bfloat16, torch.device("cpu"), 2**62)()))
+        (w,) = dequant_producer(ck, name, torch.bfloat16, torch.device("cpu"), 2**62)()  # one chunk: no copy
+        return w
     t = ck.read(name)
     if t.dtype == torch.float8_e4m3fn:
         t = dequant_fp8_block(t, ck.read(ck.scale_of(name)), ck.fp8.block)

@@ -51,10 +51,11 @@ from .pipeline import OutShard, OutTensor, check_max_memory, copy_producer, dequ
 from .policy import LayerPolicy, check_fused_groups, default_ignore, module_of
 from .calibration_data import SIDECAR as CALIB_SIDECAR
 from .progress import ByteProgress
-from .fp8_to_bf16 import BASE_RSS, resolve_device
+from .fp8_to_bf16 import resolve_device
 from .calibrated import STATE_NAME, calibrated_compute
 
 COMMAND = "quantize"
+QUANTIZE_BASE_RSS = 224 * 2**20  # interpreter + torch + the plan (VmHWM: 0.19-0.21 GiB net of the module terms)
 #: What to do instead, by the kind of checkpoint given (:func:`dsconvert.formats.kind.require_kind`).
 INPUT_HINTS = {
     "int": "it is already quantized; quantize the FP8 release (or its BF16 copy) it was made from",
@@ -398,8 +399,11 @@ def make_plan(ck: Checkpoint, opts: Options, fmt: IntFormat, compute: Callable[[
             modules=[module_of(n) for n in decisions])
     written = sum(s.nbytes for s in shards)
     largest = max((math.prod(ck.logical_shape(n)) for n in decisions), default=0)
-    # one module in fp32 plus its quantized form and temporaries (~4x), plus the write queue
-    peak = BASE_RSS + 4 * 4 * largest + 4 * opts.chunk_bytes
+    # one module resident: its BF16 form (2 B/element; the kernel widens row chunks of ~256k elements to fp32),
+    # the int codes and their packed form (~1.5 B), the source bytes while dequantizing; plus the write queue.
+    # Measured (the process's own VmHWM) at V4-Flash's real dimensions (wq_b, 33.5M elements): 0.37 GiB peak,
+    # estimated 0.41 GiB (was 1.21 GiB with 16 B/element and the fp8-to-bf16 base); tiny fixture 0.27 vs 0.29.
+    peak = QUANTIZE_BASE_RSS + 4 * largest + 2 * opts.chunk_bytes
     plan = Plan(shards, dropped, extra_files(ck.root), cfg, quantized, kept, bytes_read, written, q_params, q_bytes,
                 total_params, peak, unmatched)
     if assign is not None:

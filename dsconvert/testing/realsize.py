@@ -56,8 +56,8 @@ _BF16_POOL_ELEMS = 16 * 2**20
 _FP8_GROUP = 128 * 128
 _FP8_STD_OVER_AMAX = 1 / 4.2  # std / amax of 16384 normal samples (amax ~ 4.2 sigma)
 # safetensors.torch.save_file lays a file out by dtype alignment descending (the Rust Dtype enum order), then name.
-_DTYPE_RANK = {"F8_E4M3": 7, "BF16": 12, "F32": 15}
-_ST_SIZE = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
+_DTYPE_RANK = {"I8": 5, "F8_E4M3": 7, "F8_E8M0": 8, "BF16": 12, "F32": 15, "I64": 17}
+_ST_SIZE = {"I8": 1, "F8_E4M3": 1, "F8_E8M0": 1, "BF16": 2, "F32": 4, "I64": 8}
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ class _Row:
     name: str
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype name
-    kind: str  # fixtures.tensor_table kind, or "scale"
+    kind: str  # the writer's value kind (V3: fixtures.tensor_table kind), or "scale"
+    of: str | None = None  # a scale's weight
 
     @property
     def nbytes(self) -> int:
@@ -112,23 +113,28 @@ def _rows(spec: FixtureSpec) -> list[_Row]:
     for name, shp, kind in tensor_table(spec):
         if kind == "fp8":
             rows.append(_Row(name, shp, "F8_E4M3", kind))
-            rows.append(_Row(name + "_scale_inv", (-(-shp[0] // 128), -(-shp[1] // 128)), "F32", "scale"))
+            rows.append(_Row(name + "_scale_inv", (-(-shp[0] // 128), -(-shp[1] // 128)), "F32", "scale", name))
         else:
             rows.append(_Row(name, shp, "F32" if kind == "bias" else "BF16", kind))
     return rows
 
 
 def plan_real(spec: FixtureSpec, shard_bytes: int = RELEASE_SHARD_BYTES) -> list[list[_Row]]:
-    """Split the tensors (release order) into shards of at most ``shard_bytes`` (a single larger tensor gets its
-    own shard). When a boundary falls right after a weight's scale, the scale moves to the next shard, so every
-    such boundary is a cross-shard weight/scale pair, as in the release."""
+    """The V3 tensors (release order) split by :func:`plan_rows`."""
+    return plan_rows(_rows(spec), shard_bytes)
+
+
+def plan_rows(rows: list[_Row], shard_bytes: int) -> list[list[_Row]]:
+    """Split ``rows`` (file order) into shards of at most ``shard_bytes`` (a single larger tensor gets its own
+    shard). When a boundary falls right after a weight's scale, the scale moves to the next shard, so every such
+    boundary is a cross-shard weight/scale pair, as in the release."""
     shards: list[list[_Row]] = [[]]
     acc = 0
-    for r in _rows(spec):
+    for r in rows:
         if shards[-1] and acc + r.nbytes > shard_bytes:
             prev = shards[-1]
             moved = []
-            if (len(prev) >= 2 and prev[-1].kind == "scale" and prev[-2].name + "_scale_inv" == prev[-1].name):
+            if len(prev) >= 2 and prev[-1].kind == "scale" and prev[-1].of == prev[-2].name:
                 moved = [prev.pop()]
             shards.append(moved)
             acc = sum(x.nbytes for x in moved)
@@ -140,28 +146,40 @@ def plan_real(spec: FixtureSpec, shard_bytes: int = RELEASE_SHARD_BYTES) -> list
 class _Pools:
     """The value pools every big tensor is sliced from (see the module docstring)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, fp8_encode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``fp8_encode`` maps float32 ``[g, 16384]`` groups to their ``float8_e4m3fn`` codes (default V3's:
+        each group's amax to 448)."""
         gen = torch.Generator().manual_seed(seed)
         parts = []
         groups = _FP8_POOL_BYTES // _FP8_GROUP
         for g0 in range(0, groups, 256):  # 4M floats at a time
             g = min(256, groups - g0)
             x = torch.randn((g, _FP8_GROUP), generator=gen)
-            x *= 448.0 / x.abs().amax(dim=1, keepdim=True)  # DeepSeek: q = w / (amax / 448)
-            parts.append(x.to(torch.float8_e4m3fn).view(torch.uint8).reshape(-1).numpy().copy())
+            if fp8_encode is None:
+                x *= 448.0 / x.abs().amax(dim=1, keepdim=True)  # DeepSeek: q = w / (amax / 448)
+                q = x.to(torch.float8_e4m3fn)
+            else:
+                q = fp8_encode(x)
+            parts.append(q.view(torch.uint8).reshape(-1).numpy().copy())
         self.fp8 = np.concatenate(parts)
         self.bf16 = torch.randn(_BF16_POOL_ELEMS, generator=gen).to(torch.bfloat16)
         self.rng = np.random.default_rng(seed)
 
 
-def _fp8_chunks(pools: _Pools, nbytes: int, chunk: int) -> Iterator[memoryview]:
-    chunk = min(chunk, _FP8_POOL_BYTES // 2)
+def _byte_chunks(pool: np.ndarray, rng: np.random.Generator, nbytes: int, chunk: int,
+                 align: int = 1) -> Iterator[memoryview]:
+    """``nbytes`` bytes as slices of ``pool`` at random offsets (multiples of ``align``), ``chunk`` at a time."""
+    chunk = min(chunk, len(pool) // 2) // align * align
     done = 0
     while done < nbytes:
         n = min(chunk, nbytes - done)
-        off = int(pools.rng.integers(0, _FP8_POOL_BYTES - n + 1))
-        yield memoryview(pools.fp8[off: off + n])
+        off = int(rng.integers(0, (len(pool) - n) // align + 1)) * align
+        yield memoryview(pool[off: off + n])
         done += n
+
+
+def _fp8_chunks(pools: _Pools, nbytes: int, chunk: int) -> Iterator[memoryview]:
+    return _byte_chunks(pools.fp8, pools.rng, nbytes, chunk)
 
 
 def _bf16_chunks(pools: _Pools, numel: int, factor: float, chunk: int) -> Iterator[memoryview]:
@@ -199,31 +217,44 @@ def _header(rows: list[_Row]) -> bytes:
     return struct.pack("<Q", len(js)) + js
 
 
-def _write_shard(path: Path, rows: list[_Row], spec: FixtureSpec, pools: _Pools, shapes: dict[str, tuple],
-                 chunk: int) -> int:
+def write_rows(path: Path, rows: list[_Row], emit: Callable[[object, _Row], None]) -> int:
+    """Write one safetensors file: the header of ``rows`` in ``save_file``'s order, then ``emit(file, row)`` for
+    each row, which must write exactly ``row.nbytes``. Written to ``<name>.tmp``, renamed when complete; returns
+    the file's size."""
     rows = sorted(rows, key=lambda r: (-_DTYPE_RANK[r.dtype], r.name))
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(_header(rows))
         for r in rows:
-            gen = torch.Generator().manual_seed(_seed(spec.seed, r.name))
-            if r.kind == "fp8":
-                for mv in _fp8_chunks(pools, r.nbytes, chunk):
-                    f.write(mv)
-            elif r.kind == "scale":
-                wname = r.name[: -len("_scale_inv")]
-                f.write(memoryview(_scale_of(r, wname, shapes[wname][1], gen).numpy()).cast("B"))
-            elif r.kind in _BF16_FACTOR:
-                factor = _BF16_FACTOR[r.kind] or 2.0 / math.sqrt(r.shape[-1])
-                for mv in _bf16_chunks(pools, math.prod(r.shape), factor, chunk):
-                    f.write(mv)
-            else:  # norm, router, bias: small, the small fixtures' initialisers
-                t = _init(r.name, r.shape, r.kind, spec, gen)
-                t = t.float() if r.dtype == "F32" else t.to(torch.bfloat16)
-                f.write(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
+            start = f.tell()
+            emit(f, r)
+            if f.tell() - start != r.nbytes:
+                raise RuntimeError(f"fixture writer: {r.name} wrote {f.tell() - start} bytes, expected {r.nbytes}")
         size = f.tell()
     tmp.replace(path)
     return size
+
+
+def _write_shard(path: Path, rows: list[_Row], spec: FixtureSpec, pools: _Pools, shapes: dict[str, tuple],
+                 chunk: int) -> int:
+    def emit(f, r: _Row) -> None:
+        gen = torch.Generator().manual_seed(_seed(spec.seed, r.name))
+        if r.kind == "fp8":
+            for mv in _fp8_chunks(pools, r.nbytes, chunk):
+                f.write(mv)
+        elif r.kind == "scale":
+            wname = r.name[: -len("_scale_inv")]
+            f.write(memoryview(_scale_of(r, wname, shapes[wname][1], gen).numpy()).cast("B"))
+        elif r.kind in _BF16_FACTOR:
+            factor = _BF16_FACTOR[r.kind] or 2.0 / math.sqrt(r.shape[-1])
+            for mv in _bf16_chunks(pools, math.prod(r.shape), factor, chunk):
+                f.write(mv)
+        else:  # norm, router, bias: small, the small fixtures' initialisers
+            t = _init(r.name, r.shape, r.kind, spec, gen)
+            t = t.float() if r.dtype == "F32" else t.to(torch.bfloat16)
+            f.write(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
+
+    return write_rows(path, rows, emit)
 
 
 def write_real_checkpoint(out_dir: str | Path, opts: RealOptions = RealOptions(), *,
