@@ -89,7 +89,8 @@ LAYOUT = DEEPSEEK2.layout
 MANIFEST_SUFFIX = ".dsconvert-manifest.json"
 REPORT_SUFFIX = ".dsconvert-report.json"
 SPLIT_NAME = "{stem}-{i:05d}-of-{n:05d}.gguf"  # gguf-py SHARD_NAME_FORMAT / llama_split_path
-BASE_RSS = 600 * 2**20  # interpreter + torch
+BASE_RSS = 288 * 2**20  # interpreter + torch + the plan (VmHWM, net of the vocab and chunk terms)
+VOCAB_ENTRY_RSS = 1280  # bytes per token while the vocab is built and serialized (129,280 tokens: ~0.15 GiB)
 
 #: What to do instead, by the kind of checkpoint given (:func:`dsconvert.formats.kind.require_kind`).
 INPUT_HINTS = {
@@ -460,11 +461,14 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
         size = _pad(len(header), align) + sum(_pad(nbytes[t.name], align) for t in g)
         files.append(OutFile(paths[i], g, header, sum(nbytes[t.name] for t in g), size))
 
-    # Peak: the largest kv_b_proj (read whole for the split) or one row chunk, in bf16 + f32 + quantizer
-    # temporaries (~8x the f32 chunk for the K-quant search), plus the serialized header of file 1.
+    # Peak: the vocab, the largest kv_b_proj (read whole for the split) or one row chunk in bf16 + f32 + the
+    # quantizer's output and temporaries, plus the serialized header of file 1. Measured (own VmHWM): 0.46-0.48 GiB
+    # for Q8_0 at the real V3 (16 experts) and V4-Flash dimensions, 0.44 GiB for V4-Flash Q4_K_M (estimate 0.50
+    # for both); 0.31-0.33 GiB on a hidden-1024, 8k-vocab fixture (estimate 0.35).
     kv_b = max((t.src_nbytes * 2 for t in plan if t.kind.startswith("kv_b")), default=0)
-    work = max(kv_b, opts.chunk_bytes // 2) * (1 + 2 + 8 * 2)
-    peak = BASE_RSS + work + max(len(f.header) for f in files)
+    work = max(kv_b, opts.chunk_bytes // 2) * 4
+    vocab = int(cfg.get("vocab_size", 0) or 0) * VOCAB_ENTRY_RSS
+    peak = BASE_RSS + vocab + work + max(len(f.header) for f in files)
     return ExportPlan(ck, ftype, pure, plan, types, nbytes, files, vocab_holder["v"].summary(), imatrix, peak,
                       importance, budget, arch)
 
