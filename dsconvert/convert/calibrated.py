@@ -73,8 +73,14 @@ class CalibratedRun:
         matmul and a CUDA one round differently, and the output must match the local run's bytes).
 
         Raises:
-            UsageError: the driver calibrates on CUDA but the units reserve no GPU (``--ray-gpus-per-task``).
+            UsageError: the driver calibrates on CUDA but the units reserve no GPU (``--ray-gpus-per-task``), or
+                the source is DeepSeek-V4 (its engine has no remote expert groups yet).
         """
+        from .calibrate_v4 import V4CalibrationEngine
+
+        if isinstance(self.engine, V4CalibrationEngine):
+            raise UsageError(f"--{self.method} with --ray: DeepSeek-V4 calibration runs on one machine for now",
+                             hint="drop --ray (V4 --gptq/--awq stream one layer and one expert group at a time)")
         if self.device.type == "cuda" and executor.opts.gpus_per_task <= 0:
             raise UsageError(f"--{self.method} on {self.device} with --ray: the expert groups run on the same "
                              "device kind, and the units reserve no GPU",

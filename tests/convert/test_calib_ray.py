@@ -74,9 +74,25 @@ def test_cuda_calibration_on_ray_needs_gpus_per_task():
     from dsconvert.convert.executor import ExecOptions
     from dsconvert.errors import UsageError
 
-    run = SimpleNamespace(device=torch.device("cuda"), method="gptq", _ray=None)
+    run = SimpleNamespace(device=torch.device("cuda"), method="gptq", _ray=None, engine=None)
     with pytest.raises(UsageError, match="reserve no GPU") as e:
         CalibratedRun.use_ray(run, SimpleNamespace(opts=ExecOptions(ray="auto")), "/src")
     assert "--ray-gpus-per-task" in e.value.hint
     CalibratedRun.use_ray(run, SimpleNamespace(opts=ExecOptions(ray="auto", gpus_per_task=1)), "/src")
     assert run._ray[1] == "/src"
+
+
+def test_v4_calibration_on_ray_is_refused():
+    """The V4 engine has no remote expert groups: --ray is refused (exit 2), not silently run on the driver."""
+    from types import SimpleNamespace
+
+    from dsconvert.convert.calibrate_v4 import V4CalibrationEngine
+    from dsconvert.convert.calibrated import CalibratedRun
+    from dsconvert.convert.executor import ExecOptions
+    from dsconvert.errors import UsageError
+
+    run = SimpleNamespace(device=torch.device("cpu"), method="gptq", _ray=None,
+                          engine=V4CalibrationEngine.__new__(V4CalibrationEngine))
+    with pytest.raises(UsageError, match="DeepSeek-V4 calibration runs on one machine") as e:
+        CalibratedRun.use_ray(run, SimpleNamespace(opts=ExecOptions(ray="auto")), "/src")
+    assert e.value.exit_code == 2 and run._ray is None
