@@ -7,7 +7,7 @@ kernels are split per linear (``gptq_quantize`` and ``output_error`` wrapped). L
 
     python bench/bench_gptq_stages.py CKPT --samples 32 --seq-len 512 [--threads 2] [--layer 0]
 
-Prints one JSON object (``stages``: ``[(stage, peak bytes)]`` in order, ``peak_rss``, ``estimate``).
+Prints each stage's peak to stderr as it ends (a stopped run keeps what it had) and one JSON object (``stages``: ``[(stage, peak bytes)]`` in order, ``peak_rss``, ``estimate``).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
         peak = vm_hwm()
         overall[0] = max(overall[0], peak)
         stages.append((current[0], peak))
+        print(f"{time.strftime('%H:%M:%S')} {current[0]}: {peak / 2**30:.3f} GiB", file=sys.stderr, flush=True)
         current[0] = stage
         reset_hwm()
 
