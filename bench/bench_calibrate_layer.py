@@ -9,7 +9,8 @@ assertions):
 
 * seconds, and the FLOP estimate of the layer divided by the measured float32 matmul rate (the "ideal"
   seconds) with their ratio (the target is <= 2x);
-* peak RSS of the child (``ru_maxrss``) next to ``BASE_RSS + estimate_peak_bytes`` (the figure
+* peak RSS of the child (its own ``VmHWM``, :func:`dsconvert.report.peak_rss_bytes`; ``ru_maxrss`` would carry
+  the parent's high-water mark across fork+exec) next to ``BASE_RSS + estimate_peak_bytes`` (the figure
   ``quantize --dry-run`` adds), with their ratio (the target is within +-25 %).
 
 FLOP model (GPTQ, per linear ``(M, N)`` with ``n`` calibration tokens): Hessian ``2 n N^2``, Cholesky +
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -53,6 +53,7 @@ def child(a) -> None:
     from dsconvert.convert.fp8_to_bf16 import BASE_RSS
     from dsconvert.convert.weights import CheckpointWeightSource
     from dsconvert.quant.rtn import GPTQ, QuantSpec
+    from dsconvert.report import peak_rss_bytes
 
     torch.set_num_threads(a.threads)
     spec = QuantSpec(4, 128 if a.hidden % 128 == 0 and a.inter % 128 == 0 else 64, True)
@@ -74,7 +75,7 @@ def child(a) -> None:
     res.close()
     shutil.rmtree(spill, ignore_errors=True)
     est = BASE_RSS + eng.peak_memory_estimate()
-    print(json.dumps({"seconds": sec, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    print(json.dumps({"seconds": sec, "peak_rss": peak_rss_bytes(),
                       "estimate": est, "expert_group": eng.expert_group, "awq_candidates": eng.awq_candidates,
                       "stage_seconds": res.stats.get("stage_seconds")}))
 

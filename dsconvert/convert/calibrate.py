@@ -48,10 +48,12 @@ routing override; still all tokens if that leaves it under the minimum). The mea
 docs/known-failures.md item 29. The choice is reported per
 expert in ``stats["experts"]``. No expert is ever zeroed or skipped.
 
-Memory (per layer, :func:`estimate_peak_bytes`): the residual stream, the cached attention inputs and MLP
-input (token-proportional), the layer's non-expert weights, and the largest working set: one non-expert
-linear, one expert group, or AWQ's MoE-smoothing accumulators; nothing grows with the number of experts
-when results are spilled. The MTP layer is not calibrated.
+Memory (per layer, :func:`estimate_peak_bytes`): the residual stream, the cached attention inputs (GPTQ:
+their streamed Hessians, each dropped after its last linear) and MLP input (token-proportional), the
+layer's non-expert weights, and the largest working set: one non-expert linear, one expert group, or AWQ's
+MoE-smoothing accumulators; the capture and propagate forwards run :data:`CHUNK_TOKENS` tokens of sequences
+at a time (the propagated chunk replacing its input); nothing grows with the number of experts when results
+are spilled. The MTP layer is not calibrated.
 
 Same code on CPU and CUDA for the kernels (``device``); the reference forward runs on the CPU.
 
@@ -120,6 +122,11 @@ PROGRESS_EXPERTS = 32
 
 #: Tokens (at most) used for the per-linear output-error statistic of AWQ.
 STAT_TOKENS = 512
+
+#: Calibration tokens (at most, whole sequences; at least one sequence) the capture and propagate forwards
+#: run at once: their per-sequence intermediates (post-attention residual, MLP input and output) exist for one
+#: chunk, not for all T tokens. Each propagate chunk reads (dequantizes) every expert of the layer once.
+CHUNK_TOKENS = 16384
 
 #: AutoAWQ skips the clip search for these name fragments (q/k projections: their outputs go through a
 #: softmax, where clipping error is amplified). In DeepSeek this skips q_a/q_b/q_proj only.
@@ -402,6 +409,7 @@ class CalibrationEngine:
             self._hidden: list[torch.Tensor] = [self.model.embed(s) for s in seqs]  # (T_s, hidden) each
         self._src.reset()
         self.next_layer = 0
+        self._torn: int | None = None  # a layer whose propagate forward failed part way (see run_layer)
         self._fixed_group = expert_group
         self.set_budget(max_memory)
 
@@ -434,6 +442,7 @@ class CalibrationEngine:
         dtype = self._hidden[0].dtype
         self._hidden = [h.to(dtype) for h in hidden]
         self.next_layer = next_layer
+        self._torn = None
 
     def set_budget(self, budget: int | None) -> None:
         """Plan the expert group size (and AWQ's candidate chunk) for ``budget`` bytes (None:
@@ -468,8 +477,13 @@ class CalibrationEngine:
             (AWQ: ``{module: mean shrink of max|w|}``).
 
         Raises:
-            UsageError: out-of-order call, or a layer index outside ``0..num_hidden_layers-1``.
+            UsageError: out-of-order call, a layer index outside ``0..num_hidden_layers-1``, or an earlier call
+                that failed in its propagate forward (the residual stream, replaced a chunk at a time, is then
+                partly advanced; :meth:`restore` a saved state).
         """
+        if self._torn is not None:
+            raise UsageError(f"layer {self._torn}'s propagate forward was interrupted: the residual stream is "
+                             "partly advanced", hint="restore() a saved calibration state, or start again")
         if layer_idx != self.next_layer:
             raise UsageError(
                 f"run_layer({layer_idx}) called out of order: layer {self.next_layer} is next",
@@ -498,7 +512,13 @@ class CalibrationEngine:
             self._src.overrides = lay.overrides()
             lay.release()  # the calibration caches go before the propagate forward needs its own
             gc.collect()
-            self._hidden = self.model.layer_forward_seqwise(layer_idx, self._hidden, self._positions)
+            # a chunk of sequences at a time, each output replacing its input (the old and new residual
+            # streams are not both held); per-sequence arithmetic, so the chunking changes no number
+            self._torn = layer_idx  # until every chunk is through, the stream is part layer i's input, part output
+            for c0, c1 in token_chunks(self._positions, CHUNK_TOKENS):
+                self._hidden[c0:c1] = self.model.layer_forward_seqwise(layer_idx, self._hidden[c0:c1],
+                                                                       self._positions[c0:c1])
+            self._torn = None
             stage_s["propagate"] = time.perf_counter() - t3
             lay.stats["stage_seconds"] = {k: round(v, 3) for k, v in stage_s.items()}
             result = LayerResult(layer_idx, lay.quantized, lay.replaced, lay.stats,
@@ -623,7 +643,10 @@ class _Layer:
                 return
             store.setdefault(name, []).append(x.detach().to(device=self.dev, dtype=torch.float32))
 
-        xs = [x for _, x in eng.model.attention_blocks(self.idx, eng._hidden, eng._positions, on_linear=hook)]
+        xs = []  # the MLP inputs; the post-attention residual h' is dropped a chunk of sequences at a time
+        for c0, c1 in token_chunks(eng._positions, CHUNK_TOKENS):
+            xs += [x for _, x in eng.model.attention_blocks(self.idx, eng._hidden[c0:c1], eng._positions[c0:c1],
+                                                            on_linear=hook)]
         if self.moe:
             store[f"{self.p}.mlp.gate"] = [x.to(device=self.dev, dtype=torch.float32) for x in xs]
         else:
@@ -1056,15 +1079,27 @@ class _Layer:
         non_expert = [n for n in self.linears if self._expert_of(n) is None]
         h_cache: tuple | None = None  # (input tensor, H): gate/up and q_a/kv_a share one Hessian
         kv_a = f"{self.p}.self_attn.kv_a_proj_with_mqa"
+
+        def key(n: str) -> str:
+            return self.attn_key if n == kv_a else n
+
+        # the last quantized linear reading each streamed Hessian: the Hessian is dropped after it (a real
+        # o_proj's is 1 GiB; only the Hessian of the linear in flight is held)
+        last = {key(n): n for n in non_expert if self.specs[n] is not None}
+        for k in [k for k in self.streamed if k not in last]:
+            del self.streamed[k]  # kept in float: its Hessian is never used
         for n in non_expert:
             spec = self.specs[n]
             if spec is None:
                 continue
             w = self.w(n)
             pol = self.calibration_of(n)
-            st = self.streamed.get(self.attn_key if n == kv_a else n)
+            st = self.streamed.get(key(n))
             if st is not None:  # accumulated at capture
                 H, xs, tokens = st.H, st.sample, st.n
+                if last[key(n)] == n:
+                    del self.streamed[key(n)]
+                del st
             else:
                 x = self._raw_x(n)
                 if h_cache is None or h_cache[0] is not x:
@@ -1073,11 +1108,14 @@ class _Layer:
             qt = _to_cpu(gptq_quantize(w, H, spec, eng.convention, damp=eng.damp, act_order=eng.act_order,
                                        static_groups=eng.act_order, name=n))
             self.quantized[n] = qt
-            self.stats["linears"][n] = {
-                "tokens": tokens, "rel_output_mse": output_error(w, dequantize(qt), H),
-                "rtn_rel_output_mse": _rel_mse(xs, w, pseudo_quantize(w, spec, eng.convention)),
-                "calibration": pol}
+            rtn_rel = _rel_mse(xs, w, pseudo_quantize(w, spec, eng.convention))
+            H = H.to(torch.float64)  # output_error's own copy; the float32 one goes unless shared
+            rel = output_error(w, dequantize(qt), H)
+            del H
+            self.stats["linears"][n] = {"tokens": tokens, "rel_output_mse": rel, "rtn_rel_output_mse": rtn_rel,
+                                        "calibration": pol}
             self._f32.pop(n, None)
+            del w
             if n.endswith(".down_proj"):
                 self.inputs.pop(n, None)  # done with this MLP's down input
                 h_cache = None
@@ -1268,6 +1306,22 @@ class _StreamedHessian:
         self.H = self.acc.H
 
 
+def token_chunks(positions: Sequence[torch.Tensor], tokens: int) -> list[tuple[int, int]]:
+    """Consecutive ``(start, end)`` ranges of sequence indices, each holding at most ``tokens`` tokens (or one
+    sequence longer than that), covering every sequence in order."""
+    out: list[tuple[int, int]] = []
+    c0, n = 0, 0
+    for i, p in enumerate(positions):
+        t = int(p.numel())
+        if i > c0 and n + t > tokens:
+            out.append((c0, i))
+            c0, n = i, 0
+        n += t
+    if c0 < len(positions):
+        out.append((c0, len(positions)))
+    return out
+
+
 def _hessian(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """GPTQ Hessian ``(K, K)`` float32 of the input rows ``x`` ``(n, K)``, accumulated 4096 rows at a time."""
     acc = HessianAccumulator(x.shape[1], device=device)
@@ -1335,17 +1389,23 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
     three stages, each the sum of what the engine holds then (``act_bytes`` per activation value,
     ``weight_bytes`` per source weight, float32 working copies):
 
-    * capture: the residual stream; the attention linears' inputs (GPTQ: only their Hessians, accumulated
-      as the forward runs, and a 4096-row buffer each; AWQ: the cached inputs, the attention input twice),
-      a dense MLP's down input (GPTQ: its Hessian), the MLP input; the layer's non-expert weights.
+    * capture: the residual stream, the MLP input (T x hidden) as it accumulates and one
+      :data:`CHUNK_TOKENS` chunk's post-attention residual and MLP input; the attention linears' inputs
+      (GPTQ: only their Hessians, accumulated as the forward runs, and a 4096-row buffer each; AWQ: the cached
+      inputs, the attention input twice), a dense MLP's down input (GPTQ: its Hessian); the layer's
+      non-expert weights.
     * kernels: the residual stream, the MLP input, the non-expert weights and results (int8 levels), plus the
-      largest working set: a non-expert linear (GPTQ: four ``(K, K)`` and three ``(M, K)`` float32; AWQ
+      largest working set: a non-expert linear (GPTQ: the core's three ``(K, K)`` and three ``(M, K)``
+      float32, or the statistic after it, ``(K, K)`` and two ``(M, K)`` float64 and two ``(M, K)`` float32,
+      plus the streamed Hessians still waiting for their linears and, for a down_proj, its cached input; AWQ
       three ``(M, K)``), or the experts in flight (GPTQ: ``expert_group`` experts' routed rows, down inputs,
-      float32 weights, two Hessians each and the batched core's copies; AWQ: one expert's, with the folded
-      copies and the clip search's; both: the group's int8 results until spilled), or AWQ's MoE smoothing (``awq_candidates + 1`` output accumulators ``(T, hidden)``
-      and one expert's weights and candidates).
-    * propagate: the old and new residual stream, the post-attention stream, the MLP input and the MoE
-      output accumulator (4 x T x hidden) plus the non-expert weights and results.
+      float32 weights, two Hessians each and the batched core's copies, and one statistic; AWQ: one expert's,
+      with the folded copies and the clip search's; both: the group's int8 results until spilled), or AWQ's
+      MoE smoothing (``awq_candidates + 1`` output accumulators ``(T, hidden)`` and one expert's weights and
+      candidates).
+    * propagate: the residual stream (replaced a chunk at a time), one chunk's post-attention residual, MLP
+      input, MLP output and new residual (4 x chunk x hidden), the largest dequantized weight, the
+      non-expert weights and results.
 
     Routed experts' results are spilled to disk (``spilled``); otherwise their int8 levels (one byte per
     weight, all experts) are added. ``expert_group`` / ``awq_candidates`` None: as :func:`plan_groups` picks
@@ -1359,6 +1419,7 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
         expert_group = g
         awq_candidates = c if awq_candidates is None else awq_candidates
     T, H = int(n_tokens), cfg.hidden_size
+    c = min(T, CHUNK_TOKENS)  # tokens of one capture / propagate chunk
     heads = cfg.num_attention_heads
     q_in = cfg.q_lora_rank or 0
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
@@ -1371,16 +1432,42 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
     o_in = heads * cfg.v_head_dim
     a = act_bytes
     kv = cfg.kv_lora_rank
-    if method == "gptq":  # Hessians streamed at capture: one 4096-row buffer and one (K, K) per linear
-        attn_acts = 4 * (4096 * (H + q_in + kv + o_in) + H * H + q_in * q_in + kv * kv + o_in * o_in)
+    # GPTQ streams the attention Hessians at capture: one (K, K) and a 4096-row buffer per distinct input
+    attn_ks = ([H, q_in] if cfg.q_lora_rank else [H]) + [kv, o_in]
+    if method == "gptq":
+        attn_acts = 4 * sum(4096 * k_ + k_ * k_ for k_ in attn_ks)
     else:  # cached inputs (the attention input also per sequence, for the attention search)
         attn_acts = a * T * (3 * H + q_in + kv + o_in)
     resid = a * T * H
 
-    def linear_work(shapes: list[tuple[int, int]]) -> int:
-        if method == "gptq":  # the Hessian, the core's copy, Cholesky in and out; W, its copy, the levels
-            return max(4 * (4 * n * n + 3 * m * n) for m, n in shapes)
-        return max(4 * 3 * m * n for m, n in shapes)
+    def gptq_linear(m: int, n: int, h_kept: bool) -> int:
+        """One GPTQ linear: the core (its Hessian, the damped copy / Cholesky factors, two of them at once;
+        W, its working copy and the float levels) or the statistic after it (W and its dequantized copy in
+        float32, H, W and one product in float64, plus the float32 H when it is kept for another linear)."""
+        return max(4 * (3 * n * n + 3 * m * n), 8 * n * n + 24 * m * n + (4 * n * n if h_kept else 0))
+
+    def attn_work() -> int:
+        """GPTQ: the largest attention linear in flight plus the streamed Hessians still waiting for theirs.
+        AWQ: three (M, K) float32 of the largest."""
+        if method != "gptq":
+            return max(4 * 3 * m * n for m, n in attn_shapes)
+        # (shape, its input's Hessian kept for a later linear, Hessians (K) still pending after it)
+        order = []
+        if cfg.q_lora_rank:
+            order += [((q_in, H), True, [q_in, kv, o_in]), ((heads * qk, q_in), False, [kv, o_in])]
+        else:
+            order += [((heads * qk, H), True, [kv, o_in])]
+        order += [((kv + cfg.qk_rope_head_dim, H), False, [kv, o_in]),
+                  ((heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), kv), False, [o_in]), ((H, o_in), False, [])]
+        return max(gptq_linear(m, n, kept) + 4 * sum(k_ * k_ for k_ in pend) for (m, n), kept, pend in order)
+
+    def mlp_work(inter: int, down_in: int, pending: int) -> int:
+        """A dense MLP's (or the shared experts') gate, up and down: GPTQ as :func:`gptq_linear` (gate/up
+        share one Hessian, with ``pending`` bytes (down's streamed Hessian) waiting; down with its cached input
+        ``down_in`` bytes); AWQ three (M, K) float32."""
+        if method != "gptq":
+            return max(4 * 3 * inter * H, 4 * 3 * H * inter)
+        return max(gptq_linear(inter, H, True) + pending, gptq_linear(H, inter, False) + down_in)
 
     peaks = []
     kinds = {cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)}
@@ -1391,33 +1478,44 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
             G = max(1, min(expert_group, E))
             dense_params = attn_params + 3 * Is * H + E * H
             n_e = T * k / max(E, 1)  # routed rows per expert, on average
-            shapes = attn_shapes + ([(Is, H)] * 2 + [(H, Is)] if Is else [])
-            mlp_cap = a * T * Is  # the shared experts' down input
+            mlp_cap = a * T * Is  # the shared experts' down input, computed when their down_proj is due
+            capture_mlp = 0
             if method == "gptq":
                 per_expert = 4 * (n_e * (H + I) + 3 * I * H + 2 * 3 * I * H + 4 * H * H + 4 * I * I)
+                stat = 8 * H * H + 24 * I * H  # one expert linear's statistic (float64 H and products)
                 smooth = 0
             else:
                 per_expert = 4 * (n_e * (H + I) + 2 * 3 * I * H + 2 * I * H) + _clip_bytes(min(T, 512), H, I)
+                stat = 0
                 smooth = 4 * ((max(1, awq_candidates) + 1) * T * H + 5 * I * H + 2 * T * I)
             # GPTQ holds the whole group's Hessians and weights for the batched core; AWQ takes the group's
             # experts one after the other. Both hold the group's results (int8 levels) until it is spilled.
-            in_flight = (G if method == "gptq" else 1) * per_expert + G * 3 * I * H
-            work = max(linear_work(shapes), in_flight, smooth)
+            in_flight = (G if method == "gptq" else 1) * per_expert + G * 3 * I * H + stat
+            if method == "gptq":  # the shared experts' down input exists only while their down_proj is due
+                work = max(attn_work(), mlp_work(Is, mlp_cap, 0) if Is else 0, in_flight)
+            else:  # AWQ holds it from the up->down search on
+                work = max(attn_work(), mlp_work(Is, 0, 0) if Is else 0, in_flight, smooth) + mlp_cap
             results = attn_params + 3 * Is * H + (0 if spilled else E * 3 * I * H)
+            mlp_tmp = 4 * 3 * I * H  # one expert dequantized at a time in the propagate forward
         else:
             I = cfg.intermediate_size
             dense_params = attn_params + 3 * I * H
             # the dense MLP's down input (GPTQ: its streamed Hessian and buffer)
             mlp_cap = 4 * (4096 * I + I * I) if method == "gptq" else a * T * I
-            work = linear_work(attn_shapes + [(I, H)] * 2 + [(H, I)])
-            if method == "awq":
-                work = max(work, 2 * 4 * 2 * I * H + 4 * 2 * T * I)
+            capture_mlp = mlp_cap + a * c * I  # and the chunk's down inputs as the MLP runs
+            if method == "gptq":  # down_proj's streamed Hessian waits while attention and gate/up run
+                work = max(attn_work() + mlp_cap, mlp_work(I, 0, mlp_cap))
+            else:
+                work = max(attn_work(), mlp_work(I, 0, 0), 2 * 4 * 2 * I * H + 4 * 2 * T * I) + mlp_cap
             results = attn_params + 3 * I * H
+            mlp_tmp = 4 * 3 * I * H
         wts = weight_bytes * dense_params
-        capture = resid + attn_acts + a * T * H + mlp_cap + wts
-        held = attn_acts if method == "gptq" else 0  # the streamed Hessians wait for their linears
-        kernels = resid + a * T * H + mlp_cap + wts + results + work + held
-        propagate = 4 * a * T * H + wts + results
+        # the residual stream, the MLP inputs accumulating, and one chunk's post-attention residual and MLP input
+        capture = resid + attn_acts + a * T * H + 2 * a * c * H + capture_mlp + wts
+        kernels = resid + a * T * H + wts + results + work
+        # the residual stream replaced chunk by chunk: one chunk's h', MLP input, MLP output and new stream,
+        # and the largest dequantized weight
+        propagate = resid + 4 * a * c * H + wts + results + max(4 * max(m * n for m, n in attn_shapes), mlp_tmp)
         peaks.append(max(capture, kernels, propagate))
     return int(max(peaks)) if peaks else 0
 

@@ -245,10 +245,14 @@ def _gptq_core(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, convention: Co
     """The batched column loop: ``w`` ``(B, M, N)``, ``H`` ``(B, N, N)``; ``act_order`` only with ``B == 1``."""
     W = w.to(torch.float32).clone()
     bsz, n, k = W.shape
-    H = H.to(device=W.device, dtype=torch.float32).clone()
-    diag = torch.diagonal(H, dim1=-2, dim2=-1)  # (B, N) view
-    dead = diag == 0
-    diag.masked_fill_(dead, 1.0)
+    H = H.to(device=W.device, dtype=torch.float32)
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # (B, N)
+    if bool(dead.any()):  # H_ii = 1 for dead channels: on a copy (the caller's H is not modified)
+        # (otherwise no copy: H is only read, here and by _inverse_cholesky_upper, which makes its own
+        # damped copy; this saves one (B, N, N) float32, 1 GiB for a real o_proj)
+        H = H.clone()
+        torch.diagonal(H, dim1=-2, dim2=-1).masked_fill_(dead, 1.0)
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
     W.masked_fill_(dead[:, None, :], 0.0)
 
     groups = k // g
@@ -321,10 +325,16 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float
         w, w_hat: ``(M, N)``; H: ``(N, N)``.
     """
     H = H.to(torch.float64)
-    W = w.to(device=H.device, dtype=torch.float64)
-    D = W - w_hat.to(device=H.device, dtype=torch.float64)
-    num = float(((D @ H) * D).sum())
-    den = float(((W @ H) * W).sum())
+    W = w.to(device=H.device, dtype=torch.float64, copy=True)  # D is formed in it
+    # in place, the same numbers as ((W @ H) * W).sum() and ((D @ H) * D).sum(): at most H, W and one
+    # product in float64 (a real o_proj: 2 GiB + 2 x 0.9 GiB)
+    P = W @ H
+    den = float(P.mul_(W).sum())
+    del P
+    D = W.sub_(w_hat.to(device=H.device, dtype=torch.float64))
+    P = D @ H
+    num = float(P.mul_(D).sum())
+    del P, D, W
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return num / den

@@ -45,6 +45,7 @@ def _run(src, method, **kw):
     calib = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (48, 48, 40, 7)]
     awq_candidates = kw.pop("awq_candidates", None)
     dispatch = kw.pop("_dispatch", None)
+    linears = kw.pop("_linears", False)  # also every linear's statistics (tokens, output errors)
     eng = CalibrationEngine(src, _policy, method, AUTOAWQ if method == "awq" else GPTQ, calib, n_grid=6,
                             min_expert_tokens=24, **kw)
     if dispatch is not None:
@@ -59,6 +60,8 @@ def _run(src, method, **kw):
             out[n] = (qt.q, qt.scale, qt.zero)
         out.update({f"replaced:{k}": (v,) for k, v in r.replaced.items()})
         out[f"stats:{i}"] = (r.stats["experts"], {k: v["calibration"] for k, v in r.stats["linears"].items()})
+        if linears:
+            out[f"linears:{i}"] = r.stats["linears"]
         r.close()
     out["hidden"] = tuple(eng.hidden_states)
     return eng, out
@@ -173,3 +176,53 @@ def test_streamed_hessian_equals_the_cached_one():
     st.finish()
     assert torch.equal(st.H, _hessian(x, torch.device("cpu")))
     assert st.n == x.shape[0] and torch.equal(st.sample, x[:: max(1, x.shape[0] // STAT_TOKENS)])
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_forward_chunks_do_not_change_bytes(moe16, monkeypatch, method):
+    """Capture and propagate run a chunk of sequences at a time (CHUNK_TOKENS), each propagated chunk replacing
+    its input: chunks of 50 tokens ([48], [48], [40, 7]) give the same levels, scales, folded tensors, per-linear
+    statistics and residual stream, bit for bit, as all 143 tokens at once."""
+    from dsconvert.convert import calibrate
+
+    assert calibrate.token_chunks([torch.arange(n) for n in (48, 48, 40, 7)], 50) == [(0, 1), (1, 2), (2, 4)]
+    assert calibrate.token_chunks([torch.arange(n) for n in (60, 3)], 50) == [(0, 1), (1, 2)]
+    default = calibrate.CHUNK_TOKENS
+
+    def run(chunk):
+        monkeypatch.setattr(calibrate, "CHUNK_TOKENS", chunk)
+        return _run(moe16, method, expert_group=16, _linears=True)[1]
+
+    a, b = run(50), run(default)
+    assert set(a) == set(b)
+    bad = [k for k in a if not _same(a[k], b[k])]
+    assert not bad, bad[:5]
+
+
+def test_interrupted_propagate_stops_the_engine(moe16, monkeypatch):
+    """A propagate forward that fails after its first chunk leaves the residual stream part advanced: the next
+    run_layer refuses (UsageError) instead of calibrating on it, until restore() gives a consistent stream."""
+    from dsconvert.convert import calibrate
+    from dsconvert.errors import UsageError
+
+    monkeypatch.setattr(calibrate, "CHUNK_TOKENS", 50)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (48, 48)]
+    eng = CalibrationEngine(moe16, _policy, "gptq", GPTQ, calib)
+    saved = [h.clone() for h in eng.hidden_states]
+    real, calls = eng.model.layer_forward_seqwise, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eng.model, "layer_forward_seqwise", flaky)
+    with pytest.raises(RuntimeError):
+        eng.run_layer(0)
+    assert not torch.equal(eng.hidden_states[0], saved[0]) and torch.equal(eng.hidden_states[1], saved[1])
+    with pytest.raises(UsageError, match="propagate"):
+        eng.run_layer(0)
+    eng.restore(saved, 0)
+    assert eng.run_layer(0).layer == 0

@@ -587,3 +587,35 @@ def test_engine_names_expert_stages_and_restores_state(tiny_calib):
             assert torch.equal(dequantize(qt), dequantize(b.quantized[n])), n
     with pytest.raises(UsageError):
         other.restore(saved[:1], 1)
+
+
+def test_output_error_and_core_keep_their_numbers():
+    """output_error forms its products in place: the same float as the plain formula
+    tr(D H Dᵀ) / tr(W H Wᵀ) in float64, and its float64 inputs are left as they were; the GPTQ core reads the
+    caller's Hessian without copying it (no dead channel) and leaves it unchanged either way, with the same
+    levels as on a private copy."""
+    from dsconvert.quant.gptq import gptq_quantize, output_error
+    from dsconvert.quant.rtn import GPTQ, QuantSpec, dequantize
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 64, generator=g)
+    H = (x.T @ x) / 300
+    w = torch.randn(24, 64, generator=g)
+    spec = QuantSpec(4, 32, True)
+    for dead in (False, True):
+        Hd = H.clone()
+        if dead:
+            Hd[5, :] = 0
+            Hd[:, 5] = 0
+        keep = Hd.clone()
+        qt = gptq_quantize(w, Hd, spec, GPTQ)
+        assert torch.equal(Hd, keep)
+        ref = gptq_quantize(w, Hd.clone(), spec, GPTQ)
+        assert torch.equal(qt.q, ref.q) and torch.equal(qt.scale, ref.scale)
+        w_hat = dequantize(qt)
+        H64, W64 = Hd.double(), w.double()
+        D = W64 - w_hat.double()
+        plain = float(((D @ H64) * D).sum()) / float(((W64 @ H64) * W64).sum())
+        w64 = w.double()
+        assert output_error(w, w_hat, Hd) == plain == output_error(w64, w_hat, H64)
+        assert torch.equal(w64, W64), "a float64 weight is not changed in place"
