@@ -25,6 +25,7 @@ import hashlib
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from _common import ROOT, cached_fixture, run_json
