@@ -21,7 +21,7 @@ Per layer ``i`` (docs/int-formats.md §5-§7):
    in flight, and the group's results are spilled to ``spill_dir`` when one is given.
    **GPTQ:** non-expert linears one by one (:func:`dsconvert.quant.gptq.gptq_quantize`, linears sharing an
    input share one Hessian); each expert group through one batched
-   :func:`~dsconvert.quant.gptq.gptq_quantize_batch` per weight shape (gate and up stacked along N).
+   :func:`~dsconvert.quant.gptq.gptq_quantize_batch` per weight shape (gate and up stacked along M).
    **AWQ:** for each mapping of :data:`AWQ_MAPPINGS` (prev op → linears sharing its output) search the
    smoothing scale ``s`` (:func:`dsconvert.quant.awq.awq_search_scale`, inspecting the whole attention
    block / MoE / MLP where AutoAWQ does), fold it (norm ``/= s``, linears' columns ``*= s``, the router's
@@ -324,7 +324,7 @@ class CalibrationEngine:
     Args:
         source: the float (or FP8, dequantized on the fly) checkpoint, e.g.
             :class:`dsconvert.convert.weights.CheckpointWeightSource`.
-        policy: ``policy(module_name, (N, K)) -> QuantSpec | None`` for every decoder Linear (the router
+        policy: ``policy(module_name, (M, N)) -> QuantSpec | None`` for every decoder Linear (the router
             ``mlp.gate`` is never offered); see :data:`Policy`.
         method: ``"awq"`` or ``"gptq"``.
         convention: storage convention of the target format (AUTOAWQ, GPTQ, COMPRESSED_TENSORS).
@@ -560,7 +560,7 @@ class _Layer:
         self._f32: dict[str, torch.Tensor] = {}  # module -> float32 copy of the source weight
         self._col_scale: dict[str, torch.Tensor] = {}  # module -> AWQ scale its columns get when first used
         self._xe: tuple[int, torch.Tensor] | None = None  # (expert, its routed input): one at a time
-        self.inputs: dict[str, torch.Tensor] = {}  # key -> (n, K) float32 cached input
+        self.inputs: dict[str, torch.Tensor] = {}  # key -> (n, N) float32 cached input
         self.streamed: dict[str, _StreamedHessian] = {}  # GPTQ: Linear -> Hessian + token sample, no cache
         self.attn_in: list[torch.Tensor] = []  # per-sequence normed attention input
         self.in_scale: dict[str, torch.Tensor] = {}  # module -> s its cached input must be divided by
@@ -747,7 +747,7 @@ class _Layer:
         return "dense" if e is None else self.stats["experts"][e]["policy"]
 
     def x_of(self, module: str) -> torch.Tensor:
-        """Calibration input ``(n, K)`` float32 of ``module`` (divided by its AWQ scale if folded)."""
+        """Calibration input ``(n, N)`` float32 of ``module`` (divided by its AWQ scale if folded)."""
         x = self._raw_x(module)
         s = self.in_scale.get(module)
         return x if s is None else x / s[None, :]
@@ -1126,11 +1126,11 @@ class _Layer:
 
     def _gptq_experts(self, experts: range) -> None:
         """GPTQ of a group of routed experts: their Hessians, then one batched GPTQ per (shape, spec) bucket
-        (gate and up of an expert share a Hessian and are stacked along N), results spilled as one group."""
+        (gate and up of an expert share a Hessian and are stacked along M), results spilled as one group."""
         eng = self.eng
         done: dict[str, QTensor] = {}
         pending: dict[str, tuple[int, float, str]] = {}  # module -> (tokens, RTN baseline, calibration)
-        # (shape, spec) -> [(names, rows of each, w (N, K), H (K, K))]
+        # (shape, spec) -> [(names, rows of each, w (M, N), H (N, N))]
         buckets: dict[tuple, list[tuple[list[str], list[int], torch.Tensor, torch.Tensor]]] = {}
         for e in experts:
             names = [n for n in self._expert_linears(e) if self.specs[n] is not None]
@@ -1156,15 +1156,15 @@ class _Layer:
                 same = len({(tuple(w.shape), self.specs[n]) for n, w in zip(ns, ws)}) == 1
                 parts = [(ns, ws)] if same else [([n], [w]) for n, w in zip(ns, ws)]
                 for gn, gws in parts:
-                    gw = torch.cat(gws) if len(gws) > 1 else gws[0]  # (sum N, K): rows are independent given H
+                    gw = torch.cat(gws) if len(gws) > 1 else gws[0]  # (sum M, N): rows are independent given H
                     buckets.setdefault((tuple(gw.shape), self.specs[gn[0]]), []).append(
                         (gn, [int(w.shape[0]) for w in gws], gw, H))
                 del x, ws, H
             self._drop(self._expert_linears(e))
         for key in list(buckets):
             items = buckets.pop(key)
-            W = torch.stack([w for _, _, w, _ in items])  # (B, N, K)
-            Hs = torch.stack([h for _, _, _, h in items])  # (B, K, K)
+            W = torch.stack([w for _, _, w, _ in items])  # (B, M, N)
+            Hs = torch.stack([h for _, _, _, h in items])  # (B, N, N)
             res = gptq_quantize_batch(W, Hs, key[1], eng.convention, damp=eng.damp, act_order=eng.act_order,
                                       static_groups=eng.act_order, names=[gn[0] for gn, _, _, _ in items])
             del W, Hs
@@ -1286,7 +1286,7 @@ class _StreamedHessian:
         self._sample: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
-        """Append rows ``x`` ``(n, K)`` float32 (in calibration order)."""
+        """Append rows ``x`` ``(n, N)`` float32 (in calibration order)."""
         self._sample.append(x[(-self.n) % self.step:: self.step].clone())
         self.n += int(x.shape[0])
         self._buf.append(x)
@@ -1323,7 +1323,7 @@ def token_chunks(positions: Sequence[torch.Tensor], tokens: int) -> list[tuple[i
 
 
 def _hessian(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """GPTQ Hessian ``(K, K)`` float32 of the input rows ``x`` ``(n, K)``, accumulated 4096 rows at a time."""
+    """GPTQ Hessian ``(N, N)`` float32 of the input rows ``x`` ``(n, N)``, accumulated 4096 rows at a time."""
     acc = HessianAccumulator(x.shape[1], device=device)
     for c0 in range(0, x.shape[0], 4096):
         acc.add(x[c0:c0 + 4096])
@@ -1395,10 +1395,10 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
       inputs, the attention input twice), a dense MLP's down input (GPTQ: its Hessian); the layer's
       non-expert weights.
     * kernels: the residual stream, the MLP input, the non-expert weights and results (int8 levels), plus the
-      largest working set: a non-expert linear (GPTQ: the core's three ``(K, K)`` and three ``(M, K)``
-      float32, or the statistic after it, ``(K, K)`` and two ``(M, K)`` float64 and two ``(M, K)`` float32,
+      largest working set: a non-expert linear (GPTQ: the core's three ``(N, N)`` and three ``(M, N)``
+      float32, or the statistic after it, ``(N, N)`` and two ``(M, N)`` float64 and two ``(M, N)`` float32,
       plus the streamed Hessians still waiting for their linears and, for a down_proj, its cached input; AWQ
-      three ``(M, K)``), or the experts in flight (GPTQ: ``expert_group`` experts' routed rows, down inputs,
+      three ``(M, N)``), or the experts in flight (GPTQ: ``expert_group`` experts' routed rows, down inputs,
       float32 weights, two Hessians each and the batched core's copies, and one statistic; AWQ: one expert's,
       with the folded copies and the clip search's; both: the group's int8 results until spilled), or AWQ's
       MoE smoothing (``awq_candidates + 1`` output accumulators ``(T, hidden)`` and one expert's weights and
@@ -1432,7 +1432,7 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
     o_in = heads * cfg.v_head_dim
     a = act_bytes
     kv = cfg.kv_lora_rank
-    # GPTQ streams the attention Hessians at capture: one (K, K) and a 4096-row buffer per distinct input
+    # GPTQ streams the attention Hessians at capture: one (N, N) and a 4096-row buffer per distinct input
     attn_ks = ([H, q_in] if cfg.q_lora_rank else [H]) + [kv, o_in]
     if method == "gptq":
         attn_acts = 4 * sum(4096 * k_ + k_ * k_ for k_ in attn_ks)
@@ -1448,10 +1448,10 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
 
     def attn_work() -> int:
         """GPTQ: the largest attention linear in flight plus the streamed Hessians still waiting for theirs.
-        AWQ: three (M, K) float32 of the largest."""
+        AWQ: three (M, N) float32 of the largest."""
         if method != "gptq":
             return max(4 * 3 * m * n for m, n in attn_shapes)
-        # (shape, its input's Hessian kept for a later linear, Hessians (K) still pending after it)
+        # (shape, its input's Hessian kept for a later linear, Hessians (N) still pending after it)
         order = []
         if cfg.q_lora_rank:
             order += [((q_in, H), True, [q_in, kv, o_in]), ((heads * qk, q_in), False, [kv, o_in])]
@@ -1464,7 +1464,7 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
     def mlp_work(inter: int, down_in: int, pending: int) -> int:
         """A dense MLP's (or the shared experts') gate, up and down: GPTQ as :func:`gptq_linear` (gate/up
         share one Hessian, with ``pending`` bytes (down's streamed Hessian) waiting; down with its cached input
-        ``down_in`` bytes); AWQ three (M, K) float32."""
+        ``down_in`` bytes); AWQ three (M, N) float32."""
         if method != "gptq":
             return max(4 * 3 * inter * H, 4 * 3 * H * inter)
         return max(gptq_linear(inter, H, True) + pending, gptq_linear(H, inter, False) + down_in)
