@@ -374,6 +374,7 @@ def _mean_kld(ctx, over) -> float:
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
 def test_engine_returns_every_policy_module(tiny_calib, method):
     src = tiny_calib["src"]
     cfg = src.config
@@ -537,6 +538,7 @@ def test_topk_policy_uses_raised_routing(tmp_path_factory, method):
     assert any(ex[e]["policy"] == "topk" for e in range(1, 16))
 
 
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
 def test_rss_flat_across_layers(tmp_path_factory):
     """docs/known-failures.md item 27: per-layer caches are freed; RSS after layer k ~ RSS after layer 1."""
     import psutil
@@ -563,6 +565,7 @@ def test_rss_flat_across_layers(tmp_path_factory):
     assert growth < per_layer_work, [r / 2**20 for r in rss]
 
 
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
 def test_engine_names_expert_stages_and_restores_state(tiny_calib):
     """Progress names the expert blocks of a MoE layer; restore() resumes from a saved residual stream and
     gives the same next layer as running through."""
