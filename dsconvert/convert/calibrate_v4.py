@@ -33,8 +33,8 @@ decoder layer per :meth:`~V4CalibrationEngine.run_layer`:
    and the router ``ffn.gate`` (so routing does not move). No ``w3`` -> ``w2`` fold: the SwiGLU clamp makes
    it inexact. Then a clip search per linear (not for ``wq_*``, as AutoAWQ skips ``q_*``; ``wo_a`` per group)
    and RTN of the clipped folded weight. The folded norms and kept linears are returned as ``replaced``.
-   The ``ffn_norm`` search holds every routed expert's ``w1``/``w3`` in float32 at once (not streamed as
-   V3's MoE search is).
+   The searches stream their linears one float32 weight at a time (the ``ffn_norm`` mapping reads every
+   routed expert's ``w1``/``w3`` twice from the source: once for ``w_mean``, once for the grid's losses).
 3. **Propagate.** Layer ``i`` runs again with its quantized weights (dequantized when fetched) and, for AWQ,
    the replaced tensors; its output is layer ``i+1``'s input.
 
@@ -61,8 +61,8 @@ from ..errors import UsageError
 from ..model.layers import LinearHook
 from ..model.source import WeightSource
 from ..model.v4 import V4ReferenceModel
-from ..quant.awq import (apply_clip, awq_search_clip, awq_search_scale, fold_linear_rows, fold_norm, pseudo_quantize,
-                         scale_columns)
+from ..quant.awq import (apply_clip, awq_scale_candidates, awq_search_clip, awq_search_scale_streamed,
+                         awq_weight_sums, fold_linear_rows, fold_norm, pseudo_quantize, scale_columns)
 from ..quant.gptq import HessianAccumulator, gptq_quantize
 from ..quant.rtn import Convention, QTensor, dequantize, quantize
 from .calibrate import (
@@ -500,19 +500,54 @@ class _V4Layer:
         ``prev``'s output; ``x`` the rows of the ``|x|`` statistic), the loss being the output MSE of the
         quantized ones on their own rows, and fold it: ``prev`` (a norm weight, ``kind="norm"``, or a linear's
         output rows, ``"linear"``) ``/= s``, every member's and every kept linear of ``extra``'s columns
-        ``*= s`` (routed experts' when they are processed)."""
+        ``*= s`` (routed experts' when they are processed).
+
+        Streamed over the members, one float32 weight at a time (the ``ffn_norm`` mapping has every routed
+        expert's ``w1``/``w3``): a first pass accumulates ``w_mean`` (:func:`~dsconvert.quant.awq.awq_weight_sums`,
+        in member order, the sum :func:`~dsconvert.quant.awq.awq_search_scale` forms), a second computes each
+        member's float output once and adds its squared error under every grid candidate to that candidate's
+        float64 sum. The loss is separable (each linear on its own rows), so the sums over all members divided
+        by the output elements are the MSE of the concatenated outputs that ``awq_search_scale`` takes, up to
+        summation order. Routed experts are read from the source in both passes (never kept)."""
         eng = self.eng
         quant = [(m, xm) for m, xm in members if self.spec(m, self._weight_shape(m)) is not None]
         if not quant or x.shape[0] == 0:
             return
         spec = self.spec(quant[0][0], self._weight_shape(quant[0][0]))
-        ws = [self._w(m) if not _EXPERT.match(m) else self._weight(m) for m, _ in quant]
+        conv = eng.convention
 
-        def fwd(cand):  # every quantized linear's output on its own rows
-            return torch.cat([(xm @ c.T).flatten() for (_, xm), c in zip(quant, cand)])
+        def weight(m: str) -> torch.Tensor:
+            return self._weight(m) if _EXPERT.match(m) else self._w(m)
 
-        s, ratio, errors = awq_search_scale(x, ws, fwd, spec, eng.convention, n_grid=eng.n_grid)
-        del ws
+        x_mean = x.to(torch.float32).abs().mean(dim=0)  # (N,)
+        total = torch.zeros(x.shape[1], dtype=torch.float32, device=self.dev)
+        rows = 0
+        for m, _ in quant:
+            t, r = awq_weight_sums(weight(m), spec)
+            total += t
+            rows += r
+        w_mean = total / max(rows, 1)
+        cands = [s for _, s in awq_scale_candidates(x_mean, w_mean, eng.n_grid)]
+        sse = [0.0] * len(cands)
+        numel = 0
+        for m, xm in quant:
+            if xm.shape[0] == 0:
+                continue
+            w = weight(m)
+            ref = xm @ w.T  # (n_m, M_m)
+            numel += ref.numel()
+            for j, s in enumerate(cands):
+                c = pseudo_quantize(w * s[None, :], spec, conv) / s[None, :]
+                sse[j] += float((xm @ c.T - ref).pow(2).sum(dtype=torch.float64))
+            del w, ref
+        it = iter([v / numel if numel else float("nan") for v in sse])
+        s, ratio, errors = awq_search_scale_streamed(x_mean, w_mean, lambda _s: next(it), eng.n_grid)
+        self._fold_smoothing(prev, kind, members, extra, s, ratio, errors)
+
+    def _fold_smoothing(self, prev: str, kind: str, members: list[tuple[str, torch.Tensor]], extra: list[str],
+                        s: torch.Tensor, ratio: float, errors: list[float]) -> None:
+        """Fold the scale ``s`` ``(N,)`` :meth:`_smooth` found (see there) and record its statistics."""
+        eng = self.eng
         if kind == "norm":
             self.replaced[prev + ".weight"] = fold_norm(eng._src.get(prev + ".weight"), s.cpu()).cpu()
         else:

@@ -704,3 +704,51 @@ def test_awq_cli_output_loads_and_kld_below_rtn(v4_src, cli_outs, tmp_path):
     kld = [json.loads(res[k].stdout)["mean_kld"] for k in ("awq", "rtn")]
     print(f"mean KLD vs release: AWQ {kld[0]:.4f}, RTN {kld[1]:.4f}")
     assert 0 < kld[0] < kld[1], kld
+
+
+def _in_memory_smooth(self, prev, kind, x, members, extra):
+    """The pre-streaming ``_V4Layer._smooth``: every member's float32 weight at once, handed to the quant layer's
+    whole-module search (:func:`dsconvert.quant.awq.awq_search_scale`); the fold is the engine's."""
+    from dsconvert.convert import calibrate_v4 as c4
+    from dsconvert.quant.awq import awq_search_scale
+
+    eng = self.eng
+    quant = [(m, xm) for m, xm in members if self.spec(m, self._weight_shape(m)) is not None]
+    if not quant or x.shape[0] == 0:
+        return
+    spec = self.spec(quant[0][0], self._weight_shape(quant[0][0]))
+    ws = [self._w(m) if not c4._EXPERT.match(m) else self._weight(m) for m, _ in quant]
+    s, ratio, errors = awq_search_scale(x, ws, lambda cand: torch.cat(
+        [(xm @ c.T).flatten() for (_, xm), c in zip(quant, cand)]), spec, eng.convention, n_grid=eng.n_grid)
+    self._fold_smoothing(prev, kind, members, extra, s, ratio, errors)
+
+
+def test_awq_streamed_smoothing_equals_in_memory_search(v4_src, monkeypatch):
+    """The streamed smoothing search (one expert weight at a time) writes the same bytes as the search over every
+    weight held at once (``awq_search_scale``): layers 0 and 1, every quantized linear and folded tensor, and the
+    same grid losses up to float32 summation order. (Whole tiny model before/after the change: sha256 3bae7410…
+    both.)"""
+    from dsconvert.convert import calibrate_v4 as c4
+    from dsconvert.convert.weights import CheckpointWeightSource
+    from dsconvert.quant.rtn import COMPRESSED_TENSORS
+
+    def run():
+        eng = c4.V4CalibrationEngine(CheckpointWeightSource(v4_src), _policy(), "awq", COMPRESSED_TENSORS, CALIB,
+                                     expert_group=3)
+        return [eng.run_layer(i) for i in (0, 1)]
+
+    new = run()
+    monkeypatch.setattr(c4._V4Layer, "_smooth", _in_memory_smooth)
+    old = run()
+    for a, b in zip(new, old):
+        assert set(a.quantized) == set(b.quantized) and set(a.replaced) == set(b.replaced)
+        assert len(a.stats["smoothing"]) == 4
+        for m in a.quantized:
+            qa, qb = a.quantized[m], b.quantized[m]
+            assert torch.equal(qa.q, qb.q) and torch.equal(qa.scale, qb.scale), m
+        for k in a.replaced:
+            assert torch.equal(a.replaced[k], b.replaced[k]), k
+        for prev, st in a.stats["smoothing"].items():
+            ref = b.stats["smoothing"][prev]
+            assert st["best_ratio"] == ref["best_ratio"]
+            assert st["mse_grid"] == pytest.approx(ref["mse_grid"], rel=1e-5)
