@@ -225,9 +225,16 @@ class V4CalibrationEngine:
     def peak_memory_estimate(self, spilled: bool | None = None) -> int:
         """Estimated peak bytes of :meth:`run_layer` on top of the interpreter: the mHC streams (in and out),
         the kept MoE input and routed expert rows (``T * top_k * (hidden + inter)``), the layer's non-expert
-        weights in float32, the non-expert Hessians (accumulated at capture; AWQ: the cached inputs), and the
-        expert group's Hessians and float32 weights (AWQ: the larger of that and every expert's ``w1``/``w3``
-        twice, for the ``ffn_norm`` search); plus every expert's int8 levels when results are not ``spilled``."""
+        weights in float32, the non-expert Hessians (accumulated at capture; AWQ: the cached inputs), the
+        working set of the largest step, and the non-expert int8 levels (plus every expert's when results are
+        not ``spilled``).
+
+        The working set is the larger of one linear's GPTQ on the widest Hessian (two ``K x K`` float32
+        copies; AWQ: the clip search's folded weight and candidate) and one routed expert in flight (its
+        Hessians and three float32 weights; AWQ: the three weights, the smoothing search streams them one at a
+        time) with the int8 levels of the :attr:`expert_group` experts held until they are spilled. Measured
+        at V4-Flash's dimensions (1 layer, 8 and 32 experts, 256 tokens): within 0.85-1.2x of the kernel's
+        peak RSS; the peak does not grow with the experts (README)."""
         g = self.cfg.geo
         T, D, I, E, k = self.num_tokens, g.hidden, g.inter, g.experts, g.experts_per_tok
         hd, heads, kg = g.head_dim, g.heads, g.heads * g.head_dim // g.o_groups
@@ -237,13 +244,15 @@ class V4CalibrationEngine:
                  + g.o_groups * g.o_lora * D + g.q_lora * g.index_heads * g.index_dim + 3 * g.shared * I * D)
         hess = 4 * (2 * D * D + g.q_lora * g.q_lora + g.o_groups * kg * kg + (g.o_groups * g.o_lora) ** 2
                     + g.shared * I * I)
-        group = self.expert_group * 4 * (D * D + I * I + 3 * I * D)
+        k_max = max(D, g.q_lora, kg, g.o_groups * g.o_lora, I)
+        in_flight = self.expert_group * 3 * I * D
+        work = max(2 * 4 * k_max * k_max, 4 * (D * D + I * I + 3 * I * D) + in_flight)
         spilled = self.spill_dir is not None if spilled is None else spilled
         results = dense + (0 if spilled else E * 3 * I * D)
-        if self.method == "awq":  # cached inputs instead of Hessians; the ffn_norm search's expert weights
+        if self.method == "awq":  # cached inputs instead of Hessians; no Hessians in the working set
             hess = 4 * T * (2 * D + g.q_lora + heads * hd + g.o_groups * g.o_lora + g.shared * I)
-            group = max(group, 2 * 4 * (E + g.shared) * 2 * I * D)
-        return int(streams + moe_rows + 4 * dense + hess + group + results)
+            work = 4 * 3 * I * D + in_flight
+        return int(streams + moe_rows + 4 * dense + hess + work + results)
 
     def report_stage(self, layer_idx: int, stage: str) -> None:
         if self.progress is not None:
