@@ -752,3 +752,55 @@ def test_awq_streamed_smoothing_equals_in_memory_search(v4_src, monkeypatch):
             ref = b.stats["smoothing"][prev]
             assert st["best_ratio"] == ref["best_ratio"]
             assert st["mse_grid"] == pytest.approx(ref["mse_grid"], rel=1e-5)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+
+
+@pytest.mark.slow
+def test_awq_moe_smoothing_memory_flat_in_experts_at_real_dimensions(tmp_path, monkeypatch):
+    """The ``ffn_norm`` search on one V4-Flash-dimension layer (experts 2048 x 4096): the resident high-water
+    mark it adds (``VmHWM`` reset through ``/proc/self/clear_refs`` before it) is the same for 8 and 32 experts
+    within 64 MiB and below the estimate's AWQ expert working set; holding every expert's ``w1``/``w3`` in
+    float32, as before, would add 32 MiB per linear (2.1 GiB at 32 experts)."""
+    from dsconvert.convert import calibrate_v4 as c4
+    from dsconvert.convert.weights import CheckpointWeightSource
+    from dsconvert.quant.rtn import COMPRESSED_TENSORS
+    from dsconvert.testing.realsize_v4 import RealV4Options, write_real_v4_checkpoint
+
+    try:
+        open("/proc/self/clear_refs", "w").close()
+    except OSError:
+        pytest.skip("no /proc/self/clear_refs to reset VmHWM")
+    orig, grown = c4._V4Layer._smooth, {}
+
+    def measured(self, prev, kind, x, members, extra):
+        if not prev.endswith("ffn_norm"):
+            return orig(self, prev, kind, x, members, extra)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _hwm()
+        orig(self, prev, kind, x, members, extra)
+        grown[self.eng.cfg.geo.experts] = (_hwm() - base, len(members))
+        raise _Stop
+
+    monkeypatch.setattr(c4._V4Layer, "_smooth", measured)
+    ids = [[(7 * i + 3) % 300 for i in range(48)]]
+    for e in (8, 32):
+        src = write_real_v4_checkpoint(tmp_path / f"e{e}", RealV4Options(layers=1, hash_layers=0, experts=e,
+                                                                          vocab=300))
+        eng = c4.V4CalibrationEngine(CheckpointWeightSource(src), _policy(), "awq", COMPRESSED_TENSORS, ids,
+                                     n_grid=2, expert_group=1)
+        with pytest.raises(_Stop):
+            eng.run_layer(0)
+    g = eng.cfg.geo
+    assert grown[32][1] == 2 * 32 + 2 and grown[8][1] == 2 * 8 + 2
+    one_expert = 4 * 3 * g.inter * g.hidden
+    assert abs(grown[32][0] - grown[8][0]) < 64 * 2**20, grown
+    assert grown[32][0] < one_expert + g.inter * g.hidden, grown
