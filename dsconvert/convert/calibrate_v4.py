@@ -233,8 +233,8 @@ class V4CalibrationEngine:
         copies; AWQ: the clip search's folded weight and candidate) and one routed expert in flight (its
         Hessians and three float32 weights; AWQ: the three weights, the smoothing search streams them one at a
         time) with the int8 levels of the :attr:`expert_group` experts held until they are spilled. Measured
-        at V4-Flash's dimensions (1 layer, 8 and 32 experts, 256 tokens): within 0.85-1.2x of the kernel's
-        peak RSS; the peak does not grow with the experts (README)."""
+        at V4-Flash's dimensions (1 layer, 8 and 32 experts, 256 tokens): 0.85-1.12x the kernel's peak RSS
+        (README); GPTQ's peak is the dense phase, AWQ's the expert loop (grows with the group up to 32)."""
         g = self.cfg.geo
         T, D, I, E, k = self.num_tokens, g.hidden, g.inter, g.experts, g.experts_per_tok
         hd, heads, kg = g.head_dim, g.heads, g.heads * g.head_dim // g.o_groups
