@@ -33,8 +33,8 @@ decoder layer per :meth:`~V4CalibrationEngine.run_layer`:
    and the router ``ffn.gate`` (so routing does not move). No ``w3`` -> ``w2`` fold: the SwiGLU clamp makes
    it inexact. Then a clip search per linear (not for ``wq_*``, as AutoAWQ skips ``q_*``; ``wo_a`` per group)
    and RTN of the clipped folded weight. The folded norms and kept linears are returned as ``replaced``.
-   The ``ffn_norm`` search holds every routed expert's ``w1``/``w3`` in float32 at once (not streamed as
-   V3's MoE search is).
+   The searches stream their linears one float32 weight at a time (the ``ffn_norm`` mapping reads every
+   routed expert's ``w1``/``w3`` twice from the source: once for ``w_mean``, once for the grid's losses).
 3. **Propagate.** Layer ``i`` runs again with its quantized weights (dequantized when fetched) and, for AWQ,
    the replaced tensors; its output is layer ``i+1``'s input.
 
@@ -61,8 +61,8 @@ from ..errors import UsageError
 from ..model.layers import LinearHook
 from ..model.source import WeightSource
 from ..model.v4 import V4ReferenceModel
-from ..quant.awq import (apply_clip, awq_search_clip, awq_search_scale, fold_linear_rows, fold_norm, pseudo_quantize,
-                         scale_columns)
+from ..quant.awq import (apply_clip, awq_scale_candidates, awq_search_clip, awq_search_scale_streamed,
+                         awq_weight_sums, fold_linear_rows, fold_norm, pseudo_quantize, scale_columns)
 from ..quant.gptq import HessianAccumulator, gptq_quantize
 from ..quant.rtn import Convention, QTensor, dequantize, quantize
 from .calibrate import (
@@ -225,9 +225,16 @@ class V4CalibrationEngine:
     def peak_memory_estimate(self, spilled: bool | None = None) -> int:
         """Estimated peak bytes of :meth:`run_layer` on top of the interpreter: the mHC streams (in and out),
         the kept MoE input and routed expert rows (``T * top_k * (hidden + inter)``), the layer's non-expert
-        weights in float32, the non-expert Hessians (accumulated at capture; AWQ: the cached inputs), and the
-        expert group's Hessians and float32 weights (AWQ: the larger of that and every expert's ``w1``/``w3``
-        twice, for the ``ffn_norm`` search); plus every expert's int8 levels when results are not ``spilled``."""
+        weights in float32, the non-expert Hessians (accumulated at capture; AWQ: the cached inputs), the
+        working set of the largest step, and the non-expert int8 levels (plus every expert's when results are
+        not ``spilled``).
+
+        The working set is the larger of one linear's GPTQ on the widest Hessian (two ``K x K`` float32
+        copies; AWQ: the clip search's folded weight and candidate) and one routed expert in flight (its
+        Hessians and three float32 weights; AWQ: the three weights, the smoothing search streams them one at a
+        time) with the int8 levels of the :attr:`expert_group` experts held until they are spilled. Measured
+        at V4-Flash's dimensions (1 layer, 8 and 32 experts, 256 tokens): 0.85-1.12x the kernel's peak RSS
+        (README); GPTQ's peak is the dense phase, AWQ's the expert loop (grows with the group up to 32)."""
         g = self.cfg.geo
         T, D, I, E, k = self.num_tokens, g.hidden, g.inter, g.experts, g.experts_per_tok
         hd, heads, kg = g.head_dim, g.heads, g.heads * g.head_dim // g.o_groups
@@ -237,13 +244,15 @@ class V4CalibrationEngine:
                  + g.o_groups * g.o_lora * D + g.q_lora * g.index_heads * g.index_dim + 3 * g.shared * I * D)
         hess = 4 * (2 * D * D + g.q_lora * g.q_lora + g.o_groups * kg * kg + (g.o_groups * g.o_lora) ** 2
                     + g.shared * I * I)
-        group = self.expert_group * 4 * (D * D + I * I + 3 * I * D)
+        k_max = max(D, g.q_lora, kg, g.o_groups * g.o_lora, I)
+        in_flight = self.expert_group * 3 * I * D
+        work = max(2 * 4 * k_max * k_max, 4 * (D * D + I * I + 3 * I * D) + in_flight)
         spilled = self.spill_dir is not None if spilled is None else spilled
         results = dense + (0 if spilled else E * 3 * I * D)
-        if self.method == "awq":  # cached inputs instead of Hessians; the ffn_norm search's expert weights
+        if self.method == "awq":  # cached inputs instead of Hessians; no Hessians in the working set
             hess = 4 * T * (2 * D + g.q_lora + heads * hd + g.o_groups * g.o_lora + g.shared * I)
-            group = max(group, 2 * 4 * (E + g.shared) * 2 * I * D)
-        return int(streams + moe_rows + 4 * dense + hess + group + results)
+            work = 4 * 3 * I * D + in_flight
+        return int(streams + moe_rows + 4 * dense + hess + work + results)
 
     def report_stage(self, layer_idx: int, stage: str) -> None:
         if self.progress is not None:
@@ -500,19 +509,54 @@ class _V4Layer:
         ``prev``'s output; ``x`` the rows of the ``|x|`` statistic), the loss being the output MSE of the
         quantized ones on their own rows, and fold it: ``prev`` (a norm weight, ``kind="norm"``, or a linear's
         output rows, ``"linear"``) ``/= s``, every member's and every kept linear of ``extra``'s columns
-        ``*= s`` (routed experts' when they are processed)."""
+        ``*= s`` (routed experts' when they are processed).
+
+        Streamed over the members, one float32 weight at a time (the ``ffn_norm`` mapping has every routed
+        expert's ``w1``/``w3``): a first pass accumulates ``w_mean`` (:func:`~dsconvert.quant.awq.awq_weight_sums`,
+        in member order, the sum :func:`~dsconvert.quant.awq.awq_search_scale` forms), a second computes each
+        member's float output once and adds its squared error under every grid candidate to that candidate's
+        float64 sum. The loss is separable (each linear on its own rows), so the sums over all members divided
+        by the output elements are the MSE of the concatenated outputs that ``awq_search_scale`` takes, up to
+        summation order. Routed experts are read from the source in both passes (never kept)."""
         eng = self.eng
         quant = [(m, xm) for m, xm in members if self.spec(m, self._weight_shape(m)) is not None]
         if not quant or x.shape[0] == 0:
             return
         spec = self.spec(quant[0][0], self._weight_shape(quant[0][0]))
-        ws = [self._w(m) if not _EXPERT.match(m) else self._weight(m) for m, _ in quant]
+        conv = eng.convention
 
-        def fwd(cand):  # every quantized linear's output on its own rows
-            return torch.cat([(xm @ c.T).flatten() for (_, xm), c in zip(quant, cand)])
+        def weight(m: str) -> torch.Tensor:
+            return self._weight(m) if _EXPERT.match(m) else self._w(m)
 
-        s, ratio, errors = awq_search_scale(x, ws, fwd, spec, eng.convention, n_grid=eng.n_grid)
-        del ws
+        x_mean = x.to(torch.float32).abs().mean(dim=0)  # (N,)
+        total = torch.zeros(x.shape[1], dtype=torch.float32, device=self.dev)
+        rows = 0
+        for m, _ in quant:
+            t, r = awq_weight_sums(weight(m), spec)
+            total += t
+            rows += r
+        w_mean = total / max(rows, 1)
+        cands = [s for _, s in awq_scale_candidates(x_mean, w_mean, eng.n_grid)]
+        sse = [0.0] * len(cands)
+        numel = 0
+        for m, xm in quant:
+            if xm.shape[0] == 0:
+                continue
+            w = weight(m)
+            ref = xm @ w.T  # (n_m, M_m)
+            numel += ref.numel()
+            for j, s in enumerate(cands):
+                c = pseudo_quantize(w * s[None, :], spec, conv) / s[None, :]
+                sse[j] += float((xm @ c.T - ref).pow(2).sum(dtype=torch.float64))
+            del w, ref
+        it = iter([v / numel if numel else float("nan") for v in sse])
+        s, ratio, errors = awq_search_scale_streamed(x_mean, w_mean, lambda _s: next(it), eng.n_grid)
+        self._fold_smoothing(prev, kind, members, extra, s, ratio, errors)
+
+    def _fold_smoothing(self, prev: str, kind: str, members: list[tuple[str, torch.Tensor]], extra: list[str],
+                        s: torch.Tensor, ratio: float, errors: list[float]) -> None:
+        """Fold the scale ``s`` ``(N,)`` :meth:`_smooth` found (see there) and record its statistics."""
+        eng = self.eng
         if kind == "norm":
             self.replaced[prev + ".weight"] = fold_norm(eng._src.get(prev + ".weight"), s.cpu()).cpu()
         else:

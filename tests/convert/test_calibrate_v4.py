@@ -704,3 +704,103 @@ def test_awq_cli_output_loads_and_kld_below_rtn(v4_src, cli_outs, tmp_path):
     kld = [json.loads(res[k].stdout)["mean_kld"] for k in ("awq", "rtn")]
     print(f"mean KLD vs release: AWQ {kld[0]:.4f}, RTN {kld[1]:.4f}")
     assert 0 < kld[0] < kld[1], kld
+
+
+def _in_memory_smooth(self, prev, kind, x, members, extra):
+    """The pre-streaming ``_V4Layer._smooth``: every member's float32 weight at once, handed to the quant layer's
+    whole-module search (:func:`dsconvert.quant.awq.awq_search_scale`); the fold is the engine's."""
+    from dsconvert.convert import calibrate_v4 as c4
+    from dsconvert.quant.awq import awq_search_scale
+
+    eng = self.eng
+    quant = [(m, xm) for m, xm in members if self.spec(m, self._weight_shape(m)) is not None]
+    if not quant or x.shape[0] == 0:
+        return
+    spec = self.spec(quant[0][0], self._weight_shape(quant[0][0]))
+    ws = [self._w(m) if not c4._EXPERT.match(m) else self._weight(m) for m, _ in quant]
+    s, ratio, errors = awq_search_scale(x, ws, lambda cand: torch.cat(
+        [(xm @ c.T).flatten() for (_, xm), c in zip(quant, cand)]), spec, eng.convention, n_grid=eng.n_grid)
+    self._fold_smoothing(prev, kind, members, extra, s, ratio, errors)
+
+
+def test_awq_streamed_smoothing_equals_in_memory_search(v4_src, monkeypatch):
+    """The streamed smoothing search (one expert weight at a time) writes the same bytes as the search over every
+    weight held at once (``awq_search_scale``): layers 0 and 1, every quantized linear and folded tensor, and the
+    same grid losses up to float32 summation order. (Whole tiny model before/after the change: sha256 3bae7410…
+    both.)"""
+    from dsconvert.convert import calibrate_v4 as c4
+    from dsconvert.convert.weights import CheckpointWeightSource
+    from dsconvert.quant.rtn import COMPRESSED_TENSORS
+
+    def run():
+        eng = c4.V4CalibrationEngine(CheckpointWeightSource(v4_src), _policy(), "awq", COMPRESSED_TENSORS, CALIB,
+                                     expert_group=3)
+        return [eng.run_layer(i) for i in (0, 1)]
+
+    new = run()
+    monkeypatch.setattr(c4._V4Layer, "_smooth", _in_memory_smooth)
+    old = run()
+    for a, b in zip(new, old):
+        assert set(a.quantized) == set(b.quantized) and set(a.replaced) == set(b.replaced)
+        assert len(a.stats["smoothing"]) == 4
+        for m in a.quantized:
+            qa, qb = a.quantized[m], b.quantized[m]
+            assert torch.equal(qa.q, qb.q) and torch.equal(qa.scale, qb.scale), m
+        for k in a.replaced:
+            assert torch.equal(a.replaced[k], b.replaced[k]), k
+        for prev, st in a.stats["smoothing"].items():
+            ref = b.stats["smoothing"][prev]
+            assert st["best_ratio"] == ref["best_ratio"]
+            assert st["mse_grid"] == pytest.approx(ref["mse_grid"], rel=1e-5)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+
+
+@pytest.mark.slow
+def test_awq_moe_smoothing_memory_flat_in_experts_at_real_dimensions(tmp_path, monkeypatch):
+    """The ``ffn_norm`` search on one V4-Flash-dimension layer (experts 2048 x 4096): the resident high-water
+    mark it adds (``VmHWM`` reset through ``/proc/self/clear_refs`` before it) is the same for 8 and 32 experts
+    within 64 MiB and below 8 float32 expert weights (measured 232 / 237 MiB); holding every expert's ``w1``/``w3``
+    in float32, as before, adds 32 MiB per linear (2.1 GiB at 32 experts). ~25 s CPU (4 min wall under load)."""
+    from dsconvert.convert import calibrate_v4 as c4
+    from dsconvert.convert.weights import CheckpointWeightSource
+    from dsconvert.quant.rtn import COMPRESSED_TENSORS
+    from dsconvert.testing.realsize_v4 import RealV4Options, write_real_v4_checkpoint
+
+    try:
+        open("/proc/self/clear_refs", "w").close()
+    except OSError:
+        pytest.skip("no /proc/self/clear_refs to reset VmHWM")
+    orig, grown = c4._V4Layer._smooth, {}
+
+    def measured(self, prev, kind, x, members, extra):
+        if not prev.endswith("ffn_norm"):
+            return orig(self, prev, kind, x, members, extra)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _hwm()
+        orig(self, prev, kind, x, members, extra)
+        grown[self.eng.cfg.geo.experts] = (_hwm() - base, len(members))
+        raise _Stop
+
+    monkeypatch.setattr(c4._V4Layer, "_smooth", measured)
+    ids = [[(7 * i + 3) % 300 for i in range(48)]]
+    for e in (8, 32):
+        src = write_real_v4_checkpoint(tmp_path / f"e{e}", RealV4Options(layers=1, hash_layers=0, experts=e,
+                                                                          vocab=300))
+        eng = c4.V4CalibrationEngine(CheckpointWeightSource(src), _policy(), "awq", COMPRESSED_TENSORS, ids,
+                                     n_grid=2, expert_group=1)
+        with pytest.raises(_Stop):
+            eng.run_layer(0)
+    g = eng.cfg.geo
+    assert grown[32][1] == 2 * 32 + 2 and grown[8][1] == 2 * 8 + 2
+    weight = 4 * g.inter * g.hidden  # one float32 expert linear, 32 MiB
+    assert abs(grown[32][0] - grown[8][0]) < 64 * 2**20, grown  # measured 232 vs 237 MiB
+    assert grown[32][0] < 8 * weight, grown  # the weight and its candidate's temporaries; all at once: 66 weights
