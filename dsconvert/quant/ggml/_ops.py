@@ -135,3 +135,60 @@ def bytes_to_bits(by: torch.Tensor, nbits: int) -> torch.Tensor:
     """Inverse of :func:`bits_to_bytes`: ``(..., k)`` uint8 -> ``(..., nbits)`` uint8 of 0/1."""
     shifts = torch.arange(8, device=by.device, dtype=torch.uint8)
     return ((by[..., None] >> shifts) & 1).reshape(*by.shape[:-1], -1)[..., :nbits]
+
+
+_FLT_MAX = float(np.finfo(np.float32).max)
+#: candidate pairs per step of :func:`nearest_listed` (bounds its temporaries)
+_PAIRS_PER_STEP = 1 << 16
+
+
+def nearest_listed(key: torch.Tensor, neigh: torch.Tensor, counts: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                   s: torch.Tensor, qt: torch.Tensor, qoff: torch.Tensor | None = None) -> torch.Tensor:
+    """The listed grid neighbour nearest to each of ``m`` groups of ``n`` values, as llama.cpp's
+    ``iq2_find_best_neighbour`` / ``iq3_find_best_neighbour`` / ``iq1_find_best_neighbour2`` pick it: over the
+    key's neighbour list, in list order, the first with the smallest float32
+    ``d2 = 0; for i: { diff = scale*q[i] - x[i]; d2 += w[i]*diff*diff; }`` below ``FLT_MAX`` (the first listed
+    one when none is).
+
+    Args:
+        key: ``(m,)`` int64 row of each group in ``neigh``.
+        neigh: ``(K, P)`` int64 neighbour lists (grid indices in list order, ``-1`` padded); counts: ``(K,)``
+            int64 their lengths.
+        x, w: ``(m, n)`` float32 values and weights; s: ``(m,)`` float32 scales.
+        qt: ``(n, V)`` float32 values ``q[i]`` of each grid point (columns), ``V`` a multiple of the grid size
+            when ``qoff`` ``(m,)`` int64 selects a copy of the grid per group (IQ1's two shifts).
+
+    Returns ``(m,)`` int64 grid indices (without ``qoff``).
+
+    The groups are taken in order of list length, so each step works on a dense ``(groups, width)`` block
+    padded to its longest list only, with the float32 arithmetic and the element order of the C loop.
+    Source: llama.cpp ``ggml/src/ggml-quants.c``.
+    """
+    m, n = x.shape
+    dev = x.device
+    cnt = counts[key]
+    order = torch.argsort(cnt)
+    cs = cnt[order].tolist()
+    out = torch.empty(m, dtype=torch.int64, device=dev)
+    a = 0
+    while a < m:
+        # widths only grow along `order`: the width at the far end of a step of budget/width(a) bounds the step's
+        far = cs[min(m, a + _PAIRS_PER_STEP // max(1, cs[a])) - 1]
+        b = min(m, a + max(64, _PAIRS_PER_STEP // max(1, far)))
+        width = max(1, cs[b - 1])
+        g = order[a:b]
+        cand = neigh[:, :width].index_select(0, key[g])                    # (mb, width)
+        cc = cand.clamp(min=0)
+        if qoff is not None:
+            cc = cc + qoff[g, None]
+        sg = s[g, None]
+        xg, wg = x.index_select(0, g).t().contiguous(), w.index_select(0, g).t().contiguous()
+        d2 = None
+        for i in range(n):
+            diff = sg * torch.take(qt[i], cc) - xg[i, :, None]
+            t = wg[i, :, None] * diff * diff
+            d2 = t if d2 is None else d2.add_(t)
+        d2 = torch.where((cand >= 0) & (d2 < _FLT_MAX), d2, torch.full_like(d2, float("inf")))
+        out[g] = cand.gather(1, d2.argmin(1, keepdim=True))[:, 0]       # argmin: the first smallest
+        a = b
+    return out

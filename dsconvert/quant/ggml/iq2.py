@@ -42,7 +42,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from ._ops import GROUP_MAX_EPS, bytes_fp16, div, fp16_bytes, nearest_int, nearest_int_c, seqsum, sqrtf
+from ._ops import (GROUP_MAX_EPS, bytes_fp16, div, fp16_bytes, nearest_int, nearest_int_c, nearest_listed, seqsum,
+                   sqrtf)
 from .base import GGMLType
 from .kquants import make_qp_quants
 
@@ -100,38 +101,20 @@ def _snap(L: torch.Tensor, xval: torch.Tensor, waux: torch.Tensor, scale: torch.
           bits: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid index of each n-group of levels ``L`` ``(B, g, n)`` (float32, keys of ``bits`` bits per level), off-grid
     groups replaced by the neighbour minimising ``sum waux*(scale*q - xval)^2`` (``iq2_find_best_neighbour`` /
-    ``iq3_find_best_neighbour``; first in list order wins ties). Returns ``(grid index (B, g) int64, levels
-    (B, g, n) float32)``.
-
-    The distance that decides is C's float32 one, summed in element order, evaluated for every listed (group,
-    neighbour) pair at once (cheaper than the float64 pre-filter with an error bound this used to run first).
-    """
-    grid, kmap, neigh = tabs
+    ``iq3_find_best_neighbour``; first in list order wins ties; :func:`._ops.nearest_listed`). Returns ``(grid
+    index (B, g) int64, levels (B, g, n) float32)``."""
+    grid, kmap, neigh, counts, qt = tabs
+    n = L.shape[-1]
     u = _key(L, bits)                                              # (B, g)
     gi = kmap[u]
-    off = gi < 0
-    if bool(off.any()):
-        cand = neigh[u[off]]                                       # (n, P)
-        valid = cand >= 0
-        s = scale[:, None].expand_as(u)[off]                       # (n,)
-        xo, wo = xval[off], waux[off]                              # (n, 8)
-        r, c = valid.nonzero(as_tuple=True)                        # listed (group, neighbour) pairs, row-major
-        q = grid[cand[r, c]].to(torch.float32)                     # (k, 8)
-        diff = s[r, None] * q - xo[r]
-        t = wo[r] * diff * diff
-        d2 = t[:, 0].clone()
-        for i in range(1, t.shape[1]):
-            d2 += t[:, i]
-        n = cand.shape[0]
-        best = torch.full((n,), float("inf"), dtype=torch.float32, device=L.device)
-        best = best.scatter_reduce(0, r, d2, reduce="amin")
-        first = torch.full((n,), cand.shape[1], dtype=torch.int64, device=L.device)
-        first = first.scatter_reduce(0, r[d2 == best[r]], c[d2 == best[r]], reduce="amin")
+    off = (gi < 0).view(-1).nonzero(as_tuple=True)[0]
+    if off.numel():
+        s = scale[:, None].expand_as(u).reshape(-1)[off]
         gi = gi.clone()
-        gi[off] = cand.gather(1, first[:, None])[:, 0]
+        gi.view(-1)[off] = nearest_listed(u.view(-1)[off], neigh, counts, xval.reshape(-1, n)[off],
+                                          waux.reshape(-1, n)[off], s, qt)
     levels = (grid[gi].to(torch.float32) - 1) / 2
     return gi, levels
-
 
 
 def _signs(xg: torch.Tensor, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +149,16 @@ def _on_grid(L: torch.Tensor, kmap: torch.Tensor, bits: int = 2) -> torch.Tensor
     return kmap[_key(L, bits)] >= 0
 
 
+@functools.lru_cache(maxsize=None)
+def _device_tables(gguf_cls_name: str, nwant: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`_lattice`'s tables on ``device`` (built once per type and device) and what :func:`_snap` needs
+    besides: ``(grid (G, n) int64, kmap (K,) int64, neighbours (K, P) int64, list lengths (K,) int64, grid values
+    (n, G) float32)``."""
+    grid, kmap, neigh = _lattice(gguf_cls_name, nwant)
+    out = (grid, kmap, neigh, (neigh >= 0).sum(1), grid.T.astype(np.float32))
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in out)
+
+
 class _Lattice2:
     """Grid tables of a 2-bit lattice type: ``grid_name`` (gguf-py class holding ``grid_hex``) and ``nwant`` (how
     many distinct neighbour distances ``iq2xs_init_impl`` / ``iq3xs_init_impl`` keep: 2, 1 for IQ2_S, 3 for IQ3_S)."""
@@ -175,9 +168,8 @@ class _Lattice2:
 
     @classmethod
     def _tables(cls, device):
-        grid, kmap, neigh = _lattice(cls.grid_name, cls.nwant)
-        return (torch.from_numpy(grid).to(device), torch.from_numpy(kmap).to(device),
-                torch.from_numpy(neigh).to(device))
+        """:func:`_device_tables` of the type on ``device``."""
+        return _device_tables(cls.grid_name, cls.nwant, torch.device(device))
 
 
 class IQ2_XXS(_Lattice2, GGMLType, qtype=T.IQ2_XXS):
