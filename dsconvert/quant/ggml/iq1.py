@@ -57,7 +57,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from ._ops import bytes_fp16, div, fp16_bytes, nearest_int, seqsum, sqrtf
+from ._ops import bytes_fp16, div, fp16_bytes, nearest_int, nearest_listed, seqsum, sqrtf
 from .base import GGMLType
 
 DELTA = np.float32(0.125)                                   # IQ1S_DELTA == IQ1M_DELTA
@@ -103,10 +103,14 @@ def _lattice() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=8)
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tables(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`_lattice`'s tables on ``device`` and what :func:`_snap` needs besides: ``(levels (2048, 8) int64,
+    kmap, neighbours, list lengths (6561,) int64, values (8, 4096) float32: xx[level] of each grid point for a
+    +delta shift, then for a -delta shift)``."""
     levels, kmap, neigh = _lattice()
-    return (torch.from_numpy(levels).to(device), torch.from_numpy(kmap).to(device),
-            torch.from_numpy(neigh).to(device))
+    vals = np.concatenate([np.array(X_P, np.float32)[levels], np.array(X_M, np.float32)[levels]]).T
+    out = (levels, kmap, neigh, (neigh >= 0).sum(1), vals)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in out)
 
 
 def _xx(minus: torch.Tensor) -> torch.Tensor:
@@ -180,29 +184,18 @@ def _snap(L: torch.Tensor, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor
     ``(G,)``, ``minus`` ``(G,)`` bool shift sign -> ``(G,)`` int64.
 
     Off-grid groups take ``iq1_find_best_neighbour2``'s choice: the listed neighbour with the smallest float32
-    ``d2 = sum_i (w*diff)*diff``, ``diff = scale*xx[q_i] - x_i``, summed in element order; the first wins ties.
+    ``d2 = sum_i (w*diff)*diff``, ``diff = scale*xx[q_i] - x_i``, summed in element order; the first wins ties
+    (:func:`._ops.nearest_listed`, on a value table holding the grid once per shift).
     """
-    levels, kmap, neigh = tabs
+    _, kmap, neigh, counts, qt = tabs
     u = (L * (3 ** torch.arange(8, device=L.device))).sum(1)
     gi = kmap[u]
     off = (gi < 0).nonzero(as_tuple=True)[0]
     if off.numel() == 0:
         return gi
-    cand = neigh[u[off]]                                          # (n, P)
-    valid = cand >= 0
-    cc = cand.clamp(min=0)
-    xx = _xx(minus[off])                                          # (n, 3)
-    s = scale[off][:, None]
-    xo, wo = x[off], w[off]
-    d2 = None
-    for i in range(8):
-        q = xx.gather(1, levels[cc, i])                           # (n, P)
-        diff = s * q - xo[:, i:i + 1]
-        t = (wo[:, i:i + 1] * diff) * diff
-        d2 = t if d2 is None else d2 + t
-    d2 = torch.where(valid & (d2 < _FLT_MAX), d2, torch.full_like(d2, float("inf")))
     gi = gi.clone()
-    gi[off] = cand.gather(1, d2.argmin(1, keepdim=True))[:, 0]   # argmin: first minimum
+    gi[off] = nearest_listed(u[off], neigh, counts, x[off], w[off], scale[off], qt,
+                             minus[off].to(torch.int64) * kmap.new_tensor(qt.shape[1] // 2))
     return gi
 
 
