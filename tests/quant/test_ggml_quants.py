@@ -381,3 +381,42 @@ def test_iq1_running_best_equals_the_c_loop():
                 want[r] = k
     got = _running_best(torch.from_numpy(qx), torch.from_numpy(q2)).numpy()
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", [pytest.param("IQ2_XXS", marks=pytest.mark.slow), "IQ3_S"])
+def test_nearest_listed_equals_the_c_loop(name, monkeypatch):
+    """The blocked neighbour search (groups sorted by list length, padded blocks, several steps) picks what the C
+    loop of ``iq2_find_best_neighbour`` picks: the first listed point with the smallest float32 ``d2`` summed in
+    element order, the first listed one when every ``d2`` is ``FLT_MAX`` or more (or NaN); on random groups, groups
+    of zero weight (all ``d2`` tie at 0), duplicated groups and infinite values."""
+    from dsconvert.quant.ggml import _ops
+    from dsconvert.quant.ggml.iq2 import _device_tables
+    monkeypatch.setattr(_ops, "_PAIRS_PER_STEP", 512)
+    grid, kmap, neigh, counts, qt = _device_tables(name, get_type(name).nwant, torch.device("cpu"))
+    g = np.random.default_rng(9)
+    off = np.nonzero(kmap.numpy() < 0)[0]
+    m, n = 600, grid.shape[1]
+    key = g.choice(off, m)
+    x = np.abs(g.standard_normal((m, n))).astype(np.float32) * np.float32(3)
+    w = g.random((m, n)).astype(np.float32)
+    s = (g.random(m) + 0.5).astype(np.float32)
+    w[:40] = 0                                   # every d2 is 0: the first listed wins
+    x[40:80], w[40:80], s[40:80], key[40:80] = x[80:120], w[80:120], s[80:120], key[80:120]
+    x[120:130, 0] = np.inf                       # d2 inf or NaN everywhere: the first listed
+    x[130:140] *= np.float32(1e19)               # d2 overflows float32
+    want = np.empty(m, dtype=np.int64)
+    nb, q = neigh.numpy(), qt.numpy()
+    for r in range(m):
+        lst = nb[key[r]][nb[key[r]] >= 0]
+        best, want[r] = np.float32(np.finfo(np.float32).max), lst[0]
+        d2 = np.zeros(lst.size, dtype=np.float32)       # all listed points at once, elements in C's order
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i in range(n):
+                diff = s[r] * q[i, lst] - x[r, i]
+                d2 = d2 + (w[r, i] * diff) * diff
+        for p, d in zip(lst, d2):
+            if d < best:
+                best, want[r] = d, p
+    got = _ops.nearest_listed(torch.from_numpy(key), neigh, counts, torch.from_numpy(x), torch.from_numpy(w),
+                              torch.from_numpy(s), qt).numpy()
+    np.testing.assert_array_equal(got, want)
