@@ -36,7 +36,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .calibrate import _Layer, run_expert_group, spill_tensors
+from .calib_base import spill_tensors
+from .calibrate import _Layer, run_expert_group
 from .executor import Job, RayExecutor, Rebuilt, Unit
 from .manifest import commit_tmp
 

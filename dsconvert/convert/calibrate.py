@@ -66,17 +66,13 @@ Sources: AutoAWQ ``awq/quantize/quantizer.py`` (``AwqQuantizer._apply_quant``, `
 from __future__ import annotations
 
 import gc
-import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import UsageError
 from ..formats import deepseek_v3 as v3
@@ -99,12 +95,26 @@ from ..quant.awq import (
 )
 from ..quant.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_batch, output_error
 from ..quant.rtn import Convention, QTensor, QuantSpec, dequantize, quantize
+from .calib_base import (
+    CLIP_SKIP,
+    MIN_EXPERT_TOKENS,
+    PROGRESS_EXPERTS,
+    STAT_TOKENS,
+    CalibrationEngineBase,
+    LayerResult,
+    LayerResults,
+    LayerSource,
+    Overrides,
+    Policy,
+    default_budget,
+    hessian,
+    qt_rows,
+    rel_mse,
+    to_cpu,
+    token_chunks,
+)
 
 __all__ = ["CalibrationEngine", "LayerResult", "Policy", "AWQ_MAPPINGS", "EXPERT_POLICIES", "METHODS"]
-
-#: ``policy(module_name, (out_features, in_features)) -> QuantSpec | None`` (None = keep in float).
-#: ``module_name`` is the HF weight name without ``.weight``, e.g. ``model.layers.3.mlp.experts.7.down_proj``.
-Policy = Callable[[str, tuple[int, int]], "QuantSpec | None"]
 
 METHODS = ("awq", "gptq")
 EXPERT_POLICIES = ("all-tokens", "rtn", "topk")
@@ -114,23 +124,10 @@ EXPERT_POLICIES = ("all-tokens", "rtn", "topk")
 #: override, restricted to the starved experts; the propagated output keeps the model's own routing).
 TOPK_FACTOR = 4
 
-#: Default minimum routed tokens for an expert to be calibrated on its own tokens.
-MIN_EXPERT_TOKENS = 16
-
-#: Experts per progress stage line ("calibrating experts 64-95").
-PROGRESS_EXPERTS = 32
-
-#: Tokens (at most) used for the per-linear output-error statistic of AWQ.
-STAT_TOKENS = 512
-
 #: Calibration tokens (at most, whole sequences; at least one sequence) the capture and propagate forwards
 #: run at once: their per-sequence intermediates (post-attention residual, MLP input and output) exist for one
 #: chunk, not for all T tokens. Each propagate chunk reads (dequantizes) every expert of the layer once.
 CHUNK_TOKENS = 16384
-
-#: AutoAWQ skips the clip search for these name fragments (q/k projections: their outputs go through a
-#: softmax, where clipping error is amplified). In DeepSeek this skips q_a/q_b/q_proj only.
-CLIP_SKIP = ("q_", "k_", "query", "key", "Wqkv")
 
 #: AWQ mappings for DeepSeek V2/V3 (AutoAWQ ``deepseek_v3.py`` + the router fix), as data:
 #: ``(prev op, its kind, linears relative to the layer, what the search inspects)``. ``{q}`` is
@@ -147,178 +144,7 @@ AWQ_MAPPINGS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 
 
-@dataclass
-class LayerResult:
-    """What :meth:`CalibrationEngine.run_layer` returns for one decoder layer.
-
-    Attributes:
-        layer: the layer index.
-        quantized: ``{module name: QTensor}`` for every linear the policy quantizes in this layer
-            (``model.layers.3.mlp.experts.7.down_proj``); write these instead of the source weights.
-        replaced: ``{HF tensor name: float32 tensor}`` of float tensors AWQ folding changed, to be
-            written instead of the source's: norm weights (``…input_layernorm.weight`` etc.) divided by
-            ``s``, the router ``…mlp.gate.weight`` with its columns multiplied by ``s``, and any folded
-            linear the policy keeps in float (``…up_proj.weight`` rows ``/ s``, columns ``* s``). Empty
-            for GPTQ.
-        stats: see :meth:`CalibrationEngine.run_layer`.
-        folded: only with ``keep_folded=True``: ``{HF weight name: float32}`` every linear after AWQ
-            scale folding and before clipping/quantization (with ``replaced`` the float model is
-            unchanged; for tests and diagnostics).
-    """
-
-    layer: int
-    quantized: Mapping[str, QTensor]
-    replaced: dict[str, torch.Tensor]
-    stats: dict
-    folded: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def close(self) -> None:
-        """Delete the spilled expert results (call when they have been written)."""
-        if isinstance(self.quantized, LayerResults):
-            self.quantized.close()
-
-
-class _LayerSource:
-    """A WeightSource over ``inner`` that caches the non-expert tensors of one layer (dropped by :meth:`reset`)
-    and serves ``overrides`` (an :class:`_Overrides` of dequantized QTensors and folded tensors, or a dict)
-    instead of the inner tensors. Routed experts' weights are not cached: a MoE layer's experts are read when
-    used, a group at a time."""
-
-    def __init__(self, inner: WeightSource):
-        self.inner = inner
-        self.config = inner.config
-        self.overrides: Mapping[str, torch.Tensor] = {}
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def reset(self) -> None:
-        self.overrides = {}
-        self._cache = {}
-
-    def has(self, name: str) -> bool:
-        return name in self.overrides or self.inner.has(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The tensor's shape, from the checkpoint header when the source has one (no read)."""
-        ck = getattr(self.inner, "ck", None)
-        info = ck.tensors.get(name) if ck is not None else None
-        if info is not None and name not in self.overrides and not ck.is_scale(name):
-            return tuple(info[1].shape)
-        return tuple(self.get(name).shape)
-
-    def get(self, name: str) -> torch.Tensor:
-        t = self.overrides.get(name)
-        if t is not None:
-            return t
-        t = self._cache.get(name)
-        if t is None:
-            t = self.inner.get(name)
-            if name.startswith("model.layers.") and ".mlp.experts." not in name:
-                # routed experts are fetched when needed, never all held (256 x 3 matrices per layer)
-                self._cache[name] = t
-        return t
-
-
-def spill_tensors(items: Mapping[str, QTensor]) -> dict[str, torch.Tensor]:
-    """The spill file layout of ``{module: QTensor}``: ``MODULE.q``, ``MODULE.scale`` and ``MODULE.zero`` (when
-    the tensor has zero points), contiguous."""
-    tensors = {}
-    for m, qt in items.items():
-        tensors[m + ".q"] = qt.q.contiguous()
-        tensors[m + ".scale"] = qt.scale.contiguous()
-        if qt.zero is not None:
-            tensors[m + ".zero"] = qt.zero.contiguous()
-    return tensors
-
-
-class LayerResults(Mapping):
-    """``{module name: QTensor}`` of one layer. Non-expert linears are held in memory; the routed experts'
-    results are spilled, one safetensors file per expert group, to ``spill_dir`` when it is set (so a MoE
-    layer's results do not grow memory with the number of experts), and read back on access. Iteration
-    follows insertion order. :meth:`close` deletes the spill files."""
-
-    def __init__(self, spill_dir: Path | None, tag: str):
-        self.spill_dir = spill_dir
-        self.tag = tag
-        self._mem: dict[str, QTensor] = {}
-        self._spilled: dict[str, tuple[Path, QuantSpec, Convention, bool]] = {}
-        self._order: list[str] = []
-        self._files: list[Path] = []
-
-    def __setitem__(self, module: str, qt: QTensor) -> None:
-        self.put({module: qt}, spill=False)
-
-    def put(self, items: dict[str, QTensor], spill: bool = True) -> None:
-        """Add ``items``; with ``spill`` and a ``spill_dir``, write them to one new spill file."""
-        new = [m for m in items if m not in self._mem and m not in self._spilled]
-        if not spill or self.spill_dir is None or not items:
-            self._mem.update(items)
-        else:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            path = self.spill_dir / f"{self.tag}-{len(self._files)}.safetensors"
-            self._files.append(path)
-            save_file(spill_tensors(items), str(path))
-            for m, qt in items.items():
-                self._spilled[m] = (path, qt.spec, qt.convention, qt.zero is not None)
-        self._order += new
-
-    def adopt(self, path: Path, modules: list[tuple[str, QuantSpec, Convention, bool]]) -> None:
-        """Register a spill file written elsewhere (another process, same layout as :meth:`put`): ``modules``
-        lists ``(module, spec, convention, has_zero)`` of what it holds, in order; :meth:`close` deletes it."""
-        self._files.append(path)
-        for m, spec, conv, has_zero in modules:
-            self._spilled[m] = (path, spec, conv, has_zero)
-            if m not in self._mem:
-                self._order.append(m)
-
-    def __getitem__(self, module: str) -> QTensor:
-        qt = self._mem.get(module)
-        if qt is not None:
-            return qt
-        path, spec, conv, has_zero = self._spilled[module]
-        with safe_open(str(path), "pt") as f:
-            return QTensor(f.get_tensor(module + ".q"), f.get_tensor(module + ".scale"),
-                           f.get_tensor(module + ".zero") if has_zero else None, spec, conv)
-
-    def __contains__(self, module: object) -> bool:
-        return module in self._mem or module in self._spilled
-
-    def __iter__(self):
-        return iter(self._order)
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def close(self) -> None:
-        """Delete the spill files (the results are no longer readable from them)."""
-        for f in self._files:
-            f.unlink(missing_ok=True)
-        self._files = []
-        self._spilled = {}
-        self._order = [m for m in self._order if m in self._mem]
-
-
-class _Overrides:
-    """What the propagate forward reads instead of the source for one layer: ``replaced`` float tensors, and
-    each quantized module's weight dequantized when it is fetched (one expert at a time, not the layer)."""
-
-    def __init__(self, quantized: Mapping[str, QTensor], replaced: dict[str, torch.Tensor]):
-        self.quantized = quantized
-        self.replaced = replaced
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.replaced or (isinstance(name, str) and name.endswith(".weight")
-                                         and name[: -len(".weight")] in self.quantized)
-
-    def get(self, name: str, default=None):
-        t = self.replaced.get(name)
-        if t is not None:
-            return t
-        if name.endswith(".weight") and name[: -len(".weight")] in self.quantized:
-            return dequantize(self.quantized[name[: -len(".weight")]])
-        return default
-
-
-class CalibrationEngine:
+class CalibrationEngine(CalibrationEngineBase):
     """Calibrated INT quantization (AWQ or GPTQ), one decoder layer per :meth:`run_layer` call.
 
     Args:
@@ -354,6 +180,8 @@ class CalibrationEngine:
         UsageError: unknown method/expert policy, empty calibration set, or ids outside the vocabulary.
     """
 
+    model_class = ReferenceModel
+
     def __init__(
         self,
         source: WeightSource,
@@ -379,75 +207,22 @@ class CalibrationEngine:
             raise UsageError(f"unknown calibration method {method!r}", hint="use 'awq' or 'gptq'")
         if expert_policy not in EXPERT_POLICIES:
             raise UsageError(f"unknown expert policy {expert_policy!r}", hint="use 'all-tokens', 'rtn' or 'topk'")
-        seqs = [torch.as_tensor(list(s), dtype=torch.long) for s in calib_ids]
-        seqs = [s for s in seqs if s.numel()]
-        if not seqs:
-            raise UsageError("no calibration tokens", hint="pass at least one non-empty token sequence")
-        self._src = _LayerSource(source)
-        self.model = ReferenceModel(self._src, dtype)
-        self.cfg: ModelConfig = self.model.cfg
-        vocab = self.cfg.vocab_size
-        if any(int(s.min()) < 0 or int(s.max()) >= vocab for s in seqs):
-            raise UsageError(f"calibration token id outside 0..{vocab - 1}")
-        self.policy = policy
-        self.method = method
-        self.convention = convention
-        self.damp = damp
-        self.act_order = act_order
-        self.n_grid = n_grid
-        self.min_expert_tokens = min_expert_tokens
-        self.expert_policy = expert_policy
-        self.progress = progress
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.keep_folded = keep_folded
-        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
-        #: ``dispatch(layer, groups)``: runs a MoE layer's routed expert groups ``[(e0, e1), ...]`` elsewhere
+        super().__init__(source, policy, method, convention, calib_ids, dtype=dtype, damp=damp,
+                         act_order=act_order, n_grid=n_grid, min_expert_tokens=min_expert_tokens,
+                         expert_policy=expert_policy, progress=progress, device=device, keep_folded=keep_folded,
+                         expert_group=expert_group, max_memory=max_memory, spill_dir=spill_dir)
+        #: ``dispatch(stage, groups)``: runs a MoE layer's routed expert groups ``[(e0, e1), ...]`` elsewhere
         #: and merges them into the layer (:mod:`.calib_ray`); None: here, one group after the other.
-        self.expert_dispatch: Callable[[_Layer, list[tuple[int, int]]], None] | None = None
-        self._positions = [torch.arange(s.numel()) for s in seqs]
-        with torch.no_grad():
-            self._hidden: list[torch.Tensor] = [self.model.embed(s) for s in seqs]  # (T_s, hidden) each
-        self._src.reset()
-        self.next_layer = 0
+        self.expert_dispatch: Callable[[object, list[tuple[int, int]]], None] | None = None
         self._torn: int | None = None  # a layer whose propagate forward failed part way (see run_layer)
-        self._fixed_group = expert_group
-        self.set_budget(max_memory)
-
-    # -- public ---------------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        """Decoder layers to calibrate (``num_hidden_layers``; the MTP layer is not included)."""
-        return self.cfg.num_hidden_layers
-
-    @property
-    def hidden_states(self) -> list[torch.Tensor]:
-        """The residual stream after the last calibrated layer (quantized model), one ``(T_s, hidden)``
-        tensor per calibration sequence."""
-        return self._hidden
 
     def restore(self, hidden: Sequence[torch.Tensor], next_layer: int) -> None:
-        """Resume from a saved residual stream: ``hidden`` is :attr:`hidden_states` as it was after layer
-        ``next_layer - 1`` (one ``(T_s, hidden)`` tensor per calibration sequence, any float dtype).
-
-        Raises:
-            UsageError: the sequence count or shapes differ from this engine's calibration set, or
-                ``next_layer`` is outside ``0..num_layers``.
-        """
-        if len(hidden) != len(self._hidden) or any(tuple(h.shape) != tuple(o.shape)
-                                                   for h, o in zip(hidden, self._hidden)):
-            raise UsageError("saved calibration state does not match the calibration sequences",
-                             hint="rerun without resuming (--overwrite)")
-        if not 0 <= next_layer <= self.num_layers:
-            raise UsageError(f"saved calibration state names layer {next_layer}, outside 0..{self.num_layers}")
-        dtype = self._hidden[0].dtype
-        self._hidden = [h.to(dtype) for h in hidden]
-        self.next_layer = next_layer
+        """:meth:`CalibrationEngineBase.restore`; also clears an interrupted propagate forward."""
+        super().restore(hidden, next_layer)
         self._torn = None
 
-    def set_budget(self, budget: int | None) -> None:
-        """Plan the expert group size (and AWQ's candidate chunk) for ``budget`` bytes (None:
-        :func:`default_budget`) with :func:`plan_groups`; a group size given to the constructor is kept."""
-        self.budget = budget if budget is not None else default_budget()
+    def _plan_groups(self) -> None:
+        """:func:`plan_groups` for :attr:`budget` (a group size given to the constructor is kept)."""
         self.expert_group, self.awq_candidates = plan_groups(self.cfg, self.method, self.num_tokens, self.budget,
                                                              self._fixed_group)
 
@@ -458,9 +233,6 @@ class CalibrationEngine:
         return estimate_peak_bytes(self.cfg, self.method, self.num_tokens, expert_group=self.expert_group,
                                    awq_candidates=self.awq_candidates, spilled=spilled)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(int(p.numel()) for p in self._positions)
 
     @torch.no_grad()
     def run_layer(self, layer_idx: int) -> LayerResult:
@@ -492,7 +264,7 @@ class CalibrationEngine:
             raise UsageError(f"layer {layer_idx} is not a decoder layer (0..{self.num_layers - 1}); "
                              "the MTP layer is not calibrated")
         t0 = time.perf_counter()
-        self._src.reset()
+        self.source.reset()
         lay = _Layer(self, layer_idx)
         try:
             stage_s: dict[str, float] = {}
@@ -509,15 +281,15 @@ class CalibrationEngine:
             t3 = time.perf_counter()
             stage_s["quantize"] = t3 - t2
             self.report_stage(layer_idx, "propagate")
-            self._src.overrides = lay.overrides()
+            self.source.overrides = lay.overrides()
             lay.release()  # the calibration caches go before the propagate forward needs its own
             gc.collect()
             # a chunk of sequences at a time, each output replacing its input (the old and new residual
             # streams are not both held); per-sequence arithmetic, so the chunking changes no number
             self._torn = layer_idx  # until every chunk is through, the stream is part layer i's input, part output
-            for c0, c1 in token_chunks(self._positions, CHUNK_TOKENS):
+            for c0, c1 in token_chunks(self.positions, CHUNK_TOKENS):
                 self._hidden[c0:c1] = self.model.layer_forward_seqwise(layer_idx, self._hidden[c0:c1],
-                                                                       self._positions[c0:c1])
+                                                                       self.positions[c0:c1])
             self._torn = None
             stage_s["propagate"] = time.perf_counter() - t3
             lay.stats["stage_seconds"] = {k: round(v, 3) for k, v in stage_s.items()}
@@ -527,18 +299,13 @@ class CalibrationEngine:
             lay.quantized.close()  # no spill file outlives a failed or interrupted layer
             raise
         finally:
-            self._src.reset()
+            self.source.reset()
             lay.release()
             del lay
             gc.collect()
         result.stats["seconds"] = time.perf_counter() - t0
         self.next_layer += 1
         return result
-
-    def report_stage(self, layer_idx: int, stage: str) -> None:
-        """Pass ``stage`` of layer ``layer_idx`` to the ``progress`` callback (if any)."""
-        if self.progress is not None:
-            self.progress(layer_idx, stage)
 
 
 class _Layer:
@@ -565,9 +332,9 @@ class _Layer:
         self.attn_in: list[torch.Tensor] = []  # per-sequence normed attention input
         self.in_scale: dict[str, torch.Tensor] = {}  # module -> s its cached input must be divided by
         self.linears = self._linear_names()
-        self.specs = {n: eng.policy(n, tuple(eng._src.shape(n + ".weight"))) for n in self.linears}
+        self.specs = {n: eng.policy(n, tuple(eng.source.shape(n + ".weight"))) for n in self.linears}
         t0, self.bounds = 0, []  # (start, end) token rows of each calibration sequence
-        for pos in eng._positions:
+        for pos in eng.positions:
             self.bounds.append((t0, t0 + int(pos.numel())))
             t0 += int(pos.numel())
 
@@ -576,7 +343,7 @@ class _Layer:
         cfg = self.cfg
         names = v3.layer_linears(self.idx, q_lora_rank=cfg.q_lora_rank, moe=self.moe,
                                  n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts)
-        return [n for n in names if self.eng._src.has(n + ".weight")]
+        return [n for n in names if self.eng.source.has(n + ".weight")]
 
     def _mlps(self) -> list[str]:
         """MLP prefixes: the experts then the shared experts (MoE), or the dense MLP."""
@@ -584,7 +351,7 @@ class _Layer:
                                n_shared_experts=self.cfg.n_shared_experts)
 
     def _src_weight(self, module: str) -> torch.Tensor:
-        return self.eng._src.get(module + ".weight")
+        return self.eng.source.get(module + ".weight")
 
     def w(self, module: str) -> torch.Tensor:
         """The float32 working weight of ``module`` on the kernel device (folded so far, for AWQ)."""
@@ -599,7 +366,7 @@ class _Layer:
         return t
 
     def _dense(self, name: str) -> torch.Tensor:
-        return self.eng._src.get(name).to(device=self.dev, dtype=torch.float32)
+        return self.eng.source.get(name).to(device=self.dev, dtype=torch.float32)
 
     def _drop(self, modules: Sequence[str]) -> None:
         """Free the working copies and cached inputs of ``modules`` (an expert that is done)."""
@@ -644,8 +411,8 @@ class _Layer:
             store.setdefault(name, []).append(x.detach().to(device=self.dev, dtype=torch.float32))
 
         xs = []  # the MLP inputs; the post-attention residual h' is dropped a chunk of sequences at a time
-        for c0, c1 in token_chunks(eng._positions, CHUNK_TOKENS):
-            xs += [x for _, x in eng.model.attention_blocks(self.idx, eng._hidden[c0:c1], eng._positions[c0:c1],
+        for c0, c1 in token_chunks(eng.positions, CHUNK_TOKENS):
+            xs += [x for _, x in eng.model.attention_blocks(self.idx, eng._hidden[c0:c1], eng.positions[c0:c1],
                                                             on_linear=hook)]
         if self.moe:
             store[f"{self.p}.mlp.gate"] = [x.to(device=self.dev, dtype=torch.float32) for x in xs]
@@ -669,9 +436,9 @@ class _Layer:
         mixing weights; the per-expert calibration choice."""
         cfg = self.cfg
         gate = f"{self.p}.mlp.gate"
-        gate_w = self.eng._src.get(gate + ".weight").to(torch.float32)  # (E, hidden)
+        gate_w = self.eng.source.get(gate + ".weight").to(torch.float32)  # (E, hidden)
         bias_name = gate + ".e_score_correction_bias"
-        bias = self.eng._src.get(bias_name) if self.eng._src.has(bias_name) else None
+        bias = self.eng.source.get(bias_name) if self.eng.source.has(bias_name) else None
         # per sequence, exactly as the forward computes it (a batched matmul could round differently)
         ws, idx = [], []
         for t0, t1 in self.bounds:
@@ -913,15 +680,15 @@ class _Layer:
             wq = apply_clip(w, mv)
             absmax = w.abs().reshape(mv.shape[0], mv.shape[1], -1).amax(-1, keepdim=True)
             self.stats["clip"][n] = float((mv / absmax.clamp_min(1e-30)).mean())
-        qt = _to_cpu(quantize(wq, spec, self.eng.convention, name=n))
+        qt = to_cpu(quantize(wq, spec, self.eng.convention, name=n))
         xs = x[:: max(1, x.shape[0] // STAT_TOKENS)]
         s_in = self.in_scale.get(n)
         w0 = w if s_in is None else w / s_in[None, :]  # the unfolded weight, for the RTN baseline
         x0 = xs if s_in is None else xs * s_in[None, :]
         self.stats["linears"][n] = {
             "tokens": int(x.shape[0]),
-            "rel_output_mse": _rel_mse(xs, w, dequantize(qt)),
-            "rtn_rel_output_mse": _rel_mse(x0, w0, pseudo_quantize(w0, spec, self.eng.convention)),
+            "rel_output_mse": rel_mse(xs, w, dequantize(qt)),
+            "rtn_rel_output_mse": rel_mse(x0, w0, pseudo_quantize(w0, spec, self.eng.convention)),
             "calibration": self.calibration_of(n)}
         if store:
             self.quantized[n] = qt
@@ -1056,10 +823,10 @@ class _Layer:
                 return self.cur[mod].to("cpu", model.dtype)
             if name in self.replaced:
                 return self.replaced[name].to(model.dtype)
-            return eng._src.get(name).to(model.dtype)
+            return eng.source.get(name).to(model.dtype)
 
         outs = []
-        for x, pos in zip(self.attn_in, eng._positions):
+        for x, pos in zip(self.attn_in, eng.positions):
             cos, sin = model.rope(pos)
             outs.append(mla_attention(cfg, x.to(model.dtype), pos, cos, sin, model.softmax_scale, get,
                                       f"{self.p}.self_attn").to(torch.float32))
@@ -1103,12 +870,12 @@ class _Layer:
             else:
                 x = self._raw_x(n)
                 if h_cache is None or h_cache[0] is not x:
-                    h_cache = (x, _hessian(x, self.dev))
+                    h_cache = (x, hessian(x, self.dev))
                 H, xs, tokens = h_cache[1], x[:: max(1, x.shape[0] // STAT_TOKENS)], int(x.shape[0])
-            qt = _to_cpu(gptq_quantize(w, H, spec, eng.convention, damp=eng.damp, act_order=eng.act_order,
+            qt = to_cpu(gptq_quantize(w, H, spec, eng.convention, damp=eng.damp, act_order=eng.act_order,
                                        static_groups=eng.act_order, name=n))
             self.quantized[n] = qt
-            rtn_rel = _rel_mse(xs, w, pseudo_quantize(w, spec, eng.convention))
+            rtn_rel = rel_mse(xs, w, pseudo_quantize(w, spec, eng.convention))
             H = H.to(torch.float64)  # output_error's own copy; the float32 one goes unless shared
             rel = output_error(w, dequantize(qt), H)
             del H
@@ -1143,15 +910,15 @@ class _Layer:
                 ws = [self.w(n) for n in ns]
                 if pol == "rtn":
                     for n, w in zip(ns, ws):
-                        qt = _to_cpu(quantize(w, self.specs[n], eng.convention, name=n))
+                        qt = to_cpu(quantize(w, self.specs[n], eng.convention, name=n))
                         done[n] = qt
-                        self._gptq_stats(n, w, x, qt, _rel_mse(x[:: max(1, x.shape[0] // STAT_TOKENS)], w,
+                        self._gptq_stats(n, w, x, qt, rel_mse(x[:: max(1, x.shape[0] // STAT_TOKENS)], w,
                                                                 dequantize(qt)), pol)
                     continue
-                H = _hessian(x, self.dev)
+                H = hessian(x, self.dev)
                 xs = x[:: max(1, x.shape[0] // STAT_TOKENS)]
                 for n, w in zip(ns, ws):  # tokens and the RTN baseline while the input is at hand
-                    pending[n] = (int(x.shape[0]), _rel_mse(xs, w, pseudo_quantize(w, self.specs[n], eng.convention)),
+                    pending[n] = (int(x.shape[0]), rel_mse(xs, w, pseudo_quantize(w, self.specs[n], eng.convention)),
                                   pol)
                 same = len({(tuple(w.shape), self.specs[n]) for n, w in zip(ns, ws)}) == 1
                 parts = [(ns, ws)] if same else [([n], [w]) for n, w in zip(ns, ws)]
@@ -1171,7 +938,7 @@ class _Layer:
             for (gn, rows, gw, h), qt in zip(items, res):
                 r0 = 0
                 for n, r in zip(gn, rows):
-                    part = _rows(qt, r0, r0 + r) if len(gn) > 1 else _to_cpu(qt)
+                    part = qt_rows(qt, r0, r0 + r) if len(gn) > 1 else to_cpu(qt)
                     tokens, rtn_rel, pol = pending.pop(n)
                     self.stats["linears"][n] = {
                         "tokens": tokens, "rel_output_mse": output_error(gw[r0:r0 + r], dequantize(part), h),
@@ -1185,17 +952,17 @@ class _Layer:
         xs = x[:: max(1, x.shape[0] // STAT_TOKENS)]
         self.stats["linears"][n] = {
             "tokens": int(x.shape[0]), "rel_output_mse": rel,
-            "rtn_rel_output_mse": _rel_mse(xs, w, pseudo_quantize(w, self.specs[n], self.eng.convention)),
+            "rtn_rel_output_mse": rel_mse(xs, w, pseudo_quantize(w, self.specs[n], self.eng.convention)),
             "calibration": pol}
 
     # -- 3. propagate and free ------------------------------------------------------------------
-    def overrides(self) -> _Overrides:
+    def overrides(self) -> Overrides:
         """Tensors the quantized model uses for this layer: each quantized module dequantized when fetched,
         replaced tensors, and folded linears kept in float."""
         for n, t in self.cur.items():  # folded, not quantized (policy None): float, written as replaced
             if n not in self.quantized:
                 self.replaced[n + ".weight"] = t.cpu()
-        return _Overrides(self.quantized, self.replaced)
+        return Overrides(self.quantized, self.replaced)
 
     def release(self) -> None:
         self.cur.clear()
@@ -1216,7 +983,7 @@ class _StageEngine:
     runs only expert groups (a Ray worker): no calibration sequences, no forward."""
 
     def __init__(self, source: WeightSource, meta: dict):
-        self._src = _LayerSource(source)
+        self.source = LayerSource(source)
         self.cfg = ModelConfig.from_hf(source.config)
         self.model = type("_Dtype", (), {"dtype": meta["dtype"]})()
         self.method = meta["method"]
@@ -1273,7 +1040,7 @@ def run_expert_group(source: WeightSource, meta: dict, tensors: Mapping[str, tor
 
 class _StreamedHessian:
     """A Linear's GPTQ Hessian accumulated from its input rows as the forward produces them, in the same
-    4096-row chunks of the concatenated input that :func:`_hessian` uses (so the same ``H`` bit for bit), plus
+    4096-row chunks of the concatenated input that :func:`hessian` uses (so the same ``H`` bit for bit), plus
     the statistic's token sample (every ``max(1, total // STAT_TOKENS)``-th row) and the row count; the input
     itself is never cached (a real o_proj input is T x 16384 float32)."""
 
@@ -1305,65 +1072,6 @@ class _StreamedHessian:
         self._sample = []
         self.H = self.acc.H
 
-
-def token_chunks(positions: Sequence[torch.Tensor], tokens: int) -> list[tuple[int, int]]:
-    """Consecutive ``(start, end)`` ranges of sequence indices, each holding at most ``tokens`` tokens (or one
-    sequence longer than that), covering every sequence in order."""
-    out: list[tuple[int, int]] = []
-    c0, n = 0, 0
-    for i, p in enumerate(positions):
-        t = int(p.numel())
-        if i > c0 and n + t > tokens:
-            out.append((c0, i))
-            c0, n = i, 0
-        n += t
-    if c0 < len(positions):
-        out.append((c0, len(positions)))
-    return out
-
-
-def _hessian(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """GPTQ Hessian ``(N, N)`` float32 of the input rows ``x`` ``(n, N)``, accumulated 4096 rows at a time."""
-    acc = HessianAccumulator(x.shape[1], device=device)
-    for c0 in range(0, x.shape[0], 4096):
-        acc.add(x[c0:c0 + 4096])
-    return acc.H
-
-
-def _rows(qt: QTensor, r0: int, r1: int) -> QTensor:
-    """Rows ``r0:r1`` of a QTensor (a linear's part of a gate/up stack), as contiguous CPU copies."""
-    return QTensor(qt.q[r0:r1].cpu().clone(), qt.scale[r0:r1].cpu().clone(),
-                   None if qt.zero is None else qt.zero[r0:r1].cpu().clone(), qt.spec, qt.convention)
-
-
-def _to_cpu(qt: QTensor) -> QTensor:
-    return QTensor(qt.q.cpu(), qt.scale.cpu(), None if qt.zero is None else qt.zero.cpu(), qt.spec, qt.convention)
-
-
-def _rel_mse(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    """``||x Wᵀ - x Ŵᵀ||² / ||x Wᵀ||²`` in float64 (0 for no tokens or a zero output)."""
-    if x.shape[0] == 0:
-        return 0.0
-    x64 = x.to(torch.float64)
-    ref = x64 @ w.to(x64.device, torch.float64).T
-    num = float((ref - x64 @ w_hat.to(x64.device, torch.float64).T).pow(2).sum())
-    den = float(ref.pow(2).sum())
-    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
-
-
-#: Default calibration memory budget when ``--max-memory`` is not given: this share of physical RAM, at most
-#: :data:`DEFAULT_BUDGET_CAP` bytes (the expert group size and AWQ candidate chunk follow from it).
-DEFAULT_BUDGET_SHARE = 0.6
-DEFAULT_BUDGET_CAP = 8 * 2**30
-
-
-def default_budget() -> int:
-    """Bytes the calibration engine plans for without ``--max-memory``: ``min(0.6 x RAM, 8 GiB)``."""
-    try:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return DEFAULT_BUDGET_CAP
-    return int(min(DEFAULT_BUDGET_SHARE * ram, DEFAULT_BUDGET_CAP))
 
 
 def plan_groups(cfg: ModelConfig, method: str, n_tokens: int, budget: int, expert_group: int | None = None
