@@ -63,6 +63,13 @@ ForwardDeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cu
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="output shards written concurrently")]
 MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse plans above this peak RAM (e.g. 8G, 6GiB)")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
+MtpOpt = Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")]
+ShardSizeOpt = Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")]
+ComputeDtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")]
+OverwriteFileOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")]
+EstimateDryOpt = Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
+                                                                "(bytes read, FLOPs) and run nothing")]
 VerifyOpt = Annotated[str, typer.Option("--verify", help="how a rerun checks finished files: full (size + sha256, "
                                                         "reads every byte) | size (sizes only, instant)")]
 
@@ -348,7 +355,7 @@ Examples:
 def fp8_to_bf16_cmd(
     src: SrcArg,
     output: OutOpt = None,
-    mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
+    mtp: MtpOpt = "keep",
     dtype: Annotated[str, typer.Option("--dtype", help="bf16 | f16 | f32 for dequantized weights")] = "bf16",
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size",
                                                           help="e.g. 5G; default keeps the source's shards")] = None,
@@ -468,9 +475,9 @@ def quantize_cmd(
     gptq: Annotated[bool, typer.Option("--gptq", help="shorthand for --method gptq")] = False,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="NAME|re:REGEX", help="keep a module unquantized: exact name "
                                                         "or re:REGEX (repeatable)")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")] = False,
-    mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")] = "5G",
+    strict: StrictOpt = False,
+    mtp: MtpOpt = "keep",
+    max_shard_size: ShardSizeOpt = "5G",
     calib_data: Annotated[Optional[str], typer.Option(
         "--calib-data", metavar="FILE", help="awq/gptq: a UTF-8 text file (tokenized with SRC's tokenizer.json and "
         "cut into --num-samples windows of --seq-len tokens) or a .json file holding a list of token-id lists; "
@@ -580,9 +587,9 @@ def bf16_to_fp8_cmd(
     scale_fmt: ScaleFmtOpt = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="keep a module in BF16: exact name "
                                                         "or re:REGEX (repeatable)")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")] = False,
-    mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")] = "5G",
+    strict: StrictOpt = False,
+    mtp: MtpOpt = "keep",
+    max_shard_size: ShardSizeOpt = "5G",
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 1,
     max_memory: MaxMemOpt = None,
@@ -713,13 +720,12 @@ def logits_cmd(
     src: SrcArg,
     token_ids: Annotated[Optional[str], typer.Option("--token-ids", help="comma-separated ids, e.g. 0,5,6")] = None,
     text: Annotated[Optional[str], typer.Option("--text", help="text, tokenized with SRC's tokenizer.json")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    dtype: ComputeDtypeOpt = "float32",
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="where to write the .npy")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
+    overwrite: OverwriteFileOpt = False,
     device: ForwardDeviceOpt = "cpu",
     max_memory: MaxMemOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
-                                                            "(bytes read, FLOPs) and run nothing")] = False,
+    dry_run: EstimateDryOpt = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -751,15 +757,14 @@ def validate_cmd(
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="sequences")] = 16,
     max_kld: Annotated[float, typer.Option("--max-kld", help="fail above this Mean KLD")] = 0.01,
     min_top1: Annotated[float, typer.Option("--min-top1", help="fail below this Same top p (0..1)")] = 0.97,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    dtype: ComputeDtypeOpt = "float32",
     emulate_activations: Annotated[bool, typer.Option(
         "--emulate-activations/--no-emulate-activations",
         help="quantize Linear inputs as the candidate's quantization_config declares (W8A8, FP8_BLOCK, NVFP4, "
              "MXFP4), as the serving engine does")] = True,
     device: ForwardDeviceOpt = "cpu",
     max_memory: MaxMemOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
-                                                            "(bytes read, FLOPs) and run nothing")] = False,
+    dry_run: EstimateDryOpt = False,
     json_out: JsonOpt = False,
     report: ReportOpt = None,
     quiet: QuietOpt = False,
@@ -974,9 +979,9 @@ def imatrix_cmd(
     process_output: Annotated[bool, typer.Option("--process-output",
                                                  help="also collect output.weight (lm_head)")] = False,
     output_format: Annotated[str, typer.Option("--output-format", help="gguf | dat (legacy)")] = "gguf",
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    dtype: ComputeDtypeOpt = "float32",
     dry_run: DryOpt = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
+    overwrite: OverwriteFileOpt = False,
     ray: RayOpt = None,
     ray_cpus_per_task: RayCpusOpt = 1.0,
     ray_gpus_per_task: RayGpusOpt = 0.0,
