@@ -382,6 +382,20 @@ class CalibrationEngineBase(ABC):
     def run_layer(self, layer_idx: int) -> LayerResult:
         """Calibrate and quantize decoder layer ``layer_idx`` (called for 0, 1, 2, ... in order)."""
 
+    def _check_next(self, layer_idx: int, mtp: str) -> None:
+        """Refuse a ``run_layer(layer_idx)`` call that is out of order or past the decoder layers (``mtp``: what
+        the message calls the MTP part, ``layer`` or ``block``).
+
+        Raises:
+            UsageError: ``layer_idx`` is not :attr:`next_layer`, or not below :attr:`num_layers`.
+        """
+        if layer_idx != self.next_layer:
+            raise UsageError(f"run_layer({layer_idx}) called out of order: layer {self.next_layer} is next",
+                             hint="call run_layer for 0..num_hidden_layers-1 in order, once each")
+        if layer_idx >= self.num_layers:
+            raise UsageError(f"layer {layer_idx} is not a decoder layer (0..{self.num_layers - 1}); "
+                             f"the MTP {mtp} is not calibrated")
+
     def report_stage(self, layer_idx: int, stage: str) -> None:
         """Pass ``stage`` of layer ``layer_idx`` to the ``progress`` callback (if any)."""
         if self.progress is not None:

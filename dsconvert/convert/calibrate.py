@@ -216,13 +216,7 @@ class CalibrationEngine(CalibrationEngineBase):
         if self._torn is not None:
             raise UsageError(f"layer {self._torn}'s propagate forward was interrupted: the residual stream is "
                              "partly advanced", hint="restore() a saved calibration state, or start again")
-        if layer_idx != self.next_layer:
-            raise UsageError(
-                f"run_layer({layer_idx}) called out of order: layer {self.next_layer} is next",
-                hint="call run_layer for 0..num_hidden_layers-1 in order, once each")
-        if layer_idx >= self.num_layers:
-            raise UsageError(f"layer {layer_idx} is not a decoder layer (0..{self.num_layers - 1}); "
-                             "the MTP layer is not calibrated")
+        self._check_next(layer_idx, "layer")
         t0 = time.perf_counter()
         self.source.reset()
         cap = LayerCapture(self, layer_idx)

@@ -221,12 +221,7 @@ class V4CalibrationEngine(CalibrationEngineBase):
         Raises:
             UsageError: out-of-order call or an index outside the main layers.
         """
-        if layer_idx != self.next_layer:
-            raise UsageError(f"run_layer({layer_idx}) called out of order: layer {self.next_layer} is next",
-                             hint="call run_layer for 0..num_hidden_layers-1 in order, once each")
-        if layer_idx >= self.num_layers:
-            raise UsageError(f"layer {layer_idx} is not a decoder layer (0..{self.num_layers - 1}); "
-                             "the MTP block is not calibrated")
+        self._check_next(layer_idx, "block")
         t0 = time.perf_counter()
         self.source.reset()
         lay = _V4Layer(self, layer_idx)
