@@ -8,6 +8,8 @@ messages go to stderr. Tracebacks appear only with ``-v`` or ``DSCONVERT_DEBUG=1
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
 import math
 import os
@@ -16,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -63,6 +66,13 @@ ForwardDeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cu
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="output shards written concurrently")]
 MaxMemOpt = Annotated[Optional[str], typer.Option("--max-memory", help="refuse plans above this peak RAM (e.g. 8G, 6GiB)")]
 ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="also write the JSON report to this path")]
+MtpOpt = Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")]
+ShardSizeOpt = Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")]
+ComputeDtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")]
+OverwriteFileOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")]
+EstimateDryOpt = Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
+                                                                "(bytes read, FLOPs) and run nothing")]
 VerifyOpt = Annotated[str, typer.Option("--verify", help="how a rerun checks finished files: full (size + sha256, "
                                                         "reads every byte) | size (sizes only, instant)")]
 
@@ -105,12 +115,71 @@ RayRetriesOpt = Annotated[int, typer.Option("--ray-max-retries", min=0,
                                             help="--ray: resubmissions of a unit whose worker died")]
 
 
-def _executor(ray: str | None, cpus: float, gpus: float, in_flight: int | None, retries: int, workers: int):
-    """The executor of the ``--ray*`` flags (local threads without ``--ray``). Raises UsageError (exit 2)."""
-    from .convert.executor import ExecOptions, make_executor
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """The ``--ray*`` block of a command (``fp8-to-bf16``, ``quantize``, ``gguf``, ``imatrix``): one definition,
+    spliced into each command's options by :func:`_option_groups`."""
 
-    return make_executor(ExecOptions(ray=ray, cpus_per_task=cpus, gpus_per_task=gpus, max_in_flight=in_flight,
-                                     max_retries=retries), workers)
+    ray: RayOpt = None
+    ray_cpus_per_task: RayCpusOpt = 1.0
+    ray_gpus_per_task: RayGpusOpt = 0.0
+    ray_max_in_flight: RayInFlightOpt = None
+    ray_max_retries: RayRetriesOpt = 3
+
+    def executor(self, workers: int):
+        """The executor these flags name (local threads, ``workers`` of them, without ``--ray``).
+
+        Raises:
+            UsageError: a bad ``--ray`` address or reservation (exit 2).
+        """
+        from .convert.executor import ExecOptions, make_executor
+
+        return make_executor(ExecOptions(ray=self.ray, cpus_per_task=self.ray_cpus_per_task,
+                                         gpus_per_task=self.ray_gpus_per_task, max_in_flight=self.ray_max_in_flight,
+                                         max_retries=self.ray_max_retries), workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+    """The closing block of the writing commands: ``--json``, ``--report``, ``-q``, ``-v``."""
+
+    json_out: JsonOpt = False
+    report: ReportOpt = None
+    quiet: QuietOpt = False
+    verbose: VerboseOpt = False
+
+
+def _option_groups(fn: Callable) -> Callable:
+    """Typer command decorator: a parameter annotated with an option-group dataclass (:class:`RayOptions`,
+    :class:`ReportOptions`) stands for that group's fields, spliced into the command's signature in its place
+    (so ``--help`` lists them there, as if written out); the command receives one instance of the group.
+
+    Typer reads ``__signature__`` (``inspect.signature``), so each option has exactly one definition: the
+    group's field annotation and default.
+    """
+    hints = typing.get_type_hints(fn, include_extras=True)
+    groups: dict[str, type] = {}
+    params: list[inspect.Parameter] = []
+    for p in inspect.signature(fn).parameters.values():
+        t = hints[p.name]
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            groups[p.name] = t
+            ft = typing.get_type_hints(t, include_extras=True)
+            params += [inspect.Parameter(f.name, p.kind, default=f.default, annotation=ft[f.name])
+                       for f in dataclasses.fields(t)]
+        else:
+            params.append(p.replace(annotation=t))
+
+    def command(**kw):
+        for name, t in groups.items():
+            kw[name] = t(**{f.name: kw.pop(f.name) for f in dataclasses.fields(t)})
+        return fn(**kw)
+
+    command.__name__, command.__qualname__, command.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    command.__module__ = fn.__module__
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
 
 
 def _json_safe(obj):
@@ -345,10 +414,11 @@ Examples:
              help="Dequantize DeepSeek's block-FP8 release (V3/R1; V4 with its FP4 experts too) to a complete BF16 "
                   "HF checkpoint.\n"
                                   + FP8_EXAMPLES)
+@_option_groups
 def fp8_to_bf16_cmd(
     src: SrcArg,
     output: OutOpt = None,
-    mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
+    mtp: MtpOpt = "keep",
     dtype: Annotated[str, typer.Option("--dtype", help="bf16 | f16 | f32 for dequantized weights")] = "bf16",
     max_shard_size: Annotated[Optional[str], typer.Option("--max-shard-size",
                                                           help="e.g. 5G; default keeps the source's shards")] = None,
@@ -356,19 +426,12 @@ def fp8_to_bf16_cmd(
     workers: WorkersOpt = 2,
     max_memory: MaxMemOpt = None,
     validate: Annotated[bool, typer.Option("--validate", help="when done, validate logits against SRC")] = False,
-    ray: RayOpt = None,
-    ray_cpus_per_task: RayCpusOpt = 1.0,
-    ray_gpus_per_task: RayGpusOpt = 0.0,
-    ray_max_in_flight: RayInFlightOpt = None,
-    ray_max_retries: RayRetriesOpt = 3,
+    ray: RayOptions = RayOptions(),
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
     verify: VerifyOpt = "full",
-    json_out: JsonOpt = False,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    ui: ReportOptions = ReportOptions(),
 ) -> None:
     from .convert import fp8_to_bf16 as f2b
     from .convert.manifest import check_verify_mode
@@ -379,13 +442,13 @@ def fp8_to_bf16_cmd(
         if not dry_run and output is None:
             from .errors import UsageError
             raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT (or --dry-run)")
-        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, workers)
+        ex = ray.executor(workers)
         rep = f2b.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                      progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
+                      progress=_progress_enabled(ui.quiet or ui.json_out and not sys.stderr.isatty()),
                       verify=check_verify_mode(verify), executor=ex)
         _print_warnings(rep)
         if validate and not dry_run:
-            rep["validation"] = _validate_after(output, src, quiet)
+            rep["validation"] = _validate_after(output, src, ui.quiet)
             if not rep["validation"].get("passed", False):
                 raise ValidationFailed("the converted output failed validation", rep)
         return rep
@@ -420,7 +483,7 @@ def fp8_to_bf16_cmd(
         if "validation" in rep:
             _print_validation(rep["validation"])
 
-    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+    _run(body, json_out=ui.json_out, verbose=ui.verbose, human=human, report_path=ui.report)
 
 
 QUANTIZE_EXAMPLES = """
@@ -445,6 +508,7 @@ ScaleFmtOpt = Annotated[Optional[str], typer.Option(
 @app.command("quantize", short_help="INT4/INT8, FP8 or FP4: compressed-tensors, AutoAWQ, GPTQ or DeepSeek FP8.",
              help="INT8/INT4, FP8 or FP4 weights in compressed-tensors, AutoAWQ GEMM, GPTQ or DeepSeek FP8 layout, "
                   "straight from the FP8 release or a BF16 checkpoint.\n" + QUANTIZE_EXAMPLES)
+@_option_groups
 def quantize_cmd(
     src: SrcArg,
     output: OutOpt = None,
@@ -468,9 +532,9 @@ def quantize_cmd(
     gptq: Annotated[bool, typer.Option("--gptq", help="shorthand for --method gptq")] = False,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="NAME|re:REGEX", help="keep a module unquantized: exact name "
                                                         "or re:REGEX (repeatable)")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")] = False,
-    mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")] = "5G",
+    strict: StrictOpt = False,
+    mtp: MtpOpt = "keep",
+    max_shard_size: ShardSizeOpt = "5G",
     calib_data: Annotated[Optional[str], typer.Option(
         "--calib-data", metavar="FILE", help="awq/gptq: a UTF-8 text file (tokenized with SRC's tokenizer.json and "
         "cut into --num-samples windows of --seq-len tokens) or a .json file holding a list of token-id lists; "
@@ -483,19 +547,12 @@ def quantize_cmd(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 1,
     max_memory: MaxMemOpt = None,
-    ray: RayOpt = None,
-    ray_cpus_per_task: RayCpusOpt = 1.0,
-    ray_gpus_per_task: RayGpusOpt = 0.0,
-    ray_max_in_flight: RayInFlightOpt = None,
-    ray_max_retries: RayRetriesOpt = 3,
+    ray: RayOptions = RayOptions(),
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
     verify: VerifyOpt = "full",
-    json_out: JsonOpt = False,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    ui: ReportOptions = ReportOptions(),
 ) -> None:
     from .convert import quantize as qz
     from .convert.manifest import check_verify_mode
@@ -515,13 +572,13 @@ def quantize_cmd(
                           max_shard_size=_size(max_shard_size), device=device, workers=workers,
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
                           seq_len=seq_len, calib_seed=calib_seed, expert_policy=expert_policy)
-        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, workers)
+        ex = ray.executor(workers)
         rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                     progress=_progress_enabled(quiet), verify=check_verify_mode(verify), executor=ex)
+                     progress=_progress_enabled(ui.quiet), verify=check_verify_mode(verify), executor=ex)
         _print_warnings(rep)
         return rep
 
-    _run(body, json_out=json_out, verbose=verbose, human=_print_quantize, report_path=report)
+    _run(body, json_out=ui.json_out, verbose=ui.verbose, human=_print_quantize, report_path=ui.report)
 
 
 def _scheme_label(sch: dict) -> str:
@@ -574,25 +631,23 @@ Examples:
              help="DeepSeek's block-FP8 layout (weight float8_e4m3fn + weight_scale_inv, "
                                  "quant_method fp8) from a BF16 checkpoint or any source dsconvert reads; same as "
                                  "quantize --scheme FP8_BLOCK --format deepseek-fp8.\n" + BF16_TO_FP8_EXAMPLES)
+@_option_groups
 def bf16_to_fp8_cmd(
     src: SrcArg,
     output: OutOpt = None,
     scale_fmt: ScaleFmtOpt = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="keep a module in BF16: exact name "
                                                         "or re:REGEX (repeatable)")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="an --ignore pattern that matches nothing is an error")] = False,
-    mtp: Annotated[str, typer.Option("--mtp", help="keep | drop the multi-token-prediction layer")] = "keep",
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5G")] = "5G",
+    strict: StrictOpt = False,
+    mtp: MtpOpt = "keep",
+    max_shard_size: ShardSizeOpt = "5G",
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 1,
     max_memory: MaxMemOpt = None,
     dry_run: DryOpt = False,
     overwrite: OverwriteOpt = False,
     no_resume: NoResumeOpt = False,
-    json_out: JsonOpt = False,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    ui: ReportOptions = ReportOptions(),
 ) -> None:
     from .convert import quantize as qz
     from .errors import UsageError
@@ -604,12 +659,12 @@ def bf16_to_fp8_cmd(
                           strict=strict, mtp=mtp, max_shard_size=_size(max_shard_size), device=device,
                           workers=workers, max_memory=_size(max_memory))
         rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                     progress=_progress_enabled(quiet))
+                     progress=_progress_enabled(ui.quiet))
         for w in rep.get("warnings", []):
             err.print(f"warning: {w}", markup=False, highlight=False)
         return rep
 
-    _run(body, json_out=json_out, verbose=verbose, human=_print_quantize, report_path=report)
+    _run(body, json_out=ui.json_out, verbose=ui.verbose, human=_print_quantize, report_path=ui.report)
 
 
 def _print_executor(ex: dict) -> None:
@@ -713,13 +768,12 @@ def logits_cmd(
     src: SrcArg,
     token_ids: Annotated[Optional[str], typer.Option("--token-ids", help="comma-separated ids, e.g. 0,5,6")] = None,
     text: Annotated[Optional[str], typer.Option("--text", help="text, tokenized with SRC's tokenizer.json")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    dtype: ComputeDtypeOpt = "float32",
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="where to write the .npy")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
+    overwrite: OverwriteFileOpt = False,
     device: ForwardDeviceOpt = "cpu",
     max_memory: MaxMemOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
-                                                            "(bytes read, FLOPs) and run nothing")] = False,
+    dry_run: EstimateDryOpt = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -741,6 +795,7 @@ def logits_cmd(
              help="Compare a converted checkpoint's logits with its source through the reference "
                               "forward pass (Mean KLD, top-1 agreement, PPL, per-layer error). Exit 4 if outside "
                               "the thresholds.")
+@_option_groups
 def validate_cmd(
     candidate: Annotated[Path, typer.Argument(metavar="CANDIDATE", help="converted checkpoint directory", show_default=False,
                                          callback=_hf_cache)],
@@ -751,19 +806,15 @@ def validate_cmd(
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="sequences")] = 16,
     max_kld: Annotated[float, typer.Option("--max-kld", help="fail above this Mean KLD")] = 0.01,
     min_top1: Annotated[float, typer.Option("--min-top1", help="fail below this Same top p (0..1)")] = 0.97,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    dtype: ComputeDtypeOpt = "float32",
     emulate_activations: Annotated[bool, typer.Option(
         "--emulate-activations/--no-emulate-activations",
         help="quantize Linear inputs as the candidate's quantization_config declares (W8A8, FP8_BLOCK, NVFP4, "
              "MXFP4), as the serving engine does")] = True,
     device: ForwardDeviceOpt = "cpu",
     max_memory: MaxMemOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the estimated peak memory and work "
-                                                            "(bytes read, FLOPs) and run nothing")] = False,
-    json_out: JsonOpt = False,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    dry_run: EstimateDryOpt = False,
+    ui: ReportOptions = ReportOptions(),
 ) -> None:
     from .convert.validate import ValidateOptions, run_validate
 
@@ -772,7 +823,7 @@ def validate_cmd(
                                max_kld=max_kld, min_top1=min_top1, dtype=dtype,
                                emulate_activations=emulate_activations, device=device,
                                max_memory=_size(max_memory))
-        rep = run_validate(candidate, reference, opts, progress=_progress_enabled(quiet), dry_run=dry_run)
+        rep = run_validate(candidate, reference, opts, progress=_progress_enabled(ui.quiet), dry_run=dry_run)
         for w in rep.get("warnings", []):  # on stderr in every output mode
             err.print(f"warning: {w}", markup=False, highlight=False)
         if not rep.get("dry_run") and not rep["passed"]:
@@ -798,7 +849,7 @@ def validate_cmd(
         if rep.get("advice"):
             out.print(f"  advice: {rep['advice']}")
 
-    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+    _run(body, json_out=ui.json_out, verbose=ui.verbose, human=human, report_path=ui.report)
 
 
 GGUF_EXAMPLES = """
@@ -815,6 +866,7 @@ Examples:
              help="Write a llama.cpp deepseek2 GGUF (mainline MLA layout, llama.cpp >= PR #12801) from "
                           "DeepSeek's FP8 release or a BF16 checkpoint. The MTP layer is dropped and reported.\n"
                           + GGUF_EXAMPLES)
+@_option_groups
 def gguf_cmd(
     src: SrcArg,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="the .gguf file to write")] = None,
@@ -844,11 +896,7 @@ def gguf_cmd(
                                                              help="at most this many tensors per file")] = None,
     device: DeviceOpt = "auto",
     max_memory: MaxMemOpt = None,
-    ray: RayOpt = None,
-    ray_cpus_per_task: RayCpusOpt = 1.0,
-    ray_gpus_per_task: RayGpusOpt = 0.0,
-    ray_max_in_flight: RayInFlightOpt = None,
-    ray_max_retries: RayRetriesOpt = 3,
+    ray: RayOptions = RayOptions(),
     dry_run: DryOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing output files")] = False,
     no_resume: NoResumeOpt = False,
@@ -857,10 +905,7 @@ def gguf_cmd(
         "FILE.gguf.dsconvert-report.json here instead of beside the .gguf (keeps an upload folder clean); pass "
         "the same DIR to resume")] = None,
     verify: VerifyOpt = "full",
-    json_out: JsonOpt = False,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    ui: ReportOptions = ReportOptions(),
 ) -> None:
     from .convert import gguf_export as ge
     from .convert.manifest import check_verify_mode
@@ -874,9 +919,9 @@ def gguf_cmd(
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
                               device=device, max_memory=_size(max_memory), state_dir=state_dir,
                               target_size=_size(target_size))
-        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, 1)
+        ex = ray.executor(1)
         rep = ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                     progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()),
+                     progress=_progress_enabled(ui.quiet or ui.json_out and not sys.stderr.isatty()),
                      verify=check_verify_mode(verify), executor=ex)
         _print_warnings(rep)
         return rep
@@ -921,7 +966,7 @@ def gguf_cmd(
         if rep["dry_run"]:
             out.print("  (dry run: nothing written)")
 
-    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+    _run(body, json_out=ui.json_out, verbose=ui.verbose, human=human, report_path=ui.report)
 
 
 @app.command("verify", short_help="Check an output against its manifest (sizes, sha256, index).",
@@ -963,6 +1008,7 @@ def verify_cmd(
              help="Compute llama.cpp's importance matrix on the original FP8 (or BF16) checkpoint (DeepSeek V2/V3/V4) with the "
                              "reference forward, layer by layer, for `dsconvert gguf --imatrix` or llama-quantize "
                              "--imatrix. Writes the GGUF imatrix format (or the legacy .dat).")
+@_option_groups
 def imatrix_cmd(
     src: SrcArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="the imatrix file to write (imatrix.gguf)")],
@@ -974,27 +1020,20 @@ def imatrix_cmd(
     process_output: Annotated[bool, typer.Option("--process-output",
                                                  help="also collect output.weight (lm_head)")] = False,
     output_format: Annotated[str, typer.Option("--output-format", help="gguf | dat (legacy)")] = "gguf",
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 computation")] = "float32",
+    dtype: ComputeDtypeOpt = "float32",
     dry_run: DryOpt = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing -o file")] = False,
-    ray: RayOpt = None,
-    ray_cpus_per_task: RayCpusOpt = 1.0,
-    ray_gpus_per_task: RayGpusOpt = 0.0,
-    ray_max_in_flight: RayInFlightOpt = None,
-    ray_max_retries: RayRetriesOpt = 3,
-    json_out: JsonOpt = False,
-    report: ReportOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    overwrite: OverwriteFileOpt = False,
+    ray: RayOptions = RayOptions(),
+    ui: ReportOptions = ReportOptions(),
 ) -> None:
     from .convert.imatrix import ImatrixOptions, run_imatrix
 
     def body():
         opts = ImatrixOptions(calib_data=calib_data, num_samples=num_samples, seq_len=seq_len,
                               process_output=process_output, fmt=output_format, dtype=dtype)
-        ex = _executor(ray, ray_cpus_per_task, ray_gpus_per_task, ray_max_in_flight, ray_max_retries, 1)
+        ex = ray.executor(1)
         return run_imatrix(src, output, opts, overwrite=overwrite, dry_run=dry_run,
-                           progress=_progress_enabled(quiet or json_out and not sys.stderr.isatty()), executor=ex)
+                           progress=_progress_enabled(ui.quiet or ui.json_out and not sys.stderr.isatty()), executor=ex)
 
     def human(rep):
         c = rep["calibration"]
@@ -1012,7 +1051,7 @@ def imatrix_cmd(
                       "more or longer windows cover more experts")
         _print_executor(rep.get("executor") or {})
 
-    _run(body, json_out=json_out, verbose=verbose, human=human, report_path=report)
+    _run(body, json_out=ui.json_out, verbose=ui.verbose, human=human, report_path=ui.report)
 
 
 @app.command("env", short_help="Versions, CPU features, CUDA, free memory and disk.",

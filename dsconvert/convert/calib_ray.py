@@ -4,7 +4,7 @@ The driver runs the calibration engine as on one machine (capture, routing, the 
 MoE smoothing search, the propagate forward); only the expert groups, the bulk of a MoE layer's work, go to
 the cluster (:attr:`~.calibrate.CalibrationEngine.expert_dispatch`):
 
-1. The layer's expert stage (:meth:`~.calibrate._Layer.expert_stage`: the MLP input ``(T, hidden)`` float32,
+1. The layer's expert stage (:meth:`~.calib_capture.CalibStage.expert_stage`: the MLP input ``(T, hidden)`` float32,
    each expert's routed token rows, AWQ's MoE scale) is written once to
    ``OUT/calibration-spill/layerL-stage.safetensors`` on the shared filesystem (fsync + rename); its small
    metadata (specs, policies, kernel settings) travels in each unit's payload.
@@ -12,10 +12,10 @@ the cluster (:attr:`~.calibrate.CalibrationEngine.expert_dispatch`):
    two per slot, which never changes a byte: each expert's arithmetic is the same in any group). The worker
    reads the stage file (once per process and layer) and the experts' weights from SRC, sets the driver's
    torch thread count (a CPU matmul's rounding depends on how its work is split), calls the same
-   :func:`~.calibrate.run_expert_group` (:meth:`_gptq_experts` / :meth:`_awq_experts`) a local run calls,
+   :func:`~.calibrate.run_expert_group` (:meth:`~.calib_gptq.GptqStage.run_experts` / :meth:`~.calib_awq.AwqStage.run_experts`) a local run calls,
    and writes the quantized experts, in the engine's spill layout, to its ``.tmp`` piece in the spill folder.
 3. The driver renames each piece into the spill folder and adopts it into the layer's results
-   (:meth:`~.calibrate._Layer.adopt_group`, in group order), exactly where a local run spills its own groups;
+   (:meth:`~.calib_capture.CalibStage.adopt_group`, in group order), exactly where a local run spills its own groups;
    the shards are then written on the driver as in a local run. The output is therefore byte-identical to a
    local run's, and resume is the local one (the per-layer residual state; a killed layer is recomputed).
 
@@ -36,7 +36,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .calibrate import _Layer, run_expert_group, spill_tensors
+from .calib_base import spill_tensors
+from .calib_capture import CalibStage
+from .calibrate import run_expert_group
 from .executor import Job, RayExecutor, Rebuilt, Unit
 from .manifest import commit_tmp
 
@@ -56,7 +58,7 @@ def split_groups(groups: list[tuple[int, int]], slots: int) -> list[tuple[int, i
 class _StageLines:
     """The progress a unit reports on the driver: the local run's stage line when a group starts."""
 
-    def __init__(self, lay: _Layer, names: dict[str, tuple[int, int]]):
+    def __init__(self, lay: CalibStage, names: dict[str, tuple[int, int]]):
         self.lay = lay
         self.names = names
         self._lock = threading.Lock()
@@ -83,7 +85,7 @@ class RayExpertGroups:
         self.src = src
         self.spill_dir = Path(spill_dir)
 
-    def __call__(self, lay: _Layer, groups: list[tuple[int, int]]) -> None:
+    def __call__(self, lay: CalibStage, groups: list[tuple[int, int]]) -> None:
         meta, tensors = lay.expert_stage()
         # the same torch threads as here: a CPU matmul's rounding depends on how its work is split
         meta["threads"] = torch.get_num_threads()

@@ -65,20 +65,19 @@ from ..quant.awq import (apply_clip, awq_scale_candidates, awq_search_clip, awq_
                          awq_weight_sums, fold_linear_rows, fold_norm, pseudo_quantize, scale_columns)
 from ..quant.gptq import HessianAccumulator, gptq_quantize
 from ..quant.rtn import Convention, QTensor, dequantize, quantize
-from .calibrate import (
+from .calib_base import (
     CLIP_SKIP,
     MIN_EXPERT_TOKENS,
     PROGRESS_EXPERTS,
     STAT_TOKENS,
+    CalibrationEngineBase,
     LayerResult,
     LayerResults,
+    Overrides,
     Policy,
-    _hessian,
-    _LayerSource,
-    _Overrides,
-    _rel_mse,
-    _to_cpu,
-    default_budget,
+    hessian,
+    rel_mse,
+    to_cpu,
 )
 from ..formats.deepseek_v4 import QUANTIZABLE as V4_QUANTIZABLE
 
@@ -119,7 +118,7 @@ def _cat_rows(parts: Sequence[QTensor]) -> QTensor:
                    parts[0].convention)
 
 
-class V4CalibrationEngine:
+class V4CalibrationEngine(CalibrationEngineBase):
     """GPTQ or AWQ on a DeepSeek-V4 release checkpoint, one decoder layer per :meth:`run_layer` (module notes).
 
     Args:
@@ -144,6 +143,8 @@ class V4CalibrationEngine:
         UsageError: another method or expert policy, no calibration tokens, ids outside the vocabulary.
     """
 
+    model_class = V4ReferenceModel
+
     def __init__(self, source: WeightSource, policy: Policy, method: str, convention: Convention,
                  calib_ids: Sequence[Sequence[int]], *, dtype: torch.dtype = torch.float32, damp: float = 0.01,
                  act_order: bool = False, min_expert_tokens: int = MIN_EXPERT_TOKENS,
@@ -156,64 +157,14 @@ class V4CalibrationEngine:
         if expert_policy not in V4_EXPERT_POLICIES:
             raise UsageError(f"expert policy {expert_policy!r} on DeepSeek-V4",
                              hint="V4 takes " + " or ".join(V4_EXPERT_POLICIES))
-        seqs = [torch.as_tensor(list(s), dtype=torch.long) for s in calib_ids]
-        seqs = [s for s in seqs if s.numel()]
-        if not seqs:
-            raise UsageError("no calibration tokens", hint="pass at least one non-empty token sequence")
-        self._src = _LayerSource(source)
-        self.model = V4ReferenceModel(self._src, dtype)
-        self.cfg = self.model.cfg
-        vocab = self.cfg.vocab_size
-        if any(int(s.min()) < 0 or int(s.max()) >= vocab for s in seqs):
-            raise UsageError(f"calibration token id outside 0..{vocab - 1}")
-        self.policy, self.method, self.convention = policy, method, convention
-        self.damp, self.act_order, self.n_grid, self.keep_folded = damp, act_order, n_grid, keep_folded
-        self.min_expert_tokens, self.expert_policy = min_expert_tokens, expert_policy
-        self.progress = progress
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
-        self._ids = seqs
-        self._positions = [torch.arange(s.numel()) for s in seqs]
-        with torch.no_grad():
-            self._hidden = [self.model.embed(s) for s in seqs]  # (T_s, hc, hidden)
-        self.next_layer = 0
-        self._fixed_group = expert_group
-        self.set_budget(max_memory)
+        super().__init__(source, policy, method, convention, calib_ids, dtype=dtype, damp=damp,
+                         act_order=act_order, n_grid=n_grid, min_expert_tokens=min_expert_tokens,
+                         expert_policy=expert_policy, progress=progress, device=device, keep_folded=keep_folded,
+                         expert_group=expert_group, max_memory=max_memory, spill_dir=spill_dir)
 
-    # -- the interface calibrated.py drives ------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        """Main decoder layers (the MTP block is not calibrated)."""
-        return self.cfg.num_hidden_layers
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(int(p.numel()) for p in self._positions)
-
-    @property
-    def hidden_states(self) -> list[torch.Tensor]:
-        """The mHC streams after the last calibrated layer, one ``(T_s, hc, hidden)`` per sequence."""
-        return self._hidden
-
-    def restore(self, hidden: Sequence[torch.Tensor], next_layer: int) -> None:
-        """Resume from saved :attr:`hidden_states` (as after layer ``next_layer - 1``).
-
-        Raises:
-            UsageError: sequence count or shapes differ, or ``next_layer`` outside ``0..num_layers``.
-        """
-        if len(hidden) != len(self._hidden) or any(tuple(h.shape) != tuple(o.shape)
-                                                   for h, o in zip(hidden, self._hidden)):
-            raise UsageError("saved calibration state does not match the calibration sequences",
-                             hint="rerun without resuming (--overwrite)")
-        if not 0 <= next_layer <= self.num_layers:
-            raise UsageError(f"saved calibration state names layer {next_layer}, outside 0..{self.num_layers}")
-        self._hidden = [h.to(self._hidden[0].dtype) for h in hidden]
-        self.next_layer = next_layer
-
-    def set_budget(self, budget: int | None) -> None:
-        """Record the memory budget (None: :func:`~dsconvert.convert.calibrate.default_budget`); the expert group
-        is the largest (at most :data:`PROGRESS_EXPERTS`) whose estimate fits, or the one given."""
-        self.budget = budget if budget is not None else default_budget()
+    def _plan_groups(self) -> None:
+        """The expert group: the one given, or the largest (at most :data:`PROGRESS_EXPERTS`) whose
+        :meth:`peak_memory_estimate` fits :attr:`budget`."""
         if self._fixed_group:
             self.expert_group = self._fixed_group
             return
@@ -254,10 +205,6 @@ class V4CalibrationEngine:
             work = 4 * 3 * I * D + in_flight
         return int(streams + moe_rows + 4 * dense + hess + work + results)
 
-    def report_stage(self, layer_idx: int, stage: str) -> None:
-        if self.progress is not None:
-            self.progress(layer_idx, stage)
-
     @torch.no_grad()
     def run_layer(self, layer_idx: int) -> LayerResult:
         """Calibrate and quantize decoder layer ``layer_idx`` (call for 0, 1, 2, ... in order).
@@ -274,14 +221,9 @@ class V4CalibrationEngine:
         Raises:
             UsageError: out-of-order call or an index outside the main layers.
         """
-        if layer_idx != self.next_layer:
-            raise UsageError(f"run_layer({layer_idx}) called out of order: layer {self.next_layer} is next",
-                             hint="call run_layer for 0..num_hidden_layers-1 in order, once each")
-        if layer_idx >= self.num_layers:
-            raise UsageError(f"layer {layer_idx} is not a decoder layer (0..{self.num_layers - 1}); "
-                             "the MTP block is not calibrated")
+        self._check_next(layer_idx, "block")
         t0 = time.perf_counter()
-        self._src.reset()
+        self.source.reset()
         lay = _V4Layer(self, layer_idx)
         try:
             self.report_stage(layer_idx, "capture")
@@ -289,17 +231,17 @@ class V4CalibrationEngine:
             self.report_stage(layer_idx, "search")
             lay.awq() if self.method == "awq" else lay.gptq()
             self.report_stage(layer_idx, "propagate")
-            self._src.overrides = _Overrides(lay.quantized, lay.replaced)
+            self.source.overrides = Overrides(lay.quantized, lay.replaced)
             lay.release()
             gc.collect()
-            self._hidden = self.model.layer_forward_many(layer_idx, self._hidden, self._positions,
-                                                         token_ids=self._ids)
+            self._hidden = self.model.layer_forward_many(layer_idx, self._hidden, self.positions,
+                                                         token_ids=self.ids)
             result = LayerResult(layer_idx, lay.quantized, lay.replaced, lay.stats, lay.folded)
         except BaseException:
             lay.quantized.close()
             raise
         finally:
-            self._src.reset()
+            self.source.reset()
             lay.release()
             gc.collect()
         result.stats["seconds"] = time.perf_counter() - t0
@@ -339,7 +281,7 @@ class _V4Layer:
         return module[:-2] + "w1" if module.endswith(".w3") else module
 
     def _weight(self, module: str) -> torch.Tensor:
-        return self.eng._src.get(module + ".weight").to(device=self.dev, dtype=torch.float32)
+        return self.eng.source.get(module + ".weight").to(device=self.dev, dtype=torch.float32)
 
     # -- 1. capture ---------------------------------------------------------------------------------------
     def capture(self) -> None:
@@ -377,8 +319,8 @@ class _V4Layer:
             add(name, x)
 
         keep = lambda n: n == self.p + "ffn.gate" or is_quantizable(n)  # noqa: E731
-        eng.model.layer_forward_many(self.idx, eng._hidden, eng._positions, capture_hook(sink, keep),
-                                     token_ids=eng._ids)
+        eng.model.layer_forward_many(self.idx, eng._hidden, eng.positions, capture_hook(sink, keep),
+                                     token_ids=eng.ids)
 
     # -- 2. GPTQ ------------------------------------------------------------------------------------------
     def _gptq(self, module: str, w: torch.Tensor, H: torch.Tensor, xs: torch.Tensor, tokens: int,
@@ -388,13 +330,13 @@ class _V4Layer:
             return None
         eng = self.eng
         if calibration == "rtn":
-            qt = _to_cpu(quantize(w, spec, eng.convention, name=module))
+            qt = to_cpu(quantize(w, spec, eng.convention, name=module))
         else:
-            qt = _to_cpu(gptq_quantize(w, H, spec, eng.convention, damp=eng.damp, act_order=eng.act_order,
+            qt = to_cpu(gptq_quantize(w, H, spec, eng.convention, damp=eng.damp, act_order=eng.act_order,
                                        static_groups=eng.act_order, name=module))
         self.stats["linears"][module] = {
-            "tokens": tokens, "rel_output_mse": _rel_mse(xs, w, dequantize(qt)),
-            "rtn_rel_output_mse": _rel_mse(xs, w, pseudo_quantize(w, spec, eng.convention)),
+            "tokens": tokens, "rel_output_mse": rel_mse(xs, w, dequantize(qt)),
+            "rtn_rel_output_mse": rel_mse(xs, w, pseudo_quantize(w, spec, eng.convention)),
             "calibration": calibration}
         return qt
 
@@ -440,7 +382,7 @@ class _V4Layer:
         for j in range(groups):
             acc = self.hess[f"{module}#{j}"]
             wj = w[j * rows:(j + 1) * rows]
-            qt = _to_cpu(gptq_quantize(wj, acc.H, spec, eng.convention, damp=eng.damp, act_order=eng.act_order,
+            qt = to_cpu(gptq_quantize(wj, acc.H, spec, eng.convention, damp=eng.damp, act_order=eng.act_order,
                                        static_groups=eng.act_order, name=module))
             parts.append(qt)
             xs = torch.cat(self.sample[f"{module}#{j}"]).to(torch.float64)
@@ -477,13 +419,13 @@ class _V4Layer:
         del x_in, x_down
         out: dict[str, QTensor] = {}
         step_i, step_d = max(1, xi.shape[0] // STAT_TOKENS), max(1, xd.shape[0] // STAT_TOKENS)
-        Hi = _hessian(xi, self.dev) if pol != "rtn" else None
+        Hi = hessian(xi, self.dev) if pol != "rtn" else None
         for k, w in (("w1", w1), ("w3", w3)):
             qt = self._gptq(pre + k, w, Hi, xi[::step_i], int(xi.shape[0]), pol)
             if qt is not None:
                 out[pre + k] = qt
         del Hi
-        Hd = _hessian(xd, self.dev) if pol != "rtn" else None
+        Hd = hessian(xd, self.dev) if pol != "rtn" else None
         qt = self._gptq(pre + "w2", w2, Hd, xd[::step_d], int(xd.shape[0]), pol)
         if qt is not None:
             out[pre + "w2"] = qt
@@ -558,7 +500,7 @@ class _V4Layer:
         """Fold the scale ``s`` ``(N,)`` :meth:`_smooth` found (see there) and record its statistics."""
         eng = self.eng
         if kind == "norm":
-            self.replaced[prev + ".weight"] = fold_norm(eng._src.get(prev + ".weight"), s.cpu()).cpu()
+            self.replaced[prev + ".weight"] = fold_norm(eng.source.get(prev + ".weight"), s.cpu()).cpu()
         else:
             self.cur[prev] = fold_linear_rows(self._w(prev), s)
         for m, _ in members:
@@ -596,12 +538,12 @@ class _V4Layer:
             wq = apply_clip(w, mv)
             absmax = w.abs().reshape(mv.shape[0], mv.shape[1], -1).amax(-1, keepdim=True)
             self.stats["clip"][module] = float((mv / absmax.clamp_min(1e-30)).mean())
-        qt = _to_cpu(quantize(wq, spec, eng.convention, name=module))
+        qt = to_cpu(quantize(wq, spec, eng.convention, name=module))
         step = max(1, x.shape[0] // STAT_TOKENS)
         w0 = w if s is None else w / s[None, :]
         self.stats["linears"][module] = {
-            "tokens": int(x.shape[0]), "rel_output_mse": _rel_mse(xf[::step], w, dequantize(qt)),
-            "rtn_rel_output_mse": _rel_mse(x[::step], w0, pseudo_quantize(w0, spec, eng.convention)),
+            "tokens": int(x.shape[0]), "rel_output_mse": rel_mse(xf[::step], w, dequantize(qt)),
+            "rtn_rel_output_mse": rel_mse(x[::step], w0, pseudo_quantize(w0, spec, eng.convention)),
             "calibration": calibration}
         return qt
 
@@ -621,7 +563,7 @@ class _V4Layer:
         parts, num, rnum, den = [], 0.0, 0.0, 0.0
         for j in range(G):
             wj, xj = w[j * r:(j + 1) * r], x[:, j * kg:(j + 1) * kg]
-            qj = _to_cpu(quantize(apply_clip(wj, awq_search_clip(wj, xj, spec, eng.convention, n_grid=eng.n_grid)),
+            qj = to_cpu(quantize(apply_clip(wj, awq_search_clip(wj, xj, spec, eng.convention, n_grid=eng.n_grid)),
                                   spec, eng.convention, name=module))
             parts.append(qj)
             xs = xj[::step].double()
@@ -640,7 +582,7 @@ class _V4Layer:
         x_attn, q_res = self._x(a + "wq_a"), self._x(a + "wq_b")
         kept_attn = [a + n for n in ("compressor.wkv", "compressor.wgate", "indexer.weights_proj",
                                      "indexer.compressor.wkv", "indexer.compressor.wgate")
-                     if self.eng._src.inner.has(a + n + ".weight")]
+                     if self.eng.source.inner.has(a + n + ".weight")]
         self._smooth(p + "attn_norm", "norm", x_attn, [(a + "wq_a", x_attn), (a + "wkv", x_attn)], kept_attn)
         q_b = [(a + "wq_b", q_res)] + ([(a + "indexer.wq_b", q_res)] if a + "indexer.wq_b" in self.inputs else [])
         self._smooth(a + "q_norm", "norm", q_res, q_b, [])

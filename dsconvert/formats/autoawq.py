@@ -24,7 +24,7 @@ import torch
 
 from dsconvert.errors import ShapeError, UnsupportedError, UsageError
 from dsconvert.formats.int_format import IntFormat, TensorPlan, _require, by_suffix, join_name
-from dsconvert.formats.registry import register_format
+from dsconvert.formats.format_registry import register_format
 from dsconvert.quant.pack import pack_awq_gemm, unpack_awq_gemm
 from dsconvert.quant.rtn import AUTOAWQ, QTensor, QuantSpec
 

@@ -33,7 +33,7 @@ import torch
 
 from dsconvert.errors import UnsupportedError, UsageError
 from dsconvert.formats.int_format import IntFormat, TensorPlan, _require, by_suffix, join_name
-from dsconvert.formats.registry import register_format
+from dsconvert.formats.format_registry import register_format
 from dsconvert.quant.pack import pack_int32_rows_lsb, unpack_int32_rows_lsb
 from dsconvert.quant.registry import Registry
 from dsconvert.quant.rtn import COMPRESSED_TENSORS, QTensor, QuantSpec, dequantize

@@ -29,7 +29,7 @@ import torch
 from dsconvert.errors import UnsupportedError, UsageError
 from dsconvert.formats.fp8_block_tensors import FP8BlockTensors
 from dsconvert.formats.int_format import IntFormat
-from dsconvert.formats.registry import register_format
+from dsconvert.formats.format_registry import register_format
 from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block
 
 __all__ = ["DeepSeekFP8Format"]

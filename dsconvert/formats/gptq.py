@@ -27,7 +27,7 @@ import torch
 
 from dsconvert.errors import ShapeError, UnsupportedError, UsageError
 from dsconvert.formats.int_format import IntFormat, TensorPlan, _require, by_suffix, join_name
-from dsconvert.formats.registry import register_format
+from dsconvert.formats.format_registry import register_format
 from dsconvert.quant.pack import (
     pack_gptq_qweight,
     pack_gptq_qzeros,

@@ -1,27 +1,18 @@
-"""Registry of on-disk output formats: ``@register_format("compressed-tensors", aliases=[...])``.
+"""Lookups in the registry of on-disk output formats (:mod:`dsconvert.formats.format_registry`, where the
+formats register with ``@register_format("compressed-tensors", aliases=[...])``).
 
-Same rules as the scheme registry (:mod:`dsconvert.quant.registry`): normalised names, duplicates
-raise, unknown names raise a ``KeyError`` listing every name and alias.
-
-The built-in integer formats register themselves on first use of :func:`get_format`,
-:func:`registered_formats` or :func:`detect_format` (deferred import, no cycle).
+The built-in integer formats are imported (and so registered) on first use of :func:`get_format`,
+:func:`registered_formats`, :func:`describe_formats` or :func:`detect_format`; they import the registry
+module, not this one, so there is no import cycle.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
-from dsconvert.quant.registry import Registry
+from dsconvert.formats.format_registry import FORMATS, register_format
 
 __all__ = ["FORMATS", "register_format", "get_format", "registered_formats", "describe_formats", "detect_format"]
-
-FORMATS: Registry[type] = Registry("format")
-
-
-def register_format(name: str, aliases: Iterable[str] = ()):
-    """Class decorator; sets ``cls.name = name`` and registers the class."""
-    return FORMATS.register_class(name, aliases)
-
 
 def get_format(name: str) -> Any:
     """An instance of the format registered as ``name`` or an alias.
@@ -64,7 +55,7 @@ def detect_format(quantization_config: dict) -> Any | None:
 
 
 def _load_builtins() -> None:
-    # Import for the registration side effect; deferred to avoid an import cycle.
+    # Import for the registration side effect (deferred: importing this module stays cheap).
     import dsconvert.formats.autoawq  # noqa: F401
     import dsconvert.formats.compressed_tensors  # noqa: F401
     import dsconvert.formats.deepseek_fp8  # noqa: F401

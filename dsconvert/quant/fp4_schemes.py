@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from dsconvert.errors import UsageError
-from dsconvert.quant.schemes import ActivationArgs, SchemeDescription, WeightArgs, register_scheme
+from dsconvert.quant.scheme_registry import ActivationArgs, SchemeDescription, WeightArgs, register_scheme
 
 __all__ = ["FP4Scheme", "NVFP4", "NVFP4A16", "MXFP4", "MXFP4A16"]
 

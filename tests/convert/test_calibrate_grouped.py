@@ -166,7 +166,8 @@ def test_estimate_matches_a_measured_layer(tmp_path, method):
 def test_streamed_hessian_equals_the_cached_one():
     """GPTQ's Hessians accumulated at capture, from pieces of any length (sequences cross the 4096-row chunks),
     equal the Hessian of the concatenated input bit for bit, and keep the same token sample."""
-    from dsconvert.convert.calibrate import STAT_TOKENS, _hessian, _StreamedHessian
+    from dsconvert.convert.calib_base import STAT_TOKENS, hessian as _hessian
+    from dsconvert.convert.calib_capture import StreamedHessian as _StreamedHessian
 
     g = torch.Generator().manual_seed(3)
     pieces = [torch.randn(n, 48, generator=g) for n in (1000, 3500, 7, 4096, 2500)]

@@ -509,7 +509,8 @@ def test_topk_policy_uses_raised_routing(tmp_path_factory, method):
     the tokens that pick it when top-k is raised to 4 over all groups. Each token then fills 3 slots besides
     expert 0 (bias +100), so the starved experts' raised counts sum to 3 x 128; an expert left under the
     minimum falls back to all tokens."""
-    from dsconvert.convert.calibrate import MIN_EXPERT_TOKENS, TOPK_FACTOR
+    from dsconvert.convert.calib_base import MIN_EXPERT_TOKENS
+    from dsconvert.convert.calib_capture import TOPK_FACTOR
     from dsconvert.convert.weights import CheckpointWeightSource
     from dsconvert.testing.fixtures import build_checkpoint
 
