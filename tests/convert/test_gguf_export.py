@@ -692,6 +692,20 @@ def test_blocks_identical_to_llama_model_quantize(kq, work, kq_q4km, ftype):
     assert ("Q4_K" in shares and "Q6_K" in shares) if ftype == "Q4_K_M" else set(shares) == {"Q8_0", "F32"}
 
 
+def test_threads_do_not_change_the_bytes(kq, work):
+    """``--threads N`` quantizes chunks in N worker threads and writes them in order: with chunks small enough that
+    every tensor spans several of them (and some chunks are passed through unquantized: the F32 norms), the file
+    equals the sequential (``threads=1``) one, and torch's thread setting is restored afterwards."""
+    before = torch.get_num_threads()
+    outs = []
+    for n in (1, 3):
+        out = work / "out" / f"kq-threads{n}-Q8_0.gguf"
+        ge.run(kq, out, ge.GGUFOptions(type="Q8_0", threads=n, chunk_bytes=3 << 16), overwrite=True, progress=False)
+        outs.append(out.read_bytes())
+        assert torch.get_num_threads() == before
+    assert outs[0] == outs[1]
+
+
 def _random_imatrix(kq: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """Importance weights like llama-imatrix's (positive, heavy tailed, a few zeros) for every tensor
     llama.cpp quantizes with them: ``ne0 * n_mat`` values per tensor."""
