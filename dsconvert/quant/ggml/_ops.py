@@ -51,9 +51,12 @@ def div(a, b) -> torch.Tensor:
 
 def seqsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Sum ``t`` over ``dim`` strictly in index order: ``((t0 + t1) + t2) + ...``."""
-    s = t.select(dim, 0).clone()
-    for i in range(1, t.shape[dim]):
-        s.add_(t.select(dim, i))
+    parts = t.unbind(dim)  # one call for all the views (a select per step costs as much as the add)
+    if len(parts) == 1:
+        return parts[0].clone()
+    s = parts[0] + parts[1]
+    for p in parts[2:]:
+        s.add_(p)
     return s
 
 

@@ -96,9 +96,12 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     levels(iscale, mn)
     best = err_(torch.mul(la, scale, out=dbuf).add_(mn).sub_(x))
     # L is not copied at every improvement: the (iscale, min) that produced the best levels are
-    # kept and the levels recomputed once at the end (same float ops, same result).
-    best_iscale, best_mn_used = iscale, mn
+    # kept and the levels recomputed once at the end (same float ops, same result). The search state
+    # (best iscale, the min it used, best error, scale, min) is one (5, M) tensor: one where per step.
+    state = torch.stack([iscale, mn, best, scale, mn])
+    live = ~flat
     for step in range(nstep + 1):
+        mn = state[4]
         num = _c(_c(_c(rmin) + _c(_c(rdelta) * step)) + nmax)
         iscale = div(num, mx - mn)
         levels(iscale, mn)
@@ -110,15 +113,12 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         this_scale = div(sum_w * sum_xl - sum_x * sum_l, D)
         this_min = div(sum_l2 * sum_x - sum_l * sum_xl, D)
         pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_min.masked_fill_(pos, 0.0)
         this_scale = torch.where(pos, div(sum_xl, sum_l2), this_scale)
         cur = err_(torch.mul(la, this_scale, out=dbuf).add_(this_min).sub_(x))
-        upd = (D > 0) & (cur < best) & ~flat
-        best_iscale = torch.where(upd, iscale, best_iscale)
-        best_mn_used = torch.where(upd, mn, best_mn_used)
-        best = torch.where(upd, cur, best)
-        scale = torch.where(upd, this_scale, scale)
-        mn = torch.where(upd, this_min, mn)
+        upd = (D > 0).logical_and_(cur < state[2]).logical_and_(live)
+        state = torch.where(upd, torch.stack([iscale, mn, cur, this_scale, this_min]), state)
+    best_iscale, best_mn_used, _, scale, mn = state.unbind(0)
     L = levels(best_iscale, best_mn_used)
     L = torch.where(flat, torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
