@@ -844,7 +844,7 @@ def gguf_cmd(
                                                              help="at most this many tensors per file")] = None,
     device: DeviceOpt = "auto",
     threads: Annotated[Optional[int], typer.Option(
-        "--threads", min=1, help="CPU threads quantizing chunks at once (the output bytes do not depend on it) "
+        "--threads", min=1, help="CPU threads for quantizing (the output bytes do not depend on it) "
         "[default: every core]")] = None,
     max_memory: MaxMemOpt = None,
     ray: RayOpt = None,

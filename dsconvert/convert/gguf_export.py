@@ -114,8 +114,8 @@ class GGUFOptions:
     split_max_size: int | None = None  # bytes of tensor data per file (decimal units on the CLI)
     split_max_tensors: int | None = None
     device: str = "auto"
-    chunk_bytes: int = 32 * 2**20  # float32 input bytes quantized at once (split among the threads)
-    threads: int | None = None  # CPU quantization threads (--threads); None: every core; not fingerprinted
+    chunk_bytes: int = 32 * 2**20  # float32 input bytes quantized at once (two halves in flight on CPU)
+    threads: int | None = None  # torch threads while writing (--threads); None: every core; not fingerprinted
     max_memory: int | None = None
     state_dir: Path | None = None  # where the manifest and report go (default: beside the .gguf); not fingerprinted
     recipe: str | None = None  # a named recipe (formats/gguf_recipes.py), expanded by :meth:`resolved`
@@ -741,23 +741,26 @@ def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torc
 
 
 class _Pipeline:
-    """Quantize the chunks of :func:`tensor_chunks` in ``threads`` worker threads, in order.
+    """Quantize the chunks of :func:`tensor_chunks` in one worker thread while this thread reads the next chunk
+    and writes the previous one.
 
-    :meth:`encode` submits :func:`encode` to a pool whose threads run torch with one intra-op thread (torch's own
-    threads barely help the many small ops of the block quantizers, and none should wait on a busy core);
-    :meth:`run` yields the results in submission order with at most ``threads`` chunks in flight, so the reader
-    (this thread) stays one chunk ahead and memory stays near ``threads`` chunks. ``threads == 1``: plain calls,
-    no pool. Used as a context manager (the pool is shut down on exit, also on errors and cancellation).
+    :meth:`encode` submits :func:`encode` to the worker, which runs torch with ``threads`` intra-op threads;
+    :meth:`run` yields the results in file order with one chunk in flight, so reading (FP8 decoding), quantizing
+    and writing + hashing overlap and memory stays near two chunks. Several quantizing Python threads were
+    measured slower here (the block quantizers are many small torch ops, and their threads queue on the GIL).
+    ``threads`` also sets torch's thread count for the run (restored on exit). Not on an accelerator: there
+    :meth:`encode` is a plain call. Used as a context manager (the worker is shut down on exit, also on errors
+    and cancellation).
     """
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, overlap: bool = True):
         self.threads = max(1, int(threads))
-        self.pool = None
         self.torch_threads = torch.get_num_threads()  # restored on exit: torch's setting is process-wide
-        if self.threads > 1:
+        torch.set_num_threads(self.threads)
+        self.pool = None
+        if overlap:
             from concurrent.futures import ThreadPoolExecutor
-            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dsconvert-gguf",
-                                           initializer=torch.set_num_threads, initargs=(1,))
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="dsconvert-gguf")
 
     def __enter__(self) -> "_Pipeline":
         return self
@@ -765,7 +768,7 @@ class _Pipeline:
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(self.torch_threads)
+        torch.set_num_threads(self.torch_threads)
 
     def encode(self, *args):
         return encode(*args) if self.pool is None else self.pool.submit(encode, *args)
@@ -780,7 +783,7 @@ class _Pipeline:
         window: deque = deque()
         for c in chunks:
             window.append(c)
-            while len(window) > self.threads or (window and not isinstance(window[0], Future)):
+            while len(window) > 1 or (window and not isinstance(window[0], Future)):
                 head = window.popleft()
                 yield head.result() if isinstance(head, Future) else head
         while window:
@@ -866,9 +869,9 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
                stats: dict | None = None, threads: int = 1) -> tuple[int, str]:
     """Write one GGUF file through ``NAME.tmp`` + fsync + rename; returns (size, sha256).
 
-    ``threads`` > 1 (CPU only): chunks of ``chunk_bytes / threads`` are read in this thread and quantized by
-    ``threads`` worker threads, each running torch single threaded, while this thread writes and hashes the
-    finished chunks in file order (:class:`_Pipeline`); the bytes are those of ``threads=1``.
+    On CPU, chunks of ``chunk_bytes / 2`` are quantized in a worker thread (torch with ``threads`` threads) while
+    this thread reads the next one and writes and hashes the previous one, in file order (:class:`_Pipeline`);
+    the bytes do not depend on ``threads`` or on the overlap.
 
     The data section follows ``GGUFWriter.write_tensor_data``: each tensor starts at the next multiple of
     the alignment (32) and is zero-padded to it. The header's size is known before any tensor data, so the
@@ -903,7 +906,7 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
              "header_sha256": hashlib.sha256(f_plan.header).hexdigest()}
     pos = spans[k - 1][1] if k else 0
     marks = {"saved": len(records), "bytes": 0, "t": time.monotonic()}
-    pipe = _Pipeline(threads if device.type == "cpu" else 1)
+    pipe = _Pipeline(threads, overlap=device.type == "cpu")
     try:
         with pipe, open(tmp, "r+b" if k else "wb") as f:
             if k:
@@ -941,7 +944,7 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
                     progress.describe(f"{f_plan.name}: {t.name} {qtype}{layer}",
                                       boundary=i == k or t.bid != f_plan.tensors[i - 1].bid)
                     n = 0
-                    for chunk in pipe.run(tensor_chunks(plan.ck, t, qtype, device, chunk_bytes // pipe.threads,
+                    for chunk in pipe.run(tensor_chunks(plan.ck, t, qtype, device, chunk_bytes // (1 + bool(pipe.pool)),
                                                         plan.importance.get(t.name), encode=pipe.encode)):
                         cancel.check()
                         put(chunk)
