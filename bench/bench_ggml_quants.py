@@ -3,8 +3,7 @@
 llama.cpp's chunk call is single threaded, so ours is timed with ``torch.set_num_threads(1)`` for
 the like-for-like ratio, and again with 2 threads. Prints MB of float32 input per second (best of
 ``--reps``) and the ratios; asserts nothing. ``--imatrix`` passes the same random importance weights to both
-(required for IQ2_XXS and IQ2_XS). For N > 1 threads it also times the exporter's scheme (row chunks in a pool of
-N threads with one torch thread each, as ``dsconvert gguf --threads N`` runs them).
+(required for IQ2_XXS and IQ2_XS).
 
     python bench/bench_ggml_quants.py [--rows 512] [--cols 7168] [--types Q8_0,Q4_K,Q6_K] [--device cpu] [--imatrix]
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does; read when torch's OpenMP loads
 
@@ -71,16 +69,6 @@ def main() -> None:
             s = _best(lambda: t.quantize(xd, imd), args.reps, sync)
             ratio = f"  ours/llama.cpp = {ref_s / s:5.2f}" if ref_s else ""
             print(f"{t.name:7s} ours {th} thread(s)  : {mb / s:8.1f} MB/s{ratio}")
-            if th > 1 and not xd.is_cuda:
-                # how `dsconvert gguf --threads N` runs them: row chunks in N threads of 1 torch thread each
-                step = max(1, args.rows // (4 * th))
-                with ThreadPoolExecutor(th, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                    def pooled():
-                        list(pool.map(lambda r0: t.quantize(xd[r0:r0 + step], imd), range(0, args.rows, step)))
-                    s = _best(pooled, args.reps)
-                torch.set_num_threads(th)
-                ratio = f"  ours/llama.cpp = {ref_s / s:5.2f}" if ref_s else ""
-                print(f"{t.name:7s} ours {th} pool threads: {mb / s:8.1f} MB/s{ratio}")
 
 
 if __name__ == "__main__":
