@@ -11,13 +11,16 @@ the like-for-like ratio, and again with 2 threads. Prints MB of float32 input pe
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import torch
-from gguf import GGMLQuantizationType
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does; read when torch's OpenMP loads
 
-from dsconvert.quant.ggml import get_type
-from dsconvert.testing import ggml_oracle
+import torch  # noqa: E402
+from gguf import GGMLQuantizationType  # noqa: E402
+
+from dsconvert.quant.ggml import get_type  # noqa: E402
+from dsconvert.testing import ggml_oracle  # noqa: E402
 
 
 def _best(fn, reps: int, sync=lambda: None) -> float:

@@ -1,14 +1,16 @@
 """``dsconvert gguf`` quantization throughput vs llama.cpp, and peak RSS while writing a larger GGUF.
 
 Prints (no assertions):
-  * for Q8_0 and Q4_K_M: seconds spent quantizing the same tensors (the quantizable tensors of an F32 GGUF of
-    the fixture, each to the type llama.cpp's rules give it) by llama.cpp's ``llama_model_quantize``
+  * for Q8_0, Q4_K_M and Q2_K: seconds spent quantizing the same tensors (the quantizable tensors of an F32 GGUF
+    of the fixture, each to the type llama.cpp's rules give it) by llama.cpp's ``llama_model_quantize``
     (``nthread`` = N, whole file including its I/O) and by dsconvert's torch quantizers
     (``torch.set_num_threads(N)``, quantization calls only), for N = 1 and 2, and the ratio ours / llama.cpp;
+    then ``dsconvert gguf --threads N`` end to end (in process: read the fixture, quantize, write and hash the
+    file) and its ratio to llama.cpp (llama.cpp's speed / ours: > 1 is faster than llama.cpp);
   * peak RSS of ``dsconvert gguf`` (a subprocess) writing the larger fixture as BF16 and Q8_0, next to the
     largest stacked expert tensor in BF16 and the output size.
 
-Usage: python bench/bench_gguf.py [--layers 2] [--experts 16] [--hidden 1024] [--types Q8_0,Q4_K_M] [--threads 1,2]
+Usage: python bench/bench_gguf.py [--layers 2] [--experts 16] [--hidden 1024] [--types Q8_0,Q4_K_M,Q2_K] [--threads 1,2]
 Fixtures and outputs are cached under .bench/gguf/.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does; read when torch's OpenMP loads
 
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402
@@ -93,7 +97,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--types", default="Q8_0,Q4_K_M")
+    ap.add_argument("--types", default="Q8_0,Q4_K_M,Q2_K")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--no-rss", action="store_true")
     args = ap.parse_args()
@@ -109,8 +113,15 @@ def main() -> None:
             tl = llama_quantize(f32, OUT / f"llama-{ftype}.gguf", ftype, n)
             to, n_el = ours_quantize(f32, types, n)
             print(f"{ftype:7s} threads={n}: {n_el / 1e6:.1f} M elements quantized; llama.cpp {tl:.2f} s "
-                  f"({n_el / tl / 1e6:.1f} M/s), dsconvert {to:.2f} s ({n_el / to / 1e6:.2f} M/s); "
-                  f"ratio ours/llama.cpp = {to / tl:.1f}x", flush=True)
+                  f"({n_el / tl / 1e6:.1f} M/s), dsconvert kernels {to:.2f} s ({n_el / to / 1e6:.2f} M/s); "
+                  f"ratio time ours/llama.cpp = {to / tl:.2f}x, speed = {tl / to:.2f}x", flush=True)
+            torch.set_num_threads(n)
+            s = time.perf_counter()
+            ge.run(src, OUT / f"ours-{ftype}.gguf", ge.GGUFOptions(type=ftype, threads=n), overwrite=True,
+                   progress=False)
+            te = time.perf_counter() - s
+            print(f"{ftype:7s} threads={n}: dsconvert gguf end to end {te:.2f} s; speed ours/llama.cpp = "
+                  f"{tl / te:.2f}x", flush=True)
     if args.no_rss:
         return
     plan = ge.make_plan(ck, ge.GGUFOptions(type="BF16"), None)

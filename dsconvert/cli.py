@@ -895,6 +895,9 @@ def gguf_cmd(
     split_max_tensors: Annotated[Optional[int], typer.Option("--split-max-tensors", min=1,
                                                              help="at most this many tensors per file")] = None,
     device: DeviceOpt = "auto",
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", min=1, help="CPU threads for quantizing (the output bytes do not depend on it) "
+        "[default: every core]")] = None,
     max_memory: MaxMemOpt = None,
     ray: RayOptions = RayOptions(),
     dry_run: DryOpt = False,
@@ -917,7 +920,7 @@ def gguf_cmd(
         opts = ge.GGUFOptions(type=type_, recipe=recipe, tensor_types=rules, output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
-                              device=device, max_memory=_size(max_memory), state_dir=state_dir,
+                              device=device, threads=threads, max_memory=_size(max_memory), state_dir=state_dir,
                               target_size=_size(target_size))
         ex = ray.executor(1)
         rep = ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,

@@ -114,7 +114,8 @@ class GGUFOptions:
     split_max_size: int | None = None  # bytes of tensor data per file (decimal units on the CLI)
     split_max_tensors: int | None = None
     device: str = "auto"
-    chunk_bytes: int = 32 * 2**20  # float32 input bytes quantized at once
+    chunk_bytes: int = 32 * 2**20  # float32 input bytes quantized at once (two halves in flight on CPU)
+    threads: int | None = None  # torch threads while writing (--threads); None: every core; not fingerprinted
     max_memory: int | None = None
     state_dir: Path | None = None  # where the manifest and report go (default: beside the .gguf); not fingerprinted
     recipe: str | None = None  # a named recipe (formats/gguf_recipes.py), expanded by :meth:`resolved`
@@ -700,13 +701,14 @@ def _mxfp4_as_ggml(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torch.device,
-                  chunk_bytes: int, importance: np.ndarray | None = None) -> Iterator[np.ndarray]:
+                  chunk_bytes: int, importance: np.ndarray | None = None, encode=encode) -> Iterator[np.ndarray]:
     """Bytes of output tensor ``t`` in file order: experts in id order, each in row chunks; kv_b halves whole;
     deepseek4's FP4 experts one expert at a time (MXFP4: the release bytes repacked, :func:`repack_mxfp4`; another
     type: decoded exactly to float32, then quantized), its tid2eid as I32.
 
     ``importance`` (float32 ``[n_mat, ne0]``) weights matrix ``i`` (expert ``i``, or head ``i`` of a kv_b half)
-    with row ``i``, as ``llama_tensor_quantize_impl`` slices the imatrix per expert.
+    with row ``i``, as ``llama_tensor_quantize_impl`` slices the imatrix per expert. ``encode`` (same signature
+    as :func:`encode`) turns each read chunk into bytes; :class:`_Pipeline` passes one that returns futures.
     """
     def w(i: int) -> np.ndarray | None:
         return None if importance is None else importance[i]
@@ -736,6 +738,57 @@ def tensor_chunks(ck: Checkpoint, t: g2.GGUFTensorPlan, qtype: str, device: torc
     for i, src in enumerate(t.sources):  # one for "copy", n_expert for "stack_experts" (expert-major bytes)
         for x in _rows(ck, src, chunk_bytes):
             yield encode(x, qtype, device, w(i))
+
+
+class _Pipeline:
+    """Quantize the chunks of :func:`tensor_chunks` in one worker thread while this thread reads the next chunk
+    and writes the previous one.
+
+    :meth:`encode` submits :func:`encode` to the worker, which runs torch with ``threads`` intra-op threads;
+    :meth:`run` yields the results in file order with one chunk in flight, so reading (FP8 decoding), quantizing
+    and writing + hashing overlap and memory stays near two chunks. Several quantizing Python threads were
+    measured slower here (the block quantizers are many small torch ops, and their threads queue on the GIL).
+    ``threads`` also sets torch's thread count for the run (restored on exit). Not on an accelerator: there
+    :meth:`encode` is a plain call. Used as a context manager (the worker is shut down on exit, also on errors
+    and cancellation).
+    """
+
+    def __init__(self, threads: int, overlap: bool = True):
+        self.threads = max(1, int(threads))
+        self.torch_threads = torch.get_num_threads()  # restored on exit: torch's setting is process-wide
+        torch.set_num_threads(self.threads)
+        self.pool = None
+        if overlap:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="dsconvert-gguf")
+
+    def __enter__(self) -> "_Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self.torch_threads)
+
+    def encode(self, *args):
+        return encode(*args) if self.pool is None else self.pool.submit(encode, *args)
+
+    def run(self, chunks: Iterator) -> Iterator[np.ndarray]:
+        from collections import deque
+        from concurrent.futures import Future
+
+        if self.pool is None:
+            yield from chunks
+            return
+        window: deque = deque()
+        for c in chunks:
+            window.append(c)
+            while len(window) > 1 or (window and not isinstance(window[0], Future)):
+                head = window.popleft()
+                yield head.result() if isinstance(head, Future) else head
+        while window:
+            head = window.popleft()
+            yield head.result() if isinstance(head, Future) else head
 
 
 #: Sidecar of an interrupted file: ``NAME.gguf.tmp`` holds the header and the tensors listed here.
@@ -813,8 +866,12 @@ def _resume_point(tmp: Path, f_plan: OutFile, plan: ExportPlan, fp: str, progres
 
 def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_bytes: int,
                progress: ByteProgress, n_layer: int, fp: str = "", resume: bool = True,
-               stats: dict | None = None) -> tuple[int, str]:
+               stats: dict | None = None, threads: int = 1) -> tuple[int, str]:
     """Write one GGUF file through ``NAME.tmp`` + fsync + rename; returns (size, sha256).
+
+    On CPU, chunks of ``chunk_bytes / 2`` are quantized in a worker thread (torch with ``threads`` threads) while
+    this thread reads the next one and writes and hashes the previous one, in file order (:class:`_Pipeline`);
+    the bytes do not depend on ``threads`` or on the overlap.
 
     The data section follows ``GGUFWriter.write_tensor_data``: each tensor starts at the next multiple of
     the alignment (32) and is zero-padded to it. The header's size is known before any tensor data, so the
@@ -849,8 +906,9 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
              "header_sha256": hashlib.sha256(f_plan.header).hexdigest()}
     pos = spans[k - 1][1] if k else 0
     marks = {"saved": len(records), "bytes": 0, "t": time.monotonic()}
+    pipe = _Pipeline(threads, overlap=device.type == "cpu")
     try:
-        with open(tmp, "r+b" if k else "wb") as f:
+        with pipe, open(tmp, "r+b" if k else "wb") as f:
             if k:
                 f.truncate(pos)
                 f.seek(pos)
@@ -886,7 +944,8 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
                     progress.describe(f"{f_plan.name}: {t.name} {qtype}{layer}",
                                       boundary=i == k or t.bid != f_plan.tensors[i - 1].bid)
                     n = 0
-                    for chunk in tensor_chunks(plan.ck, t, qtype, device, chunk_bytes, plan.importance.get(t.name)):
+                    for chunk in pipe.run(tensor_chunks(plan.ck, t, qtype, device, chunk_bytes // (1 + bool(pipe.pool)),
+                                                        plan.importance.get(t.name), encode=pipe.encode)):
                         cancel.check()
                         put(chunk)
                         n += chunk.nbytes
@@ -1312,7 +1371,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                                                      resume=resume, stats=st)
                 else:
                     size, digest = write_file(f, plan, device, opts.chunk_bytes, bar, n_layer, fp=fp,
-                                              resume=resume, stats=st)
+                                              resume=resume, stats=st, threads=opts.threads or os.cpu_count() or 1)
                 if st.get("tensors_reused"):
                     partial[f.name] = st["tensors_reused"]
                 decision.manifest.files[f.name] = {"size": size, "sha256": digest}

@@ -692,6 +692,25 @@ def test_blocks_identical_to_llama_model_quantize(kq, work, kq_q4km, ftype):
     assert ("Q4_K" in shares and "Q6_K" in shares) if ftype == "Q4_K_M" else set(shares) == {"Q8_0", "F32"}
 
 
+def test_threads_do_not_change_the_bytes(kq, work, monkeypatch):
+    """Chunks are quantized in a worker thread and written in order while the next is read: with chunks small
+    enough that every tensor spans several of them (and some chunks are passed through unquantized: the F32
+    norms), the file equals the one written without the overlap (``device`` not CPU takes the plain path; here
+    :class:`_Pipeline` is forced off), for any ``threads``, and torch's thread setting is restored afterwards."""
+    before = torch.get_num_threads()
+
+    def write(n: int) -> bytes:
+        out = work / "out" / f"kq-threads{n}-Q8_0.gguf"
+        ge.run(kq, out, ge.GGUFOptions(type="Q8_0", threads=n, chunk_bytes=3 << 16), overwrite=True, progress=False)
+        assert torch.get_num_threads() == before
+        return out.read_bytes()
+
+    overlapped = write(1)
+    real = ge._Pipeline
+    monkeypatch.setattr(ge, "_Pipeline", lambda threads, overlap=True: real(threads, overlap=False))
+    assert overlapped == write(2)
+
+
 def _random_imatrix(kq: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """Importance weights like llama-imatrix's (positive, heavy tailed, a few zeros) for every tensor
     llama.cpp quantizes with them: ``ne0 * n_mat`` values per tensor."""

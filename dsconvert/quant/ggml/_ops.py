@@ -51,9 +51,12 @@ def div(a, b) -> torch.Tensor:
 
 def seqsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Sum ``t`` over ``dim`` strictly in index order: ``((t0 + t1) + t2) + ...``."""
-    s = t.select(dim, 0).clone()
-    for i in range(1, t.shape[dim]):
-        s.add_(t.select(dim, i))
+    parts = t.unbind(dim)  # one call for all the views (a select per step costs as much as the add)
+    if len(parts) == 1:
+        return parts[0].clone()
+    s = parts[0] + parts[1]
+    for p in parts[2:]:
+        s.add_(p)
     return s
 
 
@@ -77,8 +80,9 @@ def nearest_int_c(v: torch.Tensor) -> torch.Tensor:
 def roundf(v: torch.Tensor) -> torch.Tensor:
     """C ``roundf``: round half away from zero (float32 in, float32 integers out)."""
     t = torch.trunc(v)
-    frac = v - t  # exact for |v| < 2**23
-    return t + torch.where(frac.abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
+    # the fraction v - t is exact, and |2*frac| >= 1 iff |frac| >= 0.5, so trunc(2*frac) is the +-1 to add
+    # (0 otherwise); for +-inf the fraction is NaN, made 0 so that inf stays inf
+    return (v - t).nan_to_num_(0.0).mul_(2).trunc_().add_(t)
 
 
 def fp16_round(v: torch.Tensor) -> torch.Tensor:

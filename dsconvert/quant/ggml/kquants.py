@@ -96,9 +96,12 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     levels(iscale, mn)
     best = err_(torch.mul(la, scale, out=dbuf).add_(mn).sub_(x))
     # L is not copied at every improvement: the (iscale, min) that produced the best levels are
-    # kept and the levels recomputed once at the end (same float ops, same result).
-    best_iscale, best_mn_used = iscale, mn
+    # kept and the levels recomputed once at the end (same float ops, same result). The search state
+    # (best iscale, the min it used, best error, scale, min) is one (5, M) tensor: one where per step.
+    state = torch.stack([iscale, mn, best, scale, mn])
+    live = ~flat
     for step in range(nstep + 1):
+        mn = state[4]
         num = _c(_c(_c(rmin) + _c(_c(rdelta) * step)) + nmax)
         iscale = div(num, mx - mn)
         levels(iscale, mn)
@@ -110,15 +113,12 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         this_scale = div(sum_w * sum_xl - sum_x * sum_l, D)
         this_min = div(sum_l2 * sum_x - sum_l * sum_xl, D)
         pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_min.masked_fill_(pos, 0.0)
         this_scale = torch.where(pos, div(sum_xl, sum_l2), this_scale)
         cur = err_(torch.mul(la, this_scale, out=dbuf).add_(this_min).sub_(x))
-        upd = (D > 0) & (cur < best) & ~flat
-        best_iscale = torch.where(upd, iscale, best_iscale)
-        best_mn_used = torch.where(upd, mn, best_mn_used)
-        best = torch.where(upd, cur, best)
-        scale = torch.where(upd, this_scale, scale)
-        mn = torch.where(upd, this_min, mn)
+        upd = (D > 0).logical_and_(cur < state[2]).logical_and_(live)
+        state = torch.where(upd, torch.stack([iscale, mn, cur, this_scale, this_min]), state)
+    best_iscale, best_mn_used, _, scale, mn = state.unbind(0)
     L = levels(best_iscale, best_mn_used)
     L = torch.where(flat, torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
@@ -165,6 +165,13 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.T
     return scale, L
 
 
+def _unchanged(before: tuple[torch.Tensor, ...], after: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a coordinate-descent round left its whole state bit for bit as it was (then every later round
+    would too, for every column: the early ``break`` of C's loop, taken once by all columns together)."""
+    return all(a.shape == b.shape and bool((a.view(torch.int32) == b.view(torch.int32)).all())
+               for a, b in zip(before, after))
+
+
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on each column of ``x`` (``(n, M)``).
 
@@ -180,8 +187,9 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     sumlx = seqsum(wx * L)
     suml2 = seqsum(w * L * L)
     # A round that changes nothing leaves the state unchanged, so running all 5 rounds for every
-    # column is the same as C's early ``break``.
+    # column is the same as C's early ``break``; once a round leaves every column as it was, so would the rest.
     for _ in range(5):
+        before = (L.clone(), sumlx, suml2)
         for i in range(x.shape[0]):
             Li = L[i]
             slx = sumlx - wx[i] * Li
@@ -193,6 +201,8 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             L[i] = torch.where(upd, new_l, Li)
             sumlx = torch.where(upd, slx2, sumlx)
             suml2 = torch.where(upd, sl22, suml2)
+        if _unchanged(before, (L, sumlx, suml2)):
+            break
     L = torch.where(zero, torch.zeros_like(L), L + nmax)
     scale = torch.where(suml2 > 0, div(sumlx, suml2), torch.zeros_like(sumlx))
     scale = torch.where(zero, torch.zeros_like(scale), scale)
@@ -242,6 +252,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.T
     suml2 = seqsum(w * lv * lv)
     L = wrap(lv)
     for _ in range(5):  # a round that changes nothing leaves the state as it is (C's early break)
+        before = (L.clone(), sumlx, suml2)
         for i in range(n):
             Li = L[i]
             slx = sumlx - wx[i] * Li
@@ -253,6 +264,8 @@ def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.T
             L[i] = torch.where(upd, wrap(new_l), Li)
             sumlx = torch.where(upd, slx2, sumlx)
             suml2 = torch.where(upd, sl22, suml2)
+        if _unchanged(before, (L, sumlx, suml2)):
+            break
     scale = torch.where(suml2 > 0, div(sumlx, suml2), torch.zeros_like(sumlx))
     L = torch.where(zero, torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)

@@ -80,13 +80,19 @@ class Q8_0(GGMLType, qtype=T.Q8_0):
     """
 
     ignores_imatrix = True
+    # 64K-element chunks: the few full-size temporaries stay in cache and are reused by the allocator
+    chunk_elems = 1 << 16
 
     @classmethod
     def quantize_blocks(cls, blocks, qw=None, sigma2=None):
-        amax = blocks.abs().amax(1)
+        # amax of |x| as max(max, -min); abs() turns a -0.0 (all-zero block) into C's +0.0
+        amax = torch.maximum(blocks.amax(1), blocks.amin(1).neg_()).abs_()
         d = div(amax, 127)
         q = roundf(blocks * _inv(d)[:, None])
-        return torch.cat([fp16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
+        out = torch.empty((blocks.shape[0], cls.type_size), dtype=torch.uint8, device=blocks.device)
+        out[:, :2] = fp16_bytes(d)
+        out[:, 2:].view(torch.int8).copy_(q)
+        return out
 
     @classmethod
     def dequantize_blocks(cls, blocks):
