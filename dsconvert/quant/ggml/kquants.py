@@ -165,13 +165,6 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.T
     return scale, L
 
 
-def _unchanged(before: tuple[torch.Tensor, ...], after: tuple[torch.Tensor, ...]) -> bool:
-    """Whether a coordinate-descent round left its whole state bit for bit as it was (then every later round
-    would too, for every column: the early ``break`` of C's loop, taken once by all columns together)."""
-    return all(a.shape == b.shape and bool((a.view(torch.int32) == b.view(torch.int32)).all())
-               for a, b in zip(before, after))
-
-
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on each column of ``x`` (``(n, M)``).
 
@@ -187,9 +180,8 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     sumlx = seqsum(wx * L)
     suml2 = seqsum(w * L * L)
     # A round that changes nothing leaves the state unchanged, so running all 5 rounds for every
-    # column is the same as C's early ``break``; once a round leaves every column as it was, so would the rest.
+    # column is the same as C's early ``break``.
     for _ in range(5):
-        before = (L.clone(), sumlx, suml2)
         for i in range(x.shape[0]):
             Li = L[i]
             slx = sumlx - wx[i] * Li
@@ -201,8 +193,6 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             L[i] = torch.where(upd, new_l, Li)
             sumlx = torch.where(upd, slx2, sumlx)
             suml2 = torch.where(upd, sl22, suml2)
-        if _unchanged(before, (L, sumlx, suml2)):
-            break
     L = torch.where(zero, torch.zeros_like(L), L + nmax)
     scale = torch.where(suml2 > 0, div(sumlx, suml2), torch.zeros_like(sumlx))
     scale = torch.where(zero, torch.zeros_like(scale), scale)
@@ -252,7 +242,6 @@ def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.T
     suml2 = seqsum(w * lv * lv)
     L = wrap(lv)
     for _ in range(5):  # a round that changes nothing leaves the state as it is (C's early break)
-        before = (L.clone(), sumlx, suml2)
         for i in range(n):
             Li = L[i]
             slx = sumlx - wx[i] * Li
@@ -264,8 +253,6 @@ def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.T
             L[i] = torch.where(upd, wrap(new_l), Li)
             sumlx = torch.where(upd, slx2, sumlx)
             suml2 = torch.where(upd, sl22, suml2)
-        if _unchanged(before, (L, sumlx, suml2)):
-            break
     scale = torch.where(suml2 > 0, div(sumlx, suml2), torch.zeros_like(sumlx))
     L = torch.where(zero, torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
