@@ -106,7 +106,7 @@ __all__ = ["CalibrationEngine", "LayerResult", "Policy", "AWQ_MAPPINGS", "EXPERT
 #: ``module_name`` is the HF weight name without ``.weight``, e.g. ``model.layers.3.mlp.experts.7.down_proj``.
 Policy = Callable[[str, tuple[int, int]], "QuantSpec | None"]
 
-METHODS = ("awq", "gptq")
+METHODS = ("awq", "gptq", "autoround")
 EXPERT_POLICIES = ("all-tokens", "rtn", "topk")
 
 #: ``expert_policy="topk"``: an expert with too few tokens is calibrated on the tokens that route to it when
@@ -376,7 +376,7 @@ class CalibrationEngine:
         spill_dir: Path | None = None,
     ):
         if method not in METHODS:
-            raise UsageError(f"unknown calibration method {method!r}", hint="use 'awq' or 'gptq'")
+            raise UsageError(f"unknown calibration method {method!r}", hint="use 'awq', 'gptq' or 'autoround'")
         if expert_policy not in EXPERT_POLICIES:
             raise UsageError(f"unknown expert policy {expert_policy!r}", hint="use 'all-tokens', 'rtn' or 'topk'")
         seqs = [torch.as_tensor(list(s), dtype=torch.long) for s in calib_ids]
@@ -404,6 +404,8 @@ class CalibrationEngine:
         #: ``dispatch(layer, groups)``: runs a MoE layer's routed expert groups ``[(e0, e1), ...]`` elsewhere
         #: and merges them into the layer (:mod:`.calib_ray`); None: here, one group after the other.
         self.expert_dispatch: Callable[[_Layer, list[tuple[int, int]]], None] | None = None
+        #: ``method="autoround"``: a :class:`~.calib_signround.SignRoundOptions` (None: its defaults).
+        self.signround = None
         self._positions = [torch.arange(s.numel()) for s in seqs]
         with torch.no_grad():
             self._hidden: list[torch.Tensor] = [self.model.embed(s) for s in seqs]  # (T_s, hidden) each
@@ -456,7 +458,17 @@ class CalibrationEngine:
         (default: whether :attr:`spill_dir` is set) says whether expert results go to disk."""
         spilled = self.spill_dir is not None if spilled is None else spilled
         return estimate_peak_bytes(self.cfg, self.method, self.num_tokens, expert_group=self.expert_group,
-                                   awq_candidates=self.awq_candidates, spilled=spilled)
+                                   awq_candidates=self.awq_candidates, spilled=spilled, **self._batch_shape())
+
+    def _batch_shape(self) -> dict:
+        """``autoround``: the tokens of its largest iteration batch and longest sequence (else nothing)."""
+        if self.method != "autoround":
+            return {}
+        from .calib_signround import SignRoundOptions
+
+        bs = (self.signround or SignRoundOptions()).batch_size
+        lens = sorted((int(p.numel()) for p in self._positions), reverse=True)
+        return {"batch_tokens": sum(lens[:bs]), "seq_len": lens[0]}
 
     @property
     def num_tokens(self) -> int:
@@ -497,15 +509,21 @@ class CalibrationEngine:
         try:
             stage_s: dict[str, float] = {}
             t1 = time.perf_counter()
-            self.report_stage(layer_idx, "capture")
-            lay.capture()
-            self.report_stage(layer_idx, "search")
-            t2 = time.perf_counter()
-            stage_s["capture"] = t2 - t1
-            if self.method == "awq":
-                lay.awq()
+            if self.method == "autoround":  # its own forward: convert/calib_signround.py
+                from .calib_signround import SignRoundOptions, signround_layer
+
+                t2 = t1
+                signround_layer(lay, self.signround or SignRoundOptions())
             else:
-                lay.gptq()
+                self.report_stage(layer_idx, "capture")
+                lay.capture()
+                self.report_stage(layer_idx, "search")
+                t2 = time.perf_counter()
+                stage_s["capture"] = t2 - t1
+                if self.method == "awq":
+                    lay.awq()
+                else:
+                    lay.gptq()
             t3 = time.perf_counter()
             stage_s["quantize"] = t3 - t2
             self.report_stage(layer_idx, "propagate")
@@ -1383,7 +1401,7 @@ def plan_groups(cfg: ModelConfig, method: str, n_tokens: int, budget: int, exper
 
 def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_group: int | None = None,
                         awq_candidates: int | None = None, act_bytes: int = 4, weight_bytes: int = 2,
-                        spilled: bool = True) -> int:
+                        spilled: bool = True, batch_tokens: int | None = None, seq_len: int | None = None) -> int:
     """Estimated peak memory (bytes, on top of the interpreter) of :meth:`CalibrationEngine.run_layer` over
     every decoder layer kind of ``cfg``, for ``n_tokens`` (T) calibration tokens in total: the largest of its
     three stages, each the sum of what the engine holds then (``act_bytes`` per activation value,
@@ -1409,7 +1427,8 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
 
     Routed experts' results are spilled to disk (``spilled``); otherwise their int8 levels (one byte per
     weight, all experts) are added. ``expert_group`` / ``awq_candidates`` None: as :func:`plan_groups` picks
-    them for :func:`default_budget` (what a run without ``--max-memory`` uses).
+    them for :func:`default_budget` (what a run without ``--max-memory`` uses). ``method="autoround"``:
+    :func:`~.calib_signround.estimate_signround_bytes` (``batch_tokens`` / ``seq_len``: its iteration batch).
 
     Returns:
         bytes (int).
@@ -1418,6 +1437,12 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
         g, c = plan_groups(cfg, method, n_tokens, default_budget(), expert_group)
         expert_group = g
         awq_candidates = c if awq_candidates is None else awq_candidates
+    if method == "autoround":  # its own working set (convert/calib_signround.py)
+        from .calib_signround import estimate_signround_bytes
+
+        return estimate_signround_bytes(cfg, n_tokens, expert_group=expert_group, batch_tokens=batch_tokens,
+                                        seq_len=seq_len, act_bytes=act_bytes, weight_bytes=weight_bytes,
+                                        chunk_tokens=CHUNK_TOKENS)
     T, H = int(n_tokens), cfg.hidden_size
     c = min(T, CHUNK_TOKENS)  # tokens of one capture / propagate chunk
     heads = cfg.num_attention_heads

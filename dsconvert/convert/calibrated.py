@@ -1,4 +1,4 @@
-"""``quantize --awq`` / ``--gptq``: drive the layer-streamed :class:`~dsconvert.convert.calibrate.CalibrationEngine`
+"""``quantize --awq`` / ``--gptq`` / ``--method autoround``: drive the layer-streamed :class:`~dsconvert.convert.calibrate.CalibrationEngine`
 from the quantize pipeline's producers.
 
 The pipeline writes layer-aligned shards in layer order; the first request for any tensor of decoder layer
@@ -58,6 +58,10 @@ class CalibratedRun:
                              lambda mod, shape: policy(mod + ".weight", shape), opts.method,
                              fmt.convention, self.ids, device=device, progress=self._stage,
                              expert_policy=opts.expert_policy)
+        if opts.method == "autoround":
+            from .calib_signround import SignRoundOptions
+
+            self.engine.signround = SignRoundOptions(iters=opts.iters, lr=opts.lr)
         self.n_layers = self.engine.num_layers
         self.layer: int | None = None
         self.result = None
@@ -78,6 +82,9 @@ class CalibratedRun:
         """
         from .calibrate_v4 import V4CalibrationEngine
 
+        if self.method == "autoround":
+            raise UsageError("--method autoround with --ray: SignRound runs on one machine for now",
+                             hint="drop --ray (autoround streams one layer and one expert group at a time)")
         if isinstance(self.engine, V4CalibrationEngine):
             raise UsageError(f"--{self.method} with --ray: DeepSeek-V4 calibration runs on one machine for now",
                              hint="drop --ray (V4 --gptq/--awq stream one layer and one expert group at a time)")
