@@ -4,8 +4,10 @@ layer, run by :class:`~dsconvert.convert.calibrate.CalibrationEngine` in place o
 Per layer ``i`` (input: the residual stream of the calibration sequences after the *quantized* layers
 ``0..i-1``, auto-round's ``enable_quanted_input``):
 
-1. **Target.** The float layer's output on that input (``ReferenceModel.layer_forward_seqwise``), one
-   ``(T_s, hidden)`` float32 tensor per sequence.
+1. **Target.** The float layer's output on the *float* model's residual stream
+   (:attr:`CalibrationEngine.reference_hidden`, advanced here layer by layer; auto-round's ``reference_output``
+   becoming the next block's input), one ``(T_s, hidden)`` float32 tensor per sequence. The trial outputs are
+   computed on the quantized stream, so a layer also learns to correct the error of the layers before it.
 2. **Attention, shared expert / dense MLP.** Their linears are optimized jointly on the MSE between the layer
    output with the trial weights and the target: the differentiable forward is the reference forward
    (``ReferenceModel.layer_forward_many``) over a weight source that serves the trial quantize-dequantized
@@ -16,9 +18,6 @@ Per layer ``i`` (input: the residual stream of the calibration sequences after t
    shared expert now fixed at their learned values, the post-attention residual, the MLP input and the
    routing are computed once; per iteration only the group's experts run, on their routed tokens of the
    batch, and the loss is the same layer-output MSE. Only the group's float weights and parameters are held.
-
-The target is the float layer on the quantized stream (one stream is kept, as for GPTQ/AWQ, so resume saves
-one residual stream); auto-round feeds its float block the float stream instead.
 
 Source: W. Cheng et al. arXiv 2309.05516; Intel auto-round (``AutoRound.quant_block``: block output MSE,
 ``enable_quanted_input``, defaults).
@@ -103,8 +102,17 @@ def signround_layer(lay, opts: SignRoundOptions) -> None:
         return dequantize(quantize(w, lay.specs[mod], conv, name=mod)).to(dtype)
 
     model = ReferenceModel(_TrialSource(eng._src, rtn), dtype, config=cfg, device=dev)
+    ref_in = eng.reference_hidden
+    if ref_in is None:  # layer 0 (the embeddings: both streams are equal), or a state saved without it
+        ref_in = hidden
+        target_kind = "float layer, float input" if lay.idx == 0 else "float layer, quantized input"
+    else:
+        ref_in = [h.to(dev) for h in ref_in]
+        target_kind = "float layer, float input"
     with torch.no_grad():
-        target = [y.to(torch.float32) for y in model.layer_forward_seqwise(lay.idx, hidden, positions)]
+        target = [y.to(torch.float32) for y in model.layer_forward_seqwise(lay.idx, ref_in, positions)]
+    del ref_in
+    eng.reference_hidden = [t.to(eng._hidden[0].dtype).cpu() for t in target]  # the next layer's float input
     stage_stats: list[dict] = []
 
     def sr_weight(n: str) -> SignRoundWeight:
@@ -150,7 +158,7 @@ def signround_layer(lay, opts: SignRoundOptions) -> None:
             "calibration": "dense" if e is None else lay.stats["experts"][e]["policy"]}
     lay.stats["autoround"] = {"iters": opts.iters, "lr": opts.lr if opts.lr is not None else
                               (1.0 / opts.iters if opts.iters else 0.0), "batch_size": opts.batch_size,
-                              "seed": opts.seed, "minmax": opts.minmax, "target": "float layer, quantized input",
+                              "seed": opts.seed, "minmax": opts.minmax, "target": target_kind,
                               "stages": stage_stats}
 
 
@@ -218,9 +226,13 @@ def _expert_groups(lay, model: ReferenceModel, hidden, positions, routed, sr_wei
         done = run(f"experts {e0}-{e1 - 1}", ws, loss_group) if names else {}
         lay.quantized.put({n: _to_cpu(done[n]) for n in names})
         learned = {n + ".weight": dequantize(qt).to(device=dev, dtype=dtype) for n, qt in done.items()}
+
+        def get_learned(name: str, learned=learned) -> torch.Tensor:
+            return learned[name] if name in learned else cast(name)
+
         for e in experts:
-            add(e, lambda name: learned[name] if name in learned else cast(name), fixed, 1.0)
-        del ws, done, learned
+            add(e, get_learned, fixed, 1.0)
+        del ws, done
 
 
 def estimate_signround_bytes(cfg, n_tokens: int, *, expert_group: int, batch_tokens: int | None = None,
@@ -231,7 +243,8 @@ def estimate_signround_bytes(cfg, n_tokens: int, *, expert_group: int, batch_tok
     ``batch_tokens`` per iteration (default T) in sequences of at most ``seq_len`` tokens (default
     ``batch_tokens``). The largest of:
 
-    * the attention (+ shared expert / dense MLP) stage: the residual stream (``act_bytes``), the float target
+    * the attention (+ shared expert / dense MLP) stage: the quantized and the float model's residual streams
+      (``act_bytes``), the float target
       (T x hidden float32), the layer's non-expert source weights (``weight_bytes``), per trained linear eight
       float32 ``(M, N)`` (weight, ``v``, its gradient and best copy, the trial weight, its gradient and two
       temporaries), every routed expert's RTN weight in float32 (the batch's forward holds them for the
@@ -257,7 +270,7 @@ def estimate_signround_bytes(cfg, n_tokens: int, *, expert_group: int, batch_tok
              (H, nh * cfg.v_head_dim)]
     attn_params = sum(m * n for m, n in attn)
     a = act_bytes
-    stream = a * T * H + 4 * T * H  # residual stream + float target
+    stream = 2 * a * T * H + 4 * T * H  # the quantized and the float residual streams + the float target
     per_tok_attn = 6 * H + sum(m for m, _ in attn) + 3 * nh * S
     peaks = []
     for moe in {cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)}:

@@ -404,8 +404,10 @@ class CalibrationEngine:
         #: ``dispatch(layer, groups)``: runs a MoE layer's routed expert groups ``[(e0, e1), ...]`` elsewhere
         #: and merges them into the layer (:mod:`.calib_ray`); None: here, one group after the other.
         self.expert_dispatch: Callable[[_Layer, list[tuple[int, int]]], None] | None = None
-        #: ``method="autoround"``: a :class:`~.calib_signround.SignRoundOptions` (None: its defaults).
+        #: ``method="autoround"``: a :class:`~.calib_signround.SignRoundOptions` (None: its defaults), and the
+        #: float model's residual stream after the last calibrated layer (its targets' input; None before layer 1).
         self.signround = None
+        self.reference_hidden: list[torch.Tensor] | None = None
         self._positions = [torch.arange(s.numel()) for s in seqs]
         with torch.no_grad():
             self._hidden: list[torch.Tensor] = [self.model.embed(s) for s in seqs]  # (T_s, hidden) each

@@ -8,7 +8,7 @@ are resident at a time. Tensors of the MTP block (layers >= num_hidden_layers, n
 quantized with RTN, and the report says so.
 
 Resume: after each layer the residual stream of the calibration sequences is saved with safetensors in
-``OUT/calibration-state.safetensors`` (hidden states, no pickle); a resumed run whose finished shards cover
+``OUT/calibration-state.safetensors`` (hidden states, no pickle; autoround also the float model's stream); a resumed run whose finished shards cover
 layers ``0..L`` restores it and continues at ``L + 1`` instead of recalibrating from layer 0.
 """
 
@@ -156,12 +156,15 @@ class CalibratedRun:
         if self.out_dir is None:
             return
         tensors = {f"hidden.{i}": h.float().contiguous() for i, h in enumerate(self.engine.hidden_states)}
+        ref = getattr(self.engine, "reference_hidden", None)  # autoround: the float stream too
+        if ref is not None:
+            tensors.update({f"reference.{i}": h.float().contiguous() for i, h in enumerate(ref)})
         from .manifest import commit_tmp
 
         tmp = self.out_dir / (STATE_NAME + ".tmp")
         try:
             save_file(tensors, str(tmp), metadata={"next_layer": str(self.engine.next_layer),
-                                                   "sequences": str(len(tensors))})
+                                                   "sequences": str(len(self.engine.hidden_states))})
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -199,10 +202,13 @@ class CalibratedRun:
         if next_layer != last_done + 1:
             return
         hs = load_file(str(state))
-        hidden = [hs[f"hidden.{i}"] for i in range(len(hs))]
+        n = sum(1 for k in hs if k.startswith("hidden."))
+        hidden = [hs[f"hidden.{i}"] for i in range(n)]
         if len(hidden) != len(self.engine.hidden_states):
             return
         self.engine.restore(hidden, next_layer)
+        if f"reference.{n - 1}" in hs:  # autoround's float stream
+            self.engine.reference_hidden = [hs[f"reference.{i}"] for i in range(n)]
         self.resumed_at = next_layer
 
     def report(self) -> dict:
