@@ -23,7 +23,7 @@ from dsconvert.testing.fixtures import build_checkpoint
 from ..conftest import popen_cli, run_cli
 
 #: W4A16 g64, held-out default windows, calibration seed 0 (bench/bench_quality.py, this CPU); RTN 5.894e-3
-MEASURED_G64 = (3.72e-3, 0.9478)
+MEASURED_G64 = (3.333e-3, 0.9494)
 MARGIN = 1.30  # the calibrated methods' margin (tests/convert/test_quality.py)
 RTN_G64 = 5.894e-3
 
