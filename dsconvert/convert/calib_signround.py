@@ -110,7 +110,10 @@ def signround_layer(lay, opts: SignRoundOptions) -> None:
         ref_in = [h.to(dev) for h in ref_in]
         target_kind = "float layer, float input"
     with torch.no_grad():
-        target = [y.to(torch.float32) for y in model.layer_forward_seqwise(lay.idx, ref_in, positions)]
+        # the float layer: its own source (``model``'s serves the routed experts at RTN)
+        float_layer = ReferenceModel(eng._src, dtype, config=cfg, device=dev)
+        target = [y.to(torch.float32) for y in float_layer.layer_forward_seqwise(lay.idx, ref_in, positions)]
+        del float_layer
     del ref_in
     eng.reference_hidden = [t.to(eng._hidden[0].dtype).cpu() for t in target]  # the next layer's float input
     stage_stats: list[dict] = []
