@@ -1,4 +1,4 @@
-"""Quality of RTN / AWQ / GPTQ (ours) on the trained tiny DeepSeek-V3, against its FP8 source.
+"""Quality of RTN / AWQ / GPTQ / AutoRound-SignRound (ours) on the trained tiny DeepSeek-V3, against its FP8 source.
 
 For each method and group size: Mean KLD and Same top p on ``validate``'s default held-out windows (the bundled
 evaluation text, 16 x 128 tokens, disjoint from the calibration set), at two calibration seeds (different
@@ -8,9 +8,13 @@ experts with few calibration tokens (all-tokens / rtn / topk) in a starved setti
 8 experts x top-2 in two MoE layers: about half the experts get fewer than 16); at the default 8 x 128 tokens no
 expert of this model gets fewer than 139, so the policies coincide there.
 
-Peers (llm-compressor, auto-round) run only when installed; they are not dependencies.
+Peers run only when installed; they are not dependencies. auto-round runs through bench/peer_autoround.py
+(same calibration windows, W4A16, 200 iterations) under ``--autoround-python`` (a separate venv) or this
+interpreter when it imports ``auto_round``. ``seconds``: wall time of the quantize run (auto-round: its quantize
+and save, the model load excluded).
 
-    python bench/bench_quality.py [--part methods|policies|all] [--groups 64,128]
+    python bench/bench_quality.py [--part methods|policies|all] [--groups 64,128] [--methods awq,gptq,autoround]
+        [--autoround-python /tmp/arvenv/bin/python]
 """
 
 from __future__ import annotations
@@ -55,22 +59,43 @@ def quantize(src: Path, out: Path, **kw) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1), "report": rep}
 
 
-def methods(ev: Evaluator, tmp: Path, groups: list[int]) -> list[dict]:
+def methods(ev: Evaluator, tmp: Path, groups: list[int], methods_run=("awq", "gptq", "autoround"),
+            peer_python: str | None = None) -> list[dict]:
     rows = []
     for g in groups:
-        rtn = ev(_q(ev, tmp, "rtn", group_size=g))
-        rows.append({"method": "rtn", "group": g, "seed": None, **rtn, "x_rtn": 1.0})
-        for method in ("awq", "gptq"):
+        out, sec = _q(ev, tmp, "rtn", group_size=g)
+        rtn = ev(out)
+        rows.append({"method": "rtn", "group": g, "seed": None, **rtn, "x_rtn": 1.0, "seconds": sec})
+        for method in methods_run:
             for seed in (0, 1):
-                r = ev(_q(ev, tmp, method, group_size=g, method=method, calib_seed=seed))
-                rows.append({"method": method, "group": g, "seed": seed, **r, "x_rtn": r["mean_kld"] / rtn["mean_kld"]})
+                out, sec = _q(ev, tmp, method, group_size=g, method=method, calib_seed=seed)
+                r = ev(out)
+                rows.append({"method": method, "group": g, "seed": seed, **r, "x_rtn": r["mean_kld"] / rtn["mean_kld"],
+                             "seconds": sec})
+        if peer_python:  # Intel auto-round on the same calibration windows (bench/peer_autoround.py)
+            for seed in (0, 1):
+                r, sec = _peer(ev, tmp, peer_python, g, seed)
+                rows.append({"method": "auto-round", "group": g, "seed": seed, **r,
+                             "x_rtn": r["mean_kld"] / rtn["mean_kld"], "seconds": sec})
     return rows
 
 
-def _q(ev: Evaluator, tmp: Path, tag: str, **kw) -> Path:
+def _q(ev: Evaluator, tmp: Path, tag: str, **kw) -> tuple[Path, float]:
     out = tmp / tag
-    quantize(ev.src, out, **kw)
-    return out
+    return out, quantize(ev.src, out, **kw)["seconds"]
+
+
+def _peer(ev: Evaluator, tmp: Path, python: str, group: int, seed: int) -> tuple[dict, float]:
+    """auto-round via bench/peer_autoround.py under ``python`` (an interpreter that imports auto_round)."""
+    import subprocess
+
+    out = tmp / f"peer-{group}-{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    p = subprocess.run([python, str(Path(__file__).parent / "peer_autoround.py"), "--src", str(ev.src), "--out",
+                        str(out), "--group", str(group), "--calib-seed", str(seed), "--dsconvert-python",
+                        sys.executable], capture_output=True, text=True, check=True)
+    rec = json.loads(p.stdout.strip().splitlines()[-1])
+    return ev(out), rec["seconds"]
 
 
 def policies(ev: Evaluator, tmp: Path) -> list[dict]:
@@ -89,9 +114,10 @@ def policies(ev: Evaluator, tmp: Path) -> list[dict]:
     return rows
 
 
-def peers() -> dict:
-    return {name: ("installed, not wired into this bench" if importlib.util.find_spec(mod) else "not installed")
-            for name, mod in (("llm-compressor", "llmcompressor"), ("auto-round", "auto_round"))}
+def peers(peer_python: str | None) -> dict:
+    return {"llm-compressor": "installed, not wired into this bench" if importlib.util.find_spec("llmcompressor")
+            else "not installed",
+            "auto-round": f"run with {peer_python}" if peer_python else "not installed (--autoround-python)"}
 
 
 def _spread(rows: list[dict], key: str, *group) -> None:
@@ -111,21 +137,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", default="methods", choices=("methods", "policies", "all"))
     ap.add_argument("--groups", default="64,128")
+    ap.add_argument("--methods", default="awq,gptq,autoround", help="calibrated methods of ours to run")
+    ap.add_argument("--autoround-python", default=None,
+                    help="an interpreter that imports auto_round (default: this one, when it does)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(2)
+    peer_python = a.autoround_python or (sys.executable if importlib.util.find_spec("auto_round") else None)
     ev = Evaluator(TRAINED_DIR)
     print(f"trained tiny DeepSeek-V3, held-out windows: {len(ev.seqs)} x <= 128 "
-          f"({sum(len(s) for s in ev.seqs)} tokens); peers: {peers()}")
+          f"({sum(len(s) for s in ev.seqs)} tokens); peers: {peers(peer_python)}")
     out = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if a.part in ("methods", "all"):
-            rows = out["methods"] = methods(ev, tmp, [int(g) for g in a.groups.split(",")])
-            print(f"{'method':6} {'g':>4} {'seed':>4} {'Mean KLD':>10} {'x RTN':>6} {'Same top p':>10}")
+            rows = out["methods"] = methods(ev, tmp, [int(g) for g in a.groups.split(",")],
+                                            tuple(m for m in a.methods.split(",") if m), peer_python)
+            print(f"{'method':10} {'g':>4} {'seed':>4} {'Mean KLD':>10} {'x RTN':>6} {'Same top p':>10} {'seconds':>8}")
             for r in rows:
-                print(f"{r['method']:6} {r['group']:>4} {str(r['seed']):>4} {r['mean_kld']:10.3e} "
-                      f"{r['x_rtn']:6.2f} {r['same_top_p'] * 100:9.2f}%")
+                print(f"{r['method']:10} {r['group']:>4} {str(r['seed']):>4} {r['mean_kld']:10.3e} "
+                      f"{r['x_rtn']:6.2f} {r['same_top_p'] * 100:9.2f}% {r['seconds']:8.1f}")
             print("seed spread (two equivalent calibrations: the noise floor):")
             _spread([r for r in rows if r["seed"] is not None], "mean_kld", "method", "group")
         if a.part in ("policies", "all"):

@@ -527,7 +527,12 @@ def quantize_cmd(
     fmt: Annotated[str, typer.Option("--format", help=_FORMAT_HELP)] = "compressed-tensors",
     checkpoint_format: Annotated[Optional[str], typer.Option("--checkpoint-format",
                                                              help="gptq only: gptq (v1) | gptq_v2")] = None,
-    method: Annotated[str, typer.Option("--method", help="rtn | awq | gptq")] = "rtn",
+    method: Annotated[str, typer.Option("--method", help="rtn | awq | gptq | autoround (SignRound: learned "
+                                        "rounding and clipping, int weight-only schemes, DeepSeek-V2/V3)")] = "rtn",
+    iters: Annotated[int, typer.Option("--iters", min=0, help="autoround: sign-gradient iterations per stage "
+                                       "(auto-round's default 200)")] = 200,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="autoround: learning rate of the rounding offsets "
+                                                "and clipping factors (default 1 / iters)")] = None,
     awq: Annotated[bool, typer.Option("--awq", help="shorthand for --method awq")] = False,
     gptq: Annotated[bool, typer.Option("--gptq", help="shorthand for --method gptq")] = False,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="NAME|re:REGEX", help="keep a module unquantized: exact name "
@@ -571,7 +576,7 @@ def quantize_cmd(
                           method=chosen[0] if chosen else method, ignore=list(ignore or []), strict=strict, mtp=mtp,
                           max_shard_size=_size(max_shard_size), device=device, workers=workers,
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
-                          seq_len=seq_len, calib_seed=calib_seed, expert_policy=expert_policy)
+                          seq_len=seq_len, calib_seed=calib_seed, expert_policy=expert_policy, iters=iters, lr=lr)
         ex = ray.executor(workers)
         rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                      progress=_progress_enabled(ui.quiet), verify=check_verify_mode(verify), executor=ex)

@@ -94,7 +94,7 @@ from .calib_gptq import GptqStage
 
 __all__ = ["CalibrationEngine", "LayerResult", "Policy", "AWQ_MAPPINGS", "EXPERT_POLICIES", "METHODS"]
 
-METHODS = ("awq", "gptq")
+METHODS = ("awq", "gptq", "autoround")
 EXPERT_POLICIES = ("all-tokens", "rtn", "topk")
 
 #: Calibration tokens (at most, whole sequences; at least one sequence) the capture and propagate forwards
@@ -164,7 +164,7 @@ class CalibrationEngine(CalibrationEngineBase):
         spill_dir: Path | None = None,
     ):
         if method not in METHODS:
-            raise UsageError(f"unknown calibration method {method!r}", hint="use 'awq' or 'gptq'")
+            raise UsageError(f"unknown calibration method {method!r}", hint="use 'awq', 'gptq' or 'autoround'")
         if expert_policy not in EXPERT_POLICIES:
             raise UsageError(f"unknown expert policy {expert_policy!r}", hint="use 'all-tokens', 'rtn' or 'topk'")
         super().__init__(source, policy, method, convention, calib_ids, dtype=dtype, damp=damp,
@@ -174,6 +174,10 @@ class CalibrationEngine(CalibrationEngineBase):
         #: ``dispatch(stage, groups)``: runs a MoE layer's routed expert groups ``[(e0, e1), ...]`` elsewhere
         #: and merges them into the layer (:mod:`.calib_ray`); None: here, one group after the other.
         self.expert_dispatch: Callable[[object, list[tuple[int, int]]], None] | None = None
+        #: ``method="autoround"``: a :class:`~.calib_signround.SignRoundOptions` (None: its defaults), and the
+        #: float model's residual stream after the last calibrated layer (its targets' input; None before layer 1).
+        self.signround = None
+        self.reference_hidden: list[torch.Tensor] | None = None
         self._torn: int | None = None  # a layer whose propagate forward failed part way (see run_layer)
 
     def restore(self, hidden: Sequence[torch.Tensor], next_layer: int) -> None:
@@ -191,7 +195,17 @@ class CalibrationEngine(CalibrationEngineBase):
         (default: whether :attr:`spill_dir` is set) says whether expert results go to disk."""
         spilled = self.spill_dir is not None if spilled is None else spilled
         return estimate_peak_bytes(self.cfg, self.method, self.num_tokens, expert_group=self.expert_group,
-                                   awq_candidates=self.awq_candidates, spilled=spilled)
+                                   awq_candidates=self.awq_candidates, spilled=spilled, **self._batch_shape())
+
+    def _batch_shape(self) -> dict:
+        """``autoround``: the tokens of its largest iteration batch and longest sequence (else nothing)."""
+        if self.method != "autoround":
+            return {}
+        from .calib_signround import SignRoundOptions
+
+        bs = (self.signround or SignRoundOptions()).batch_size
+        lens = sorted((int(p.numel()) for p in self.positions), reverse=True)
+        return {"batch_tokens": sum(lens[:bs]), "seq_len": lens[0]}
 
 
     @torch.no_grad()
@@ -220,21 +234,29 @@ class CalibrationEngine(CalibrationEngineBase):
         t0 = time.perf_counter()
         self.source.reset()
         cap = LayerCapture(self, layer_idx)
-        stage: CalibStage = AwqStage(cap) if self.method == "awq" else GptqStage(cap)
+        stages = {"awq": AwqStage, "gptq": GptqStage}
+        stage: CalibStage | None = stages[self.method](cap) if self.method in stages else None
         try:
             stage_s: dict[str, float] = {}
             t1 = time.perf_counter()
-            self.report_stage(layer_idx, "capture")
-            cap.capture(CHUNK_TOKENS)
-            self.report_stage(layer_idx, "search")
-            t2 = time.perf_counter()
-            stage_s["capture"] = t2 - t1
-            stage.run()
+            if stage is None:  # autoround: its own forward (convert/calib_signround.py), no capture
+                from .calib_signround import SignRoundOptions, signround_layer
+
+                t2 = t1
+                signround_layer(cap, self.signround or SignRoundOptions())
+            else:
+                self.report_stage(layer_idx, "capture")
+                cap.capture(CHUNK_TOKENS)
+                self.report_stage(layer_idx, "search")
+                t2 = time.perf_counter()
+                stage_s["capture"] = t2 - t1
+                stage.run()
             t3 = time.perf_counter()
             stage_s["quantize"] = t3 - t2
             self.report_stage(layer_idx, "propagate")
             self.source.overrides = Overrides(cap.quantized, cap.replaced)
-            stage.release()  # the calibration caches go before the propagate forward needs its own
+            if stage is not None:
+                stage.release()  # the calibration caches go before the propagate forward needs its own
             cap.release()
             gc.collect()
             # a chunk of sequences at a time, each output replacing its input (the old and new residual
@@ -253,7 +275,8 @@ class CalibrationEngine(CalibrationEngineBase):
             raise
         finally:
             self.source.reset()
-            stage.release()
+            if stage is not None:
+                stage.release()
             cap.release()
             del cap, stage
             gc.collect()
@@ -322,7 +345,7 @@ def plan_groups(cfg: ModelConfig, method: str, n_tokens: int, budget: int, exper
 
 def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_group: int | None = None,
                         awq_candidates: int | None = None, act_bytes: int = 4, weight_bytes: int = 2,
-                        spilled: bool = True) -> int:
+                        spilled: bool = True, batch_tokens: int | None = None, seq_len: int | None = None) -> int:
     """Estimated peak memory (bytes, on top of the interpreter) of :meth:`CalibrationEngine.run_layer` over
     every decoder layer kind of ``cfg``, for ``n_tokens`` (T) calibration tokens in total: the largest of its
     three stages, each the sum of what the engine holds then (``act_bytes`` per activation value,
@@ -348,7 +371,8 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
 
     Routed experts' results are spilled to disk (``spilled``); otherwise their int8 levels (one byte per
     weight, all experts) are added. ``expert_group`` / ``awq_candidates`` None: as :func:`plan_groups` picks
-    them for :func:`default_budget` (what a run without ``--max-memory`` uses).
+    them for :func:`default_budget` (what a run without ``--max-memory`` uses). ``method="autoround"``:
+    :func:`~.calib_signround.estimate_signround_bytes` (``batch_tokens`` / ``seq_len``: its iteration batch).
 
     Returns:
         bytes (int).
@@ -357,6 +381,12 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
         g, c = plan_groups(cfg, method, n_tokens, default_budget(), expert_group)
         expert_group = g
         awq_candidates = c if awq_candidates is None else awq_candidates
+    if method == "autoround":  # its own working set (convert/calib_signround.py)
+        from .calib_signround import estimate_signround_bytes
+
+        return estimate_signround_bytes(cfg, n_tokens, expert_group=expert_group, batch_tokens=batch_tokens,
+                                        seq_len=seq_len, act_bytes=act_bytes, weight_bytes=weight_bytes,
+                                        chunk_tokens=CHUNK_TOKENS)
     T, H = int(n_tokens), cfg.hidden_size
     c = min(T, CHUNK_TOKENS)  # tokens of one capture / propagate chunk
     heads = cfg.num_attention_heads

@@ -1,4 +1,4 @@
-"""``quantize --awq`` / ``--gptq``: drive the layer-streamed :class:`~dsconvert.convert.calibrate.CalibrationEngine`
+"""``quantize --awq`` / ``--gptq`` / ``--method autoround``: drive the layer-streamed :class:`~dsconvert.convert.calibrate.CalibrationEngine`
 from the quantize pipeline's producers.
 
 The pipeline writes layer-aligned shards in layer order; the first request for any tensor of decoder layer
@@ -8,7 +8,7 @@ are resident at a time. Tensors of the MTP block (layers >= num_hidden_layers, n
 quantized with RTN, and the report says so.
 
 Resume: after each layer the residual stream of the calibration sequences is saved with safetensors in
-``OUT/calibration-state.safetensors`` (hidden states, no pickle); a resumed run whose finished shards cover
+``OUT/calibration-state.safetensors`` (hidden states, no pickle; autoround also the float model's stream); a resumed run whose finished shards cover
 layers ``0..L`` restores it and continues at ``L + 1`` instead of recalibrating from layer 0.
 """
 
@@ -58,6 +58,10 @@ class CalibratedRun:
                              lambda mod, shape: policy(mod + ".weight", shape), opts.method,
                              fmt.convention, self.ids, device=device, progress=self._stage,
                              expert_policy=opts.expert_policy)
+        if opts.method == "autoround":
+            from .calib_signround import SignRoundOptions
+
+            self.engine.signround = SignRoundOptions(iters=opts.iters, lr=opts.lr)
         self.n_layers = self.engine.num_layers
         self.layer: int | None = None
         self.result = None
@@ -78,6 +82,9 @@ class CalibratedRun:
         """
         from .calibrate_v4 import V4CalibrationEngine
 
+        if self.method == "autoround":
+            raise UsageError("--method autoround with --ray: SignRound runs on one machine for now",
+                             hint="drop --ray (autoround streams one layer and one expert group at a time)")
         if isinstance(self.engine, V4CalibrationEngine):
             raise UsageError(f"--{self.method} with --ray: DeepSeek-V4 calibration runs on one machine for now",
                              hint="drop --ray (V4 --gptq/--awq stream one layer and one expert group at a time)")
@@ -149,12 +156,15 @@ class CalibratedRun:
         if self.out_dir is None:
             return
         tensors = {f"hidden.{i}": h.float().contiguous() for i, h in enumerate(self.engine.hidden_states)}
+        ref = getattr(self.engine, "reference_hidden", None)  # autoround: the float stream too
+        if ref is not None:
+            tensors.update({f"reference.{i}": h.float().contiguous() for i, h in enumerate(ref)})
         from .manifest import commit_tmp
 
         tmp = self.out_dir / (STATE_NAME + ".tmp")
         try:
             save_file(tensors, str(tmp), metadata={"next_layer": str(self.engine.next_layer),
-                                                   "sequences": str(len(tensors))})
+                                                   "sequences": str(len(self.engine.hidden_states))})
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -192,10 +202,13 @@ class CalibratedRun:
         if next_layer != last_done + 1:
             return
         hs = load_file(str(state))
-        hidden = [hs[f"hidden.{i}"] for i in range(len(hs))]
+        n = sum(1 for k in hs if k.startswith("hidden."))
+        hidden = [hs[f"hidden.{i}"] for i in range(n)]
         if len(hidden) != len(self.engine.hidden_states):
             return
         self.engine.restore(hidden, next_layer)
+        if f"reference.{n - 1}" in hs:  # autoround's float stream
+            self.engine.reference_hidden = [hs[f"reference.{i}"] for i in range(n)]
         self.resumed_at = next_layer
 
     def report(self) -> dict:

@@ -76,7 +76,7 @@ class Options:
     scale_fmt: str | None = None  # FP8_BLOCK: None (amax / 448) or "ue8m0" (power-of-two scales)
     format: str = "compressed-tensors"
     checkpoint_format: str | None = None  # gptq only: gptq (v1, default) | gptq_v2
-    method: str = "rtn"  # rtn | awq | gptq
+    method: str = "rtn"  # rtn | awq | gptq | autoround
     ignore: list[str] = field(default_factory=list)
     strict: bool = field(default=False, metadata=NOT_FINGERPRINTED)  # warnings become errors: no byte changes
     mtp: str = "keep"
@@ -91,9 +91,14 @@ class Options:
     seq_len: int = 128
     calib_seed: int = 0  # which windows of the calibration text are drawn (calibration_data.select_windows)
     expert_policy: str = "all-tokens"  # experts with few calibration tokens: all-tokens | rtn | topk
+    iters: int = 200  # autoround: SignRound iterations per stage
+    lr: float | None = None  # autoround: learning rate (None: 1 / iters)
 
     def fingerprinted(self) -> dict:
         d = option_fingerprint(self)
+        if self.method != "autoround":  # unchanged fingerprint for the other methods
+            d.pop("iters")
+            d.pop("lr")
         if not (self.preset or self.recipe or self.scheme_for):  # unchanged fingerprint for single-scheme runs
             for k in ("preset", "recipe", "scheme_for", "scheme_given"):
                 d.pop(k)
@@ -148,9 +153,11 @@ def resolve_scheme(opts: Options) -> tuple[Scheme, SchemeDescription]:
         guess = f"did you mean {' or '.join(close)}? " if close else ""
         raise UsageError(f"unknown --scheme {opts.scheme!r}", hint=guess + "schemes: " + SCHEMES.describe()) from None
     if opts.method not in scheme.methods:
-        raise UsageError(f"scheme {scheme.name} cannot be produced with --{opts.method}",
-                         hint=f"{scheme.name} takes: " + ", ".join("RTN (no flag)" if m == "rtn" else f"--{m}"
-                                                                    for m in scheme.methods))
+        def flag(m: str) -> str:
+            return "RTN (no flag)" if m == "rtn" else "--method autoround" if m == "autoround" else f"--{m}"
+
+        raise UsageError(f"scheme {scheme.name} cannot be produced with {flag(opts.method)}",
+                         hint=f"{scheme.name} takes: " + ", ".join(flag(m) for m in scheme.methods))
     return scheme, scheme.describe(opts.group_size, scale_fmt=opts.scale_fmt)
 
 
@@ -634,6 +641,9 @@ def _refuse_v4_options(ck: Checkpoint, opts: Options) -> None:
     """
     works = ("V4 quantizes with RTN to one --scheme (W4A16, W8A16, ...) or a recipe (--preset experts-mxfp4 "
              "keeps the release's FP4 experts as MXFP4 byte for byte) in --format compressed-tensors")
+    if opts.method == "autoround":
+        raise UsageError("--method autoround on a DeepSeek-V4 checkpoint is not supported (its SignRound forward "
+                         "is the DeepSeek-V2/V3 decoder layer)", hint="use --gptq or --awq for V4, or RTN")
     if opts.method != "rtn" and opts.per_module:
         raise UsageError(f"--{opts.method} on a DeepSeek-V4 checkpoint takes one integer --scheme (W4A16, W8A16)",
                          hint=f"drop the recipe / FP4 scheme, or drop --{opts.method} for RTN")
@@ -656,8 +666,11 @@ def run(src: Path, out: Path | None, opts: Options, *, dry_run: bool = False, ov
     """
     t0 = time.perf_counter()
     src = Path(src)
-    if opts.method not in ("rtn", "awq", "gptq"):
-        raise UsageError(f"--method {opts.method!r}", hint="use rtn, awq or gptq")
+    if opts.method not in ("rtn", "awq", "gptq", "autoround"):
+        raise UsageError(f"--method {opts.method!r}", hint="use rtn, awq, gptq or autoround")
+    if opts.method == "autoround" and (opts.iters < 0 or (opts.lr is not None and opts.lr <= 0)):
+        raise UsageError(f"--method autoround with --iters {opts.iters} --lr {opts.lr}",
+                         hint="--iters >= 0 and --lr > 0 (default 1 / iters)")
     executor = executor or LocalExecutor(opts.workers)
     calib_remote = None  # calibrated on Ray: the expert groups are the units, the shards are written here
     if opts.method != "rtn":

@@ -63,7 +63,7 @@ class Scheme:
     """Base class of integer weight-only schemes; subclasses set ``bits``, ``group_size``, ``symmetric``.
 
     Attributes:
-        methods: algorithms that can produce this scheme (``rtn``, ``awq``, ``gptq``).
+        methods: algorithms that can produce this scheme (``rtn``, ``awq``, ``gptq``, ``autoround``).
         default_format: the ``--format`` used when none is given.
     """
 
@@ -75,7 +75,7 @@ class Scheme:
     allow_group: ClassVar[bool] = True
     input_activations: ClassVar[ActivationArgs | None] = None
     default_format: ClassVar[str] = "compressed-tensors"
-    methods: ClassVar[tuple[str, ...]] = ("rtn", "awq", "gptq")
+    methods: ClassVar[tuple[str, ...]] = ("rtn", "awq", "gptq", "autoround")
     summary: ClassVar[str] = ""
 
     def spec(self, group_size: int | None = None, *, scale_fmt: str | None = None) -> QuantSpec | FP8BlockSpec:
