@@ -108,10 +108,14 @@ def test_capture_matches_transformers_hooks(v4_src, hf_v4, T):
         routed = sum(ours[n].shape[0] for n in ours if n.startswith(f"layers.{layer}.ffn.experts.")
                      and n.endswith(".w1"))
         assert routed == T * g.experts_per_tok
+    # two float32 forwards whose matmul and reduction orders differ with the CPU's kernels (ATen picks them
+    # per CPU): the deepest captured inputs differed by 1.09e-6 of their largest value on an AMD EPYC, where
+    # the Intel machine that wrote this test stayed within 1e-6; an input captured from the wrong place is
+    # off by O(1)
     for n, x in ref.items():
         assert ours[n].shape == x.shape, n
         scale = x.abs().max().item()
-        assert (ours[n] - x).abs().max().item() <= 1e-6 * scale, n
+        assert (ours[n] - x).abs().max().item() <= 1e-5 * scale, n
 
 
 def test_imatrix_v4_equals_transformers_hooks(v4_src, hf_v4, tmp_path):
