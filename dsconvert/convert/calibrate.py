@@ -216,8 +216,9 @@ class CalibrationEngine(CalibrationEngineBase):
             :class:`LayerResult`. ``stats`` holds ``layer``, ``method``, ``seconds``, ``tokens`` (calibration
             tokens), ``linears`` (``{module: {"tokens", "rel_output_mse", "calibration"}}``: tokens the
             linear was calibrated on, the relative output MSE ``||XWᵀ - XŴᵀ||² / ||XWᵀ||²`` of the
-            quantized weight on those tokens (AWQ: up to 512 of them, against the folded float weight),
-            and ``"routed"``/``"all-tokens"``/``"rtn"``/``"topk"``/``"dense"``), ``experts`` (MoE layers:
+            quantized weight on those tokens (a sample of up to 512 of them, except GPTQ's routed experts:
+            all, through their Hessian; AWQ: against the folded float weight), and
+            ``"routed"``/``"all-tokens"``/``"rtn"``/``"topk"``/``"dense"``), ``experts`` (MoE layers:
             ``{eid: {"tokens_routed", "policy"}}``, plus ``"tokens_topk"`` under the ``topk`` policy),
             ``smoothing`` (AWQ: ``{prev op: {"best_ratio", "mse_best", "mse_grid", "linears"}}``) and ``clip``
             (AWQ: ``{module: mean shrink of max|w|}``).
@@ -286,8 +287,8 @@ class CalibrationEngine(CalibrationEngineBase):
 
 
 class _StageEngine:
-    """The engine settings an expert group reads (:meth:`~.calib_capture.CalibStage.expert_stage`'s ``meta``), in a process that
-    runs only expert groups (a Ray worker): no calibration sequences, no forward."""
+    """The engine settings an expert group reads (:meth:`~.calib_capture.CalibStage.expert_stage`'s ``meta``),
+    in a process that runs only expert groups (a Ray worker): no calibration sequences, no forward."""
 
     def __init__(self, source: WeightSource, meta: dict):
         self.source = LayerSource(source)
