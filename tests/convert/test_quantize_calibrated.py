@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from dsconvert.testing.fixtures import build_checkpoint
 
@@ -89,23 +88,11 @@ def test_awq_folds_router_and_norms_only(src, tmp_path):
 
 
 def test_gptq_output_reads_back_with_compressed_tensors(src, tmp_path):
-    from ..formats.test_int_formats import library_decompress
-
-    from dsconvert.convert.weights import CheckpointWeightSource
+    from ..formats.test_int_formats import assert_library_reads_modules
 
     out = tmp_path / "gptq-ct"
     _quantize(src, out, "--gptq", "--format", "compressed-tensors")
-    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    ours = CheckpointWeightSource(out)
-    for name in ("model.layers.1.mlp.experts.5.down_proj", "model.layers.0.self_attn.kv_b_proj"):
-        state = {}
-        for shard in out.glob("model-*.safetensors"):
-            with safe_open(str(shard), "pt") as f:
-                state.update({k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")})
-        assert state, f"{name} not written"
-        lib = library_decompress(cfg, state)
-        assert torch.equal(lib.float(), ours.get(name + ".weight").float())
-
+    assert_library_reads_modules(out, ("model.layers.1.mlp.experts.5.down_proj", "model.layers.0.self_attn.kv_b_proj"))
 
 @pytest.mark.slow
 def test_gptq_resume_after_kill_is_byte_identical(tmp_path):

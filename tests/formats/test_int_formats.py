@@ -99,6 +99,24 @@ def library_decompress(cfg: dict, tensors: dict) -> torch.Tensor:
     return compressor.decompress(dict(tensors), scheme)["weight"]
 
 
+def assert_library_reads_modules(out, modules) -> None:
+    """Every module of ``modules`` in the compressed-tensors checkpoint ``out``: compressed-tensors' own
+    decompression equals what dsconvert reads back (``CheckpointWeightSource``)."""
+    from safetensors import safe_open
+
+    from dsconvert.convert.weights import CheckpointWeightSource
+
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    ours = CheckpointWeightSource(out)
+    for name in modules:
+        state = {}
+        for shard in out.glob("model-*.safetensors"):
+            with safe_open(str(shard), "pt") as f:
+                state.update({k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")})
+        assert state, f"{name} not written"
+        assert torch.equal(library_decompress(cfg, state).float(), ours.get(name + ".weight").float()), name
+
+
 @pytest.mark.parametrize("spec", [W4A16, W4A16_ASYM, W8A16, W8A16_CH, QuantSpec(4, 32, False)],
                          ids=["W4A16", "W4A16_ASYM", "W8A16", "W8A16-channel", "W4A16_ASYM-g32"])
 def test_compressed_tensors_library_decompress_is_bit_equal(spec):
