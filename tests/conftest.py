@@ -63,6 +63,24 @@ def run_cli(*args, timeout: float = 180, **env: str) -> CliResult:
     return CliResult(p.returncode, p.stdout, p.stderr, tuple(map(str, args)))
 
 
+def kill_after_shards(p, out: Path, total: int, shards: int = 2, timeout: float = 300) -> None:
+    """SIGKILL the CLI process ``p`` once ``out`` holds ``shards`` finished ``model-*.safetensors`` files,
+    asserting that the kill really interrupted the run (it was still going and fewer than ``total`` shards
+    were written), so a resume test cannot pass without resuming."""
+    import signal
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if len(list(out.glob("model-*.safetensors"))) >= shards or p.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run finished before it could be killed: the resume path was not exercised"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(list(out.glob("model-*.safetensors"))) < total, "the kill landed after the last shard"
+
+
 def popen_cli(*args, **env: str) -> subprocess.Popen:
     """Start the CLI without waiting (for running independent cases concurrently, or killing it)."""
     return subprocess.Popen(cli_cmd(*args), cwd=REPO, env=cli_env(**env), stdout=subprocess.PIPE,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from safetensors import safe_open
 
 from dsconvert.testing.fixtures import build_checkpoint
 
-from ..conftest import popen_cli, run_cli
+from ..conftest import kill_after_shards, popen_cli, run_cli
 
 #: W4A16 g64, held-out default windows, calibration seed 0 (bench/bench_quality.py, this CPU); RTN 5.894e-3
 MEASURED_G64 = (3.333e-3, 0.9494)
@@ -88,15 +86,7 @@ def test_autoround_resume_after_kill_is_byte_identical(tmp_path):
     out = tmp_path / "killed"
     p = popen_cli("quantize", str(src), "-o", str(out), "--group-size", "32", "-q", "--num-samples", "4",
                   "--seq-len", "64", "--method", "autoround", "--iters", "20", "--max-shard-size", "300K")
-    t0 = time.time()
-    while time.time() - t0 < 300:
-        if len(list(out.glob("model-*.safetensors"))) >= 2 or p.poll() is not None:
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "the run finished before it could be killed: the resume path was not exercised"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert len(list(out.glob("model-*.safetensors"))) < n_shards, "the kill landed after the last shard"
+    kill_after_shards(p, out, n_shards)
     rep = _quantize(src, out, "--iters", "20", "--max-shard-size", "300K").json()
     assert rep["resumed"]
     for f in sorted(clean.glob("model-*.safetensors")) + [clean / "config.json", clean / "model.safetensors.index.json"]:

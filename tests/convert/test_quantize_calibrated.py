@@ -15,8 +15,6 @@ What is proven here, against independent references:
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ import torch
 
 from dsconvert.testing.fixtures import build_checkpoint
 
-from ..conftest import popen_cli, read_tensors, run_cli
+from ..conftest import kill_after_shards, popen_cli, read_tensors, run_cli
 
 HELD_OUT = ("A lighthouse keeper counts the ships that pass each night and writes their names in a ledger. "
             "When fog rolls in from the cold sea she lights the lamp early and listens for horns. " * 6)
@@ -105,17 +103,7 @@ def test_gptq_resume_after_kill_is_byte_identical(tmp_path):
     out = tmp_path / "killed"
     p = popen_cli("quantize", str(src), "-o", str(out), "--group-size", "32", "-q", "--num-samples", "4",
                   "--seq-len", "96", "--gptq", "--max-shard-size", "300K")
-    t0 = time.time()
-    while time.time() - t0 < 300:
-        if len(list(out.glob("model-*.safetensors"))) >= 2:
-            break
-        if p.poll() is not None:
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "the run finished before it could be killed: the resume path was not exercised"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert len(list(out.glob("model-*.safetensors"))) < n_shards, "the kill landed after the last shard"
+    kill_after_shards(p, out, n_shards)
     rep = _quantize(src, out, "--gptq", "--max-shard-size", "300K")
     assert rep["resumed"]
     for f in sorted(clean.glob("model-*.safetensors")) + [clean / "config.json", clean / "model.safetensors.index.json"]:
