@@ -5,12 +5,14 @@ Prints (no assertions):
     of the fixture, each to the type llama.cpp's rules give it) by llama.cpp's ``llama_model_quantize``
     (``nthread`` = N, whole file including its I/O) and by dsconvert's torch quantizers
     (``torch.set_num_threads(N)``, quantization calls only), for N = 1 and 2, and the ratio ours / llama.cpp;
-    then ``dsconvert gguf --threads N`` end to end (in process: read the fixture, quantize, write and hash the
-    file) and its ratio to llama.cpp (llama.cpp's speed / ours: > 1 is faster than llama.cpp);
+    then ``dsconvert gguf --threads N --kernel K`` end to end (in process: read the fixture, quantize, write and
+    hash the file) for K = torch (dsconvert's kernels) and ggml (llama.cpp's ``ggml_quantize_chunk``, when the
+    library is found), and its ratio to llama.cpp (llama.cpp's speed / ours: > 1 is faster than llama.cpp);
   * peak RSS of ``dsconvert gguf`` (a subprocess) writing the larger fixture as BF16 and Q8_0, next to the
     largest stacked expert tensor in BF16 and the output size.
 
 Usage: python bench/bench_gguf.py [--layers 2] [--experts 16] [--hidden 1024] [--types Q8_0,Q4_K_M,Q2_K] [--threads 1,2]
+       [--kernels torch,ggml]
 Fixtures and outputs are cached under .bench/gguf/.
 """
 
@@ -37,6 +39,7 @@ import torch  # noqa: E402
 from dsconvert.convert import gguf_export as ge  # noqa: E402
 from dsconvert.formats.gguf_types import file_type_id  # noqa: E402
 from dsconvert.quant import ggml  # noqa: E402
+from dsconvert.quant.ggml import native  # noqa: E402
 from dsconvert.testing.fixtures import build_checkpoint  # noqa: E402
 
 OUT = ROOT / ".bench" / "gguf"
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--types", default="Q8_0,Q4_K_M,Q2_K")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--kernels", default="torch,ggml")
     ap.add_argument("--no-rss", action="store_true")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -115,13 +119,21 @@ def main() -> None:
             print(f"{ftype:7s} threads={n}: {n_el / 1e6:.1f} M elements quantized; llama.cpp {tl:.2f} s "
                   f"({n_el / tl / 1e6:.1f} M/s), dsconvert kernels {to:.2f} s ({n_el / to / 1e6:.2f} M/s); "
                   f"ratio time ours/llama.cpp = {to / tl:.2f}x, speed = {tl / to:.2f}x", flush=True)
-            torch.set_num_threads(n)
-            s = time.perf_counter()
-            ge.run(src, OUT / f"ours-{ftype}.gguf", ge.GGUFOptions(type=ftype, threads=n), overwrite=True,
-                   progress=False)
-            te = time.perf_counter() - s
-            print(f"{ftype:7s} threads={n}: dsconvert gguf end to end {te:.2f} s; speed ours/llama.cpp = "
-                  f"{tl / te:.2f}x", flush=True)
+            digests = set()
+            for kernel in args.kernels.split(","):
+                if kernel == "ggml" and native.load() is None:
+                    print(f"{ftype:7s} threads={n}: --kernel ggml skipped (no ggml library)", flush=True)
+                    continue
+                torch.set_num_threads(n)
+                out = OUT / f"ours-{ftype}-{kernel}.gguf"
+                s = time.perf_counter()
+                ge.run(src, out, ge.GGUFOptions(type=ftype, threads=n, kernel=kernel), overwrite=True, progress=False)
+                te = time.perf_counter() - s
+                digests.add(ge.sha256_file(out))
+                print(f"{ftype:7s} threads={n}: dsconvert gguf --kernel {kernel} end to end {te:.2f} s; "
+                      f"speed ours/llama.cpp = {tl / te:.2f}x", flush=True)
+            print(f"{ftype:7s} threads={n}: the kernels' files are {'identical' if len(digests) == 1 else 'DIFFERENT'}",
+                  flush=True)
     if args.no_rss:
         return
     plan = ge.make_plan(ck, ge.GGUFOptions(type="BF16"), None)

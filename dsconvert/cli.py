@@ -903,6 +903,10 @@ def gguf_cmd(
     threads: Annotated[Optional[int], typer.Option(
         "--threads", min=1, help="CPU threads for quantizing (the output bytes do not depend on it) "
         "[default: every core]")] = None,
+    kernel: Annotated[str, typer.Option(
+        "--kernel", help="CPU block quantizer: ggml (llama.cpp's own ggml_quantize_chunk, from an installed "
+        "llama-cpp-python or $DSCONVERT_GGML_LIB; llama-quantize's speed), torch (dsconvert's kernels, also on "
+        "CUDA), auto (ggml when found); the bytes are the same")] = "auto",
     max_memory: MaxMemOpt = None,
     ray: RayOptions = RayOptions(),
     dry_run: DryOpt = False,
@@ -925,8 +929,8 @@ def gguf_cmd(
         opts = ge.GGUFOptions(type=type_, recipe=recipe, tensor_types=rules, output_tensor_type=output_tensor_type,
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
-                              device=device, threads=threads, max_memory=_size(max_memory), state_dir=state_dir,
-                              target_size=_size(target_size))
+                              device=device, threads=threads, kernel=kernel, max_memory=_size(max_memory),
+                              state_dir=state_dir, target_size=_size(target_size))
         ex = ray.executor(1)
         rep = ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
                      progress=_progress_enabled(ui.quiet or ui.json_out and not sys.stderr.isatty()),

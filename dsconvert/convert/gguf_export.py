@@ -70,6 +70,7 @@ from ..formats.kind import require_kind
 from ..formats.safetensors_io import read_tensor, sha256_file
 from ..formats.tokenizer_check import tokenizer_problems
 from ..quant import ggml
+from ..quant.ggml.native import NativeGGML
 from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields, fmt_bytes
 from .fp8_to_bf16 import resolve_device
@@ -116,6 +117,7 @@ class GGUFOptions:
     device: str = "auto"
     chunk_bytes: int = 32 * 2**20  # float32 input bytes quantized at once (two halves in flight on CPU)
     threads: int | None = None  # torch threads while writing (--threads); None: every core; not fingerprinted
+    kernel: str = "auto"  # block quantizer on CPU (--kernel): "auto", "ggml" or "torch"; same bytes, not fingerprinted
     max_memory: int | None = None
     state_dir: Path | None = None  # where the manifest and report go (default: beside the .gguf); not fingerprinted
     recipe: str | None = None  # a named recipe (formats/gguf_recipes.py), expanded by :meth:`resolved`
@@ -678,16 +680,52 @@ def _rows(ck: Checkpoint, name: str, chunk_bytes: int) -> Iterator[torch.Tensor]
             yield read_tensor(f, ent, (r0, min(m, r0 + rows)))
 
 
-def encode(x: torch.Tensor, qtype: str, device: torch.device, importance: np.ndarray | None = None) -> np.ndarray:
+#: ``--kernel`` choices: the block quantizer used on CPU (every one gives the same bytes).
+KERNELS = ("auto", "ggml", "torch")
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> "NativeGGML | None":
+    """The ggml library to quantize with (:mod:`dsconvert.quant.ggml.native`), or ``None`` for the torch kernels.
+
+    ``"auto"``: the library when one is found and the device is the CPU, else torch; ``"ggml"``: the library,
+    required; ``"torch"``: never the library. The bytes are the same either way (the tests compare them).
+
+    Raises:
+        UsageError (exit 2): an unknown name; ``"ggml"`` on an accelerator, or with no usable library.
+    """
+    from ..quant.ggml import native
+
+    if kernel not in KERNELS:
+        raise UsageError(f"--kernel {kernel!r}: unknown", hint=f"use one of {', '.join(KERNELS)}")
+    if kernel == "torch" or (kernel == "auto" and device.type != "cpu"):
+        return None
+    if kernel == "ggml" and device.type != "cpu":
+        raise UsageError(f"--kernel ggml runs on the CPU, not on {device}", hint="drop --kernel or --device")
+    lib = native.load()
+    if lib is None and kernel == "ggml":
+        tried = ", ".join(str(p) for p in native.library_candidates()) or "no llama_cpp package installed"
+        raise UsageError(f"--kernel ggml: no usable ggml library ({tried})",
+                         hint=f"install llama-cpp-python, or set {native.ENV_LIB} to a libggml-base shared "
+                              f"library of a llama.cpp build, or use --kernel torch")
+    return lib
+
+
+def encode(x: torch.Tensor, qtype: str, device: torch.device, importance: np.ndarray | None = None,
+           native: "NativeGGML | None" = None, threads: int = 1) -> np.ndarray:
     """Rows of ``x`` (bf16/f16/f32, ``[..., ne0]``) as ggml type ``qtype`` bytes (uint8, C order).
 
     BF16 input to BF16 output is copied bit for bit; everything else is quantized from float32, with the
-    importance weights ``importance`` (float32 ``[ne0]``, every row) when given.
+    importance weights ``importance`` (float32 ``[ne0]``, every row) when given: by ``native`` (ggml's
+    ``ggml_quantize_chunk``, ``threads`` threads) when given and it offers the type, else by the torch kernels
+    of :mod:`dsconvert.quant.ggml` on ``device``.
     """
     if qtype == "BF16" and x.dtype == torch.bfloat16:
         return x.contiguous().view(torch.uint8).numpy().reshape(-1)
     if qtype == "F32":
         return x.to(torch.float32).contiguous().view(torch.uint8).numpy().reshape(-1)
+    if native is not None and native.supports(qtype, importance is not None):
+        x32 = x.to(torch.float32).contiguous().numpy().reshape(-1, x.shape[-1])
+        return native.quantize(x32, qtype, importance, threads).reshape(-1)
     qw = None if importance is None else torch.from_numpy(np.ascontiguousarray(importance, np.float32))
     q = ggml.get_type(qtype).quantize(x.to(device=device, dtype=torch.float32), qw)
     return q.cpu().numpy().reshape(-1)
@@ -753,8 +791,9 @@ class _Pipeline:
     and cancellation).
     """
 
-    def __init__(self, threads: int, overlap: bool = True):
+    def __init__(self, threads: int, overlap: bool = True, native: "NativeGGML | None" = None):
         self.threads = max(1, int(threads))
+        self.native = native
         self.torch_threads = torch.get_num_threads()  # restored on exit: torch's setting is process-wide
         torch.set_num_threads(self.threads)
         self.pool = None
@@ -771,7 +810,8 @@ class _Pipeline:
         torch.set_num_threads(self.torch_threads)
 
     def encode(self, *args):
-        return encode(*args) if self.pool is None else self.pool.submit(encode, *args)
+        kw = {"native": self.native, "threads": self.threads}
+        return encode(*args, **kw) if self.pool is None else self.pool.submit(encode, *args, **kw)
 
     def run(self, chunks: Iterator) -> Iterator[np.ndarray]:
         from collections import deque
@@ -866,12 +906,13 @@ def _resume_point(tmp: Path, f_plan: OutFile, plan: ExportPlan, fp: str, progres
 
 def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_bytes: int,
                progress: ByteProgress, n_layer: int, fp: str = "", resume: bool = True,
-               stats: dict | None = None, threads: int = 1) -> tuple[int, str]:
+               stats: dict | None = None, threads: int = 1, native: "NativeGGML | None" = None) -> tuple[int, str]:
     """Write one GGUF file through ``NAME.tmp`` + fsync + rename; returns (size, sha256).
 
     On CPU, chunks of ``chunk_bytes / 2`` are quantized in a worker thread (torch with ``threads`` threads) while
     this thread reads the next one and writes and hashes the previous one, in file order (:class:`_Pipeline`);
-    the bytes do not depend on ``threads`` or on the overlap.
+    with ``native`` (:func:`resolve_kernel`), ggml's quantizer runs in that worker on ``threads`` threads. The
+    bytes do not depend on ``threads``, the overlap or the kernel.
 
     The data section follows ``GGUFWriter.write_tensor_data``: each tensor starts at the next multiple of
     the alignment (32) and is zero-padded to it. The header's size is known before any tensor data, so the
@@ -906,7 +947,7 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
              "header_sha256": hashlib.sha256(f_plan.header).hexdigest()}
     pos = spans[k - 1][1] if k else 0
     marks = {"saved": len(records), "bytes": 0, "t": time.monotonic()}
-    pipe = _Pipeline(threads, overlap=device.type == "cpu")
+    pipe = _Pipeline(threads, overlap=device.type == "cpu", native=native)
     try:
         with pipe, open(tmp, "r+b" if k else "wb") as f:
             if k:
@@ -992,10 +1033,11 @@ PIECE_NAME = "{file}@{a}-{b}"
 
 
 def write_piece(plan: ExportPlan, file_idx: int, a: int, b: int, tmp: Path, sink, device: torch.device,
-                chunk_bytes: int) -> dict:
+                chunk_bytes: int, native: "NativeGGML | None" = None) -> dict:
     """Tensors ``a..b-1`` of output file ``file_idx`` into ``tmp``, each zero-padded to the alignment (32):
     exactly the bytes the file's data section holds from tensor ``a``'s offset to tensor ``b``'s (the same
-    :func:`tensor_chunks` as :func:`write_file`). fsynced, not renamed. ``sink.advance(n)`` per chunk.
+    :func:`tensor_chunks` as :func:`write_file`, quantized by ``native`` when given). fsynced, not renamed.
+    ``sink.advance(n)`` per chunk.
 
     Returns:
         ``{"size", "sha256", "records": [{"name", "len", "sha256"}]}``: bytes of the piece, and per tensor its
@@ -1013,7 +1055,8 @@ def write_piece(plan: ExportPlan, file_idx: int, a: int, b: int, tmp: Path, sink
             ht = hashlib.sha256()
             n = 0
             for chunk in tensor_chunks(plan.ck, t, plan.types[t.name], device, chunk_bytes,
-                                       plan.importance.get(t.name)):
+                                       plan.importance.get(t.name),
+                                       encode=functools.partial(encode, native=native, threads=os.cpu_count() or 1)):
                 mv = memoryview(chunk).cast("B")
                 f.write(mv)
                 h.update(mv)
@@ -1049,10 +1092,11 @@ def rebuild(src: str, opts: GGUFOptions, output: str) -> Rebuilt:
     ck = open_checkpoint(Path(src), check_values=False)
     plan = make_plan(ck, opts, Path(output))
     device = resolve_device(opts.device)
+    native = resolve_kernel(opts.kernel, device)
 
     def write(unit: str, payload, tmp: Path, sink) -> dict:
         i, a, b = payload
-        return write_piece(plan, i, a, b, tmp, sink, device, opts.chunk_bytes)
+        return write_piece(plan, i, a, b, tmp, sink, device, opts.chunk_bytes, native)
 
     return Rebuilt(write)
 
@@ -1305,6 +1349,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                              hint="e.g. -o DeepSeek-R1-Q4_K_M.gguf (splits become ...-00001-of-0000N.gguf)")
         check_paths(src, output)
     device = resolve_device(opts.device)
+    native = resolve_kernel(opts.kernel, device)
     require_kind(src, COMMAND, ("fp8", "float"), "DeepSeek's FP8 release or an unquantized (BF16) checkpoint",
                  INPUT_HINTS)
     ck = open_checkpoint(src, check_values=not dry_run)
@@ -1321,6 +1366,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         "source": {"path": str(src), "family": version_label(ck.config), "format": _source_format(ck),
                    "shards": len(ck.shards), "tensors": len(ck.tensors),
                    **bytes_fields(sum(e.nbytes for _, e in ck.tensors.values()))},
+        "kernel": {"name": "torch"} if native is None else {"name": "ggml", "library": str(native.path)},
         "options": {**asdict(opts), "imatrix": str(opts.imatrix) if opts.imatrix else None, "device": str(device),
                     "state_dir": str(opts.state_dir) if opts.state_dir else None, "recipe": recipe},
         "dry_run": dry_run,
@@ -1371,7 +1417,8 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                                                      resume=resume, stats=st)
                 else:
                     size, digest = write_file(f, plan, device, opts.chunk_bytes, bar, n_layer, fp=fp,
-                                              resume=resume, stats=st, threads=opts.threads or os.cpu_count() or 1)
+                                              resume=resume, stats=st, threads=opts.threads or os.cpu_count() or 1,
+                                              native=native)
                 if st.get("tensors_reused"):
                     partial[f.name] = st["tensors_reused"]
                 decision.manifest.files[f.name] = {"size": size, "sha256": digest}
@@ -1404,5 +1451,5 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
 
 
 __all__ = ["COMMAND", "LAYOUT", "GGUFOptions", "ExportPlan", "OutFile", "FTYPE_NAMES", "type_names", "type_help",
-           "make_plan", "run", "resolve_type", "load_imatrix", "encode", "tensor_chunks", "file_names",
+           "make_plan", "run", "resolve_type", "resolve_kernel", "KERNELS", "load_imatrix", "encode", "tensor_chunks", "file_names",
            "manifest_path", "report_path"]

@@ -82,15 +82,12 @@ class GGMLOracle:
 
 @functools.lru_cache(maxsize=1)
 def load() -> GGMLOracle | None:
-    """Load llama.cpp's ggml from the installed llama_cpp package, or ``None`` if unavailable."""
-    try:
-        import llama_cpp  # noqa: F401  (only to find the package directory)
-    except Exception:
-        return None
-    libdir = Path(llama_cpp.__file__).resolve().parent / "lib"
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml.so"):
-        p = libdir / name
-        if not p.exists():
+    """Load llama.cpp's ggml (where :func:`dsconvert.quant.ggml.native.library_candidates` finds it: an installed
+    llama_cpp package, or ``$DSCONVERT_GGML_LIB``), or ``None`` if unavailable."""
+    from ..quant.ggml.native import library_candidates
+
+    for p in library_candidates():
+        if not p.is_file():
             continue
         try:
             lib = ctypes.CDLL(str(p))

@@ -44,7 +44,9 @@ KQ = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, q_l
 
 
 def export(src: Path, out: Path, **kw) -> dict:
-    return ge.run(src, out, ge.GGUFOptions(**kw), progress=False)
+    """``ge.run`` with dsconvert's torch kernels unless ``kernel`` is given: the comparisons with llama.cpp below
+    test our quantizers, not ggml against itself (``--kernel ggml`` has its own tests)."""
+    return ge.run(src, out, ge.GGUFOptions(**{"kernel": "torch", **kw}), progress=False)
 
 
 def cli(*args: str):
@@ -701,13 +703,14 @@ def test_threads_do_not_change_the_bytes(kq, work, monkeypatch):
 
     def write(n: int) -> bytes:
         out = work / "out" / f"kq-threads{n}-Q8_0.gguf"
-        ge.run(kq, out, ge.GGUFOptions(type="Q8_0", threads=n, chunk_bytes=3 << 16), overwrite=True, progress=False)
+        ge.run(kq, out, ge.GGUFOptions(type="Q8_0", threads=n, chunk_bytes=3 << 16, kernel="torch"), overwrite=True,
+               progress=False)
         assert torch.get_num_threads() == before
         return out.read_bytes()
 
     overlapped = write(1)
     real = ge._Pipeline
-    monkeypatch.setattr(ge, "_Pipeline", lambda threads, overlap=True: real(threads, overlap=False))
+    monkeypatch.setattr(ge, "_Pipeline", lambda threads, overlap=True, **kw: real(threads, overlap=False, **kw))
     assert overlapped == write(2)
 
 
@@ -808,3 +811,50 @@ def test_logits_reads_a_gguf_like_its_source(tiny, work):
     run_logits(tiny, ids, None, "float32", a)
     run_logits(path, ids, None, "float32", b)
     assert np.array_equal(np.load(a), np.load(b))
+
+
+# ------------------------------------------------------------------------------------------------
+# --kernel: llama.cpp's ggml_quantize_chunk in place of the torch kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("ftype,weighted", [("Q4_K_M", False), ("Q2_K_S", True),
+                                            pytest.param("IQ2_XXS", True, marks=pytest.mark.slow)])
+def test_ggml_kernel_writes_the_torch_kernels_bytes(kq, work, tmp_path, ftype, weighted):
+    """``--kernel ggml`` (ggml's quantizer, 2 threads, chunks small enough that tensors span several) writes the
+    same file as ``--kernel torch`` (our kernels, checked against llama.cpp above): experts sliced per expert,
+    kv_b heads, importance weights and all; the report names the kernel."""
+    _llama_cpp()
+    kw = {"type": ftype, "chunk_bytes": 3 << 16, "threads": 2}
+    if weighted:
+        dat = tmp_path / "imatrix.dat"
+        _legacy_imatrix(dat, _random_imatrix(kq, seed=3), ncall=1)
+        kw["imatrix"] = dat
+    a, b = work / "out" / f"kq-kern-ggml-{ftype}.gguf", work / "out" / f"kq-kern-torch-{ftype}.gguf"
+    ra = export(kq, a, kernel="ggml", **kw)
+    rb = export(kq, b, kernel="torch", **kw)
+    assert ra["kernel"]["name"] == "ggml" and ra["kernel"]["library"].endswith(("ggml-base.so", ".dylib", ".dll"))
+    assert rb["kernel"] == {"name": "torch"}
+    assert a.read_bytes() == b.read_bytes()
+    assert any(t.tensor_type not in (0, 1, 30) for t in tensors(a).values())  # quantized tensors, not only F32
+
+
+def test_kernel_choice_and_refusals(tiny, work, monkeypatch, tmp_path):
+    """``--kernel ggml`` without a usable library, or on an accelerator, is refused before anything is written
+    (exit 2, naming the library it looked for); ``auto`` then falls back to the torch kernels."""
+    from dsconvert.quant.ggml import native
+
+    missing = tmp_path / "no-such-libggml-base.so"
+    monkeypatch.setenv(native.ENV_LIB, str(missing))
+    out = work / "out" / "kern-refused.gguf"
+    res = cli("gguf", tiny, "-o", out, "--type", "Q8_0", "--kernel", "ggml")
+    assert res.exit_code == 2 and str(missing) in res.text and native.ENV_LIB in res.text, res.text
+    assert not out.exists() and not list(out.parent.glob("kern-refused*"))
+    res = cli("gguf", tiny, "-o", out, "--type", "Q8_0", "--kernel", "cuda-ish")
+    assert res.exit_code == 2 and "--kernel" in res.text
+    rep = export(tiny, out, type="Q8_0", kernel="auto")
+    assert rep["kernel"] == {"name": "torch"}
+    with pytest.raises(ge.UsageError, match="CPU"):
+        ge.resolve_kernel("ggml", torch.device("meta"))
+    assert ge.resolve_kernel("auto", torch.device("meta")) is None
