@@ -680,6 +680,10 @@ def _rows(ck: Checkpoint, name: str, chunk_bytes: int) -> Iterator[torch.Tensor]
             yield read_tensor(f, ent, (r0, min(m, r0 + rows)))
 
 
+#: Rows quantized between two cancellation checks on the CPU: this many of the type's work chunks
+#: (``GGMLType.chunk_elems``: 2^16 elements for IQ1, 2^20 for the legacy types) per thread.
+PIECE_CHUNKS = 4
+
 #: ``--kernel`` choices: the block quantizer used on CPU (every one gives the same bytes).
 KERNELS = ("auto", "ggml", "torch")
 
@@ -723,12 +727,24 @@ def encode(x: torch.Tensor, qtype: str, device: torch.device, importance: np.nda
         return x.contiguous().view(torch.uint8).numpy().reshape(-1)
     if qtype == "F32":
         return x.to(torch.float32).contiguous().view(torch.uint8).numpy().reshape(-1)
-    if native is not None and native.supports(qtype, importance is not None):
-        x32 = x.to(torch.float32).contiguous().numpy().reshape(-1, x.shape[-1])
-        return native.quantize(x32, qtype, importance, threads).reshape(-1)
-    qw = None if importance is None else torch.from_numpy(np.ascontiguousarray(importance, np.float32))
-    q = ggml.get_type(qtype).quantize(x.to(device=device, dtype=torch.float32), qw)
-    return q.cpu().numpy().reshape(-1)
+    gt = ggml.get_type(qtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    use_native = native is not None and native.supports(qtype, importance is not None)
+    if device.type != "cpu" and not use_native:
+        qw = None if importance is None else torch.from_numpy(np.ascontiguousarray(importance, np.float32))
+        return gt.quantize(x2.to(device=device, dtype=torch.float32), qw).cpu().numpy().reshape(-1)
+    # on the CPU in pieces of rows, with a cancellation check between them: a SIGINT stops the run within one
+    # piece (a few hundred ms at the slowest type), not one chunk (tens of seconds for the IQ types)
+    rows = max(1, gt.chunk_elems * PIECE_CHUNKS * max(1, threads) // x2.shape[1])
+    qw = None if importance is None or use_native else torch.from_numpy(np.ascontiguousarray(importance, np.float32))
+    out = []
+    for r0 in range(0, x2.shape[0], rows):
+        if r0:
+            cancel.check()
+        xp = x2[r0:r0 + rows].to(torch.float32).contiguous()
+        out.append(native.quantize(xp.numpy(), qtype, importance, threads) if use_native
+                   else gt.quantize(xp, qw).numpy())
+    return (out[0] if len(out) == 1 else np.concatenate(out)).reshape(-1)
 
 
 def _mxfp4_as_ggml(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

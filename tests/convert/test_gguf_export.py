@@ -858,3 +858,28 @@ def test_kernel_choice_and_refusals(tiny, work, monkeypatch, tmp_path):
     with pytest.raises(ge.UsageError, match="CPU"):
         ge.resolve_kernel("ggml", torch.device("meta"))
     assert ge.resolve_kernel("auto", torch.device("meta")) is None
+
+
+@pytest.mark.parametrize("kernel", ["torch", "ggml"])
+def test_encode_checks_cancellation_between_pieces(kernel):
+    """A chunk is quantized in pieces of rows with a cancellation check between them (a SIGINT is not held up by
+    a whole chunk of a slow type); the pieces give the bytes of one call."""
+    from dsconvert.convert import cancel
+
+    native = ge.resolve_kernel(kernel, torch.device("cpu")) if kernel == "ggml" else None
+    if kernel == "ggml" and native is None:
+        pytest.skip("no ggml library")
+    t = ggml.get_type("IQ4_NL")
+    rows = 3 * t.chunk_elems * ge.PIECE_CHUNKS // 256 + 5  # 4 pieces of 256-wide rows at 1 thread
+    x = torch.randn(rows, 256)
+    whole = ggml.quantize(x, "IQ4_NL").numpy().reshape(-1)
+    np.testing.assert_array_equal(ge.encode(x, "IQ4_NL", torch.device("cpu"), native=native), whole)
+    cancel.request()
+    try:
+        with pytest.raises(cancel.Cancelled):
+            ge.encode(x, "IQ4_NL", torch.device("cpu"), native=native)
+        small = x[:8]  # one piece: no check, it completes
+        np.testing.assert_array_equal(ge.encode(small, "IQ4_NL", torch.device("cpu"), native=native),
+                                      whole[:8 * t.row_bytes(256)])
+    finally:
+        cancel.reset()
