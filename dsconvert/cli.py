@@ -149,9 +149,42 @@ class ReportOptions:
     verbose: VerboseOpt = False
 
 
+@dataclasses.dataclass(frozen=True)
+class WriteOptions:
+    """The ``--dry-run`` / ``--overwrite`` / ``--no-resume`` block of the commands that write a checkpoint
+    (``fp8-to-bf16``, ``quantize``, ``bf16-to-fp8``; ``gguf`` with its own ``--overwrite`` help:
+    :class:`GgufWriteOptions`)."""
+
+    dry_run: DryOpt = False
+    overwrite: OverwriteOpt = False
+    no_resume: NoResumeOpt = False
+
+    def require_output(self, output: Optional[Path], command: str) -> None:
+        """Refuse a run that writes (no ``--dry-run``) without ``-o``.
+
+        Raises:
+            UsageError: ``output`` is None and this is not a dry run (exit 2).
+        """
+        if not self.dry_run and output is None:
+            from .errors import UsageError
+
+            raise UsageError("missing -o/--output", hint=f"dsconvert {command} SRC -o OUT (or --dry-run)")
+
+    def run_kwargs(self) -> dict:
+        """``dry_run``, ``overwrite`` and ``resume`` as the converters' ``run`` takes them."""
+        return {"dry_run": self.dry_run, "overwrite": self.overwrite, "resume": not self.no_resume}
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufWriteOptions(WriteOptions):
+    """:class:`WriteOptions` of ``gguf`` (its ``--overwrite`` replaces output files, not model files)."""
+
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing output files")] = False
+
+
 def _option_groups(fn: Callable) -> Callable:
     """Typer command decorator: a parameter annotated with an option-group dataclass (:class:`RayOptions`,
-    :class:`ReportOptions`) stands for that group's fields, spliced into the command's signature in its place
+    :class:`ReportOptions`, :class:`WriteOptions`) stands for that group's fields, spliced into the command's signature in its place
     (so ``--help`` lists them there, as if written out); the command receives one instance of the group.
 
     Typer reads ``__signature__`` (``inspect.signature``), so each option has exactly one definition: the
@@ -427,9 +460,7 @@ def fp8_to_bf16_cmd(
     max_memory: MaxMemOpt = None,
     validate: Annotated[bool, typer.Option("--validate", help="when done, validate logits against SRC")] = False,
     ray: RayOptions = RayOptions(),
-    dry_run: DryOpt = False,
-    overwrite: OverwriteOpt = False,
-    no_resume: NoResumeOpt = False,
+    write: WriteOptions = WriteOptions(),
     verify: VerifyOpt = "full",
     ui: ReportOptions = ReportOptions(),
 ) -> None:
@@ -439,15 +470,13 @@ def fp8_to_bf16_cmd(
     def body():
         opts = f2b.Options(mtp=mtp, dtype=f2b.normalize_dtype(dtype), max_shard_size=_size(max_shard_size),
                            device=device, workers=workers, max_memory=_size(max_memory))
-        if not dry_run and output is None:
-            from .errors import UsageError
-            raise UsageError("missing -o/--output", hint="dsconvert fp8-to-bf16 SRC -o OUT (or --dry-run)")
+        write.require_output(output, "fp8-to-bf16")
         ex = ray.executor(workers)
-        rep = f2b.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
+        rep = f2b.run(src, output, opts, **write.run_kwargs(),
                       progress=_progress_enabled(ui.quiet or ui.json_out and not sys.stderr.isatty()),
                       verify=check_verify_mode(verify), executor=ex)
         _print_warnings(rep)
-        if validate and not dry_run:
+        if validate and not write.dry_run:
             rep["validation"] = _validate_after(output, src, ui.quiet)
             if not rep["validation"].get("passed", False):
                 raise ValidationFailed("the converted output failed validation", rep)
@@ -553,9 +582,7 @@ def quantize_cmd(
     workers: WorkersOpt = 1,
     max_memory: MaxMemOpt = None,
     ray: RayOptions = RayOptions(),
-    dry_run: DryOpt = False,
-    overwrite: OverwriteOpt = False,
-    no_resume: NoResumeOpt = False,
+    write: WriteOptions = WriteOptions(),
     verify: VerifyOpt = "full",
     ui: ReportOptions = ReportOptions(),
 ) -> None:
@@ -567,8 +594,7 @@ def quantize_cmd(
         chosen = [m for m, on in (("awq", awq), ("gptq", gptq)) if on]
         if len(chosen) > 1 or (chosen and method != "rtn"):
             raise UsageError("give one of --awq, --gptq, --method", hint="they name the same choice")
-        if not dry_run and output is None:
-            raise UsageError("missing -o/--output", hint="dsconvert quantize SRC -o OUT (or --dry-run)")
+        write.require_output(output, "quantize")
         opts = qz.Options(scheme=scheme or "W4A16", scheme_given=scheme is not None, preset=preset,
                           recipe=str(recipe) if recipe is not None else None, scheme_for=list(scheme_for or []),
                           group_size=group_size, scale_fmt=scale_fmt, format=fmt,
@@ -578,8 +604,8 @@ def quantize_cmd(
                           max_memory=_size(max_memory), calib_data=calib_data, num_samples=num_samples,
                           seq_len=seq_len, calib_seed=calib_seed, expert_policy=expert_policy, iters=iters, lr=lr)
         ex = ray.executor(workers)
-        rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                     progress=_progress_enabled(ui.quiet), verify=check_verify_mode(verify), executor=ex)
+        rep = qz.run(src, output, opts, **write.run_kwargs(), progress=_progress_enabled(ui.quiet),
+                     verify=check_verify_mode(verify), executor=ex)
         _print_warnings(rep)
         return rep
 
@@ -649,22 +675,17 @@ def bf16_to_fp8_cmd(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = 1,
     max_memory: MaxMemOpt = None,
-    dry_run: DryOpt = False,
-    overwrite: OverwriteOpt = False,
-    no_resume: NoResumeOpt = False,
+    write: WriteOptions = WriteOptions(),
     ui: ReportOptions = ReportOptions(),
 ) -> None:
     from .convert import quantize as qz
-    from .errors import UsageError
 
     def body():
-        if not dry_run and output is None:
-            raise UsageError("missing -o/--output", hint="dsconvert bf16-to-fp8 SRC -o OUT (or --dry-run)")
+        write.require_output(output, "bf16-to-fp8")
         opts = qz.Options(scheme="FP8_BLOCK", scale_fmt=scale_fmt, format="deepseek-fp8", ignore=list(ignore or []),
                           strict=strict, mtp=mtp, max_shard_size=_size(max_shard_size), device=device,
                           workers=workers, max_memory=_size(max_memory))
-        rep = qz.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
-                     progress=_progress_enabled(ui.quiet))
+        rep = qz.run(src, output, opts, **write.run_kwargs(), progress=_progress_enabled(ui.quiet))
         for w in rep.get("warnings", []):
             err.print(f"warning: {w}", markup=False, highlight=False)
         return rep
@@ -909,9 +930,7 @@ def gguf_cmd(
         "CUDA), auto (ggml when found); the bytes are the same")] = "auto",
     max_memory: MaxMemOpt = None,
     ray: RayOptions = RayOptions(),
-    dry_run: DryOpt = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing output files")] = False,
-    no_resume: NoResumeOpt = False,
+    write: GgufWriteOptions = GgufWriteOptions(),
     state_dir: Annotated[Optional[Path], typer.Option(
         "--state-dir", metavar="DIR", help="write FILE.gguf.dsconvert-manifest.json (resume state) and "
         "FILE.gguf.dsconvert-report.json here instead of beside the .gguf (keeps an upload folder clean); pass "
@@ -932,7 +951,7 @@ def gguf_cmd(
                               device=device, threads=threads, kernel=kernel, max_memory=_size(max_memory),
                               state_dir=state_dir, target_size=_size(target_size))
         ex = ray.executor(1)
-        rep = ge.run(src, output, opts, dry_run=dry_run, overwrite=overwrite, resume=not no_resume,
+        rep = ge.run(src, output, opts, **write.run_kwargs(),
                      progress=_progress_enabled(ui.quiet or ui.json_out and not sys.stderr.isatty()),
                      verify=check_verify_mode(verify), executor=ex)
         _print_warnings(rep)

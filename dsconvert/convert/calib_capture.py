@@ -1,9 +1,9 @@
 """One decoder layer's calibration capture for :class:`~dsconvert.convert.calibrate.CalibrationEngine`
 (DeepSeek V2/V3): the inputs of every linear, the routing of a MoE layer, each routed expert's token rows and
-calibration choice, the expert groups, and the layer's results as the AWQ and GPTQ stages
-(:mod:`.calib_awq`, :mod:`.calib_gptq`) fill them. The stages read the capture only through the public
-methods of :class:`LayerCapture`; :class:`CalibStage` is their common part (the expert-group plumbing that
-:mod:`.calib_ray` talks to). docs/int-formats.md §5-§7 describe the steps; the module notes of
+calibration choice, the expert groups, and the layer's results as the AWQ, GPTQ and SignRound stages
+(:mod:`.calib_awq`, :mod:`.calib_gptq`, :mod:`.calib_signround`; SignRound runs its own forward, no capture)
+fill them. The stages read the capture only through the public methods of :class:`LayerCapture`;
+:class:`CalibStage` is their common part (the expert-group plumbing that :mod:`.calib_ray` talks to). docs/int-formats.md §5-§7 describe the steps; the module notes of
 :mod:`dsconvert.convert.calibrate` the whole loop.
 """
 
@@ -456,10 +456,17 @@ class LayerCapture:
 
 
 class CalibStage(ABC):
-    """What the AWQ and GPTQ stages share: the layer's :class:`LayerCapture` and the routed expert groups, run
-    here one after the other or handed to the engine's ``expert_dispatch`` (:mod:`.calib_ray`), which calls
-    :meth:`expert_stage`, :meth:`report_group` and :meth:`adopt_group` and runs :meth:`run_experts` elsewhere
-    (:func:`~.calibrate.run_expert_group`)."""
+    """What the AWQ, GPTQ and SignRound stages share: the layer's :class:`LayerCapture` and the routed expert
+    groups, run here one after the other or handed to the engine's ``expert_dispatch`` (:mod:`.calib_ray`),
+    which calls :meth:`expert_stage`, :meth:`report_group` and :meth:`adopt_group` and runs :meth:`run_experts`
+    elsewhere (:func:`~.calibrate.run_expert_group`).
+
+    Attributes:
+        needs_capture: whether the engine runs :meth:`LayerCapture.capture` before :meth:`run` (AWQ, GPTQ);
+            False for a stage that runs its own forward on the layer (SignRound, :mod:`.calib_signround`).
+    """
+
+    needs_capture: bool = True
 
     def __init__(self, cap: LayerCapture):
         self.cap = cap

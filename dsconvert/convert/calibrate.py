@@ -91,10 +91,13 @@ from .calib_base import (
 )
 from .calib_capture import CalibStage, LayerCapture
 from .calib_gptq import GptqStage
+from .calib_signround import SignRoundOptions, SignRoundStage, estimate_signround_bytes
 
 __all__ = ["CalibrationEngine", "LayerResult", "Policy", "AWQ_MAPPINGS", "EXPERT_POLICIES", "METHODS"]
 
 METHODS = ("awq", "gptq", "autoround")
+#: The stage of each method (:class:`~.calib_capture.CalibStage`): one per layer, captured first when it asks.
+STAGES: dict[str, type[CalibStage]] = {"awq": AwqStage, "gptq": GptqStage, "autoround": SignRoundStage}
 EXPERT_POLICIES = ("all-tokens", "rtn", "topk")
 
 #: Calibration tokens (at most, whole sequences; at least one sequence) the capture and propagate forwards
@@ -201,8 +204,6 @@ class CalibrationEngine(CalibrationEngineBase):
         """``autoround``: the tokens of its largest iteration batch and longest sequence (else nothing)."""
         if self.method != "autoround":
             return {}
-        from .calib_signround import SignRoundOptions
-
         bs = (self.signround or SignRoundOptions()).batch_size
         lens = sorted((int(p.numel()) for p in self.positions), reverse=True)
         return {"batch_tokens": sum(lens[:bs]), "seq_len": lens[0]}
@@ -235,29 +236,22 @@ class CalibrationEngine(CalibrationEngineBase):
         t0 = time.perf_counter()
         self.source.reset()
         cap = LayerCapture(self, layer_idx)
-        stages = {"awq": AwqStage, "gptq": GptqStage}
-        stage: CalibStage | None = stages[self.method](cap) if self.method in stages else None
+        stage: CalibStage = STAGES[self.method](cap)
         try:
             stage_s: dict[str, float] = {}
-            t1 = time.perf_counter()
-            if stage is None:  # autoround: its own forward (convert/calib_signround.py), no capture
-                from .calib_signround import SignRoundOptions, signround_layer
-
-                t2 = t1
-                signround_layer(cap, self.signround or SignRoundOptions())
-            else:
+            t1 = t2 = time.perf_counter()
+            if stage.needs_capture:  # autoround runs its own forward (convert/calib_signround.py)
                 self.report_stage(layer_idx, "capture")
                 cap.capture(CHUNK_TOKENS)
                 self.report_stage(layer_idx, "search")
                 t2 = time.perf_counter()
                 stage_s["capture"] = t2 - t1
-                stage.run()
+            stage.run()
             t3 = time.perf_counter()
             stage_s["quantize"] = t3 - t2
             self.report_stage(layer_idx, "propagate")
             self.source.overrides = Overrides(cap.quantized, cap.replaced)
-            if stage is not None:
-                stage.release()  # the calibration caches go before the propagate forward needs its own
+            stage.release()  # the calibration caches go before the propagate forward needs its own
             cap.release()
             gc.collect()
             # a chunk of sequences at a time, each output replacing its input (the old and new residual
@@ -276,8 +270,7 @@ class CalibrationEngine(CalibrationEngineBase):
             raise
         finally:
             self.source.reset()
-            if stage is not None:
-                stage.release()
+            stage.release()
             cap.release()
             del cap, stage
             gc.collect()
@@ -383,8 +376,6 @@ def estimate_peak_bytes(cfg: ModelConfig, method: str, n_tokens: int, *, expert_
         expert_group = g
         awq_candidates = c if awq_candidates is None else awq_candidates
     if method == "autoround":  # its own working set (convert/calib_signround.py)
-        from .calib_signround import estimate_signround_bytes
-
         return estimate_signround_bytes(cfg, n_tokens, expert_group=expert_group, batch_tokens=batch_tokens,
                                         seq_len=seq_len, act_bytes=act_bytes, weight_bytes=weight_bytes,
                                         chunk_tokens=CHUNK_TOKENS)

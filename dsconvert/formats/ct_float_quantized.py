@@ -25,7 +25,8 @@ from typing import Mapping
 import torch
 
 from dsconvert.errors import UnsupportedError, UsageError
-from dsconvert.formats.compressed_tensors import CompressedTensorsFormat, register_ct_compressor
+from dsconvert.formats.ct_pack_quantized import CompressedTensorsFormat
+from dsconvert.formats.ct_registry import register_ct_compressor
 from dsconvert.formats.fp8_block_tensors import FP8BlockTensors
 from dsconvert.quant.fp8_quant import FP8BlockSpec, FP8BlockTensor, dequantize_fp8_block
 

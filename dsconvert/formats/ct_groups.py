@@ -70,9 +70,8 @@ class CompressedTensorsGroupsReader:
         qc = qc or {}
         if qc.get("quant_method") != "compressed-tensors":
             return False
-        from dsconvert.formats.compressed_tensors import CT_COMPRESSORS, CompressedTensorsFormat
+        from dsconvert.formats.compressed_tensors import CT_COMPRESSORS  # registers the compression formats
 
-        CompressedTensorsFormat.codecs()  # registers the compression formats
         fmts = {(g or {}).get("format") or qc.get("format") for g in (qc.get("config_groups") or {}).values()}
         known = _FP4_FORMATS | set(CT_COMPRESSORS.names())
         return bool(fmts) and fmts <= known and (len(fmts) > 1 or bool(fmts & _FP4_FORMATS))

@@ -25,7 +25,8 @@ from typing import Mapping
 import torch
 
 from dsconvert.errors import UnsupportedError, UsageError
-from dsconvert.formats.compressed_tensors import CompressedTensorsFormat, register_ct_compressor
+from dsconvert.formats.ct_pack_quantized import CompressedTensorsFormat
+from dsconvert.formats.ct_registry import register_ct_compressor
 from dsconvert.formats.int_format import TensorPlan, _require, by_suffix, join_name
 from dsconvert.quant.rtn import COMPRESSED_TENSORS, QTensor, QuantSpec, dequantize
 

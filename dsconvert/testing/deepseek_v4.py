@@ -40,6 +40,7 @@ from ..errors import UsageError
 from ..formats import deepseek_v4 as v4
 from ..quant.fp4_decode import dequant_fp4, e8m0_grid_to_float32, quantize_fp4, quantize_fp8_e8m0
 from ..quant.fp8_block import dequant_fp8_block
+from .release_files import MARKER_PREFIX, write_tokenizer
 
 VARIANTS = ("flash", "flash-base")
 
@@ -301,8 +302,6 @@ def build_v4_checkpoint(out_dir: str | Path, spec: V4Spec | str = "tiny", **over
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if spec.tokenizer:
-        from .fixtures import write_tokenizer
-
         write_tokenizer(out, spec.vocab_size)
     if spec.extra_files:
         _write_extra_files(out)
@@ -325,8 +324,6 @@ def decoded_state_dict(src: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _write_extra_files(out: Path) -> None:
-    from .fixtures import MARKER_PREFIX
-
     def remote(kind: str) -> str:
         return (f'"""dsconvert test fixture stand-in for DeepSeek-V4\'s {kind}.py. It must be copied, never run."""\n'
                 "import pathlib\n"

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .release_files import MARKER_PREFIX, write_tokenizer
+
 FP8_MAX = 448.0
 V32_INDEX_HEADS, V32_INDEX_DIM = 4, 32  # scaled-down index_n_heads / index_head_dim of a deepseek_v32 fixture
-MARKER_PREFIX = "EXECUTED_"
 
 
 @dataclass
@@ -358,53 +359,6 @@ def build_checkpoint(out_dir: str | Path, spec: FixtureSpec | str = "tiny", *, v
     if spec.extra_files:
         _write_extra_files(out)
     return out
-
-
-SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜User｜>", "<｜Assistant｜>"]
-CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-                 "{% else %}{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}{% endif %}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
-
-
-def write_tokenizer(out: Path, vocab_size: int, text: str | None = None) -> None:
-    """A byte-level BPE ``tokenizer.json`` trained with the ``tokenizers`` library on ``text`` (default: the
-    bundled validation text), with DeepSeek's special tokens (bos id 0, eos id 1), plus ``tokenizer_config.json``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if text is None:
-        text = (Path(__file__).resolve().parent.parent / "data" / "validation.txt").read_text(encoding="utf-8")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    n_vocab = min(vocab_size, max(300, vocab_size - 8))
-    trainer = trainers.BpeTrainer(vocab_size=n_vocab, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(text.splitlines(), trainer=trainer)
-    tok.save(str(out / "tokenizer.json"))
-    write_tokenizer_config(out)
-
-
-def write_tokenizer_config(out: Path) -> None:
-    """``tokenizer_config.json`` as the release's (LlamaTokenizerFast, bos/eos/pad, a chat template)."""
-    tcfg = {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": {"__type": "AddedToken", "content": SPECIAL_TOKENS[0], "lstrip": False, "normalized": True,
-                      "rstrip": False, "single_word": False},
-        "clean_up_tokenization_spaces": False,
-        "eos_token": {"__type": "AddedToken", "content": SPECIAL_TOKENS[1], "lstrip": False, "normalized": True,
-                      "rstrip": False, "single_word": False},
-        "legacy": True,
-        "model_max_length": 16384,
-        "pad_token": {"__type": "AddedToken", "content": SPECIAL_TOKENS[1], "lstrip": False, "normalized": True,
-                      "rstrip": False, "single_word": False},
-        "sp_model_kwargs": {},
-        "unk_token": None,
-        "tokenizer_class": "LlamaTokenizerFast",
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
 
 
 def _remote_code(kind: str) -> str:

@@ -43,8 +43,9 @@ import torch
 
 from dsconvert.errors import UsageError
 
-from .fixtures import (FixtureSpec, SPECIAL_TOKENS, _init, _seed, _shard_name, _write_extra_files,
-                       make_config, real_v3_spec, tensor_table, write_tokenizer_config)
+from .fixtures import (FixtureSpec, _init, _seed, _shard_name, _write_extra_files, make_config, real_v3_spec,
+                       tensor_table)
+from .release_files import SPECIAL_TOKENS, write_tokenizer_config
 
 __all__ = ["RealOptions", "real_spec", "plan_real", "write_real_checkpoint", "write_constructed_tokenizer",
            "RELEASE_SHARD_BYTES"]

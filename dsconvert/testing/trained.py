@@ -145,7 +145,7 @@ def train(out_dir: str | Path, steps: int = STEPS, log=print) -> dict:
     corpus = training_corpus()
     # the tokenizer first: a throwaway random-weights build gives tokenizer.json trained on the corpus
     tmp_tok = out.with_name(out.name + ".tok")
-    from .fixtures import write_tokenizer
+    from .release_files import write_tokenizer
 
     tmp_tok.mkdir(parents=True, exist_ok=True)
     write_tokenizer(tmp_tok, spec.vocab_size, corpus)

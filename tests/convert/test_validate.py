@@ -32,7 +32,8 @@ from typer.testing import CliRunner
 from dsconvert.cli import app
 from dsconvert.convert import validate as val
 from dsconvert.convert.weights import CheckpointWeightSource
-from dsconvert.testing.fixtures import SPECIAL_TOKENS, build_checkpoint
+from dsconvert.testing.fixtures import build_checkpoint
+from dsconvert.testing.release_files import SPECIAL_TOKENS
 
 ROOT = Path(__file__).resolve().parents[2]
 N_LAYERS = 3  # tiny preset: layer 0 dense, layers 1-2 MoE (8 experts, 2 per token), layer 3 = MTP
