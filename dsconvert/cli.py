@@ -925,7 +925,7 @@ def gguf_cmd(
         "--threads", min=1, help="CPU threads for quantizing (the output bytes do not depend on it) "
         "[default: every core]")] = None,
     kernel: Annotated[str, typer.Option(
-        "--kernel", help="CPU block quantizer: ggml (llama.cpp's own ggml_quantize_chunk, from an installed "
+        "--kernel", metavar="auto|ggml|torch", help="CPU block quantizer: ggml (llama.cpp's own ggml_quantize_chunk, from an installed "
         "llama-cpp-python or $DSCONVERT_GGML_LIB; llama-quantize's speed), torch (dsconvert's kernels, also on "
         "CUDA), auto (ggml when found); the bytes are the same")] = "auto",
     max_memory: MaxMemOpt = None,

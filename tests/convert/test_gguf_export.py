@@ -8,7 +8,6 @@ Fixtures: ``tiny`` (the FP8 tiny release: hidden 320, so K-quants fall back to l
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

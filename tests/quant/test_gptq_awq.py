@@ -577,7 +577,7 @@ def test_engine_names_expert_stages_and_restores_state(tiny_calib):
     eng = CalibrationEngine(src, engine_policy, "gptq", GPTQ, seqs, progress=lambda i, s: stages.append((i, s)))
     moe = cfg["first_k_dense_replace"]
     for i in range(moe + 1):
-        r = eng.run_layer(i)
+        eng.run_layer(i)
     last = min(32, cfg["n_routed_experts"]) - 1
     assert (moe, f"calibrating experts 0-{last}") in stages
     assert [s for i, s in stages if i == 0][0] == "capture" and stages[-1] == (moe, "propagate")
