@@ -243,6 +243,33 @@ def qt_rows(qt: QTensor, r0: int, r1: int) -> QTensor:
                    None if qt.zero is None else qt.zero[r0:r1].cpu().clone(), qt.spec, qt.convention)
 
 
+def cat_rows(parts: Sequence[QTensor]) -> QTensor:
+    """Stack QTensors of row blocks of one weight (quantization groups run along K, so rows are independent);
+    one part is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    z = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
+    return QTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), z, parts[0].spec,
+                   parts[0].convention)
+
+
+def expert_ranges(n_experts: int, group: int) -> list[tuple[int, int]]:
+    """The routed expert groups ``[(e0, e1), ...]`` of ``group`` (at least 1) experts covering ``0..n_experts-1``."""
+    G = max(1, group)
+    return [(e0, min(e0 + G, n_experts)) for e0 in range(0, n_experts, G)]
+
+
+def output_sums(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor, w_rtn: torch.Tensor
+                ) -> tuple[float, float, float]:
+    """``(||x Wᵀ - x Ŵᵀ||², ||x Wᵀ - x W̃ᵀ||², ||x Wᵀ||²)`` in float64 for rows ``x`` ``(n, N)`` and weights
+    ``(M, N)`` on one device: the parts of :func:`rel_mse` for the calibrated ``w_hat`` and the RTN ``w_rtn``,
+    to be summed over the row blocks of a block-diagonal linear (V4's ``wo_a``)."""
+    xs = x.to(torch.float64)
+    ref = xs @ w.to(torch.float64).T
+    return (float((ref - xs @ w_hat.to(torch.float64).T).pow(2).sum()),
+            float((ref - xs @ w_rtn.to(torch.float64).T).pow(2).sum()), float(ref.pow(2).sum()))
+
+
 def to_cpu(qt: QTensor) -> QTensor:
     """``qt`` with its tensors on the CPU (no copy when they are there already)."""
     return QTensor(qt.q.cpu(), qt.scale.cpu(), None if qt.zero is None else qt.zero.cpu(), qt.spec, qt.convention)

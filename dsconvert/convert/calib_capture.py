@@ -22,7 +22,7 @@ from ..formats import deepseek_v3 as v3
 from ..model.moe import route
 from ..quant.gptq import HessianAccumulator
 from ..quant.rtn import Convention, QuantSpec
-from .calib_base import STAT_TOKENS, LayerResults, token_chunks
+from .calib_base import STAT_TOKENS, LayerResults, expert_ranges, token_chunks
 
 #: ``expert_policy="topk"``: an expert with too few tokens is calibrated on the tokens that route to it when
 #: every token picks ``TOPK_FACTOR * num_experts_per_tok`` experts from all groups (GPTQModel's routing
@@ -393,8 +393,7 @@ class LayerCapture:
         layer)."""
         if not self.moe:
             return []
-        E, G = self.cfg.n_routed_experts or 0, max(1, self.eng.expert_group)
-        return [(e0, min(e0 + G, E)) for e0 in range(0, E, G)]
+        return expert_ranges(self.cfg.n_routed_experts or 0, self.eng.expert_group)
 
     def report_group(self, e0: int, e1: int) -> None:
         """Name the stage of the expert group ``e0..e1-1`` in flight."""
@@ -460,6 +459,11 @@ class CalibStage(ABC):
     groups, run here one after the other or handed to the engine's ``expert_dispatch`` (:mod:`.calib_ray`),
     which calls :meth:`expert_stage`, :meth:`report_group` and :meth:`adopt_group` and runs :meth:`run_experts`
     elsewhere (:func:`~.calibrate.run_expert_group`).
+
+    The DeepSeek-V4 stages (:mod:`.calib_v4_gptq`, :mod:`.calib_v4_awq`) are CalibStages on a
+    :class:`~.calib_v4_capture.V4LayerCapture`, which has the ``eng``, ``idx``, :meth:`groups` and
+    :meth:`report_group` of a capture; their engine has no ``expert_dispatch`` (None), so they never reach
+    :meth:`expert_stage` / :meth:`adopt_group`.
 
     Attributes:
         needs_capture: whether the engine runs :meth:`LayerCapture.capture` before :meth:`run` (AWQ, GPTQ);

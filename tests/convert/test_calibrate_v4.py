@@ -711,20 +711,20 @@ def test_awq_cli_output_loads_and_kld_below_rtn(v4_src, cli_outs, tmp_path):
 
 
 def _in_memory_smooth(self, prev, kind, x, members, extra):
-    """The pre-streaming ``_V4Layer._smooth``: every member's float32 weight at once, handed to the quant layer's
+    """The pre-streaming ``V4AwqStage.smooth``: every member's float32 weight at once, handed to the quant layer's
     whole-module search (:func:`dsconvert.quant.awq.awq_search_scale`); the fold is the engine's."""
-    from dsconvert.convert import calibrate_v4 as c4
+    from dsconvert.convert.calib_v4_capture import is_routed_expert
     from dsconvert.quant.awq import awq_search_scale
 
-    eng = self.eng
-    quant = [(m, xm) for m, xm in members if self.spec(m, self._weight_shape(m)) is not None]
+    eng, cap = self.eng, self.cap
+    quant = [(m, xm) for m, xm in members if cap.spec(m, cap.weight_shape(m)) is not None]
     if not quant or x.shape[0] == 0:
         return
-    spec = self.spec(quant[0][0], self._weight_shape(quant[0][0]))
-    ws = [self._w(m) if not c4._EXPERT.match(m) else self._weight(m) for m, _ in quant]
+    spec = cap.spec(quant[0][0], cap.weight_shape(quant[0][0]))
+    ws = [self.w(m) if not is_routed_expert(m) else cap.weight(m) for m, _ in quant]
     s, ratio, errors = awq_search_scale(x, ws, lambda cand: torch.cat(
         [(xm @ c.T).flatten() for (_, xm), c in zip(quant, cand)]), spec, eng.convention, n_grid=eng.n_grid)
-    self._fold_smoothing(prev, kind, members, extra, s, ratio, errors)
+    self.fold(prev, kind, members, extra, s, ratio, errors)
 
 
 def test_awq_streamed_smoothing_equals_in_memory_search(v4_src, monkeypatch):
@@ -733,6 +733,7 @@ def test_awq_streamed_smoothing_equals_in_memory_search(v4_src, monkeypatch):
     same grid losses up to float32 summation order. (Whole tiny model before/after the change: sha256 3bae7410…
     both.)"""
     from dsconvert.convert import calibrate_v4 as c4
+    from dsconvert.convert.calib_v4_awq import V4AwqStage
     from dsconvert.convert.weights import CheckpointWeightSource
     from dsconvert.quant.rtn import COMPRESSED_TENSORS
 
@@ -742,7 +743,7 @@ def test_awq_streamed_smoothing_equals_in_memory_search(v4_src, monkeypatch):
         return [eng.run_layer(i) for i in (0, 1)]
 
     new = run()
-    monkeypatch.setattr(c4._V4Layer, "_smooth", _in_memory_smooth)
+    monkeypatch.setattr(V4AwqStage, "smooth", _in_memory_smooth)
     old = run()
     for a, b in zip(new, old):
         assert set(a.quantized) == set(b.quantized) and set(a.replaced) == set(b.replaced)
@@ -774,6 +775,7 @@ def test_awq_moe_smoothing_memory_flat_in_experts_at_real_dimensions(tmp_path, m
     within 64 MiB and below 8 float32 expert weights (measured 232 / 237 MiB); holding every expert's ``w1``/``w3``
     in float32, as before, adds 32 MiB per linear (2.1 GiB at 32 experts). ~25 s CPU (4 min wall under load)."""
     from dsconvert.convert import calibrate_v4 as c4
+    from dsconvert.convert.calib_v4_awq import V4AwqStage
     from dsconvert.convert.weights import CheckpointWeightSource
     from dsconvert.quant.rtn import COMPRESSED_TENSORS
     from dsconvert.testing.realsize_v4 import RealV4Options, write_real_v4_checkpoint
@@ -782,7 +784,7 @@ def test_awq_moe_smoothing_memory_flat_in_experts_at_real_dimensions(tmp_path, m
         open("/proc/self/clear_refs", "w").close()
     except OSError:
         pytest.skip("no /proc/self/clear_refs to reset VmHWM")
-    orig, grown = c4._V4Layer._smooth, {}
+    orig, grown = V4AwqStage.smooth, {}
 
     def measured(self, prev, kind, x, members, extra):
         if not prev.endswith("ffn_norm"):
@@ -794,7 +796,7 @@ def test_awq_moe_smoothing_memory_flat_in_experts_at_real_dimensions(tmp_path, m
         grown[self.eng.cfg.geo.experts] = (_hwm() - base, len(members))
         raise _Stop
 
-    monkeypatch.setattr(c4._V4Layer, "_smooth", measured)
+    monkeypatch.setattr(V4AwqStage, "smooth", measured)
     ids = [[(7 * i + 3) % 300 for i in range(48)]]
     for e in (8, 32):
         src = write_real_v4_checkpoint(tmp_path / f"e{e}", RealV4Options(layers=1, hash_layers=0, experts=e,
