@@ -19,18 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class _TypeTraits(ctypes.Structure):
-    # struct ggml_type_traits in include/ggml.h of llama-cpp-python 0.3.36
-    _fields_ = [
-        ("type_name", ctypes.c_char_p),
-        ("blck_size", ctypes.c_int64),
-        ("blck_size_interleave", ctypes.c_int64),
-        ("type_size", ctypes.c_size_t),
-        ("is_quantized", ctypes.c_bool),
-        ("to_float", ctypes.c_void_p),
-        ("from_float_ref", ctypes.c_void_p),
-    ]
+from ..quant.ggml.native import TypeTraits as _TypeTraits
 
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
@@ -40,11 +29,11 @@ class GGMLOracle:
     """Thin wrapper over the loaded ``libggml-base`` library."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
+        from ..quant.ggml.native import bind_quantize
+
         self.lib = lib
         self.path = path
-        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        bind_quantize(lib)
         lib.ggml_quantize_init.restype = None
         lib.ggml_quantize_init.argtypes = [ctypes.c_int]
         lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)

@@ -35,21 +35,25 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-__all__ = ["ENV_LIB", "NativeGGML", "library_candidates", "load"]
+__all__ = ["ENV_LIB", "NativeGGML", "TypeTraits", "bind_quantize", "library_candidates", "load"]
 
 #: Environment variable naming a ``libggml-base`` shared library to use.
 ENV_LIB = "DSCONVERT_GGML_LIB"
 _NAMES = ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll")
 
 
-class _TypeTraits(ctypes.Structure):
-    # the leading fields of struct ggml_type_traits (include/ggml.h); only these are read
+class TypeTraits(ctypes.Structure):
+    """The leading fields of ``struct ggml_type_traits`` (``include/ggml.h`` of the llama.cpp in
+    llama-cpp-python 0.3.36); nothing after ``from_float_ref`` is read."""
+
     _fields_ = [
         ("type_name", ctypes.c_char_p),
         ("blck_size", ctypes.c_int64),
         ("blck_size_interleave", ctypes.c_int64),
         ("type_size", ctypes.c_size_t),
         ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
     ]
 
 
@@ -69,18 +73,24 @@ def library_candidates() -> list[Path]:
     return [libdir / n for n in _NAMES]
 
 
+def bind_quantize(lib: ctypes.CDLL) -> None:
+    """Declare ``size_t ggml_quantize_chunk(enum ggml_type, const float * src, void * dst, int64_t start,
+    int64_t nrows, int64_t n_per_row, const float * imatrix)`` on ``lib`` (``include/ggml.h``)."""
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+
+
 class NativeGGML:
     """The loaded library: which types it quantizes, and :meth:`quantize`."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.lib = lib
         self.path = path
-        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        bind_quantize(lib)
         lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
         lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-        lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+        lib.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)
         lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
         self._pools: dict[int, ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
