@@ -818,7 +818,7 @@ def test_logits_reads_a_gguf_like_its_source(tiny, work):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("ftype,weighted", [("Q4_K_M", False), ("Q2_K_S", True),
+@pytest.mark.parametrize("ftype,weighted", [("Q4_K_M", False), pytest.param("Q2_K_S", True, marks=pytest.mark.slow),
                                             pytest.param("IQ2_XXS", True, marks=pytest.mark.slow)])
 def test_ggml_kernel_writes_the_torch_kernels_bytes(kq, work, tmp_path, ftype, weighted):
     """``--kernel ggml`` (ggml's quantizer, 2 threads, chunks small enough that tensors span several) writes the
@@ -860,7 +860,7 @@ def test_kernel_choice_and_refusals(tiny, work, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("kernel", ["torch", "ggml"])
-def test_encode_checks_cancellation_between_pieces(kernel):
+def test_encode_checks_cancellation_between_pieces(kernel, monkeypatch):
     """A chunk is quantized in pieces of rows with a cancellation check between them (a SIGINT is not held up by
     a whole chunk of a slow type); the pieces give the bytes of one call."""
     from dsconvert.convert import cancel
@@ -869,7 +869,10 @@ def test_encode_checks_cancellation_between_pieces(kernel):
     if kernel == "ggml" and native is None:
         pytest.skip("no ggml library")
     t = ggml.get_type("IQ4_NL")
-    rows = 3 * t.chunk_elems * ge.PIECE_CHUNKS // 256 + 5  # 4 pieces of 256-wide rows at 1 thread
+    whole_rows = 3 * t.chunk_elems * ge.PIECE_CHUNKS // 256 + 5  # reference: the type's own chunking
+    monkeypatch.setattr(t, "chunk_elems", 2048)  # pieces of 32 rows of 256 at 1 thread
+    rows = 3 * t.chunk_elems * ge.PIECE_CHUNKS // 256 + 5  # 4 pieces
+    assert rows < whole_rows
     x = torch.randn(rows, 256)
     whole = ggml.quantize(x, "IQ4_NL").numpy().reshape(-1)
     np.testing.assert_array_equal(ge.encode(x, "IQ4_NL", torch.device("cpu"), native=native), whole)

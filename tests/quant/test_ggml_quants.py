@@ -248,7 +248,7 @@ def test_grid_iq_vs_llamacpp(oracle, name):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name", GRID_NO_IMATRIX)
+@pytest.mark.parametrize("name", [pytest.param("IQ2_S", marks=pytest.mark.slow), "IQ3_XXS", "IQ3_S"])
 def test_grid_iq_zero_blocks_and_subnormals(oracle, name):
     """All-zero 32-blocks inside non-zero super-blocks (IQ3_S then writes the later blocks' qs/signs earlier),
     subnormal rows (an infinite ``1/max`` and ``1/d``: C's ``nearest_int(inf)`` is -4194304) and single subnormal

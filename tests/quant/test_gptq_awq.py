@@ -467,6 +467,7 @@ def test_engine_runs_layers_in_order_only(tiny_calib):
 
 @pytest.mark.parametrize("method,expert_policy", [("gptq", "all-tokens"), ("gptq", "rtn"), ("awq", "all-tokens"),
                                                   ("awq", "rtn")])
+@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test`
 def test_experts_without_tokens(tmp_path_factory, method, expert_policy):
     """docs/known-failures.md item 29: 16 experts, top-1, a router bias sending every token to expert 0."""
     from dsconvert.convert.weights import CheckpointWeightSource
@@ -504,6 +505,7 @@ def test_experts_without_tokens(tmp_path_factory, method, expert_policy):
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test`
 def test_topk_policy_uses_raised_routing(tmp_path_factory, method):
     """``expert_policy="topk"``: with every token routed to expert 0 (top-1), a starved expert is calibrated on
     the tokens that pick it when top-k is raised to 4 over all groups. Each token then fills 3 slots besides
