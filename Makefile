@@ -10,7 +10,7 @@ PRESET ?= tiny
 DEMO   ?= demo-out
 WHEELS ?= ../shared/wheels
 
-.PHONY: demo test test-fast bench clean venv
+.PHONY: demo test test-fast test-slow bench clean venv
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,10 @@ demo: $(VENV)/.stamp
 	$(VENV)/bin/dsconvert inspect $(DEMO)/DeepSeek-V3-$(PRESET)-BF16
 
 test: $(VENV)/.stamp
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not slow"
+
+test-slow: $(VENV)/.stamp
+	$(PY) -m pytest -q -ra -m slow
 
 test-fast: $(VENV)/.stamp
 	$(PY) -m pytest -q -ra -m unit

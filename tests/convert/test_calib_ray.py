@@ -51,7 +51,7 @@ def test_split_groups_cuts_for_the_slots_and_never_grows_a_group():
 
 
 @pytest.mark.parametrize("method,expert_policy", [("gptq", "all-tokens"), ("awq", "all-tokens"), ("awq", "topk")])
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_shipped_expert_groups_equal_the_local_loop(moe16, tmp_path, method, expert_policy):  # noqa: F811
     """Stage -> safetensors -> worker code -> piece -> adopt == the engine's own group loop, bit for bit:
     levels, scales, zeros, folded tensors, per-expert choices and the residual stream."""

@@ -77,7 +77,7 @@ def _same(a, b):
 
 @pytest.mark.parametrize("method,expert_policy", [("gptq", "all-tokens"), ("gptq", "rtn"), ("awq", "all-tokens"),
                                                   ("awq", "rtn")])
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_expert_group_size_does_not_change_bytes(moe16, tmp_path, method, expert_policy):
     """One expert in flight, spilled to disk, one AWQ candidate output at a time == all 16 experts at once in
     memory with every candidate at once: the same levels, scales, zero points, folded tensors, routing
@@ -181,7 +181,7 @@ def test_streamed_hessian_equals_the_cached_one():
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_forward_chunks_do_not_change_bytes(moe16, monkeypatch, method):
     """Capture and propagate run a chunk of sequences at a time (CHUNK_TOKENS), each propagated chunk replacing
     its input: chunks of 50 tokens ([48], [48], [40, 7]) give the same levels, scales, folded tensors, per-linear

@@ -423,7 +423,7 @@ def test_gptq_kld_below_rtn(v4_src, cli_outs):
 
 
 @pytest.mark.parametrize("expert_policy", ["all-tokens", "rtn"])
-@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test-slow`
 def test_starved_experts_fallback(v4_src, expert_policy):
     """Experts under ``min_expert_tokens``: ``all-tokens`` calibrates them on every token of the layer (GPTQ on
     the Hessian of the whole MoE input, as transformers' router input), ``rtn`` quantizes them by plain RTN;
@@ -621,7 +621,7 @@ def test_resume_never_skips_a_layer_split_over_shards(v4_src, tmp_path):
         assert run.engine.next_layer == want, (done, state_next)
 
 
-@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test-slow`
 def test_gptq_flash_base_fp8_experts(v4_base_src):
     """V4-Flash-Base (FP8 experts, F32 power-of-two scales): the experts are dequantized exactly first; layer 0
     equals GPTQ on transformers' inputs with the exactly decoded weights."""
@@ -729,7 +729,7 @@ def _in_memory_smooth(self, prev, kind, x, members, extra):
     self.fold(prev, kind, members, extra, s, ratio, errors)
 
 
-@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test-slow`
 def test_awq_streamed_smoothing_equals_in_memory_search(v4_src, monkeypatch):
     """The streamed smoothing search (one expert weight at a time) writes the same bytes as the search over every
     weight held at once (``awq_search_scale``): layers 0 and 1, every quantized linear and folded tensor, and the

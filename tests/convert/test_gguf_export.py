@@ -736,7 +736,7 @@ def _random_imatrix(kq: Path, seed: int = 0) -> dict[str, np.ndarray]:
                                    pytest.param("IQ1_S", marks=pytest.mark.slow),
                                    pytest.param("IQ3_XXS", marks=pytest.mark.slow),
                                    pytest.param("IQ2_M", marks=pytest.mark.slow)])
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_imatrix_blocks_identical_to_llama_model_quantize(kq, work, ftype, tmp_path):
     """With an importance matrix, every block equals what ``llama_model_quantize`` writes from our F32 file
     given the same weights (its ``params.imatrix``): tensor types, per-expert and per-head slicing, bytes."""

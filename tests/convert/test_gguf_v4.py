@@ -232,7 +232,7 @@ def _same_tensors(ours: Path, theirs: Path) -> dict[str, str]:
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q2_K", "Q3_K_M", "Q4_0", "Q5_K_S", "Q6_K", "IQ4_XS"])
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_v4_mix_equals_llama_model_quantize(v4_src, v4_gguf, tmp_path, ftype):
     ours = tmp_path / f"ours-{ftype}.gguf"
     rc, txt = cli("gguf", v4_src, "-o", ours, "--type", ftype, "-q")
@@ -291,7 +291,7 @@ def test_v4_f16_equals_llama_model_quantize(v4_src, v4_gguf, tmp_path):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_v4_mix_overrides_equal_llama_model_quantize(v4_src, v4_gguf, tmp_path):
     """--tensor-type on the experts (decoded from FP4 and quantized: llama.cpp requantizes its MXFP4 copy, the
     same values), --output-tensor-type and --token-embedding-type, and --type Q4_K (= Q4_K_M --pure)."""
@@ -315,7 +315,7 @@ def test_v4_mix_overrides_equal_llama_model_quantize(v4_src, v4_gguf, tmp_path):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_v4_requantized_experts_in_row_chunks(v4_src, v4_gguf, tmp_path):
     """FP4 experts quantized to another type are decoded a row chunk at a time (8 rows here): same bytes as
     llama.cpp's requantization of the whole MXFP4 tensor."""

@@ -214,7 +214,7 @@ def test_imatrix_quantization_vs_llamacpp(oracle, name, data):
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("name", GRID_IQ)
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_grid_iq_vs_llamacpp(oracle, name):
     """Lattice types with importance weights: byte-identical to ``ggml_quantize_chunk`` (signs, parity flips,
     off-grid groups snapped to the listed neighbours, zero and degenerate rows), and our dequantizer equals

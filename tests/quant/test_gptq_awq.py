@@ -374,7 +374,7 @@ def _mean_kld(ctx, over) -> float:
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_engine_returns_every_policy_module(tiny_calib, method):
     src = tiny_calib["src"]
     cfg = src.config
@@ -467,7 +467,7 @@ def test_engine_runs_layers_in_order_only(tiny_calib):
 
 @pytest.mark.parametrize("method,expert_policy", [("gptq", "all-tokens"), ("gptq", "rtn"), ("awq", "all-tokens"),
                                                   ("awq", "rtn")])
-@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test-slow`
 def test_experts_without_tokens(tmp_path_factory, method, expert_policy):
     """docs/known-failures.md item 29: 16 experts, top-1, a router bias sending every token to expert 0."""
     from dsconvert.convert.weights import CheckpointWeightSource
@@ -505,7 +505,7 @@ def test_experts_without_tokens(tmp_path_factory, method, expert_policy):
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s: kept out of `make test-fast`, run by `make test-slow`
 def test_topk_policy_uses_raised_routing(tmp_path_factory, method):
     """``expert_policy="topk"``: with every token routed to expert 0 (top-1), a starved expert is calibrated on
     the tokens that pick it when top-k is raised to 4 over all groups. Each token then fills 3 slots besides
@@ -541,7 +541,7 @@ def test_topk_policy_uses_raised_routing(tmp_path_factory, method):
     assert any(ex[e]["policy"] == "topk" for e in range(1, 16))
 
 
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_rss_flat_across_layers(tmp_path_factory):
     """docs/known-failures.md item 27: per-layer caches are freed; RSS after layer k ~ RSS after layer 1."""
     import psutil
@@ -568,7 +568,7 @@ def test_rss_flat_across_layers(tmp_path_factory):
     assert growth < per_layer_work, [r / 2**20 for r in rss]
 
 
-@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test`
+@pytest.mark.slow  # > 2 s each: kept out of `make test-fast`, run by `make test-slow`
 def test_engine_names_expert_stages_and_restores_state(tiny_calib):
     """Progress names the expert blocks of a MoE layer; restore() resumes from a saved residual stream and
     gives the same next layer as running through."""
