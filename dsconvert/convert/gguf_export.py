@@ -733,8 +733,8 @@ def encode(x: torch.Tensor, qtype: str, device: torch.device, importance: np.nda
     if device.type != "cpu" and not use_native:
         qw = None if importance is None else torch.from_numpy(np.ascontiguousarray(importance, np.float32))
         return gt.quantize(x2.to(device=device, dtype=torch.float32), qw).cpu().numpy().reshape(-1)
-    # on the CPU in pieces of rows, with a cancellation check between them: a SIGINT stops the run within one
-    # piece (a few hundred ms at the slowest type), not one chunk (tens of seconds for the IQ types)
+    # on the CPU in pieces of rows, with a cancellation check between them: a SIGINT waits for one piece
+    # (PIECE_CHUNKS of the type's work chunks per thread, sized by its speed), not for a whole chunk
     rows = max(1, gt.chunk_elems * PIECE_CHUNKS * max(1, threads) // x2.shape[1])
     qw = None if importance is None or use_native else torch.from_numpy(np.ascontiguousarray(importance, np.float32))
     out = []
