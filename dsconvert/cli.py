@@ -184,8 +184,9 @@ class GgufWriteOptions(WriteOptions):
 
 def _option_groups(fn: Callable) -> Callable:
     """Typer command decorator: a parameter annotated with an option-group dataclass (:class:`RayOptions`,
-    :class:`ReportOptions`, :class:`WriteOptions`) stands for that group's fields, spliced into the command's signature in its place
-    (so ``--help`` lists them there, as if written out); the command receives one instance of the group.
+    :class:`ReportOptions`, :class:`WriteOptions`) stands for that group's fields, spliced into the command's
+    signature in its place (so ``--help`` lists them there, as if written out); the command receives one
+    instance of the group.
 
     Typer reads ``__signature__`` (``inspect.signature``), so each option has exactly one definition: the
     group's field annotation and default.
@@ -925,9 +926,9 @@ def gguf_cmd(
         "--threads", min=1, help="CPU threads for quantizing (the output bytes do not depend on it) "
         "[default: every core]")] = None,
     kernel: Annotated[str, typer.Option(
-        "--kernel", metavar="auto|ggml|torch", help="CPU block quantizer: ggml (llama.cpp's own ggml_quantize_chunk, from an installed "
-        "llama-cpp-python or $DSCONVERT_GGML_LIB; llama-quantize's speed), torch (dsconvert's kernels, also on "
-        "CUDA), auto (ggml when found); the bytes are the same")] = "auto",
+        "--kernel", metavar="auto|ggml|torch", help="CPU block quantizer: ggml (llama.cpp's own "
+        "ggml_quantize_chunk, from an installed llama-cpp-python or $DSCONVERT_GGML_LIB; llama-quantize's speed), "
+        "torch (dsconvert's kernels, also on CUDA), auto (ggml when found); the bytes are the same")] = "auto",
     max_memory: MaxMemOpt = None,
     ray: RayOptions = RayOptions(),
     write: GgufWriteOptions = GgufWriteOptions(),
