@@ -3,11 +3,10 @@ committed trained test model, measured through llama.cpp on held-out text (``dsc
 64-token windows) against our float32 reference forward on the FP8 source. Prints, in one run (no assertions):
 
 * per-tensor differences between the two Q4_K_M files (types, shapes, bytes) and the largest difference between
-  the two F32 files: the converter rounds the dequantized FP8 weights to BF16 even for ``--outtype f32``, we keep
-  the exact float32 product;
-* Mean KLD of both pipelines for Q8_0, Q4_K_M, Q3_K_M and Q2_K (both quantized by ``llama_model_quantize`` from
-  their F32 file; dsconvert's own quantizers are byte-identical to that, tests/convert/test_gguf_export.py);
-* Mean KLD of Q4_K_M made from our exact weights multiplied by ``1 + u``, ``u`` uniform in +-2^-9 (a BF16
+  the two F32 files (both keep the exact float32 product of each FP8 weight and its scale, so 0);
+* Mean KLD of both pipelines for Q8_0, Q4_K_M, Q3_K_M and Q2_K (``dsconvert gguf --type T`` straight from the
+  FP8 source; ``llama_model_quantize`` from the converter's F32 file) and which tensors differ in type or bytes;
+* Mean KLD of Q4_K_M made from our F32 weights multiplied by ``1 + u``, ``u`` uniform in +-2^-9 (a BF16
   rounding-sized perturbation), for a few seeds: how much of a difference between the pipelines is the
   sensitivity of the K-quant rounding to the input at that scale.
 
@@ -117,16 +116,16 @@ def main() -> None:
     print(f"{len(seqs)} windows x {WINDOW} tokens; F32 files: tensors only in one: "
           f"{sorted(set(ta) ^ set(tb))}; largest |ours - theirs| {worst:.3g}")
     for name, ft in ({} if a.only_noise else FTYPES).items():
-        row = {}
-        for who, f32 in (("ours", ours), ("theirs", theirs)):
-            q = work / f"{who}-{name}.gguf"
-            _llama_quantize(llama_cpp, f32, q, ft)
-            row[who] = kld(q)
-        if name == "Q4_K_M":
-            qa = {t.name: t for t in gguf.GGUFReader(work / "ours-Q4_K_M.gguf").tensors}
-            qb = {t.name: t for t in gguf.GGUFReader(work / "theirs-Q4_K_M.gguf").tensors}
-            types = [k for k in qa if k not in qb or qa[k].tensor_type != qb[k].tensor_type]
-            print(f"Q4_K_M tensors whose type differs: {types or 'none'}")
+        qa, qb = work / f"ours-{name}.gguf", work / f"theirs-{name}.gguf"
+        subprocess.run([sys.executable, "-c", "from dsconvert.cli import main; main()", "gguf", str(src), "-o",
+                        str(qa), "--type", name, "--overwrite"], check=True, capture_output=True)
+        _llama_quantize(llama_cpp, theirs, qb, ft)
+        row = {"ours": kld(qa), "theirs": kld(qb)}
+        ta_, tb_ = ({t.name: t for t in gguf.GGUFReader(q).tensors} for q in (qa, qb))
+        types = [k for k in ta_ if k not in tb_ or ta_[k].tensor_type != tb_[k].tensor_type]
+        data = [k for k in ta_ if k in tb_ and not np.array_equal(np.asarray(ta_[k].data), np.asarray(tb_[k].data))]
+        print(f"{name:7s} tensors whose type differs: {types or 'none'}; whose bytes differ: {data or 'none'} "
+              f"(of {len(ta_)})")
         print(f"{name:7s} Mean KLD ours {row['ours']:.4g}  llama.cpp converter {row['theirs']:.4g}  "
               f"ratio {row['ours'] / row['theirs']:.3f}", flush=True)
     lin = [t for t in gguf.GGUFReader(ours).tensors

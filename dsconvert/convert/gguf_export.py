@@ -9,12 +9,14 @@ stream one output tensor at a time, one row chunk at a time -> ``*.tmp`` + fsync
 
 Numerics (docs/gguf-deepseek2.md §4, docs/known-failures.md item 16/17):
 
-* an FP8 weight is dequantized exactly as ``fp8-to-bf16`` does it (``bf16_rne(fp32(w) * scale)``, the same
-  producer); BF16 sources are read as stored;
-* BF16 output writes those bf16 bytes unchanged; F32/F16/quantized outputs go bf16 -> float32 (exact) ->
-  the type's quantizer (:mod:`dsconvert.quant.ggml`, byte-compatible with ``ggml-quants.c``), which is what
-  llama.cpp's converter does from a BF16 checkpoint. An FP8 source and its BF16 conversion therefore give
-  byte-identical GGUFs;
+* an FP8 weight is dequantized to the exact float32 product ``fp32(w) * scale`` (``fp8-to-bf16``'s producer,
+  stopped before its bf16 rounding), as llama.cpp's converter does; BF16 sources are read as stored;
+* BF16 output rounds that product to bf16 once (RNE: the bytes ``fp8-to-bf16`` writes) or writes a BF16
+  source's bytes unchanged; F32/F16/quantized outputs take the float32 values to the type's quantizer
+  (:mod:`dsconvert.quant.ggml`, byte-compatible with ``ggml-quants.c``), which is what ``convert_hf_to_gguf.py``
+  + ``llama_model_quantize`` do from the same checkpoint. So a quantized file from the FP8 release differs from
+  one made from its BF16 conversion: rounding the product to bf16 first measurably hurts (docs/gguf-deepseek2.md
+  §4);
 * norms, 1-D tensors, ``ffn_gate_inp`` and ``exp_probs_b.bias`` are F32 whatever the type.
 
 File layout: gguf-py's ``GGUFWriter`` serializes the header, KV pairs and tensor infos of each file (with
@@ -141,7 +143,9 @@ class GGUFOptions:
                 "output_tensor_type": self.output_tensor_type, "token_embedding_type": self.token_embedding_type,
                 "pure": self.pure, "imatrix": sha256_file(self.imatrix) if self.imatrix else None,
                 "split_max_size": self.split_max_size, "split_max_tensors": self.split_max_tensors,
-                **({"target_size": self.target_size} if self.target_size is not None else {})}
+                **({"target_size": self.target_size} if self.target_size is not None else {}),
+                # what an FP8 weight is quantized from; files of earlier versions (bf16-rounded) are not resumed
+                "fp8_input": "float32"}
 
 
 def type_names() -> dict[str, list[str]]:
@@ -661,11 +665,11 @@ def _imatrix_plan(path: Path | None, entries: dict | None, plan: g2.GGUFPlan, ty
 
 
 def _rows(ck: Checkpoint, name: str, chunk_bytes: int) -> Iterator[torch.Tensor]:
-    """HF tensor ``name`` in row chunks, dequantized: FP8 -> bf16 by fp8-to-bf16's own producer (on CPU, the
-    bit-exact rule); other dtypes as stored. 1-D tensors in one piece."""
+    """HF tensor ``name`` in row chunks of about ``chunk_bytes``: FP8 (+ scale) -> the exact float32 product by
+    fp8-to-bf16's own producer; other dtypes as stored. 1-D tensors in one piece."""
     ent = ck.entry(name)
     if ent.dtype == "F8_E4M3":
-        yield from dequant_producer(ck, name, torch.bfloat16, torch.device("cpu"), chunk_bytes)()
+        yield from dequant_producer(ck, name, torch.float32, torch.device("cpu"), chunk_bytes)()
         return
     if ent.dtype not in ("BF16", "F16", "F32"):
         raise UnsupportedError(f"{name}: dtype {ent.dtype} cannot go into a GGUF",
@@ -718,13 +722,14 @@ def encode(x: torch.Tensor, qtype: str, device: torch.device, importance: np.nda
            native: "NativeGGML | None" = None, threads: int = 1) -> np.ndarray:
     """Rows of ``x`` (bf16/f16/f32, ``[..., ne0]``) as ggml type ``qtype`` bytes (uint8, C order).
 
-    BF16 input to BF16 output is copied bit for bit; everything else is quantized from float32, with the
+    BF16 output is the input rounded once to bf16 (RNE; bf16 input copied bit for bit); everything else is
+    quantized from float32, with the
     importance weights ``importance`` (float32 ``[ne0]``, every row) when given: by ``native`` (ggml's
     ``ggml_quantize_chunk``, ``threads`` threads) when given and it offers the type, else by the torch kernels
     of :mod:`dsconvert.quant.ggml` on ``device``.
     """
-    if qtype == "BF16" and x.dtype == torch.bfloat16:
-        return x.contiguous().view(torch.uint8).numpy().reshape(-1)
+    if qtype == "BF16" and x.dtype in (torch.bfloat16, torch.float32):
+        return x.to(torch.bfloat16).contiguous().view(torch.uint8).numpy().reshape(-1)
     if qtype == "F32":
         return x.to(torch.float32).contiguous().view(torch.uint8).numpy().reshape(-1)
     gt = ggml.get_type(qtype)

@@ -33,7 +33,8 @@ def fingerprint(parts: dict) -> str:
 
 
 #: option keys whose flag is not ``--`` + the key with ``-`` for ``_``
-_FLAG_OF = {"tensor_types": "--tensor-type", "imatrix": "--imatrix (sha256)"}
+_FLAG_OF = {"tensor_types": "--tensor-type", "imatrix": "--imatrix (sha256)",
+            "fp8_input": "what FP8 weights are quantized from (an output of an earlier dsconvert version)"}
 
 
 def _show(v) -> str:
