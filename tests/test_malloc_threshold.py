@@ -35,6 +35,7 @@ def _retained_mib(which: str) -> float:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc / procfs")
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_freed_chunks_are_returned_after_import():
     """With plain torch 40 freed 8 MiB chunks stay resident (~320 MiB; the probe checks the premise); after
     ``import dsconvert`` they are unmapped (only the 2.5 MiB of small buffers and noise stay)."""

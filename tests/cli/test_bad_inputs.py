@@ -286,6 +286,7 @@ def test_usage_errors_exit_2(usage_runs, case):
     assert not list(inside.glob("manifest.json"))
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_nonempty_output_refused_then_overwrite_keeps_unrelated_files(tiny_src, tmp_path):
     out = tmp_path / "out"
     (out / "notes").mkdir(parents=True)

@@ -48,6 +48,7 @@ def test_json_report_is_one_document_with_required_keys(tiny_run, tiny_src):
     assert json.loads((out / "report.json").read_text())["output"] == rep["output"]
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_dry_run_writes_nothing_and_prints_plan(tiny_src, tmp_path):
     out = tmp_path / "never"
     jobs = {"human": ("fp8-to-bf16", tiny_src, "-o", out, "--dry-run"),
@@ -81,6 +82,7 @@ def test_dry_run_writes_nothing_and_prints_plan(tiny_src, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_errors_in_json_mode_are_json_on_stdout(tiny_copy, tmp_path):
     # damage: one FP8 weight loses its scale (index entry too)
     idx = read_index(tiny_copy)

@@ -28,6 +28,7 @@ def _hub_cache(tmp_path, src):
     return repo
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_hub_cache_repo_folder_resolves_through_refs_main(tiny_src, tmp_path):
     repo = _hub_cache(tmp_path, tiny_src)
     r = run_cli("inspect", repo, "--json")
@@ -47,6 +48,7 @@ def test_hub_id_that_was_not_downloaded(cmd, tiny_src):
     assert "SRC" not in doc["message"] + doc["hint"]
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_missing_path_and_file_say_which(tmp_path):
     r = run_cli("inspect", tmp_path / "nope", "--json")
     assert r.rc == 3 and "no such checkpoint directory" in r.json()["message"]

@@ -58,6 +58,7 @@ def test_wrong_kind_is_refused_naming_what_it_is(made, command, kind, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written: no OUT, no GGUF, no manifest or report beside it
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_cli_refusals_exit_3_with_the_json_error(made):
     base, outs = made
     jobs = {"f2b": ("fp8-to-bf16", outs["awq"][0], "-o", base / "x1", "--json"),

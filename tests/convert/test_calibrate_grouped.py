@@ -144,6 +144,7 @@ print(json.dumps({"measured": peak - before, "estimate": eng.peak_memory_estimat
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_estimate_matches_a_measured_layer(tmp_path, method):
     """The estimator's formula against one measured MoE layer (1024 wide, 16 experts of 512, 8 in flight,
     512 tokens): the peak RSS the layer adds is within 0.4x-2.5x of estimate_peak_bytes (a generous margin

@@ -185,6 +185,7 @@ def test_imatrix_v4_equals_transformers_hooks(v4_src, hf_v4, tmp_path):
     assert loaded["blk.3.ffn_up_exps.weight"].shape == (g.experts, g.hidden)
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_imatrix_v4_process_output_and_dry_run(v4_src, tmp_path):
     """``--process-output`` adds ``output.weight`` (the head's input: every token, one count); ``--dry-run``
     estimates and writes nothing."""
@@ -407,6 +408,7 @@ def test_gptq_heldout_linear_error_below_rtn(v4_src, cli_outs):
     assert mean < 0.8 and better >= 0.9, (mean, better)
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_gptq_kld_below_rtn(v4_src, cli_outs):
     """Mean KLD against the release through the V4 reference forward (``validate``, bundled validation text;
     random tiny weights, so the default thresholds do not apply): GPTQ below RTN."""
@@ -470,6 +472,7 @@ def test_starved_experts_fallback(v4_src, expert_policy):
 
 
 @pytest.mark.llamacpp
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_imatrix_v4_taken_by_llama_model_quantize(v4_src, tmp_path):
     """llama.cpp's quantizer (``llama_model_quantize`` with ``params.imatrix``) takes our V4 imatrix for our
     ``deepseek4`` GGUF: every 2-D ``blk.*`` matrix it multiplies has an entry of the size it checks, and the
@@ -518,6 +521,7 @@ def test_imatrix_v4_taken_by_llama_model_quantize(v4_src, tmp_path):
 
 
 @pytest.mark.llamacpp
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_imatrix_v4_equals_llama_cpp_collection(v4_src, tmp_path):
     """Oracle: llama.cpp's own collection (llama-imatrix's eval callback, dsconvert/testing/llama_imatrix.py) on
     our ``deepseek4`` GGUF, widened to F32 by ``llama_model_quantize`` so its graph computes in float32: the same

@@ -358,6 +358,7 @@ def test_mtp_drop(tiny_src, tiny_out, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_max_shard_size(tiny_src, tiny_out, tmp_path):
     limit = 1_000_000
     out = tmp_path / "split"
@@ -429,6 +430,7 @@ def test_dtype_f32_equals_oracle_before_rounding(tiny_src, tiny_out, tiny_oracle
     assert "quantization_config" not in cfg and cfg["torch_dtype"] == "float32"
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_deepseek_v32_indexer_is_dequantized_and_nothing_invented(tmp_path):
     """docs/known-failures.md item 12: V3.2's indexer wq_b/wk are FP8 + scale and must be dequantized; k_norm and the
     BF16 weights_proj are kept as they are, and no weights_proj.bias is invented."""

@@ -109,6 +109,7 @@ def _read_gguf(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for n, v in t.items() if n.endswith(".in_sum2")}
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_imatrix_equals_transformers_hooks(model_dir, tmp_path):
     model, d, wins = model_dir
     cfg = json.loads((d / "config.json").read_text())
@@ -149,6 +150,7 @@ def test_imatrix_equals_transformers_hooks(model_dir, tmp_path):
     assert nh > 1
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_legacy_dat_and_gguf_read_back_alike(model_dir, tmp_path):
     _, d, _ = model_dir
     args = ("--calib-data", d.parent / "calib.json", "--num-samples", N_WIN, "--seq-len", T_WIN, "-q")
@@ -165,6 +167,7 @@ def test_legacy_dat_and_gguf_read_back_alike(model_dir, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_dry_run_and_bad_format(model_dir, tmp_path):
     _, d, _ = model_dir
     r = run_cli("imatrix", d, "-o", tmp_path / "x.gguf", "--dry-run", "--json", "--calib-data",
@@ -174,6 +177,7 @@ def test_dry_run_and_bad_format(model_dir, tmp_path):
     assert r.rc == 2 and "gguf" in r.stderr
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_gguf_export_uses_our_imatrix(tmp_path):
     """FP8 fixture -> imatrix -> gguf Q4_K_M --imatrix: accepted, every quantized tensor but token_embd/output
     weighted, and the bytes differ from the unweighted file."""

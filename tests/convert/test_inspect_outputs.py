@@ -41,6 +41,7 @@ def int_outputs(tiny_src, tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_inspect_int_checkpoint(fmt, int_outputs, src_params):
     out, qrep = int_outputs[fmt]
     r = run_cli("inspect", out, "--json")
@@ -91,6 +92,7 @@ def test_inspect_flags_split_fused_group(int_outputs, tmp_path):
     assert probs and "q_a_proj" in probs[0]["message"] and "kv_a_proj_with_mqa" in probs[0]["message"]
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_validate_fails_a_split_fused_group(int_outputs, tiny_src, tmp_path):
     """The same hand-made checkpoint fails validate's named check fused_group_split (exit 4, before any forward
     pass), with loose thresholds the metrics alone would pass."""
@@ -108,6 +110,7 @@ def test_validate_fails_a_split_fused_group(int_outputs, tiny_src, tmp_path):
     assert ok.rc == 0 and ok.json()["forward"] == "run", ok
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_inspect_gguf(tiny_src, tmp_path):
     from gguf import GGUFReader
 

@@ -121,6 +121,7 @@ def _args(template: tuple, src: Path) -> tuple:
 
 
 @pytest.mark.parametrize("case", list(SAFETENSORS_CASES))
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_signal_stops_safetensors_writer_and_resumes(case, sig_src, tmp_path_factory):
     template, sig = SAFETENSORS_CASES[case]
     args = _args(template, sig_src)
@@ -153,6 +154,7 @@ def test_signal_stops_safetensors_writer_and_resumes(case, sig_src, tmp_path_fac
     assert outputs(out) == clean_h  # manifest.json included, byte for byte
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_signal_stops_calibrated_quantize_and_resumes(small_src, tmp_path_factory):
     args = ("quantize", str(small_src), "--gptq", "--num-samples", "2", "--seq-len", "16", "--max-shard-size", "1M",
             *G)
@@ -197,6 +199,7 @@ def _gguf_rerun(src: Path, out: Path) -> dict:
     return json.loads(so)
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_sigint_keeps_partial_gguf_and_resumes_from_its_last_tensor(sig_src, tmp_path_factory):
     clean = clean_run(_gguf_args(sig_src), tmp_path_factory.mktemp("clean-gguf") / "m.gguf")
     size = clean.stat().st_size
@@ -233,6 +236,7 @@ main()
 """
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_sigkill_mid_tensor_resumes_gguf_from_last_complete_tensor(sig_src, tmp_path_factory):
     clean = clean_run(_gguf_args(sig_src), tmp_path_factory.mktemp("clean-gguf") / "m.gguf")
     out = tmp_path_factory.mktemp("gguf-kill") / "m.gguf"
@@ -259,6 +263,7 @@ def test_sigkill_mid_tensor_resumes_gguf_from_last_complete_tensor(sig_src, tmp_
     assert out.read_bytes() == clean.read_bytes()
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_corrupt_partial_gguf_tensor_is_rewritten(sig_src, tmp_path_factory):
     """A recorded tensor whose bytes changed on disk ends the kept prefix there."""
     clean = clean_run(_gguf_args(sig_src), tmp_path_factory.mktemp("clean-gguf") / "m.gguf")
@@ -288,6 +293,7 @@ LINE = re.compile(r"^(?P<label>[\w-]+): (?P<done>[\d.]+ [MG]B)/(?P<total>[\d.]+ 
                   r"(?P<rate>[\d.]+ [MG]B/s|- MB/s) eta (?P<eta>-:--:--|\d+:\d\d:\d\d)(?: \| (?P<item>.*))?$")
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_plain_progress_lines_when_stderr_is_a_pipe(sig_src, tmp_path):
     out = tmp_path / "out"
     p = popen_cli("fp8-to-bf16", sig_src, "-o", out)  # stderr is a pipe, not a terminal
@@ -302,6 +308,7 @@ def test_plain_progress_lines_when_stderr_is_a_pipe(sig_src, tmp_path):
     assert "\r" not in se and "\x1b[" not in se  # no terminal control in a log
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_plain_progress_lines_for_gguf_name_layers(sig_src, tmp_path):
     out = tmp_path / "m.gguf"
     p = popen_cli("gguf", sig_src, "-o", out, "--type", "Q8_0")

@@ -24,6 +24,7 @@ from ..conftest import run_cli
 
 
 @pytest.mark.parametrize("cmd", [["fp8-to-bf16"], ["quantize", "--scheme", "W8A16", "--group-size", "32"]])
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_unwritable_report_path_is_refused_before_work(tiny_src, tmp_path, cmd):
     out = tmp_path / "out"
     for report, why in ((tmp_path, "is a directory"), (tmp_path / "missing" / "r.json", "does not exist")):

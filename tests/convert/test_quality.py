@@ -141,6 +141,7 @@ def test_calibration_record_hash(trained_src, gptq_out):
     assert sorted(et) == ["1", "2"] and all(sum(v.values()) == 2 * 8 * 128 for v in et.values())
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_calibration_seed_changes_windows_gptq_layout(trained_src, tmp_path):
     from dsconvert.convert.calibration_data import BUNDLED_CALIBRATION
 
@@ -164,6 +165,7 @@ def test_validate_default_windows_do_not_overlap_calibration(trained_src, gptq_o
     assert rep["mean_kld"] <= 0.7 * MEASURED["rtn"][0]
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_validate_warns_on_calibration_overlap(trained_src, gptq_out):
     """Evaluating on the calibration text: the windows the quantizer saw are counted, the JSON is marked and
     stderr warns (exit 0: the metrics are still computed)."""
@@ -182,6 +184,7 @@ def test_validate_warns_on_calibration_overlap(trained_src, gptq_out):
     assert rep["warnings"] and rep["calibration"]["dataset"] == "dsconvert:calibration.txt"
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_calibrating_on_the_evaluation_text_is_flagged(trained_src, tmp_path):
     """The old default workflow (calibrate on validation.txt, validate on it): every calibration window is an
     evaluation window."""
@@ -194,6 +197,7 @@ def test_calibrating_on_the_evaluation_text_is_flagged(trained_src, tmp_path):
 
 # -- KLD regression guards -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["rtn", pytest.param("awq", marks=pytest.mark.slow)])
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_heldout_kld_guard(trained_src, tmp_path, method):
     extra = () if method == "rtn" else ("--awq",)
     _quantize(trained_src, tmp_path / "o", *extra)

@@ -568,6 +568,7 @@ _CLI_KLD: dict[str, float] = {}  # filled by the CLI tests, cross-checked by the
 
 
 @pytest.mark.parametrize("cid", CLI_VALIDATED)
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_validate_cli_reads_each_format(cid, outputs, src):
     out, _ = outputs[cid]
     r = cli("validate", out, "--reference", src, "--json", "-q", "--max-kld", kld_bound(cid), "--min-top1", 0)
@@ -671,6 +672,7 @@ def test_ignore_whole_fused_group_keeps_it_bf16(cid, src, src_tensors, tmp_path,
 # ---------------------------------------------------------------------------------------------
 # dry run, resume, BF16 source, MTP
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_dry_run_plan_equals_real_run(src, outputs, src_tensors, tmp_path):
     out_real, real = outputs["ct-W4A16"]
     out = tmp_path / "never"
@@ -724,6 +726,7 @@ def _model_files(d: Path) -> dict[str, bytes]:
     return {n: (d / n).read_bytes() for n in sorted(names)}
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_resume_after_sigkill_is_byte_identical(src, tmp_path):
     args = ["--scheme", "W4A16_ASYM", "--group-size", G, "--max-shard-size", "600K", "--json", "-q"]
     clean = tmp_path / "clean"
@@ -743,6 +746,7 @@ def test_resume_after_sigkill_is_byte_identical(src, tmp_path):
 
 
 @pytest.mark.parametrize("cid", ["ct-W4A16", "gptq_v2-W4A16_ASYM"])
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_bf16_source_gives_identical_bytes(cid, src, outputs, tmp_path_factory):
     base = tmp_path_factory.mktemp("bf16")
     bf16 = base / "src-bf16"

@@ -70,6 +70,7 @@ def test_awq_and_gptq_beat_rtn_on_held_out_text(src, held_out, tmp_path):
     assert klds["awq"] < klds["rtn"], klds
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_awq_folds_router_and_norms_only(src, tmp_path):
     out = tmp_path / "awq"
     _quantize(src, out, "--awq", "--format", "compressed-tensors")
@@ -85,6 +86,7 @@ def test_awq_folds_router_and_norms_only(src, tmp_path):
     assert not (out / "calibration-state.safetensors").exists()  # removed once complete
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_gptq_output_reads_back_with_compressed_tensors(src, tmp_path):
     from ..formats.test_int_formats import assert_library_reads_modules
 
@@ -110,6 +112,7 @@ def test_gptq_resume_after_kill_is_byte_identical(tmp_path):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_experts_without_tokens_get_the_stated_policy(tmp_path):
     # a router bias that sends every token to expert 0 (and its group): most experts see no token
     src = build_checkpoint(tmp_path / "fx", "tiny", num_experts_per_tok=1, n_group=1, topk_group=1,
@@ -139,6 +142,7 @@ def test_experts_without_tokens_get_the_stated_policy(tmp_path):
         assert s.get(f"model.layers.1.mlp.experts.{e}.down_proj.weight").abs().sum() > 0
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_calibrated_dry_run_estimates_activations_and_max_memory_refuses(src, tmp_path):
     """--dry-run of a calibrated run counts the calibration activations (more tokens, more memory; above the RTN
     plan); --max-memory below that estimate shrinks the expert group to fit, and below the smallest plan

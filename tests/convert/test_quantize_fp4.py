@@ -222,6 +222,7 @@ def test_bad_recipes_exit_2_before_writing(src, tmp_path, args, needle):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_recipe_file_yaml_and_json(src, tmp_path):
     y = tmp_path / "r.yaml"
     y.write_text("default: MXFP4A16\nrules:\n  - targets: 're:.*mlp\\.experts\\..*'\n    scheme: NVFP4A16\n"

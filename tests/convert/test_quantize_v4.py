@@ -108,6 +108,7 @@ def test_compressed_tensors_library_reads_output(scheme, outs, bf16):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_validate_against_v4_release(scheme, outs, v4_src):
     r = run_cli("validate", outs[scheme], "--reference", v4_src, "--json", "-q")
     assert r.rc in (0, 4), r  # 4: the default thresholds are for real models, not random tiny weights
@@ -128,6 +129,7 @@ def test_dry_run_sizes_match_output(outs, v4_src, tmp_path):
     assert plan["quantized_modules"] == n_q
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_resume_rewrites_only_the_missing_shard(outs, v4_src, tmp_path):
     """The V3 job runner: a shard lost after a run is rewritten on rerun, the others reused, bytes identical to
     the one-shard run's tensors."""
@@ -160,6 +162,7 @@ def test_v4_refusals_name_what_works(args, needle, v4_src, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_inspect_plans_and_reads_v4_quantize(outs, v4_src):
     real = outs["reports"]["W4A16"]["plan"]["quantized_modules"]
     src = json.loads(run_cli("inspect", v4_src, "--json").stdout)
@@ -226,6 +229,7 @@ def test_compressed_tensors_decodes_passed_through_experts_exactly(rest, mixed, 
     assert len(mx) == 1 and mx[0].targets == [r"re:.*ffn\.experts\.\d+\.w[123]$"]  # release names
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_mxfp4_passthrough_validates_with_zero_kld(mixed, v4_src):
     """Weights only (no MX activation emulation): the passthrough output is the release, KLD exactly 0."""
     r = run_cli("validate", mixed["bf16"], "--reference", v4_src, "--json", "-q", "--no-emulate-activations")
@@ -246,6 +250,7 @@ def test_v41_still_refused(v4_src, tmp_path):
     assert r.rc == 3 and "V4.1" in r.stderr and not (tmp_path / "o").exists(), r
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_flash_base_fp8_experts_quantize_from_exact_bf16(v4_base_src, tmp_path):
     """V4-Flash-Base (FP8 experts, F32 scales): the experts too are the RTN of fp8-to-bf16's exact BF16."""
     res = run_many({"bf16": ("fp8-to-bf16", v4_base_src, "-o", tmp_path / "bf16", "-q"),

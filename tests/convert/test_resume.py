@@ -68,6 +68,7 @@ def _tmp_shard(out: Path) -> bool:
     return any(out.glob("model-*.safetensors.tmp"))
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_kill_and_resume_is_byte_identical(resume_src, clean, tmp_path):
     clean_out, clean_h = clean
     n_shards = sum(1 for k in clean_h if k.endswith(".safetensors"))

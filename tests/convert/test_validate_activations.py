@@ -77,6 +77,7 @@ def test_hook_on_one_linear_matches_slow_reference(nvfp4_out):
     assert hook("lm_head", x[:, :320]) is None
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_emulation_changes_kld_and_is_reported(nvfp4_out, src):
     reps = {}
     for flag in ("--emulate-activations", "--no-emulate-activations"):

@@ -38,6 +38,7 @@ def _problems(r) -> list[dict]:
     return r.json()["problems"]
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_verify_ok_full_and_quick(tiny_out):
     out, _ = tiny_out
     r = run_cli("verify", out, "--json")
@@ -53,6 +54,7 @@ def test_verify_ok_full_and_quick(tiny_out):
     assert h.rc == 0 and "OK" in h.stdout, str(h)
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_flipped_byte_caught_by_full_not_by_quick(out_copy):
     shard = _shards(out_copy)[1]
     _flip_byte(shard)
@@ -113,6 +115,7 @@ def test_tensor_with_another_shape_is_named(out_copy):
     assert torch.equal(ts[name].reshape(before), load_file(str(shard))[name].reshape(before))
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_no_manifest_or_incomplete(out_copy, tmp_path):
     man = json.loads((out_copy / "manifest.json").read_text())
     man["complete"] = False
@@ -126,6 +129,7 @@ def test_no_manifest_or_incomplete(out_copy, tmp_path):
     assert r.rc == 3 and "no such output" in r.stderr, str(r)
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_gguf_output(tiny_src, tmp_path):
     f = tmp_path / "tiny-Q8_0.gguf"
     r = run_cli("gguf", tiny_src, "-o", f, "--type", "Q8_0", "-q")
@@ -141,6 +145,7 @@ def test_gguf_output(tiny_src, tmp_path):
     assert cut.rc == 3 and "size" in checks and checks & {"tensor", "header"}, str(cut)
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_rerun_verify_modes(tiny_src, tmp_path):
     """A rerun of a finished output shows progress while it hashes (stderr is a pipe here: plain lines);
     ``--verify size`` trusts sizes (instant) and so keeps a same-size corrupted shard, ``full`` rewrites it."""

@@ -205,6 +205,7 @@ def test_w8a8_output_layout_and_inspect(ct_outputs):
     assert 8 < qi["bits_per_weight"] < 8.25
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_fp8_block_inspect_and_dry_run_sizes(ct_outputs, tiny_src):
     out, rep = ct_outputs["FP8_BLOCK"]
     r = run_cli("inspect", out, "--json")
@@ -221,6 +222,7 @@ def test_fp8_block_inspect_and_dry_run_sizes(ct_outputs, tiny_src):
 
 
 @pytest.mark.parametrize("key,max_kld", [("W8A8", 0.1), ("W8A8_gptq", 0.1), ("FP8_BLOCK", 0.1)])
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_validate_reads_new_outputs(ct_outputs, tiny_src, key, max_kld):
     out, _ = ct_outputs[key]
     r = run_cli("validate", out, "--reference", tiny_src, "--json", "--max-kld", max_kld, "--min-top1", 0.5)
@@ -261,6 +263,7 @@ def bf16_master_release(tmp_path_factory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("rel") / "src", "tiny", bf16_masters=True)
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_release_bf16_fp8_round_trip_gives_release_bytes(bf16_master_release, tmp_path):
     src = bf16_master_release
     bf16, back = tmp_path / "bf16", tmp_path / "fp8"
@@ -301,6 +304,7 @@ def test_fp32_master_release_payload_round_trips(tiny_src, tmp_path):
             assert torch.equal(got[n].view(torch.uint8), t.view(torch.uint8)), n
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_ue8m0_requantizes_payload_under_the_rounded_scale(tiny_src, tmp_path):
     out = tmp_path / "ue8m0"
     r = run_cli("bf16-to-fp8", tiny_src, "-o", out, "--scale-fmt", "ue8m0", "--json")

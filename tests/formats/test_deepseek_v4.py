@@ -251,6 +251,7 @@ def test_transformers_loads_fixture_exactly(which, request):
     assert checked == len([e for e in v4.expected_tensors(g) if e.hf is not None]) + g.layers * g.experts
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_make_fixture_cli(tmp_path):
     pytest.importorskip("transformers.models.deepseek_v4")
     from tests.conftest import run_cli
@@ -348,6 +349,7 @@ BAD_V4 = {
 }
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_v4_bad_inputs_refused_before_writing(v4_src, tmp_path):
     """Every damaged copy: exit 3 before anything is written, the message names the tensor (or key) at fault."""
     from tests.conftest import run_many
@@ -429,6 +431,7 @@ def _check_bf16_output(src, out, mtp=True):
 
 
 @pytest.mark.parametrize("which", ["v4_src", "v4_base_src", "v4_odd_src"])
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_v4_fp8_to_bf16_matches_numpy_decoder(which, request, tmp_path):
     from tests.conftest import run_cli
 
@@ -448,6 +451,7 @@ def test_v4_fp8_to_bf16_matches_numpy_decoder(which, request, tmp_path):
         assert (out / f).read_bytes() == (src / f).read_bytes(), f
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_v4_bf16_output_gives_transformers_the_same_logits(v4_src, tmp_path):
     """transformers on the FP8/FP4 release directory and on our BF16 output: identical logits (fp32 and bf16
     loads), over 160 tokens (longer than the sliding window 16 and the HCA ratio 128)."""
@@ -469,6 +473,7 @@ def test_v4_bf16_output_gives_transformers_the_same_logits(v4_src, tmp_path):
         assert torch.equal(logits[0], logits[1]), dtype
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_v4_mtp_drop_dry_run_and_resume(v4_src, tmp_path):
     from tests.conftest import run_cli, tree_hashes
 
@@ -493,6 +498,7 @@ def test_v4_mtp_drop_dry_run_and_resume(v4_src, tmp_path):
 
 # -- inspect and the commands that do not take V4 yet ------------------------------------------------------------
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_v4_inspect_schedule_bytes_and_conversions(v4_src):
     from tests.conftest import run_cli
 

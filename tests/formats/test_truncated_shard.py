@@ -36,6 +36,7 @@ def damaged(tiny_copy):
     return tiny_copy, shard, scale
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_truncated_shard_one_error_and_counts_kept(damaged, tmp_path):
     src, shard, scale = damaged
     raw = (src / shard).read_bytes()
@@ -55,6 +56,7 @@ def test_truncated_shard_one_error_and_counts_kept(damaged, tmp_path):
     assert [(p["kind"], p["file"]) for p in fatal] == [("truncated_shard", shard)], fatal
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_unreadable_header_one_error_and_counted_from_index(damaged):
     src, shard, _ = damaged
     p = src / shard

@@ -67,6 +67,7 @@ def _active_params(cfg: dict) -> int:
     return total + cfg["vocab_size"] * h
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_dry_run_reports_work_and_runs_nothing(tiny_out, tiny_src, tmp_path):
     out, _ = tiny_out
     cfg = json.loads((tiny_src / "config.json").read_text())
@@ -88,6 +89,7 @@ def test_dry_run_reports_work_and_runs_nothing(tiny_out, tiny_src, tmp_path):
     assert h.rc == 0 and "peak memory" in h.stdout and "TFLOP" in h.stdout, str(h)
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_max_memory_below_the_estimate_refuses(tiny_out, tiny_src, tmp_path):
     out, _ = tiny_out
     r = run_cli("validate", out, "--reference", tiny_src, "--dry-run", "--json")
@@ -102,6 +104,7 @@ def test_max_memory_below_the_estimate_refuses(tiny_out, tiny_src, tmp_path):
     assert ok.rc == 0 and ok.json()["passed"], str(ok)
 
 
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
 def test_device_cpu_matches_default_and_missing_cuda_is_usage(tiny_src, tmp_path):
     import torch
 
