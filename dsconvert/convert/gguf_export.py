@@ -856,10 +856,58 @@ class _Pipeline:
 PARTIAL_SUFFIX = ".dsconvert-partial.json"
 #: A resume point is recorded (``.tmp`` fsynced, then the sidecar replaced atomically) after the tensor that
 #: brings the bytes since the last one over CHECKPOINT_BYTES, or after CHECKPOINT_S seconds, and always when
-#: the run is cancelled. A SIGKILL loses at most that much work.
+#: the run is cancelled. During the run the fsync and the sidecar go to a background thread (:class:`_Syncer`),
+#: so quantizing does not wait for the disk; while one is in flight the next tensor boundary tries again. A
+#: SIGKILL loses at most the work since the last sidecar.
 CHECKPOINT_BYTES = 64 * 2**20
 CHECKPOINT_S = 10.0
 _READ = 16 << 20
+
+
+class _Syncer:
+    """Make the bytes written so far durable and then record them, in one background thread.
+
+    ``submit(state)`` flushes ``f``'s buffer here, then a thread runs ``os.fsync(f.fileno())`` and, only after it
+    returned, ``record(state)`` (the sidecar). So a sidecar never lists a tensor whose bytes are not on disk,
+    and the writer keeps writing (the fsync covers at least the submitted bytes). One sync at a time:
+    ``submit`` returns False, doing nothing, while the previous one runs. Measured on the real-size fixture: a
+    synchronous fsync per 64 MiB held the pipeline to the disk's durable write rate (0.25 GB/s here), which
+    cost a Q8_0 file about a third of its time.
+
+    :meth:`wait` joins the thread and re-raises its error (an ``OSError`` from the disk); call it before
+    closing ``f`` and before deleting or rewriting the sidecar.
+    """
+
+    def __init__(self, f, record):
+        self.f, self.record = f, record
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, state) -> bool:
+        if self.thread is not None:
+            if self.thread.is_alive():
+                return False
+            self.wait()
+        self.f.flush()
+
+        def job() -> None:
+            try:
+                os.fsync(self.f.fileno())
+                self.record(state)
+            except BaseException as e:  # noqa: BLE001 - handed to the writer by wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=job, name="dsconvert-fsync", daemon=True)
+        self.thread.start()
+        return True
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
 
 
 def partial_path(final: Path) -> Path:
@@ -983,13 +1031,28 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
                 ht.update(mv)
                 pos += len(mv)
 
-            def checkpoint() -> None:
+            def record(recs: list) -> None:
+                write_atomic(side, (json.dumps({**state, "tensors": recs}) + "\n").encode())
+
+            syncer = _Syncer(f, record)
+
+            def checkpoint(now: bool = False) -> None:
+                """A resume point at the last complete tensor: in the background, or (``now``) before returning."""
+                if now:
+                    try:
+                        syncer.wait()  # a sync in flight finishes first (its sidecar may be the one kept)
+                    except OSError:
+                        marks["saved"] = -1  # that sidecar may not have been written: write it here
                 if len(records) == marks["saved"]:
                     return
-                f.flush()
-                os.fsync(f.fileno())
-                write_atomic(side, (json.dumps({**state, "tensors": records}) + "\n").encode())
-                marks.update(saved=len(records), bytes=0, t=time.monotonic())
+                snap = list(records)
+                if now:
+                    f.flush()
+                    os.fsync(f.fileno())
+                    record(snap)
+                elif not syncer.submit(snap):
+                    return  # the previous sync is still running: the next tensor boundary tries again
+                marks.update(saved=len(snap), bytes=0, t=time.monotonic())
 
             try:
                 ht = hashlib.sha256()
@@ -1023,10 +1086,17 @@ def write_file(f_plan: OutFile, plan: ExportPlan, device: torch.device, chunk_by
             except (cancel.Cancelled, OSError):
                 if records:
                     try:
-                        checkpoint()  # keep the work done: the next run resumes after the last tensor
+                        checkpoint(now=True)  # keep the work done: the next run resumes after the last tensor
                     except BaseException:
                         pass
                 raise
+            except BaseException:
+                try:
+                    syncer.wait()  # before the sidecar is deleted below
+                except BaseException:
+                    pass
+                raise
+            syncer.wait()
             f.flush()
             os.fsync(f.fileno())
         if pos != f_plan.size:  # pragma: no cover
