@@ -124,10 +124,12 @@ def qdq(x: torch.Tensor, qtype: str, importance: np.ndarray | None = None, nativ
 
 
 def expert_sample(counts: torch.Tensor, k: int = EXPERT_SAMPLE) -> list[int]:
-    """Up to ``k`` expert ids spread evenly over those with a token: ``hit[i * len(hit) // k]`` for the sorted
-    ids ``hit`` with ``counts > 0`` (``counts``: int ``[n_expert]`` routed tokens per expert)."""
+    """Up to ``k`` expert ids spread evenly over those with a token: ``hit[i * len(hit) // m]``, ``i < m =
+    min(k, len(hit))``, for the sorted ids ``hit`` with ``counts > 0`` (``counts``: int ``[n_expert]`` routed
+    tokens per expert); ascending, empty when no expert has a token."""
     hit = torch.nonzero(counts > 0).flatten().tolist()
-    return sorted({hit[i * len(hit) // k] for i in range(min(k, len(hit)))})
+    m = min(k, len(hit))
+    return [hit[i * len(hit) // m] for i in range(m)]
 
 
 def estimate_peak_bytes(cfg: dict, variants: int, num_samples: int, seq_len: int) -> int:
@@ -346,7 +348,7 @@ def _experts(model: ReferenceModel, src: _Overlay, prefix: str, x: torch.Tensor,
     bias = src.inner.get(bias_name) if src.inner.has(bias_name) else None
     weights, indices = route(mc, F.linear(x, gate), bias)
     counts = torch.bincount(indices.flatten(), minlength=int(mc.n_routed_experts))
-    eids = expert_sample(counts)
+    eids = expert_sample(counts, EXPERT_SAMPLE)
     scale = indices.numel() / max(1, int(counts[eids].sum()))
     d = {t.name: {q: torch.zeros_like(x) for q in candidates[t.name]} for t in tensors}
     for e in eids:
