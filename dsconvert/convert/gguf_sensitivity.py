@@ -302,8 +302,11 @@ def _layer(model: ReferenceModel, src: _Overlay, layer: int, hs: list[torch.Tens
         _override(src, model.cfg, t, q, q_of)
         halves.append(model.attention_blocks(layer, hs, pos))
     src.over = {}
+    # the MLP/MoE is token-wise: every variant's tokens in one batch, so each routed expert is read (and multiplied)
+    # once for all
+    xs = [x for v in halves for _, x in v]
+    ys = model.mlp_block(layer, [torch.cat(xs)])[0].split([x.shape[0] for x in xs])
     n = len(hs)
-    ys = model.mlp_block(layer, [x for v in halves for _, x in v])  # each routed expert read once for all
     ys = [ys[i * n:(i + 1) * n] for i in range(len(halves))]
     clean = [h + y for (h, _), y in zip(halves[0], ys[0])]
     den = sum(_sq(y) for y in clean)
