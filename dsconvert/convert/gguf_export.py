@@ -146,8 +146,8 @@ class GGUFOptions:
                 "output_tensor_type": self.output_tensor_type, "token_embedding_type": self.token_embedding_type,
                 "pure": self.pure, "imatrix": sha256_file(self.imatrix) if self.imatrix else None,
                 "split_max_size": self.split_max_size, "split_max_tensors": self.split_max_tensors,
-                **({"target_size": self.target_size, "sensitivity": [self.sensitivity, self.sensitivity_samples,
-                                                                     self.sensitivity_seq_len]}
+                **({"target_size": self.target_size, "sensitivity": self.sensitivity,
+                    "sensitivity_samples": self.sensitivity_samples, "sensitivity_seq_len": self.sensitivity_seq_len}
                    if self.target_size is not None else {}),
                 # what an FP8 weight is quantized from; files of earlier versions (bf16-rounded) are not resumed
                 "fp8_input": "float32"}

@@ -186,3 +186,15 @@ def test_a_remote_unit_rebuilds_the_same_choice_from_rules(trained_src):
     plan = ge.make_plan(ck, opts, None)
     again = ge.make_plan(ck, ge._as_rules(opts, plan), None)
     assert again.budget is None and again.types == plan.types and again.ftype == plan.ftype
+
+
+@pytest.mark.slow  # > 4 s: in make test-slow, so make test stays near 10 min
+def test_a_rerun_resumes_the_same_measured_choice_and_refuses_another(trained_src, tmp_path):
+    out = tmp_path / "t.gguf"
+    args = ("gguf", trained_src, "-o", out, "--target-size", "1450000", "-q", *FAST)
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    again = cli(*args, "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["already_complete"], again.output
+    other = cli(*args, "--sensitivity", "weights")
+    assert other.exit_code == 2 and "--sensitivity: forward -> weights" in other.text, other.output
