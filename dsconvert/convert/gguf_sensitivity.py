@@ -42,9 +42,10 @@ routing, and comparable across kinds.
 Weights: served as the export quantizes them (an FP8 weight as the exact float32 product ``fp32(w) * scale``;
 BF16 as stored), run in float32. Memory: one layer's dense weights and one routed expert at a time (the layer's
 tensors are cached, experts are not: :class:`~.validate.LayerCachedSource`), the calibration stream
-``[windows * seq_len, hidden]`` float32, and, while an attention layer is measured, the MLP input of every
-attention variant (``variants x tokens x hidden`` float32; 36 x 512 x 7168 x 4 B ~ 0.5 GB at the V3 size with the
-defaults), so each routed expert is read once per layer. DeepSeek V2/V3 (``deepseek2`` GGUF) only.
+``[windows * seq_len, hidden]`` float32, and, while a layer is measured, the attention output, MLP input and MLP
+output of every attention variant (``3 x variants x tokens x hidden`` float32; 3 x 36 x 512 x 7168 x 4 B ~ 1.6 GB
+at the V3 size with the defaults), so each routed expert is read once per layer (:func:`estimate_peak_bytes`:
+~5.6 GiB in all there). DeepSeek V2/V3 (``deepseek2`` GGUF) only.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedError
 from ..formats import gguf_deepseek2 as g2
 from ..formats.checkpoint import Checkpoint
+from ..model.config import ModelConfig
 from ..model.forward import ReferenceModel
 from ..model.layers import rms_norm, swiglu_mlp
 from ..model.moe import route, routed_expert_output
@@ -176,6 +178,7 @@ def forward_sensitivity(ck: Checkpoint, plan: g2.GGUFPlan, candidates: dict[str,
         UnsupportedError (exit 3): a DeepSeek-V4 checkpoint, or a tensor of ``candidates`` this measurement has
             no rule for.
         UsageError (exit 2): the calibration text yields no window of at least 2 tokens.
+        KeyError: a name of ``candidates`` that ``plan`` does not hold.
     """
     if ck.v4 is not None:
         raise UnsupportedError("forward sensitivity: DeepSeek-V4 is not measured by the reference forward yet",
@@ -266,13 +269,13 @@ def _kind(t: g2.GGUFTensorPlan) -> str:
         return "experts"
     if t.kind in ("kv_b_k", "kv_b_v") or (t.kind == "copy" and ".self_attn." in t.sources[0]):
         return "attn"
-    if t.kind == "copy" and t.sources[0].endswith(("_proj.weight",)) and ".mlp." in t.sources[0]:
+    if t.kind == "copy" and t.sources[0].endswith("_proj.weight") and ".mlp." in t.sources[0]:
         return "mlp"
     raise UnsupportedError(f"forward sensitivity: no rule for {t.name} ({t.kind}, {t.sources[0]})",
                            hint="use --sensitivity weights")
 
 
-def _override(src: _Overlay, mc, t: g2.GGUFTensorPlan, q: str, q_of) -> None:
+def _override(src: _Overlay, mc: ModelConfig, t: g2.GGUFTensorPlan, q: str, q_of) -> None:
     """Set ``src.over`` to ``t`` at type ``q`` alone (a 2-D copy, or a kv_b half fused with the other half)."""
     hf = t.sources[0]
     w = src.inner.get(hf).to(torch.float32)
