@@ -915,8 +915,18 @@ def gguf_cmd(
                                                                       "(imatrix.gguf or legacy .dat)")] = None,
     target_size: Annotated[Optional[str], typer.Option(
         "--target-size", metavar="SIZE", help="choose each quantizable tensor's type (Q2_K..Q8_0) so the tensor "
-        "data fits SIZE (e.g. 180G = 180e9 bytes) with the least measured output error (samples of every tensor "
-        "quantized, weighted by --imatrix when given); --tensor-type rules stay fixed; --dry-run shows the choice")] = None,
+        "data fits SIZE (e.g. 180G = 180e9 bytes) with the least measured output error (see --sensitivity; "
+        "weighted by --imatrix when given); --tensor-type rules stay fixed; --dry-run shows the choice")] = None,
+    sensitivity: Annotated[str, typer.Option(
+        "--sensitivity", metavar="forward|weights", help="how --target-size measures a tensor's error at each "
+        "type: forward (the reference forward on the original over calibration windows: the change of the "
+        "layer's output with only that tensor quantized; DeepSeek-V4 falls back to weights) or weights (the "
+        "relative error of a sample of its rows, the earlier proxy)")] = "forward",
+    sensitivity_samples: Annotated[int, typer.Option(
+        "--sensitivity-samples", min=1, metavar="N", help="calibration windows of --sensitivity forward "
+        "(bundled calibration text)")] = 4,
+    sensitivity_seq_len: Annotated[int, typer.Option(
+        "--sensitivity-seq-len", min=2, metavar="L", help="tokens per window of --sensitivity forward")] = 128,
     split_max_size: Annotated[Optional[str], typer.Option(
         "--split-max-size", help="split into files of at most this much tensor data (e.g. 50G = 50e9 bytes)")] = None,
     split_max_tensors: Annotated[Optional[int], typer.Option("--split-max-tensors", min=1,
@@ -950,7 +960,8 @@ def gguf_cmd(
                               token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                               split_max_size=_size(split_max_size), split_max_tensors=split_max_tensors,
                               device=device, threads=threads, kernel=kernel, max_memory=_size(max_memory),
-                              state_dir=state_dir, target_size=_size(target_size))
+                              state_dir=state_dir, target_size=_size(target_size), sensitivity=sensitivity,
+                              sensitivity_samples=sensitivity_samples, sensitivity_seq_len=sensitivity_seq_len)
         ex = ray.executor(1)
         rep = ge.run(src, output, opts, **write.run_kwargs(),
                      progress=_progress_enabled(ui.quiet or ui.json_out and not sys.stderr.isatty()),
@@ -974,7 +985,12 @@ def gguf_cmd(
                 b = p["target_size"]
                 out.print(f"  --target-size {b['target']['gb']:.3f} GB: {b['tensors_chosen']} tensors chosen, "
                           f"{b['planned']['gb']:.3f} GB of tensor data (possible {b['smallest']['gb']:.3f}-"
-                          f"{b['largest']['gb']:.3f} GB); per-tensor choices in --json")
+                          f"{b['largest']['gb']:.3f} GB); sensitivity {b['sensitivity']}"
+                          + (f" on {b['calibration']['sequences']} x {b['calibration']['seq_len']} calibration "
+                             f"tokens ({b['seconds']:.1f} s)" if "calibration" in b else "")
+                          + "; per-tensor choices in --json")
+                if b.get("sensitivity_note"):
+                    out.print(f"  note: {b['sensitivity_note']}")
             out.print(f"  peak memory ~{p['peak_memory_estimate']['gib']:.2f} GiB")
         else:
             o = rep["output"]

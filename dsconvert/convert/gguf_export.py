@@ -124,6 +124,9 @@ class GGUFOptions:
     state_dir: Path | None = None  # where the manifest and report go (default: beside the .gguf); not fingerprinted
     recipe: str | None = None  # a named recipe (formats/gguf_recipes.py), expanded by :meth:`resolved`
     target_size: int | None = None  # bytes of tensor data: per-tensor types chosen by sensitivity (_budget_types)
+    sensitivity: str = "forward"  # with target_size: "forward" (gguf_sensitivity) or "weights" (sampled weight error)
+    sensitivity_samples: int = 4  # calibration windows of the forward measurement
+    sensitivity_seq_len: int = 128  # tokens per window
 
     def resolved(self) -> "GGUFOptions":
         """These options with the recipe spelled out (idempotent): its file type unless ``type`` is given, its
@@ -143,7 +146,9 @@ class GGUFOptions:
                 "output_tensor_type": self.output_tensor_type, "token_embedding_type": self.token_embedding_type,
                 "pure": self.pure, "imatrix": sha256_file(self.imatrix) if self.imatrix else None,
                 "split_max_size": self.split_max_size, "split_max_tensors": self.split_max_tensors,
-                **({"target_size": self.target_size} if self.target_size is not None else {}),
+                **({"target_size": self.target_size, "sensitivity": self.sensitivity,
+                    "sensitivity_samples": self.sensitivity_samples, "sensitivity_seq_len": self.sensitivity_seq_len}
+                   if self.target_size is not None else {}),
                 # what an FP8 weight is quantized from; files of earlier versions (bf16-rounded) are not resumed
                 "fp8_input": "float32"}
 
@@ -405,8 +410,10 @@ def _writer_for(i: int, n: int, files: list[list[g2.GGUFTensorPlan]], types: dic
     return w
 
 
-def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportPlan:
-    """Plan the export of ``ck`` from headers, config and tokenizer only (no tensor data read).
+def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None, progress: bool | None = False) -> ExportPlan:
+    """Plan the export of ``ck`` from headers, config and tokenizer only (no tensor data read), except with
+    ``--target-size``, whose measurement reads samples (``--sensitivity weights``) or runs the reference forward
+    on the calibration windows (``forward``, progress on stderr when ``progress``; :func:`_budget_types`).
 
     Raises:
         UnsupportedError (exit 3): deepseek_v32, an unmappable tensor, no tokenizer.json.
@@ -426,7 +433,7 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     entries = load_imatrix(opts.imatrix) if opts.imatrix is not None else None  # read once, used twice
     budget = None
     if opts.target_size is not None:
-        types, budget = _budget_types(ck, plan, types, opts, overrides, entries or {})
+        types, budget = _budget_types(ck, plan, types, opts, overrides, entries or {}, progress)
     have = set(ggml.registered_types())
     missing = sorted({types[t.name] for t in plan
                       if types[t.name] not in have and not _stored_as_is(t, types[t.name])})
@@ -476,6 +483,8 @@ def make_plan(ck: Checkpoint, opts: GGUFOptions, output: Path | None) -> ExportP
     work = max(kv_b, opts.chunk_bytes // 2) * 4
     vocab = int(cfg.get("vocab_size", 0) or 0) * VOCAB_ENTRY_RSS
     peak = BASE_RSS + vocab + work + max(len(f.header) for f in files)
+    if budget is not None and "peak_memory_estimate" in budget:  # --sensitivity forward runs before the write
+        peak = max(peak, budget["peak_memory_estimate"]["bytes"])
     return ExportPlan(ck, ftype, pure, plan, types, nbytes, files, vocab_holder["v"].summary(), imatrix, peak,
                       importance, budget, arch)
 
@@ -522,31 +531,52 @@ def _sample(ck: Checkpoint, t: g2.GGUFTensorPlan) -> list[tuple[int, torch.Tenso
     return out
 
 
+#: ``--sensitivity``: how ``--target-size`` measures each candidate's error
+SENSITIVITIES = ("forward", "weights")
+
+
 def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts: GGUFOptions,
-                  overrides: list[tuple[str, str]], entries: dict) -> tuple[dict[str, str], dict]:
+                  overrides: list[tuple[str, str]], entries: dict, progress: bool | None = False
+                  ) -> tuple[dict[str, str], dict]:
     """``--target-size``: the type of every quantizable tensor chosen from :data:`BUDGET_LADDER` so the tensor
-    data fits ``opts.target_size`` bytes with the least summed relative output error
-    (:mod:`dsconvert.quant.bit_alloc`). Each candidate's error is measured by quantizing a sample of the tensor's
-    rows (:func:`_sample`: up to 2 x 32 rows of the dequantized FP8/BF16 source) with the same quantizer the export
-    runs, weighted by ``--imatrix`` when given (then the imatrix also weights the error: ``E[x_j^2]`` per input
-    column, from the reference forward on the original with ``dsconvert imatrix``). Tensors a user rule names
-    (``--tensor-type``, ``--output-tensor-type``, ``--token-embedding-type``) and those never quantized (norms,
-    router) keep their type and count against the budget. Reads the samples (about 0.5 MB per tensor); a
-    671B plan quantizes ~700 samples at 6 types.
+    data fits ``opts.target_size`` bytes with the least summed sensitivity (:mod:`dsconvert.quant.bit_alloc`).
+
+    ``opts.sensitivity`` says how each candidate type's error is measured, both with the quantizer the export
+    runs, weighted by ``--imatrix`` when given:
+
+    * ``forward`` (default): the relative change of the layer's output hidden state when only this tensor is
+      quantized, from the reference forward on the original over ``opts.sensitivity_samples`` windows of
+      ``opts.sensitivity_seq_len`` tokens of the bundled calibration text (:mod:`.gguf_sensitivity`: the exact
+      definition; routed experts from a sample of experts; ``token_embd`` the first layer's input, ``output`` the
+      logits). DeepSeek-V4 sources are measured by ``weights`` (the V4 forward is not driven this way yet); the
+      report says so;
+    * ``weights``: the relative weight error of a sample of the tensor's rows (:func:`_sample`: up to 2 x 32
+      rows of the dequantized FP8/BF16 source), with the imatrix's ``E[x_j^2]`` per input column as weights
+      (:func:`~dsconvert.quant.bit_alloc.weighted_rel_error`). Reads about 0.5 MB per tensor.
+
+    Tensors a user rule names (``--tensor-type``, ``--output-tensor-type``, ``--token-embedding-type``) and those
+    never quantized (norms, router) keep their type and count against the budget.
 
     Args:
         overrides: the parsed ``--tensor-type`` rules (the tensors they match stay fixed).
         entries: the ``--imatrix`` file's entries (:func:`~dsconvert.formats.gguf_imatrix.read_imatrix`), or ``{}``.
+        progress: stderr progress of the forward measurement.
 
     Returns:
-        (types, report: target, planned bytes, the smallest and largest possible, per-tensor choice with its
-        measured relative error at each candidate).
+        (types, report: target, planned bytes, the smallest and largest possible, the method and (forward) the
+        calibration record and sampled experts, per-tensor choice with its measured error at each candidate).
 
     Raises:
-        UsageError (exit 2): the target is below what the smallest types need (the message gives that size).
+        UsageError (exit 2): the target is below what the smallest types need (the message gives that size); an
+            unknown ``sensitivity``; fewer than 1 window or 2 tokens per window.
     """
     from ..quant.bit_alloc import Choice, allocate, weighted_rel_error
 
+    if opts.sensitivity not in SENSITIVITIES:
+        raise UsageError(f"--sensitivity {opts.sensitivity!r}: unknown", hint=f"use {_either(list(SENSITIVITIES))}")
+    if opts.sensitivity_samples < 1 or opts.sensitivity_seq_len < 2:
+        raise UsageError(f"--sensitivity-samples {opts.sensitivity_samples} --sensitivity-seq-len "
+                         f"{opts.sensitivity_seq_len}: need at least 1 window of at least 2 tokens")
     cfg = ck.config
     arch = arch_for(ck)
     ladder = {q: arch.types(plan, "Q8_0", cfg, overrides=[(".", q)], pure=True) for q in BUDGET_LADDER}
@@ -554,45 +584,71 @@ def _budget_types(ck: Checkpoint, plan: g2.GGUFPlan, types: dict[str, str], opts
         return (any(re.search(p, n) for p, _ in overrides) or (opts.token_embedding_type and n == "token_embd.weight")
                 or (opts.output_tensor_type and n == "output.weight"))
 
-    options: dict[str, list[Choice]] = {}
-    measured: dict[str, dict[str, float]] = {}
+    cands: dict[str, list[str]] = {}  # tensor -> candidate types, by bytes
+    exact: dict[str, set[str]] = {}  # types that hold the released values (no error)
+    imps: dict[str, np.ndarray] = {}  # tensor -> float32 [n_mat, ne0] imatrix weights
     for t in plan:
         if (not tensor_allows_quantization(t.name, t.shape) or ladder["Q8_0"][t.name] in ("F32", "F16", "BF16")
                 or fixed(t.name)):
             continue
-        cands = {ladder[q][t.name] for q in BUDGET_LADDER}
-        exact = {"MXFP4"} if t.kind == "experts_mxfp4" else set()  # the released FP4 values: no error
-        cands = sorted(cands | exact, key=lambda q: g2.tensor_nbytes(t.shape, q))
+        exact[t.name] = {"MXFP4"} if t.kind == "experts_mxfp4" else set()  # the released FP4 values
+        cands[t.name] = sorted({ladder[q][t.name] for q in BUDGET_LADDER} | exact[t.name],
+                               key=lambda q: g2.tensor_nbytes(t.shape, q))
         e = entries.get(t.name)
-        imp = None if e is None else np.asarray(e, np.float32).reshape(-1, t.shape[-1])
-        samples = _sample(ck, t)
-        errs = {q: 0.0 for q in exact}
-        for q in (c for c in cands if c not in exact):
-            num = den = 0.0
-            for i, x in samples:
-                w = None if imp is None else imp[i]
-                xq = ggml.dequantize(torch.from_numpy(encode(x, q, torch.device("cpu"), w)), q, tuple(x.shape))
-                a, b = weighted_rel_error(x, xq, None if w is None else torch.from_numpy(w))
-                num, den = num + a, den + b
-            errs[q] = num / den if den > 0 else 0.0
-        measured[t.name] = errs
-        options[t.name] = [Choice(q, g2.tensor_nbytes(t.shape, q), errs[q]) for q in cands]
-    rest = sum(g2.tensor_nbytes(t.shape, types[t.name]) for t in plan if t.name not in options)
-    lo = rest + sum(min(c.nbytes for c in cs) for cs in options.values())
-    hi = rest + sum(max(c.nbytes for c in cs) for cs in options.values())
-    try:
-        chosen = allocate(options, opts.target_size - rest)
-    except ValueError:
+        if e is not None:
+            imps[t.name] = np.asarray(e, np.float32).reshape(-1, t.shape[-1])
+    by_name = {t.name: t for t in plan}
+    rest = sum(g2.tensor_nbytes(t.shape, types[t.name]) for t in plan if t.name not in cands)
+    lo = rest + sum(g2.tensor_nbytes(by_name[n].shape, c[0]) for n, c in cands.items())
+    hi = rest + sum(g2.tensor_nbytes(by_name[n].shape, c[-1]) for n, c in cands.items())
+    if opts.target_size < lo:  # before measuring anything
         raise UsageError(f"--target-size {fmt_bytes(opts.target_size)} is below the smallest this plan can be: "
                          f"{fmt_bytes(lo)} of tensor data ({BUDGET_LADDER[0]} everywhere it applies)",
-                         hint=f"give at least --target-size {lo}") from None
+                         hint=f"give at least --target-size {lo}")
+    method = "forward" if opts.sensitivity == "forward" and ck.v4 is None else "weights"
+    info: dict = {"sensitivity": method}
+    if method != opts.sensitivity:
+        info["sensitivity_note"] = ("DeepSeek-V4: --sensitivity forward is not implemented for the V4 forward yet; "
+                                    "the sampled weight error was used")
+    if method == "forward":
+        from .gguf_sensitivity import forward_sensitivity
+
+        measure = {n: [q for q in c if q not in exact[n]] for n, c in cands.items()}
+        measured, rec = forward_sensitivity(
+            ck, plan, measure, imps, num_samples=opts.sensitivity_samples, seq_len=opts.sensitivity_seq_len,
+            progress=progress, native=resolve_kernel(opts.kernel, torch.device("cpu")),
+            threads=opts.threads or os.cpu_count() or 1)
+        for n in cands:
+            measured[n].update(dict.fromkeys(exact[n], 0.0))
+        kinds = rec.pop("measure")
+        info.update(rec)
+    else:
+        measured, kinds = {}, {}
+        for n, c in cands.items():
+            imp = imps.get(n)
+            samples = _sample(ck, by_name[n])
+            errs = dict.fromkeys(exact[n], 0.0)
+            for q in (q for q in c if q not in exact[n]):
+                num = den = 0.0
+                for i, x in samples:
+                    w = None if imp is None else imp[i]
+                    xq = ggml.dequantize(torch.from_numpy(encode(x, q, torch.device("cpu"), w)), q, tuple(x.shape))
+                    a, b = weighted_rel_error(x, xq, None if w is None else torch.from_numpy(w))
+                    num, den = num + a, den + b
+                errs[q] = num / den if den > 0 else 0.0
+            measured[n] = errs
+    options = {n: [Choice(q, g2.tensor_nbytes(by_name[n].shape, q), measured[n][q]) for q in c]
+               for n, c in cands.items()}
+    chosen = allocate(options, opts.target_size - rest)
     out = dict(types)
     out.update({n: c.type for n, c in chosen.items()})
     planned = rest + sum(c.nbytes for c in chosen.values())
     return out, {"target": bytes_fields(opts.target_size), "planned": bytes_fields(planned),
                  "smallest": bytes_fields(lo), "largest": bytes_fields(hi), "tensors_chosen": len(chosen),
-                 "weighted_by_imatrix": bool(entries), "sum_rel_error": sum(c.rel_error for c in chosen.values()),
-                 "choices": {n: {"type": chosen[n].type, "rel_error": measured[n]} for n in chosen}}
+                 "weighted_by_imatrix": bool(entries), **info,
+                 "sum_rel_error": sum(c.rel_error for c in chosen.values()),
+                 "choices": {n: {"type": chosen[n].type, "rel_error": measured[n],
+                                 **({"measure": kinds[n]} if method == "forward" else {})} for n in chosen}}
 
 
 def _imatrix_plan(path: Path | None, entries: dict | None, plan: g2.GGUFPlan, types: dict[str, str],
@@ -1451,7 +1507,7 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
         raise UsageError(f"{arch.name} GGUF: {'; '.join(given)}",
                          hint="dsconvert gguf SRC -o out.gguf --type Q4_K_M (--tensor-type, --output-tensor-type, "
                               "--token-embedding-type, --split-* and --ray apply)")
-    plan = make_plan(ck, opts, output)
+    plan = make_plan(ck, opts, output, progress)
     report = base_report(COMMAND)
     report.update({
         "source": {"path": str(src), "family": version_label(ck.config), "format": _source_format(ck),
@@ -1483,12 +1539,16 @@ def run(src: Path, output: Path | None, opts: GGUFOptions, *, dry_run: bool = Fa
                             "report": str(report_path(output, opts.state_dir)) if output else None}
         return report
 
-    parts = {"source": _source_fingerprint(ck), "options": opts.fingerprinted(), "command": COMMAND}
+    fopts = opts.fingerprinted()
+    if plan.budget is not None:  # a measured choice may differ elsewhere (threads, BLAS): resume only the same one
+        fopts["target_size_types"] = hashlib.sha256(json.dumps(
+            {n: c["type"] for n, c in plan.budget["choices"].items()}, sort_keys=True).encode()).hexdigest()
+    parts = {"source": _source_fingerprint(ck), "options": fopts, "command": COMMAND}
     fp = fingerprint(parts)
     output.parent.mkdir(parents=True, exist_ok=True)
     if opts.state_dir is not None:
         Path(opts.state_dir).mkdir(parents=True, exist_ok=True)
-    decision = prepare_output(output, plan.files, fp, opts.fingerprinted(), overwrite=overwrite, resume=resume,
+    decision = prepare_output(output, plan.files, fp, fopts, overwrite=overwrite, resume=resume,
                               state_dir=opts.state_dir, parts=parts, verify=verify, progress=progress)
     todo = [f for f in plan.files if f.name not in decision.done]
     written = []

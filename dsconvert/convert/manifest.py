@@ -34,7 +34,8 @@ def fingerprint(parts: dict) -> str:
 
 #: option keys whose flag is not ``--`` + the key with ``-`` for ``_``
 _FLAG_OF = {"tensor_types": "--tensor-type", "imatrix": "--imatrix (sha256)",
-            "fp8_input": "what FP8 weights are quantized from (an output of an earlier dsconvert version)"}
+            "fp8_input": "what FP8 weights are quantized from (an output of an earlier dsconvert version)",
+            "target_size_types": "the types --target-size chose (measured again)"}
 
 
 def _show(v) -> str:

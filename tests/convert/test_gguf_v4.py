@@ -457,6 +457,8 @@ def test_v4_target_size(v4_src, tmp_path):
 
     q4 = ge.run(v4_src, None, ge.GGUFOptions(type="Q4_K_M"), dry_run=True)["plan"]["tensor_bytes"]["bytes"]
     roomy = ge.run(v4_src, None, ge.GGUFOptions(target_size=q4), dry_run=True)["plan"]["target_size"]
+    # the V4 forward is not driven layer by layer here yet: the default forward sensitivity falls back, and says so
+    assert roomy["sensitivity"] == "weights" and "DeepSeek-V4" in roomy["sensitivity_note"]
     assert {c["type"] for n, c in roomy["choices"].items() if "_exps" in n} == {"MXFP4"}
     assert all(c["rel_error"]["MXFP4"] == 0.0 for n, c in roomy["choices"].items() if "_exps" in n)
     lo = roomy["smallest"]["bytes"]
