@@ -4,7 +4,7 @@ with the reference forward (:mod:`dsconvert.model`) on the original checkpoint, 
 Definition. Let ``h_L`` be the residual stream entering decoder layer ``L`` on the calibration windows (the clean
 forward: every earlier layer unquantized) and ``y_L = layer_L(h_L)`` its output, both ``[tokens, hidden]``. For a
 tensor ``t`` of layer ``L`` and a candidate ggml type ``q``, ``y_L(t <- q)`` is that layer's output with only
-``t`` replaced by ``dequantize(quantize_q(t))`` (the export's own quantizer, :func:`~.gguf_export.encode` +
+``t`` replaced by ``dequantize(quantize_q(t))`` (the export's own quantizer, :func:`~.gguf_encode.encode` +
 :func:`dsconvert.quant.ggml.dequantize`, with the ``--imatrix`` weights when given), everything else as released.
 The sensitivity is the relative change of the layer output, summed over every calibration token::
 
@@ -66,9 +66,9 @@ from ..model.moe import route, routed_expert_output
 from ..quant import ggml
 from ..units import bytes_fields
 from .calib_data import calibration_ids
-from .gguf_export import _rows, encode
+from .gguf_encode import encode, rows as _rows
 from .progress import ByteProgress
-from .validate import LayerCachedSource
+from .weights import LayerCachedSource
 
 #: routed experts perturbed per stacked expert tensor (:func:`expert_sample`)
 EXPERT_SAMPLE = 8
@@ -82,7 +82,7 @@ _CHUNK = 64 * 2**20  # float32 bytes per read chunk of an FP8 weight
 
 class _ExactSource:
     """The HF-named tensors of ``ck`` as the export quantizes them: FP8 as the exact float32 product (the export's
-    :func:`~.gguf_export._rows`), other dtypes as stored. A :class:`~dsconvert.model.WeightSource`."""
+    :func:`~.gguf_encode.rows`), other dtypes as stored. A :class:`~dsconvert.model.WeightSource`."""
 
     def __init__(self, ck: Checkpoint):
         self.ck = ck
@@ -118,7 +118,7 @@ class _Overlay:
 def qdq(x: torch.Tensor, qtype: str, importance: np.ndarray | None = None, native=None,
         threads: int = 1) -> torch.Tensor:
     """Rows ``x`` (float, ``[R, ne0]``) quantized to ggml ``qtype`` by the export's quantizer
-    (:func:`~.gguf_export.encode`, importance weights float32 ``[ne0]`` when given) and dequantized: float32
+    (:func:`~.gguf_encode.encode`, importance weights float32 ``[ne0]`` when given) and dequantized: float32
     ``[R, ne0]``, the values the file holds."""
     x = x.to(torch.float32).contiguous()
     raw = encode(x, qtype, torch.device("cpu"), importance, native, threads)
@@ -166,7 +166,7 @@ def forward_sensitivity(ck: Checkpoint, plan: g2.GGUFPlan, candidates: dict[str,
         importance: GGUF name -> float32 ``[n_mat, ne0]`` ``--imatrix`` weights (row ``i``: expert or head ``i``;
             one row for a 2-D tensor); a name absent is quantized without weights.
         progress: stderr progress (:class:`~.progress.ByteProgress`, ``sensitivity: ... | layer 3/61``).
-        native, threads: the ggml library and threads the quantizer uses (:func:`~.gguf_export.encode`).
+        native, threads: the ggml library and threads the quantizer uses (:func:`~.gguf_encode.encode`).
 
     Returns:
         (``{name: {type: s}}`` with ``s`` float >= 0, dimensionless; a record: calibration data (name, windows

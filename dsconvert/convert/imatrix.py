@@ -49,7 +49,7 @@ from ..model.registry import V3, V4, architecture
 from ..report import base_report, peak_rss_bytes
 from .imatrix_sums import ImatrixCollector, V4ImatrixCollector
 from .progress import ByteProgress
-from .validate import LayerCachedSource
+from .weights import LayerCachedSource
 from .weights import CheckpointWeightSource
 
 FORMATS = ("gguf", "dat")
@@ -126,7 +126,7 @@ def run_imatrix(src: Path, out: Path, opts: ImatrixOptions, *, overwrite: bool =
     """
     from .calib_data import calibration_ids
     from .preflight import check_output_writable
-    from .validate import _dtype
+    from .weights import compute_dtype as _dtype
 
     t0 = time.perf_counter()
     if opts.fmt not in FORMATS:

@@ -28,6 +28,8 @@ from ..report import base_report, peak_rss_bytes
 from ..units import bytes_fields
 from .calib_data import BUNDLED_TEXT, tokenize
 from .progress import ByteProgress
+from .weights import LayerCachedSource  # noqa: F401  (re-export)
+from .weights import compute_dtype as _dtype
 from .weights import CheckpointWeightSource
 
 
@@ -44,46 +46,6 @@ class ValidateOptions:
     emulate_activations: bool = True  # quantize-dequantize Linear inputs the candidate declares (docs/int-formats.md §13)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto: where the forward computes (weights are read on the CPU)
     max_memory: int | None = None  # bytes; refuse (exit 2) when the estimated peak RAM is above it
-
-
-class LayerCachedSource:
-    """Wraps a weight source: keeps the tensors of the layer in use, drops them when another layer is asked for.
-
-    Lets several sequences run through one layer's attention while its weights are read once. Routed experts are
-    not kept: the MoE runs once per layer on all tokens, one expert at a time (a V3 layer's experts are 22.5 GB
-    in BF16; one expert is 88 MB)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.config = inner.config
-        self._layer: int | None = None
-        self._cache: dict[str, torch.Tensor] = {}
-        arch = architecture(inner.config)
-        self._layer_of, self._is_expert = arch.layer_of, arch.is_routed_expert
-
-    def has(self, name: str) -> bool:
-        return self.inner.has(name)
-
-    def get(self, name: str) -> torch.Tensor:
-        layer = self._layer_of(name)
-        layer = -1 if layer is None else layer
-        if layer != self._layer:
-            self._cache.clear()
-            self._layer = layer
-        t = self._cache.get(name)
-        if t is None:
-            t = self.inner.get(name)
-            if not self._is_expert(name):
-                self._cache[name] = t
-        return t
-
-
-def _dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16}
-    if name not in table:
-        raise UsageError(f"--dtype {name!r}", hint="use float32 or bfloat16")
-    return table[name]
 
 
 def sequences(model_dir: Path, opts: ValidateOptions, vocab_size: int) -> list[list[int]]:

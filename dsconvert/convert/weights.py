@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..model.registry import architecture
 from ..quant.fp4_decode import dequant_fp4, e8m0_grid_to_float32
 from ..quant.fp8_block import dequant_fp8_block
 
@@ -80,3 +82,48 @@ def _quantized_reader(ck: Checkpoint):
     from .quantized_reader import QuantizedReader
 
     return QuantizedReader(ck, qc)
+
+
+class LayerCachedSource:
+    """Wraps a weight source: keeps the tensors of the layer in use, drops them when another layer is asked for.
+
+    Lets several sequences run through one layer's attention while its weights are read once. Routed experts are
+    not kept: the MoE runs once per layer on all tokens, one expert at a time (a V3 layer's experts are 22.5 GB
+    in BF16; one expert is 88 MB)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.config = inner.config
+        self._layer: int | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+        arch = architecture(inner.config)
+        self._layer_of, self._is_expert = arch.layer_of, arch.is_routed_expert
+
+    def has(self, name: str) -> bool:
+        return self.inner.has(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        layer = self._layer_of(name)
+        layer = -1 if layer is None else layer
+        if layer != self._layer:
+            self._cache.clear()
+            self._layer = layer
+        t = self._cache.get(name)
+        if t is None:
+            t = self.inner.get(name)
+            if not self._is_expert(name):
+                self._cache[name] = t
+        return t
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` value (float32/fp32/f32, bfloat16/bf16).
+
+    Raises:
+        UsageError (exit 2): another name.
+    """
+    table = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16}
+    if name not in table:
+        raise UsageError(f"--dtype {name!r}", hint="use float32 or bfloat16")
+    return table[name]
